@@ -1,0 +1,173 @@
+// Shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels: argument checks, the order-preserving float
+// key used by every selection kernel, and the chunk table that splits a list of tensors into work items.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+#include <vector>
+
+#ifdef __CUDACC__
+#define PYSPARSE_HD __host__ __device__ __forceinline__
+#else
+#define PYSPARSE_HD inline
+#endif
+
+namespace pysparse {
+
+// ---------------------------------------------------------------------------------------------------------
+// Float keys: an order-preserving map from float to uint32 (a < b  <=>  key(a) < key(b)), with -0.0 and +0.0
+// mapped to the same key so that they tie, as they do under float comparison. NaN has no place in the order;
+// callers detect it before asking for a key.
+// ---------------------------------------------------------------------------------------------------------
+PYSPARSE_HD uint32_t float_key(float x) {
+#ifdef __CUDA_ARCH__
+  uint32_t bits = __float_as_uint(x);
+#else
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+#endif
+  if (bits == 0x80000000u) bits = 0u;  // -0.0 ties with +0.0
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Saliency methods.
+// ---------------------------------------------------------------------------------------------------------
+enum class Method : int { Magnitude = 0, Gradient = 1, Taylor = 2, Hessian = 3 };
+
+inline Method parse_method(std::string_view name) {
+  if (name == "magnitude") return Method::Magnitude;
+  if (name == "gradient") return Method::Gradient;
+  if (name == "taylor") return Method::Taylor;
+  if (name == "hessian") return Method::Hessian;
+  TORCH_CHECK_VALUE(false, "saliency: method must be one of 'magnitude', 'gradient', 'taylor', 'hessian', got '",
+                    std::string(name), "'");
+  return Method::Magnitude;  // unreachable
+}
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// Validates the inputs of saliency(weight, method, grad, hessian) and returns the method. The optional tensor
+// that the method needs must be present, of weight's shape, dtype and device.
+inline Method check_saliency_args(const at::Tensor& weight, std::string_view method_name,
+                                  const std::optional<at::Tensor>& grad,
+                                  const std::optional<at::Tensor>& hessian) {
+  const Method method = parse_method(method_name);
+  check_float_tensor(weight, "saliency", "weight");
+  auto check_companion = [&](const std::optional<at::Tensor>& t, const char* name) {
+    TORCH_CHECK_VALUE(t.has_value() && t->defined(), "saliency: method '", std::string(method_name),
+                      "' needs ", name);
+    check_float_tensor(*t, "saliency", name);
+    TORCH_CHECK_VALUE(t->sizes() == weight.sizes(), "saliency: ", name, " has shape ", t->sizes(),
+                      " but weight has shape ", weight.sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == weight.scalar_type(), "saliency: ", name, " has dtype ",
+                     t->scalar_type(), " but weight has dtype ", weight.scalar_type());
+    TORCH_CHECK_VALUE(t->device() == weight.device(), "saliency: ", name, " is on ", t->device(),
+                      " but weight is on ", weight.device());
+  };
+  if (method == Method::Gradient || method == Method::Taylor) check_companion(grad, "grad");
+  if (method == Method::Hessian) check_companion(hessian, "hessian");
+  return method;
+}
+
+// Validates a non-empty list of score tensors on one device, all float32/float16/bfloat16.
+inline void check_scores(at::TensorList scores, const char* op) {
+  TORCH_CHECK_VALUE(!scores.empty(), op, ": scores must be a non-empty list of tensors");
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const std::string name = "scores[" + std::to_string(i) + "]";
+    check_float_tensor(scores[i], op, name.c_str());
+    TORCH_CHECK_VALUE(scores[i].device() == scores[0].device(), op, ": ", name, " is on ", scores[i].device(),
+                      " but scores[0] is on ", scores[0].device());
+  }
+}
+
+// Validates nm_masks(score, n, m) and returns the number of elements between two neighbours of a group
+// (the product of the sizes after dim 1).
+inline int64_t check_nm_args(const at::Tensor& score, int64_t n, int64_t m) {
+  check_float_tensor(score, "nm_masks", "score");
+  TORCH_CHECK_VALUE(score.dim() >= 2, "nm_masks: score must have at least 2 dimensions (out, in, ...), got ",
+                    score.dim());
+  TORCH_CHECK_VALUE(m >= 1 && m <= 128, "nm_masks: m must be in [1, 128], got ", m);
+  TORCH_CHECK_VALUE(n >= 1 && n <= m, "nm_masks: n must be in [1, m] = [1, ", m, "], got ", n);
+  TORCH_CHECK_VALUE(score.size(1) % m == 0, "nm_masks: the input dimension (dim 1, size ", score.size(1),
+                    ") must be divisible by m = ", m);
+  int64_t inner = 1;
+  for (int64_t d = 2; d < score.dim(); ++d) inner *= score.size(d);
+  return inner;
+}
+
+// Validates apply_mask_(mask, tensors): a bool mask and tensors of its shape on its device.
+inline void check_apply_mask_args(const at::Tensor& mask, at::TensorList tensors) {
+  TORCH_CHECK_VALUE(mask.defined(), "apply_mask_: mask is undefined");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "apply_mask_: mask must be a bool tensor, got ",
+                   mask.scalar_type());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined(), "apply_mask_: tensors[", i, "] is undefined");
+    TORCH_CHECK_VALUE(t.sizes() == mask.sizes(), "apply_mask_: tensors[", i, "] has shape ", t.sizes(),
+                      " but mask has shape ", mask.sizes());
+    TORCH_CHECK_VALUE(t.device() == mask.device(), "apply_mask_: tensors[", i, "] is on ", t.device(),
+                      " but mask is on ", mask.device());
+    const size_t es = t.element_size();
+    TORCH_CHECK_TYPE(es == 1 || es == 2 || es == 4 || es == 8, "apply_mask_: tensors[", i,
+                     "] has unsupported dtype ", t.scalar_type());
+    TORCH_CHECK_TYPE(!t.is_complex(), "apply_mask_: tensors[", i, "] is complex, which is not supported");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Chunk table: a list of tensors is cut into work items of at most `chunk` elements, each inside one tensor,
+// in global order (tensor 0 first, row-major inside a tensor). Work item order is global position order,
+// which is what the deterministic tie-break of the selection kernels relies on.
+// ---------------------------------------------------------------------------------------------------------
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels, int64_t chunk) {
+  std::vector<Chunk> out;
+  for (size_t t = 0; t < numels.size(); ++t)
+    for (int64_t b = 0; b < numels[t]; b += chunk)
+      out.push_back({static_cast<int64_t>(t), b, std::min(b + chunk, numels[t])});
+  return out;
+}
+
+// Radix select helper: the bin holding the element of 0-based `rank` in a histogram, and how many elements
+// lie in the bins below it.
+struct BinRank {
+  int64_t bin;
+  int64_t below;
+};
+
+inline BinRank find_rank_bin(const int64_t* hist, int64_t bins, int64_t rank) {
+  int64_t below = 0;
+  for (int64_t b = 0; b < bins; ++b) {
+    if (rank < below + hist[b]) return {b, below};
+    below += hist[b];
+  }
+  TORCH_CHECK(false, "pysparse internal error: rank ", rank, " outside histogram of ", below, " elements");
+  return {0, 0};
+}
+
+// Where a sparsity selection ends: prune every key < threshold_key, and of the keys == threshold_key the
+// first `need` in global order (need == count_equal means all of them).
+struct Selection {
+  uint32_t threshold_key;
+  int64_t need;
+  int64_t count_equal;
+};
+
+}  // namespace pysparse

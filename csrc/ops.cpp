@@ -1,0 +1,30 @@
+// The one place where every pysparse op schema is declared. Implementations register themselves per backend
+// in csrc/cpu/<family>.cpp (CPU) and csrc/cuda/<family>.cu (CUDA); Python adds fake (meta) kernels and
+// autograd formulas in pysparse/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing pysparse._C loads this library, which runs the static registrations below and in the kernels.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pysparse kernels (torch.ops.pysparse)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pysparse, m) {
+  // Fused saliency scores (float32, weight's shape): magnitude |w|, gradient |g|, taylor |g*w|,
+  // hessian 0.5*h*w^2.
+  m.def("saliency(Tensor weight, str method, Tensor? grad=None, Tensor? hessian=None) -> Tensor");
+  // Keep-masks over a list of score tensors that prune exactly num_prune elements, ranked globally, lowest
+  // first, ties broken by global position (earlier list entry, then lower flat index, is pruned first).
+  m.def("sparsity_masks(Tensor[] scores, int num_prune) -> Tensor[]");
+  // Keep-masks: keep where score >= threshold.
+  m.def("threshold_masks(Tensor[] scores, float threshold) -> Tensor[]");
+  // N:M keep-mask: the n largest of every m consecutive elements along dim 1 (ties: lower index kept).
+  m.def("nm_masks(Tensor score, int n, int m) -> Tensor");
+  // Zeroes every tensor where mask is False, in one pass; returns the number of kept elements as a 0-dim
+  // int64 tensor on mask's device (a tensor, not an int: no host sync, and torch.compile can functionalize it).
+  m.def("apply_mask_(Tensor mask, Tensor(a!)[] tensors) -> Tensor");
+}

@@ -1,0 +1,259 @@
+"""pysparse's fused kernels: checked wrappers over ``torch.ops.pysparse.*``.
+
+Every op has a CPU and a CUDA kernel (``csrc/cpu``, ``csrc/cuda``), a fake kernel here so that
+``torch.compile(fullgraph=True)`` traces it, and a plain-PyTorch twin in :mod:`pysparse.reference` that the
+tests compare against. Arguments are checked here with clear Python exceptions; the C++ kernels check them
+again so that a direct ``torch.ops.pysparse`` call can never crash the process.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from ._extension import has_kernel
+
+__all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_"]
+
+SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_NEEDS = {"magnitude": None, "gradient": "grad", "taylor": "grad", "hessian": "hessian"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks (shared by the wrappers and the fake kernels)
+# ---------------------------------------------------------------------------------------------------------
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float(t, name: str) -> None:
+    _check_tensor(t, name)
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_kernel(op: str, device: torch.device, name: str) -> None:
+    if device.type == "meta":
+        return
+    if not has_kernel(op, device.type):
+        built = "without CUDA kernels (rebuild with FORCE_CUDA=1)" if device.type == "cuda" else "for this device"
+        raise RuntimeError(f"pysparse.{op}: {name} is on {device}, but pysparse was built {built}")
+
+
+def _check_number(x, name: str, *, integer: bool = False) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(x, bool) or not isinstance(x, kind):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got {type(x).__name__}")
+
+
+def _check_saliency(weight, method, grad, hessian) -> Optional[str]:
+    _check_float(weight, "weight")
+    if method not in _NEEDS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, SALIENCY_METHODS))}, got {method!r}")
+    needed = _NEEDS[method]
+    if needed is not None:
+        other = grad if needed == "grad" else hessian
+        if other is None:
+            raise ValueError(f"saliency method {method!r} needs {needed}=")
+        _check_float(other, needed)
+        if other.shape != weight.shape:
+            raise ValueError(f"{needed} has shape {tuple(other.shape)} but weight has shape {tuple(weight.shape)}")
+        if other.dtype != weight.dtype:
+            raise TypeError(f"{needed} has dtype {other.dtype} but weight has dtype {weight.dtype}")
+        if other.device != weight.device:
+            raise ValueError(f"{needed} is on {other.device} but weight is on {weight.device}")
+    return needed
+
+
+def _check_scores(scores, op: str) -> list:
+    if isinstance(scores, torch.Tensor):
+        raise TypeError(f"{op}: scores must be a sequence of tensors; wrap a single tensor in a list")
+    try:
+        scores = list(scores)
+    except TypeError:
+        raise TypeError(f"{op}: scores must be a sequence of tensors, got {type(scores).__name__}") from None
+    if not scores:
+        raise ValueError(f"{op}: scores is empty; pass at least one tensor")
+    for i, s in enumerate(scores):
+        _check_float(s, f"scores[{i}]")
+        if s.device != scores[0].device:
+            raise ValueError(f"{op}: scores[{i}] is on {s.device} but scores[0] is on {scores[0].device}")
+    return scores
+
+
+def _check_nm(score, n, m) -> None:
+    _check_float(score, "score")
+    _check_number(n, "n", integer=True)
+    _check_number(m, "m", integer=True)
+    if score.dim() < 2:
+        raise ValueError(f"nm_masks: score must have at least 2 dimensions (out, in, ...), got {score.dim()}")
+    if not 1 <= m <= 128:
+        raise ValueError(f"nm_masks: m must be in [1, 128], got {m}")
+    if not 1 <= n <= m:
+        raise ValueError(f"nm_masks: n must be in [1, m] = [1, {m}], got {n}")
+    if score.shape[1] % m:
+        raise ValueError(f"nm_masks: the input dimension (dim 1, size {score.shape[1]}) must be divisible by m = {m}")
+
+
+def _check_apply_mask(mask, tensors) -> list:
+    _check_tensor(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    out = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        _check_tensor(t, f"tensors[{i}]")
+        if t.is_complex():
+            raise TypeError(f"tensors[{i}] is complex, which apply_mask_ does not support")
+        if t.shape != mask.shape:
+            raise ValueError(f"tensors[{i}] has shape {tuple(t.shape)} but mask has shape {tuple(mask.shape)}")
+        if t.device != mask.device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but mask is on {mask.device}")
+        out.append(t)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public wrappers
+# ---------------------------------------------------------------------------------------------------------
+def saliency(weight: torch.Tensor, method: str, *, grad: Optional[torch.Tensor] = None,
+             hessian: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Saliency scores of ``weight`` in one fused pass, as float32 of weight's shape.
+
+    ``"magnitude"`` |w|; ``"gradient"`` |g| (needs ``grad``); ``"taylor"`` |g*w| (needs ``grad``);
+    ``"hessian"`` 0.5*h*w^2, the OBD saliency with ``hessian`` a diagonal Hessian estimate. Inputs are float32,
+    float16 or bfloat16 (grad/hessian of weight's dtype); the arithmetic is float32. Differentiable.
+    """
+    needed = _check_saliency(weight, method, grad, hessian)
+    _check_kernel("saliency", weight.device, "weight")
+    return torch.ops.pysparse.saliency.default(
+        weight, method, grad if needed == "grad" else None, hessian if needed == "hessian" else None)
+
+
+def _prune_count(sparsity, total: int) -> int:
+    _check_number(sparsity, "sparsity")
+    if not (math.isfinite(sparsity) and 0.0 <= sparsity <= 1.0):
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return int(round(sparsity * total))
+
+
+def sparsity_masks(scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Keep-masks (bool, True = keep) that prune exactly ``round(sparsity * total)`` of all scores.
+
+    Scores are ranked globally across the list, lowest pruned first; among equal scores the earlier one
+    (earlier tensor in the list, then lower flat index) is pruned first. No concatenated copy is made: the
+    kernel is a radix select over the float bits. NaN scores raise ``ValueError``.
+    """
+    scores = _check_scores(scores, "sparsity_masks")
+    num_prune = _prune_count(sparsity, sum(s.numel() for s in scores))
+    _check_kernel("sparsity_masks", scores[0].device, "scores")
+    return list(torch.ops.pysparse.sparsity_masks.default(scores, num_prune))
+
+
+def threshold_masks(scores: Sequence[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Keep-masks: keep where score >= threshold, remove where score < threshold (compared in float32)."""
+    scores = _check_scores(scores, "threshold_masks")
+    _check_number(threshold, "threshold")
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    _check_kernel("threshold_masks", scores[0].device, "scores")
+    return list(torch.ops.pysparse.threshold_masks.default(scores, float(threshold)))
+
+
+def nm_masks(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask: of every m consecutive weights along the input dimension (dim 1), keep the n largest.
+
+    For a Linear weight [out, in] the groups run along ``in``; for a conv weight [out, in, kh, kw] along the
+    input channels at each kernel position (NVIDIA's 2:4 layout). Ties keep the lower index.
+    """
+    _check_nm(score, n, m)
+    _check_kernel("nm_masks", score.device, "score")
+    return torch.ops.pysparse.nm_masks.default(score, int(n), int(m))
+
+
+def apply_mask_(mask: torch.Tensor, *tensors: Optional[torch.Tensor]) -> int:
+    """Zero every tensor where ``mask`` is False, in place and in one pass; return the number of kept elements.
+
+    Pass a weight with its grad and optimizer state (e.g. Adam's exp_avg, exp_avg_sq); ``None`` entries
+    (a grad not yet computed) are skipped. Pruned entries become exactly 0 even where they held NaN or inf.
+    Returns an int; under ``torch.compile`` the count stays a 0-dim int64 tensor so that the graph does not
+    break (``torch.ops.pysparse.apply_mask_`` always returns that tensor, and never syncs a CUDA stream).
+    """
+    tensors = _check_apply_mask(mask, tensors)
+    _check_kernel("apply_mask_", mask.device, "mask")
+    with torch.no_grad():
+        kept = torch.ops.pysparse.apply_mask_.default(mask, tensors)
+    return kept if torch.compiler.is_compiling() else int(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake kernels (shapes only), for torch.compile and meta tensors
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("pysparse::saliency")
+def _saliency_fake(weight, method, grad=None, hessian=None):
+    _check_saliency(weight, method, grad, hessian)
+    return weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+def _masks_fake(scores, op):
+    scores = _check_scores(scores, op)
+    return [s.new_empty(s.shape, dtype=torch.bool) for s in scores]
+
+
+@torch.library.register_fake("pysparse::sparsity_masks")
+def _sparsity_masks_fake(scores, num_prune):
+    return _masks_fake(scores, "sparsity_masks")
+
+
+@torch.library.register_fake("pysparse::threshold_masks")
+def _threshold_masks_fake(scores, threshold):
+    return _masks_fake(scores, "threshold_masks")
+
+
+@torch.library.register_fake("pysparse::nm_masks")
+def _nm_masks_fake(score, n, m):
+    _check_nm(score, n, m)
+    return score.new_empty(score.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("pysparse::apply_mask_")
+def _apply_mask_fake(mask, tensors):
+    _check_apply_mask(mask, tensors)
+    return mask.new_empty((), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd: saliency is differentiable in weight, grad and hessian
+# ---------------------------------------------------------------------------------------------------------
+def _saliency_setup_context(ctx, inputs, output):
+    weight, method, grad, hessian = inputs
+    ctx.method = method
+    ctx.save_for_backward(weight, grad, hessian)
+
+
+def _saliency_backward(ctx, dout):
+    weight, grad, hessian = ctx.saved_tensors
+    w = weight.float()
+    dw = dg = dh = None
+    if ctx.method == "magnitude":
+        dw = dout * torch.sign(w)
+    elif ctx.method == "gradient":
+        dg = dout * torch.sign(grad.float())
+    elif ctx.method == "taylor":
+        g = grad.float()
+        sign = torch.sign(g * w)
+        dw, dg = dout * sign * g, dout * sign * w
+    else:
+        dw, dh = dout * hessian.float() * w, 0.5 * dout * w * w
+    needs = ctx.needs_input_grad
+    return (dw.to(weight.dtype) if dw is not None and needs[0] else None, None,
+            dg.to(grad.dtype) if dg is not None and needs[2] else None,
+            dh.to(hessian.dtype) if dh is not None and needs[3] else None)
+
+
+torch.library.register_autograd("pysparse::saliency", _saliency_backward, setup_context=_saliency_setup_context)

@@ -1,0 +1,52 @@
+"""Plain-PyTorch twins of every pysparse kernel. They define what the kernels compute; the tests compare
+against them. Simple and slow on purpose: they concatenate, sort and allocate freely."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def saliency(weight: torch.Tensor, method: str, *, grad: Optional[torch.Tensor] = None,
+             hessian: Optional[torch.Tensor] = None) -> torch.Tensor:
+    w = weight.float()
+    if method == "magnitude":
+        return w.abs()
+    if method == "gradient":
+        return grad.float().abs()
+    if method == "taylor":
+        return (grad.float() * w).abs()
+    if method == "hessian":
+        return 0.5 * hessian.float() * w * w
+    raise ValueError(f"unknown method {method!r}")
+
+
+def sparsity_masks(scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Stable ascending sort of all scores; the first round(sparsity * total) are pruned."""
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores])
+    num_prune = int(round(sparsity * flat.numel()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:num_prune]] = False
+    parts = keep.split([s.numel() for s in scores])
+    return [p.reshape(s.shape).to(s.device) for p, s in zip(parts, scores)]
+
+
+def threshold_masks(scores: Sequence[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    return [s.float() >= threshold for s in scores]
+
+
+def nm_masks(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per group of m along dim 1, stable descending sort; the first n are kept."""
+    s = score.float().movedim(1, -1)
+    groups = s.reshape(-1, m)
+    top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[:, :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.reshape(s.shape).movedim(-1, 1).contiguous()
+
+
+def apply_mask_(mask: torch.Tensor, *tensors: Optional[torch.Tensor]) -> int:
+    with torch.no_grad():
+        for t in tensors:
+            if t is not None:
+                t.masked_fill_(~mask, 0)
+    return int(mask.sum())

@@ -1,0 +1,89 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import pysparse
+from pysparse import reference
+from conftest import DEVICES, make
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=50, deadline=None)
+@given(shape=st.lists(st.integers(0, 9), max_size=4), dtypes=st.lists(st.sampled_from(ALL_DTYPES), max_size=5),
+       noncontig=st.lists(st.booleans(), min_size=5, max_size=5), density=st.floats(0, 1),
+       seed=st.integers(0, 2**31 - 1))
+def test_matches_reference(device, shape, dtypes, noncontig, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(shape, generator=gen) < density).to(device)
+    tensors = [make(shape, torch.float32, device, noncontig=nc, gen=gen).mul(10).to(d)
+               for d, nc in zip(dtypes, noncontig)]
+    expected = [t.clone() for t in tensors]
+    kept = pysparse.apply_mask_(mask, *tensors)
+    assert kept == reference.apply_mask_(mask, *expected) == int(mask.sum())
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_grad_and_adam_state(device):
+    """The use it exists for: weight, grad and Adam buffers zeroed together; NaN/inf pruned entries become 0."""
+    model = torch.nn.Linear(300, 200).to(device)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 300, device=device)).sum().backward()
+    opt.step()
+    w = model.weight
+    with torch.no_grad():
+        w[0, 0], w[0, 1] = float("nan"), float("inf")
+    mask = torch.rand(w.shape, device=device) > 0.9
+    mask[0, :2] = False
+    state = opt.state[w]
+    kept = pysparse.apply_mask_(mask, w, w.grad, state["exp_avg"], state["exp_avg_sq"])
+    assert kept == int(mask.sum())
+    for t in (w, w.grad, state["exp_avg"], state["exp_avg_sq"]):
+        assert int(torch.count_nonzero(t[~mask])) == 0
+        assert bool(torch.isfinite(t[~mask]).all())
+    assert not w.requires_grad or w.is_leaf  # still a usable parameter
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_and_large(device):
+    mask = torch.rand(1_000_003, device=device) > 0.5
+    tensors = [torch.randn(1_000_003, device=device) for _ in range(11)]  # more than one CUDA launch holds
+    before = [t.clone() for t in tensors]
+    assert pysparse.apply_mask_(mask, *tensors) == int(mask.sum())
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b * mask)
+
+
+def test_none_entries_skipped_and_no_tensors():
+    mask = torch.tensor([True, False, True])
+    t = torch.ones(3)
+    assert pysparse.apply_mask_(mask, None, t, None) == 2
+    assert t.tolist() == [1.0, 0.0, 1.0]
+    assert pysparse.apply_mask_(mask) == 2
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: pysparse.apply_mask_(torch.ones(3), torch.ones(3)), TypeError, "mask must be a bool tensor"),
+    (lambda: pysparse.apply_mask_([True], torch.ones(1)), TypeError, "mask must be a torch.Tensor"),
+    (lambda: pysparse.apply_mask_(torch.ones(3, dtype=torch.bool), torch.ones(4)), ValueError,
+     r"tensors\[0\] has shape \(4,\)"),
+    (lambda: pysparse.apply_mask_(torch.ones(3, dtype=torch.bool), torch.ones(3), torch.ones(3, device="meta")),
+     ValueError, r"tensors\[1\] is on meta"),
+    (lambda: pysparse.apply_mask_(torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.complex64)),
+     TypeError, "complex"),
+    (lambda: pysparse.apply_mask_(torch.ones(3, dtype=torch.bool), "w"), TypeError, r"tensors\[0\] must be"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_cpp_checks_without_wrapper():
+    op = torch.ops.pysparse.apply_mask_.default
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        op(torch.ones(3), [torch.ones(3)])
+    with pytest.raises(ValueError, match="has shape"):
+        op(torch.ones(3, dtype=torch.bool), [torch.ones(2)])

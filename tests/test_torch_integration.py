@@ -1,0 +1,75 @@
+"""The ops behave as first-class torch ops: schema, fake kernels, autograd registration, torch.compile."""
+import pytest
+import torch
+
+import pysparse
+from pysparse import reference
+from conftest import DEVICES
+
+
+def _samples(device):
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    w, g, h = r(8, 12), r(8, 12), r(8, 12)
+    ops = torch.ops.pysparse
+    return [
+        (ops.saliency.default, (w, "magnitude", None, None)),
+        (ops.saliency.default, (w, "taylor", g, None)),
+        (ops.saliency.default, (w.half(), "hessian", None, h.half())),
+        (ops.saliency.default, (w.clone().requires_grad_(), "taylor", g.clone().requires_grad_(), None)),
+        (ops.sparsity_masks.default, ([w, g[:3], h.bfloat16()], 57)),
+        (ops.threshold_masks.default, ([w, g], 0.25)),
+        (ops.nm_masks.default, (w, 2, 4)),
+        (ops.nm_masks.default, (r(4, 8, 3, 3), 1, 4)),
+        (ops.apply_mask_.default, (w > 0, [w.clone(), g.clone().half()])),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in _samples(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_kernels_on_meta(device):
+    w = torch.empty(5, 6, device="meta")
+    assert pysparse.saliency(w, "magnitude").shape == (5, 6)
+    masks = pysparse.sparsity_masks([w, torch.empty(3, device="meta")], 0.5)
+    assert [m.shape for m in masks] == [(5, 6), (3,)] and masks[0].dtype == torch.bool
+    with pytest.raises(ValueError, match="grad has shape"):
+        pysparse.saliency(w, "taylor", grad=torch.empty(2, device="meta"))
+
+
+def _prune_step(w, g, exp_avg):
+    """One pruning step as a user writes it: score, select globally, mask weight and optimizer state."""
+    scores = pysparse.saliency(w, "taylor", grad=g)
+    (mask,) = pysparse.sparsity_masks([scores], 0.75)
+    kept = pysparse.apply_mask_(mask, w, exp_avg)
+    nm = pysparse.nm_masks(scores, 2, 4)
+    (thr,) = pysparse.threshold_masks([scores], 0.1)
+    return mask, nm, thr, kept
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    w, g, e = (torch.randn(16, 32, generator=gen).to(device) for _ in range(3))
+    w2, e2 = w.clone(), e.clone()
+    compiled = torch.compile(_prune_step, fullgraph=True)
+    mask, nm, thr, kept = compiled(w, g, e)
+    rmask, rnm, rthr, rkept = _prune_step(w2, g, e2)
+    assert torch.equal(mask, rmask) and torch.equal(nm, rnm) and torch.equal(thr, rthr)
+    assert int(kept) == rkept == 16 * 32 // 4
+    assert torch.equal(w, w2) and torch.equal(e, e2)  # the in-place masking happened under compile too
+    assert torch.equal(mask, reference.sparsity_masks([reference.saliency(w2, "taylor", grad=g)], 0.75)[0])
+
+
+def test_compile_saliency_backward():
+    torch._dynamo.reset()
+    w = torch.randn(6, 7, requires_grad=True)
+    h = torch.rand(6, 7)
+    f = torch.compile(lambda w, h: pysparse.saliency(w, "hessian", hessian=h).sum(), fullgraph=True)
+    f(w, h).backward()
+    torch.testing.assert_close(w.grad, h * w.detach())
