@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 import pysparse
 from pysparse import reference
-from conftest import DEVICES, make
+from pysparse.testing import DEVICES, make
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool]
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 import pysparse
 from pysparse import reference
-from conftest import DEVICES, DTYPES, make
+from pysparse.testing import DEVICES, DTYPES, make
 
 shapes = st.lists(st.integers(0, 7), min_size=0, max_size=3)
 
@@ -29,6 +29,21 @@ def test_sparsity_matches_reference(device, shape_list, dtypes, sparsity, ties, 
     _assert_masks_equal(got, reference.sparsity_masks(scores, sparsity), scores)
     total = sum(s.numel() for s in scores)
     assert sum(int((~m).sum()) for m in got) == round(sparsity * total)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=25, deadline=None)
+@given(big=st.integers(32_769, 70_000), rest=st.lists(st.integers(0, 5_000), max_size=3), at=st.integers(0, 3),
+       dtypes=st.lists(st.sampled_from(DTYPES), min_size=4, max_size=4), sparsity=st.floats(0, 1),
+       ties=st.booleans(), extremes=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_sparsity_radix_path_matches_reference(device, big, rest, at, dtypes, sparsity, ties, extremes, seed):
+    """Above 32768 scores the CPU kernel leaves its small-input path for the radix select: same rule."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = rest[:at] + [big] + rest[at:]
+    scores = [make((n,), d, device, gen=gen, ties=ties) for n, d in zip(sizes, dtypes)]
+    if extremes:
+        scores[min(at, len(rest))][:7] = torch.tensor([float("inf"), -float("inf"), 6e4, -6e4, 1e-7, -0.0, 0.0])
+    _assert_masks_equal(pysparse.sparsity_masks(scores, sparsity), reference.sparsity_masks(scores, sparsity), scores)
 
 
 @pytest.mark.parametrize("device", DEVICES)

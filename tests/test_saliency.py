@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 import pysparse
 from pysparse import reference
-from conftest import DEVICES, DTYPES, make
+from pysparse.testing import DEVICES, DTYPES, make
 
 METHODS = pysparse.ops.SALIENCY_METHODS
 shapes = st.lists(st.integers(0, 9), min_size=0, max_size=4)

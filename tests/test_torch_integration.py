@@ -4,7 +4,7 @@ import torch
 
 import pysparse
 from pysparse import reference
-from conftest import DEVICES
+from pysparse.testing import DEVICES
 
 
 def _samples(device):

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "../common.h"
@@ -12,6 +13,8 @@ namespace {
 
 constexpr int64_t kChunk = int64_t{1} << 16;  // elements per work item
 constexpr int64_t kBins = int64_t{1} << 16;   // 16-bit radix digits: two passes resolve a 32-bit key
+// Up to this many scores, one nth_element on (key, position) pairs is cheaper than the histograms' fixed cost.
+constexpr int64_t kSmallTotal = int64_t{1} << 15;
 
 struct Source {
   const void* data;
@@ -129,10 +132,47 @@ void write_selection(const Prepared& p, const Selection& sel) {
   });
 }
 
+// Small inputs: each score becomes (key << 32 | global position), a total order that is exactly the ranking
+// rule; nth_element finds the last pruned item and everything above it is kept.
+void select_small(const Prepared& p, int64_t num_prune) {
+  std::vector<uint64_t> items;
+  items.reserve(static_cast<size_t>(p.total));
+  auto item = [](float v, int64_t position) {
+    return (static_cast<uint64_t>(float_key(v)) << 32) | static_cast<uint64_t>(position);
+  };
+  int64_t offset = 0;
+  for (size_t t = 0; t < p.sources.size(); ++t) {
+    bool nan = false;
+    for_each_value(p.sources[t], 0, p.contig[t].numel(), [&](int64_t i, float v) {
+      nan |= v != v;
+      items.push_back(item(v, offset + i));
+    });
+    TORCH_CHECK_VALUE(!nan, "sparsity_masks: scores[", t, "] contains NaN");
+    offset += p.contig[t].numel();
+  }
+  if (num_prune == 0) {
+    for (const at::Tensor& m : p.masks) m.fill_(true);
+    return;
+  }
+  std::nth_element(items.begin(), items.begin() + (num_prune - 1), items.end());
+  const uint64_t last_pruned = items[num_prune - 1];
+  offset = 0;
+  for (size_t t = 0; t < p.sources.size(); ++t) {
+    bool* mask = p.sources[t].mask;
+    for_each_value(p.sources[t], 0, p.contig[t].numel(),
+                   [&](int64_t i, float v) { mask[i] = item(v, offset + i) > last_pruned; });
+    offset += p.contig[t].numel();
+  }
+}
+
 std::vector<at::Tensor> sparsity_masks_cpu(at::TensorList scores, int64_t num_prune) {
   Prepared p = prepare(scores, "sparsity_masks");
   TORCH_CHECK_VALUE(num_prune >= 0 && num_prune <= p.total, "sparsity_masks: num_prune must be in [0, ", p.total,
                     "] (the number of scores), got ", num_prune);
+  if (p.total <= kSmallTotal) {
+    select_small(p, num_prune);
+    return p.masks;
+  }
   std::vector<int64_t> hist;
   std::vector<uint8_t> nan_chunks(p.chunks.size(), 0);
   histogram_pass(p, 16, 0u, 0u, hist, &nan_chunks);

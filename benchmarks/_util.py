@@ -1,0 +1,58 @@
+"""Helpers for the benchmarks: synchronised timing on CUDA and peak extra memory of a callable."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(benchmark, fn, device: str, *, rounds: int = 10, **extra):
+    """Time fn with pytest-benchmark, synchronising CUDA after each call; store extra figures."""
+    def call():
+        out = fn()
+        sync(device)
+        return out
+
+    call()  # warm-up (and torch.compile) outside the timing
+    benchmark.extra_info.update(extra)
+    return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def peak_extra_mb_cpu(scores_fn: str, select_fn: str) -> float:
+    """Peak memory (MB) that _baselines.<select_fn>(scores) allocates on top of what the process holds, in a
+    fresh process: the resident-set high-water mark (VmHWM) is reset to the current size just before the
+    call (Linux /proc/self/clear_refs), then read after it."""
+    code = textwrap.dedent(f"""
+        import re, sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import torch, _baselines as b
+
+        def status(key):
+            return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+        scores = b.{scores_fn}()
+        b.select_pysparse([torch.rand(1000)]), b.select_topk_on_cat([torch.rand(1000)])  # thread pools up
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+        b.{select_fn}(scores)
+        print((status("VmHWM") - before) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return round(float(out.strip().splitlines()[-1]), 1)
+
+
+def peak_extra_mb_cuda(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)

@@ -1,0 +1,30 @@
+"""Test and benchmark helpers: the devices and dtypes every kernel test iterates over, and tensor builders.
+Needs pytest (a test dependency)."""
+import pytest
+import torch
+
+import pysparse
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+_cuda_reason = ("no CUDA device visible" if not torch.cuda.is_available()
+                else "pysparse was built without CUDA kernels")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                              pytest.mark.skipif(not pysparse.cuda_usable(), reason=_cuda_reason)])]
+
+
+def make(shape, dtype=torch.float32, device="cpu", *, noncontig=False, gen=None, ties=False):
+    """A random tensor of `shape`; with noncontig a strided view (every other element of a wider tensor);
+    with ties, values drawn from a handful of levels (including -0.0 and 0.0) so that many are equal."""
+    shape = tuple(shape)
+    full = shape[:-1] + (shape[-1] * 2,) if (noncontig and len(shape) > 0) else shape
+    if ties:
+        levels = torch.tensor([-2.0, -0.0, 0.0, 0.5, 1.0, 3.0])
+        t = levels[torch.randint(0, len(levels), full, generator=gen)]
+    else:
+        t = torch.randn(full, generator=gen)
+    t = t.to(dtype=dtype, device=device)
+    if noncontig and len(shape) > 0:
+        t = t[..., ::2]
+        assert not t.is_contiguous() or t.numel() <= 1
+    return t
