@@ -55,7 +55,7 @@ def get_extensions():
     if not _flag("PYSPARSE_PORTABLE"):
         cxx.append("-march=native")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    depends = sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("csrc/cuda/*.cuh"))
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True)) + sorted(glob.glob("csrc/cuda/*.cuh"))
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], depends=depends)
     if use_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
