@@ -170,4 +170,34 @@ struct Selection {
   int64_t count_equal;
 };
 
+// ---------------------------------------------------------------------------------------------------------
+// Compressed sparse rows (CSR): rowptr int32 [rows + 1], col int16 or int32 [nnz], values [nnz]. Everything
+// that can be checked without reading all indices is checked here; the kernels check each column index as
+// they read it.
+// ---------------------------------------------------------------------------------------------------------
+inline void check_csr_structure(const at::Tensor& rowptr, const at::Tensor& col, const char* op) {
+  TORCH_CHECK_VALUE(rowptr.defined() && col.defined(), op, ": undefined CSR tensor");
+  TORCH_CHECK_TYPE(rowptr.scalar_type() == at::kInt, op, ": rowptr must be int32, got ", rowptr.scalar_type());
+  TORCH_CHECK_TYPE(col.scalar_type() == at::kShort || col.scalar_type() == at::kInt, op,
+                   ": col must be int16 or int32, got ", col.scalar_type());
+  TORCH_CHECK_VALUE(rowptr.dim() == 1 && rowptr.numel() >= 1, op, ": rowptr must be 1-D with rows + 1 entries");
+  TORCH_CHECK_VALUE(col.dim() == 1, op, ": col must be 1-D");
+  TORCH_CHECK_VALUE(rowptr.is_contiguous() && col.is_contiguous(), op, ": rowptr and col must be contiguous");
+  TORCH_CHECK_VALUE(col.numel() < (int64_t{1} << 31), op, ": more than 2^31 - 1 stored values");
+  TORCH_CHECK_VALUE(rowptr.device() == col.device(), op, ": rowptr and col must be on one device");
+}
+
+// The dtypes of the matmul family: the three float formats, plus float64 for gradcheck.
+inline bool is_matmul_float(at::ScalarType t) { return is_supported_float(t) || t == at::kDouble; }
+
+inline void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const char* op) {
+  check_csr_structure(rowptr, col, op);
+  TORCH_CHECK_VALUE(values.defined() && values.dim() == 1 && values.numel() == col.numel(), op,
+                    ": values must be 1-D with one entry per column index (", col.numel(), ")");
+  TORCH_CHECK_TYPE(is_matmul_float(values.scalar_type()), op,
+                   ": values must be float32, float16, bfloat16 or float64, got ", values.scalar_type());
+  TORCH_CHECK_VALUE(values.is_contiguous(), op, ": values must be contiguous");
+  TORCH_CHECK_VALUE(values.device() == col.device(), op, ": values and the structure must be on one device");
+}
+
 }  // namespace pysparse

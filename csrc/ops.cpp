@@ -27,4 +27,14 @@ TORCH_LIBRARY(pysparse, m) {
   // Zeroes every tensor where mask is False, in one pass; returns the number of kept elements as a 0-dim
   // int64 tensor on mask's device (a tensor, not an int: no host sync, and torch.compile can functionalize it).
   m.def("apply_mask_(Tensor mask, Tensor(a!)[] tensors) -> Tensor");
+
+  // Sparse x dense: yt = W @ xt (+ bias[:, None]) with W in CSR (rowptr int32 [R+1], col int16/int32 [nnz],
+  // values [nnz]) and xt [K, B] dense (activations transposed: the batch is the contiguous dimension).
+  // Accumulates in float32 (float64 for float64). The t_* arguments are W's transposed structure (CSR of W^T:
+  // rowptr over columns, row indices, and the permutation from CSR to CSC order); only the backward uses them.
+  m.def("spmm(Tensor rowptr, Tensor col, Tensor values, Tensor xt, Tensor? bias=None, Tensor? t_rowptr=None, "
+        "Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
+  // Sampled dense-dense product: out[j] = dot(a[row(j), :], b[col(j), :]) for every stored position j of the
+  // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
+  m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");
 }

@@ -15,10 +15,12 @@ import torch
 
 from ._extension import has_kernel
 
-__all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_"]
+__all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
+           "sddmm"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_MATMUL_FLOATS = _FLOATS + (torch.float64,)
 _NEEDS = {"magnitude": None, "gradient": "grad", "taylor": "grad", "hessian": "hessian"}
 
 
@@ -118,6 +120,78 @@ def _check_apply_mask(mask, tensors) -> list:
     return out
 
 
+def _check_structure(rowptr, col, op: str) -> None:
+    _check_tensor(rowptr, "rowptr")
+    _check_tensor(col, "col")
+    if rowptr.dtype != torch.int32:
+        raise TypeError(f"{op}: rowptr must be int32, got {rowptr.dtype}")
+    if col.dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"{op}: col must be int16 or int32, got {col.dtype}")
+    if rowptr.dim() != 1 or rowptr.numel() < 1:
+        raise ValueError(f"{op}: rowptr must be 1-D with rows + 1 entries")
+    if col.dim() != 1:
+        raise ValueError(f"{op}: col must be 1-D, got shape {tuple(col.shape)}")
+    if rowptr.device != col.device:
+        raise ValueError(f"{op}: rowptr is on {rowptr.device} but col is on {col.device}")
+
+
+def _check_csr(rowptr, col, values, op: str) -> None:
+    _check_structure(rowptr, col, op)
+    _check_tensor(values, "values")
+    if values.dtype not in _MATMUL_FLOATS:
+        raise TypeError(f"{op}: values must be float32, float16, bfloat16 or float64, got {values.dtype}")
+    if values.shape != col.shape:
+        raise ValueError(f"{op}: values must be 1-D with one entry per column index, got {tuple(values.shape)} "
+                         f"for {col.numel()} indices")
+    if values.device != col.device:
+        raise ValueError(f"{op}: values is on {values.device} but the structure is on {col.device}")
+
+
+def _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm) -> None:
+    _check_csr(rowptr, col, values, "spmm")
+    _check_tensor(xt, "xt")
+    if xt.dim() != 2:
+        raise ValueError(f"spmm: xt must be 2-D [in_features, batch], got shape {tuple(xt.shape)}")
+    if xt.dtype != values.dtype:
+        raise TypeError(f"spmm: xt has dtype {xt.dtype} but values has dtype {values.dtype}")
+    if xt.device != values.device:
+        raise ValueError(f"spmm: xt is on {xt.device} but values is on {values.device}")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if bias.shape != (rowptr.shape[0] - 1,):
+            raise ValueError(f"spmm: bias must have shape ({rowptr.shape[0] - 1},), got {tuple(bias.shape)}")
+        if bias.dtype != values.dtype or bias.device != values.device:
+            raise TypeError(f"spmm: bias must have values' dtype and device ({values.dtype}, {values.device})")
+    given = [t is not None for t in (t_rowptr, t_col, t_perm)]
+    if any(given) and not all(given):
+        raise ValueError("spmm: give all of t_rowptr, t_col and t_perm (the transposed structure), or none")
+    if all(given):
+        _check_csr(t_rowptr, t_col, values, "spmm (transposed structure)")
+        if t_rowptr.shape[0] - 1 != xt.shape[0]:
+            raise ValueError(f"spmm: t_rowptr has {t_rowptr.shape[0] - 1} rows but xt has {xt.shape[0]}")
+        _check_tensor(t_perm, "t_perm")
+        if t_perm.shape != values.shape or t_perm.dtype not in (torch.int32, torch.int64):
+            raise ValueError("spmm: t_perm must be an int32/int64 permutation of the stored values")
+
+
+def _check_sddmm(rowptr, col, a, b) -> None:
+    _check_structure(rowptr, col, "sddmm")
+    _check_tensor(a, "a")
+    _check_tensor(b, "b")
+    if a.dtype not in _MATMUL_FLOATS:
+        raise TypeError(f"sddmm: a must be float32, float16, bfloat16 or float64, got {a.dtype}")
+    if a.device != col.device:
+        raise ValueError(f"sddmm: a is on {a.device} but the structure is on {col.device}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"sddmm: a and b must be 2-D, got {a.dim()}-D and {b.dim()}-D")
+    if a.shape[0] != rowptr.shape[0] - 1:
+        raise ValueError(f"sddmm: a has {a.shape[0]} rows but the structure has {rowptr.shape[0] - 1}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"sddmm: a and b must have the same number of columns, got {a.shape[1]} and {b.shape[1]}")
+    if b.dtype != a.dtype or b.device != a.device:
+        raise TypeError(f"sddmm: b must have a's dtype and device ({a.dtype}, {a.device})")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public wrappers
 # ---------------------------------------------------------------------------------------------------------
@@ -191,6 +265,27 @@ def apply_mask_(mask: torch.Tensor, *tensors: Optional[torch.Tensor]) -> int:
     return kept if torch.compiler.is_compiling() else int(kept)
 
 
+def spmm(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, xt: torch.Tensor, *,
+         bias: Optional[torch.Tensor] = None, transposed: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """``W @ xt (+ bias[:, None])`` with W in CSR (``rowptr`` int32, ``col`` int16/int32, ``values``) and ``xt``
+    the activations transposed, ``[in_features, batch]``. Returns ``[rows, batch]``, accumulated in float32.
+
+    Differentiable in ``values``, ``xt`` and ``bias``; the gradient of ``xt`` needs ``transposed``, W's
+    transposed structure ``(t_rowptr, t_col, t_perm)`` from :func:`pysparse.csr.transpose`.
+    """
+    t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
+    _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+    _check_kernel("spmm", values.device, "values")
+    return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+
+
+def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[j] = dot(a[row(j)], b[col(j)])`` at every stored position j of a CSR structure."""
+    _check_sddmm(rowptr, col, a, b)
+    _check_kernel("sddmm", a.device, "a")
+    return torch.ops.pysparse.sddmm.default(rowptr, col, a, b)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Fake kernels (shapes only), for torch.compile and meta tensors
 # ---------------------------------------------------------------------------------------------------------
@@ -227,6 +322,18 @@ def _apply_mask_fake(mask, tensors):
     return mask.new_empty((), dtype=torch.long)
 
 
+@torch.library.register_fake("pysparse::spmm")
+def _spmm_fake(rowptr, col, values, xt, bias=None, t_rowptr=None, t_col=None, t_perm=None):
+    _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+    return xt.new_empty((rowptr.shape[0] - 1, xt.shape[1]))
+
+
+@torch.library.register_fake("pysparse::sddmm")
+def _sddmm_fake(rowptr, col, a, b):
+    _check_sddmm(rowptr, col, a, b)
+    return a.new_empty(col.shape)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Autograd: saliency is differentiable in weight, grad and hessian
 # ---------------------------------------------------------------------------------------------------------
@@ -257,3 +364,32 @@ def _saliency_backward(ctx, dout):
 
 
 torch.library.register_autograd("pysparse::saliency", _saliency_backward, setup_context=_saliency_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd: spmm is differentiable in values (sddmm), xt (spmm with the transposed structure) and bias
+# ---------------------------------------------------------------------------------------------------------
+def _spmm_setup_context(ctx, inputs, output):
+    rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm = inputs
+    ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
+
+
+def _spmm_backward(ctx, gyt):
+    rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    gyt = gyt.contiguous()
+    dvalues = dxt = dbias = None
+    if needs[2]:
+        dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
+    if needs[3]:
+        if t_rowptr is None:
+            raise RuntimeError("spmm: the gradient with respect to xt needs the transposed structure: pass "
+                               "transposed=(t_rowptr, t_col, t_perm)")
+        dxt = torch.ops.pysparse.spmm.default(t_rowptr, t_col, values.index_select(0, t_perm), gyt,
+                                              None, None, None, None)
+    if needs[4]:
+        dbias = gyt.sum(1)
+    return None, None, dvalues, dxt, dbias, None, None, None
+
+
+torch.library.register_autograd("pysparse::spmm", _spmm_backward, setup_context=_spmm_setup_context)

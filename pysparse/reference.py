@@ -50,3 +50,26 @@ def apply_mask_(mask: torch.Tensor, *tensors: Optional[torch.Tensor]) -> int:
             if t is not None:
                 t.masked_fill_(~mask, 0)
     return int(mask.sum())
+
+
+def csr_to_dense(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=values.device), rowptr.diff().long())
+    dense = values.new_zeros((rowptr.numel() - 1, n_cols))
+    dense[rows, col.long()] = values
+    return dense
+
+
+def spmm(rowptr, col, values, xt, *, bias=None, transposed=None) -> torch.Tensor:
+    """Dense W @ xt (+ bias), W rebuilt from CSR; float32 arithmetic for half types, like the kernels."""
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    dense = csr_to_dense(rowptr, col, values.to(acc), xt.shape[0])
+    out = dense @ xt.to(acc)
+    if bias is not None:
+        out = out + bias.to(acc)[:, None]
+    return out.to(values.dtype)
+
+
+def sddmm(rowptr, col, a, b) -> torch.Tensor:
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=a.device), rowptr.diff().long())
+    return (a.to(acc)[rows] * b.to(acc)[col.long()]).sum(-1).to(a.dtype)

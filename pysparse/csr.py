@@ -1,0 +1,87 @@
+"""Compressed sparse row (CSR) structures for pysparse's sparse layers.
+
+A 2-D weight [rows, cols] with a keep-mask is stored as ``values`` (the kept weights, row-major order) and
+``rowptr`` (int32, rows + 1) / ``col`` (int16 when cols <= 32768, else int32). The backward pass needs the
+transposed structure too (CSC): ``t_rowptr`` over columns, ``t_col`` (row indices) and ``t_perm``, the
+permutation that puts ``values`` in column-major order. It is computed once per mask, never per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT16_MAX_DIM = 32768  # int16 indices address [0, 32767]
+
+
+def index_dtype(dim: int) -> torch.dtype:
+    """The narrowest index dtype for a dimension of size ``dim``."""
+    return torch.int16 if dim <= INT16_MAX_DIM else torch.int32
+
+
+@dataclass
+class Structure:
+    """CSR structure of a [rows, cols] matrix, with its transposed (CSC) form."""
+    rowptr: torch.Tensor
+    col: torch.Tensor
+    t_rowptr: torch.Tensor
+    t_col: torch.Tensor
+    t_perm: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.t_rowptr, self.t_col, self.t_perm
+
+
+def _rowptr(counts: torch.Tensor) -> torch.Tensor:
+    rowptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=rowptr[1:])
+    return rowptr.to(torch.int32)
+
+
+def structure(mask: torch.Tensor) -> Structure:
+    """The CSR structure (and its transpose) of the True entries of a 2-D bool mask."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {getattr(mask, 'dtype', type(mask))} "
+                         f"of shape {tuple(getattr(mask, 'shape', ()))}")
+    rows, cols = mask.shape
+    if mask.numel() and int(mask.sum()) >= 2**31:
+        raise ValueError("more than 2^31 - 1 kept entries")
+    r, c = mask.nonzero(as_tuple=True)                      # row-major order: the CSR order
+    t_perm = torch.argsort(c * rows + r)                      # CSR position -> CSC order
+    return Structure(
+        rowptr=_rowptr(mask.sum(1)),
+        col=c.to(index_dtype(cols)),
+        t_rowptr=_rowptr(mask.sum(0)),
+        t_col=r[t_perm].to(index_dtype(rows)),
+        t_perm=t_perm.to(torch.int32),
+        shape=(rows, cols),
+    )
+
+
+def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Structure]:
+    """The kept values of a 2-D ``weight`` under ``mask`` (True = keep), and their structure."""
+    s = structure(mask)
+    return weight[mask], s
+
+
+def validate(s: Structure) -> None:
+    """Checks a structure read from outside (a file, a state dict): a tampered one raises ValueError."""
+    rows, cols = s.shape
+    for name, ptr, n, idx, bound in (("rowptr", s.rowptr, rows, s.col, cols),
+                                     ("t_rowptr", s.t_rowptr, cols, s.t_col, rows)):
+        if ptr.dtype != torch.int32 or ptr.shape != (n + 1,):
+            raise ValueError(f"{name} must be int32 of shape ({n + 1},), got {ptr.dtype} {tuple(ptr.shape)}")
+        if idx.dtype not in (torch.int16, torch.int32) or idx.shape != (s.nnz,):
+            raise ValueError(f"indices must be int16/int32 of shape ({s.nnz},)")
+        if int(ptr[0]) != 0 or int(ptr[-1]) != s.nnz or bool((ptr.diff() < 0).any()):
+            raise ValueError(f"{name} is not a valid row pointer for {s.nnz} stored values")
+        if s.nnz and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+            raise ValueError(f"an index is outside [0, {bound})")
+    if s.t_perm.shape != (s.nnz,) or (s.nnz and not torch.equal(
+            torch.sort(s.t_perm.long()).values, torch.arange(s.nnz, device=s.t_perm.device))):
+        raise ValueError("t_perm is not a permutation of the stored values")

@@ -1,0 +1,120 @@
+"""Storage shared by the sparse layers: a weight kept as CSR values and structure, viewed as 2-D
+[out, in_per_row]; the values are the trainable Parameter, the structure lives in buffers."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import csr
+
+_STRUCTURE = ("rowptr", "col", "t_rowptr", "t_col", "t_perm")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a real number, got {type(sparsity).__name__}")
+    if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def random_mask(shape, sparsity: float, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A keep-mask of `shape` with exactly round((1 - sparsity) * numel) True entries, uniformly placed."""
+    numel = math.prod(shape)
+    keep = round((1.0 - check_sparsity(sparsity)) * numel)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[torch.randperm(numel, generator=generator)[:keep]] = True
+    return mask.reshape(shape).to(device)
+
+
+def check_mask(mask, weight: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = keep), got {mask.dtype}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the weight has shape {tuple(weight.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"{name} is on {mask.device} but the weight is on {weight.device}")
+    return mask
+
+
+class SparseWeight(nn.Module):
+    """Base of the sparse layers. Subclasses call ``_store(weight, mask)`` with the dense weight (any shape
+    whose first dim is the output) and its keep-mask, and read ``values`` and the structure buffers."""
+
+    weight_shape: tuple[int, ...]
+
+    def _store(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        if weight.dtype not in _FLOATS:
+            raise TypeError(f"weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+        check_mask(mask, weight)
+        self.weight_shape = tuple(weight.shape)
+        w2, m2 = weight.detach().reshape(weight.shape[0], -1), mask.reshape(weight.shape[0], -1)
+        values, s = csr.compress(w2, m2)
+        self.values = nn.Parameter(values.clone(), requires_grad=weight.requires_grad)
+        for name in _STRUCTURE:
+            self.register_buffer(name, getattr(s, name))
+
+    @property
+    def structure(self) -> csr.Structure:
+        rows = self.weight_shape[0]
+        return csr.Structure(*(getattr(self, n) for n in _STRUCTURE), shape=(rows, math.prod(self.weight_shape) // rows))
+
+    @property
+    def nnz(self) -> int:
+        """The number of stored (kept) weights."""
+        return self.values.numel()
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the dense weight that is not stored."""
+        total = math.prod(self.weight_shape)
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def mask(self) -> torch.Tensor:
+        """The keep-mask, as a dense bool tensor of the weight's shape."""
+        rows, cols = self.structure.shape
+        m = torch.zeros(rows, cols, dtype=torch.bool, device=self.values.device)
+        r = torch.repeat_interleave(torch.arange(rows, device=m.device), self.rowptr.diff().long())
+        m[r, self.col.long()] = True
+        return m.reshape(self.weight_shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense tensor (zeros where pruned); differentiable in ``values``."""
+        mask = self.mask()
+        return torch.zeros(self.weight_shape, dtype=self.values.dtype, device=self.values.device).masked_scatter(
+            mask, self.values)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Changes which weights are stored: kept ones keep their values, newly kept ones start at 0. Rebuilds
+        the structure (and the transposed cache). Optimizer state for ``values`` must be rebuilt after."""
+        with torch.no_grad():
+            self._store(self.dense_weight().detach().requires_grad_(self.values.requires_grad), mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A stored layer's tensors have the saved nnz, not this module's: take the saved shapes, then check
+        # that what was loaded is a valid structure (a tampered file raises, never reads out of bounds).
+        for name in ("values",) + _STRUCTURE:
+            key = prefix + name
+            if key in state_dict and isinstance(state_dict[key], torch.Tensor):
+                incoming = state_dict[key]
+                current = getattr(self, name)
+                if current.shape != incoming.shape or current.dtype != incoming.dtype:
+                    fresh = torch.empty(incoming.shape, dtype=incoming.dtype, device=current.device)
+                    if name == "values":
+                        self.values = nn.Parameter(fresh, requires_grad=current.requires_grad)
+                    else:
+                        setattr(self, name, fresh)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        try:
+            csr.validate(self.structure)
+        except ValueError as exc:
+            error_msgs.append(f"{prefix or type(self).__name__}: invalid sparse structure: {exc}")

@@ -1,0 +1,80 @@
+"""SparseLinear: a drop-in nn.Linear that stores and computes only its kept weights."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ._sparse_weight import SparseWeight, check_sparsity, random_mask
+
+
+class SparseLinear(SparseWeight):
+    """``y = x @ W.T + b`` with W stored in CSR: memory and time grow with the kept weights, not the dense size.
+
+    Give ``sparsity`` (a uniformly random mask with exactly that fraction removed) or ``mask`` (bool,
+    [out_features, in_features], True = keep). The kept values are the Parameter ``values``; any torch
+    optimizer trains them. Use :meth:`from_dense` to convert a trained ``nn.Linear``.
+
+    The output is a transposed view of the kernel's [out_features, batch] result: a following SparseLinear
+    reads it without a copy, and dense layers accept it as it is.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
+                 mask: Optional[torch.Tensor] = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if mask is None and sparsity is None:
+            raise ValueError("SparseLinear needs sparsity= (a random mask) or mask= (True = keep)")
+        if mask is not None and sparsity is not None:
+            raise ValueError("give SparseLinear either sparsity= or mask=, not both")
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if mask is None:
+            mask = random_mask(dense.weight.shape, check_sparsity(sparsity), device=dense.weight.device)
+        self.in_features, self.out_features = in_features, out_features
+        self._store(dense.weight, mask)
+        self.bias = dense.bias
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Optional[torch.Tensor] = None) -> "SparseLinear":
+        """A SparseLinear holding ``linear``'s weights where ``mask`` is True (None: where the weight is non-zero)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        SparseWeight.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._store(linear.weight, linear.weight.detach() != 0 if mask is None else mask)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=linear.bias.requires_grad)
+        return self
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear with the same function (pruned weights are zeros)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (read-only view of the stored values; built on each access)."""
+        return self.dense_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"SparseLinear expects inputs with {self.in_features} features in the last dim, "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype != self.values.dtype:
+            raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, self.in_features).t().contiguous()  # free when x is already a transposed view
+        yt = ops.spmm(self.rowptr, self.col, self.values, xt, bias=self.bias,
+                      transposed=(self.t_rowptr, self.t_col, self.t_perm))
+        return yt.t().reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")

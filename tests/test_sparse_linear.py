@@ -1,0 +1,173 @@
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pysparse
+from pysparse import SparseLinear
+from pysparse.testing import DEVICES
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}
+
+
+def _pair(in_f, out_f, density, dtype=torch.float32, device="cpu", bias=True, seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_f, out_f, bias=bias).to(device, dtype)
+    mask = torch.rand(out_f, in_f, device=device) < density
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    return dense, mask, SparseLinear.from_dense(dense, mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("lead", [(), (1,), (7,), (3, 5), (2, 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_backward_match_masked_dense(device, dtype, lead, bias):
+    dense, mask, sparse = _pair(37, 29, 0.3, dtype, device, bias)
+    x = torch.randn(*lead, 37, device=device, dtype=dtype)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), dense(xd)
+    assert ys.shape == yd.shape == (*lead, 29)
+    torch.testing.assert_close(ys, yd, **TOL[dtype])
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    torch.testing.assert_close(xs.grad, xd.grad, **TOL[dtype])
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], **TOL[dtype])
+    if bias:
+        torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chained_layers_and_noncontiguous_input(device):
+    torch.manual_seed(1)
+    a = SparseLinear(20, 30, sparsity=0.5).to(device)
+    b = SparseLinear(30, 10, sparsity=0.7).to(device)
+    strided = torch.randn(6, 40, device=device)[:, ::2]        # every other feature: a strided view
+    transposed = torch.randn(20, 6, device=device).t()          # the layout the kernel reads without a copy
+    for x in (strided, transposed):
+        out = b(torch.relu(a(x)))
+        ref = F.linear(torch.relu(F.linear(x, a.weight, a.bias)), b.weight, b.bias)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_trains_and_keeps_structure():
+    """Any optimizer trains the stored values; the pruned positions never come back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseLinear(10, 64, sparsity=0.8), nn.ReLU(), SparseLinear(64, 2, sparsity=0.5))
+    x = torch.randn(256, 10)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    masks = [m.mask().clone() for m in (model[0], model[2])]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    for layer, mask in zip((model[0], model[2]), masks):
+        assert torch.equal(layer.mask(), mask)
+        assert int(torch.count_nonzero(layer.weight[~mask])) == 0
+
+
+def test_constructor_sparsity_and_properties():
+    torch.manual_seed(0)
+    layer = SparseLinear(100, 50, sparsity=0.9)
+    assert layer.nnz == 500 and abs(layer.sparsity - 0.9) < 1e-12
+    assert layer.values.shape == (500,) and layer.weight.shape == (50, 100)
+    assert layer.col.dtype == torch.int16 and layer.rowptr.dtype == torch.int32
+    mask = torch.zeros(50, 100, dtype=torch.bool)
+    mask[:, :3] = True
+    assert SparseLinear(100, 50, mask=mask).nnz == 150
+    assert "sparsity=0.9000" in repr(layer)
+
+
+def test_from_dense_keeps_nonzeros_and_to_dense_round_trip():
+    dense, mask, _ = _pair(16, 8, 0.25)
+    sparse = SparseLinear.from_dense(dense)  # mask None: the non-zeros
+    assert torch.equal(sparse.mask(), dense.weight != 0)
+    back = sparse.to_dense()
+    assert isinstance(back, nn.Linear)
+    assert torch.equal(back.weight, dense.weight) and torch.equal(back.bias, dense.bias)
+
+
+def test_set_mask_rebuilds_structure():
+    dense, mask, sparse = _pair(12, 6, 0.5)
+    new = torch.rand(6, 12) < 0.3
+    sparse.set_mask(new)
+    assert torch.equal(sparse.mask(), new)
+    assert torch.equal(sparse.weight, dense.weight * new)  # kept values stay, newly kept start at zero
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(sparse(x), F.linear(x, dense.weight * new, dense.bias))
+
+
+def test_memory_grows_with_nnz():
+    """Storage at 90%: values + indices <= 0.25x the dense weight; with the backward cache <= 0.45x."""
+    layer = SparseLinear(1024, 1024, sparsity=0.9)
+    dense_bytes = 1024 * 1024 * 4
+    inference = sum(t.numel() * t.element_size() for t in (layer.values, layer.rowptr, layer.col))
+    training = inference + sum(t.numel() * t.element_size() for t in (layer.t_rowptr, layer.t_col, layer.t_perm))
+    assert inference <= 0.25 * dense_bytes, inference / dense_bytes
+    assert training <= 0.45 * dense_bytes, training / dense_bytes
+
+
+def test_state_dict_deepcopy_pickle():
+    _, _, sparse = _pair(16, 8, 0.25, seed=3)
+    fresh = SparseLinear(16, 8, sparsity=0.9)  # different nnz: loading takes the saved structure
+    fresh.load_state_dict(sparse.state_dict())
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fresh(x), sparse(x))
+    torch.testing.assert_close(copy.deepcopy(sparse)(x), sparse(x))
+    torch.testing.assert_close(pickle.loads(pickle.dumps(sparse))(x), sparse(x))
+    buf = io.BytesIO()
+    torch.save(sparse.state_dict(), buf)
+    buf.seek(0)
+    again = SparseLinear(16, 8, sparsity=0.5)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    torch.testing.assert_close(again(x), sparse(x))
+
+
+def test_tampered_state_dict_is_refused():
+    _, _, sparse = _pair(16, 8, 0.25, seed=3)
+    state = sparse.state_dict()
+    state["col"] = state["col"].clone()
+    state["col"][0] = 99
+    with pytest.raises(RuntimeError, match="invalid sparse structure"):
+        SparseLinear(16, 8, sparsity=0.5).load_state_dict(state)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    _, _, sparse = _pair(16, 8, 0.3)
+    x = torch.randn(4, 16, requires_grad=True)
+    out = torch.compile(sparse, fullgraph=True)(x)
+    torch.testing.assert_close(out, sparse(x))
+    out.sum().backward()
+    assert x.grad is not None and sparse.values.grad is not None
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: SparseLinear(4, 3), ValueError, "needs sparsity= .* or mask="),
+    (lambda: SparseLinear(4, 3, sparsity=1.0), ValueError, r"sparsity must be in \[0, 1\)"),
+    (lambda: SparseLinear(4, 3, sparsity=-0.5), ValueError, r"sparsity must be in \[0, 1\)"),
+    (lambda: SparseLinear(4, 3, sparsity="a lot"), TypeError, "sparsity must be a real number"),
+    (lambda: SparseLinear(4, 3, sparsity=0.5, mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "not both"),
+    (lambda: SparseLinear(4, 3, mask=torch.ones(4, 3, dtype=torch.bool)), ValueError, r"mask has shape \(4, 3\)"),
+    (lambda: SparseLinear(4, 3, mask=torch.ones(3, 4)), TypeError, "mask must be a bool tensor"),
+    (lambda: SparseLinear(4, 3, mask=torch.ones(3, 4, dtype=torch.bool, device="meta")), ValueError,
+     "mask is on meta"),
+    (lambda: SparseLinear.from_dense(nn.Conv2d(1, 1, 1)), TypeError, "expects an nn.Linear"),
+    (lambda: SparseLinear(4, 3, sparsity=0.5)(torch.randn(2, 5)), ValueError, "expects inputs with 4 features"),
+    (lambda: SparseLinear(4, 3, sparsity=0.5)(torch.randn(2, 4).double()), TypeError, "input dtype"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -1,0 +1,134 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import pysparse
+from pysparse import csr, reference
+from pysparse.testing import DEVICES
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
+       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _problem(rows, cols, batch, density, dtype, device, seed, *, empty_rows=False):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=gen) < density
+    if empty_rows and rows:
+        mask[::2] = False
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    values, s = csr.compress(w, mask)
+    xt = torch.randn(cols, batch, generator=gen).to(dtype)
+    bias = torch.randn(rows, generator=gen).to(dtype)
+    move = lambda t: t.to(device)  # noqa: E731
+    return move(values), csr.Structure(*(move(getattr(s, n)) for n in
+                                         ("rowptr", "col", "t_rowptr", "t_col", "t_perm")), shape=s.shape), \
+        move(xt), move(bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 70), cols=st.integers(0, 70), batch=st.sampled_from([0, 1, 2, 3, 31, 32, 33, 70]),
+       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(),
+       empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_spmm_matches_reference(device, rows, cols, batch, density, dtype, use_bias, empty_rows, seed):
+    values, s, xt, bias = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
+    bias = bias if use_bias else None
+    got = pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias)
+    want = reference.spmm(s.rowptr, s.col, values, xt, bias=bias)
+    assert got.shape == (rows, batch) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 50), cols=st.integers(0, 50), batch=st.sampled_from([0, 1, 5, 64]),
+       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
+def test_sddmm_matches_reference(device, rows, cols, batch, density, dtype, seed):
+    values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed)
+    a = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    got = pysparse.ops.sddmm(s.rowptr, s.col, a, xt)
+    torch.testing.assert_close(got, reference.sddmm(s.rowptr, s.col, a, xt), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_indices(device):
+    """More than 32768 columns: int32 column indices (and int16 row indices in the transposed structure)."""
+    values, s, xt, bias = _problem(3, 40_000, 5, 0.01, torch.float32, device, 0)
+    assert s.col.dtype == torch.int32 and s.t_col.dtype == torch.int16
+    torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias),
+                               reference.spmm(s.rowptr, s.col, values, xt, bias=bias), rtol=1e-5, atol=1e-5)
+    gyt = torch.randn(3, 5, device=device)
+    torch.testing.assert_close(pysparse.ops.spmm(s.t_rowptr, s.t_col, values[s.t_perm.long()], gyt),
+                               reference.csr_to_dense(s.rowptr, s.col, values, 40_000).t() @ gyt,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_fp64(device):
+    values, s, xt, bias = _problem(9, 13, 6, 0.4, torch.float64, device, 3, empty_rows=True)
+    inputs = [t.clone().requires_grad_() for t in (values, xt, bias)]
+    fn = lambda v, x, b: pysparse.ops.spmm(s.rowptr, s.col, v, x, bias=b, transposed=s.transposed())  # noqa
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_xt_grad_needs_transposed_structure():
+    values, s, xt, _ = _problem(4, 5, 3, 0.5, torch.float32, "cpu", 0)
+    y = pysparse.ops.spmm(s.rowptr, s.col, values, xt.requires_grad_())
+    with pytest.raises(RuntimeError, match="needs the transposed structure"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_compile(device):
+    values, s, xt, bias = _problem(12, 20, 8, 0.3, torch.float32, device, 1)
+    torch.library.opcheck(torch.ops.pysparse.spmm.default, (s.rowptr, s.col, values, xt, bias, *s.transposed()))
+    torch.library.opcheck(torch.ops.pysparse.spmm.default,
+                          (s.rowptr, s.col, values.clone().requires_grad_(), xt.clone().requires_grad_(),
+                           bias.clone().requires_grad_(), *s.transposed()))
+    torch.library.opcheck(torch.ops.pysparse.sddmm.default, (s.rowptr, s.col, torch.randn(12, 8, device=device), xt))
+    torch._dynamo.reset()
+    f = torch.compile(lambda v, x: pysparse.ops.spmm(s.rowptr, s.col, v, x, transposed=s.transposed()).relu().sum(),
+                      fullgraph=True)
+    v = values.clone().requires_grad_()
+    f(v, xt).backward()
+    v2 = values.clone().requires_grad_()
+    pysparse.ops.spmm(s.rowptr, s.col, v2, xt, transposed=s.transposed()).relu().sum().backward()
+    torch.testing.assert_close(v.grad, v2.grad)
+
+
+def test_tampered_structure_raises_not_crashes():
+    values, s, xt, _ = _problem(6, 8, 4, 0.6, torch.float32, "cpu", 2)
+    bad_col = s.col.clone()
+    bad_col[0] = 500
+    with pytest.raises(ValueError, match="column index is outside"):
+        pysparse.ops.spmm(s.rowptr, bad_col, values, xt)
+    bad_col[0] = -3
+    with pytest.raises(ValueError, match="column index is outside"):
+        pysparse.ops.sddmm(s.rowptr, bad_col, torch.randn(6, 4), xt)
+    bad_ptr = s.rowptr.clone()
+    bad_ptr[2] = bad_ptr[3] + 1
+    with pytest.raises(ValueError, match="non-decreasing"):
+        pysparse.ops.spmm(bad_ptr, s.col, values, xt)
+    bad_ptr = s.rowptr.clone()
+    bad_ptr[-1] += 5
+    with pytest.raises(ValueError, match="end at nnz"):
+        torch.ops.pysparse.spmm.default(bad_ptr, s.col, values, xt, None, None, None, None)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr.long(), s.col, v, x), TypeError, "rowptr must be int32"),
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col.long(), v, x), TypeError, "col must be int16 or int32"),
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v[:-1], x), ValueError, "one entry per column index"),
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v, x.double()), TypeError, "xt has dtype"),
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v, x[0]), ValueError, "xt must be 2-D"),
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v, x, bias=torch.randn(2)), ValueError, "bias must have"),
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v, x, transposed=(s.t_rowptr, None, None)), ValueError,
+     "give all of"),
+    (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v.int(), x.int()), TypeError, "values must be float"),
+    (lambda v, s, x: pysparse.ops.sddmm(s.rowptr, s.col, torch.randn(5, 4), x), ValueError, "a has 5 rows"),
+    (lambda v, s, x: pysparse.ops.sddmm(s.rowptr, s.col, torch.randn(6, 3), x), ValueError, "same number of columns"),
+])
+def test_bad_input(call, exc, match):
+    values, s, xt, _ = _problem(6, 8, 4, 0.6, torch.float32, "cpu", 2)
+    with pytest.raises(exc, match=match):
+        call(values, s, xt)
