@@ -32,8 +32,10 @@ TORCH_LIBRARY(pysparse, m) {
   // values [nnz]) and xt [K, B] dense (activations transposed: the batch is the contiguous dimension).
   // Accumulates in float32 (float64 for float64). The t_* arguments are W's transposed structure (CSR of W^T:
   // rowptr over columns, row indices, and the permutation from CSR to CSC order); only the backward uses them.
+  // value_perm (int32), when given, says where each stored position's value is: values[value_perm[j]] (the
+  // backward multiplies by W^T through the transposed structure without permuting the values first).
   m.def("spmm(Tensor rowptr, Tensor col, Tensor values, Tensor xt, Tensor? bias=None, Tensor? t_rowptr=None, "
-        "Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
+        "Tensor? t_col=None, Tensor? t_perm=None, Tensor? value_perm=None) -> Tensor");
   // Sampled dense-dense product: out[j] = dot(a[row(j), :], b[col(j), :]) for every stored position j of the
   // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");

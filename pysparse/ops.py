@@ -276,7 +276,7 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, xt: torc
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
     _check_kernel("spmm", values.device, "values")
-    return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+    return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm, None)
 
 
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -323,7 +323,7 @@ def _apply_mask_fake(mask, tensors):
 
 
 @torch.library.register_fake("pysparse::spmm")
-def _spmm_fake(rowptr, col, values, xt, bias=None, t_rowptr=None, t_col=None, t_perm=None):
+def _spmm_fake(rowptr, col, values, xt, bias=None, t_rowptr=None, t_col=None, t_perm=None, value_perm=None):
     _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
     return xt.new_empty((rowptr.shape[0] - 1, xt.shape[1]))
 
@@ -370,7 +370,9 @@ torch.library.register_autograd("pysparse::saliency", _saliency_backward, setup_
 # Autograd: spmm is differentiable in values (sddmm), xt (spmm with the transposed structure) and bias
 # ---------------------------------------------------------------------------------------------------------
 def _spmm_setup_context(ctx, inputs, output):
-    rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm = inputs
+    rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm, value_perm = inputs
+    if value_perm is not None:
+        raise RuntimeError("spmm: value_perm is for the backward pass only; it has no gradient")
     ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
 
 
@@ -385,11 +387,11 @@ def _spmm_backward(ctx, gyt):
         if t_rowptr is None:
             raise RuntimeError("spmm: the gradient with respect to xt needs the transposed structure: pass "
                                "transposed=(t_rowptr, t_col, t_perm)")
-        dxt = torch.ops.pysparse.spmm.default(t_rowptr, t_col, values.index_select(0, t_perm), gyt,
-                                              None, None, None, None)
+        dxt = torch.ops.pysparse.spmm.default(t_rowptr, t_col, values, gyt, None, None, None, None,
+                                              t_perm.to(torch.int32))
     if needs[4]:
         dbias = gyt.sum(1)
-    return None, None, dvalues, dxt, dbias, None, None, None
+    return None, None, dvalues, dxt, dbias, None, None, None, None
 
 
 torch.library.register_autograd("pysparse::spmm", _spmm_backward, setup_context=_spmm_setup_context)

@@ -105,6 +105,13 @@ def test_tampered_structure_raises_not_crashes():
     bad_col[0] = -3
     with pytest.raises(ValueError, match="column index is outside"):
         pysparse.ops.sddmm(s.rowptr, bad_col, torch.randn(6, 4), xt)
+    # batch 1 with long rows: the vectorised (gather) matrix-vector path checks its indices too
+    v1, s1, x1, _ = _problem(3, 100, 1, 1.0, torch.float32, "cpu", 2)
+    for bad in (100, -1, 32767):
+        col1 = s1.col.clone()
+        col1[40] = bad
+        with pytest.raises(ValueError, match="column index is outside"):
+            pysparse.ops.spmm(s1.rowptr, col1, v1, x1)
     bad_ptr = s.rowptr.clone()
     bad_ptr[2] = bad_ptr[3] + 1
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -112,7 +119,13 @@ def test_tampered_structure_raises_not_crashes():
     bad_ptr = s.rowptr.clone()
     bad_ptr[-1] += 5
     with pytest.raises(ValueError, match="end at nnz"):
-        torch.ops.pysparse.spmm.default(bad_ptr, s.col, values, xt, None, None, None, None)
+        torch.ops.pysparse.spmm.default(bad_ptr, s.col, values, xt, None, None, None, None, None)
+    bad_perm = s.t_perm.clone()
+    bad_perm[1] = 10_000
+    for batch in (1, 4):
+        with pytest.raises(ValueError, match="value_perm entry outside"):
+            torch.ops.pysparse.spmm.default(s.t_rowptr, s.t_col, values, torch.randn(6, batch), None, None, None,
+                                            None, bad_perm)
 
 
 @pytest.mark.parametrize("call, exc, match", [

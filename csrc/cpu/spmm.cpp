@@ -1,22 +1,27 @@
 // Sparse matmul, CPU: spmm (CSR x dense) and sddmm (its gradient with respect to the stored values).
 //
 // Layout: activations are transposed, [features, batch], so that every stored weight multiplies a contiguous
-// run of the batch (a vectorised AXPY) and every sampled dot product reads two contiguous rows. The batch is
-// cut into tiles of kTile so that the tile of xt that a thread sweeps stays in L2; rows are split between
-// threads by stored count, not by row count.
+// run of the batch (a vectorised AXPY) and every sampled dot product reads two contiguous rows. For float32,
+// float16 and bfloat16 the batch is repacked once into float32 panels of T columns (tile-major, zero-padded):
+// a panel is contiguous, sized to stay in L2 while a thread sweeps its rows, and its rows are whole vectors,
+// so the accumulators live in registers. Rows are split between threads by stored count, not by row count.
+// float64 (used for gradcheck) takes a plain loop.
 #include <ATen/OpMathType.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
+#include <vector>
 
 #include "../common.h"
 
 namespace pysparse {
 namespace {
-
-constexpr int64_t kTile = 32;
 
 // Rows [first, last) of part `part` of `parts`, with about the same number of stored values in each part.
 inline std::pair<int64_t, int64_t> row_range(const int32_t* rowptr, int64_t rows, int64_t part, int64_t parts) {
@@ -39,38 +44,78 @@ void check_rowptr_cpu(const at::Tensor& rowptr, int64_t nnz, const char* op) {
     TORCH_CHECK_VALUE(rp[r] <= rp[r + 1], op, ": rowptr must be non-decreasing (row ", r, ")");
 }
 
-template <typename index_t, typename scalar_t>
-void spmm_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* xt,
+// 16 float32 lanes: one AVX-512 register, or two AVX2 / four SSE registers where the build targets those.
+typedef float vfloat __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// xt [K, B] -> float32 panels [ntiles, K, T], zero-padded past B.
+template <typename scalar_t>
+at::Tensor pack_panels(const at::Tensor& xt, int64_t T) {
+  const int64_t K = xt.size(0), B = xt.size(1), ntiles = (B + T - 1) / T;
+  at::Tensor packed = at::empty({ntiles, K, T}, xt.options().dtype(at::kFloat));
+  const scalar_t* src = xt.const_data_ptr<scalar_t>();
+  float* dst = packed.mutable_data_ptr<float>();
+  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t b0 = t * T, bt = std::min(T, B - b0);
+      for (int64_t k = k0; k < k1; ++k) {
+        float* d = dst + (t * K + k) * T;
+        const scalar_t* s = src + k * B + b0;
+        for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b]);
+        for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
+      }
+    }
+  });
+  return packed;
+}
+
+// Panel width, 16, 32 or 64 columns (the widths spmm_panels is built for): as wide as the batch needs (more
+// work per stored weight), narrowed while a panel would not fit in ~512 KB of L2.
+inline int64_t panel_width(int64_t K, int64_t B) {
+  int64_t T = B <= 16 ? 16 : (B <= 32 ? 32 : 64);
+  while (T > kLanes && K * T * 4 > (int64_t{512} << 10)) T /= 2;
+  return T;
+}
+
+template <int V, typename index_t, typename scalar_t>
+void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* packed,
                  const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
-  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t T = V * kLanes;
+  const int64_t ntiles = (B + T - 1) / T;
   const int64_t parts = std::min<int64_t>(rows, at::get_num_threads());
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t part = pb; part < pe; ++part) {
       const auto [r0, r1] = row_range(rowptr, rows, part, parts);
       bool local_bad = false;
-      for (int64_t b0 = 0; b0 < B; b0 += kTile) {
-        const int64_t bt = std::min(kTile, B - b0);
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const float* panel = packed + t * K * T;
+        const int64_t b0 = t * T, bt = std::min(T, B - b0);
         for (int64_t r = r0; r < r1; ++r) {
-          acc_t acc[kTile];
-          const acc_t init = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
-          for (int64_t b = 0; b < kTile; ++b) acc[b] = init;
+          vfloat acc[V];
+          const float init = bias ? static_cast<float>(bias[r]) : 0.f;
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[v] = vfloat{} + init;
           for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
             const int64_t c = col[j];
-            if (c < 0 || c >= K) {
+            if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
               local_bad = true;
               continue;
             }
-            const acc_t v = static_cast<acc_t>(values[j]);
-            const scalar_t* x = xt + c * B + b0;
-            if (bt == kTile) {
-#pragma omp simd
-              for (int64_t b = 0; b < kTile; ++b) acc[b] += v * static_cast<acc_t>(x[b]);
-            } else {
-              for (int64_t b = 0; b < bt; ++b) acc[b] += v * static_cast<acc_t>(x[b]);
-            }
+            const float w = static_cast<float>(values[j]);
+            const float* x = panel + c * T;
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) acc[v] += w * vload(x + v * kLanes);
           }
+          float out[T];
+          __builtin_memcpy(out, acc, sizeof(out));
           scalar_t* y = yt + r * B + b0;
-          for (int64_t b = 0; b < bt; ++b) y[b] = static_cast<scalar_t>(acc[b]);
+          for (int64_t b = 0; b < bt; ++b) y[b] = static_cast<scalar_t>(out[b]);
         }
       }
       if (local_bad) bad = true;
@@ -78,7 +123,62 @@ void spmm_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   });
 }
 
-// One output row at a time for B == 1 (a sparse matrix-vector product): the tile loop would waste its lanes.
+// A plain loop, for float64 (gradcheck's dtype; speed is not its point).
+template <typename index_t, typename scalar_t>
+void spmm_plain(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* xt,
+                const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    bool local_bad = false;
+    std::vector<acc_t> acc(B);
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(acc.begin(), acc.end(), bias ? static_cast<acc_t>(bias[r]) : acc_t(0));
+      for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+        const int64_t c = col[j];
+        if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
+          local_bad = true;
+          continue;
+        }
+        const acc_t w = static_cast<acc_t>(values[j]);
+        for (int64_t b = 0; b < B; ++b) acc[b] += w * static_cast<acc_t>(xt[c * B + b]);
+      }
+      for (int64_t b = 0; b < B; ++b) yt[r * B + b] = static_cast<scalar_t>(acc[b]);
+    }
+    if (local_bad) bad = true;
+  });
+}
+
+#ifdef __AVX512F__
+// 16 column indices as int32 lanes.
+inline __m512i load_index16(const int16_t* p) {
+  return _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512i load_index16(const int32_t* p) { return _mm512_loadu_si512(p); }
+
+// sum_j values[j] * x[col[j]] over [j0, j1) for float32, 16 lanes at a time with masked gathers: indices
+// outside [0, K) are not loaded, and counted in `outside`. Returns the partial sum of the full blocks and
+// advances j0 past them.
+template <typename index_t>
+inline float spmv_row_avx512(const index_t* col, const float* values, const float* x, int64_t& j0, int64_t j1,
+                             int64_t K, int64_t& outside) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const __m512i bound = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
+  int64_t j = j0;
+  for (; j + 32 <= j1; j += 32) {
+    const __m512i i0 = load_index16(col + j), i1 = load_index16(col + j + 16);
+    const __mmask16 ok0 = _mm512_cmplt_epu32_mask(i0, bound), ok1 = _mm512_cmplt_epu32_mask(i1, bound);
+    outside += 32 - __builtin_popcount(ok0) - __builtin_popcount(ok1);
+    const __m512 x0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok0, i0, x, 4);
+    const __m512 x1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok1, i1, x, 4);
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + j), x0, acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + j + 16), x1, acc1);
+  }
+  j0 = j;
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
+// B == 1, a sparse matrix-vector product: per row, a vectorised gather-multiply-reduce.
 template <typename index_t, typename scalar_t>
 void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* x,
                  const scalar_t* bias, scalar_t* y, int64_t rows, int64_t K, std::atomic<bool>& bad) {
@@ -87,22 +187,57 @@ void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t part = pb; part < pe; ++part) {
       const auto [r0, r1] = row_range(rowptr, rows, part, parts);
-      bool local_bad = false;
+      int64_t outside = 0;
       for (int64_t r = r0; r < r1; ++r) {
-        acc_t acc = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
-        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
-          const int64_t c = col[j];
-          if (c < 0 || c >= K) {
-            local_bad = true;
-            continue;
+        // Four independent chains: one chain would wait on each add's latency.
+        acc_t acc[4] = {bias ? static_cast<acc_t>(bias[r]) : acc_t(0), 0, 0, 0};
+        int64_t j = rowptr[r];
+        const int64_t j1 = rowptr[r + 1];
+#ifdef __AVX512F__
+        if constexpr (std::is_same_v<scalar_t, float>) acc[1] = spmv_row_avx512(col, values, x, j, j1, K, outside);
+#endif
+        for (; j + 4 <= j1; j += 4) {
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {
+            const uint32_t c = static_cast<uint32_t>(static_cast<int32_t>(col[j + u]));
+            const bool ok = c < static_cast<uint32_t>(K);
+            outside += !ok;
+            if (ok) acc[u] += static_cast<acc_t>(values[j + u]) * static_cast<acc_t>(x[c]);
           }
-          acc += static_cast<acc_t>(values[j]) * static_cast<acc_t>(x[c]);
         }
-        y[r] = static_cast<scalar_t>(acc);
+        for (; j < j1; ++j) {
+          const uint32_t c = static_cast<uint32_t>(static_cast<int32_t>(col[j]));
+          const bool ok = c < static_cast<uint32_t>(K);
+          outside += !ok;
+          if (ok) acc[0] += static_cast<acc_t>(values[j]) * static_cast<acc_t>(x[c]);
+        }
+        y[r] = static_cast<scalar_t>((acc[0] + acc[1]) + (acc[2] + acc[3]));
       }
-      if (local_bad) bad = true;
+      if (outside) bad = true;
     }
   });
+}
+
+// values[perm[j]] for every j, in one parallel pass (the loads of a pass overlap; an indirection inside the
+// kernels would put a dependent load in front of every multiply). Entries of perm outside [0, nnz) flag bad.
+template <typename scalar_t>
+at::Tensor gather_values(const at::Tensor& values, const at::Tensor& perm, std::atomic<bool>& bad) {
+  at::Tensor out = at::empty_like(values);
+  const scalar_t* v = values.const_data_ptr<scalar_t>();
+  const int32_t* p = perm.const_data_ptr<int32_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const int64_t n = values.numel();
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
+    int64_t outside = 0;
+    for (int64_t j = b; j < e; ++j) {
+      const uint32_t pj = static_cast<uint32_t>(p[j]);
+      const bool ok = pj < static_cast<uint64_t>(n);
+      outside += !ok;
+      o[j] = ok ? v[pj] : scalar_t(0);
+    }
+    if (outside) bad = true;
+  });
+  return out;
 }
 
 void check_dense(const at::Tensor& t, const at::Tensor& values, const char* op, const char* name) {
@@ -127,7 +262,8 @@ void check_dense(const at::Tensor& t, const at::Tensor& values, const char* op, 
 
 at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& xt,
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>& value_perm) {
   check_csr(rowptr, col, values, "spmm");
   check_dense(xt, values, "spmm", "xt");
   TORCH_CHECK_VALUE(values.device().is_cpu(), "spmm: tensors must be on the CPU for the CPU kernel");
@@ -140,6 +276,14 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::T
     TORCH_CHECK_VALUE(bias->device() == values.device(), "spmm: bias is on another device than values");
   }
   check_rowptr_cpu(rowptr, values.numel(), "spmm");
+  const bool permuted = value_perm.has_value() && value_perm->defined();
+  if (permuted) {
+    TORCH_CHECK_TYPE(value_perm->scalar_type() == at::kInt, "spmm: value_perm must be int32, got ",
+                     value_perm->scalar_type());
+    TORCH_CHECK_VALUE(value_perm->dim() == 1 && value_perm->numel() == values.numel() && value_perm->is_contiguous() &&
+                          value_perm->device() == values.device(),
+                      "spmm: value_perm must be a contiguous 1-D int32 tensor with one entry per stored value");
+  }
   const at::Tensor x = xt.contiguous();
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor yt = at::empty({rows, B}, x.options());
@@ -148,48 +292,106 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_cpu", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "spmm_cpu", [&] {
       const scalar_t* bp = bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr;
+      const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+      const index_t* cp = col.const_data_ptr<index_t>();
+      const at::Tensor vals = permuted ? gather_values<scalar_t>(values, *value_perm, bad) : values;
+      const scalar_t* vp = vals.const_data_ptr<scalar_t>();
+      scalar_t* yp = yt.mutable_data_ptr<scalar_t>();
       if (B == 1) {
-        spmv_kernel<index_t, scalar_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                       values.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), bp,
-                                       yt.mutable_data_ptr<scalar_t>(), rows, K, bad);
+        spmv_kernel<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, bad);
+      } else if (std::is_same_v<scalar_t, double>) {
+        spmm_plain<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, B, bad);
       } else {
-        spmm_kernel<index_t, scalar_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                       values.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), bp,
-                                       yt.mutable_data_ptr<scalar_t>(), rows, K, B, bad);
+        const int64_t T = panel_width(K, B);
+        const at::Tensor packed = pack_panels<scalar_t>(x, T);
+        const float* pp = packed.const_data_ptr<float>();
+        switch (T) {
+          case 16: spmm_panels<1, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad); break;
+          case 32: spmm_panels<2, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad); break;
+          case 64: spmm_panels<4, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad); break;
+          default: TORCH_CHECK(false, "spmm: internal error, panel width ", T);
+        }
       }
     });
   });
-  TORCH_CHECK_VALUE(!bad, "spmm: a column index is outside [0, ", K, ")");
+  TORCH_CHECK_VALUE(!bad, "spmm: a column index is outside [0, ", K, ")", permuted ? " or a value_perm entry outside [0, nnz)" : "");
   return yt;
 }
 
-template <typename index_t, typename scalar_t>
-void sddmm_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* a, const scalar_t* b, scalar_t* out,
+inline float hsum(vfloat v) {
+#ifdef __AVX512F__
+  __m512 m;
+  __builtin_memcpy(&m, &v, sizeof(m));
+  return _mm512_reduce_add_ps(m);
+#else
+  float lanes[kLanes];
+  __builtin_memcpy(lanes, &v, sizeof(lanes));
+  float total = 0.f;
+  for (int64_t i = 0; i < kLanes; ++i) total += lanes[i];
+  return total;
+#endif
+}
+
+// float32 / float16 / bfloat16: a and b packed into the same panels as spmm; per panel, the row's panel of a
+// stays in registers and each stored position costs V multiply-adds and one horizontal sum. Partial sums
+// over panels accumulate in float32.
+template <int V, typename index_t>
+void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, const float* pb, float* out,
                   int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
-  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t T = V * kLanes;
+  const int64_t ntiles = (B + T - 1) / T;
   const int64_t parts = std::min<int64_t>(rows, at::get_num_threads());
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
+  at::parallel_for(0, parts, 1, [&](int64_t pb_, int64_t pe) {
+    for (int64_t part = pb_; part < pe; ++part) {
       const auto [r0, r1] = row_range(rowptr, rows, part, parts);
       bool local_bad = false;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* ar = a + r * B;
-        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
-          const int64_t c = col[j];
-          if (c < 0 || c >= K) {
-            local_bad = true;
-            out[j] = scalar_t(0);
-            continue;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const float* panel_a = pa + t * rows * T;
+        const float* panel_b = pb + t * K * T;
+        for (int64_t r = r0; r < r1; ++r) {
+          vfloat ar[V];
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) ar[v] = vload(panel_a + r * T + v * kLanes);
+          for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+            const int64_t c = col[j];
+            if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
+              local_bad = true;
+              continue;
+            }
+            const float* x = panel_b + c * T;
+            vfloat acc = ar[0] * vload(x);
+#pragma GCC unroll 4
+            for (int v = 1; v < V; ++v) acc += ar[v] * vload(x + v * kLanes);
+            out[j] = (t == 0 ? 0.f : out[j]) + hsum(acc);
           }
-          const scalar_t* bc = b + c * B;
-          acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < B; ++i) acc += static_cast<acc_t>(ar[i]) * static_cast<acc_t>(bc[i]);
-          out[j] = static_cast<scalar_t>(acc);
         }
       }
       if (local_bad) bad = true;
     }
+  });
+}
+
+// float64: a plain dot product per stored position.
+template <typename index_t, typename scalar_t>
+void sddmm_plain(const int32_t* rowptr, const index_t* col, const scalar_t* a, const scalar_t* b, scalar_t* out,
+                 int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    bool local_bad = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+        const int64_t c = col[j];
+        if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
+          local_bad = true;
+          out[j] = scalar_t(0);
+          continue;
+        }
+        acc_t acc = 0;
+        for (int64_t i = 0; i < B; ++i) acc += static_cast<acc_t>(a[r * B + i]) * static_cast<acc_t>(b[c * B + i]);
+        out[j] = static_cast<scalar_t>(acc);
+      }
+    }
+    if (local_bad) bad = true;
   });
 }
 
@@ -211,12 +413,28 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   at::Tensor out = at::empty({col.numel()}, a.options());
   if (col.numel() == 0) return out;
+  if (B == 0) return out.zero_();
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sddmm_cpu", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "sddmm_cpu", [&] {
-      sddmm_kernel<index_t, scalar_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                      ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
-                                      out.mutable_data_ptr<scalar_t>(), rows, K, B, bad);
+      const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+      const index_t* cp = col.const_data_ptr<index_t>();
+      if (std::is_same_v<scalar_t, double>) {
+        sddmm_plain<index_t, scalar_t>(rp, cp, ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
+                                       out.mutable_data_ptr<scalar_t>(), rows, K, B, bad);
+        return;
+      }
+      const int64_t T = panel_width(std::max(rows, K), B);
+      const at::Tensor pa = pack_panels<scalar_t>(ac, T), pb = pack_panels<scalar_t>(bc, T);
+      at::Tensor out_f = out.scalar_type() == at::kFloat ? out : at::empty({col.numel()}, a.options().dtype(at::kFloat));
+      float* op = out_f.mutable_data_ptr<float>();
+      switch (T) {
+        case 16: sddmm_panels<1, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad); break;
+        case 32: sddmm_panels<2, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad); break;
+        case 64: sddmm_panels<4, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad); break;
+        default: TORCH_CHECK(false, "sddmm: internal error, panel width ", T);
+      }
+      if (!out_f.is_same(out)) out.copy_(out_f);
     });
   });
   TORCH_CHECK_VALUE(!bad, "sddmm: a column index is outside [0, ", K, ")");
