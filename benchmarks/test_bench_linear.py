@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 import pysparse
-from pysparse.testing import DEVICES
+from pysparse.testing import devices_for
 
 from _util import run
 
 N = 4096
+DEVICES = devices_for("spmm", "sddmm")
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 BATCHES = [1, 16, 256]
 

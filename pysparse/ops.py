@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._extension import has_kernel
+from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
            "sddmm"]
@@ -39,11 +39,12 @@ def _check_float(t, name: str) -> None:
 
 
 def _check_kernel(op: str, device: torch.device, name: str) -> None:
-    if device.type == "meta":
+    if device.type == "meta" or has_kernel(op, device.type):
         return
-    if not has_kernel(op, device.type):
-        built = "without CUDA kernels (rebuild with FORCE_CUDA=1)" if device.type == "cuda" else "for this device"
-        raise RuntimeError(f"pysparse.{op}: {name} is on {device}, but pysparse was built {built}")
+    if device.type == "cuda" and cuda_built():
+        raise NotImplementedError(f"pysparse.{op}: {name} is on {device}, but {op} has no CUDA kernel yet")
+    built = "without CUDA kernels (rebuild with FORCE_CUDA=1)" if device.type == "cuda" else "for this device"
+    raise RuntimeError(f"pysparse.{op}: {name} is on {device}, but pysparse was built {built}")
 
 
 def _check_number(x, name: str, *, integer: bool = False) -> None:

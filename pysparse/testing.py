@@ -13,6 +13,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                               pytest.mark.skipif(not pysparse.cuda_usable(), reason=_cuda_reason)])]
 
 
+def devices_for(*ops: str) -> list:
+    """DEVICES, with the CUDA case skipped (and saying why) while one of `ops` has no CUDA kernel yet."""
+    missing = [op for op in ops if not pysparse._extension.has_kernel(op, "cuda")]
+    if not missing or not pysparse.cuda_built():
+        return DEVICES
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip(
+        reason=f"no CUDA kernel yet for {', '.join(missing)}")])]
+
+
 def make(shape, dtype=torch.float32, device="cpu", *, noncontig=False, gen=None, ties=False):
     """A random tensor of `shape`; with noncontig a strided view (every other element of a wider tensor);
     with ties, values drawn from a handful of levels (including -0.0 and 0.0) so that many are equal."""

@@ -25,3 +25,10 @@ def test_cuda_tensor_without_cuda_kernels_is_a_clear_error(monkeypatch):
     import pytest
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
         pysparse.ops._check_kernel("saliency", torch.device("cuda"), "weight")
+
+
+def test_cuda_built_but_op_without_cuda_kernel_says_so(monkeypatch):
+    monkeypatch.setattr(pysparse._extension, "_KERNELS", frozenset({("saliency", "cuda"), ("spmm", "cpu")}))
+    import pytest
+    with pytest.raises(NotImplementedError, match="spmm has no CUDA kernel yet"):
+        pysparse.ops._check_kernel("spmm", torch.device("cuda"), "values")
