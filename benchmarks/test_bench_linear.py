@@ -10,7 +10,7 @@ from pysparse.testing import devices_for
 from _util import run
 
 N = 4096
-DEVICES = devices_for("spmm", "sddmm")
+DEVICES = devices_for("spmm", "spmm_t", "sddmm")
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 BATCHES = [1, 16, 256]
 

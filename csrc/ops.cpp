@@ -31,11 +31,16 @@ TORCH_LIBRARY(pysparse, m) {
   // Sparse x dense: yt = W @ xt (+ bias[:, None]) with W in CSR (rowptr int32 [R+1], col int16/int32 [nnz],
   // values [nnz]) and xt [K, B] dense (activations transposed: the batch is the contiguous dimension).
   // Accumulates in float32 (float64 for float64). The t_* arguments are W's transposed structure (CSR of W^T:
-  // rowptr over columns, row indices, and the permutation from CSR to CSC order); only the backward uses them.
-  // value_perm (int32), when given, says where each stored position's value is: values[value_perm[j]] (the
-  // backward multiplies by W^T through the transposed structure without permuting the values first).
+  // rowptr over columns, row indices, and the permutation from CSR to CSC order); only the backward uses them,
+  // passing them on to spmm_t.
   m.def("spmm(Tensor rowptr, Tensor col, Tensor values, Tensor xt, Tensor? bias=None, Tensor? t_rowptr=None, "
-        "Tensor? t_col=None, Tensor? t_perm=None, Tensor? value_perm=None) -> Tensor");
+        "Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
+  // Transposed product: W^T @ yt with W given by its CSR (rowptr, col, values), yt [R, B] -> [n_cols, B].
+  // The CPU kernel scatters from the CSR into per-thread accumulators for small batches and otherwise, when
+  // given W^T's structure (t_rowptr, t_col, t_perm), permutes the values once and multiplies through it; the
+  // CUDA kernel always takes the second way and needs the transposed structure.
+  m.def("spmm_t(Tensor rowptr, Tensor col, Tensor values, Tensor yt, int n_cols, Tensor? t_rowptr=None, "
+        "Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
   // Sampled dense-dense product: out[j] = dot(a[row(j), :], b[col(j), :]) for every stored position j of the
   // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");

@@ -16,7 +16,7 @@ import torch
 from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
-           "sddmm"]
+           "spmm_t", "sddmm"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -148,6 +148,19 @@ def _check_csr(rowptr, col, values, op: str) -> None:
         raise ValueError(f"{op}: values is on {values.device} but the structure is on {col.device}")
 
 
+def _check_transposed(t_rowptr, t_col, t_perm, values, n_cols: int, op: str) -> None:
+    given = [t is not None for t in (t_rowptr, t_col, t_perm)]
+    if any(given) and not all(given):
+        raise ValueError(f"{op}: give all of t_rowptr, t_col and t_perm (the transposed structure), or none")
+    if all(given):
+        _check_csr(t_rowptr, t_col, values, f"{op} (transposed structure)")
+        if t_rowptr.shape[0] - 1 != n_cols:
+            raise ValueError(f"{op}: t_rowptr has {t_rowptr.shape[0] - 1} rows but W has {n_cols} columns")
+        _check_tensor(t_perm, "t_perm")
+        if t_perm.shape != values.shape or t_perm.dtype != torch.int32:
+            raise ValueError(f"{op}: t_perm must be an int32 permutation of the stored values")
+
+
 def _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm) -> None:
     _check_csr(rowptr, col, values, "spmm")
     _check_tensor(xt, "xt")
@@ -163,16 +176,20 @@ def _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm) -> None:
             raise ValueError(f"spmm: bias must have shape ({rowptr.shape[0] - 1},), got {tuple(bias.shape)}")
         if bias.dtype != values.dtype or bias.device != values.device:
             raise TypeError(f"spmm: bias must have values' dtype and device ({values.dtype}, {values.device})")
-    given = [t is not None for t in (t_rowptr, t_col, t_perm)]
-    if any(given) and not all(given):
-        raise ValueError("spmm: give all of t_rowptr, t_col and t_perm (the transposed structure), or none")
-    if all(given):
-        _check_csr(t_rowptr, t_col, values, "spmm (transposed structure)")
-        if t_rowptr.shape[0] - 1 != xt.shape[0]:
-            raise ValueError(f"spmm: t_rowptr has {t_rowptr.shape[0] - 1} rows but xt has {xt.shape[0]}")
-        _check_tensor(t_perm, "t_perm")
-        if t_perm.shape != values.shape or t_perm.dtype not in (torch.int32, torch.int64):
-            raise ValueError("spmm: t_perm must be an int32/int64 permutation of the stored values")
+    _check_transposed(t_rowptr, t_col, t_perm, values, xt.shape[0], "spmm")
+
+
+def _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm) -> None:
+    _check_csr(rowptr, col, values, "spmm_t")
+    _check_tensor(yt, "yt")
+    _check_number(n_cols, "n_cols", integer=True)
+    if n_cols < 0:
+        raise ValueError(f"spmm_t: n_cols must be >= 0, got {n_cols}")
+    if yt.dim() != 2 or yt.shape[0] != rowptr.shape[0] - 1:
+        raise ValueError(f"spmm_t: yt must be 2-D with {rowptr.shape[0] - 1} rows, got shape {tuple(yt.shape)}")
+    if yt.dtype != values.dtype or yt.device != values.device:
+        raise TypeError(f"spmm_t: yt must have values' dtype and device ({values.dtype}, {values.device})")
+    _check_transposed(t_rowptr, t_col, t_perm, values, n_cols, "spmm_t")
 
 
 def _check_sddmm(rowptr, col, a, b) -> None:
@@ -271,13 +288,25 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, xt: torc
     """``W @ xt (+ bias[:, None])`` with W in CSR (``rowptr`` int32, ``col`` int16/int32, ``values``) and ``xt``
     the activations transposed, ``[in_features, batch]``. Returns ``[rows, batch]``, accumulated in float32.
 
-    Differentiable in ``values``, ``xt`` and ``bias``; the gradient of ``xt`` needs ``transposed``, W's
-    transposed structure ``(t_rowptr, t_col, t_perm)`` from :func:`pysparse.csr.transpose`.
+    Differentiable in ``values``, ``xt`` and ``bias``. ``transposed``, W's transposed structure
+    ``(t_rowptr, t_col, t_perm)`` (:func:`pysparse.csr.structure`), is what the CUDA backward needs for the
+    gradient of ``xt``; the CPU backward does without.
     """
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
     _check_kernel("spmm", values.device, "values")
-    return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm, None)
+    return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+
+
+def spmm_t(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, yt: torch.Tensor, n_cols: int, *,
+           transposed: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """``W.T @ yt`` with W in CSR of ``n_cols`` columns: ``[n_cols, batch]`` (the input gradient of spmm).
+    ``transposed`` is W's transposed structure: CUDA needs it; the CPU uses it for batches above 32 (below,
+    it scatters from W's CSR, which is faster there)."""
+    t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
+    _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm)
+    _check_kernel("spmm_t", values.device, "values")
+    return torch.ops.pysparse.spmm_t.default(rowptr, col, values, yt, int(n_cols), t_rowptr, t_col, t_perm)
 
 
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -324,9 +353,15 @@ def _apply_mask_fake(mask, tensors):
 
 
 @torch.library.register_fake("pysparse::spmm")
-def _spmm_fake(rowptr, col, values, xt, bias=None, t_rowptr=None, t_col=None, t_perm=None, value_perm=None):
+def _spmm_fake(rowptr, col, values, xt, bias=None, t_rowptr=None, t_col=None, t_perm=None):
     _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
     return xt.new_empty((rowptr.shape[0] - 1, xt.shape[1]))
+
+
+@torch.library.register_fake("pysparse::spmm_t")
+def _spmm_t_fake(rowptr, col, values, yt, n_cols, t_rowptr=None, t_col=None, t_perm=None):
+    _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm)
+    return yt.new_empty((n_cols, yt.shape[1]))
 
 
 @torch.library.register_fake("pysparse::sddmm")
@@ -338,6 +373,12 @@ def _sddmm_fake(rowptr, col, a, b):
 # ---------------------------------------------------------------------------------------------------------
 # Autograd: saliency is differentiable in weight, grad and hessian
 # ---------------------------------------------------------------------------------------------------------
+def _needs_input_grad(ctx, n_inputs: int) -> tuple:
+    """ctx.needs_input_grad padded to the schema's n_inputs: torch leaves out trailing arguments that were None."""
+    needs = tuple(ctx.needs_input_grad)
+    return needs + (False,) * (n_inputs - len(needs))
+
+
 def _saliency_setup_context(ctx, inputs, output):
     weight, method, grad, hessian = inputs
     ctx.method = method
@@ -358,7 +399,7 @@ def _saliency_backward(ctx, dout):
         dw, dg = dout * sign * g, dout * sign * w
     else:
         dw, dh = dout * hessian.float() * w, 0.5 * dout * w * w
-    needs = ctx.needs_input_grad
+    needs = _needs_input_grad(ctx, 4)
     return (dw.to(weight.dtype) if dw is not None and needs[0] else None, None,
             dg.to(grad.dtype) if dg is not None and needs[2] else None,
             dh.to(hessian.dtype) if dh is not None and needs[3] else None)
@@ -368,31 +409,25 @@ torch.library.register_autograd("pysparse::saliency", _saliency_backward, setup_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Autograd: spmm is differentiable in values (sddmm), xt (spmm with the transposed structure) and bias
+# Autograd: spmm is differentiable in values (sddmm), xt (spmm_t) and bias
 # ---------------------------------------------------------------------------------------------------------
 def _spmm_setup_context(ctx, inputs, output):
-    rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm, value_perm = inputs
-    if value_perm is not None:
-        raise RuntimeError("spmm: value_perm is for the backward pass only; it has no gradient")
+    rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm = inputs
     ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
 
 
 def _spmm_backward(ctx, gyt):
     rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = _needs_input_grad(ctx, 8)
     gyt = gyt.contiguous()
     dvalues = dxt = dbias = None
     if needs[2]:
         dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
     if needs[3]:
-        if t_rowptr is None:
-            raise RuntimeError("spmm: the gradient with respect to xt needs the transposed structure: pass "
-                               "transposed=(t_rowptr, t_col, t_perm)")
-        dxt = torch.ops.pysparse.spmm.default(t_rowptr, t_col, values, gyt, None, None, None, None,
-                                              t_perm.to(torch.int32))
+        dxt = torch.ops.pysparse.spmm_t.default(rowptr, col, values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gyt.sum(1)
-    return None, None, dvalues, dxt, dbias, None, None, None, None
+    return None, None, dvalues, dxt, dbias, None, None, None
 
 
 torch.library.register_autograd("pysparse::spmm", _spmm_backward, setup_context=_spmm_setup_context)

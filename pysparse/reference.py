@@ -69,6 +69,11 @@ def spmm(rowptr, col, values, xt, *, bias=None, transposed=None) -> torch.Tensor
     return out.to(values.dtype)
 
 
+def spmm_t(rowptr, col, values, yt, n_cols, *, transposed=None) -> torch.Tensor:
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    return (csr_to_dense(rowptr, col, values.to(acc), n_cols).t() @ yt.to(acc)).to(values.dtype)
+
+
 def sddmm(rowptr, col, a, b) -> torch.Tensor:
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=a.device), rowptr.diff().long())

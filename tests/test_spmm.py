@@ -6,7 +6,7 @@ import pysparse
 from pysparse import csr, reference
 from pysparse.testing import devices_for
 
-DEVICES = devices_for("spmm", "sddmm")
+DEVICES = devices_for("spmm", "spmm_t", "sddmm")
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -73,11 +73,29 @@ def test_gradcheck_fp64(device):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_xt_grad_needs_transposed_structure():
-    values, s, xt, _ = _problem(4, 5, 3, 0.5, torch.float32, "cpu", 0)
-    y = pysparse.ops.spmm(s.rowptr, s.col, values, xt.requires_grad_())
-    with pytest.raises(RuntimeError, match="needs the transposed structure"):
-        y.sum().backward()
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 60), cols=st.integers(0, 60), batch=st.sampled_from([0, 1, 2, 16, 17, 33, 64, 70]),
+       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed):
+    values, s, _, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
+    yt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 2)).to(device, dtype)
+    want = reference.spmm_t(s.rowptr, s.col, values, yt, cols)
+    for transposed in (s.transposed(), None):  # both CPU ways: through W^T's structure and the scatter
+        if transposed is None and device == "cuda":
+            continue
+        got = pysparse.ops.spmm_t(s.rowptr, s.col, values, yt, cols, transposed=transposed)
+        assert got.shape == (cols, batch)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_cpu_backward_needs_no_transposed_structure():
+    values, s, xt, _ = _problem(40, 50, 20, 0.3, torch.float32, "cpu", 0)
+    x = xt.clone().requires_grad_()
+    gyt = torch.randn(40, 20)
+    pysparse.ops.spmm(s.rowptr, s.col, values, x).backward(gyt)
+    torch.testing.assert_close(x.grad, reference.spmm_t(s.rowptr, s.col, values, gyt, 50), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -88,6 +106,8 @@ def test_opcheck_and_compile(device):
                           (s.rowptr, s.col, values.clone().requires_grad_(), xt.clone().requires_grad_(),
                            bias.clone().requires_grad_(), *s.transposed()))
     torch.library.opcheck(torch.ops.pysparse.sddmm.default, (s.rowptr, s.col, torch.randn(12, 8, device=device), xt))
+    torch.library.opcheck(torch.ops.pysparse.spmm_t.default,
+                          (s.rowptr, s.col, values, torch.randn(12, 8, device=device), 20, *s.transposed()))
     torch._dynamo.reset()
     f = torch.compile(lambda v, x: pysparse.ops.spmm(s.rowptr, s.col, v, x, transposed=s.transposed()).relu().sum(),
                       fullgraph=True)
@@ -121,13 +141,13 @@ def test_tampered_structure_raises_not_crashes():
     bad_ptr = s.rowptr.clone()
     bad_ptr[-1] += 5
     with pytest.raises(ValueError, match="end at nnz"):
-        torch.ops.pysparse.spmm.default(bad_ptr, s.col, values, xt, None, None, None, None, None)
+        torch.ops.pysparse.spmm.default(bad_ptr, s.col, values, xt, None, None, None, None)
+    with pytest.raises(ValueError, match="column index is outside"):
+        pysparse.ops.spmm_t(s.rowptr, bad_col, values, torch.randn(6, 4), 8)
     bad_perm = s.t_perm.clone()
-    bad_perm[1] = 10_000
-    for batch in (1, 4):
-        with pytest.raises(ValueError, match="value_perm entry outside"):
-            torch.ops.pysparse.spmm.default(s.t_rowptr, s.t_col, values, torch.randn(6, batch), None, None, None,
-                                            None, bad_perm)
+    bad_perm[0] = 10_000
+    with pytest.raises(ValueError, match="t_perm entry is outside"):
+        torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, values, torch.randn(6, 40), 8, s.t_rowptr, s.t_col, bad_perm)
 
 
 @pytest.mark.parametrize("call, exc, match", [
@@ -141,6 +161,9 @@ def test_tampered_structure_raises_not_crashes():
      "give all of"),
     (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v.int(), x.int()), TypeError, "values must be float"),
     (lambda v, s, x: pysparse.ops.sddmm(s.rowptr, s.col, torch.randn(5, 4), x), ValueError, "a has 5 rows"),
+    (lambda v, s, x: pysparse.ops.spmm_t(s.rowptr, s.col, v, torch.randn(5, 4), 8), ValueError, "with 6 rows"),
+    (lambda v, s, x: pysparse.ops.spmm_t(s.rowptr, s.col, v, torch.randn(6, 4), -1), ValueError, "n_cols must be"),
+    (lambda v, s, x: pysparse.ops.spmm_t(s.rowptr, s.col, v, torch.randn(6, 4), 8.0), TypeError, "n_cols must be"),
     (lambda v, s, x: pysparse.ops.sddmm(s.rowptr, s.col, torch.randn(6, 3), x), ValueError, "same number of columns"),
 ])
 def test_bad_input(call, exc, match):
