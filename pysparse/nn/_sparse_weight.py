@@ -45,17 +45,26 @@ def check_mask(mask, weight: torch.Tensor, name: str = "mask") -> torch.Tensor:
 
 
 class SparseWeight(nn.Module):
-    """Base of the sparse layers. Subclasses call ``_store(weight, mask)`` with the dense weight (any shape
-    whose first dim is the output) and its keep-mask, and read ``values`` and the structure buffers."""
+    """Base of the sparse layers. The weight (first dim: outputs) is stored as a CSR matrix [rows, cols];
+    ``_to_matrix`` / ``_from_matrix`` map between the weight's shape and that matrix (a reshape by default;
+    a grouped convolution overrides them with a block-diagonal embedding). Subclasses call
+    ``_store(weight, mask)`` and read ``values`` and the structure buffers."""
 
     weight_shape: tuple[int, ...]
+
+    def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1)
+
+    def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(self.weight_shape)
 
     def _store(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
         if weight.dtype not in _FLOATS:
             raise TypeError(f"weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
         check_mask(mask, weight)
         self.weight_shape = tuple(weight.shape)
-        w2, m2 = weight.detach().reshape(weight.shape[0], -1), mask.reshape(weight.shape[0], -1)
+        w2, m2 = self._to_matrix(weight.detach()), self._to_matrix(mask)
+        self.matrix_shape = tuple(m2.shape)
         values, s = csr.compress(w2, m2)
         self.values = nn.Parameter(values.clone(), requires_grad=weight.requires_grad)
         for name in _STRUCTURE:
@@ -63,8 +72,7 @@ class SparseWeight(nn.Module):
 
     @property
     def structure(self) -> csr.Structure:
-        rows = self.weight_shape[0]
-        return csr.Structure(*(getattr(self, n) for n in _STRUCTURE), shape=(rows, math.prod(self.weight_shape) // rows))
+        return csr.Structure(*(getattr(self, n) for n in _STRUCTURE), shape=self.matrix_shape)
 
     @property
     def nnz(self) -> int:
@@ -77,19 +85,22 @@ class SparseWeight(nn.Module):
         total = math.prod(self.weight_shape)
         return 1.0 - self.nnz / total if total else 0.0
 
-    def mask(self) -> torch.Tensor:
-        """The keep-mask, as a dense bool tensor of the weight's shape."""
-        rows, cols = self.structure.shape
+    def _matrix_mask(self) -> torch.Tensor:
+        rows, cols = self.matrix_shape
         m = torch.zeros(rows, cols, dtype=torch.bool, device=self.values.device)
         r = torch.repeat_interleave(torch.arange(rows, device=m.device), self.rowptr.diff().long())
         m[r, self.col.long()] = True
-        return m.reshape(self.weight_shape)
+        return m
+
+    def mask(self) -> torch.Tensor:
+        """The keep-mask, as a dense bool tensor of the weight's shape."""
+        return self._from_matrix(self._matrix_mask())
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor (zeros where pruned); differentiable in ``values``."""
-        mask = self.mask()
-        return torch.zeros(self.weight_shape, dtype=self.values.dtype, device=self.values.device).masked_scatter(
-            mask, self.values)
+        m = self._matrix_mask()
+        dense = torch.zeros(m.shape, dtype=self.values.dtype, device=self.values.device).masked_scatter(m, self.values)
+        return self._from_matrix(dense)
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Changes which weights are stored: kept ones keep their values, newly kept ones start at 0. Rebuilds

@@ -1,0 +1,129 @@
+"""SparseConv2d: a drop-in nn.Conv2d that stores and computes only its kept weights.
+
+The convolution is an im2col (``F.unfold``) followed by the sparse matmul. A grouped (or depthwise) weight is
+stored as one block-diagonal matrix over all input channels: each output row's column indices simply start at
+its group's channels, so every group goes through one kernel call.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ._sparse_weight import SparseWeight, check_sparsity, random_mask
+
+_CONFIG = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+           "_reversed_padding_repeated_twice")
+
+
+class SparseConv2d(SparseWeight):
+    """``nn.Conv2d`` with the weight stored in CSR; every ``nn.Conv2d`` option (stride, padding including
+    'same', dilation, groups and depthwise, bias, padding_mode). Give ``sparsity`` (random mask) or ``mask``
+    (bool, the weight's shape [out, in/groups, kh, kw], True = keep); :meth:`from_dense` converts a trained
+    ``nn.Conv2d``. The stored values are the Parameter ``values``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 sparsity: Optional[float] = None, mask: Optional[torch.Tensor] = None, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if mask is None and sparsity is None:
+            raise ValueError("SparseConv2d needs sparsity= (a random mask) or mask= (True = keep)")
+        if mask is not None and sparsity is not None:
+            raise ValueError("give SparseConv2d either sparsity= or mask=, not both")
+        dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                          padding_mode, device=device, dtype=dtype)
+        if mask is None:
+            mask = random_mask(dense.weight.shape, check_sparsity(sparsity), device=dense.weight.device)
+        self._init_from(dense, mask)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: Optional[torch.Tensor] = None) -> "SparseConv2d":
+        """A SparseConv2d holding ``conv``'s weights where ``mask`` is True (None: where the weight is non-zero)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        self = cls.__new__(cls)
+        SparseWeight.__init__(self)
+        self._init_from(conv, conv.weight.detach() != 0 if mask is None else mask)
+        return self
+
+    def _init_from(self, conv: nn.Conv2d, mask: torch.Tensor) -> None:
+        for name in _CONFIG:
+            setattr(self, name, getattr(conv, name))
+        self._store(conv.weight, mask)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
+                                                                requires_grad=conv.bias.requires_grad)
+
+    # The weight [out, in/g, kh, kw] as a block-diagonal [out, in * kh * kw] matrix.
+    def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return t.reshape(t.shape[0], -1)
+        out_g, cols_g = t.shape[0] // self.groups, t[0].numel()
+        m = t.new_zeros((t.shape[0], cols_g * self.groups))
+        for g in range(self.groups):
+            m[g * out_g:(g + 1) * out_g, g * cols_g:(g + 1) * cols_g] = t[g * out_g:(g + 1) * out_g].reshape(out_g, -1)
+        return m
+
+    def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return m.reshape(self.weight_shape)
+        out_g = self.weight_shape[0] // self.groups
+        cols_g = m.shape[1] // self.groups
+        blocks = [m[g * out_g:(g + 1) * out_g, g * cols_g:(g + 1) * cols_g] for g in range(self.groups)]
+        return torch.cat(blocks).reshape(self.weight_shape)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An nn.Conv2d with the same function (pruned weights are zeros)."""
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                        self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (built from the stored values on each access)."""
+        return self.dense_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d expects input [N, {self.in_channels}, H, W] (or unbatched "
+                             f"[{self.in_channels}, H, W]), got shape {tuple(x.shape)}")
+        if x.dtype != self.values.dtype:
+            raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
+        pad = self._reversed_padding_repeated_twice
+        if any(pad):
+            x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        n, _, h, w = x.shape
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the kernel's reach")
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, in*kh*kw, L]
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
+        yt = ops.spmm(self.rowptr, self.col, self.values, xt, bias=self.bias,
+                      transposed=(self.t_rowptr, self.t_col, self.t_perm))
+        y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
+        return y[0] if unbatched else y
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", nnz={self.nnz}, sparsity={self.sparsity:.4f}"
