@@ -69,19 +69,25 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, St
     return weight[mask], s
 
 
-def validate(s: Structure) -> None:
-    """Checks a structure read from outside (a file, a state dict): a tampered one raises ValueError."""
-    rows, cols = s.shape
-    for name, ptr, n, idx, bound in (("rowptr", s.rowptr, rows, s.col, cols),
-                                     ("t_rowptr", s.t_rowptr, cols, s.t_col, rows)):
-        if ptr.dtype != torch.int32 or ptr.shape != (n + 1,):
-            raise ValueError(f"{name} must be int32 of shape ({n + 1},), got {ptr.dtype} {tuple(ptr.shape)}")
-        if idx.dtype not in (torch.int16, torch.int32) or idx.shape != (s.nnz,):
-            raise ValueError(f"indices must be int16/int32 of shape ({s.nnz},)")
-        if int(ptr[0]) != 0 or int(ptr[-1]) != s.nnz or bool((ptr.diff() < 0).any()):
-            raise ValueError(f"{name} is not a valid row pointer for {s.nnz} stored values")
-        if s.nnz and (int(idx.min()) < 0 or int(idx.max()) >= bound):
-            raise ValueError(f"an index is outside [0, {bound})")
-    if s.t_perm.shape != (s.nnz,) or (s.nnz and not torch.equal(
-            torch.sort(s.t_perm.long()).values, torch.arange(s.nnz, device=s.t_perm.device))):
-        raise ValueError("t_perm is not a permutation of the stored values")
+def from_compressed(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> Structure:
+    """The full structure (with the transposed cache) of a CSR read from outside (a file, a state dict).
+    Raises ValueError unless rowptr / col describe a [rows, cols] matrix in canonical order (columns
+    ascending within a row, no duplicates), so a tampered structure never reaches a kernel."""
+    rows, cols = shape
+    if not isinstance(rowptr, torch.Tensor) or rowptr.dtype != torch.int32 or rowptr.shape != (rows + 1,):
+        raise ValueError(f"rowptr must be int32 of shape ({rows + 1},), got {getattr(rowptr, 'dtype', None)} "
+                         f"{tuple(getattr(rowptr, 'shape', ()))}")
+    if not isinstance(col, torch.Tensor) or col.dtype not in (torch.int16, torch.int32) or col.dim() != 1:
+        raise ValueError("col must be a 1-D int16 / int32 tensor")
+    nnz = col.numel()
+    if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr.diff() < 0).any()):
+        raise ValueError(f"rowptr is not a valid row pointer for {nnz} stored values")
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+        raise ValueError(f"a column index is outside [0, {cols})")
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=col.device)
+    r = torch.repeat_interleave(torch.arange(rows, device=col.device), rowptr.diff().long())
+    mask[r, col.long()] = True
+    s = structure(mask)
+    if not (torch.equal(s.rowptr, rowptr) and torch.equal(s.col.to(col.dtype), col)):
+        raise ValueError("the column indices are not in canonical order (ascending within a row, no duplicates)")
+    return s

@@ -137,12 +137,22 @@ def test_state_dict_deepcopy_pickle():
     torch.testing.assert_close(again(x), sparse(x))
 
 
-def test_tampered_state_dict_is_refused():
+def test_state_dict_holds_no_derived_cache():
     _, _, sparse = _pair(16, 8, 0.25, seed=3)
-    state = sparse.state_dict()
-    state["col"] = state["col"].clone()
-    state["col"][0] = 99
-    with pytest.raises(RuntimeError, match="invalid sparse structure"):
+    assert set(sparse.state_dict()) == {"values", "bias", "rowptr", "col"}
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda st: st["col"].__setitem__(0, 99), "column index is outside"),
+    (lambda st: st["col"].__setitem__(slice(0, 2), st["col"][:2].flip(0).clone()), "canonical order"),
+    (lambda st: st["rowptr"].__setitem__(1, st["rowptr"][2] + 1), "valid row pointer"),
+    (lambda st: st.__setitem__("values", st["values"][:-1].clone()), "values for"),
+])
+def test_tampered_state_dict_is_refused(tamper, match):
+    _, _, sparse = _pair(16, 8, 0.25, seed=3)
+    state = {k: v.clone() for k, v in sparse.state_dict().items()}
+    tamper(state)
+    with pytest.raises(RuntimeError, match=match):
         SparseLinear(16, 8, sparsity=0.5).load_state_dict(state)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from .. import csr
 
 _STRUCTURE = ("rowptr", "col", "t_rowptr", "t_col", "t_perm")
+_DERIVED = ("t_rowptr", "t_col", "t_perm")  # the transposed cache: rebuilt from rowptr / col, never saved
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -67,8 +68,11 @@ class SparseWeight(nn.Module):
         self.matrix_shape = tuple(m2.shape)
         values, s = csr.compress(w2, m2)
         self.values = nn.Parameter(values.clone(), requires_grad=weight.requires_grad)
+        self._set_structure(s)
+
+    def _set_structure(self, s: csr.Structure) -> None:
         for name in _STRUCTURE:
-            self.register_buffer(name, getattr(s, name))
+            self.register_buffer(name, getattr(s, name), persistent=name not in _DERIVED)
 
     @property
     def structure(self) -> csr.Structure:
@@ -110,9 +114,10 @@ class SparseWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A stored layer's tensors have the saved nnz, not this module's: take the saved shapes, then check
-        # that what was loaded is a valid structure (a tampered file raises, never reads out of bounds).
-        for name in ("values",) + _STRUCTURE:
+        # A stored layer's tensors have the saved nnz, not this module's: take the saved shapes, load, then
+        # rebuild the transposed cache from what was loaded, which also checks it (a tampered structure raises,
+        # never reaches a kernel).
+        for name in ("values", "rowptr", "col"):
             key = prefix + name
             if key in state_dict and isinstance(state_dict[key], torch.Tensor):
                 incoming = state_dict[key]
@@ -123,9 +128,15 @@ class SparseWeight(nn.Module):
                         self.values = nn.Parameter(fresh, requires_grad=current.requires_grad)
                     else:
                         setattr(self, name, fresh)
+        n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) > n_errors or any(k.startswith(prefix) and k[len(prefix):] in ("values", "rowptr", "col")
+                                             for k in missing_keys):
+            return
         try:
-            csr.validate(self.structure)
+            if self.values.numel() != self.col.numel():
+                raise ValueError(f"{self.values.numel()} values for {self.col.numel()} column indices")
+            self._set_structure(csr.from_compressed(self.rowptr, self.col, self.matrix_shape))
         except ValueError as exc:
             error_msgs.append(f"{prefix or type(self).__name__}: invalid sparse structure: {exc}")

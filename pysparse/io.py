@@ -1,0 +1,109 @@
+"""Saving and loading models with sparse layers: one safetensors file (no pickle), whose size grows with the
+stored weights, not with the dense size.
+
+The file holds the model's state dict and, in its metadata, which layers are sparse (and their configuration)
+and a SHA-256 of every tensor; ``load`` rebuilds those sparse layers into a model of the same architecture and
+refuses a file that is not a pysparse file, was changed, or does not fit the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from .nn import SparseConv2d, SparseLinear
+from .nn._sparse_weight import SparseWeight
+
+FORMAT = "pysparse"
+VERSION = 1
+_TYPES = {"SparseLinear": SparseLinear, "SparseConv2d": SparseConv2d}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write ``model``'s weights (sparse layers as values + indices) to ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    layers = {name: {"type": type(m).__name__, "weight_shape": list(m.weight_shape)}
+              for name, m in model.named_modules() if isinstance(m, SparseWeight)}
+    metadata = {"format": FORMAT, "version": str(VERSION), "sparse_layers": json.dumps(layers),
+                "sha256": _digest(tensors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
+    """Load a file written by :func:`save` into ``model`` (same architecture, dense or sparse): the layers that
+    were sparse are rebuilt as sparse layers, then every weight is loaded. Returns ``model``."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a safetensors file written by pysparse.save: {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a pysparse file (metadata format {metadata.get('format')!r})")
+    if metadata.get("version") != str(VERSION):
+        raise ValueError(f"{path} has pysparse format version {metadata.get('version')}, this pysparse reads {VERSION}")
+    if metadata.get("sha256") != _digest(tensors):
+        raise ValueError(f"{path} was modified or corrupted after it was written (checksum mismatch)")
+    try:
+        layers = json.loads(metadata["sparse_layers"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has unreadable layer metadata: {exc}") from exc
+    for name, info in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path} has a sparse layer {name!r} that the model does not have") from None
+        cls = _TYPES.get(info.get("type"))
+        if cls is None:
+            raise ValueError(f"{path}: layer {name!r} has unknown type {info.get('type')!r}")
+        if isinstance(module, cls):
+            continue
+        dense_type = nn.Linear if cls is SparseLinear else nn.Conv2d
+        if type(module) is not dense_type or list(module.weight.shape) != info.get("weight_shape"):
+            raise ValueError(f"{path}: layer {name!r} is a {cls.__name__} of weight shape {info.get('weight_shape')}, "
+                             f"but the model has {type(module).__name__} there")
+        sparse = cls.from_dense(module, torch.ones_like(module.weight, dtype=torch.bool))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+    model.load_state_dict(tensors, strict=True)
+    return model

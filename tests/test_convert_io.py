@@ -1,0 +1,132 @@
+import copy
+import os
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import pysparse
+from pysparse import SparseConv2d, SparseLinear
+
+
+def _pruned(model, sparsity, seed=0):
+    torch.manual_seed(seed)
+    masks = {n: torch.rand_like(p) >= sparsity for n, p in model.named_parameters() if p.dim() in (2, 4)}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+    return model.eval(), masks
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11", "mobilenet_v2"])
+def test_sparsify_torchvision_matches_masked_dense(arch):
+    torch.manual_seed(0)
+    model, masks = _pruned(getattr(torchvision.models, arch)(num_classes=10), 0.9)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        pysparse.sparsify(model, masks)
+        out = model(x)
+    n_sparse = sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules())
+    assert n_sparse == len(masks)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    pysparse.densify(model)
+    assert not any(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsify_uses_zeros_and_min_sparsity():
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    with torch.no_grad():
+        model[0].weight[:, :16] = 0          # 80% zeros: converted
+        model[2].weight[:, :3] = 0           # 10% zeros: below the default minimum, stays dense
+    pysparse.sparsify(model)
+    assert isinstance(model[0], SparseLinear) and model[0].nnz == 30 * 4
+    assert type(model[2]) is nn.Linear
+    pysparse.sparsify(model, min_sparsity=0.0)
+    assert isinstance(model[2], SparseLinear)
+
+
+def test_sparsified_model_trains_deepcopies_and_pickles():
+    model, masks = _pruned(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), 0.6)
+    pysparse.sparsify(model, masks).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    loss0 = nn.functional.cross_entropy(model(x), y)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert nn.functional.cross_entropy(model(x), y) < loss0
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(clone(x), model(x))
+
+
+def test_save_load_round_trip_size_and_atomicity(tmp_path):
+    model, masks = _pruned(torchvision.models.resnet18(num_classes=10), 0.9)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    pysparse.sparsify(model, masks)
+    path = tmp_path / "sub" / "model.safetensors"
+    pysparse.save(model, path)
+    assert sorted(os.listdir(path.parent)) == ["model.safetensors"]  # no temp file left behind
+    # values (4 B) + int16 column indices (2 B) per kept weight: about 0.15 of the dense file at 90%
+    assert os.path.getsize(path) < 0.2 * dense_bytes
+    loaded = pysparse.load(path, torchvision.models.resnet18(num_classes=10).eval())
+    assert isinstance(loaded.layer1[0].conv1, SparseConv2d) and isinstance(loaded.fc, SparseLinear)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    # loading into an already-sparse model of the same architecture works too
+    pysparse.load(path, loaded)
+
+
+def test_load_refuses_bad_files(tmp_path):
+    model, masks = _pruned(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)), 0.5)
+    pysparse.sparsify(model, masks, min_sparsity=0.0)
+    good = tmp_path / "m.safetensors"
+    pysparse.save(model, good)
+    fresh = lambda: nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))  # noqa: E731
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"definitely not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file written by pysparse.save"):
+        pysparse.load(garbage, fresh())
+
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="not a pysparse file"):
+        pysparse.load(foreign, fresh())
+
+    tampered = tmp_path / "tampered.safetensors"
+    data = bytearray(good.read_bytes())
+    data[-3] ^= 0xFF  # flip bits inside the last tensor's bytes
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="modified or corrupted"):
+        pysparse.load(tampered, fresh())
+
+    with pytest.raises(ValueError, match="the model has Linear there|does not have"):
+        pysparse.load(good, nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)))
+    with pytest.raises(FileNotFoundError):
+        pysparse.load(tmp_path / "missing.safetensors", fresh())
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: pysparse.sparsify("model"), TypeError, "model must be an nn.Module"),
+    (lambda: pysparse.sparsify(nn.Sequential(nn.ReLU())), ValueError, "no nn.Linear or nn.Conv2d"),
+    (lambda: pysparse.sparsify(nn.Sequential(nn.Linear(2, 2)), {"1.weight": torch.ones(2, 2, dtype=torch.bool)}),
+     ValueError, "not the weight of"),
+    (lambda: pysparse.sparsify(nn.Sequential(nn.Linear(2, 2)), {"0.weight": torch.ones(3, 2, dtype=torch.bool)}),
+     ValueError, r"masks\['0.weight'\] has shape"),
+    (lambda: pysparse.sparsify(nn.Sequential(nn.Linear(2, 2)), {"0.weight": torch.ones(2, 2)}), TypeError,
+     "must be a bool tensor"),
+    (lambda: pysparse.sparsify(nn.Sequential(nn.Linear(2, 2)), min_sparsity=2), ValueError, "min_sparsity"),
+    (lambda: pysparse.save("model", "x.safetensors"), TypeError, "model must be an nn.Module"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
