@@ -39,5 +39,30 @@ tensors = [rnd(1000) for _ in range(10)] + [rnd(1000, 2)[:, 0], rnd(1000).half()
 expected = [t.clone() for t in tensors]
 assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected)
 assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
+# sparse matmul family: both spmm kernels (batch <= 8 and tiled), spmm_t, sddmm, int16 and int32 indices
+from pysparse import csr  # noqa: E402
+
+for rows, cols, batch, dtype in ((37, 53, 3, torch.float32), (37, 53, 45, torch.float16), (5, 40_000, 9, torch.float32),
+                                 (20, 30, 33, torch.float64)):
+    mask = torch.rand(rows, cols, generator=gen) < 0.3
+    mask[::4] = False  # empty rows
+    values, st = csr.compress(torch.randn(rows, cols, generator=gen).to(dtype), mask)
+    values, xt, yt = values.to(dev), rnd(cols, batch, dtype=dtype), rnd(rows, batch, dtype=dtype)
+    s = csr.Structure(*(getattr(st, n).to(dev) for n in ("rowptr", "col", "t_rowptr", "t_col", "t_perm")), shape=st.shape)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, xt),
+                               reference.spmm(s.rowptr, s.col, values, xt), **tol)
+    torch.testing.assert_close(pysparse.ops.spmm_t(s.rowptr, s.col, values, yt, cols, transposed=s.transposed()),
+                               reference.spmm_t(s.rowptr, s.col, values, yt, cols), **tol)
+    torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, yt, xt), reference.sddmm(s.rowptr, s.col, yt, xt),
+                               **tol)
+
+linear = torch.nn.Linear(40, 24).to(dev)
+sparse_linear = pysparse.SparseLinear.from_dense(linear, torch.rand(24, 40, device=dev) < 0.3)
+x = rnd(6, 40).requires_grad_()
+sparse_linear(x).sum().backward()
+conv = pysparse.SparseConv2d(8, 16, 3, padding=1, groups=2, sparsity=0.7).to(dev)
+conv(rnd(2, 8, 9, 9)).sum().backward()
+
 torch.cuda.synchronize()
 print("sanitizer cases: all kernels ran and matched the reference")

@@ -170,6 +170,18 @@ struct Selection {
   int64_t count_equal;
 };
 
+// Runs the lambda with index_t = int16_t or int32_t, the dtype of a CSR column-index tensor.
+#define PYSPARSE_DISPATCH_INDEX(col, NAME, ...) \
+  [&] {                                         \
+    if ((col).scalar_type() == at::kShort) {    \
+      using index_t = int16_t;                  \
+      __VA_ARGS__();                            \
+    } else {                                    \
+      using index_t = int32_t;                  \
+      __VA_ARGS__();                            \
+    }                                           \
+  }()
+
 // ---------------------------------------------------------------------------------------------------------
 // Compressed sparse rows (CSR): rowptr int32 [rows + 1], col int16 or int32 [nnz], values [nnz]. Everything
 // that can be checked without reading all indices is checked here; the kernels check each column index as

@@ -248,17 +248,6 @@ void check_dense(const at::Tensor& t, const at::Tensor& values, const char* op, 
                     values.device());
 }
 
-#define PYSPARSE_DISPATCH_INDEX(col, NAME, ...)                         \
-  [&] {                                                                 \
-    if ((col).scalar_type() == at::kShort) {                            \
-      using index_t = int16_t;                                          \
-      __VA_ARGS__();                                                    \
-    } else {                                                            \
-      using index_t = int32_t;                                          \
-      __VA_ARGS__();                                                    \
-    }                                                                   \
-  }()
-
 at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& xt,
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
