@@ -183,3 +183,13 @@ def test_compile_fullgraph():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_module_casts_move_values_not_structure():
+    _, _, sparse = _pair(16, 8, 0.3)
+    sparse.double()
+    assert sparse.values.dtype == torch.float64 and sparse.rowptr.dtype == torch.int32
+    assert sparse.col.dtype == torch.int16 and sparse.t_perm.dtype == torch.int32
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(sparse(x), F.linear(x, sparse.weight, sparse.bias))
+    assert "rowptr" not in dict(sparse.named_buffers())  # not a buffer: DDP does not broadcast the structure

@@ -11,8 +11,12 @@ from torch import nn
 
 from .. import csr
 
+# The structure is held in plain tensor attributes, not buffers: DistributedDataParallel broadcasts every
+# buffer, and neither gloo nor NCCL carries int16 (nor should the structure be re-sent every step: ranks agree
+# on their masks by construction). _apply moves them with the module; rowptr and col go into the state dict,
+# the transposed cache is rebuilt from them on load.
 _STRUCTURE = ("rowptr", "col", "t_rowptr", "t_col", "t_perm")
-_DERIVED = ("t_rowptr", "t_col", "t_perm")  # the transposed cache: rebuilt from rowptr / col, never saved
+_SAVED = ("rowptr", "col")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -72,7 +76,18 @@ class SparseWeight(nn.Module):
 
     def _set_structure(self, s: csr.Structure) -> None:
         for name in _STRUCTURE:
-            self.register_buffer(name, getattr(s, name), persistent=name not in _DERIVED)
+            object.__setattr__(self, name, getattr(s, name))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in _STRUCTURE:  # integer tensors: device moves apply, dtype casts leave them as they are
+            object.__setattr__(self, name, fn(getattr(self, name)))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in _SAVED:
+            destination[prefix + name] = getattr(self, name)
 
     @property
     def structure(self) -> csr.Structure:
@@ -114,29 +129,33 @@ class SparseWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A stored layer's tensors have the saved nnz, not this module's: take the saved shapes, load, then
-        # rebuild the transposed cache from what was loaded, which also checks it (a tampered structure raises,
-        # never reaches a kernel).
-        for name in ("values", "rowptr", "col"):
-            key = prefix + name
-            if key in state_dict and isinstance(state_dict[key], torch.Tensor):
-                incoming = state_dict[key]
-                current = getattr(self, name)
-                if current.shape != incoming.shape or current.dtype != incoming.dtype:
-                    fresh = torch.empty(incoming.shape, dtype=incoming.dtype, device=current.device)
-                    if name == "values":
-                        self.values = nn.Parameter(fresh, requires_grad=current.requires_grad)
-                    else:
-                        setattr(self, name, fresh)
+        # A stored layer has the saved nnz, not this module's: take the saved values' shape, load, then rebuild
+        # the structure (and its transposed cache) from the saved rowptr / col, which also checks them: a
+        # tampered structure raises, never reaches a kernel.
+        key = prefix + "values"
+        if key in state_dict and isinstance(state_dict[key], torch.Tensor) and state_dict[key].shape != self.values.shape:
+            incoming = state_dict[key]
+            self.values = nn.Parameter(torch.empty(incoming.shape, dtype=self.values.dtype, device=self.values.device),
+                                       requires_grad=self.values.requires_grad)
         n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) > n_errors or any(k.startswith(prefix) and k[len(prefix):] in ("values", "rowptr", "col")
-                                             for k in missing_keys):
+        saved = {}
+        for name in _SAVED:
+            if prefix + name in unexpected_keys:
+                unexpected_keys.remove(prefix + name)
+            if prefix + name in state_dict:
+                saved[name] = state_dict[prefix + name]
+            elif strict:
+                missing_keys.append(prefix + name)
+        if len(error_msgs) > n_errors or len(saved) < len(_SAVED) or prefix + "values" in missing_keys:
             return
         try:
-            if self.values.numel() != self.col.numel():
-                raise ValueError(f"{self.values.numel()} values for {self.col.numel()} column indices")
-            self._set_structure(csr.from_compressed(self.rowptr, self.col, self.matrix_shape))
+            device = self.values.device
+            rowptr, col = (saved[n].to(device) if isinstance(saved[n], torch.Tensor) else saved[n] for n in _SAVED)
+            if not isinstance(col, torch.Tensor) or self.values.numel() != col.numel():
+                raise ValueError(f"{self.values.numel()} values for {getattr(col, 'numel', lambda: '?')()} column "
+                                 "indices")
+            self._set_structure(csr.from_compressed(rowptr, col, self.matrix_shape))
         except ValueError as exc:
             error_msgs.append(f"{prefix or type(self).__name__}: invalid sparse structure: {exc}")
