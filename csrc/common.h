@@ -212,4 +212,32 @@ inline void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at:
   TORCH_CHECK_VALUE(values.device() == col.device(), op, ": values and the structure must be on one device");
 }
 
+// Validates sparse_conv2d's arguments and returns the output spatial size.
+inline std::pair<int64_t, int64_t> check_sparse_conv2d(const at::Tensor& rowptr, const at::Tensor& col,
+                                                       const at::Tensor& values, const at::Tensor& x,
+                                                       const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
+                                                       at::IntArrayRef stride, at::IntArrayRef dilation) {
+  check_csr(rowptr, col, values, "sparse_conv2d");
+  TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, "sparse_conv2d: x must be [N, C, H, W]");
+  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), "sparse_conv2d: x has dtype ", x.scalar_type(),
+                   " but values has dtype ", values.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == values.device(), "sparse_conv2d: x and values must be on one device");
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2,
+                    "sparse_conv2d: kernel_size, stride and dilation must have 2 entries");
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK_VALUE(kernel[i] >= 1 && stride[i] >= 1 && dilation[i] >= 1,
+                      "sparse_conv2d: kernel_size, stride and dilation must be >= 1");
+  const int64_t rows = rowptr.numel() - 1;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == rows, "sparse_conv2d: bias must have ", rows, " entries");
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "sparse_conv2d: bias dtype differs from values");
+    TORCH_CHECK_VALUE(bias->device() == values.device(), "sparse_conv2d: bias is on another device than values");
+  }
+  const int64_t oh = (x.size(2) - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x.size(3) - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(x.size(2) - dilation[0] * (kernel[0] - 1) - 1 >= 0 && x.size(3) - dilation[1] * (kernel[1] - 1) - 1 >= 0,
+                    "sparse_conv2d: input of spatial size ", x.size(2), "x", x.size(3), " is smaller than the kernel's reach");
+  return {oh, ow};
+}
+
 }  // namespace pysparse

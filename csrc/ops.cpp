@@ -41,6 +41,12 @@ TORCH_LIBRARY(pysparse, m) {
   // CUDA kernel always takes the second way and needs the transposed structure.
   m.def("spmm_t(Tensor rowptr, Tensor col, Tensor values, Tensor yt, int n_cols, Tensor? t_rowptr=None, "
         "Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
+  // Direct sparse convolution: y[n, o] = bias[o] + sum over stored (o, k) of values * x[n, c, oh*s + ki*d,
+  // ow*s + kj*d], where column k = (c * kh + ki) * kw + kj indexes W viewed as [O, C * kh * kw] (grouped
+  // weights: block-diagonal over all C input channels). x is already padded; no im2col buffer is built.
+  // The t_* arguments (W's transposed structure) are for the backward only, as in spmm.
+  m.def("sparse_conv2d(Tensor rowptr, Tensor col, Tensor values, Tensor x, Tensor? bias, int[2] kernel_size, "
+        "int[2] stride, int[2] dilation, Tensor? t_rowptr=None, Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
   // Sampled dense-dense product: out[j] = dot(a[row(j), :], b[col(j), :]) for every stored position j of the
   // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");

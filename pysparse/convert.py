@@ -10,10 +10,11 @@ from torch import nn
 from .nn import SparseConv2d, SparseLinear
 from .nn._sparse_weight import SparseWeight, check_mask
 
-# Below this sparsity a sparse layer is not faster than the dense one, so sparsify leaves it dense. Measured on
-# the 2-core CPU (benchmarks/RESULTS.md, 4096 x 4096, fp32): SparseLinear is already faster than nn.Linear at
-# 50% for batch 1, 16 and 256 (1.98x, 1.66x, 1.19x); below 50% the crossover has not been measured yet.
-DEFAULT_MIN_SPARSITY = 0.5
+# Below these sparsities a sparse layer is not faster than the dense one, so sparsify leaves it dense. Measured
+# on the 2-core CPU, fp32 (benchmarks/RESULTS.md): SparseLinear beats nn.Linear from 50% at batch 1, 16 and 256
+# (4096 x 4096: 1.98x, 1.66x, 1.19x; below 50% not measured); SparseConv2d beats nn.Conv2d (mkldnn) on
+# ResNet-18's 3x3 layers from about 90% (at 95% on every layer at batch 1 and 8).
+DEFAULT_MIN_SPARSITY = {nn.Linear: 0.5, nn.Conv2d: 0.9}
 
 _SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 
@@ -24,17 +25,19 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *,
-             min_sparsity: float = DEFAULT_MIN_SPARSITY) -> nn.Module:
+             min_sparsity: Optional[float] = None) -> nn.Module:
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by its sparse twin, in place; returns ``model``.
 
     ``masks`` maps parameter names (``"features.0.weight"``) to bool keep-masks of the weight's shape; layers it
     does not name stay dense. ``masks=None`` keeps each layer's non-zero weights. A layer whose mask removes
-    less than ``min_sparsity`` of its weights stays dense (the sparse kernel would be slower): pass 0 to convert
-    every layer named.
+    less than ``min_sparsity`` of its weights stays dense (the sparse kernel would be slower); the default is
+    the measured CPU crossover of each layer type (``DEFAULT_MIN_SPARSITY``). Pass 0 to convert every layer
+    named.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
+    if min_sparsity is not None and (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
+                                     or not 0 <= min_sparsity <= 1):
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     candidates = {f"{name}.weight" if name else "weight": (name, module) for name, module in model.named_modules()
                   if type(module) in _SPARSE_OF}
@@ -54,7 +57,7 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             continue
         mask = masks[key] if masks is not None else module.weight.detach() != 0
         sparsity = 1.0 - int(mask.sum()) / max(1, math.prod(mask.shape))
-        if sparsity < min_sparsity:
+        if sparsity < (DEFAULT_MIN_SPARSITY[type(module)] if min_sparsity is None else min_sparsity):
             continue
         sparse = _SPARSE_OF[type(module)].from_dense(module, mask)
         sparse.train(module.training)

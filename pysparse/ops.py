@@ -16,7 +16,7 @@ import torch
 from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
-           "spmm_t", "sddmm"]
+           "spmm_t", "sddmm", "sparse_conv2d"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -192,6 +192,33 @@ def _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm) -> N
     _check_transposed(t_rowptr, t_col, t_perm, values, n_cols, "spmm_t")
 
 
+def _pair2(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in t):
+        raise ValueError(f"sparse_conv2d: {name} must be an int >= 1 or a pair of them, got {v!r}")
+    return t
+
+
+def _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm):
+    _check_csr(rowptr, col, values, "sparse_conv2d")
+    _check_tensor(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"sparse_conv2d: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype != values.dtype or x.device != values.device:
+        raise TypeError(f"sparse_conv2d: x must have values' dtype and device ({values.dtype}, {values.device})")
+    (kh, kw), (sh, sw), (dh, dw) = (_pair2(kernel_size, "kernel_size"), _pair2(stride, "stride"),
+                                    _pair2(dilation, "dilation"))
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if bias.shape != (rowptr.shape[0] - 1,) or bias.dtype != values.dtype or bias.device != values.device:
+            raise ValueError(f"sparse_conv2d: bias must be [{rowptr.shape[0] - 1}] of values' dtype and device")
+    oh, ow = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    if x.shape[2] - dh * (kh - 1) - 1 < 0 or x.shape[3] - dw * (kw - 1) - 1 < 0:
+        raise ValueError(f"sparse_conv2d: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel's reach")
+    _check_transposed(t_rowptr, t_col, t_perm, values, x.shape[1] * kh * kw, "sparse_conv2d")
+    return oh, ow
+
+
 def _check_sddmm(rowptr, col, a, b) -> None:
     _check_structure(rowptr, col, "sddmm")
     _check_tensor(a, "a")
@@ -309,6 +336,20 @@ def spmm_t(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, yt: to
     return torch.ops.pysparse.spmm_t.default(rowptr, col, values, yt, int(n_cols), t_rowptr, t_col, t_perm)
 
 
+def sparse_conv2d(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x: torch.Tensor, *,
+                  bias: Optional[torch.Tensor] = None, kernel_size=3, stride=1, dilation=1,
+                  transposed: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Direct sparse convolution of an already padded ``x`` [N, C, H, W] with W stored as CSR over
+    [out_channels, C * kh * kw] (column (c * kh + ki) * kw + kj); no im2col buffer. Differentiable in
+    ``values``, ``x`` and ``bias`` (``transposed`` as in :func:`spmm`)."""
+    t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
+    _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+    _check_kernel("sparse_conv2d", values.device, "values")
+    return torch.ops.pysparse.sparse_conv2d.default(rowptr, col, values, x, bias, list(_pair2(kernel_size, "")),
+                                                    list(_pair2(stride, "")), list(_pair2(dilation, "")),
+                                                    t_rowptr, t_col, t_perm)
+
+
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``out[j] = dot(a[row(j)], b[col(j)])`` at every stored position j of a CSR structure."""
     _check_sddmm(rowptr, col, a, b)
@@ -362,6 +403,13 @@ def _spmm_fake(rowptr, col, values, xt, bias=None, t_rowptr=None, t_col=None, t_
 def _spmm_t_fake(rowptr, col, values, yt, n_cols, t_rowptr=None, t_col=None, t_perm=None):
     _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm)
     return yt.new_empty((n_cols, yt.shape[1]))
+
+
+@torch.library.register_fake("pysparse::sparse_conv2d")
+def _sparse_conv2d_fake(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr=None, t_col=None,
+                        t_perm=None):
+    oh, ow = _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+    return x.new_empty((x.shape[0], rowptr.shape[0] - 1, oh, ow))
 
 
 @torch.library.register_fake("pysparse::sddmm")
@@ -431,3 +479,41 @@ def _spmm_backward(ctx, gyt):
 
 
 torch.library.register_autograd("pysparse::spmm", _spmm_backward, setup_context=_spmm_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd: sparse_conv2d. The backward goes through the matmul kernels on the unfolded input: the values
+# gradient is an sddmm against im2col(x), the input gradient is fold(W^T @ grad) (spmm_t).
+# ---------------------------------------------------------------------------------------------------------
+def _conv_setup_context(ctx, inputs, output):
+    rowptr, col, values, x, bias, kernel_size, stride, dilation = inputs[:8]
+    t_rowptr, t_col, t_perm = (tuple(inputs[8:]) + (None, None, None))[:3]
+    ctx.geometry = (tuple(kernel_size), tuple(stride), tuple(dilation))
+    ctx.save_for_backward(rowptr, col, values, x, t_rowptr, t_col, t_perm)
+
+
+def _conv_backward(ctx, gy):
+    import torch.nn.functional as F
+
+    rowptr, col, values, x, t_rowptr, t_col, t_perm = ctx.saved_tensors
+    kernel_size, stride, dilation = ctx.geometry
+    needs = _needs_input_grad(ctx, 11)
+    n, c, h, w = x.shape
+    o, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
+    gyt = gy.transpose(0, 1).reshape(o, n * oh * ow).contiguous()
+    dvalues = dx = dbias = None
+    if needs[2]:
+        cols = F.unfold(x, kernel_size, dilation=dilation, stride=stride)               # [N, C*kh*kw, L]
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow).contiguous()
+        dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
+    if needs[3]:
+        k = c * kernel_size[0] * kernel_size[1]
+        dcols = torch.ops.pysparse.spmm_t.default(rowptr, col, values, gyt, k, t_rowptr, t_col, t_perm)
+        dcols = dcols.reshape(k, n, oh * ow).transpose(0, 1)
+        dx = F.fold(dcols, (h, w), kernel_size, dilation=dilation, stride=stride)
+    if needs[4]:
+        dbias = gy.sum((0, 2, 3))
+    return (None, None, dvalues, dx, dbias) + (None,) * 6
+
+
+torch.library.register_autograd("pysparse::sparse_conv2d", _conv_backward, setup_context=_conv_setup_context)

@@ -78,3 +78,14 @@ def sddmm(rowptr, col, a, b) -> torch.Tensor:
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=a.device), rowptr.diff().long())
     return (a.to(acc)[rows] * b.to(acc)[col.long()]).sum(-1).to(a.dtype)
+
+
+def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1, dilation=1, transposed=None):
+    """F.conv2d with the dense weight [O, C, kh, kw] rebuilt from the CSR (a grouped weight is block-diagonal
+    over all C channels, so groups=1 is exact)."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    weight = csr_to_dense(rowptr, col, values.to(acc), x.shape[1] * kh * kw).reshape(-1, x.shape[1], kh, kw)
+    out = torch.nn.functional.conv2d(x.to(acc), weight, None if bias is None else bias.to(acc), stride=stride,
+                                     dilation=dilation)
+    return out.to(values.dtype)

@@ -28,7 +28,7 @@ def test_sparsify_torchvision_matches_masked_dense(arch):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        pysparse.sparsify(model, masks)
+        pysparse.sparsify(model, masks, min_sparsity=0.0)
         out = model(x)
     n_sparse = sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules())
     assert n_sparse == len(masks)
@@ -37,6 +37,13 @@ def test_sparsify_torchvision_matches_masked_dense(arch):
     assert not any(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsify_default_crossover_per_layer_type():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 4))
+    masks = {"0.weight": torch.rand(4, 4, 3, 3) > 0.8, "2.weight": torch.rand(4, 4) > 0.8}  # ~80% removed
+    pysparse.sparsify(model, masks)
+    assert type(model[0]) is nn.Conv2d and isinstance(model[2], SparseLinear)  # conv crossover ~90%, linear 50%
 
 
 def test_sparsify_uses_zeros_and_min_sparsity():
@@ -69,7 +76,7 @@ def test_sparsified_model_trains_deepcopies_and_pickles():
 def test_save_load_round_trip_size_and_atomicity(tmp_path):
     model, masks = _pruned(torchvision.models.resnet18(num_classes=10), 0.9)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    pysparse.sparsify(model, masks)
+    pysparse.sparsify(model, masks, min_sparsity=0.0)
     path = tmp_path / "sub" / "model.safetensors"
     pysparse.save(model, path)
     assert sorted(os.listdir(path.parent)) == ["model.safetensors"]  # no temp file left behind

@@ -101,3 +101,75 @@ def test_constructor_sparsity():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------- the sparse_conv2d op itself
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import pysparse  # noqa: E402
+from pysparse import csr, reference  # noqa: E402
+
+OP_DEVICES = devices_for("sparse_conv2d", "spmm_t", "sddmm")
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-9),
+       torch.float16: dict(rtol=5e-3, atol=5e-3), torch.bfloat16: dict(rtol=3e-2, atol=5e-2)}
+
+
+def _conv_problem(n, c, o, h, w, kh, kw, density, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(o, c * kh * kw, generator=g) < density
+    values, s = csr.compress(torch.randn(o, c * kh * kw, generator=g).to(dtype), mask)
+    move = lambda t: t.to(device)  # noqa: E731
+    s = csr.Structure(*(move(getattr(s, k)) for k in ("rowptr", "col", "t_rowptr", "t_col", "t_perm")), shape=s.shape)
+    return move(values), s, torch.randn(n, c, h, w, generator=g).to(device, dtype), torch.randn(o, generator=g).to(
+        device, dtype)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), o=st.integers(1, 6), hw=st.tuples(st.integers(3, 12), st.integers(3, 12)),
+       k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), density=st.floats(0, 1),
+       dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_op_matches_reference(device, n, c, o, hw, k, stride, dilation, density, dtype, use_bias, seed):
+    h, w = hw
+    if h < dilation[0] * (k[0] - 1) + 1 or w < dilation[1] * (k[1] - 1) + 1:
+        return
+    values, s, x, bias = _conv_problem(n, c, o, h, w, *k, density, dtype, device, seed)
+    kw = dict(bias=bias if use_bias else None, kernel_size=k, stride=stride, dilation=dilation)
+    got = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, **kw)
+    torch.testing.assert_close(got, reference.sparse_conv2d(s.rowptr, s.col, values, x, **kw), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_op_gradcheck_fp64(device):
+    values, s, x, bias = _conv_problem(2, 3, 4, 7, 6, 3, 2, 0.5, torch.float64, device, 0)
+    inputs = [t.clone().requires_grad_() for t in (values, x, bias)]
+    fn = lambda v, xx, b: pysparse.ops.sparse_conv2d(s.rowptr, s.col, v, xx, bias=b, kernel_size=(3, 2),  # noqa
+                                                     stride=(2, 1), dilation=(1, 2), transposed=s.transposed())
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_op_opcheck(device):
+    values, s, x, bias = _conv_problem(2, 3, 4, 9, 9, 3, 3, 0.5, torch.float32, device, 1)
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d.default,
+                          (s.rowptr, s.col, values, x, bias, [3, 3], [1, 1], [1, 1], *s.transposed()))
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d.default,
+                          (s.rowptr, s.col, values.clone().requires_grad_(), x.clone().requires_grad_(), None,
+                           [3, 3], [2, 2], [1, 1], *s.transposed()))
+
+
+def test_op_bad_input():
+    values, s, x, bias = _conv_problem(1, 2, 3, 6, 6, 3, 3, 0.5, torch.float32, "cpu", 2)
+    bad = s.col.clone()
+    bad[0] = 18
+    with pytest.raises(ValueError, match="column index is outside"):
+        pysparse.ops.sparse_conv2d(s.rowptr, bad, values, x, kernel_size=3)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x[..., :2], kernel_size=3)
+    with pytest.raises(ValueError, match="kernel_size must be"):
+        pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, kernel_size=0)
+    with pytest.raises(ValueError, match=r"x must be \[N, C, H, W\]"):
+        pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x[0], kernel_size=3)
+    with pytest.raises(TypeError, match="dtype"):
+        pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x.double(), kernel_size=3)

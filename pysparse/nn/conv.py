@@ -1,8 +1,10 @@
 """SparseConv2d: a drop-in nn.Conv2d that stores and computes only its kept weights.
 
-The convolution is an im2col (``F.unfold``) followed by the sparse matmul. A grouped (or depthwise) weight is
-stored as one block-diagonal matrix over all input channels: each output row's column indices simply start at
-its group's channels, so every group goes through one kernel call.
+The forward is a direct sparse convolution (``pysparse.ops.sparse_conv2d``: no im2col buffer; each stored
+weight adds a shifted input plane into its output plane) for output planes of DIRECT_MIN_PIXELS or more, and
+im2col (``F.unfold``) + ``pysparse.ops.spmm`` for smaller ones; padding of any mode is applied first.
+A grouped (or depthwise) weight is stored as one block-diagonal matrix over all input channels: each output
+row's column indices simply start at its group's channels, so every group goes through one kernel call.
 """
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ from torch import nn
 
 from .. import ops
 from ._sparse_weight import SparseWeight, check_sparsity, random_mask
+
+# The direct sparse convolution runs when the output plane has at least DIRECT_MIN_PIXELS pixels or at most
+# DIRECT_MAX_DENSITY of the weights are kept; otherwise im2col + spmm. Measured on the 2-core CPU, ResNet-18
+# 3x3 layers (benchmarks/RESULTS.md): at 90% direct wins at 56x56, 28x28 and (batch 8) 14x14, im2col at 7x7;
+# at 99% direct wins everywhere (im2col's copies dominate once there is little arithmetic).
+DIRECT_MIN_PIXELS = 100
+DIRECT_MAX_DENSITY = 0.05
 
 _CONFIG = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
            "_reversed_padding_repeated_twice")
@@ -103,16 +112,22 @@ class SparseConv2d(SparseWeight):
         pad = self._reversed_padding_repeated_twice
         if any(pad):
             x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-        n, _, h, w = x.shape
         (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride
-        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        oh, ow = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
         if oh <= 0 or ow <= 0:
-            raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the kernel's reach")
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, in*kh*kw, L]
-        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
-        yt = ops.spmm(self.rowptr, self.col, self.values, xt, bias=self.bias,
-                      transposed=(self.t_rowptr, self.t_col, self.t_perm))
-        y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
+            raise ValueError(f"input of spatial size {tuple(x.shape[2:])} (after padding) is smaller than the "
+                             "kernel's reach")
+        transposed = (self.t_rowptr, self.t_col, self.t_perm)
+        if oh * ow >= DIRECT_MIN_PIXELS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
+            y = ops.sparse_conv2d(self.rowptr, self.col, self.values, x, bias=self.bias,
+                                  kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
+                                  transposed=transposed)
+        else:  # small planes: im2col + spmm does better (see DIRECT_MIN_PIXELS)
+            n = x.shape[0]
+            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, C*kh*kw, L]
+            xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
+            yt = ops.spmm(self.rowptr, self.col, self.values, xt, bias=self.bias, transposed=transposed)
+            y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
         return y[0] if unbatched else y
 
     def extra_repr(self) -> str:
