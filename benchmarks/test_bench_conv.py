@@ -1,0 +1,56 @@
+"""SparseConv2d beside nn.Conv2d (mkldnn on the CPU, cuDNN on CUDA) on ResNet-18 layer shapes (224x224 input),
+same inputs, one run."""
+import pytest
+import torch
+from torch import nn
+
+import pysparse
+from pysparse.testing import devices_for
+
+from _util import run
+
+DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm")
+# name: (in, out, kernel, stride, input size)
+SHAPES = {
+    "layer1": (64, 64, 3, 1, 56),
+    "layer2.0.down": (64, 128, 3, 2, 56),
+    "layer2": (128, 128, 3, 1, 28),
+    "layer3": (256, 256, 3, 1, 14),
+    "layer4": (512, 512, 3, 1, 7),
+}
+
+
+def _layers(device, shape, sparsity):
+    cin, cout, k, s, _ = SHAPES[shape]
+    torch.manual_seed(0)
+    dense = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2, bias=False).to(device)
+    mask = torch.rand(dense.weight.shape, device=device) >= sparsity
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    return dense, pysparse.SparseConv2d.from_dense(dense, mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95, 0.99])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+def test_conv_forward(benchmark, device, batch, shape, sparsity, impl):
+    dense, sparse = _layers(device, shape, sparsity)
+    x = torch.randn(batch, SHAPES[shape][0], SHAPES[shape][4], SHAPES[shape][4], device=device)
+    layer = sparse if impl == "pysparse" else dense
+    benchmark.group = f"conv-fwd-{shape}-b{batch}-s{sparsity}-{device}"
+    with torch.no_grad():
+        run(benchmark, lambda: layer(x), device, rounds=10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+def test_conv_forward_backward(benchmark, device, sparsity, impl):
+    dense, sparse = _layers(device, "layer2", sparsity)
+    x = torch.randn(8, 128, 28, 28, device=device, requires_grad=True)
+    layer = sparse if impl == "pysparse" else dense
+    g = torch.randn(8, 128, 28, 28, device=device)
+    benchmark.group = f"conv-fwdbwd-layer2-b8-s{sparsity}-{device}"
+    run(benchmark, lambda: layer(x).backward(g), device, rounds=5)
