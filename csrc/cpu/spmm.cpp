@@ -34,12 +34,28 @@ inline std::pair<int64_t, int64_t> row_range(const int32_t* rowptr, int64_t rows
   return {row_at(part), row_at(part + 1)};
 }
 
+// How many row ranges the row-parallel kernels use: one per thread (fewer for tiny matrices).
+inline int64_t row_parts(int64_t rows) { return std::min<int64_t>(rows, at::get_num_threads()); }
+
+// Runs f(part, first_row, last_row) on row_parts(rows) ranges of about equal stored count, in parallel; f
+// returns true when it met an out-of-range index, which sets `bad`.
+template <typename F>
+void for_row_parts(const int32_t* rowptr, int64_t rows, std::atomic<bool>& bad, F&& f) {
+  const int64_t parts = row_parts(rows);
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t part = pb; part < pe; ++part) {
+      const auto [r0, r1] = row_range(rowptr, rows, part, parts);
+      if (f(part, r0, r1)) bad = true;
+    }
+  });
+}
+
 // rowptr[0] == 0, non-decreasing, rowptr[rows] == nnz: O(rows), done before any kernel reads through it.
 void check_rowptr_cpu(const at::Tensor& rowptr, int64_t nnz, const char* op) {
   const int32_t* rp = rowptr.const_data_ptr<int32_t>();
   const int64_t rows = rowptr.numel() - 1;
-  TORCH_CHECK_VALUE(rp[0] == 0 && rp[rows] == nnz, op, ": rowptr must start at 0 and end at nnz = ", nnz,
-                    ", got ", rp[0], " and ", rp[rows]);
+  TORCH_CHECK_VALUE(rp[0] == 0 && rp[rows] == nnz, op, ": rowptr must start at 0 and end at nnz = ", nnz, ", got ",
+                    rp[0], " and ", rp[rows]);
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK_VALUE(rp[r] <= rp[r + 1], op, ": rowptr must be non-decreasing (row ", r, ")");
 }
@@ -88,38 +104,34 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
                  const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
-  const int64_t parts = std::min<int64_t>(rows, at::get_num_threads());
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
-      const auto [r0, r1] = row_range(rowptr, rows, part, parts);
-      bool local_bad = false;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const float* panel = packed + t * K * T;
-        const int64_t b0 = t * T, bt = std::min(T, B - b0);
-        for (int64_t r = r0; r < r1; ++r) {
-          vfloat acc[V];
-          const float init = bias ? static_cast<float>(bias[r]) : 0.f;
+  for_row_parts(rowptr, rows, bad, [&](int64_t, int64_t r0, int64_t r1) {
+    bool local_bad = false;
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const float* panel = packed + t * K * T;
+      const int64_t b0 = t * T, bt = std::min(T, B - b0);
+      for (int64_t r = r0; r < r1; ++r) {
+        vfloat acc[V];
+        const float init = bias ? static_cast<float>(bias[r]) : 0.f;
 #pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) acc[v] = vfloat{} + init;
-          for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
-            const int64_t c = col[j];
-            if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
-              local_bad = true;
-              continue;
-            }
-            const float w = static_cast<float>(values[j]);
-            const float* x = panel + c * T;
-#pragma GCC unroll 4
-            for (int v = 0; v < V; ++v) acc[v] += w * vload(x + v * kLanes);
+        for (int v = 0; v < V; ++v) acc[v] = vfloat{} + init;
+        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+          const int64_t c = col[j];
+          if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
+            local_bad = true;
+            continue;
           }
-          float out[T];
-          __builtin_memcpy(out, acc, sizeof(out));
-          scalar_t* y = yt + r * B + b0;
-          for (int64_t b = 0; b < bt; ++b) y[b] = static_cast<scalar_t>(out[b]);
+          const float w = static_cast<float>(values[j]);
+          const float* x = panel + c * T;
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[v] += w * vload(x + v * kLanes);
         }
+        float out[T];
+        __builtin_memcpy(out, acc, sizeof(out));
+        scalar_t* y = yt + r * B + b0;
+        for (int64_t b = 0; b < bt; ++b) y[b] = static_cast<scalar_t>(out[b]);
       }
-      if (local_bad) bad = true;
     }
+    return local_bad;
   });
 }
 
@@ -183,38 +195,34 @@ template <typename index_t, typename scalar_t>
 void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* x,
                  const scalar_t* bias, scalar_t* y, int64_t rows, int64_t K, std::atomic<bool>& bad) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t parts = std::min<int64_t>(rows, at::get_num_threads());
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
-      const auto [r0, r1] = row_range(rowptr, rows, part, parts);
-      int64_t outside = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        // Four independent chains: one chain would wait on each add's latency.
-        acc_t acc[4] = {bias ? static_cast<acc_t>(bias[r]) : acc_t(0), 0, 0, 0};
-        int64_t j = rowptr[r];
-        const int64_t j1 = rowptr[r + 1];
+  for_row_parts(rowptr, rows, bad, [&](int64_t, int64_t r0, int64_t r1) {
+    int64_t outside = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      // Four independent chains: one chain would wait on each add's latency.
+      acc_t acc[4] = {bias ? static_cast<acc_t>(bias[r]) : acc_t(0), 0, 0, 0};
+      int64_t j = rowptr[r];
+      const int64_t j1 = rowptr[r + 1];
 #ifdef __AVX512F__
-        if constexpr (std::is_same_v<scalar_t, float>) acc[1] = spmv_row_avx512(col, values, x, j, j1, K, outside);
+      if constexpr (std::is_same_v<scalar_t, float>) acc[1] = spmv_row_avx512(col, values, x, j, j1, K, outside);
 #endif
-        for (; j + 4 <= j1; j += 4) {
+      for (; j + 4 <= j1; j += 4) {
 #pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) {
-            const uint32_t c = static_cast<uint32_t>(static_cast<int32_t>(col[j + u]));
-            const bool ok = c < static_cast<uint32_t>(K);
-            outside += !ok;
-            if (ok) acc[u] += static_cast<acc_t>(values[j + u]) * static_cast<acc_t>(x[c]);
-          }
-        }
-        for (; j < j1; ++j) {
-          const uint32_t c = static_cast<uint32_t>(static_cast<int32_t>(col[j]));
+        for (int u = 0; u < 4; ++u) {
+          const uint32_t c = static_cast<uint32_t>(static_cast<int32_t>(col[j + u]));
           const bool ok = c < static_cast<uint32_t>(K);
           outside += !ok;
-          if (ok) acc[0] += static_cast<acc_t>(values[j]) * static_cast<acc_t>(x[c]);
+          if (ok) acc[u] += static_cast<acc_t>(values[j + u]) * static_cast<acc_t>(x[c]);
         }
-        y[r] = static_cast<scalar_t>((acc[0] + acc[1]) + (acc[2] + acc[3]));
       }
-      if (outside) bad = true;
+      for (; j < j1; ++j) {
+        const uint32_t c = static_cast<uint32_t>(static_cast<int32_t>(col[j]));
+        const bool ok = c < static_cast<uint32_t>(K);
+        outside += !ok;
+        if (ok) acc[0] += static_cast<acc_t>(values[j]) * static_cast<acc_t>(x[c]);
+      }
+      y[r] = static_cast<scalar_t>((acc[0] + acc[1]) + (acc[2] + acc[3]));
     }
+    return outside != 0;
   });
 }
 
@@ -284,10 +292,17 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::T
         const at::Tensor packed = pack_panels<scalar_t>(x, T);
         const float* pp = packed.const_data_ptr<float>();
         switch (T) {
-          case 16: spmm_panels<1, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad); break;
-          case 32: spmm_panels<2, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad); break;
-          case 64: spmm_panels<4, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad); break;
-          default: TORCH_CHECK(false, "spmm: internal error, panel width ", T);
+          case 16:
+            spmm_panels<1, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad);
+            break;
+          case 32:
+            spmm_panels<2, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad);
+            break;
+          case 64:
+            spmm_panels<4, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad);
+            break;
+          default:
+            TORCH_CHECK(false, "spmm: internal error, panel width ", T);
         }
       }
     });
@@ -304,38 +319,35 @@ void spmm_t_panels(const int32_t* rowptr, const index_t* col, const scalar_t* va
                    scalar_t* out, int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
-  std::vector<float> scratch(static_cast<size_t>(parts * K * T));
+  const int64_t parts = std::max<int64_t>(1, row_parts(rows));
+  std::vector<float> scratch(static_cast<size_t>(parts * K * T), 0.f);
   for (int64_t t = 0; t < ntiles; ++t) {
     const float* panel = packed + t * rows * T;
     const int64_t b0 = t * T, bt = std::min(T, B - b0);
-    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-      for (int64_t part = pb; part < pe; ++part) {
-        float* acc = scratch.data() + part * K * T;
-        std::fill(acc, acc + K * T, 0.f);
-        const auto [r0, r1] = row_range(rowptr, rows, part, parts);
-        bool local_bad = false;
-        for (int64_t r = r0; r < r1; ++r) {
-          vfloat yr[V];
+    for_row_parts(rowptr, rows, bad, [&](int64_t part, int64_t r0, int64_t r1) {
+      float* acc = scratch.data() + part * K * T;
+      std::fill(acc, acc + K * T, 0.f);
+      bool local_bad = false;
+      for (int64_t r = r0; r < r1; ++r) {
+        vfloat yr[V];
 #pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) yr[v] = vload(panel + r * T + v * kLanes);
-          for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
-            const int64_t c = col[j];
-            if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
-              local_bad = true;
-              continue;
-            }
-            const float w = static_cast<float>(values[j]);
-            float* dst = acc + c * T;
+        for (int v = 0; v < V; ++v) yr[v] = vload(panel + r * T + v * kLanes);
+        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+          const int64_t c = col[j];
+          if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
+            local_bad = true;
+            continue;
+          }
+          const float w = static_cast<float>(values[j]);
+          float* dst = acc + c * T;
 #pragma GCC unroll 4
-            for (int v = 0; v < V; ++v) {
-              const vfloat sum = vload(dst + v * kLanes) + w * yr[v];
-              __builtin_memcpy(dst + v * kLanes, &sum, sizeof(sum));
-            }
+          for (int v = 0; v < V; ++v) {
+            const vfloat sum = vload(dst + v * kLanes) + w * yr[v];
+            __builtin_memcpy(dst + v * kLanes, &sum, sizeof(sum));
           }
         }
-        if (local_bad) bad = true;
       }
+      return local_bad;
     });
     at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -369,38 +381,34 @@ inline float hsum(vfloat v) {
 // stays in registers and each stored position costs V multiply-adds and one horizontal sum. Partial sums
 // over panels accumulate in float32.
 template <int V, typename index_t>
-void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, const float* pb, float* out,
-                  int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, const float* pb, float* out, int64_t rows,
+                  int64_t K, int64_t B, std::atomic<bool>& bad) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
-  const int64_t parts = std::min<int64_t>(rows, at::get_num_threads());
-  at::parallel_for(0, parts, 1, [&](int64_t pb_, int64_t pe) {
-    for (int64_t part = pb_; part < pe; ++part) {
-      const auto [r0, r1] = row_range(rowptr, rows, part, parts);
-      bool local_bad = false;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const float* panel_a = pa + t * rows * T;
-        const float* panel_b = pb + t * K * T;
-        for (int64_t r = r0; r < r1; ++r) {
-          vfloat ar[V];
+  for_row_parts(rowptr, rows, bad, [&](int64_t, int64_t r0, int64_t r1) {
+    bool local_bad = false;
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const float* panel_a = pa + t * rows * T;
+      const float* panel_b = pb + t * K * T;
+      for (int64_t r = r0; r < r1; ++r) {
+        vfloat ar[V];
 #pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) ar[v] = vload(panel_a + r * T + v * kLanes);
-          for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
-            const int64_t c = col[j];
-            if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
-              local_bad = true;
-              continue;
-            }
-            const float* x = panel_b + c * T;
-            vfloat acc = ar[0] * vload(x);
-#pragma GCC unroll 4
-            for (int v = 1; v < V; ++v) acc += ar[v] * vload(x + v * kLanes);
-            out[j] = (t == 0 ? 0.f : out[j]) + hsum(acc);
+        for (int v = 0; v < V; ++v) ar[v] = vload(panel_a + r * T + v * kLanes);
+        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+          const int64_t c = col[j];
+          if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
+            local_bad = true;
+            continue;
           }
+          const float* x = panel_b + c * T;
+          vfloat acc = ar[0] * vload(x);
+#pragma GCC unroll 4
+          for (int v = 1; v < V; ++v) acc += ar[v] * vload(x + v * kLanes);
+          out[j] = (t == 0 ? 0.f : out[j]) + hsum(acc);
         }
       }
-      if (local_bad) bad = true;
     }
+    return local_bad;
   });
 }
 
@@ -441,8 +449,8 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // Two ways, chosen by measurement (4096 x 4096 at 90%, 2 cores): up to a batch of 32 the scatter below
   // wins (B = 16: 3.3 ms against 1.6 ms + a 3 ms gather); above it, permuting the values into column order
   // once and running spmm over the transposed structure does (B = 256: 14.5 + 3 ms against 39 ms).
-  const bool have_transposed = t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() &&
-                               t_col->defined() && t_perm.has_value() && t_perm->defined();
+  const bool have_transposed = t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
+                               t_perm.has_value() && t_perm->defined();
   if (have_transposed && yt.size(1) > 32) {
     check_csr(*t_rowptr, *t_col, values, "spmm_t (transposed structure)");
     TORCH_CHECK_VALUE(t_rowptr->numel() - 1 == K, "spmm_t: t_rowptr has ", t_rowptr->numel() - 1,
@@ -452,9 +460,8 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
                      "spmm_t: t_perm must be a contiguous int32 permutation of the stored values");
     std::atomic<bool> bad{false};
     at::Tensor permuted;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_t_gather", [&] {
-      permuted = gather_values<scalar_t>(values, *t_perm, bad);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_t_gather",
+                                    [&] { permuted = gather_values<scalar_t>(values, *t_perm, bad); });
     TORCH_CHECK_VALUE(!bad, "spmm_t: a t_perm entry is outside [0, nnz)");
     return spmm_cpu(*t_rowptr, *t_col, permuted, yt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   }
@@ -480,7 +487,8 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
               bad = true;
               continue;
             }
-            for (int64_t b = 0; b < B; ++b) acc[c * B + b] += static_cast<acc_t>(vp[j]) * static_cast<acc_t>(yp[r * B + b]);
+            for (int64_t b = 0; b < B; ++b)
+              acc[c * B + b] += static_cast<acc_t>(vp[j]) * static_cast<acc_t>(yp[r * B + b]);
           }
         scalar_t* op = out.mutable_data_ptr<scalar_t>();
         for (int64_t i = 0; i < K * B; ++i) op[i] = static_cast<scalar_t>(acc[i]);
@@ -491,10 +499,17 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
       const float* pp = packed.const_data_ptr<float>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       switch (T) {
-        case 16: spmm_t_panels<1, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad); break;
-        case 32: spmm_t_panels<2, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad); break;
-        case 64: spmm_t_panels<4, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad); break;
-        default: TORCH_CHECK(false, "spmm_t: internal error, panel width ", T);
+        case 16:
+          spmm_t_panels<1, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad);
+          break;
+        case 32:
+          spmm_t_panels<2, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad);
+          break;
+        case 64:
+          spmm_t_panels<4, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad);
+          break;
+        default:
+          TORCH_CHECK(false, "spmm_t: internal error, panel width ", T);
       }
     });
   });
@@ -514,8 +529,7 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
   TORCH_CHECK_VALUE(a.device().is_cpu(), "sddmm: tensors must be on the CPU for the CPU kernel");
   const int64_t rows = rowptr.numel() - 1, K = b.size(0), B = a.size(1);
   TORCH_CHECK_VALUE(a.size(0) == rows, "sddmm: a has ", a.size(0), " rows but the structure has ", rows);
-  TORCH_CHECK_VALUE(b.size(1) == B, "sddmm: a and b must have the same number of columns, got ", B, " and ",
-                    b.size(1));
+  TORCH_CHECK_VALUE(b.size(1) == B, "sddmm: a and b must have the same number of columns, got ", B, " and ", b.size(1));
   check_rowptr_cpu(rowptr, col.numel(), "sddmm");
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   at::Tensor out = at::empty({col.numel()}, a.options());
@@ -533,13 +547,21 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
       }
       const int64_t T = panel_width(std::max(rows, K), B);
       const at::Tensor pa = pack_panels<scalar_t>(ac, T), pb = pack_panels<scalar_t>(bc, T);
-      at::Tensor out_f = out.scalar_type() == at::kFloat ? out : at::empty({col.numel()}, a.options().dtype(at::kFloat));
+      at::Tensor out_f =
+          out.scalar_type() == at::kFloat ? out : at::empty({col.numel()}, a.options().dtype(at::kFloat));
       float* op = out_f.mutable_data_ptr<float>();
       switch (T) {
-        case 16: sddmm_panels<1, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad); break;
-        case 32: sddmm_panels<2, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad); break;
-        case 64: sddmm_panels<4, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad); break;
-        default: TORCH_CHECK(false, "sddmm: internal error, panel width ", T);
+        case 16:
+          sddmm_panels<1, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad);
+          break;
+        case 32:
+          sddmm_panels<2, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad);
+          break;
+        case 64:
+          sddmm_panels<4, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad);
+          break;
+        default:
+          TORCH_CHECK(false, "sddmm: internal error, panel width ", T);
       }
       if (!out_f.is_same(out)) out.copy_(out_f);
     });

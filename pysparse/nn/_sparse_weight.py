@@ -49,6 +49,17 @@ def check_mask(mask, weight: torch.Tensor, name: str = "mask") -> torch.Tensor:
     return mask
 
 
+def initial_mask(layer: str, weight: torch.Tensor, sparsity, mask) -> torch.Tensor:
+    """The constructors' rule: exactly one of sparsity= (a uniformly random mask) or mask=."""
+    if mask is None and sparsity is None:
+        raise ValueError(f"{layer} needs sparsity= (a random mask) or mask= (True = keep)")
+    if mask is not None and sparsity is not None:
+        raise ValueError(f"give {layer} either sparsity= or mask=, not both")
+    if mask is None:
+        return random_mask(weight.shape, check_sparsity(sparsity), device=weight.device)
+    return mask
+
+
 class SparseWeight(nn.Module):
     """Base of the sparse layers. The weight (first dim: outputs) is stored as a CSR matrix [rows, cols];
     ``_to_matrix`` / ``_from_matrix`` map between the weight's shape and that matrix (a reshape by default;
@@ -120,6 +131,22 @@ class SparseWeight(nn.Module):
         m = self._matrix_mask()
         dense = torch.zeros(m.shape, dtype=self.values.dtype, device=self.values.device).masked_scatter(m, self.values)
         return self._from_matrix(dense)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (built from the stored values on each access; differentiable in them)."""
+        return self.dense_weight()
+
+    def _copy_bias(self, bias) -> None:
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    def _fill_dense(self, module: nn.Module) -> nn.Module:
+        """Copies the dense weight and the bias into a dense twin built by a subclass's to_dense."""
+        with torch.no_grad():
+            module.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                module.bias.copy_(self.bias)
+        return module
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Changes which weights are stored: kept ones keep their values, newly kept ones start at 0. Rebuilds

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._sparse_weight import SparseWeight, check_sparsity, random_mask
+from ._sparse_weight import SparseWeight, initial_mask
 
 # The direct sparse convolution runs when the output plane has at least DIRECT_MIN_PIXELS pixels or at most
 # DIRECT_MAX_DENSITY of the weights are kept; otherwise im2col + spmm. Measured on the 2-core CPU, ResNet-18
@@ -39,15 +39,9 @@ class SparseConv2d(SparseWeight):
                  sparsity: Optional[float] = None, mask: Optional[torch.Tensor] = None, device=None,
                  dtype=None) -> None:
         super().__init__()
-        if mask is None and sparsity is None:
-            raise ValueError("SparseConv2d needs sparsity= (a random mask) or mask= (True = keep)")
-        if mask is not None and sparsity is not None:
-            raise ValueError("give SparseConv2d either sparsity= or mask=, not both")
         dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
-        if mask is None:
-            mask = random_mask(dense.weight.shape, check_sparsity(sparsity), device=dense.weight.device)
-        self._init_from(dense, mask)
+        self._init_from(dense, initial_mask("SparseConv2d", dense.weight, sparsity, mask))
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: Optional[torch.Tensor] = None) -> "SparseConv2d":
@@ -63,8 +57,7 @@ class SparseConv2d(SparseWeight):
         for name in _CONFIG:
             setattr(self, name, getattr(conv, name))
         self._store(conv.weight, mask)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
-                                                                requires_grad=conv.bias.requires_grad)
+        self._copy_bias(conv.bias)
 
     # The weight [out, in/g, kh, kw] as a block-diagonal [out, in * kh * kw] matrix.
     def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
@@ -86,19 +79,9 @@ class SparseConv2d(SparseWeight):
 
     def to_dense(self) -> nn.Conv2d:
         """An nn.Conv2d with the same function (pruned weights are zeros)."""
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                        device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight (built from the stored values on each access)."""
-        return self.dense_weight()
+        return self._fill_dense(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                          self.padding, self.dilation, self.groups, self.bias is not None,
+                                          self.padding_mode, device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == 3

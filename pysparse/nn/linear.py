@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ._sparse_weight import SparseWeight, check_sparsity, random_mask
+from ._sparse_weight import SparseWeight, initial_mask
 
 
 class SparseLinear(SparseWeight):
@@ -24,15 +24,9 @@ class SparseLinear(SparseWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
                  mask: Optional[torch.Tensor] = None, device=None, dtype=None) -> None:
         super().__init__()
-        if mask is None and sparsity is None:
-            raise ValueError("SparseLinear needs sparsity= (a random mask) or mask= (True = keep)")
-        if mask is not None and sparsity is not None:
-            raise ValueError("give SparseLinear either sparsity= or mask=, not both")
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if mask is None:
-            mask = random_mask(dense.weight.shape, check_sparsity(sparsity), device=dense.weight.device)
         self.in_features, self.out_features = in_features, out_features
-        self._store(dense.weight, mask)
+        self._store(dense.weight, initial_mask("SparseLinear", dense.weight, sparsity, mask))
         self.bias = dense.bias
 
     @classmethod
@@ -44,24 +38,13 @@ class SparseLinear(SparseWeight):
         SparseWeight.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._store(linear.weight, linear.weight.detach() != 0 if mask is None else mask)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                  requires_grad=linear.bias.requires_grad)
+        self._copy_bias(linear.bias)
         return self
 
     def to_dense(self) -> nn.Linear:
         """An nn.Linear with the same function (pruned weights are zeros)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight (read-only view of the stored values; built on each access)."""
-        return self.dense_weight()
+        return self._fill_dense(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                          device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
