@@ -29,7 +29,9 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by its sparse twin, in place; returns ``model``.
 
     ``masks`` maps parameter names (``"features.0.weight"``) to bool keep-masks of the weight's shape; layers it
-    does not name stay dense. ``masks=None`` keeps each layer's non-zero weights. A layer whose mask removes
+    does not name stay dense. ``masks=None`` keeps each layer's non-zero weights. Only layers of exactly these
+    types are converted (subclasses such as ``nn.MultiheadAttention``'s output projection read their weight
+    directly and stay dense). A layer whose mask removes
     less than ``min_sparsity`` of its weights stays dense (the sparse kernel would be slower); the default is
     the measured CPU crossover of each layer type (``DEFAULT_MIN_SPARSITY``). Pass 0 to convert every layer
     named.
@@ -39,7 +41,10 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     if min_sparsity is not None and (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
                                      or not 0 <= min_sparsity <= 1):
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
-    candidates = {f"{name}.weight" if name else "weight": (name, module) for name, module in model.named_modules()
+    if type(model) in _SPARSE_OF:
+        raise ValueError("sparsify converts the layers inside a model; for a lone layer use "
+                         f"{_SPARSE_OF[type(model)].__name__}.from_dense")
+    candidates = {f"{name}.weight": (name, module) for name, module in model.named_modules()
                   if type(module) in _SPARSE_OF}
     if masks is not None:
         if not isinstance(masks, Mapping):
@@ -61,12 +66,8 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             continue
         sparse = _SPARSE_OF[type(module)].from_dense(module, mask)
         sparse.train(module.training)
-        if name:
-            parent, child = _parent(model, name)
-            setattr(parent, child, sparse)
-        else:
-            raise ValueError("sparsify converts the layers inside a model; wrap a lone layer, or use "
-                             f"{_SPARSE_OF[type(module)].__name__}.from_dense")
+        parent, child = _parent(model, name)
+        setattr(parent, child, sparse)
     return model
 
 

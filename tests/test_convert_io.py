@@ -133,6 +133,11 @@ def test_load_refuses_bad_files(tmp_path):
      "must be a bool tensor"),
     (lambda: pysparse.sparsify(nn.Sequential(nn.Linear(2, 2)), min_sparsity=2), ValueError, "min_sparsity"),
     (lambda: pysparse.save("model", "x.safetensors"), TypeError, "model must be an nn.Module"),
+    (lambda: pysparse.densify(None), TypeError, "model must be an nn.Module"),
+    (lambda: pysparse.load("x.safetensors", "model"), TypeError, "model must be an nn.Module"),
+    (lambda: pysparse.sparsify(nn.Linear(2, 2)), ValueError, "for a lone layer use SparseLinear.from_dense"),
+    (lambda: pysparse.csr.structure(torch.ones(2, 2)), ValueError, "2-D bool tensor"),
+    (lambda: pysparse.csr.structure(torch.ones(2, dtype=torch.bool)), ValueError, "2-D bool tensor"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -100,16 +100,19 @@ class SparseConv2d(SparseWeight):
         if oh <= 0 or ow <= 0:
             raise ValueError(f"input of spatial size {tuple(x.shape[2:])} (after padding) is smaller than the "
                              "kernel's reach")
+        # The ops are called directly (the layer owns a checked structure; the kernels check again).
         transposed = (self.t_rowptr, self.t_col, self.t_perm)
         if oh * ow >= DIRECT_MIN_PIXELS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
-            y = ops.sparse_conv2d(self.rowptr, self.col, self.values, x, bias=self.bias,
-                                  kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
-                                  transposed=transposed)
+            ops._check_kernel("sparse_conv2d", x.device, "input")
+            y = torch.ops.pysparse.sparse_conv2d.default(self.rowptr, self.col, self.values, x, self.bias,
+                                                         list(self.kernel_size), list(self.stride),
+                                                         list(self.dilation), *transposed)
         else:  # small planes: im2col + spmm does better (see DIRECT_MIN_PIXELS)
             n = x.shape[0]
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, C*kh*kw, L]
             xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
-            yt = ops.spmm(self.rowptr, self.col, self.values, xt, bias=self.bias, transposed=transposed)
+            ops._check_kernel("spmm", x.device, "input")
+            yt = torch.ops.pysparse.spmm.default(self.rowptr, self.col, self.values, xt, self.bias, *transposed)
             y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
         return y[0] if unbatched else y
 
