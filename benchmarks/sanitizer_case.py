@@ -62,8 +62,8 @@ sparse_linear = pysparse.SparseLinear.from_dense(linear, torch.rand(24, 40, devi
 x = rnd(6, 40).requires_grad_()
 sparse_linear(x).sum().backward()
 conv = pysparse.SparseConv2d(8, 16, 3, padding=1, groups=2, sparsity=0.7).to(dev)
-conv(rnd(2, 8, 12, 12)).sum().backward()   # direct kernel (plane >= 100 pixels)
-conv(rnd(2, 8, 5, 5)).sum().backward()     # im2col + spmm (small plane)
+conv(rnd(4, 8, 12, 12)).sum().backward()   # direct kernel (4 * 144 >= 512 output pixels per channel)
+conv(rnd(2, 8, 5, 5)).sum().backward()     # im2col + spmm (50 output pixels per channel)
 dense_conv = torch.nn.Conv2d(4, 6, 3, stride=(2, 1), dilation=(1, 2)).to(dev)
 with torch.no_grad():
     dense_conv.weight.mul_(torch.rand_like(dense_conv.weight) < 0.5)

@@ -32,10 +32,11 @@ def _pair(cfg, density=0.4, dtype=torch.float32, device="cpu", seed=0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 4])  # 143 output pixels per channel: im2col at batch 1, direct at 4 (stride 1)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_matches_masked_dense(device, cfg):
+def test_matches_masked_dense(device, batch, cfg):
     conv, mask, sparse = _pair(cfg, device=device)
-    x = torch.randn(2, cfg["in_channels"], 13, 11, device=device)
+    x = torch.randn(batch, cfg["in_channels"], 13, 11, device=device)
     xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
     ys, yd = sparse(xs), conv(xd)
     assert ys.shape == yd.shape

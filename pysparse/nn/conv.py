@@ -1,8 +1,9 @@
 """SparseConv2d: a drop-in nn.Conv2d that stores and computes only its kept weights.
 
 The forward is a direct sparse convolution (``pysparse.ops.sparse_conv2d``: no im2col buffer; each stored
-weight adds a shifted input plane into its output plane) for output planes of DIRECT_MIN_PIXELS or more, and
-im2col (``F.unfold``) + ``pysparse.ops.spmm`` for smaller ones; padding of any mode is applied first.
+weight adds a shifted input plane into its output plane) when there are DIRECT_MIN_OUTPUTS or more output
+pixels per channel over the batch, and im2col (``F.unfold``) + ``pysparse.ops.spmm`` for fewer; padding of
+any mode is applied first.
 A grouped (or depthwise) weight is stored as one block-diagonal matrix over all input channels: each output
 row's column indices simply start at its group's channels, so every group goes through one kernel call.
 """
@@ -17,11 +18,12 @@ from torch import nn
 from .. import ops
 from ._sparse_weight import SparseWeight, initial_mask
 
-# The direct sparse convolution runs when the output plane has at least DIRECT_MIN_PIXELS pixels or at most
-# DIRECT_MAX_DENSITY of the weights are kept; otherwise im2col + spmm. Measured on the 2-core CPU, ResNet-18
-# 3x3 layers (benchmarks/RESULTS.md): at 90% direct wins at 56x56, 28x28 and (batch 8) 14x14, im2col at 7x7;
-# at 99% direct wins everywhere (im2col's copies dominate once there is little arithmetic).
-DIRECT_MIN_PIXELS = 100
+# The direct sparse convolution runs when an output channel has at least DIRECT_MIN_OUTPUTS pixels over the
+# batch (N * OH * OW) or at most DIRECT_MAX_DENSITY of the weights are kept; otherwise im2col + spmm. Measured
+# on the 2-core CPU at 90% (benchmarks/RESULTS.md): im2col wins for 49 (ResNet-18 layer4, batch 1), 196
+# (layer3, batch 1) and 392 (layer4, batch 8) output pixels, direct for 784 (layer2, batch 1), 1568 (layer3,
+# batch 8), 3136 (layer1) and 4096 (8x8 digits, batch 64); at 99% direct wins everywhere.
+DIRECT_MIN_OUTPUTS = 512
 DIRECT_MAX_DENSITY = 0.05
 
 _CONFIG = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
@@ -102,12 +104,12 @@ class SparseConv2d(SparseWeight):
                              "kernel's reach")
         # The ops are called directly (the layer owns a checked structure; the kernels check again).
         transposed = (self.t_rowptr, self.t_col, self.t_perm)
-        if oh * ow >= DIRECT_MIN_PIXELS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
+        if x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
             ops._check_kernel("sparse_conv2d", x.device, "input")
             y = torch.ops.pysparse.sparse_conv2d.default(self.rowptr, self.col, self.values, x, self.bias,
                                                          list(self.kernel_size), list(self.stride),
                                                          list(self.dilation), *transposed)
-        else:  # small planes: im2col + spmm does better (see DIRECT_MIN_PIXELS)
+        else:  # few output pixels: im2col + spmm does better (see DIRECT_MIN_OUTPUTS)
             n = x.shape[0]
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, C*kh*kw, L]
             xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
