@@ -1,0 +1,360 @@
+"""Pruning: score every prunable weight by a saliency, then choose which to remove.
+
+``prune(model, method, sparsity=... | threshold=...)`` scores the weights of every ``nn.Linear`` and
+``nn.Conv2d`` (biases and normalisation layers are never pruned) with the fused saliency kernel, selects with
+the fused selection kernels, and (by default) zeroes the removed weights in place. Everything is checked before
+the model is touched: a bad argument leaves it as it was.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import ops
+
+METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
+DATA_METHODS = ("gradient", "taylor", "hessian", "snip", "wanda")
+SCOPES = ("global", "layer")
+HESSIAN_ESTIMATORS = ("fisher", "hutchinson")
+PRUNABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class LayerReport:
+    name: str            # parameter name, e.g. "features.0.weight"
+    kind: str            # "Linear" or "Conv2d"
+    params: int
+    kept: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.params if self.params else 0.0
+
+
+@dataclass
+class PruneResult:
+    """Masks (True = keep) and scores keyed by parameter name, and a per-layer report."""
+    masks: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    layers: list[LayerReport]
+    method: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return sum(r.kept for r in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the prunable weights removed."""
+        return 1.0 - self.kept / self.params if self.params else 0.0
+
+    def table(self) -> str:
+        rows = [f"{'parameter':<40} {'kind':<7} {'params':>10} {'kept':>10} {'sparsity':>9}"]
+        for r in self.layers:
+            rows.append(f"{r.name:<40} {r.kind:<7} {r.params:>10} {r.kept:>10} {r.sparsity:>9.4f}")
+        rows.append(f"{'total':<40} {'':<7} {self.params:>10} {self.kept:>10} {self.sparsity:>9.4f}")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "settings": self.settings, "params": self.params, "kept": self.kept,
+                "sparsity": self.sparsity,
+                "layers": [{"name": r.name, "kind": r.kind, "params": r.params, "kept": r.kept,
+                            "sparsity": r.sparsity} for r in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# --------------------------------------------------------------------------------------------- arguments
+def _fraction(x, name: str, *, upper_inclusive: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    ok = 0.0 <= x <= 1.0 if upper_inclusive else 0.0 <= x < 1.0
+    if not (math.isfinite(x) and ok):
+        raise ValueError(f"{name} must be in [0, {'1]' if upper_inclusive else '1)'}, got {x}")
+    return float(x)
+
+
+def _parse_pattern(pattern: str) -> Union[str, tuple[int, int]]:
+    if pattern in ("unstructured", "channel"):
+        return pattern
+    m = re.fullmatch(r"(\d+):(\d+)", str(pattern))
+    if m and 1 <= int(m.group(1)) <= int(m.group(2)):
+        return int(m.group(1)), int(m.group(2))
+    raise ValueError(f"pattern must be 'unstructured', 'channel' or 'n:m' (e.g. '2:4'), got {pattern!r}")
+
+
+def prunable_parameters(model: nn.Module, exclude: Iterable = ()) -> dict[str, tuple[nn.Module, nn.Parameter]]:
+    """The weights pruning considers: of every nn.Linear / nn.Conv2d not excluded (by module type, or by a
+    name: a parameter or module name, or a regular expression matched against the parameter name)."""
+    types = tuple(e for e in exclude if isinstance(e, type))
+    names = [e for e in exclude if isinstance(e, str)]
+    out = {}
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE) or (types and isinstance(module, types)):
+            continue
+        pname = f"{mod_name}.weight" if mod_name else "weight"
+        if any(n in (pname, mod_name) or re.fullmatch(n, pname) for n in names):
+            continue
+        out[pname] = (module, module.weight)
+    return out
+
+
+def _batches(data, num_batches: int) -> list:
+    out = []
+    for batch in data:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("data must yield (inputs, targets) batches")
+        out.append(batch)
+        if len(out) >= num_batches:
+            break
+    if not out:
+        raise ValueError("data yielded no batch")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or inf")
+
+
+def _gradients(model, params, batches, loss_fn, *, squares: bool):
+    """Mean over batches of each weight's gradient (or, with squares, of the squared per-batch gradient)."""
+    acc = {name: torch.zeros_like(p, dtype=torch.float32) for name, (_, p) in params.items()}
+    was_training = model.training
+    saved = {name: (None if p.grad is None else p.grad.detach().clone()) for name, (_, p) in params.items()}
+    try:
+        for inputs, targets in batches:
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), targets)
+            _check_finite(loss.detach(), "the loss")
+            loss.backward()
+            for name, (_, p) in params.items():
+                if p.grad is None:
+                    continue
+                _check_finite(p.grad, f"the gradient of {name}")
+                g = p.grad.detach().float()
+                acc[name] += g * g if squares else g
+    finally:
+        for name, (_, p) in params.items():
+            p.grad = saved[name]
+        model.train(was_training)
+    return {name: a / len(batches) for name, a in acc.items()}
+
+
+def _hutchinson(model, params, batches, loss_fn, samples: int, generator):
+    """Diagonal Hessian estimate E[z * (H z)] with Rademacher z, via Hessian-vector products."""
+    acc = {name: torch.zeros_like(p, dtype=torch.float32) for name, (_, p) in params.items()}
+    weights = [p for _, p in params.values()]
+    for inputs, targets in batches:
+        loss = loss_fn(model(inputs), targets)
+        _check_finite(loss.detach(), "the loss")
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        for s in range(samples):
+            zs = [(torch.randint(0, 2, w.shape, generator=generator).to(w.device, w.dtype) * 2 - 1) for w in weights]
+            hz = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=s < samples - 1)
+            for (name, _), z, h in zip(params.items(), zs, hz):
+                acc[name] += (z * h).detach().float()
+    return {name: a / (len(batches) * samples) for name, a in acc.items()}
+
+
+def _input_norms(model, params, batches):
+    """Wanda's ||x_j||_2 per input feature of each layer (per input channel for a convolution)."""
+    sums = {name: None for name in params}
+    hooks = []
+    for name, (module, _) in params.items():
+        def hook(mod, args, _out, name=name):
+            x = args[0].detach().float()
+            per_feature = x.pow(2).transpose(0, 1).reshape(x.shape[1], -1).sum(1) if isinstance(mod, nn.Conv2d) \
+                else x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            sums[name] = per_feature if sums[name] is None else sums[name] + per_feature
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for inputs, _ in batches:
+                model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def _scores(model, params, method, batches, loss_fn, hessian_estimator, hutchinson_samples, generator):
+    weights = {name: p.detach() for name, (_, p) in params.items()}
+    if method == "magnitude":
+        return {n: ops.saliency(w, "magnitude") for n, w in weights.items()}
+    if method == "random":
+        return {n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in weights.items()}
+    if method in ("gradient", "taylor", "snip"):
+        grads = _gradients(model, params, batches, loss_fn, squares=False)
+        kind = "gradient" if method == "gradient" else "taylor"
+        return {n: ops.saliency(w, kind, grad=grads[n].to(w.dtype)) for n, w in weights.items()}
+    if method == "hessian":
+        if hessian_estimator == "fisher":
+            h = _gradients(model, params, batches, loss_fn, squares=True)
+        else:
+            h = _hutchinson(model, params, batches, loss_fn, hutchinson_samples, generator)
+        return {n: ops.saliency(w, "hessian", hessian=h[n].to(w.dtype)) for n, w in weights.items()}
+    if method == "wanda":
+        norms = _input_norms(model, params, batches)
+        out = {}
+        for n, w in weights.items():
+            if norms[n] is None:
+                raise ValueError(f"wanda: the layer of {n} saw no input in the data")
+            norm = norms[n].sqrt().to(w.device)
+            groups = params[n][0].groups if isinstance(params[n][0], nn.Conv2d) else 1
+            shape = (1, -1) + (1,) * (w.dim() - 2)
+            per_in = norm.reshape(groups, -1)  # each group of output channels sees its own input channels
+            scale = per_in.repeat_interleave(w.shape[0] // groups, dim=0).reshape(w.shape[0], *shape[1:]) \
+                if groups > 1 else norm.reshape(shape)
+            out[n] = ops.saliency(w, "magnitude") * scale
+        return out
+    raise AssertionError(method)
+
+
+# --------------------------------------------------------------------------------------------- selection
+def _protect(scores: dict, min_density: float) -> dict:
+    """Scores with each layer's top ceil(min_density * n) set to +inf, so that no selection removes them."""
+    if min_density <= 0:
+        return scores
+    out = {}
+    for n, s in scores.items():
+        k = min(s.numel(), math.ceil(min_density * s.numel()))
+        flat = s.reshape(-1).clone()
+        if k:
+            flat[torch.topk(flat, k).indices] = float("inf")
+        out[n] = flat.reshape(s.shape)
+    return out
+
+
+def _select(scores, pattern, scope, sparsity, threshold, layer_sparsity, min_density):
+    names = list(scores)
+    if isinstance(pattern, tuple):
+        n, m = pattern
+        return {k: ops.nm_masks(scores[k], n, m) for k in names}
+    if pattern == "channel":  # whole output channels (rows), scored by the mean saliency of their weights
+        channel = {k: s.reshape(s.shape[0], -1).mean(1, keepdim=True).expand(s.shape[0], 1) for k, s in scores.items()}
+        picked = _select({k: c.reshape(-1) for k, c in channel.items()}, "unstructured", scope, sparsity, threshold,
+                         layer_sparsity, min_density)
+        return {k: picked[k].reshape((-1,) + (1,) * (scores[k].dim() - 1)).expand(scores[k].shape).clone()
+                for k in names}
+    protected = _protect(scores, min_density)
+    if threshold is not None:
+        masks = ops.threshold_masks([protected[k] for k in names], threshold)
+        return dict(zip(names, masks))
+    if scope == "global":
+        free = sum(s.numel() - math.ceil(min_density * s.numel()) for s in scores.values())
+        total = sum(s.numel() for s in scores.values())
+        if round(sparsity * total) > free:
+            raise ValueError(f"sparsity {sparsity} removes more weights than min_density={min_density} leaves "
+                             f"removable ({free} of {total})")
+        masks = ops.sparsity_masks([protected[k] for k in names], sparsity)
+        return dict(zip(names, masks))
+    out = {}
+    for k in names:
+        s_k = layer_sparsity.get(k, sparsity)
+        n = scores[k].numel()
+        if round(s_k * n) > n - math.ceil(min_density * n):
+            s_k = (n - math.ceil(min_density * n)) / n if n else 0.0
+        out[k] = ops.sparsity_masks([protected[k]], s_k)[0]
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- prune
+def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, threshold: Optional[float] = None,
+          scope: str = "global", pattern: str = "unstructured", data: Optional[Iterable] = None,
+          loss_fn: Optional[Callable] = None, num_batches: int = 1, exclude: Iterable = (),
+          layer_sparsity: Optional[Mapping[str, float]] = None, min_density: float = 0.01,
+          hessian_estimator: str = "fisher", hutchinson_samples: int = 1,
+          generator: Optional[torch.Generator] = None, apply: bool = True) -> PruneResult:
+    """Score the weights of every nn.Linear / nn.Conv2d of ``model`` and choose which to remove.
+
+    ``method``: "magnitude" |w|; "gradient" |dL/dw|; "taylor" |g*w|; "hessian" 0.5*h*w^2 (OBD) with h from
+    ``hessian_estimator`` "fisher" (mean squared per-batch gradients) or "hutchinson" (E[z*Hz]); "snip" |g*w|
+    (meant for a model at initialisation); "wanda" |w| * ||x|| per input feature; "random". Gradients are
+    averaged over ``num_batches`` batches of ``data`` (an iterable of (inputs, targets), e.g. a DataLoader)
+    under ``loss_fn``, which the data-driven methods need.
+
+    Exactly one of ``sparsity`` (remove that fraction, exactly) or ``threshold`` (remove every weight whose
+    saliency is below it) for the unstructured and channel patterns; an "n:m" pattern (e.g. "2:4": keep the n
+    largest of every m along the input dimension) takes neither. ``scope`` "global" ranks all layers together,
+    "layer" each alone (``layer_sparsity`` overrides per parameter name). ``exclude``: module types, names or
+    regular expressions of parameters to leave alone. ``min_density``: no layer keeps fewer than this fraction.
+    With ``apply`` (default) the removed weights are zeroed in place.
+    """
+    # --- every check first: a bad argument leaves the model as it was
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if hessian_estimator not in HESSIAN_ESTIMATORS:
+        raise ValueError(f"hessian_estimator must be 'fisher' or 'hutchinson', got {hessian_estimator!r}")
+    pat = _parse_pattern(pattern)
+    if isinstance(pat, tuple):
+        if sparsity is not None or threshold is not None:
+            raise ValueError(f"pattern {pattern!r} fixes the sparsity itself: give neither sparsity nor threshold")
+    elif (sparsity is None) == (threshold is None):
+        raise ValueError("give exactly one of sparsity= or threshold=")
+    if sparsity is not None:
+        sparsity = _fraction(sparsity, "sparsity")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+            raise ValueError(f"threshold must be a real number, got {threshold!r}")
+        if scope == "layer" or layer_sparsity:
+            raise ValueError("threshold= applies one saliency threshold to all layers: no scope='layer' or "
+                             "layer_sparsity with it")
+    min_density = _fraction(min_density, "min_density", upper_inclusive=True)
+    layer_sparsity = dict(layer_sparsity or {})
+    for k, v in layer_sparsity.items():
+        _fraction(v, f"layer_sparsity[{k!r}]")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
+    if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
+        raise ValueError(f"hutchinson_samples must be an int >= 1, got {hutchinson_samples!r}")
+    params = prunable_parameters(model, exclude)
+    if not params:
+        raise ValueError("the model has nothing to prune: no nn.Linear / nn.Conv2d weight (after exclude)")
+    unknown = sorted(set(layer_sparsity) - set(params))
+    if unknown:
+        raise ValueError(f"layer_sparsity names parameters that are not prunable: {unknown[:5]}")
+    if isinstance(pat, tuple):
+        bad = [n for n, (_, p) in params.items() if p.shape[1] % pat[1]]
+        if bad:
+            raise ValueError(f"pattern {pattern!r}: the input dimension of {bad[:3]} is not divisible by {pat[1]} "
+                             "(exclude those layers)")
+    for name, (_, p) in params.items():
+        _check_finite(p.detach(), f"the weight {name}")
+    batches = None
+    if method in DATA_METHODS:
+        if data is None:
+            raise ValueError(f"method {method!r} needs data= (an iterable of (inputs, targets) batches)")
+        if loss_fn is None and method != "wanda":
+            raise ValueError(f"method {method!r} needs loss_fn=")
+        batches = _batches(data, num_batches)
+
+    # --- score and select (the model's weights are untouched until here)
+    scores = _scores(model, params, method, batches, loss_fn, hessian_estimator, hutchinson_samples, generator)
+    masks = _select(scores, pat, scope, sparsity, threshold, layer_sparsity, min_density)
+    if apply:
+        for name, (_, p) in params.items():
+            ops.apply_mask_(masks[name], p.data)
+    report = [LayerReport(n, type(params[n][0]).__name__, m.numel(), int(m.sum())) for n, m in masks.items()]
+    settings = {"sparsity": sparsity, "threshold": threshold, "scope": scope, "pattern": pattern,
+                "min_density": min_density, "num_batches": num_batches,
+                **({"hessian_estimator": hessian_estimator} if method == "hessian" else {})}
+    return PruneResult(masks=masks, scores=scores, layers=report, method=method, settings=settings)
