@@ -8,10 +8,11 @@ from . import csr, nn, ops, reference
 from .convert import densify, sparsify
 from .io import load, save
 from .prune import PruneResult, prune
+from .retrain import RetrainResult, remember_init, retrain
 from .nn import SparseConv2d, SparseLinear
 from .ops import apply_mask_, nm_masks, saliency, sparsity_masks, threshold_masks
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "sparsify", "densify", "save", "load", "prune", "PruneResult", "csr", "nn", "SparseLinear", "SparseConv2d", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_",
+__all__ = ["ops", "reference", "sparsify", "densify", "save", "load", "prune", "PruneResult", "retrain", "RetrainResult", "remember_init", "csr", "nn", "SparseLinear", "SparseConv2d", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_",
            "cuda_built", "cuda_usable", "__version__"]

@@ -1,0 +1,169 @@
+"""Retraining a pruned model: the three correction modes.
+
+- ``"connectivity"``: only the kept weights train; pruned weights, their gradients and the optimizer's state for
+  them stay exactly zero at every step (the fused ``apply_mask_`` kernel, after every backward and step).
+- ``"weight"``: every weight trains (pruned ones restart at zero) at the given (pre-pruning) learning rate; then
+  the mask is chosen again with the same method and sparsity, and the result says how many connections changed.
+- ``"network"``: the weights are rewound to their initial values (``remember_init``), keeping the mask, and the
+  network trains again with connectivity correction (the lottery-ticket recipe).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .nn._sparse_weight import check_mask
+
+MODES = ("connectivity", "weight", "network")
+_INIT_ATTR = "_pysparse_init_state"
+
+
+def remember_init(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Save a copy of ``model``'s current weights (call it at initialisation, or at an early checkpoint) for
+    ``retrain(mode="network")``; returns the copy."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    object.__setattr__(model, _INIT_ATTR, state)
+    return state
+
+
+@dataclass
+class RetrainResult:
+    mode: str
+    masks: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)       # mean training loss per epoch
+    accuracy_before: Optional[float] = None
+    accuracy_after: Optional[float] = None
+    changed: Optional[int] = None                            # weight mode: connections whose mask flipped
+
+
+def accuracy(model: nn.Module, data: Iterable) -> float:
+    """Top-1 accuracy of ``model`` on (inputs, targets) batches."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for inputs, targets in data:
+            correct += int((model(inputs).argmax(-1) == targets).sum())
+            total += targets.numel()
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("the evaluation data yielded no example")
+    return correct / total
+
+
+def _optimizer(name_or_factory, params, lr, momentum, weight_decay):
+    if callable(name_or_factory):
+        return name_or_factory(params)
+    if name_or_factory == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name_or_factory == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable params -> optimizer, got {name_or_factory!r}")
+
+
+def _mask_state(opt: torch.optim.Optimizer, p: torch.Tensor, mask: torch.Tensor) -> None:
+    tensors = [t for t in opt.state.get(p, {}).values() if isinstance(t, torch.Tensor) and t.shape == p.shape]
+    ops.apply_mask_(mask, p.data, *tensors)
+
+
+def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data: Iterable, *, epochs: int,
+            lr: float, optimizer: Union[str, Callable] = "sgd", loss_fn: Callable = F.cross_entropy,
+            momentum: float = 0.9, weight_decay: float = 0.0, eval_data: Optional[Iterable] = None,
+            init_state: Optional[Mapping[str, torch.Tensor]] = None, method: Optional[str] = None,
+            sparsity: Optional[float] = None, prune_kwargs: Optional[Mapping] = None,
+            progress: bool = False) -> RetrainResult:
+    """Retrain a pruned ``model`` (masks keyed by parameter name, True = keep) by one of the three modes.
+
+    ``data`` is any iterable of (inputs, targets) batches, iterated once per epoch. ``optimizer`` is "sgd"
+    (with ``momentum``), "adam", or a callable building one from the parameters. ``eval_data`` adds accuracy
+    before and after. ``mode="weight"`` needs ``method`` and ``sparsity`` to choose the mask again (and, for a
+    data-driven method, uses ``data`` and ``loss_fn``; ``prune_kwargs`` passes more to ``pysparse.prune``).
+    ``mode="network"`` rewinds to ``init_state`` or to what ``remember_init`` saved.
+    """
+    from .prune import prune  # prune imports ops too; keep the import graph one-way at module load
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    params = dict(model.named_parameters())
+    if not isinstance(masks, Mapping) or not masks:
+        raise ValueError("masks must be a non-empty mapping from parameter names to bool masks")
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"masks[{name!r}] names no parameter of the model")
+        check_mask(mask, params[name], name=f"masks[{name!r}]")
+    if mode == "weight" and (method is None or sparsity is None):
+        raise ValueError("mode='weight' chooses the mask again: give method= and sparsity=")
+    if mode == "network":
+        init = init_state if init_state is not None else getattr(model, _INIT_ATTR, None)
+        if init is None:
+            raise ValueError("mode='network' needs the initial weights: call pysparse.remember_init(model) before "
+                             "training, or pass init_state=")
+        missing = sorted(set(model.state_dict()) - set(init))
+        if missing:
+            raise ValueError(f"init_state lacks {missing[:5]}")
+    _optimizer(optimizer, [torch.zeros(1, requires_grad=True)], lr, momentum, weight_decay)  # validate early
+
+    result = RetrainResult(mode=mode, masks={k: v.clone() for k, v in masks.items()})
+    if eval_data is not None:
+        result.accuracy_before = accuracy(model, eval_data)
+    if mode == "network":
+        with torch.no_grad():
+            model.load_state_dict({k: v.clone() for k, v in init.items()})
+    masked = {params[n]: m for n, m in masks.items()}
+    with torch.no_grad():
+        for p, m in masked.items():  # pruned weights start at zero in every mode
+            ops.apply_mask_(m, p.data)
+    opt = _optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    correct = mode in ("connectivity", "network")
+
+    epoch_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+        epoch_iter = tqdm(epoch_iter, desc=f"retrain ({mode})")
+    model.train()
+    for _ in epoch_iter:
+        total, count = 0.0, 0
+        for inputs, targets in data:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), targets)
+            if not torch.isfinite(loss):
+                raise ValueError("the training loss became NaN or inf: lower lr")
+            loss.backward()
+            if correct:
+                for p, m in masked.items():
+                    if p.grad is not None:
+                        ops.apply_mask_(m, p.grad)
+            opt.step()
+            if correct:
+                with torch.no_grad():
+                    for p, m in masked.items():
+                        _mask_state(opt, p, m)
+            total += float(loss.detach()) * targets.shape[0]
+            count += targets.shape[0]
+        if count == 0:
+            raise ValueError("data yielded no batch")
+        result.losses.append(total / count)
+
+    if mode == "weight":
+        kw = dict(prune_kwargs or {})
+        kw.setdefault("exclude", [n for n in dict(model.named_parameters()) if n.endswith("weight") and n not in masks])
+        again = prune(model, method, sparsity=sparsity, data=data, loss_fn=loss_fn, **kw)
+        result.changed = sum(int((again.masks[n] != masks[n]).sum()) for n in masks if n in again.masks)
+        result.masks = again.masks
+    if eval_data is not None:
+        result.accuracy_after = accuracy(model, eval_data)
+    return result

@@ -1,0 +1,119 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pysparse
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 10, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    return model, data
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_connectivity_keeps_pruned_weights_grads_and_state_zero(optimizer):
+    model, data = _setup()
+    result = pysparse.prune(model, "magnitude", sparsity=0.7)
+    masks = result.masks
+    seen = []
+
+    def spy_factory(params):
+        opt = torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3) if optimizer == "adam" else \
+            torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+        original = opt.step
+
+        def step(*a, **k):
+            out = original(*a, **k)
+            seen.append(copy.deepcopy({n: p.detach() for n, p in model.named_parameters()}))
+            return out
+        opt.step = step
+        return opt
+
+    out = pysparse.retrain(model, masks, "connectivity", data, epochs=5, lr=0.05, optimizer=spy_factory,
+                           eval_data=data)
+    assert out.losses[-1] < out.losses[0]
+    assert out.accuracy_after >= out.accuracy_before
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert int(torch.count_nonzero(params[name][~mask])) == 0
+        assert params[name].grad is None or int(torch.count_nonzero(params[name].grad[~mask])) == 0
+    # weights are re-masked after every step (the spy saw them before re-masking: the optimizer may not move
+    # them, because their grads were zeroed before the step)
+    for state in seen:
+        for name, mask in masks.items():
+            assert int(torch.count_nonzero(state[name][~mask])) == 0
+
+
+def test_connectivity_optimizer_state_is_masked():
+    model, data = _setup(1)
+    masks = pysparse.prune(model, "magnitude", sparsity=0.8).masks
+    holder = {}
+
+    def factory(params):
+        holder["opt"] = torch.optim.Adam(params, lr=1e-2)
+        return holder["opt"]
+
+    pysparse.retrain(model, masks, "connectivity", data, epochs=2, lr=1e-2, optimizer=factory)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        state = holder["opt"].state[params[name]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert int(torch.count_nonzero(state[key][~mask])) == 0
+
+
+def test_weight_mode_regrows_and_reselects():
+    model, data = _setup(2)
+    masks = pysparse.prune(model, "magnitude", sparsity=0.7).masks
+    out = pysparse.retrain(model, masks, "weight", data, epochs=3, lr=0.05, method="magnitude", sparsity=0.7)
+    flips = sum(int((out.masks[n] != masks[n]).sum()) for n in masks)
+    assert out.changed == flips and flips > 0
+    params = dict(model.named_parameters())
+    for name, mask in out.masks.items():
+        assert int(torch.count_nonzero(params[name][~mask])) == 0
+    total = sum(m.numel() for m in out.masks.values())
+    assert total - sum(int(m.sum()) for m in out.masks.values()) == round(0.7 * total)  # the same global sparsity
+
+
+def test_network_mode_rewinds_to_init():
+    model, data = _setup(3)
+    init = pysparse.remember_init(model)
+    pysparse.retrain(model, {"0.weight": torch.ones(32, 10, dtype=torch.bool)}, "connectivity", data, epochs=3,
+                     lr=0.05)  # "train"
+    masks = pysparse.prune(model, "magnitude", sparsity=0.8).masks
+    out = pysparse.retrain(model, masks, "network", data, epochs=0, lr=0.05)  # rewind only
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        want = init[name] * masks[name] if name in masks else init[name]
+        assert torch.equal(p.detach(), want)
+    out = pysparse.retrain(model, masks, "network", data, epochs=4, lr=0.05)
+    assert out.losses[-1] < out.losses[0]
+    for name, mask in masks.items():
+        assert int(torch.count_nonzero(params[name][~mask])) == 0
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(mode="magic"), ValueError, "mode must be one of"),
+    (dict(mode="connectivity", epochs=-1), ValueError, "epochs must be"),
+    (dict(mode="connectivity", lr=0), ValueError, "lr must be"),
+    (dict(mode="connectivity", masks={"9.weight": torch.ones(1, dtype=torch.bool)}), ValueError, "names no parameter"),
+    (dict(mode="connectivity", masks={"0.weight": torch.ones(10, 32, dtype=torch.bool)}), ValueError, "has shape"),
+    (dict(mode="connectivity", masks={}), ValueError, "non-empty mapping"),
+    (dict(mode="connectivity", data=[]), ValueError, "data yielded no batch"),
+    (dict(mode="connectivity", optimizer="lbfgs"), ValueError, "optimizer must be"),
+    (dict(mode="weight"), ValueError, "give method= and sparsity="),
+    (dict(mode="network"), ValueError, "remember_init"),
+])
+def test_bad_input(kwargs, exc, match):
+    model, data = _setup()
+    args = dict(masks={"0.weight": torch.ones(32, 10, dtype=torch.bool)}, data=data, epochs=1, lr=0.1)
+    args.update(kwargs)
+    mode = args.pop("mode")
+    with pytest.raises(exc, match=match):
+        pysparse.retrain(model, args.pop("masks"), mode, args.pop("data"), **args)
