@@ -358,3 +358,39 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
                 "min_density": min_density, "num_batches": num_batches,
                 **({"hessian_estimator": hessian_estimator} if method == "hessian" else {})}
     return PruneResult(masks=masks, scores=scores, layers=report, method=method, settings=settings)
+
+
+# ------------------------------------------------------------------------ torch.nn.utils.prune conversions
+def to_torch_prune(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Attach masks in ``torch.nn.utils.prune``'s form (``weight_orig`` + ``weight_mask``, re-applied on every
+    forward) to the named parameters; returns ``model``."""
+    from torch.nn.utils import prune as torch_prune
+
+    from .nn._sparse_weight import check_mask
+
+    for name, mask in masks.items():
+        module_name, _, pname = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+            param = getattr(module, pname)
+        except AttributeError:
+            raise ValueError(f"masks[{name!r}] names no parameter of the model") from None
+        check_mask(mask, param, name=f"masks[{name!r}]")
+        torch_prune.custom_from_mask(module, pname, mask)
+    return model
+
+
+def from_torch_prune(model: nn.Module, *, remove: bool = True) -> dict[str, torch.Tensor]:
+    """The masks of every parameter pruned with ``torch.nn.utils.prune`` (bool, keyed by parameter name);
+    with ``remove`` the pruning is made permanent (``prune.remove``: plain masked weights, no hooks)."""
+    from torch.nn.utils import prune as torch_prune
+
+    masks = {}
+    for module_name, module in list(model.named_modules()):
+        for buffer_name, buf in list(module.named_buffers(recurse=False)):
+            if buffer_name.endswith("_mask") and hasattr(module, buffer_name[:-5] + "_orig"):
+                pname = buffer_name[:-5]
+                masks[f"{module_name}.{pname}" if module_name else pname] = buf.detach() != 0
+                if remove:
+                    torch_prune.remove(module, pname)
+    return masks
