@@ -10,12 +10,12 @@ from .io import load, save
 from .prune import PruneResult, from_torch_prune, prune, to_torch_prune
 from .sensitivity import SensitivityResult, plot_report, sensitivity
 from .schedule import GradualPruner, cubic_sparsity, iterative_prune, iterative_sparsities
-from .retrain import RetrainResult, remember_init, retrain
+from .retrain import RetrainResult, accuracy, remember_init, retrain, train
 from .nn import SparseConv2d, SparseLinear
 from .ops import apply_mask_, nm_masks, saliency, sparsity_masks, threshold_masks
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "reference", "sparsify", "densify", "save", "load", "prune", "PruneResult", "to_torch_prune", "from_torch_prune", "GradualPruner", "cubic_sparsity",
-           "iterative_prune", "iterative_sparsities", "sensitivity", "SensitivityResult", "plot_report", "retrain", "RetrainResult", "remember_init", "csr", "nn", "SparseLinear", "SparseConv2d", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_",
+           "iterative_prune", "iterative_sparsities", "sensitivity", "SensitivityResult", "plot_report", "retrain", "RetrainResult", "remember_init", "train", "accuracy", "csr", "nn", "SparseLinear", "SparseConv2d", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_",
            "cuda_built", "cuda_usable", "__version__"]

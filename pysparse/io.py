@@ -25,6 +25,12 @@ VERSION = 1
 _TYPES = {"SparseLinear": SparseLinear, "SparseConv2d": SparseConv2d}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
@@ -55,6 +61,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; a saved model has ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

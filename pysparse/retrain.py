@@ -74,6 +74,55 @@ def _mask_state(opt: torch.optim.Optimizer, p: torch.Tensor, mask: torch.Tensor)
     ops.apply_mask_(mask, p.data, *tensors)
 
 
+def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs: int,
+        loss_fn: Callable = F.cross_entropy, masks: Optional[Mapping[torch.Tensor, torch.Tensor]] = None,
+        progress: bool = False, desc: str = "train") -> list[float]:
+    """The training loop: ``epochs`` passes over ``data``; returns the mean loss of each. With ``masks``
+    (parameter tensor -> keep-mask), gradients are masked before every step and the weights and the optimizer's
+    state after it (connectivity correction)."""
+    epoch_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+        epoch_iter = tqdm(epoch_iter, desc=desc)
+    model.train()
+    losses = []
+    for _ in epoch_iter:
+        total, count = 0.0, 0
+        for inputs, targets in data:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), targets)
+            if not torch.isfinite(loss):
+                raise ValueError("the training loss became NaN or inf: lower lr")
+            loss.backward()
+            if masks:
+                for p, m in masks.items():
+                    if p.grad is not None:
+                        ops.apply_mask_(m, p.grad)
+            opt.step()
+            if masks:
+                with torch.no_grad():
+                    for p, m in masks.items():
+                        _mask_state(opt, p, m)
+            total += float(loss.detach()) * targets.shape[0]
+            count += targets.shape[0]
+        if count == 0:
+            raise ValueError("data yielded no batch")
+        losses.append(total / count)
+    return losses
+
+
+def train(model: nn.Module, data: Iterable, *, epochs: int, lr: float, optimizer: Union[str, Callable] = "sgd",
+          loss_fn: Callable = F.cross_entropy, momentum: float = 0.9, weight_decay: float = 0.0,
+          progress: bool = False) -> list[float]:
+    """Train a (dense) model; returns the mean loss per epoch."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    opt = _optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    return fit(model, data, opt, epochs=epochs, loss_fn=loss_fn, progress=progress)
+
+
 def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data: Iterable, *, epochs: int,
             lr: float, optimizer: Union[str, Callable] = "sgd", loss_fn: Callable = F.cross_entropy,
             momentum: float = 0.9, weight_decay: float = 0.0, eval_data: Optional[Iterable] = None,
@@ -130,33 +179,8 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
     opt = _optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     correct = mode in ("connectivity", "network")
 
-    epoch_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-        epoch_iter = tqdm(epoch_iter, desc=f"retrain ({mode})")
-    model.train()
-    for _ in epoch_iter:
-        total, count = 0.0, 0
-        for inputs, targets in data:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs), targets)
-            if not torch.isfinite(loss):
-                raise ValueError("the training loss became NaN or inf: lower lr")
-            loss.backward()
-            if correct:
-                for p, m in masked.items():
-                    if p.grad is not None:
-                        ops.apply_mask_(m, p.grad)
-            opt.step()
-            if correct:
-                with torch.no_grad():
-                    for p, m in masked.items():
-                        _mask_state(opt, p, m)
-            total += float(loss.detach()) * targets.shape[0]
-            count += targets.shape[0]
-        if count == 0:
-            raise ValueError("data yielded no batch")
-        result.losses.append(total / count)
+    result.losses = fit(model, data, opt, epochs=epochs, loss_fn=loss_fn, masks=masked if correct else None,
+                        progress=progress, desc=f"retrain ({mode})")
 
     if mode == "weight":
         kw = dict(prune_kwargs or {})

@@ -1,0 +1,46 @@
+import json
+import os
+import stat
+
+import pytest
+
+from pysparse.cli import main
+
+FAST = ["--epochs", "2", "--quiet", "--num-batches", "2"]
+
+
+def test_prune_mlp_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    assert main(["prune", "--data", "digits", "--model", "mlp", "--method", "taylor", "--sparsity", "0.9",
+                 "--retrain", "connectivity", "--out", str(out), *FAST]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["dense.safetensors", "masks.safetensors", "model.safetensors", "report.json", "report.png",
+                     "report.txt"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-4) and report["method"] == "taylor"
+    assert set(report["accuracy"]) == {"dense", "pruned", "retrained"}
+    assert report["accuracy"]["retrained"] > 0.5
+    assert os.path.getsize(out / "model.safetensors") < 0.5 * os.path.getsize(out / "dense.safetensors")
+    assert stat.S_IMODE(os.stat(out).st_mode) & 0o055  # an ordinary folder, not a private temp one
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary folder left behind
+
+
+def test_prune_cnn_threshold_and_weight_mode(tmp_path):
+    assert main(["prune", "--model", "cnn", "--method", "magnitude", "--threshold", "0.05", "--retrain", "weight",
+                 "--out", str(tmp_path / "a"), "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["connections_changed"] is not None
+
+
+def test_refuses_existing_out_and_leaves_nothing_on_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        main(["prune", "--sparsity", "0.5", "--out", str(out), *FAST])
+    assert (out / "keep.txt").read_text() == "mine"
+    fresh = tmp_path / "fresh"
+    assert main(["prune", "--method", "obs", "--sparsity", "0.5", "--out", str(fresh), *FAST]) == 2
+    assert "method must be one of" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no half-written output
+    with pytest.raises(SystemExit):
+        main(["prune", "--sparsity", "0.5", "--threshold", "0.1", "--out", str(fresh)])  # argparse: not both
