@@ -131,8 +131,10 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or inf")
 
 
-def _gradients(model, params, batches, loss_fn, *, squares: bool):
-    """Mean over batches of each weight's gradient (or, with squares, of the squared per-batch gradient)."""
+def _per_batch(model, params, batches, loss_fn, score: Callable):
+    """Mean over batches of score(name, weight, per-batch gradient). Scoring each batch's gradient and then
+    averaging (not averaging the gradients first) matters: at a trained model's minimum the mean gradient is
+    close to zero and mostly noise, while per-batch |g| or |g*w| still rank the weights (Molchanov et al. 2019)."""
     acc = {name: torch.zeros_like(p, dtype=torch.float32) for name, (_, p) in params.items()}
     was_training = model.training
     saved = {name: (None if p.grad is None else p.grad.detach().clone()) for name, (_, p) in params.items()}
@@ -146,8 +148,7 @@ def _gradients(model, params, batches, loss_fn, *, squares: bool):
                 if p.grad is None:
                     continue
                 _check_finite(p.grad, f"the gradient of {name}")
-                g = p.grad.detach().float()
-                acc[name] += g * g if squares else g
+                acc[name] += score(name, p.detach(), p.grad.detach())
     finally:
         for name, (_, p) in params.items():
             p.grad = saved[name]
@@ -199,12 +200,11 @@ def _scores(model, params, method, batches, loss_fn, hessian_estimator, hutchins
     if method == "random":
         return {n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in weights.items()}
     if method in ("gradient", "taylor", "snip"):
-        grads = _gradients(model, params, batches, loss_fn, squares=False)
         kind = "gradient" if method == "gradient" else "taylor"
-        return {n: ops.saliency(w, kind, grad=grads[n].to(w.dtype)) for n, w in weights.items()}
+        return _per_batch(model, params, batches, loss_fn, lambda n, w, g: ops.saliency(w, kind, grad=g))
     if method == "hessian":
         if hessian_estimator == "fisher":
-            h = _gradients(model, params, batches, loss_fn, squares=True)
+            h = _per_batch(model, params, batches, loss_fn, lambda n, w, g: g.float() * g.float())
         else:
             h = _hutchinson(model, params, batches, loss_fn, hutchinson_samples, generator)
         return {n: ops.saliency(w, "hessian", hessian=h[n].to(w.dtype)) for n, w in weights.items()}
@@ -284,9 +284,9 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
 
     ``method``: "magnitude" |w|; "gradient" |dL/dw|; "taylor" |g*w|; "hessian" 0.5*h*w^2 (OBD) with h from
     ``hessian_estimator`` "fisher" (mean squared per-batch gradients) or "hutchinson" (E[z*Hz]); "snip" |g*w|
-    (meant for a model at initialisation); "wanda" |w| * ||x|| per input feature; "random". Gradients are
-    averaged over ``num_batches`` batches of ``data`` (an iterable of (inputs, targets), e.g. a DataLoader)
-    under ``loss_fn``, which the data-driven methods need.
+    (meant for a model at initialisation); "wanda" |w| * ||x|| per input feature; "random". Gradient-based
+    scores are computed per batch and averaged over ``num_batches`` batches of ``data`` (an iterable of
+    (inputs, targets), e.g. a DataLoader) under ``loss_fn``, which the data-driven methods need.
 
     Exactly one of ``sparsity`` (remove that fraction, exactly) or ``threshold`` (remove every weight whose
     saliency is below it) for the unstructured and channel patterns; an "n:m" pattern (e.g. "2:4": keep the n

@@ -50,20 +50,22 @@ def test_every_method_prunes_exactly_and_applies(make, method):
 def test_scores_are_the_saliencies():
     model, data = _mlp(), _data()
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
-    grads = {n: torch.zeros_like(w) for n, w in weights.items()}
-    squares = {n: torch.zeros_like(w) for n, w in weights.items()}
+    abs_grads = {n: torch.zeros_like(w) for n, w in weights.items()}   # mean over batches of |g_b|
+    abs_taylor = {n: torch.zeros_like(w) for n, w in weights.items()}  # mean over batches of |g_b * w|
+    squares = {n: torch.zeros_like(w) for n, w in weights.items()}     # mean over batches of g_b^2 (Fisher)
     for x, y in data:
         model.zero_grad()
         LOSS(model(x), y).backward()
         for n, p in model.named_parameters():
-            if n in grads:
-                grads[n] += p.grad / len(data)
+            if n in weights:
+                abs_grads[n] += p.grad.abs() / len(data)
+                abs_taylor[n] += (p.grad * weights[n]).abs() / len(data)
                 squares[n] += p.grad ** 2 / len(data)
     kw = dict(sparsity=0.5, data=data, loss_fn=LOSS, num_batches=3, apply=False)
     checks = {
         "magnitude": lambda n: weights[n].abs(),
-        "gradient": lambda n: grads[n].abs(),
-        "taylor": lambda n: (grads[n] * weights[n]).abs(),
+        "gradient": lambda n: abs_grads[n],
+        "taylor": lambda n: abs_taylor[n],
         "hessian": lambda n: 0.5 * squares[n] * weights[n] ** 2,
     }
     for method, want in checks.items():
