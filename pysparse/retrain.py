@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-import copy
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from . import ops
 from .nn._sparse_weight import check_mask
+from .prune import prune
 
 MODES = ("connectivity", "weight", "network")
 _INIT_ATTR = "_pysparse_init_state"
@@ -137,8 +138,6 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
     data-driven method, uses ``data`` and ``loss_fn``; ``prune_kwargs`` passes more to ``pysparse.prune``).
     ``mode="network"`` rewinds to ``init_state`` or to what ``remember_init`` saved.
     """
-    from .prune import prune  # prune imports ops too; keep the import graph one-way at module load
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
@@ -164,7 +163,8 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
         missing = sorted(set(model.state_dict()) - set(init))
         if missing:
             raise ValueError(f"init_state lacks {missing[:5]}")
-    _optimizer(optimizer, [torch.zeros(1, requires_grad=True)], lr, momentum, weight_decay)  # validate early
+    if not callable(optimizer) and optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable params -> optimizer, got {optimizer!r}")
 
     result = RetrainResult(mode=mode, masks={k: v.clone() for k, v in masks.items()})
     if eval_data is not None:
@@ -184,7 +184,7 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
 
     if mode == "weight":
         kw = dict(prune_kwargs or {})
-        kw.setdefault("exclude", [n for n in dict(model.named_parameters()) if n.endswith("weight") and n not in masks])
+        kw.setdefault("exclude", [re.escape(n) for n in params if n.endswith("weight") and n not in masks])
         again = prune(model, method, sparsity=sparsity, data=data, loss_fn=loss_fn, **kw)
         result.changed = sum(int((again.masks[n] != masks[n]).sum()) for n in masks if n in again.masks)
         result.masks = again.masks
