@@ -75,16 +75,27 @@ def run(args) -> dict:
 
 
 def summarize(results: dict) -> str:
+    """One wide table per model: method x mode rows, sparsity columns, mean ± std of test accuracy (%)."""
     groups: dict[tuple, list[float]] = {}
     for r in results["rows"]:
         groups.setdefault((r["model"], r["method"], r["mode"], r["sparsity"]), []).append(r["accuracy"])
-    lines = ["| model | method | mode | sparsity | accuracy (mean ± std over seeds) | seeds |", "|---|---|---|---:|---:|---:|"]
-    for (model, method, mode, sparsity), accs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1],
-                                                                                         kv[0][2])):
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {model} | {method} | {mode} | {sparsity:.2f} | {100 * statistics.mean(accs):.2f} ± "
-                     f"{100 * std:.2f} | {len(accs)} |")
-    return "\n".join(lines)
+    cell = lambda accs: (f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}"  # noqa: E731
+                         if len(accs) > 1 else f"{100 * accs[0]:.2f}")
+    out = []
+    for model in dict.fromkeys(k[0] for k in groups):
+        sparsities = sorted({k[3] for k in groups if k[0] == model and k[1] != "dense"})
+        seeds = len(groups[(model, "dense", "-", 0.0)])
+        out.append(f"**{model}**: dense {cell(groups[(model, 'dense', '-', 0.0)])} ({seeds} seeds)\n")
+        out.append("| method | mode | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |")
+        out.append("|---|---|" + "---:|" * len(sparsities))
+        rows = dict.fromkeys((k[1], k[2]) for k in groups if k[0] == model and k[1] != "dense")
+        order = {m: i for i, m in enumerate(METHODS + ("torch_l1",))}
+        for method, mode in sorted(rows, key=lambda mm: (order.get(mm[0], 99), MODES.index(mm[1]))):
+            out.append(f"| {method} | {mode} | " + " | ".join(
+                cell(groups[(model, method, mode, s)]) if (model, method, mode, s) in groups else "" for s in sparsities)
+                + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -96,11 +107,15 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--summarize", metavar="JSON", help="only rebuild the tables from a saved results file")
     args = p.parse_args()
+    out = Path(__file__).parent / "out"
+    if args.summarize:
+        print(summarize(json.loads(Path(args.summarize).read_text())))
+        return
     start = time.time()
     results = run(args)
     results["seconds"] = round(time.time() - start, 1)
-    out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "quality_prune.json").write_text(json.dumps(results, indent=2))
     table = summarize(results)
