@@ -40,20 +40,25 @@ class LayerReport:
 
 @dataclass
 class PruneResult:
-    """Masks (True = keep) and scores keyed by parameter name, and a per-layer report."""
+    """Masks (True = keep) and scores keyed by parameter name; ``kinds`` gives each layer's type. The per-layer
+    report is derived from the masks, so it stays true when they are replaced (e.g. after weight correction)."""
     masks: dict[str, torch.Tensor]
     scores: dict[str, torch.Tensor]
-    layers: list[LayerReport]
+    kinds: dict[str, str]
     method: str
     settings: dict = field(default_factory=dict)
 
     @property
+    def layers(self) -> list[LayerReport]:
+        return [LayerReport(n, self.kinds.get(n, ""), m.numel(), int(m.sum())) for n, m in self.masks.items()]
+
+    @property
     def params(self) -> int:
-        return sum(r.params for r in self.layers)
+        return sum(m.numel() for m in self.masks.values())
 
     @property
     def kept(self) -> int:
-        return sum(r.kept for r in self.layers)
+        return sum(int(m.sum()) for m in self.masks.values())
 
     @property
     def sparsity(self) -> float:
@@ -353,11 +358,11 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     if apply:
         for name, (_, p) in params.items():
             ops.apply_mask_(masks[name], p.data)
-    report = [LayerReport(n, type(params[n][0]).__name__, m.numel(), int(m.sum())) for n, m in masks.items()]
     settings = {"sparsity": sparsity, "threshold": threshold, "scope": scope, "pattern": pattern,
                 "min_density": min_density, "num_batches": num_batches,
                 **({"hessian_estimator": hessian_estimator} if method == "hessian" else {})}
-    return PruneResult(masks=masks, scores=scores, layers=report, method=method, settings=settings)
+    kinds = {n: type(module).__name__ for n, (module, _) in params.items()}
+    return PruneResult(masks=masks, scores=scores, kinds=kinds, method=method, settings=settings)
 
 
 # ------------------------------------------------------------------------ torch.nn.utils.prune conversions

@@ -26,9 +26,15 @@ def test_prune_mlp_writes_everything(tmp_path):
 
 
 def test_prune_cnn_threshold_and_weight_mode(tmp_path):
+    from safetensors.torch import load_file
+
     assert main(["prune", "--model", "cnn", "--method", "magnitude", "--threshold", "0.05", "--retrain", "weight",
                  "--out", str(tmp_path / "a"), "--epochs", "1", "--quiet"]) == 0
-    assert json.loads((tmp_path / "a" / "report.json").read_text())["connections_changed"] is not None
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["connections_changed"] is not None
+    # weight correction chose the masks again: the report describes the saved (re-selected) masks
+    masks = load_file(str(tmp_path / "a" / "masks.safetensors"))
+    assert {layer["name"]: layer["kept"] for layer in report["layers"]} == {n: int(m.sum()) for n, m in masks.items()}
 
 
 def test_refuses_existing_out_and_leaves_nothing_on_error(tmp_path, capsys):

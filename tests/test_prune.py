@@ -109,6 +109,13 @@ def test_layer_scope_overrides_and_min_density():
     assert result.params - result.kept == round(0.7 * result.params)
 
 
+def test_report_follows_replaced_masks():
+    result = pysparse.prune(_mlp(), "magnitude", sparsity=0.5)
+    result.masks = {n: torch.zeros_like(m) for n, m in result.masks.items()}
+    assert result.kept == 0 and result.sparsity == 1.0 and all(r.kept == 0 for r in result.layers)
+    assert result.layers[0].kind == "Linear"
+
+
 def test_threshold_rule():
     model = _mlp()
     scores = {n: p.detach().abs() for n, p in model.named_parameters() if n.endswith("weight")}
