@@ -53,6 +53,15 @@ def _check_number(x, name: str, *, integer: bool = False) -> None:
         raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got {type(x).__name__}")
 
 
+def _check_fraction(x, name: str, *, upper_inclusive: bool = False) -> float:
+    """A real number in [0, 1) (or [0, 1]): sparsities, densities."""
+    _check_number(x, name)
+    ok = 0.0 <= x <= 1.0 if upper_inclusive else 0.0 <= x < 1.0
+    if not (math.isfinite(x) and ok):
+        raise ValueError(f"{name} must be in [0, {'1]' if upper_inclusive else '1)'}, got {x}")
+    return float(x)
+
+
 def _check_saliency(weight, method, grad, hessian) -> Optional[str]:
     _check_float(weight, "weight")
     if method not in _NEEDS:
@@ -255,10 +264,7 @@ def saliency(weight: torch.Tensor, method: str, *, grad: Optional[torch.Tensor] 
 
 
 def _prune_count(sparsity, total: int) -> int:
-    _check_number(sparsity, "sparsity")
-    if not (math.isfinite(sparsity) and 0.0 <= sparsity <= 1.0):
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    return int(round(sparsity * total))
+    return int(round(_check_fraction(sparsity, "sparsity", upper_inclusive=True) * total))
 
 
 def sparsity_masks(scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:

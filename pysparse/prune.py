@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import _check_fraction
 
 METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
 DATA_METHODS = ("gradient", "taylor", "hessian", "snip", "wanda")
@@ -83,15 +84,6 @@ class PruneResult:
 
 
 # --------------------------------------------------------------------------------------------- arguments
-def _fraction(x, name: str, *, upper_inclusive: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    ok = 0.0 <= x <= 1.0 if upper_inclusive else 0.0 <= x < 1.0
-    if not (math.isfinite(x) and ok):
-        raise ValueError(f"{name} must be in [0, {'1]' if upper_inclusive else '1)'}, got {x}")
-    return float(x)
-
-
 def _parse_pattern(pattern: str) -> Union[str, tuple[int, int]]:
     if pattern in ("unstructured", "channel"):
         return pattern
@@ -316,17 +308,17 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     elif (sparsity is None) == (threshold is None):
         raise ValueError("give exactly one of sparsity= or threshold=")
     if sparsity is not None:
-        sparsity = _fraction(sparsity, "sparsity")
+        sparsity = _check_fraction(sparsity, "sparsity")
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"threshold must be a real number, got {threshold!r}")
         if scope == "layer" or layer_sparsity:
             raise ValueError("threshold= applies one saliency threshold to all layers: no scope='layer' or "
                              "layer_sparsity with it")
-    min_density = _fraction(min_density, "min_density", upper_inclusive=True)
+    min_density = _check_fraction(min_density, "min_density", upper_inclusive=True)
     layer_sparsity = dict(layer_sparsity or {})
     for k, v in layer_sparsity.items():
-        _fraction(v, f"layer_sparsity[{k!r}]")
+        _check_fraction(v, f"layer_sparsity[{k!r}]")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
     if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:

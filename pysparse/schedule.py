@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from . import ops
-from .prune import PruneResult, _fraction, prune
+from .ops import _check_fraction
+from .prune import PruneResult, prune
 
 
 def cubic_sparsity(step: int, *, final: float, begin: int, end: int, initial: float = 0.0) -> float:
     """Zhu & Gupta's target at ``step``: s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3, flat outside
     [begin, end]."""
-    final, initial = _fraction(final, "final"), _fraction(initial, "initial")
+    final, initial = _check_fraction(final, "final"), _check_fraction(initial, "initial")
     if not (isinstance(begin, int) and isinstance(end, int)) or end <= begin or begin < 0:
         raise ValueError(f"need integers 0 <= begin < end, got begin={begin!r}, end={end!r}")
     t = min(max(step, begin), end)
@@ -25,7 +26,7 @@ def cubic_sparsity(step: int, *, final: float, begin: int, end: int, initial: fl
 def iterative_sparsities(target: float, rounds: int) -> list[float]:
     """Sparsities of ``rounds`` prune-then-retrain rounds that keep the same fraction of the remaining weights
     each round and end at ``target``: 1 - (1 - target)^(k / rounds)."""
-    target = _fraction(target, "target")
+    target = _check_fraction(target, "target")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     return [1.0 - (1.0 - target) ** (k / rounds) for k in range(1, rounds + 1)]

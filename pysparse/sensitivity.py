@@ -10,7 +10,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
-from .prune import DATA_METHODS, PruneResult, _fraction, prunable_parameters, prune
+from .ops import _check_fraction
+from .prune import DATA_METHODS, PruneResult, prunable_parameters, prune
 from .retrain import accuracy
 
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -93,7 +94,7 @@ def sensitivity(model: nn.Module, data: Iterable, *, method: str = "magnitude",
     The model itself is not modified. Data-driven methods score on ``prune_data`` (default: ``data``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    sparsities = [_fraction(s, "sparsities[i]") for s in sparsities]
+    sparsities = [_check_fraction(s, "sparsities[i]") for s in sparsities]
     if not sparsities:
         raise ValueError("sparsities is empty")
     data = list(data)

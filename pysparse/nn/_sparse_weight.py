@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import csr
+from ..ops import _check_fraction
 
 # The structure is held in plain tensor attributes, not buffers: DistributedDataParallel broadcasts every
 # buffer, and neither gloo nor NCCL carries int16 (nor should the structure be re-sent every step: ranks agree
@@ -20,18 +20,10 @@ _SAVED = ("rowptr", "col")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise TypeError(f"sparsity must be a real number, got {type(sparsity).__name__}")
-    if not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return float(sparsity)
-
-
 def random_mask(shape, sparsity: float, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A keep-mask of `shape` with exactly round((1 - sparsity) * numel) True entries, uniformly placed."""
     numel = math.prod(shape)
-    keep = round((1.0 - check_sparsity(sparsity)) * numel)
+    keep = round((1.0 - _check_fraction(sparsity, "sparsity")) * numel)
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[torch.randperm(numel, generator=generator)[:keep]] = True
     return mask.reshape(shape).to(device)
@@ -56,7 +48,7 @@ def initial_mask(layer: str, weight: torch.Tensor, sparsity, mask) -> torch.Tens
     if mask is not None and sparsity is not None:
         raise ValueError(f"give {layer} either sparsity= or mask=, not both")
     if mask is None:
-        return random_mask(weight.shape, check_sparsity(sparsity), device=weight.device)
+        return random_mask(weight.shape, _check_fraction(sparsity, "sparsity"), device=weight.device)
     return mask
 
 
