@@ -69,6 +69,14 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, St
     return weight[mask], s
 
 
+def keep_mask(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense [rows, cols] bool mask of a CSR structure's stored positions (indices assumed in range)."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=col.device)
+    rows = torch.repeat_interleave(torch.arange(shape[0], device=col.device), rowptr.diff().long())
+    mask[rows, col.long()] = True
+    return mask
+
+
 def from_compressed(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> Structure:
     """The full structure (with the transposed cache) of a CSR read from outside (a file, a state dict).
     Raises ValueError unless rowptr / col describe a [rows, cols] matrix in canonical order (columns
@@ -84,10 +92,7 @@ def from_compressed(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, i
         raise ValueError(f"rowptr is not a valid row pointer for {nnz} stored values")
     if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
         raise ValueError(f"a column index is outside [0, {cols})")
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=col.device)
-    r = torch.repeat_interleave(torch.arange(rows, device=col.device), rowptr.diff().long())
-    mask[r, col.long()] = True
-    s = structure(mask)
+    s = structure(keep_mask(rowptr, col, shape))
     if not (torch.equal(s.rowptr, rowptr) and torch.equal(s.col.to(col.dtype), col)):
         raise ValueError("the column indices are not in canonical order (ascending within a row, no duplicates)")
     return s

@@ -1,5 +1,5 @@
 """Storage shared by the sparse layers: a weight kept as CSR values and structure, viewed as 2-D
-[out, in_per_row]; the values are the trainable Parameter, the structure lives in buffers."""
+[out, in_per_row]; the values are the trainable Parameter, the structure lives in plain tensor attributes."""
 from __future__ import annotations
 
 import math
@@ -56,7 +56,7 @@ class SparseWeight(nn.Module):
     """Base of the sparse layers. The weight (first dim: outputs) is stored as a CSR matrix [rows, cols];
     ``_to_matrix`` / ``_from_matrix`` map between the weight's shape and that matrix (a reshape by default;
     a grouped convolution overrides them with a block-diagonal embedding). Subclasses call
-    ``_store(weight, mask)`` and read ``values`` and the structure buffers."""
+    ``_store(weight, mask)`` and read ``values`` and the structure tensors (rowptr, col, t_rowptr, ...)."""
 
     weight_shape: tuple[int, ...]
 
@@ -108,11 +108,7 @@ class SparseWeight(nn.Module):
         return 1.0 - self.nnz / total if total else 0.0
 
     def _matrix_mask(self) -> torch.Tensor:
-        rows, cols = self.matrix_shape
-        m = torch.zeros(rows, cols, dtype=torch.bool, device=self.values.device)
-        r = torch.repeat_interleave(torch.arange(rows, device=m.device), self.rowptr.diff().long())
-        m[r, self.col.long()] = True
-        return m
+        return csr.keep_mask(self.rowptr, self.col, self.matrix_shape)
 
     def mask(self) -> torch.Tensor:
         """The keep-mask, as a dense bool tensor of the weight's shape."""
