@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .io import _umask
+
 
 def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="train (or load) a model, prune it, retrain it, write the report",
@@ -47,9 +49,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         raise SystemExit(f"pysparse: {out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private; the result is an ordinary folder
     return tmp
 
 

@@ -17,6 +17,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from .convert import _parent
 from .nn import SparseConv2d, SparseLinear
 from .nn._sparse_weight import SparseWeight
 
@@ -110,7 +111,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             raise ValueError(f"{path}: layer {name!r} is a {cls.__name__} of weight shape {info.get('weight_shape')}, "
                              f"but the model has {type(module).__name__} there")
         sparse = cls.from_dense(module, torch.ones_like(module.weight, dtype=torch.bool))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+        parent, child = _parent(model, name)
+        setattr(parent, child, sparse)
     model.load_state_dict(tensors, strict=True)
     return model

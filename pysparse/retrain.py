@@ -70,9 +70,13 @@ def _optimizer(name_or_factory, params, lr, momentum, weight_decay):
     raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable params -> optimizer, got {name_or_factory!r}")
 
 
-def _mask_state(opt: torch.optim.Optimizer, p: torch.Tensor, mask: torch.Tensor) -> None:
-    tensors = [t for t in opt.state.get(p, {}).values() if isinstance(t, torch.Tensor) and t.shape == p.shape]
-    ops.apply_mask_(mask, p.data, *tensors)
+def mask_parameter_(mask: torch.Tensor, p: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                    grad: bool = False) -> None:
+    """Zero a parameter where ``mask`` is False, with (``grad``) its gradient and every tensor of its shape in
+    ``optimizer``'s state (momentum, Adam's moments), in one fused pass."""
+    state = optimizer.state.get(p, {}) if optimizer is not None else {}
+    extra = [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == p.shape]
+    ops.apply_mask_(mask, p.data, p.grad if grad else None, *extra)
 
 
 def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs: int,
@@ -103,7 +107,7 @@ def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs:
             if masks:
                 with torch.no_grad():
                     for p, m in masks.items():
-                        _mask_state(opt, p, m)
+                        mask_parameter_(m, p, opt)
             total += float(loss.detach()) * targets.shape[0]
             count += targets.shape[0]
         if count == 0:

@@ -2,15 +2,14 @@
 gradual (Zhu & Gupta 2017: a cubic sparsity ramp, pruning a little every few steps while training)."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from . import ops
 from .ops import _check_fraction
 from .prune import PruneResult, prune
+from .retrain import mask_parameter_
 
 
 def cubic_sparsity(step: int, *, final: float, begin: int, end: int, initial: float = 0.0) -> float:
@@ -82,8 +81,5 @@ class GradualPruner:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
                 for n, m in self.masks.items():
-                    p = params[n]
-                    state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-                    extra = [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == p.shape]
-                    ops.apply_mask_(m, p.data, p.grad, *extra)
+                    mask_parameter_(m, params[n], self.optimizer, grad=True)
         return result
