@@ -1,4 +1,4 @@
-"""Command line: ``pysparse prune ...`` (``python -m pysparse prune ...``)."""
+"""Command line: ``pysparse prune ...`` and ``pysparse gan ...`` (also ``python -m pysparse ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,116 @@ def _prune_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _gan_parser(sub) -> None:
+    p = sub.add_parser("gan", help="train a sparse GAN, write checkpoints, sample grids, curves and metrics",
+                       description="Train a DCGAN-style generator / discriminator made of sparse layers on a data "
+                                   "set. Writes DIR/checkpoint.pt (every --checkpoint-every steps, at the end and "
+                                   "on Ctrl-C), DIR/samples*.png, DIR/losses.png, DIR/generator.safetensors (the "
+                                   "EMA generator) and DIR/metrics.json. Runs under torchrun for DDP.")
+    p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
+    p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
+    p.add_argument("--conditional", action="store_true", help="class-conditional G and projection D")
+    p.add_argument("--g-sparsity", type=float, default=0.0)
+    p.add_argument("--d-sparsity", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["gradual", "fixed"], default="gradual")
+    p.add_argument("--saliency", default="magnitude", help="magnitude | gradient | taylor | random")
+    p.add_argument("--prune-scope", choices=["layer", "global"], default="layer")
+    p.add_argument("--loss", default="non_saturating", help="non_saturating | minimax | hinge")
+    p.add_argument("--order", choices=["gd", "dg"], default="gd", help="G step first (gd) or D step first")
+    p.add_argument("--n-critic", type=int, default=1, help="D steps per G step")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--width", type=int, default=32, help="channels of G's last and D's first hidden layer")
+    p.add_argument("--latent-dim", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--sample-every", type=int, default=500)
+    p.add_argument("--eval-epochs", type=int, default=30, help="epochs of the metric classifiers (0: no metrics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite or --resume)")
+    p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from (same settings)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing folder (replaces our files)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: join the group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), dev
+    return 0, 1, dev
+
+
+def run_gan(args) -> dict:
+    import time
+
+    import pysparse
+    from pysparse import data as pdata
+    from pysparse.gan import Discriminator, GANTrainer, Generator, metrics
+    from pysparse.gan.trainer import tensors_of
+    from pysparse.shrink import model_sparsity, sparse_layers
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise SystemExit(f"pysparse gan: {out} exists and is not empty; pass --overwrite (or --resume)")
+    rank, world, device = _init_distributed(args.device)
+    try:
+        torch.manual_seed(args.seed)
+        split = pdata.load(args.data, root=args.root, seed=args.seed)
+        c, h, _ = split.image_shape
+        k = split.num_classes if args.conditional else None
+        G = Generator(h, c, latent_dim=args.latent_dim, num_classes=k, width=args.width).to(device)
+        D = Discriminator(h, c, num_classes=k, width=args.width).to(device)
+        trainer = GANTrainer(G, D, split.train, steps=args.steps, batch_size=args.batch_size, loss=args.loss,
+                             order=args.order, n_critic=args.n_critic, lr_g=args.lr, lr_d=args.lr,
+                             g_sparsity=args.g_sparsity, d_sparsity=args.d_sparsity, schedule=args.schedule,
+                             saliency=args.saliency, prune_scope=args.prune_scope, seed=args.seed, out=out,
+                             checkpoint_every=args.checkpoint_every,
+                             sample_every=args.sample_every, progress=not args.quiet)
+        if args.resume:
+            trainer.load_checkpoint(args.resume)
+        start, t0 = trainer.step_count, time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - t0
+        report = {"data": args.data, "conditional": args.conditional, "steps": trainer.step_count,
+                  "resumed_from_step": start if args.resume else None, "world_size": world,
+                  "train_seconds": seconds,
+                  "images_per_second": (trainer.step_count - start) * args.batch_size * world * (1 + args.n_critic)
+                  / max(seconds, 1e-9),
+                  "sparsity": {"generator": model_sparsity(G),
+                               "discriminator": model_sparsity(D)},
+                  "nnz": {"generator": sum(m.nnz for m in sparse_layers(G).values()),
+                          "discriminator": sum(m.nnz for m in sparse_layers(D).values())},
+                  "settings": trainer._config()}
+        if rank == 0:
+            pysparse.save(trainer.ema.cpu(), out / "generator.safetensors")
+            trainer.ema.to(device)
+            if args.eval_epochs > 0:
+                tr, te = tensors_of(split.train), tensors_of(split.test)
+                ext = metrics.ClassifierFeatures(metrics.train_classifier(*tr, num_classes=split.num_classes,
+                                                                          epochs=args.eval_epochs, seed=args.seed))
+                report["metrics"] = metrics.evaluate(trainer.ema.cpu(), tr, te, num_classes=split.num_classes,
+                                                     extractor=ext, seed=args.seed, epochs=args.eval_epochs)
+            _write_json(out / "metrics.json", report)
+        return report
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
@@ -114,6 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pysparse", description="Model and dataset compression for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
+    _gan_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "prune":
         try:
@@ -124,6 +235,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         acc = report["accuracy"]
         print(f"{report['sparsity']:.2%} of {report['params']} weights removed; accuracy dense {acc['dense']:.4f}, "
               f"pruned {acc['pruned']:.4f}, retrained {acc['retrained']:.4f}; wrote {args.out}")
+    elif args.command == "gan":
+        try:
+            report = run_gan(args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            print(f"pysparse gan: {exc}", file=sys.stderr)
+            return 2
+        m = report.get("metrics", {})
+        line = f"trained {report['steps']} steps ({report['images_per_second']:.0f} images/s)"
+        if m:
+            line += f"; FID {m['fid']:.3f} (floor {m['fid_floor']:.3f})"
+            if "class_accuracy" in m:
+                line += f", label accuracy {m['class_accuracy']['mean']:.4f}, CAS {m['cas']:.4f}"
+        print(line + f"; wrote {args.out}")
     return 0
 
 

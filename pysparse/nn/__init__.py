@@ -1,5 +1,6 @@
 """Drop-in sparse layers: they store only the kept weights and compute only with them."""
 from .conv import SparseConv2d
 from .linear import SparseLinear
+from .spectral_norm import spectral_norm
 
-__all__ = ["SparseLinear", "SparseConv2d"]
+__all__ = ["SparseLinear", "SparseConv2d", "spectral_norm"]

@@ -125,13 +125,99 @@ class SparseWeight(nn.Module):
         """The dense weight (built from the stored values on each access; differentiable in them)."""
         return self.dense_weight()
 
+    # ---- spectral normalisation (pysparse.nn.spectral_norm turns it on) ----
+    def enable_spectral_norm(self, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
+        """Divide the weight by its largest singular value (of the [out, in * kh * kw] matrix, as
+        ``torch.nn.utils.parametrizations.spectral_norm``), estimated by power iteration through the sparse
+        kernels: one ``spmm_t`` and one ``spmm`` per iteration, in training mode only. The pruned weights stay
+        pruned (they are not stored)."""
+        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
+        if not (isinstance(eps, float) and eps > 0):
+            raise ValueError(f"eps must be a positive float, got {eps!r}")
+        rows, cols = self.matrix_shape
+        dev, dt = self.values.device, self.values.dtype
+        if not hasattr(self, "sn_u"):
+            g = torch.Generator().manual_seed(0)  # like torch: a fixed random start, normalised
+            u = torch.randn(rows, generator=g).to(device=dev, dtype=dt)
+            v = torch.randn(cols, generator=g).to(device=dev, dtype=dt)
+            self.register_buffer("sn_u", u / u.norm().clamp_min(eps))
+            self.register_buffer("sn_v", v / v.norm().clamp_min(eps))
+        self.sn_iterations, self.sn_eps = n_power_iterations, eps
+        if self.nnz:
+            with torch.no_grad():  # converge once at the start, as torch does (15 iterations)
+                self._power_iteration(15)
+
+    def _power_iteration(self, n: int) -> None:
+        s, eps = self.structure, self.sn_eps
+        u, v = self.sn_u, self.sn_v
+        vals = self.values.detach()
+        for _ in range(n):
+            v = torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, vals, u[:, None].contiguous(), s.shape[1],
+                                                  s.t_rowptr, s.t_col, s.t_perm)[:, 0]
+            v = v / v.norm().clamp_min(eps)
+            u = torch.ops.pysparse.spmm.default(s.rowptr, s.col, vals, v[:, None].contiguous(), None, s.t_rowptr,
+                                                s.t_col, s.t_perm)[:, 0]
+            u = u / u.norm().clamp_min(eps)
+        self.sn_u.copy_(u)
+        self.sn_v.copy_(v)
+
+    @property
+    def spectral_norm(self) -> bool:
+        return getattr(self, "sn_iterations", 0) > 0
+
+    def sigma(self) -> torch.Tensor:
+        """The current spectral-norm estimate u^T W v (differentiable in ``values``); needs spectral norm on."""
+        # u^T W v = sum over stored (r, c) of values * u[r] * v[c]; sddmm gives u[r] * v[c] at the stored places.
+        uv = torch.ops.pysparse.sddmm.default(self.rowptr, self.col, self.sn_u[:, None].contiguous(),
+                                              self.sn_v[:, None].contiguous())
+        return (self.values * uv).sum()
+
+    def effective_values(self) -> torch.Tensor:
+        """The stored values the forward uses: ``values``, divided by sigma when spectral norm is on."""
+        if not self.spectral_norm or not self.nnz:
+            return self.values
+        if self.training:
+            with torch.no_grad():
+                self._power_iteration(self.sn_iterations)
+        return self.values / self.sigma().clamp_min(self.sn_eps)
+
+    # ---- removing stored weights in place (gradual pruning while training) ----
+    def prune_values_(self, keep: torch.Tensor, optimizers=()) -> int:
+        """Stop storing the weights where ``keep`` (bool, one per stored value) is False. ``values`` becomes a
+        new Parameter holding the kept entries (with their gradient); each optimizer in ``optimizers`` is
+        pointed at it, its state tensors of the old shape (momentum, Adam's moments) cut the same way.
+        Returns the new nnz. (A DistributedDataParallel wrapper must be rebuilt after.)"""
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != self.values.shape:
+            raise ValueError(f"keep must be a bool tensor of shape {tuple(self.values.shape)} (one per stored "
+                             f"value), got {getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
+        keep = keep.to(self.values.device)
+        matrix = self._matrix_mask()
+        matrix[matrix.clone()] = keep  # stored values are in row-major order of the mask
+        old = self.values
+        new = nn.Parameter(old.detach()[keep].clone(), requires_grad=old.requires_grad)
+        if old.grad is not None:
+            new.grad = old.grad[keep].clone()
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["params"] = [new if q is old else q for q in group["params"]]
+            if old in opt.state:
+                state = opt.state.pop(old)
+                opt.state[new] = {k: t[keep].clone() if isinstance(t, torch.Tensor) and t.shape == old.shape else t
+                                  for k, t in state.items()}
+        self.values = new
+        self._set_structure(csr.structure(matrix))
+        return self.nnz
+
     def _copy_bias(self, bias) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     def _fill_dense(self, module: nn.Module) -> nn.Module:
-        """Copies the dense weight and the bias into a dense twin built by a subclass's to_dense."""
+        """Copies the dense weight (divided by sigma under spectral norm, as the forward uses it) and the bias
+        into a dense twin built by a subclass's to_dense."""
         with torch.no_grad():
-            module.weight.copy_(self.dense_weight())
+            w = self.dense_weight()
+            module.weight.copy_(w / self.sigma().clamp_min(self.sn_eps) if self.spectral_norm and self.nnz else w)
             if self.bias is not None:
                 module.bias.copy_(self.bias)
         return module
