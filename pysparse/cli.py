@@ -121,7 +121,7 @@ def run_gan(args) -> dict:
         start, t0 = trainer.step_count, time.perf_counter()
         trainer.fit()
         seconds = time.perf_counter() - t0
-        report = {"data": args.data, "conditional": args.conditional, "steps": trainer.step_count,
+        report = {"rank": rank, "data": args.data, "conditional": args.conditional, "steps": trainer.step_count,
                   "resumed_from_step": start if args.resume else None, "world_size": world,
                   "train_seconds": seconds,
                   "images_per_second": (trainer.step_count - start) * args.batch_size * world * (1 + args.n_critic)
@@ -144,6 +144,7 @@ def run_gan(args) -> dict:
         return report
     finally:
         if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 may still be writing; leave the group together
             torch.distributed.destroy_process_group()
 
 
@@ -241,6 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ValueError, TypeError, FileNotFoundError) as exc:
             print(f"pysparse gan: {exc}", file=sys.stderr)
             return 2
+        if report["rank"] != 0:
+            return 0
         m = report.get("metrics", {})
         line = f"trained {report['steps']} steps ({report['images_per_second']:.0f} images/s)"
         if m:

@@ -361,3 +361,27 @@ def test_ddp_two_cpu_processes_agree_and_only_rank0_writes(tmp_path):
     sparse = [v for k, v in w0.items() if k.startswith("G.") and k.endswith(".col")]
     assert sparse and sum(v.numel() for v in sparse) < 0.5 * sum(
         math.prod(m.weight_shape) for m in sparse_layers(_pair()[0]).values())
+
+
+def test_torchrun_cli_two_cpu_processes(tmp_path):
+    """`torchrun --nproc_per_node=2 -m pysparse gan ...`: the CLI joins the gloo group itself."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+           "pysparse",
+           "gan", "--data", "digits", "--conditional", "--g-sparsity", "0.5", "--steps", "4", "--batch-size", "16",
+           "--width", "8", "--eval-epochs", "0", "--checkpoint-every", "2", "--sample-every", "2", "--quiet",
+           "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 4
+    assert report["sparsity"]["generator"] == pytest.approx(0.5, abs=1e-3)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
