@@ -39,7 +39,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="a dense.safetensors to start from instead of training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing folder (replaces pysparse's files there, deletes nothing else)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -74,6 +75,46 @@ def _gan_parser(sub) -> None:
     p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from (same settings)")
     p.add_argument("--overwrite", action="store_true", help="write into an existing folder (replaces our files)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _compress_args(p, *, demo: bool) -> None:
+    if not demo:
+        p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
+        p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
+        p.add_argument("--sparsity", type=float, default=0.9, help="fraction of the classifier's weights to remove")
+        p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+        p.add_argument("--method", default="taylor", help="pruning saliency (see pysparse prune)")
+        p.add_argument("--synth", choices=["sample", "select", "match"], default="match")
+        p.add_argument("--epochs", type=int, default=20, help="epochs of the dense classifier")
+        p.add_argument("--gan-steps", type=int, default=2000)
+        p.add_argument("--g-sparsity", type=float, default=0.8)
+        p.add_argument("--d-sparsity", type=float, default=0.5)
+        p.add_argument("--match-iterations", type=int, default=1000)
+        p.add_argument("--retrain-steps", type=int, default=300, help="optimizer steps of every retraining")
+        p.add_argument("--eval-seeds", type=int, default=3, help="seeds of the synthetic-set evaluation")
+        p.add_argument("--eval-epochs", type=int, default=300)
+        p.add_argument("--eval-width", type=int, default=128, help="channels of the evaluation ConvNet")
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=not demo, default="runs/demo" if demo else None,
+                   help="output folder (must not exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing folder (replaces pysparse's files there, deletes nothing else)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _compress_parser(sub) -> None:
+    p = sub.add_parser("compress", help="the whole pipeline: prune, sparse GAN, synthetic set, data-free retraining",
+                       description="Train the dense classifier, prune it, train the sparse conditional GAN, "
+                                   "synthesize a compact set, retrain the pruned model on it with distillation, "
+                                   "evaluate everything; writes DIR/report.{md,json} and PNGs.")
+    _compress_args(p, demo=False)
+    d = sub.add_parser("demo", help="`pysparse compress` on digits with the defaults (about 6 minutes on 2 cores)")
+    _compress_args(d, demo=True)
+
+
+DEMO_DEFAULTS = dict(data="digits", root=None, sparsity=0.9, ipc=10, method="taylor", synth="match", epochs=20,
+                     gan_steps=2000, g_sparsity=0.8, d_sparsity=0.5, match_iterations=1000, retrain_steps=300,
+                     eval_seeds=2, eval_epochs=300, eval_width=64, seed=0)
 
 
 def _init_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -212,9 +253,9 @@ def run_prune(args) -> dict:
         save_file({k: v.to(torch.uint8).contiguous() for k, v in result.masks.items()}, str(tmp / "masks.safetensors"))
         pysparse.sparsify(model, result.masks)
         pysparse.save(model, tmp / "model.safetensors")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        from .pipeline import publish
+
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -226,7 +267,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _gan_parser(sub)
+    _compress_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        for k, v in DEMO_DEFAULTS.items():
+            setattr(args, k, v)
     if args.command == "prune":
         try:
             report = run_prune(args)
@@ -236,6 +281,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         acc = report["accuracy"]
         print(f"{report['sparsity']:.2%} of {report['params']} weights removed; accuracy dense {acc['dense']:.4f}, "
               f"pruned {acc['pruned']:.4f}, retrained {acc['retrained']:.4f}; wrote {args.out}")
+    elif args.command in ("compress", "demo"):
+        from .pipeline import run as run_compress
+
+        try:
+            report = run_compress(args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            print(f"pysparse {args.command}: {exc}", file=sys.stderr)
+            return 2
+        print((Path(args.out) / "report.md").read_text())
+        print(f"wrote {args.out}")
     elif args.command == "gan":
         try:
             report = run_gan(args)

@@ -1,4 +1,5 @@
-"""Reference models: the MLP 64-300-100-10 (LeNet-300-100 for 8x8 digits) and a small CNN."""
+"""Reference models: the MLP 64-300-100-10 (LeNet-300-100 for 8x8 digits), a small CNN, and the ConvNet of
+the dataset-condensation literature."""
 from __future__ import annotations
 
 from torch import nn
@@ -24,3 +25,26 @@ def cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 8) -> nn.
 
 
 MODELS = {"mlp": mlp, "cnn": cnn}
+
+
+def convnet(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, width: int = 128,
+            depth: int | None = None) -> nn.Sequential:
+    """The ConvNet of the dataset-condensation literature (DC, DM): ``depth`` blocks of 3x3 conv (``width``
+    channels) -> instance norm (GroupNorm with one channel per group, affine) -> ReLU -> 2x2 average pool, then
+    a linear classifier. ``depth`` defaults to the number of halvings that keep the side >= 2 (at most 3)."""
+    if depth is None:
+        depth, side = 0, image_size
+        while side // 2 >= 2 and depth < 3:
+            side, depth = side // 2, depth + 1
+    if depth < 1 or image_size >> depth < 1:
+        raise ValueError(f"image_size {image_size} is too small for depth {depth}")
+    layers: list[nn.Module] = []
+    c = in_channels
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width), nn.ReLU(), nn.AvgPool2d(2)]
+        c = width
+    side = image_size >> depth
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * side * side, num_classes))
+
+
+MODELS["convnet"] = convnet

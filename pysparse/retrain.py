@@ -81,10 +81,11 @@ def mask_parameter_(mask: torch.Tensor, p: torch.Tensor, optimizer: Optional[tor
 
 def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs: int,
         loss_fn: Callable = F.cross_entropy, masks: Optional[Mapping[torch.Tensor, torch.Tensor]] = None,
-        progress: bool = False, desc: str = "train") -> list[float]:
+        progress: bool = False, desc: str = "train", teacher: Optional[nn.Module] = None,
+        temperature: float = 4.0, alpha: float = 0.9) -> list[float]:
     """The training loop: ``epochs`` passes over ``data``; returns the mean loss of each. With ``masks``
     (parameter tensor -> keep-mask), gradients are masked before every step and the weights and the optimizer's
-    state after it (connectivity correction)."""
+    state after it (connectivity correction). With ``teacher``, the loss is :func:`distillation_loss`."""
     epoch_iter = range(epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -95,7 +96,13 @@ def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs:
         total, count = 0.0, 0
         for inputs, targets in data:
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs), targets)
+            if teacher is None:
+                loss = loss_fn(model(inputs), targets)
+            else:
+                with torch.no_grad():
+                    soft = teacher(inputs)
+                loss = distillation_loss(model(inputs), soft, targets, temperature=temperature, alpha=alpha,
+                                         loss_fn=loss_fn)
             if not torch.isfinite(loss):
                 raise ValueError("the training loss became NaN or inf: lower lr")
             loss.backward()
@@ -116,6 +123,27 @@ def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs:
     return losses
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
+                      temperature: float = 4.0, alpha: float = 0.9, loss_fn: Callable = F.cross_entropy
+                      ) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T) on logits
+    softened by temperature T, plus (1 - alpha) * loss_fn(logits, targets) on the labels."""
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean",
+                  log_target=True)
+    return alpha * t * t * kl + (1.0 - alpha) * loss_fn(logits, targets)
+
+
+def _as_batches(data, batch_size: int = 64, seed: int = 0):
+    """A SyntheticSet becomes a shuffled DataLoader of its images; anything else is used as it is."""
+    from .synth import SyntheticSet
+
+    if isinstance(data, SyntheticSet):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(data.dataset(), batch_size=batch_size, shuffle=True, generator=gen)
+    return data
+
+
 def train(model: nn.Module, data: Iterable, *, epochs: int, lr: float, optimizer: Union[str, Callable] = "sgd",
           loss_fn: Callable = F.cross_entropy, momentum: float = 0.9, weight_decay: float = 0.0,
           progress: bool = False) -> list[float]:
@@ -133,6 +161,7 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
             momentum: float = 0.9, weight_decay: float = 0.0, eval_data: Optional[Iterable] = None,
             init_state: Optional[Mapping[str, torch.Tensor]] = None, method: Optional[str] = None,
             sparsity: Optional[float] = None, prune_kwargs: Optional[Mapping] = None,
+            teacher: Optional[nn.Module] = None, temperature: float = 4.0, alpha: float = 0.9,
             progress: bool = False) -> RetrainResult:
     """Retrain a pruned ``model`` (masks keyed by parameter name, True = keep) by one of the three modes.
 
@@ -141,6 +170,10 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
     before and after. ``mode="weight"`` needs ``method`` and ``sparsity`` to choose the mask again (and, for a
     data-driven method, uses ``data`` and ``loss_fn``; ``prune_kwargs`` passes more to ``pysparse.prune``).
     ``mode="network"`` rewinds to ``init_state`` or to what ``remember_init`` saved.
+
+    Data-free retraining: ``data`` may be a ``pysparse.synth.SyntheticSet`` (batches of 64, shuffled), and
+    ``teacher`` (e.g. the dense model) turns the loss into knowledge distillation: ``alpha`` * T^2 * KL on logits
+    softened by ``temperature`` T, plus (1 - ``alpha``) * ``loss_fn`` on the labels.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -169,6 +202,16 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
             raise ValueError(f"init_state lacks {missing[:5]}")
     if not callable(optimizer) and optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable params -> optimizer, got {optimizer!r}")
+    if teacher is not None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if teacher is model:
+            raise ValueError("teacher must be another model (e.g. a copy of the dense model), not the one retrained")
+        ops._check_fraction(alpha, "alpha", upper_inclusive=True)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        teacher.eval()
+    data = _as_batches(data)
 
     result = RetrainResult(mode=mode, masks={k: v.clone() for k, v in masks.items()})
     if eval_data is not None:
@@ -184,7 +227,8 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
     correct = mode in ("connectivity", "network")
 
     result.losses = fit(model, data, opt, epochs=epochs, loss_fn=loss_fn, masks=masked if correct else None,
-                        progress=progress, desc=f"retrain ({mode})")
+                        progress=progress, desc=f"retrain ({mode})", teacher=teacher, temperature=temperature,
+                        alpha=alpha)
 
     if mode == "weight":
         kw = dict(prune_kwargs or {})

@@ -1,0 +1,196 @@
+"""pysparse.synth (synthetic sets: save / load, sample / select / match, evaluation), distillation in retrain,
+and the `pysparse compress` pipeline."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pysparse
+from pysparse import data as pdata, models, synth
+from pysparse.gan import Generator
+from pysparse.gan.trainer import tensors_of
+from pysparse.retrain import distillation_loss
+from pysparse.synth import SyntheticSet
+
+
+def _set(n_per=3, k=4):
+    g = torch.Generator().manual_seed(0)
+    return SyntheticSet(torch.rand(n_per * k, 1, 8, 8, generator=g), torch.arange(k).repeat_interleave(n_per), k)
+
+
+def _real(n=200, k=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(k).repeat(n // k)
+    x = (torch.rand(n, 1, 8, 8, generator=g) * 0.2 + (y.float() / k)[:, None, None, None]).clamp(0, 1)
+    return x, y
+
+
+def test_synthetic_set_save_load_and_bad_files(tmp_path):
+    s = _set()
+    s.save(tmp_path / "set.safetensors")
+    assert (tmp_path / "set.png").is_file()
+    back = SyntheticSet.load(tmp_path / "set.safetensors", image_shape=(1, 8, 8))
+    assert torch.equal(back.images, s.images) and torch.equal(back.labels, s.labels) and back.ipc == 3
+    with pytest.raises(ValueError, match="expected"):
+        SyntheticSet.load(tmp_path / "set.safetensors", image_shape=(1, 28, 28))
+    raw = (tmp_path / "set.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="not a readable"):
+        SyntheticSet.load(tmp_path / "cut.safetensors")
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0xFF  # a pixel changed after writing
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum"):
+        SyntheticSet.load(tmp_path / "flip.safetensors")
+    pysparse.save(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="not a pysparse synthetic-set"):
+        SyntheticSet.load(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError):
+        SyntheticSet.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="labels must be in"):
+        SyntheticSet(torch.rand(2, 1, 8, 8), torch.tensor([0, 5]), 4)
+    with pytest.raises(ValueError, match="NaN"):
+        SyntheticSet(torch.full((1, 1, 8, 8), float("nan")), torch.tensor([0]), 2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _generator():
+    torch.manual_seed(0)
+    return Generator(8, 1, num_classes=10, width=8, latent_dim=16, sparsity=0.5)
+
+
+def test_sample_and_select():
+    G = _generator()
+    s = synth.synthesize(G, 3, method="sample")
+    assert s.images.shape == (30, 1, 8, 8) and s.ipc == 3 and float(s.images.min()) >= 0
+    assert torch.equal(s.labels, torch.arange(10).repeat_interleave(3))
+    ext = torch.nn.Sequential(torch.nn.Flatten())  # pixels as features
+    ext.predict = None
+    sel = synth.synthesize(G, 2, method="select", extractor=ext, candidates=20)
+    assert sel.images.shape == (20, 1, 8, 8)
+    # herding: the picks' feature mean is closer to the pool's class mean than two random pool images
+    pool = synth._sample(G, torch.arange(10).repeat_interleave(20), 0).flatten(1).double()
+    for c in range(10):
+        mu = pool[c * 20:(c + 1) * 20].mean(0)
+        picked = sel.images[sel.labels == c].flatten(1).double().mean(0)
+        first = pool[c * 20:c * 20 + 2].mean(0)
+        assert (picked - mu).norm() <= (first - mu).norm() + 1e-9
+
+
+def test_match_moves_the_set_towards_the_real_statistics():
+    G = _generator()
+    real = _real()
+    before = synth.synthesize(G, 2, method="sample", seed=0)
+    after = synth.synthesize(G, 2, method="match", real=real, iterations=150, lr=0.05, seed=0)
+    assert after.images.shape == (20, 1, 8, 8) and after.ipc == 2
+
+    def gap(s):  # per-class mean-embedding distance under random ConvNets the optimisation never saw
+        total = 0.0
+        for seed in range(5):
+            torch.manual_seed(100 + seed)
+            net = models.convnet(1, 10, 8, width=32)[:-1]
+            with torch.no_grad():
+                for c in range(10):
+                    total += float((net(s.images[s.labels == c]).mean(0) - net(real[0][real[1] == c]).mean(0))
+                                   .pow(2).sum())
+        return total
+
+    assert gap(after) < 0.75 * gap(before)
+    # the caller's generator is untouched (a dense copy is optimised through)
+    assert isinstance(G.fc, pysparse.SparseLinear) and G.fc.values.requires_grad
+
+
+def test_synthesize_bad_input():
+    G = _generator()
+    with pytest.raises(ValueError, match="ipc"):
+        synth.synthesize(G, 0)
+    with pytest.raises(ValueError, match="method"):
+        synth.synthesize(G, 1, method="dream")
+    with pytest.raises(ValueError, match="class-conditional"):
+        synth.synthesize(Generator(8, 1, width=8), 1, method="sample")
+    with pytest.raises(ValueError, match="needs real"):
+        synth.synthesize(G, 1, method="match")
+    with pytest.raises(ValueError, match="candidates"):
+        synth.synthesize(G, 5, method="select", candidates=3)
+    with pytest.raises(ValueError, match="generator draws"):
+        synth.synthesize(G, 1, method="match", real=(torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2)))
+    with pytest.raises(ValueError, match="larger than class"):
+        synth.random_subset(_real(), 50, 10, seed=0)
+
+
+def test_evaluate_runs_the_protocol_with_baselines():
+    split = pdata.load("digits")
+    train = tensors_of(split.train)
+    x, y = synth.random_subset(train, 5, 10, seed=0)
+    res = synth.evaluate(SyntheticSet(x, y, 10), split, seeds=2, epochs=30, full_epochs=20, width=16)
+    assert set(res) >= {"synthetic", "random_real", "full", "ipc", "seeds"}
+    assert len(res["synthetic"]["runs"]) == 2 and res["ipc"] == 5
+    assert res["synthetic"]["mean"] > 0.5 and res["full"]["mean"] > 0.8  # real images: learns something
+    with pytest.raises(ValueError, match="seeds"):
+        synth.evaluate(SyntheticSet(x, y, 10), split, seeds=0)
+    with pytest.raises(ValueError, match="synthetic images are"):
+        synth.evaluate(SyntheticSet(torch.rand(10, 1, 4, 4), torch.arange(10), 10), split, seeds=1)
+
+
+def test_distillation_loss_and_data_free_retrain():
+    s, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    T = 3.0
+    p_t = F.softmax(t / T, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean()
+    torch.testing.assert_close(distillation_loss(s, t, y, temperature=T, alpha=0.7),
+                               0.7 * T * T * kl + 0.3 * F.cross_entropy(s, y))
+    split = pdata.load("digits")
+    loader = pdata.loader(split.train, 64, shuffle=True)
+    test = pdata.loader(split.test, 512)
+    teacher = models.cnn()
+    pysparse.train(teacher, loader, epochs=8, lr=0.05)
+    x, yy = synth.random_subset(tensors_of(split.train), 10, 10, seed=0)
+    after = {}
+    for kd in (True, False):
+        student = models.cnn()
+        student.load_state_dict(teacher.state_dict())
+        result = pysparse.prune(student, "magnitude", sparsity=0.95)
+        out = pysparse.retrain(student, result.masks, "connectivity", SyntheticSet(x, yy, 10), epochs=30, lr=0.01,
+                               teacher=teacher if kd else None, eval_data=test)
+        after[kd] = out.accuracy_after
+    assert after[True] > 0.5 and after[True] != after[False]  # the teacher's soft labels were used
+    assert after[True] >= after[False] - 0.02
+    params = dict(student.named_parameters())
+    for n, m in result.masks.items():
+        assert not bool(params[n][~m].any())  # still pruned
+    with pytest.raises(ValueError, match="teacher must be another model"):
+        pysparse.retrain(student, result.masks, "connectivity", loader, epochs=1, lr=0.01, teacher=student)
+    with pytest.raises(ValueError, match="alpha"):
+        pysparse.retrain(student, result.masks, "connectivity", loader, epochs=1, lr=0.01, teacher=teacher,
+                         alpha=2.0)
+
+
+TINY = ["--ipc", "2", "--gan-steps", "6", "--match-iterations", "4", "--retrain-steps", "4", "--eval-seeds", "1",
+        "--eval-epochs", "2", "--eval-width", "8", "--epochs", "1", "--quiet"]
+
+
+def test_compress_cli_writes_the_report_and_respects_the_out_folder(tmp_path):
+    from pysparse.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compress", "--sparsity", "0.9", "--out", str(out), *TINY]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "report.json", "samples.png", "synthetic.png", "sparsity.png", "accuracy.png",
+            "losses.png", "dense.safetensors", "model.safetensors", "generator.safetensors",
+            "synthetic.safetensors"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert {"dense", "pruned_no_retraining", "retrained_synthetic", "retrained_random_real",
+            "retrained_full_real"} <= set(report["accuracy"])
+    assert {"synthetic", "random_real", "full"} <= set(report["synthetic_set"])
+    assert "| dense |" in (out / "report.md").read_text()
+    assert SyntheticSet.load(out / "synthetic.safetensors").ipc == 2
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(["compress", "--out", str(out), *TINY])
+    (out / "notes.txt").write_text("mine")
+    assert main(["compress", "--out", str(out), "--overwrite", *TINY]) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite never deletes the user's files
+    assert main(["compress", "--out", str(tmp_path / "big"), *TINY[2:], "--ipc", "500"]) == 2
+    assert not (tmp_path / "big").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
