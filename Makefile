@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 
-.PHONY: setup build test bench bench-quick clean
+.PHONY: setup build test demo bench bench-quick clean
 
 # The virtual environment with torch and the build tools; redone when pyproject.toml changes.
 $(VENV)/.setup-done: pyproject.toml
@@ -26,6 +26,11 @@ build: setup
 
 test: build
 	$(PY) -m pytest tests -q
+
+# The whole pipeline on scikit-learn's digits: dense CNN -> prune 90% -> sparse conditional GAN -> 10 synthetic
+# images per class -> data-free retraining -> report in runs/demo/report.md (rerunning replaces its own files).
+demo: build
+	$(PY) -m pysparse demo --out runs/demo --overwrite
 
 # Speed benchmarks (pytest-benchmark); figures go to benchmarks/RESULTS.md.
 bench: build

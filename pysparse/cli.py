@@ -108,13 +108,13 @@ def _compress_parser(sub) -> None:
                                    "synthesize a compact set, retrain the pruned model on it with distillation, "
                                    "evaluate everything; writes DIR/report.{md,json} and PNGs.")
     _compress_args(p, demo=False)
-    d = sub.add_parser("demo", help="`pysparse compress` on digits with the defaults (about 6 minutes on 2 cores)")
+    d = sub.add_parser("demo", help="`pysparse compress` on digits with the defaults (about 3 minutes on 2 cores)")
     _compress_args(d, demo=True)
 
 
 DEMO_DEFAULTS = dict(data="digits", root=None, sparsity=0.9, ipc=10, method="taylor", synth="match", epochs=20,
                      gan_steps=2000, g_sparsity=0.8, d_sparsity=0.5, match_iterations=1000, retrain_steps=300,
-                     eval_seeds=2, eval_epochs=300, eval_width=64, seed=0)
+                     eval_seeds=3, eval_epochs=300, eval_width=128, seed=0)
 
 
 def _init_distributed(device: str) -> tuple[int, int, torch.device]:
