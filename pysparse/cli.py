@@ -112,11 +112,6 @@ def _compress_parser(sub) -> None:
     _compress_args(d, demo=True)
 
 
-DEMO_DEFAULTS = dict(data="digits", root=None, sparsity=0.9, ipc=10, method="taylor", synth="match", epochs=20,
-                     gan_steps=2000, g_sparsity=0.8, d_sparsity=0.5, match_iterations=1000, retrain_steps=300,
-                     eval_seeds=3, eval_epochs=300, eval_width=128, seed=0)
-
-
 def _init_distributed(device: str) -> tuple[int, int, torch.device]:
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: join the group (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -269,9 +264,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _gan_parser(sub)
     _compress_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        for k, v in DEMO_DEFAULTS.items():
-            setattr(args, k, v)
+    if args.command == "demo":  # compress's defaults (digits), with demo's --out / --overwrite / --quiet
+        defaults = vars(parser.parse_args(["compress", "--out", args.out]))
+        for k, v in defaults.items():
+            if k not in ("command", "overwrite", "quiet"):
+                setattr(args, k, v)
     if args.command == "prune":
         try:
             report = run_prune(args)
