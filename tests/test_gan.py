@@ -15,6 +15,7 @@ from pysparse.gan import Discriminator, GANTrainer, Generator, d_loss, g_loss, m
 from pysparse.gan.models import plan
 from pysparse.nn._sparse_weight import SparseWeight
 from pysparse.shrink import model_sparsity, sparse_layers
+from pysparse.testing import DEVICES
 
 
 def _data(n=96, size=8, classes=10, seed=0):
@@ -385,3 +386,23 @@ def test_torchrun_cli_two_cpu_processes(tmp_path):
     assert report["sparsity"]["generator"] == pytest.approx(0.5, abs=1e-3)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_on_each_device_matches_the_sparse_definition(device):
+    """A few steps on the device (gradual pruning, spectral norm, EMA); the spectral-norm sigma equals the
+    largest singular value of the stored matrix there too."""
+    torch.manual_seed(0)
+    G = Generator(8, 1, num_classes=10, width=8, latent_dim=16).to(device)
+    D = Discriminator(8, 1, num_classes=10, width=8).to(device)
+    t = GANTrainer(G, D, _data(), steps=6, batch_size=16, g_sparsity=0.7, d_sparsity=0.5, prune_end=4,
+                   prune_every=2, progress=False)
+    t.fit()
+    assert model_sparsity(t.G) == pytest.approx(0.7, abs=2e-3) and t.G.fc.values.device.type == device
+    layer = t.D.features[2]  # the second SparseConv2d: a [64, 8 * 16] matrix
+    with torch.no_grad():
+        layer._power_iteration(500)
+        expected = torch.linalg.matrix_norm(layer._to_matrix(layer.dense_weight()).double().cpu(), 2)
+        assert float(layer.sigma()) == pytest.approx(float(expected), rel=1e-3)
+    images = t.ema.sample(20, torch.arange(10, device=device).repeat(2))
+    assert images.shape == (20, 1, 8, 8) and bool(torch.isfinite(images).all())
