@@ -399,7 +399,7 @@ def test_trainer_on_each_device_matches_the_sparse_definition(device):
                    prune_every=2, progress=False)
     t.fit()
     assert model_sparsity(t.G) == pytest.approx(0.7, abs=2e-3) and t.G.fc.values.device.type == device
-    layer = t.D.features[2]  # the second SparseConv2d: a [64, 8 * 16] matrix
+    layer = t.D.features[2]  # the second SparseConv2d: a [16, 8 * 4 * 4] matrix
     with torch.no_grad():
         layer._power_iteration(500)
         expected = torch.linalg.matrix_norm(layer._to_matrix(layer.dense_weight()).double().cpu(), 2)
