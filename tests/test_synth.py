@@ -115,6 +115,12 @@ def test_synthesize_bad_input():
         synth.synthesize(G, 5, method="select", candidates=3)
     with pytest.raises(ValueError, match="generator draws"):
         synth.synthesize(G, 1, method="match", real=(torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2)))
+    with pytest.raises(ValueError, match="variance"):
+        synth.synthesize(G, 1, method="match", real=_real(), variance=-1.0)
+    with pytest.raises(ValueError, match="pixel_share"):
+        synth.synthesize(G, 1, method="match", real=_real(), pixel_share=1.0)
+    with pytest.raises(ValueError, match="iterations"):
+        synth.synthesize(G, 1, method="match", real=_real(), iterations=0)
     with pytest.raises(ValueError, match="larger than class"):
         synth.random_subset(_real(), 50, 10, seed=0)
 
