@@ -45,8 +45,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model``'s weights (sparse layers as values + indices) to ``path``, atomically."""
-    from safetensors.torch import save_file
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -54,6 +52,14 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
               for name, m in model.named_modules() if isinstance(m, SparseWeight)}
     metadata = {"format": FORMAT, "version": str(VERSION), "sparse_layers": json.dumps(layers),
                 "sha256": _digest(tensors)}
+    write_safetensors(tensors, path, metadata)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, os.PathLike], metadata: dict) -> None:
+    """Write a safetensors file atomically: a temp file beside ``path``, fsync, ordinary permissions, rename;
+    nothing is left behind if anything fails (Ctrl-C included)."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -62,7 +68,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; a saved model has ordinary permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; a saved file has ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,11 +19,9 @@ over several seeds, beside a random real subset of the same size and the full tr
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -34,7 +32,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from . import models
-from .io import _umask
+from .io import _digest, write_safetensors
 
 METHODS = ("sample", "select", "match")
 FORMAT = "pysparse-synthetic-set"
@@ -79,22 +77,11 @@ class SyntheticSet:
     def save(self, path: Union[str, os.PathLike], *, grid: bool = True) -> None:
         """Write ``path`` (safetensors: ``images``, ``labels`` and a checksum in the metadata), atomically, and
         a PNG grid beside it (same name, .png; one row per class)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"images": self.images.contiguous(), "labels": self.labels.contiguous()}
         meta = {"format": FORMAT, "num_classes": str(self.num_classes),
                 "image_shape": json.dumps(list(self.image_shape)), "sha256": _digest(tensors)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_safetensors(tensors, path, meta)
         if grid:
             self.save_grid(path.with_suffix(".png"))
 
@@ -134,16 +121,6 @@ class SyntheticSet:
         if image_shape is not None and tuple(out.image_shape) != tuple(image_shape):
             raise ValueError(f"{path} holds {out.image_shape} images, expected {tuple(image_shape)}")
         return out
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].contiguous().cpu()
-        h.update(k.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _check_ipc(ipc) -> int:
