@@ -190,6 +190,15 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def publish(tmp: Path, out: Path) -> None:
+    """Move every file of ``tmp`` (from :func:`_prepare_out`) into ``out`` (created if needed), each by an
+    atomic rename; files of ``out`` that pysparse did not write are left alone. Removes ``tmp``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """A fresh temporary folder beside ``out``; moved into place only when everything is written."""
     if out.exists() and not overwrite:
@@ -248,8 +257,6 @@ def run_prune(args) -> dict:
         save_file({k: v.to(torch.uint8).contiguous() for k, v in result.masks.items()}, str(tmp / "masks.safetensors"))
         pysparse.sparsify(model, result.masks)
         pysparse.save(model, tmp / "model.safetensors")
-        from .pipeline import publish
-
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

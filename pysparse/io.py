@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -55,17 +55,15 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     write_safetensors(tensors, path, metadata)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, os.PathLike], metadata: dict) -> None:
-    """Write a safetensors file atomically: a temp file beside ``path``, fsync, ordinary permissions, rename;
-    nothing is left behind if anything fails (Ctrl-C included)."""
-    from safetensors.torch import save_file
-
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temp file beside ``path``, then fsync, ordinary permissions and rename: readers see
+    the old file or the whole new one, and nothing is left behind if anything fails (Ctrl-C included)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; a saved file has ordinary permissions
@@ -75,23 +73,35 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, os.Path
         raise
 
 
-def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
-    """Load a file written by :func:`save` into ``model`` (same architecture, dense or sparse): the layers that
-    were sparse are rebuilt as sparse layers, then every weight is loaded. Returns ``model``."""
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, os.PathLike], metadata: dict) -> None:
+    """Write a safetensors file atomically (see :func:`atomic_write`)."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ValueError naming ``what`` was expected if it is unreadable."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not {what}: {exc}") from None
+
+
+def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
+    """Load a file written by :func:`save` into ``model`` (same architecture, dense or sparse): the layers that
+    were sparse are rebuilt as sparse layers, then every weight is loaded. Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a safetensors file written by pysparse.save: {exc}") from exc
+    tensors, metadata = read_safetensors(path, "a safetensors file written by pysparse.save")
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pysparse file (metadata format {metadata.get('format')!r})")
     if metadata.get("version") != str(VERSION):

@@ -53,6 +53,15 @@ def _check_number(x, name: str, *, integer: bool = False) -> None:
         raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got {type(x).__name__}")
 
 
+def _check_int(x, name: str, lo: int = 0, *, none_ok: bool = False):
+    """An int >= ``lo`` (None passes through with ``none_ok``); ValueError otherwise."""
+    if none_ok and x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+        raise ValueError(f"{name} must be an int >= {lo}{' or None' if none_ok else ''}, got {x!r}")
+    return x
+
+
 def _check_fraction(x, name: str, *, upper_inclusive: bool = False) -> float:
     """A real number in [0, 1) (or [0, 1]): sparsities, densities."""
     _check_number(x, name)

@@ -15,7 +15,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,23 +23,16 @@ import torch.nn.functional as F
 
 
 def _loader(x, y, batch_size, seed):
-    from torch.utils.data import DataLoader, TensorDataset
+    """Shuffled batches of a (images, labels) pair of tensors."""
+    from torch.utils.data import TensorDataset
 
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
+    from .data import loader
+
+    return loader(TensorDataset(x, y), batch_size, shuffle=True, seed=seed)
 
 
 def _epochs_for(steps: int, n: int, batch_size: int) -> int:
     return max(1, round(steps / math.ceil(n / batch_size)))
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move every file of ``tmp`` into ``out`` (created if needed), each by an atomic rename; files of ``out``
-    that pysparse did not write are left alone. Removes ``tmp``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 def run(args) -> dict:
@@ -51,7 +43,7 @@ def run(args) -> dict:
     from pysparse.retrain import accuracy
     from pysparse.shrink import model_sparsity
 
-    from .cli import _prepare_out
+    from .cli import _prepare_out, publish
 
     if isinstance(args.ipc, bool) or args.ipc < 1:
         raise ValueError(f"--ipc must be >= 1, got {args.ipc}")

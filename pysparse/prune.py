@@ -12,7 +12,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn

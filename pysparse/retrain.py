@@ -139,8 +139,9 @@ def _as_batches(data, batch_size: int = 64, seed: int = 0):
     from .synth import SyntheticSet
 
     if isinstance(data, SyntheticSet):
-        gen = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(data.dataset(), batch_size=batch_size, shuffle=True, generator=gen)
+        from .data import loader
+
+        return loader(data.dataset(), batch_size, shuffle=True, seed=seed)
     return data
 
 

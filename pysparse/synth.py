@@ -32,7 +32,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from . import models
-from .io import _digest, write_safetensors
+from .gan.metrics import sample_like, test_accuracy
+from .io import _digest, read_safetensors, write_safetensors
+from .ops import _check_int
 
 METHODS = ("sample", "select", "match")
 FORMAT = "pysparse-synthetic-set"
@@ -101,18 +103,10 @@ class SyntheticSet:
              ) -> "SyntheticSet":
         """Read a file written by :meth:`save`; ValueError if it is corrupt, not a synthetic set, or (with
         ``image_shape``) of another image size."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such synthetic-set file: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path} is not a readable synthetic-set file: {exc}") from None
+        tensors, meta = read_safetensors(path, "a readable synthetic-set file")
         if meta.get("format") != FORMAT or set(tensors) != {"images", "labels"}:
             raise ValueError(f"{path} is not a pysparse synthetic-set file")
         if meta.get("sha256") != _digest(tensors):
@@ -124,9 +118,7 @@ class SyntheticSet:
 
 
 def _check_ipc(ipc) -> int:
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-        raise ValueError(f"ipc (images per class) must be an int >= 1, got {ipc!r}")
-    return ipc
+    return _check_int(ipc, "ipc (images per class)", 1)
 
 
 def _conditional(generator) -> int:
@@ -135,11 +127,6 @@ def _conditional(generator) -> int:
         raise ValueError("synthesize needs a class-conditional generator (pysparse.gan.Generator with "
                          "num_classes); this one cannot be told which class to draw")
     return k
-
-
-def _sample(generator, labels: torch.Tensor, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([generator.sample(len(c), c, generator=g) for c in labels.split(2048)])
 
 
 def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=None, extractor=None,
@@ -159,7 +146,7 @@ def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=No
     k = _conditional(generator)
     labels = torch.arange(k).repeat_interleave(ipc)
     if method == "sample":
-        return SyntheticSet(_sample(generator, labels, seed), labels, k)
+        return SyntheticSet(sample_like(generator, labels, seed=seed), labels, k)
     if method == "select":
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < ipc:
             raise ValueError(f"candidates ({candidates!r}) must be an int >= ipc ({ipc})")
@@ -192,7 +179,7 @@ def _select(generator, ipc, k, candidates, real, extractor, seed) -> SyntheticSe
         x, y = _real(real, k)
         extractor = metrics.ClassifierFeatures(metrics.train_classifier(x, y, num_classes=k, seed=seed))
     pool_labels = torch.arange(k).repeat_interleave(candidates)
-    pool = _sample(generator, pool_labels, seed)
+    pool = sample_like(generator, pool_labels, seed=seed)
     feats = torch.cat([extractor(c) for c in pool.split(2048)]).double()
     chosen_t = _herding(feats, pool_labels, ipc, k)
     return SyntheticSet(pool[chosen_t].contiguous(), pool_labels[chosen_t].contiguous(), k)
@@ -221,8 +208,7 @@ def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_shar
            seed, progress) -> SyntheticSet:
     from tqdm.auto import tqdm
 
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    _check_int(iterations, "iterations", 1)
     x, y = real
     shape = tuple(x.shape[1:])
     if shape != (generator.channels, generator.image_size, generator.image_size):
@@ -291,12 +277,6 @@ def train_convnet(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epochs:
     return net.eval()
 
 
-def _test_accuracy(net: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
-    with torch.no_grad():
-        pred = torch.cat([net(c).argmax(-1) for c in test[0].split(1024)])
-    return float((pred == test[1]).float().mean())
-
-
 def random_subset(train: tuple[torch.Tensor, torch.Tensor], ipc: int, num_classes: int, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ipc`` random real images of each class."""
@@ -329,8 +309,7 @@ def evaluate(synthetic: SyntheticSet, data, *, seeds: int = 5, epochs: int = 300
 
     if not isinstance(synthetic, SyntheticSet):
         raise TypeError(f"synthetic must be a SyntheticSet, got {type(synthetic).__name__}")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    _check_int(seeds, "seeds", 1)
     train, test = tensors_of(data.train, name="train"), tensors_of(data.test, name="test")
     if tuple(train[0].shape[1:]) != synthetic.image_shape:
         raise ValueError(f"the synthetic images are {synthetic.image_shape}, the data's {tuple(train[0].shape[1:])}")
@@ -343,15 +322,15 @@ def evaluate(synthetic: SyntheticSet, data, *, seeds: int = 5, epochs: int = 300
     bar = tqdm(total=seeds * len(runs), desc="evaluate", disable=not progress)
     for s in range(seeds):
         kw = dict(num_classes=k, epochs=epochs, seed=s, width=width)
-        runs["synthetic"].append(_test_accuracy(train_convnet(synthetic.images, synthetic.labels, **kw), test))
+        runs["synthetic"].append(test_accuracy(train_convnet(synthetic.images, synthetic.labels, **kw), test))
         bar.update(1)
         if baselines:
             rx, ry = random_subset(train, synthetic.ipc, k, seed=1000 + s)
-            runs["random_real"].append(_test_accuracy(train_convnet(rx, ry, **kw), test))
+            runs["random_real"].append(test_accuracy(train_convnet(rx, ry, **kw), test))
             bar.update(1)
             if full:
                 kw["epochs"] = full_epochs
-                runs["full"].append(_test_accuracy(train_convnet(*train, **kw), test))
+                runs["full"].append(test_accuracy(train_convnet(*train, **kw), test))
                 bar.update(1)
     bar.close()
     out = {name: _stats(v) for name, v in runs.items()}

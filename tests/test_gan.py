@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from pysparse.gan import Discriminator, GANTrainer, Generator, d_loss, g_loss, metrics, models_from_checkpoint
 from pysparse.gan.models import plan
-from pysparse.nn._sparse_weight import SparseWeight
 from pysparse.shrink import model_sparsity, sparse_layers
 from pysparse.testing import DEVICES
 
@@ -98,7 +97,7 @@ def _trainer(tmp_path=None, conditional=True, **kw):
 @pytest.mark.parametrize("order,n_critic", [("gd", 1), ("dg", 2)])
 def test_alternating_updates_each_with_the_other_model_fixed(order, n_critic):
     t = _trainer(order=order, n_critic=n_critic)
-    calls, snaps = [], {}
+    calls = []
 
     def spy(kind, fn):
         def wrapped(*a):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import pysparse
 from pysparse import data as pdata, models, synth
-from pysparse.gan import Generator
+from pysparse.gan import Generator, metrics
 from pysparse.gan.trainer import tensors_of
 from pysparse.retrain import distillation_loss
 from pysparse.synth import SyntheticSet
@@ -70,7 +70,7 @@ def test_sample_and_select():
     sel = synth.synthesize(G, 2, method="select", extractor=ext, candidates=20)
     assert sel.images.shape == (20, 1, 8, 8)
     # herding: the picks' feature mean is closer to the pool's class mean than two random pool images
-    pool = synth._sample(G, torch.arange(10).repeat_interleave(20), 0).flatten(1).double()
+    pool = metrics.sample_like(G, torch.arange(10).repeat_interleave(20), seed=0).flatten(1).double()
     for c in range(10):
         mu = pool[c * 20:(c + 1) * 20].mean(0)
         picked = sel.images[sel.labels == c].flatten(1).double().mean(0)

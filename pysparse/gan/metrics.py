@@ -117,10 +117,14 @@ def cas(generator: nn.Module, train_labels: torch.Tensor, test: tuple[torch.Tens
     """Classification accuracy score: a classifier trained only on one generated image per training label
     (same class balance as the real set), tested on the real test split."""
     x = sample_like(generator, train_labels, seed=seed + 1)
-    net = train_classifier(x, train_labels, num_classes=num_classes, epochs=epochs, seed=seed)
-    with torch.no_grad():
-        pred = torch.cat([net(c).argmax(-1) for c in test[0].split(1024)])
-    return float((pred == test[1]).float().mean())
+    return test_accuracy(train_classifier(x, train_labels, num_classes=num_classes, epochs=epochs, seed=seed), test)
+
+
+def test_accuracy(net: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Top-1 accuracy of ``net`` on a (images, labels) pair of tensors (``pysparse.accuracy`` over its chunks)."""
+    from ..retrain import accuracy
+
+    return accuracy(net, zip(test[0].split(1024), test[1].split(1024)))
 
 
 def evaluate(generator: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
@@ -132,8 +136,7 @@ def evaluate(generator: nn.Module, train: tuple[torch.Tensor, torch.Tensor], tes
     conditional G the per-class label accuracy and CAS."""
     if extractor is None:
         extractor = ClassifierFeatures(train_classifier(*train, num_classes=num_classes, epochs=epochs, seed=seed))
-    with torch.no_grad():
-        clf_acc = float((extractor.predict(test[0]) == test[1]).float().mean())
+    clf_acc = test_accuracy(extractor.classifier, test)
     fake = sample_like(generator, train[1], seed=seed)
     out = {"fid": fid(extractor, test[0], fake), "fid_floor": fid(extractor, test[0], train[0]),
            "classifier_test_accuracy": clf_acc}

@@ -21,13 +21,12 @@ from torch import nn
 from ..nn import SparseConv2d, SparseLinear
 from ..nn import spectral_norm as _sn
 from ..nn._sparse_weight import SparseWeight
-from ..ops import _check_fraction
+from ..ops import _check_fraction, _check_int
 
 
 def plan(image_size: int) -> tuple[int, int]:
     """(s0, k): the base side and the number of x2 steps for ``image_size``; ValueError if unsupported."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
-        raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
+    _check_int(image_size, "image_size", 4)
     side, k = image_size, 0
     while side % 2 == 0 and side // 2 >= 2 and (k < 2 or side > 8) and k < 4:
         side, k = side // 2, k + 1
@@ -38,14 +37,10 @@ def plan(image_size: int) -> tuple[int, int]:
 
 
 def _check_common(channels, latent_dim, num_classes, width, sparsity):
-    for name, v in (("channels", channels), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if latent_dim is not None and (isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1):
-        raise ValueError(f"latent_dim must be an int >= 1, got {latent_dim!r}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 2):
-        raise ValueError(f"num_classes must be None (unconditional) or an int >= 2, got {num_classes!r}")
+    _check_int(channels, "channels", 1)
+    _check_int(width, "width", 1)
+    _check_int(latent_dim, "latent_dim", 1, none_ok=True)
+    _check_int(num_classes, "num_classes (None: unconditional)", 2, none_ok=True)
     return _check_fraction(sparsity, "sparsity")
 
 

@@ -12,16 +12,15 @@ import copy
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
-from ..io import _umask
+from ..io import atomic_write
 from ..ops import _check_fraction
+from ..ops import _check_int as _int
 from ..schedule import cubic_sparsity
 from ..shrink import METHODS as SALIENCIES, model_sparsity, shrink, sparse_layers
 from .losses import check_loss, d_loss, g_loss
@@ -78,29 +77,6 @@ def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _int(v, name, lo=0, none_ok=False):
-    if none_ok and v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}{' or None' if none_ok else ''}, got {v!r}")
-    return v
 
 
 class GANTrainer:
@@ -444,7 +420,8 @@ class GANTrainer:
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Write every piece of training state to ``path`` atomically (temp file + rename; rank 0 only)."""
         if self.rank == 0:
-            _atomic_torch_save(self.state_dict(), Path(path))
+            state = self.state_dict()
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> "GANTrainer":
         """Restore a checkpoint written by a trainer with the same models and settings (``steps`` may
