@@ -212,6 +212,42 @@ inline void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at:
   TORCH_CHECK_VALUE(values.device() == col.device(), op, ": values and the structure must be on one device");
 }
 
+// Checks a convolution's kernel_size, stride and dilation (2 entries each, all >= 1) and returns the output
+// size of a padded input of spatial size h x w, which must cover the kernel's reach.
+inline std::pair<int64_t, int64_t> conv_output_size(int64_t h, int64_t w, at::IntArrayRef kernel,
+                                                    at::IntArrayRef stride, at::IntArrayRef dilation,
+                                                    const char* op) {
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2, op,
+                    ": kernel_size, stride and dilation must have 2 entries");
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK_VALUE(kernel[i] >= 1 && stride[i] >= 1 && dilation[i] >= 1, op,
+                      ": kernel_size, stride and dilation must be >= 1");
+  const int64_t reach_h = dilation[0] * (kernel[0] - 1) + 1, reach_w = dilation[1] * (kernel[1] - 1) + 1;
+  TORCH_CHECK_VALUE(h >= reach_h && w >= reach_w, op, ": input of spatial size ", h, "x", w,
+                    " is smaller than the kernel's reach");
+  return {(h - reach_h) / stride[0] + 1, (w - reach_w) / stride[1] + 1};
+}
+
+// Validates the gradient gy [N, O, OH, OW] of a sparse convolution of an input of size x_size [N, C, H, W]:
+// gy's dtype and device are those of `like` (named like_name), its shape is the convolution's output shape.
+// Returns (OH, OW).
+inline std::pair<int64_t, int64_t> check_conv_grad(const at::Tensor& gy, const at::Tensor& like,
+                                                   const char* like_name, int64_t rows, at::IntArrayRef x_size,
+                                                   at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                   at::IntArrayRef dilation, const char* op) {
+  TORCH_CHECK_VALUE(x_size.size() == 4 && x_size[0] >= 0 && x_size[1] >= 0, op,
+                    ": the input size must be [N, C, H, W], got ", x_size);
+  const auto [oh, ow] = conv_output_size(x_size[2], x_size[3], kernel, stride, dilation, op);
+  TORCH_CHECK_VALUE(gy.defined() && gy.dim() == 4, op, ": gy must be [N, O, OH, OW]");
+  TORCH_CHECK_TYPE(gy.scalar_type() == like.scalar_type(), op, ": gy has dtype ", gy.scalar_type(), " but ",
+                   like_name, " has dtype ", like.scalar_type());
+  TORCH_CHECK_VALUE(gy.device() == like.device(), op, ": gy and ", like_name, " must be on one device");
+  TORCH_CHECK_VALUE(gy.size(0) == x_size[0] && gy.size(1) == rows && gy.size(2) == oh && gy.size(3) == ow, op,
+                    ": gy has shape ", gy.sizes(), " but the convolution's output is [", x_size[0], ", ", rows,
+                    ", ", oh, ", ", ow, "]");
+  return {oh, ow};
+}
+
 // Validates sparse_conv2d's arguments and returns the output spatial size.
 inline std::pair<int64_t, int64_t> check_sparse_conv2d(const at::Tensor& rowptr, const at::Tensor& col,
                                                        const at::Tensor& values, const at::Tensor& x,
@@ -222,21 +258,13 @@ inline std::pair<int64_t, int64_t> check_sparse_conv2d(const at::Tensor& rowptr,
   TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), "sparse_conv2d: x has dtype ", x.scalar_type(),
                    " but values has dtype ", values.scalar_type());
   TORCH_CHECK_VALUE(x.device() == values.device(), "sparse_conv2d: x and values must be on one device");
-  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2,
-                    "sparse_conv2d: kernel_size, stride and dilation must have 2 entries");
-  for (int i = 0; i < 2; ++i)
-    TORCH_CHECK_VALUE(kernel[i] >= 1 && stride[i] >= 1 && dilation[i] >= 1,
-                      "sparse_conv2d: kernel_size, stride and dilation must be >= 1");
   const int64_t rows = rowptr.numel() - 1;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == rows, "sparse_conv2d: bias must have ", rows, " entries");
     TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "sparse_conv2d: bias dtype differs from values");
     TORCH_CHECK_VALUE(bias->device() == values.device(), "sparse_conv2d: bias is on another device than values");
   }
-  const int64_t oh = (x.size(2) - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (x.size(3) - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK_VALUE(x.size(2) - dilation[0] * (kernel[0] - 1) - 1 >= 0 && x.size(3) - dilation[1] * (kernel[1] - 1) - 1 >= 0,
-                    "sparse_conv2d: input of spatial size ", x.size(2), "x", x.size(3), " is smaller than the kernel's reach");
+  const auto [oh, ow] = conv_output_size(x.size(2), x.size(3), kernel, stride, dilation, "sparse_conv2d");
   return {oh, ow};
 }
 

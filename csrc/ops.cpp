@@ -47,6 +47,17 @@ TORCH_LIBRARY(pysparse, m) {
   // The t_* arguments (W's transposed structure) are for the backward only, as in spmm.
   m.def("sparse_conv2d(Tensor rowptr, Tensor col, Tensor values, Tensor x, Tensor? bias, int[2] kernel_size, "
         "int[2] stride, int[2] dilation, Tensor? t_rowptr=None, Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
+  // The backward of sparse_conv2d, direct (no im2col / fold). Gradient with respect to the padded input, of
+  // size x_size [N, C, H, W], from gy [N, O, OH, OW]: dx[n, c, r*s + ki*d, q*s + kj*d] += value * gy[n, o, r, q]
+  // over the stored (o, k). The CPU kernel derives W's transposed structure from the CSR; the CUDA kernel
+  // needs it (t_*).
+  m.def("sparse_conv2d_grad_input(Tensor rowptr, Tensor col, Tensor values, Tensor gy, SymInt[4] x_size, "
+        "int[2] kernel_size, int[2] stride, int[2] dilation, Tensor? t_rowptr=None, Tensor? t_col=None, "
+        "Tensor? t_perm=None) -> Tensor");
+  // Gradient with respect to the stored values: out[j] = sum over n, r, q of gy[n, o, r, q] *
+  // x[n, c, r*s + ki*d, q*s + kj*d] for stored entry j = (o, k); x's dtype.
+  m.def("sparse_conv2d_grad_values(Tensor rowptr, Tensor col, Tensor x, Tensor gy, int[2] kernel_size, "
+        "int[2] stride, int[2] dilation) -> Tensor");
   // Sampled dense-dense product: out[j] = dot(a[row(j), :], b[col(j), :]) for every stored position j of the
   // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");

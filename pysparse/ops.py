@@ -16,7 +16,7 @@ import torch
 from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
-           "spmm_t", "sddmm", "sparse_conv2d"]
+           "spmm_t", "sddmm", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -210,11 +210,20 @@ def _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm) -> N
     _check_transposed(t_rowptr, t_col, t_perm, values, n_cols, "spmm_t")
 
 
-def _pair2(v, name: str) -> tuple[int, int]:
+def _pair2(v, name: str, op: str = "sparse_conv2d") -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
     if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in t):
-        raise ValueError(f"sparse_conv2d: {name} must be an int >= 1 or a pair of them, got {v!r}")
+        raise ValueError(f"{op}: {name} must be an int >= 1 or a pair of them, got {v!r}")
     return t
+
+
+def _conv_output_size(op: str, h: int, w: int, kernel_size, stride, dilation) -> tuple[int, int]:
+    """Checks the geometry and returns the output size of a padded input of spatial size h x w."""
+    (kh, kw), (sh, sw), (dh, dw) = (_pair2(kernel_size, "kernel_size", op), _pair2(stride, "stride", op),
+                                    _pair2(dilation, "dilation", op))
+    if h - dh * (kh - 1) - 1 < 0 or w - dw * (kw - 1) - 1 < 0:
+        raise ValueError(f"{op}: input of spatial size {(h, w)} is smaller than the kernel's reach")
+    return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
 
 
 def _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm):
@@ -224,17 +233,51 @@ def _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dila
         raise ValueError(f"sparse_conv2d: x must be [N, C, H, W], got shape {tuple(x.shape)}")
     if x.dtype != values.dtype or x.device != values.device:
         raise TypeError(f"sparse_conv2d: x must have values' dtype and device ({values.dtype}, {values.device})")
-    (kh, kw), (sh, sw), (dh, dw) = (_pair2(kernel_size, "kernel_size"), _pair2(stride, "stride"),
-                                    _pair2(dilation, "dilation"))
     if bias is not None:
         _check_tensor(bias, "bias")
         if bias.shape != (rowptr.shape[0] - 1,) or bias.dtype != values.dtype or bias.device != values.device:
             raise ValueError(f"sparse_conv2d: bias must be [{rowptr.shape[0] - 1}] of values' dtype and device")
-    oh, ow = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    if x.shape[2] - dh * (kh - 1) - 1 < 0 or x.shape[3] - dw * (kw - 1) - 1 < 0:
-        raise ValueError(f"sparse_conv2d: input of spatial size {tuple(x.shape[2:])} is smaller than the kernel's reach")
+    oh, ow = _conv_output_size("sparse_conv2d", x.shape[2], x.shape[3], kernel_size, stride, dilation)
+    kh, kw = _pair2(kernel_size, "kernel_size")
     _check_transposed(t_rowptr, t_col, t_perm, values, x.shape[1] * kh * kw, "sparse_conv2d")
     return oh, ow
+
+
+def _check_conv_grad(op, gy, like, like_name, rows, x_size, kernel_size, stride, dilation) -> None:
+    """gy must be the output gradient [N, rows, OH, OW] of a convolution of an input of size x_size."""
+    x_size = tuple(x_size) if isinstance(x_size, (list, tuple, torch.Size)) else x_size
+    if (not isinstance(x_size, tuple) or len(x_size) != 4
+            or not all(isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool) and i >= 0 for i in x_size)):
+        raise ValueError(f"{op}: x_size must be 4 ints >= 0 [N, C, H, W], got {x_size!r}")
+    oh, ow = _conv_output_size(op, x_size[2], x_size[3], kernel_size, stride, dilation)
+    _check_tensor(gy, "gy")
+    if gy.dtype != like.dtype or gy.device != like.device:
+        raise TypeError(f"{op}: gy must have the dtype and device of {like_name} ({like.dtype}, {like.device}), got "
+                        f"{gy.dtype} on {gy.device}")
+    if tuple(gy.shape) != (x_size[0], rows, oh, ow):
+        raise ValueError(f"{op}: gy must be the convolution's output shape {(x_size[0], rows, oh, ow)}, got "
+                         f"{tuple(gy.shape)}")
+
+
+def _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm):
+    op = "sparse_conv2d_grad_input"
+    _check_csr(rowptr, col, values, op)
+    _check_conv_grad(op, gy, values, "values", rowptr.shape[0] - 1, x_size, kernel_size, stride, dilation)
+    kh, kw = _pair2(kernel_size, "kernel_size", op)
+    _check_transposed(t_rowptr, t_col, t_perm, values, x_size[1] * kh * kw, op)
+
+
+def _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation):
+    op = "sparse_conv2d_grad_values"
+    _check_structure(rowptr, col, op)
+    _check_tensor(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in _MATMUL_FLOATS:
+        raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.device != col.device:
+        raise ValueError(f"{op}: x is on {x.device} but the structure is on {col.device}")
+    _check_conv_grad(op, gy, x, "x", rowptr.shape[0] - 1, tuple(x.shape), kernel_size, stride, dilation)
 
 
 def _check_sddmm(rowptr, col, a, b) -> None:
@@ -365,6 +408,33 @@ def sparse_conv2d(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                                                     t_rowptr, t_col, t_perm)
 
 
+def sparse_conv2d_grad_input(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gy: torch.Tensor,
+                             x_size: Sequence[int], *, kernel_size=3, stride=1, dilation=1,
+                             transposed: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Gradient of :func:`sparse_conv2d` with respect to its (padded) input of size ``x_size`` [N, C, H, W],
+    from the output gradient ``gy``; direct, no fold. ``transposed`` (W's transposed structure) is needed on
+    CUDA; the CPU kernel derives it from the CSR."""
+    t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
+    _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+    _check_kernel("sparse_conv2d_grad_input", values.device, "values")
+    op = "sparse_conv2d_grad_input"
+    return torch.ops.pysparse.sparse_conv2d_grad_input.default(
+        rowptr, col, values, gy, [int(i) for i in x_size], list(_pair2(kernel_size, "", op)),
+        list(_pair2(stride, "", op)), list(_pair2(dilation, "", op)), t_rowptr, t_col, t_perm)
+
+
+def sparse_conv2d_grad_values(rowptr: torch.Tensor, col: torch.Tensor, x: torch.Tensor, gy: torch.Tensor, *,
+                              kernel_size=3, stride=1, dilation=1) -> torch.Tensor:
+    """Gradient of :func:`sparse_conv2d` with respect to the stored values: for each stored (o, k), the sum over
+    the batch and the output pixels of ``gy[n, o]`` times the window of ``x[n, c]`` the weight sees; no im2col."""
+    _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation)
+    _check_kernel("sparse_conv2d_grad_values", x.device, "x")
+    op = "sparse_conv2d_grad_values"
+    return torch.ops.pysparse.sparse_conv2d_grad_values.default(
+        rowptr, col, x, gy, list(_pair2(kernel_size, "", op)), list(_pair2(stride, "", op)),
+        list(_pair2(dilation, "", op)))
+
+
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``out[j] = dot(a[row(j)], b[col(j)])`` at every stored position j of a CSR structure."""
     _check_sddmm(rowptr, col, a, b)
@@ -425,6 +495,19 @@ def _sparse_conv2d_fake(rowptr, col, values, x, bias, kernel_size, stride, dilat
                         t_perm=None):
     oh, ow = _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
     return x.new_empty((x.shape[0], rowptr.shape[0] - 1, oh, ow))
+
+
+@torch.library.register_fake("pysparse::sparse_conv2d_grad_input")
+def _sparse_conv2d_grad_input_fake(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr=None,
+                                   t_col=None, t_perm=None):
+    _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+    return gy.new_empty(tuple(x_size))
+
+
+@torch.library.register_fake("pysparse::sparse_conv2d_grad_values")
+def _sparse_conv2d_grad_values_fake(rowptr, col, x, gy, kernel_size, stride, dilation):
+    _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation)
+    return x.new_empty(col.shape)
 
 
 @torch.library.register_fake("pysparse::sddmm")
@@ -497,35 +580,28 @@ torch.library.register_autograd("pysparse::spmm", _spmm_backward, setup_context=
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Autograd: sparse_conv2d. The backward goes through the matmul kernels on the unfolded input: the values
-# gradient is an sddmm against im2col(x), the input gradient is fold(W^T @ grad) (spmm_t).
+# Autograd: sparse_conv2d. The backward is direct as well: sparse_conv2d_grad_values for the stored values,
+# sparse_conv2d_grad_input for the input (no im2col buffer, no fold).
 # ---------------------------------------------------------------------------------------------------------
 def _conv_setup_context(ctx, inputs, output):
     rowptr, col, values, x, bias, kernel_size, stride, dilation = inputs[:8]
     t_rowptr, t_col, t_perm = (tuple(inputs[8:]) + (None, None, None))[:3]
-    ctx.geometry = (tuple(kernel_size), tuple(stride), tuple(dilation))
+    ctx.geometry = (list(kernel_size), list(stride), list(dilation))
     ctx.save_for_backward(rowptr, col, values, x, t_rowptr, t_col, t_perm)
 
 
 def _conv_backward(ctx, gy):
-    import torch.nn.functional as F
-
     rowptr, col, values, x, t_rowptr, t_col, t_perm = ctx.saved_tensors
     kernel_size, stride, dilation = ctx.geometry
     needs = _needs_input_grad(ctx, 11)
-    n, c, h, w = x.shape
-    o, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
-    gyt = gy.transpose(0, 1).reshape(o, n * oh * ow).contiguous()
+    gy = gy.contiguous()
     dvalues = dx = dbias = None
     if needs[2]:
-        cols = F.unfold(x, kernel_size, dilation=dilation, stride=stride)               # [N, C*kh*kw, L]
-        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow).contiguous()
-        dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
+        dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy, kernel_size, stride,
+                                                                       dilation)
     if needs[3]:
-        k = c * kernel_size[0] * kernel_size[1]
-        dcols = torch.ops.pysparse.spmm_t.default(rowptr, col, values, gyt, k, t_rowptr, t_col, t_perm)
-        dcols = dcols.reshape(k, n, oh * ow).transpose(0, 1)
-        dx = F.fold(dcols, (h, w), kernel_size, dilation=dilation, stride=stride)
+        dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, values, gy, list(x.shape), kernel_size,
+                                                                 stride, dilation, t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gy.sum((0, 2, 3))
     return (None, None, dvalues, dx, dbias) + (None,) * 6

@@ -89,3 +89,27 @@ def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1,
     out = torch.nn.functional.conv2d(x.to(acc), weight, None if bias is None else bias.to(acc), stride=stride,
                                      dilation=dilation)
     return out.to(values.dtype)
+
+
+def _dense_conv_weight(rowptr, col, values, channels, kernel_size):
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    return csr_to_dense(rowptr, col, values, channels * kh * kw).reshape(-1, channels, kh, kw)
+
+
+def sparse_conv2d_grad_input(rowptr, col, values, gy, x_size, *, kernel_size=3, stride=1, dilation=1,
+                             transposed=None):
+    """torch.nn.grad.conv2d_input with the dense weight rebuilt from the CSR."""
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    weight = _dense_conv_weight(rowptr, col, values.to(acc), x_size[1], kernel_size)
+    return torch.nn.grad.conv2d_input(list(x_size), weight, gy.to(acc), stride=stride,
+                                      dilation=dilation).to(values.dtype)
+
+
+def sparse_conv2d_grad_values(rowptr, col, x, gy, *, kernel_size=3, stride=1, dilation=1):
+    """torch.nn.grad.conv2d_weight (the dense weight gradient), read at the stored positions."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dense = torch.nn.grad.conv2d_weight(x.to(acc), (rowptr.numel() - 1, x.shape[1], kh, kw), gy.to(acc),
+                                        stride=stride, dilation=dilation).reshape(rowptr.numel() - 1, -1)
+    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=x.device), rowptr.diff().long())
+    return dense[rows, col.long()].to(x.dtype)

@@ -110,7 +110,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 import pysparse  # noqa: E402
 from pysparse import csr, reference  # noqa: E402
 
-OP_DEVICES = devices_for("sparse_conv2d", "spmm_t", "sddmm")
+OP_DEVICES = devices_for("sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values")
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-9, atol=1e-9),
        torch.float16: dict(rtol=5e-3, atol=5e-3), torch.bfloat16: dict(rtol=3e-2, atol=5e-2)}
 
@@ -174,3 +174,89 @@ def test_op_bad_input():
         pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x[0], kernel_size=3)
     with pytest.raises(TypeError, match="dtype"):
         pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x.double(), kernel_size=3)
+
+
+# ------------------------------------------------------------------ the direct backward: grad_input, grad_values
+def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed):
+    values, s, x, _ = _conv_problem(n, c, o, h, w, *k, density, dtype, device, seed)
+    geo = dict(kernel_size=k, stride=stride, dilation=dilation)
+    y = reference.sparse_conv2d(s.rowptr, s.col, values, x, **geo)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=s.transposed(), **geo)
+    torch.testing.assert_close(dx, reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo),
+                               **TOL[dtype])
+    dv = pysparse.ops.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo)
+    tol = dict(TOL[dtype])
+    if dtype in (torch.float16, torch.bfloat16):  # a sum over the batch and every output pixel, rounded once
+        tol = dict(rtol=tol["rtol"] * 2, atol=tol["atol"] * 4)
+    torch.testing.assert_close(dv, reference.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo), **tol)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 5), o=st.integers(1, 6), hw=st.tuples(st.integers(3, 12), st.integers(3, 12)),
+       k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), density=st.floats(0, 1),
+       dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
+def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, density, dtype, seed):
+    """Both gradients against torch.nn.grad.conv2d_input / conv2d_weight on the dense weight."""
+    h, w = hw
+    if h < dilation[0] * (k[0] - 1) + 1 or w < dilation[1] * (k[1] - 1) + 1:
+        return
+    _check_grads(device, n, c, o, h, w, k, stride, dilation, density, torch.float32 if dtype is None else dtype, seed)
+
+
+# The CPU kernels interleave several images per run when planes are small and weights many (GAN shapes);
+# these cases take that path with a partial last block of images, and the plain path beside it.
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("case", [
+    (10, 8, 6, 10, 10, (3, 3), (1, 1), (1, 1), 0.8),    # 8x8 output: 7 images per run, the last block holds 3
+    (40, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6),    # stride 2 (phases) and 27 images per run: 27 + 13
+    (5, 3, 4, 11, 9, (3, 2), (2, 3), (2, 1), 0.7),      # odd sizes, uneven phases, dilation
+    (3, 16, 4, 12, 12, (3, 3), (1, 1), (1, 1), 0.01),   # few weights per input element: no interleaving
+    (2, 4, 3, 40, 40, (3, 3), (2, 2), (1, 1), 0.5),     # large planes: no interleaving, stride 2
+], ids=["interleaved", "interleaved-stride2", "odd", "sparse", "large-stride2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grad_ops_layouts(device, case, dtype):
+    _check_grads(device, *case, dtype, seed=3)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_grad_ops_opcheck(device):
+    values, s, x, _ = _conv_problem(3, 4, 5, 9, 8, 3, 3, 0.5, torch.float32, device, 4)
+    gy = torch.randn(3, 5, 4, 3, device=device)
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_input.default,
+                          (s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [2, 2], [1, 1], *s.transposed()))
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_values.default,
+                          (s.rowptr, s.col, x, gy, [3, 3], [2, 2], [1, 1]))
+
+
+def test_grad_ops_bad_input():
+    values, s, x, _ = _conv_problem(2, 2, 3, 6, 6, 3, 3, 0.5, torch.float32, "cpu", 5)
+    gy = torch.randn(2, 3, 4, 4)
+    gi = pysparse.ops.sparse_conv2d_grad_input
+    gv = pysparse.ops.sparse_conv2d_grad_values
+    with pytest.raises(ValueError, match="gy must be the convolution's output shape"):
+        gi(s.rowptr, s.col, values, gy[:, :2], x.shape, kernel_size=3)
+    with pytest.raises(ValueError, match="gy must be the convolution's output shape"):
+        gv(s.rowptr, s.col, x, gy[..., :3], kernel_size=3)
+    with pytest.raises(ValueError, match="x_size must be 4 ints"):
+        gi(s.rowptr, s.col, values, gy, (2, 2, 6), kernel_size=3)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        gi(s.rowptr, s.col, values, gy, (2, 2, 2, 6), kernel_size=3)
+    with pytest.raises(TypeError, match="gy must have the dtype and device of values"):
+        gi(s.rowptr, s.col, values, gy.double(), x.shape, kernel_size=3)
+    with pytest.raises(TypeError, match="gy must have the dtype and device of x"):
+        gv(s.rowptr, s.col, x, gy.half(), kernel_size=3)
+    with pytest.raises(ValueError, match="stride must be"):
+        gv(s.rowptr, s.col, x, gy, kernel_size=3, stride=0)
+    bad = s.col.clone()
+    bad[0] = 18
+    # The kernels themselves (called directly, past the Python checks) reject a bad index with an error.
+    with pytest.raises(ValueError, match="column index is outside"):
+        torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, bad, values, gy, list(x.shape), [3, 3], [1, 1],
+                                                            [1, 1])
+    with pytest.raises(ValueError, match="column index is outside"):
+        torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, bad, x, gy, [3, 3], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="gy has shape"):
+        torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, s.col, x, gy[:1], [3, 3], [1, 1], [1, 1])

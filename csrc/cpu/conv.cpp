@@ -1,7 +1,23 @@
-// Direct sparse convolution, CPU (Park et al., "Faster CNNs with direct sparse convolutions"): no im2col. A
-// thread owns output planes (n, o); each stored weight (o, c, ki, kj) adds value * a shifted window of input
-// plane c to the plane, one output row at a time (a vectorised AXPY for stride 1). The plane accumulates in
-// float32 in a thread-local buffer that stays in cache; the only large buffer is the output itself.
+// Direct sparse convolution, CPU (Park et al., "Faster CNNs with direct sparse convolutions"): no im2col, no
+// fold, forward and backward.
+//
+// Every kernel here works on "extended rows": a plane of OH rows is stored with the input's row stride Wp,
+// so a stored weight (o, c, ki, kj) is one contiguous AXPY (or dot product) over (OH - 1) * Wp + OW elements
+// between an output-shaped plane and the input plane shifted by the weight's tap; the Wp - OW extra columns
+// per row are computed and dropped (or read as zeros). A stride s > 1 is turned into stride 1 first: the input
+// is split into its s_h * s_w phases (x_p[a, b][i, j] = x[i * s_h + a, j * s_w + b], Hp x Wp each), and a tap
+// (ki, kj) reads phase ((ki * d_h) % s_h, (kj * d_w) % s_w) at shift ((ki * d_h) / s_h, (kj * d_w) / s_w).
+// With stride 1 there is one phase, the input itself.
+//
+// - Forward: a task is (block of images, output channel o); the block's output planes accumulate in a
+//   thread-local acc_t buffer that stays in cache, each stored weight of row o adding value * a shifted input.
+// - Input gradient: a task is (block of images, input channel c); the block's input-gradient phases
+//   accumulate in cache, each stored weight of c's kh * kw columns (W's transposed structure, derived from the
+//   CSR here) adding value * gy[n, o] at its shift: the forward's AXPY with source and destination swapped.
+// - Values gradient: rows are split between threads by stored count; each stored weight is the sum over the
+//   batch of dot(gy[n, o], shifted x[n, c]).
+// Both gradients read gy through an acc_t copy whose rows are zero-padded to Wp columns. Accumulation is
+// float32 (float64 for float64).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,98 +28,166 @@
 #include <vector>
 
 #include "../common.h"
+#include "rows.h"
+#include "vec.h"
 
 namespace pysparse {
 namespace {
 
-// A task is (block of images, output channel o). Its float32 accumulator holds the block's output planes with
-// the padded input's row stride W when stride_w == 1 ("extended rows": the W - OW extra columns per row are
-// computed and dropped), so that for stride 1 each stored weight costs one contiguous AXPY per image over
-// (OH - 1) * W + OW elements instead of OH short ones. Index decoding is shared by the block's images.
-template <typename index_t, typename scalar_t>
-void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* x,
-                 const scalar_t* bias, scalar_t* y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O,
-                 int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
-                 std::atomic<bool>& bad) {
-  const int64_t K = C * kh * kw;
-  const int64_t XW = sw == 1 ? W : OW;  // accumulator row stride
-  const int64_t aplane = OH * XW;
-  // Images per task: the block's accumulators within 256 KB and its input planes within ~512 KB, so that a
-  // thread, which takes consecutive tasks (image-block major), sweeps every output channel over inputs in L2.
-  const int64_t by_acc = (int64_t{1} << 16) / std::max<int64_t>(1, aplane);
-  const int64_t by_input = (int64_t{1} << 17) / std::max<int64_t>(1, C * H * W);
-  const int64_t nblock = std::max<int64_t>(1, std::min({N, by_acc, by_input}));
-  const int64_t nblocks = (N + nblock - 1) / nblock;
-  at::parallel_for(0, O * nblocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(static_cast<size_t>(nblock * aplane));
+// The working layout of a padded input [N, C, H, W] for a given stride, dilation and output size: the input's
+// s_h * s_w phases, each Hp x Wp, with `nb` images interleaved innermost ("lanes"):
+// [NB, C, s_h, s_w, Hp, Wp, nb], NB = ceil(N / nb), missing images zero. A unit is one block of nb images; a
+// plane is one (unit, channel). Interleaving makes a tap's run nb times longer: for small images (a digits GAN
+// works on 4x4 and 8x8 planes) a weight is then one AXPY over hundreds of elements instead of nb short ones.
+// With stride 1 and nb = 1 the layout is the input itself.
+struct Layout {
+  int64_t N, C, H, W, sh, sw, dh, dw, kh, kw, OH, OW;
+  int64_t Hp, Wp;  // size of one phase
+  int64_t nb, NB;  // images per unit, units
+  int64_t plane;   // elements of one (unit, channel): sh * sw * Hp * Wp * nb
+  int64_t len;     // a tap's run: ((OH - 1) * Wp + OW) * nb
+  int64_t oplane;  // elements of one (unit, output channel) in the working layout: OH * Wp * nb
+  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, at::IntArrayRef kernel, at::IntArrayRef stride,
+         at::IntArrayRef dilation, int64_t OH_, int64_t OW_, int64_t nnz)
+      : N(N_), C(C_), H(H_), W(W_), sh(stride[0]), sw(stride[1]), dh(dilation[0]), dw(dilation[1]),
+        kh(kernel[0]), kw(kernel[1]), OH(OH_), OW(OW_), Hp((H_ + stride[0] - 1) / stride[0]),
+        Wp((W_ + stride[1] - 1) / stride[1]) {
+    // Enough lanes for runs of about 512 elements, but a unit's output plane within 8192 elements (32 KB); and
+    // none when there are fewer than 0.25 stored weights per input element, where interleaving the input would
+    // cost more than the short runs it saves.
+    const int64_t run = (OH - 1) * Wp + OW;
+    nb = std::max<int64_t>(1, std::min({N, (511 + run) / std::max<int64_t>(1, run), 8192 / std::max<int64_t>(1, OH * Wp)}));
+    if (4 * nnz < C * H * W) nb = 1;
+    NB = (N + nb - 1) / nb;
+    plane = sh * sw * Hp * Wp * nb;
+    len = run * nb;
+    oplane = OH * Wp * nb;
+  }
+  // Offset, inside one plane, of the window that tap (ki, kj) reads.
+  int64_t tap(int64_t ki, int64_t kj) const {
+    const int64_t a = ki * dh, b = kj * dw;
+    return (((a % sh) * sw + b % sw) * Hp * Wp + (a / sh) * Wp + b / sw) * nb;
+  }
+};
+
+// The map between a dense [N, C, H, W] tensor and its working layout [NB, C, sh, sw, Hp, Wp, nb]: element
+// (n, c, i * sh + a, j * sw + b) sits at ((((n / nb) * C + c) * sh + a) * sw + b) * Hp + i) * Wp + j) * nb +
+// n % nb; positions with no element (past N, H or W) are zero. The input uses the convolution's strides; an
+// output-shaped gradient uses stride 1 and Wp columns (rows zero-padded to the input's phase width).
+struct Interleave {
+  int64_t N, C, H, W, sh, sw, Hp, Wp, nb, NB;
+  int64_t plane() const { return sh * sw * Hp * Wp * nb; }
+  bool identity() const { return sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H; }
+};
+
+inline Interleave input_of(const Layout& L) { return {L.N, L.C, L.H, L.W, L.sh, L.sw, L.Hp, L.Wp, L.nb, L.NB}; }
+inline Interleave output_of(const Layout& L, int64_t O) { return {L.N, O, L.OH, L.OW, 1, 1, L.OH, L.Wp, L.nb, L.NB}; }
+
+// src [N, C, H, W] -> dst in the working layout, converting to dst_t; parallel over (unit, channel), one
+// output row (i, all j, all lanes) at a time.
+template <typename src_t, typename dst_t>
+void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
+  at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u = t / I.C, c = t % I.C, lanes = std::min(I.nb, I.N - u * I.nb);
+      dst_t* out = dst + t * I.plane();
+      for (int64_t a = 0; a < I.sh; ++a)
+        for (int64_t b = 0; b < I.sw; ++b)
+          for (int64_t i = 0; i < I.Hp; ++i) {
+            const int64_t h = i * I.sh + a;
+            dst_t* o = out + (((a * I.sw + b) * I.Hp + i) * I.Wp) * I.nb;
+            std::fill(o, o + I.Wp * I.nb, dst_t(0));
+            if (h >= I.H) continue;
+            const int64_t cols = std::min(I.Wp, (I.W - b + I.sw - 1) / I.sw);  // j with j * sw + b < W
+            for (int64_t l = 0; l < lanes; ++l) {
+              const src_t* row = src + (((u * I.nb + l) * I.C + c) * I.H + h) * I.W + b;
+              for (int64_t j = 0; j < cols; ++j) o[j * I.nb + l] = static_cast<dst_t>(row[j * I.sw]);
+            }
+          }
+    }
+  });
+}
+
+// The inverse: the working layout -> dst [N, C, H, W] (positions with no element are dropped).
+template <typename src_t, typename dst_t>
+void deinterleave(const src_t* src, dst_t* dst, const Interleave& I) {
+  at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u = t / I.C, c = t % I.C, lanes = std::min(I.nb, I.N - u * I.nb);
+      const src_t* in = src + t * I.plane();
+      for (int64_t a = 0; a < I.sh; ++a)
+        for (int64_t b = 0; b < I.sw; ++b)
+          for (int64_t i = 0; i < I.Hp; ++i) {
+            const int64_t h = i * I.sh + a;
+            if (h >= I.H) continue;
+            const src_t* p = in + (((a * I.sw + b) * I.Hp + i) * I.Wp) * I.nb;
+            const int64_t cols = std::min(I.Wp, (I.W - b + I.sw - 1) / I.sw);
+            for (int64_t l = 0; l < lanes; ++l) {
+              dst_t* row = dst + (((u * I.nb + l) * I.C + c) * I.H + h) * I.W + b;
+              for (int64_t j = 0; j < cols; ++j) row[j * I.sw] = static_cast<dst_t>(p[j * I.nb + l]);
+            }
+          }
+    }
+  });
+}
+
+// t [N, C, H, W] of scalar_t in the working layout as acc_t: t itself when that is already the layout.
+template <typename scalar_t, typename acc_t>
+at::Tensor to_layout(const at::Tensor& t, const Interleave& I) {
+  const at::Tensor tc = t.contiguous();
+  if (I.identity() && std::is_same_v<scalar_t, acc_t>) return tc;
+  at::Tensor out = at::empty({I.NB, I.C, I.plane()}, tc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  interleave<scalar_t, acc_t>(tc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), I);
+  return out;
+}
+
+// Units per task: `per_unit` elements of each unit's working set within about `budget` elements.
+inline int64_t unit_block(int64_t units, int64_t per_unit, int64_t budget) {
+  return std::max<int64_t>(1, std::min(units, budget / std::max<int64_t>(1, per_unit)));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------
+// A task is (block of units, output channel o); the block's output planes accumulate in acc_t, in cache.
+template <typename index_t, typename scalar_t, typename acc_t>
+void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const acc_t* xp,
+                 const scalar_t* bias, scalar_t* y, const Layout& L, int64_t O, std::atomic<bool>& bad) {
+  const int64_t K = L.C * L.kh * L.kw;
+  // The block's accumulators within 256 KB and its input within ~512 KB (float32), so that a thread, which
+  // takes consecutive tasks (unit-block major), sweeps every output channel over inputs in L2.
+  const int64_t ublock = std::min(unit_block(L.NB, L.oplane, int64_t{1} << 16),
+                                  unit_block(L.NB, L.C * L.plane, int64_t{1} << 17));
+  const int64_t ublocks = (L.NB + ublock - 1) / ublock;
+  at::parallel_for(0, O * ublocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(static_cast<size_t>(ublock * L.oplane));
     bool local_bad = false;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t o = task % O, n0 = (task / O) * nblock, n1 = std::min(N, n0 + nblock);
-      std::fill(acc.begin(), acc.end(), bias ? static_cast<float>(bias[o]) : 0.f);
+      const int64_t o = task % O, u0 = (task / O) * ublock, u1 = std::min(L.NB, u0 + ublock);
+      std::fill(acc.begin(), acc.end(), bias ? static_cast<acc_t>(bias[o]) : acc_t(0));
       for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
         const int64_t k = col[j];
         if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) {
           local_bad = true;
           continue;
         }
-        const int64_t c = k / (kh * kw), ki = (k / kw) % kh, kj = k % kw;
-        const float v = static_cast<float>(values[j]);
-        for (int64_t n = n0; n < n1; ++n) {
-          float* out = acc.data() + (n - n0) * aplane;
-          const scalar_t* in = x + ((n * C + c) * H + ki * dh) * W + kj * dw;
-          if (sw == 1 && sh == 1) {
-            const int64_t len = (OH - 1) * W + OW;  // stays inside the plane: ki*dh + OH - 1 <= H - 1
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i) out[i] += v * static_cast<float>(in[i]);
-          } else if (sw == 1) {
-            for (int64_t r = 0; r < OH; ++r) {
-              const scalar_t* row = in + r * sh * W;
-#pragma omp simd
-              for (int64_t q = 0; q < OW; ++q) out[r * XW + q] += v * static_cast<float>(row[q]);
-            }
-          } else {
-            for (int64_t r = 0; r < OH; ++r) {
-              const scalar_t* row = in + r * sh * W;
-              for (int64_t q = 0; q < OW; ++q) out[r * XW + q] += v * static_cast<float>(row[q * sw]);
-            }
-          }
-        }
+        const int64_t c = k / (L.kh * L.kw), off = L.tap((k / L.kw) % L.kh, k % L.kw);
+        const acc_t v = static_cast<acc_t>(values[j]);
+        for (int64_t u = u0; u < u1; ++u)
+          cpu::axpy(acc.data() + (u - u0) * L.oplane, xp + (u * L.C + c) * L.plane + off, v, L.len);
       }
-      for (int64_t n = n0; n < n1; ++n) {
-        scalar_t* dst = y + (n * O + o) * OH * OW;
-        const float* src = acc.data() + (n - n0) * aplane;
-        for (int64_t r = 0; r < OH; ++r)
-          for (int64_t q = 0; q < OW; ++q) dst[r * OW + q] = static_cast<scalar_t>(src[r * XW + q]);
+      // Unit planes [OH, Wp, nb] -> y[n, o] [OH, OW].
+      for (int64_t u = u0; u < u1; ++u) {
+        const acc_t* src = acc.data() + (u - u0) * L.oplane;
+        for (int64_t l = 0; l < L.nb && u * L.nb + l < L.N; ++l) {
+          scalar_t* dst = y + ((u * L.nb + l) * O + o) * L.OH * L.OW;
+          for (int64_t r = 0; r < L.OH; ++r)
+            for (int64_t q = 0; q < L.OW; ++q)
+              dst[r * L.OW + q] = static_cast<scalar_t>(src[(r * L.Wp + q) * L.nb + l]);
+        }
       }
     }
     if (local_bad) bad = true;
-  });
-}
-
-// float64 (gradcheck): a plain loop accumulating in the output (double).
-template <typename index_t, typename scalar_t>
-void conv_kernel_plain(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* x,
-                       const scalar_t* bias, scalar_t* y, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O,
-                       int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
-                       int64_t dw, std::atomic<bool>& bad) {
-  const int64_t K = C * kh * kw, plane = OH * OW;
-  at::parallel_for(0, N * O, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t n = task / O, o = task % O;
-      scalar_t* out = y + task * plane;
-      std::fill(out, out + plane, bias ? bias[o] : scalar_t(0));
-      for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
-        const int64_t k = col[j];
-        if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) {
-          bad = true;
-          continue;
-        }
-        const int64_t c = k / (kh * kw), ki = (k / kw) % kh, kj = k % kw;
-        for (int64_t r = 0; r < OH; ++r)
-          for (int64_t q = 0; q < OW; ++q)
-            out[r * OW + q] += values[j] * x[((n * C + c) * H + r * sh + ki * dh) * W + q * sw + kj * dw];
-      }
-    }
   });
 }
 
@@ -113,38 +197,201 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
   const auto [OH, OW] = check_sparse_conv2d(rowptr, col, values, x, bias, kernel, stride, dilation);
   TORCH_CHECK_VALUE(values.device().is_cpu(), "sparse_conv2d: tensors must be on the CPU for the CPU kernel");
-  const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+  cpu::check_rowptr_cpu(rowptr, values.numel(), "sparse_conv2d");
   const int64_t O = rowptr.numel() - 1;
-  TORCH_CHECK_VALUE(rp[0] == 0 && rp[O] == values.numel(), "sparse_conv2d: rowptr must start at 0 and end at nnz");
-  for (int64_t r = 0; r < O; ++r) TORCH_CHECK_VALUE(rp[r] <= rp[r + 1], "sparse_conv2d: rowptr must be non-decreasing");
-  const at::Tensor xc = x.contiguous();
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
-  at::Tensor y = at::empty({N, O, OH, OW}, xc.options());
+  const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, OH, OW, col.numel());
+  at::Tensor y = at::empty({L.N, O, OH, OW}, x.options());
   if (y.numel() == 0) return y;
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cpu", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_cpu", [&] {
-      const scalar_t* bp = bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr;
-      if (std::is_same_v<scalar_t, double>) {
-        conv_kernel_plain<index_t, scalar_t>(rp, col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(),
-                                             xc.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), N, C,
-                                             H, W, O, OH, OW, kernel[0], kernel[1], stride[0], stride[1],
-                                             dilation[0], dilation[1], bad);
-      } else {
-        conv_kernel<index_t, scalar_t>(rp, col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(),
-                                       xc.const_data_ptr<scalar_t>(), bp, y.mutable_data_ptr<scalar_t>(), N, C, H, W,
-                                       O, OH, OW, kernel[0], kernel[1], stride[0], stride[1], dilation[0],
-                                       dilation[1], bad);
-      }
+      using acc_t = at::opmath_type<scalar_t>;
+      const at::Tensor xp = to_layout<scalar_t, acc_t>(x, input_of(L));
+      conv_kernel<index_t, scalar_t, acc_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                            values.const_data_ptr<scalar_t>(), xp.const_data_ptr<acc_t>(),
+                                            bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
+                                            y.mutable_data_ptr<scalar_t>(), L, O, bad);
     });
   });
   TORCH_CHECK_VALUE(!bad, "sparse_conv2d: a column index is outside [0, C * kh * kw)");
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------
+// The stored weights grouped by input channel: for every channel c, its entries (row o, tap offset inside a
+// plane, value as acc_t) ordered by o, then tap. A counting sort, O(nnz + C); entries with a column outside
+// [0, C * kh * kw) set bad and are dropped. Grouping by channel rather than by column (c, ki, kj) lets the
+// input-gradient kernel apply all of a row's taps while gy[unit, o] is in L1.
+template <typename acc_t>
+struct ByChannel {
+  std::vector<int32_t> ptr, row;
+  std::vector<int64_t> off;
+  std::vector<acc_t> val;
+};
+
+template <typename index_t, typename scalar_t, typename acc_t>
+ByChannel<acc_t> by_channel(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t rows,
+                            const Layout& L, std::atomic<bool>& bad) {
+  const int64_t taps = L.kh * L.kw, K = L.C * taps;
+  ByChannel<acc_t> t;
+  t.ptr.assign(static_cast<size_t>(L.C + 1), 0);
+  for (int64_t j = 0; j < rowptr[rows]; ++j) {
+    const int64_t k = col[j];
+    if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) {
+      bad = true;
+      continue;
+    }
+    ++t.ptr[k / taps + 1];
+  }
+  for (int64_t c = 0; c < L.C; ++c) t.ptr[c + 1] += t.ptr[c];
+  t.row.resize(t.ptr[L.C]);
+  t.off.resize(t.ptr[L.C]);
+  t.val.resize(t.ptr[L.C]);
+  std::vector<int32_t> next(t.ptr.begin(), t.ptr.end() - 1);
+  for (int64_t o = 0; o < rows; ++o)
+    for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
+      const int64_t k = col[j];
+      if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) continue;
+      const int32_t at = next[k / taps]++;
+      t.row[at] = static_cast<int32_t>(o);
+      t.off[at] = L.tap((k / L.kw) % L.kh, k % L.kw);
+      t.val[at] = static_cast<acc_t>(values[j]);
+    }
+  return t;
+}
+
+// The input gradient in the working layout, dxp [NB, C, plane], from g = gy in the output working layout
+// [NB, O, oplane]. A task is (block of units, input channel c); the block's planes accumulate in cache.
+template <typename scalar_t, typename acc_t>
+void conv_grad_input_kernel(const ByChannel<acc_t>& t, const acc_t* g, scalar_t* dxp, const Layout& L, int64_t O) {
+  const int64_t ublock = std::min(unit_block(L.NB, L.plane, int64_t{1} << 16),
+                                  unit_block(L.NB, O * L.oplane, int64_t{1} << 17));
+  const int64_t ublocks = (L.NB + ublock - 1) / ublock;
+  at::parallel_for(0, L.C * ublocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(static_cast<size_t>(ublock * L.plane));
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t c = task % L.C, u0 = (task / L.C) * ublock, u1 = std::min(L.NB, u0 + ublock);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t e = t.ptr[c]; e < t.ptr[c + 1]; ++e) {
+        const int64_t o = t.row[e], off = t.off[e];
+        for (int64_t u = u0; u < u1; ++u)
+          cpu::axpy(acc.data() + (u - u0) * L.plane + off, g + (u * O + o) * L.oplane, t.val[e], L.len);
+      }
+      for (int64_t u = u0; u < u1; ++u) {
+        scalar_t* dst = dxp + (u * L.C + c) * L.plane;
+        const acc_t* src = acc.data() + (u - u0) * L.plane;
+        for (int64_t i = 0; i < L.plane; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+      }
+    }
+  });
+}
+
+// dvalues [nnz] from the input in the working layout xp and g (gy in the output working layout): rows split
+// between threads by stored count; a thread walks its rows unit block by unit block (the block's input stays in
+// cache), adding each stored weight's dot products to its sum.
+template <typename index_t, typename scalar_t, typename acc_t>
+void conv_grad_values_kernel(const int32_t* rowptr, const index_t* col, const acc_t* xp, const acc_t* g,
+                             scalar_t* dv, const Layout& L, int64_t O, std::atomic<bool>& bad) {
+  const int64_t K = L.C * L.kh * L.kw;
+  const int64_t ublock = unit_block(L.NB, L.C * L.plane, int64_t{1} << 17);
+  cpu::for_row_parts(rowptr, O, bad, [&](int64_t, int64_t r0, int64_t r1) {
+    const int64_t j0 = rowptr[r0], j1 = rowptr[r1];
+    std::vector<acc_t> sum(static_cast<size_t>(j1 - j0), acc_t(0));
+    bool outside = false;
+    for (int64_t u0 = 0; u0 < L.NB; u0 += ublock) {
+      const int64_t u1 = std::min(L.NB, u0 + ublock);
+      for (int64_t o = r0; o < r1; ++o)
+        for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
+          const int64_t k = col[j];
+          if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) {
+            outside = true;
+            continue;
+          }
+          const int64_t c = k / (L.kh * L.kw), off = L.tap((k / L.kw) % L.kh, k % L.kw);
+          cpu::Dot<acc_t> dot;
+          for (int64_t u = u0; u < u1; ++u) dot.add(g + (u * O + o) * L.oplane, xp + (u * L.C + c) * L.plane + off, L.len);
+          sum[j - j0] += dot.sum();
+        }
+    }
+    for (int64_t j = j0; j < j1; ++j) dv[j] = static_cast<scalar_t>(sum[j - j0]);
+    return outside;
+  });
+}
+
+at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
+                                        const at::Tensor& gy, at::IntArrayRef x_size, at::IntArrayRef kernel,
+                                        at::IntArrayRef stride, at::IntArrayRef dilation,
+                                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                        const std::optional<at::Tensor>&) {
+  // The weights are regrouped by input channel here, from the CSR (a counting sort, cheaper than checking a
+  // given transposed structure).
+  const char* op = "sparse_conv2d_grad_input";
+  check_csr(rowptr, col, values, op);
+  const int64_t O = rowptr.numel() - 1;
+  const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, op);
+  TORCH_CHECK_VALUE(values.device().is_cpu(), op, ": tensors must be on the CPU for the CPU kernel");
+  cpu::check_rowptr_cpu(rowptr, values.numel(), op);
+  const Layout L(x_size[0], x_size[1], x_size[2], x_size[3], kernel, stride, dilation, OH, OW, col.numel());
+  if (L.N * L.C * L.H * L.W == 0 || gy.numel() == 0) return at::zeros(x_size, gy.options());
+  const Interleave I = input_of(L);
+  at::Tensor dx = at::empty(x_size, gy.options());
+  // Without interleaving the kernel writes dx itself; otherwise its working layout, deinterleaved at the end.
+  at::Tensor dxp = I.identity() ? dx : at::empty({L.NB, L.C, L.plane}, gy.options());
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {
+    PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const ByChannel<acc_t> t = by_channel<index_t, scalar_t, acc_t>(
+          rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), O, L,
+          bad);
+      const at::Tensor g = to_layout<scalar_t, acc_t>(gy, output_of(L, O));
+      conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O);
+      if (!I.identity()) deinterleave<scalar_t, scalar_t>(dxp.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), I);
+    });
+  });
+  TORCH_CHECK_VALUE(!bad, op, ": a column index is outside [0, C * kh * kw)");
+  return dx;
+}
+
+at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
+                                         const at::Tensor& gy, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                         at::IntArrayRef dilation) {
+  const char* op = "sparse_conv2d_grad_values";
+  check_csr_structure(rowptr, col, op);
+  TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, op, ": x must be [N, C, H, W]");
+  TORCH_CHECK_TYPE(is_matmul_float(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && rowptr.device().is_cpu(), op, ": tensors must be on the CPU");
+  const int64_t O = rowptr.numel() - 1;
+  const auto [OH, OW] = check_conv_grad(gy, x, "x", O, x.sizes(), kernel, stride, dilation, op);
+  cpu::check_rowptr_cpu(rowptr, col.numel(), op);
+  at::Tensor dv = at::zeros({col.numel()}, x.options());
+  if (col.numel() == 0 || gy.numel() == 0) return dv;
+  const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, OH, OW, col.numel());
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_grad_values_cpu", [&] {
+    PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_values_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const at::Tensor xp = to_layout<scalar_t, acc_t>(x, input_of(L));
+      const at::Tensor g = to_layout<scalar_t, acc_t>(gy, output_of(L, O));
+      conv_grad_values_kernel<index_t, scalar_t, acc_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                                        xp.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(),
+                                                        dv.mutable_data_ptr<scalar_t>(), L, O, bad);
+    });
+  });
+  TORCH_CHECK_VALUE(!bad, op, ": a column index is outside [0, C * kh * kw)");
+  return dv;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CPU, m) { m.impl("sparse_conv2d", &sparse_conv2d_cpu); }
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_grad_input", &sparse_conv2d_grad_input_cpu);
+  m.impl("sparse_conv2d_grad_values", &sparse_conv2d_grad_values_cpu);
+}
 
 }  // namespace pysparse

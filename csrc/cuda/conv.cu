@@ -1,6 +1,12 @@
 // Direct sparse convolution, CUDA twin of csrc/cpu/conv.cpp: one thread per output element (n, o, oh, ow);
 // the threads of a warp share o (consecutive ow), so they walk the same stored weights in step and their reads
 // of an input row are coalesced. Row ranges are clamped and out-of-range column indices skipped, as in spmm.
+//
+// Backward, direct as on the CPU. Input gradient: one thread per input element (n, c, h, w) gathers
+// value * gy[n, o, r, q] over the stored weights of c's kh * kw columns whose shift lands on (h, w), walking
+// W's transposed structure (the threads of a warp share (n, c) and mostly the same weights). Values gradient:
+// one warp per stored weight, the lanes split the batch's output pixels (coalesced reads of gy and x rows) and
+// reduce with shuffles.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -60,8 +66,151 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& rowptr, const at::Tensor& col, c
   return y;
 }
 
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;
+
+template <typename tindex_t, typename scalar_t>
+__global__ void conv_grad_input_kernel(const int32_t* __restrict__ t_rowptr, const tindex_t* __restrict__ t_row,
+                                       const int32_t* __restrict__ t_perm, const scalar_t* __restrict__ values,
+                                       const scalar_t* __restrict__ gy, scalar_t* __restrict__ dx, int64_t N,
+                                       int64_t C, int64_t H, int64_t W, int64_t O, int64_t OH, int64_t OW,
+                                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                                       int64_t nnz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = N * C * H * W;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
+    const int64_t w = idx % W, h = (idx / W) % H, c = (idx / (W * H)) % C, n = idx / (W * H * C);
+    acc_t acc = 0;
+    for (int64_t ki = 0; ki < kh; ++ki) {
+      const int64_t hh = h - ki * dh;
+      if (hh < 0 || hh % sh != 0 || hh / sh >= OH) continue;
+      const int64_t r = hh / sh;
+      for (int64_t kj = 0; kj < kw; ++kj) {
+        const int64_t ww = w - kj * dw;
+        if (ww < 0 || ww % sw != 0 || ww / sw >= OW) continue;
+        const int64_t q = ww / sw, k = (c * kh + ki) * kw + kj;
+        const int64_t e0 = min(max(static_cast<int64_t>(t_rowptr[k]), int64_t{0}), nnz);
+        const int64_t e1 = min(max(static_cast<int64_t>(t_rowptr[k + 1]), e0), nnz);
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t o = t_row[e], p = t_perm[e];
+          if (o < 0 || o >= O || p < 0 || p >= nnz) continue;
+          acc += static_cast<acc_t>(values[p]) * static_cast<acc_t>(gy[((n * O + o) * OH + r) * OW + q]);
+        }
+      }
+    }
+    dx[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+template <typename index_t, typename scalar_t>
+__global__ void conv_grad_values_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
+                                        const scalar_t* __restrict__ x, const scalar_t* __restrict__ gy,
+                                        scalar_t* __restrict__ dv, int64_t N, int64_t C, int64_t H, int64_t W,
+                                        int64_t O, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh,
+                                        int64_t sw, int64_t dh, int64_t dw, int64_t nnz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
+  if (j >= nnz) return;  // whole warp leaves together
+  const int lane = threadIdx.x;
+  // The row holding j: the last o with rowptr[o] <= j (binary search; a malformed rowptr only yields a row
+  // whose range does not hold j, which is skipped).
+  int64_t lo = 0, hi = O;  // invariant: rowptr[lo] <= j < rowptr[hi] when the structure is valid
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (rowptr[mid] <= j) lo = mid; else hi = mid;
+  }
+  const int64_t o = lo, k = col[j];
+  acc_t acc = 0;
+  if (O > 0 && rowptr[o] <= j && j < rowptr[o + 1] && k >= 0 && k < C * kh * kw) {
+    const int64_t c = k / (kh * kw), ki = (k / kw) % kh, kj = k % kw;
+    const int64_t L = N * OH * OW;
+    for (int64_t i = lane; i < L; i += kWarp) {
+      const int64_t q = i % OW, r = (i / OW) % OH, n = i / (OW * OH);
+      acc += static_cast<acc_t>(gy[((n * O + o) * OH + r) * OW + q]) *
+             static_cast<acc_t>(x[((n * C + c) * H + r * sh + ki * dh) * W + q * sw + kj * dw]);
+    }
+  }
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  if (lane == 0) dv[j] = static_cast<scalar_t>(acc);
+}
+
+at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
+                                         const at::Tensor& gy, at::IntArrayRef x_size, at::IntArrayRef kernel,
+                                         at::IntArrayRef stride, at::IntArrayRef dilation,
+                                         const std::optional<at::Tensor>& t_rowptr,
+                                         const std::optional<at::Tensor>& t_col,
+                                         const std::optional<at::Tensor>& t_perm) {
+  const char* op = "sparse_conv2d_grad_input";
+  check_csr(rowptr, col, values, op);
+  const int64_t O = rowptr.numel() - 1;
+  const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, op);
+  TORCH_CHECK_VALUE(values.is_cuda(), op, ": tensors must be on a CUDA device for the CUDA kernel");
+  TORCH_CHECK_VALUE(t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
+                        t_perm.has_value() && t_perm->defined(),
+                    op, ": the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
+  check_csr(*t_rowptr, *t_col, values, "sparse_conv2d_grad_input (transposed structure)");
+  const int64_t N = x_size[0], C = x_size[1], H = x_size[2], W = x_size[3];
+  TORCH_CHECK_VALUE(t_rowptr->numel() - 1 == C * kernel[0] * kernel[1], op, ": t_rowptr has ",
+                    t_rowptr->numel() - 1, " rows but W has ", C * kernel[0] * kernel[1], " columns");
+  TORCH_CHECK_TYPE(t_perm->scalar_type() == at::kInt && t_perm->dim() == 1 && t_perm->numel() == values.numel() &&
+                       t_perm->is_contiguous() && t_perm->device() == values.device(),
+                   op, ": t_perm must be a contiguous int32 permutation of the stored values, on values' device");
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor g = gy.contiguous();
+  at::Tensor dx = at::empty({N, C, H, W}, g.options());
+  if (dx.numel() == 0) return dx;
+  if (g.numel() == 0 || values.numel() == 0) return dx.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cuda", [&] {
+    PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cuda", [&] {
+      conv_grad_input_kernel<index_t, scalar_t><<<cuda::grid_for(dx.numel()), cuda::kThreads, 0, cuda::stream()>>>(
+          t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(), t_perm->const_data_ptr<int32_t>(),
+          values.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), N, C, H,
+          W, O, OH, OW, kernel[0], kernel[1], stride[0], stride[1], dilation[0], dilation[1], values.numel());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return dx;
+}
+
+at::Tensor sparse_conv2d_grad_values_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
+                                          const at::Tensor& gy, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                          at::IntArrayRef dilation) {
+  const char* op = "sparse_conv2d_grad_values";
+  check_csr_structure(rowptr, col, op);
+  TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, op, ": x must be [N, C, H, W]");
+  TORCH_CHECK_TYPE(is_matmul_float(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_cuda() && x.device() == rowptr.device(), op,
+                    ": x and the structure must be on one CUDA device for the CUDA kernel");
+  const int64_t O = rowptr.numel() - 1, nnz = col.numel();
+  const auto [OH, OW] = check_conv_grad(gy, x, "x", O, x.sizes(), kernel, stride, dilation, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), g = gy.contiguous();
+  at::Tensor dv = at::zeros({nnz}, x.options());
+  if (nnz == 0 || g.numel() == 0) return dv;
+  const dim3 block(kWarp, kWarpsPerBlock);
+  const unsigned int grid = static_cast<unsigned int>((nnz + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_grad_values_cuda", [&] {
+    PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_values_cuda", [&] {
+      conv_grad_values_kernel<index_t, scalar_t><<<grid, block, 0, cuda::stream()>>>(
+          rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), xc.const_data_ptr<scalar_t>(),
+          g.const_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), xc.size(0), xc.size(1), xc.size(2),
+          xc.size(3), O, OH, OW, kernel[0], kernel[1], stride[0], stride[1], dilation[0], dilation[1], nnz);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return dv;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CUDA, m) { m.impl("sparse_conv2d", &sparse_conv2d_cuda); }
+TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_cuda);
+  m.impl("sparse_conv2d_grad_input", &sparse_conv2d_grad_input_cuda);
+  m.impl("sparse_conv2d_grad_values", &sparse_conv2d_grad_values_cuda);
+}
 
 }  // namespace pysparse
