@@ -49,8 +49,8 @@ TORCH_LIBRARY(pysparse, m) {
         "int[2] stride, int[2] dilation, Tensor? t_rowptr=None, Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
   // The backward of sparse_conv2d, direct (no im2col / fold). Gradient with respect to the padded input, of
   // size x_size [N, C, H, W], from gy [N, O, OH, OW]: dx[n, c, r*s + ki*d, q*s + kj*d] += value * gy[n, o, r, q]
-  // over the stored (o, k). The CPU kernel derives W's transposed structure from the CSR; the CUDA kernel
-  // needs it (t_*).
+  // over the stored (o, k), walking W's transposed structure (t_*): CUDA needs it, the CPU kernel regroups the
+  // CSR itself when it is not given.
   m.def("sparse_conv2d_grad_input(Tensor rowptr, Tensor col, Tensor values, Tensor gy, SymInt[4] x_size, "
         "int[2] kernel_size, int[2] stride, int[2] dilation, Tensor? t_rowptr=None, Tensor? t_col=None, "
         "Tensor? t_perm=None) -> Tensor");

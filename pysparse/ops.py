@@ -413,7 +413,7 @@ def sparse_conv2d_grad_input(rowptr: torch.Tensor, col: torch.Tensor, values: to
                              transposed: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """Gradient of :func:`sparse_conv2d` with respect to its (padded) input of size ``x_size`` [N, C, H, W],
     from the output gradient ``gy``; direct, no fold. ``transposed`` (W's transposed structure) is needed on
-    CUDA; the CPU kernel derives it from the CSR."""
+    CUDA; on the CPU it is used when given (the layers cache it), else the kernel regroups the CSR itself."""
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
     _check_kernel("sparse_conv2d_grad_input", values.device, "values")

@@ -182,9 +182,12 @@ def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, see
     geo = dict(kernel_size=k, stride=stride, dilation=dilation)
     y = reference.sparse_conv2d(s.rowptr, s.col, values, x, **geo)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
     dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=s.transposed(), **geo)
-    torch.testing.assert_close(dx, reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo),
-                               **TOL[dtype])
+    torch.testing.assert_close(dx, want, **TOL[dtype])
+    if device == "cpu":  # the CPU kernel also works from the CSR alone (it regroups the weights itself)
+        dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
+        torch.testing.assert_close(dx, want, **TOL[dtype])
     dv = pysparse.ops.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo)
     tol = dict(TOL[dtype])
     if dtype in (torch.float16, torch.bfloat16):  # a sum over the batch and every output pixel, rounded once
@@ -203,7 +206,7 @@ def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, dens
     h, w = hw
     if h < dilation[0] * (k[0] - 1) + 1 or w < dilation[1] * (k[1] - 1) + 1:
         return
-    _check_grads(device, n, c, o, h, w, k, stride, dilation, density, torch.float32 if dtype is None else dtype, seed)
+    _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed)
 
 
 # The CPU kernels interleave several images per run when planes are small and weights many (GAN shapes);
@@ -258,5 +261,10 @@ def test_grad_ops_bad_input():
                                                             [1, 1])
     with pytest.raises(ValueError, match="column index is outside"):
         torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, bad, x, gy, [3, 3], [1, 1], [1, 1])
+    perm = s.t_perm.clone()
+    perm[0] = 10 ** 6
+    with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
+        torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [1, 1],
+                                                            [1, 1], s.t_rowptr, s.t_col, perm)
     with pytest.raises(ValueError, match="gy has shape"):
         torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, s.col, x, gy[:1], [3, 3], [1, 1], [1, 1])

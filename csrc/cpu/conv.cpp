@@ -96,9 +96,18 @@ void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
           for (int64_t i = 0; i < I.Hp; ++i) {
             const int64_t h = i * I.sh + a;
             dst_t* o = out + (((a * I.sw + b) * I.Hp + i) * I.Wp) * I.nb;
-            std::fill(o, o + I.Wp * I.nb, dst_t(0));
-            if (h >= I.H) continue;
+            if (h >= I.H) {
+              std::fill(o, o + I.Wp * I.nb, dst_t(0));
+              continue;
+            }
             const int64_t cols = std::min(I.Wp, (I.W - b + I.sw - 1) / I.sw);  // j with j * sw + b < W
+            if (lanes < I.nb) std::fill(o, o + cols * I.nb, dst_t(0));
+            std::fill(o + cols * I.nb, o + I.Wp * I.nb, dst_t(0));
+            if (I.nb == 1 && I.sw == 1) {  // a plain row copy (the common stride-1 case), vectorised
+              const src_t* row = src + ((u * I.C + c) * I.H + h) * I.W;
+              for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<dst_t>(row[j]);
+              continue;
+            }
             for (int64_t l = 0; l < lanes; ++l) {
               const src_t* row = src + (((u * I.nb + l) * I.C + c) * I.H + h) * I.W + b;
               for (int64_t j = 0; j < cols; ++j) o[j * I.nb + l] = static_cast<dst_t>(row[j * I.sw]);
@@ -230,6 +239,43 @@ struct ByChannel {
   std::vector<int32_t> ptr, row;
   std::vector<int64_t> off;
   std::vector<acc_t> val;
+  // f(o, tap offset, value) for every stored weight of input channel c; returns false (none are bad here).
+  template <typename F>
+  bool each(int64_t c, F&& f) const {
+    for (int64_t e = ptr[c]; e < ptr[c + 1]; ++e) f(row[e], off[e], val[e]);
+    return false;
+  }
+};
+
+// W's cached transposed structure (CSC over the columns k = (c, ki, kj), rows ascending, and the permutation
+// into the stored values), read in place: no build. Rows or permutation entries outside their range are
+// skipped and reported.
+template <typename tindex_t, typename scalar_t, typename acc_t>
+struct Transposed {
+  const int32_t* ptr;
+  const tindex_t* row;
+  const int32_t* perm;
+  const scalar_t* values;
+  int64_t O, nnz;
+  const Layout& L;
+  template <typename F>
+  bool each(int64_t c, F&& f) const {
+    bool bad = false;
+    for (int64_t ki = 0; ki < L.kh; ++ki)
+      for (int64_t kj = 0; kj < L.kw; ++kj) {
+        const int64_t k = (c * L.kh + ki) * L.kw + kj, off = L.tap(ki, kj);
+        for (int64_t e = ptr[k]; e < ptr[k + 1]; ++e) {
+          const int64_t o = row[e], p = perm[e];
+          if (static_cast<uint64_t>(o) >= static_cast<uint64_t>(O) ||
+              static_cast<uint64_t>(p) >= static_cast<uint64_t>(nnz)) {
+            bad = true;
+            continue;
+          }
+          f(o, off, static_cast<acc_t>(values[p]));
+        }
+      }
+    return bad;
+  }
 };
 
 template <typename index_t, typename scalar_t, typename acc_t>
@@ -265,8 +311,9 @@ ByChannel<acc_t> by_channel(const int32_t* rowptr, const index_t* col, const sca
 
 // The input gradient in the working layout, dxp [NB, C, plane], from g = gy in the output working layout
 // [NB, O, oplane]. A task is (block of units, input channel c); the block's planes accumulate in cache.
-template <typename scalar_t, typename acc_t>
-void conv_grad_input_kernel(const ByChannel<acc_t>& t, const acc_t* g, scalar_t* dxp, const Layout& L, int64_t O) {
+template <typename scalar_t, typename acc_t, typename Entries>
+void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dxp, const Layout& L, int64_t O,
+                            std::atomic<bool>& bad) {
   const int64_t ublock = std::min(unit_block(L.NB, L.plane, int64_t{1} << 16),
                                   unit_block(L.NB, O * L.oplane, int64_t{1} << 17));
   const int64_t ublocks = (L.NB + ublock - 1) / ublock;
@@ -275,11 +322,11 @@ void conv_grad_input_kernel(const ByChannel<acc_t>& t, const acc_t* g, scalar_t*
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t c = task % L.C, u0 = (task / L.C) * ublock, u1 = std::min(L.NB, u0 + ublock);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t e = t.ptr[c]; e < t.ptr[c + 1]; ++e) {
-        const int64_t o = t.row[e], off = t.off[e];
+      const bool outside = t.each(c, [&](int64_t o, int64_t off, acc_t v) {
         for (int64_t u = u0; u < u1; ++u)
-          cpu::axpy(acc.data() + (u - u0) * L.plane + off, g + (u * O + o) * L.oplane, t.val[e], L.len);
-      }
+          cpu::axpy(acc.data() + (u - u0) * L.plane + off, g + (u * O + o) * L.oplane, v, L.len);
+      });
+      if (outside) bad = true;
       for (int64_t u = u0; u < u1; ++u) {
         scalar_t* dst = dxp + (u * L.C + c) * L.plane;
         const acc_t* src = acc.data() + (u - u0) * L.plane;
@@ -324,17 +371,29 @@ void conv_grad_values_kernel(const int32_t* rowptr, const index_t* col, const ac
 at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
                                         const at::Tensor& gy, at::IntArrayRef x_size, at::IntArrayRef kernel,
                                         at::IntArrayRef stride, at::IntArrayRef dilation,
-                                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                        const std::optional<at::Tensor>&) {
-  // The weights are regrouped by input channel here, from the CSR (a counting sort, cheaper than checking a
-  // given transposed structure).
+                                        const std::optional<at::Tensor>& t_rowptr,
+                                        const std::optional<at::Tensor>& t_col,
+                                        const std::optional<at::Tensor>& t_perm) {
+  // The kernel walks the weights of one input channel at a time: through W's transposed structure when given
+  // (the layers cache it), else regrouped by channel here from the CSR (a counting sort).
   const char* op = "sparse_conv2d_grad_input";
   check_csr(rowptr, col, values, op);
-  const int64_t O = rowptr.numel() - 1;
+  const int64_t O = rowptr.numel() - 1, nnz = values.numel();
   const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, op);
   TORCH_CHECK_VALUE(values.device().is_cpu(), op, ": tensors must be on the CPU for the CPU kernel");
-  cpu::check_rowptr_cpu(rowptr, values.numel(), op);
-  const Layout L(x_size[0], x_size[1], x_size[2], x_size[3], kernel, stride, dilation, OH, OW, col.numel());
+  cpu::check_rowptr_cpu(rowptr, nnz, op);
+  const bool have_transposed = t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
+                               t_perm.has_value() && t_perm->defined();
+  const Layout L(x_size[0], x_size[1], x_size[2], x_size[3], kernel, stride, dilation, OH, OW, nnz);
+  if (have_transposed) {
+    check_csr_structure(*t_rowptr, *t_col, op);
+    TORCH_CHECK_VALUE(t_rowptr->device().is_cpu() && t_rowptr->numel() - 1 == L.C * L.kh * L.kw, op,
+                      ": t_rowptr must be a CPU tensor with C * kh * kw + 1 = ", L.C * L.kh * L.kw + 1, " entries");
+    TORCH_CHECK_TYPE(t_perm->scalar_type() == at::kInt && t_perm->dim() == 1 && t_perm->numel() == nnz &&
+                         t_perm->is_contiguous() && t_perm->device().is_cpu() && t_col->numel() == nnz,
+                     op, ": t_col and t_perm must hold one int entry per stored value, t_perm int32");
+    cpu::check_rowptr_cpu(*t_rowptr, nnz, op);
+  }
   if (L.N * L.C * L.H * L.W == 0 || gy.numel() == 0) return at::zeros(x_size, gy.options());
   const Interleave I = input_of(L);
   at::Tensor dx = at::empty(x_size, gy.options());
@@ -342,17 +401,29 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
   at::Tensor dxp = I.identity() ? dx : at::empty({L.NB, L.C, L.plane}, gy.options());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {
-    PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const ByChannel<acc_t> t = by_channel<index_t, scalar_t, acc_t>(
-          rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), O, L,
-          bad);
-      const at::Tensor g = to_layout<scalar_t, acc_t>(gy, output_of(L, O));
-      conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O);
-      if (!I.identity()) deinterleave<scalar_t, scalar_t>(dxp.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), I);
-    });
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor g = to_layout<scalar_t, acc_t>(gy, output_of(L, O));
+    if (have_transposed) {
+      PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cpu", [&] {
+        const Transposed<index_t, scalar_t, acc_t> t{t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(),
+                                                     t_perm->const_data_ptr<int32_t>(), values.const_data_ptr<scalar_t>(),
+                                                     O, nnz, L};
+        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O,
+                                                bad);
+      });
+    } else {
+      PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
+        const ByChannel<acc_t> t = by_channel<index_t, scalar_t, acc_t>(
+            rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), O, L,
+            bad);
+        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O,
+                                                bad);
+      });
+    }
+    if (!I.identity()) deinterleave<scalar_t, scalar_t>(dxp.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), I);
   });
-  TORCH_CHECK_VALUE(!bad, op, ": a column index is outside [0, C * kh * kw)");
+  TORCH_CHECK_VALUE(!bad, op, have_transposed ? ": a row index or t_perm entry of the transposed structure is out of range"
+                                              : ": a column index is outside [0, C * kh * kw)");
   return dx;
 }
 
