@@ -45,12 +45,42 @@ def test_conv_forward(benchmark, device, batch, shape, sparsity, impl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95, 0.99])
 @pytest.mark.parametrize("impl", ["pysparse", "dense"])
-def test_conv_forward_backward(benchmark, device, sparsity, impl):
-    dense, sparse = _layers(device, "layer2", sparsity)
-    x = torch.randn(8, 128, 28, 28, device=device, requires_grad=True)
+def test_conv_forward_backward(benchmark, device, shape, sparsity, impl):
+    """A training step's convolution work at batch 8: forward, then the input and weight gradients (the direct
+    backward kernels for pysparse, mkldnn / cuDNN for dense)."""
+    dense, sparse = _layers(device, shape, sparsity)
+    cin, _, _, _, size = SHAPES[shape]
+    x = torch.randn(8, cin, size, size, device=device, requires_grad=True)
     layer = sparse if impl == "pysparse" else dense
-    g = torch.randn(8, 128, 28, 28, device=device)
-    benchmark.group = f"conv-fwdbwd-layer2-b8-s{sparsity}-{device}"
+    g = torch.randn_like(dense(x))
+    benchmark.group = f"conv-fwdbwd-{shape}-b8-s{sparsity}-{device}"
     run(benchmark, lambda: layer(x).backward(g), device, rounds=5)
+
+
+# The digits GAN's convolutions (width 32, batch 64): G's 3x3 convs on 4x4 and 8x8 planes, D's 4x4 stride-2.
+GAN_SHAPES = {  # name: (in, out, kernel, stride, padding, input size)
+    "G-4x4": (128, 64, 3, 1, 1, 4),
+    "G-8x8": (64, 32, 3, 1, 1, 8),
+    "D-8x8-s2": (32, 64, 4, 2, 1, 4),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", list(GAN_SHAPES))
+@pytest.mark.parametrize("sparsity", [0.8, 0.9])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+def test_conv_gan_forward_backward(benchmark, device, shape, sparsity, impl):
+    cin, cout, k, s, p, size = GAN_SHAPES[shape]
+    torch.manual_seed(0)
+    dense = nn.Conv2d(cin, cout, k, stride=s, padding=p).to(device)
+    mask = torch.rand(dense.weight.shape, device=device) >= sparsity
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    layer = pysparse.SparseConv2d.from_dense(dense, mask) if impl == "pysparse" else dense
+    x = torch.randn(64, cin, size, size, device=device, requires_grad=True)
+    g = torch.randn_like(dense(x))
+    benchmark.group = f"conv-gan-fwdbwd-{shape}-b64-s{sparsity}-{device}"
+    run(benchmark, lambda: layer(x).backward(g), device, rounds=10)

@@ -47,6 +47,8 @@ struct Layout {
   int64_t plane;   // elements of one (unit, channel): sh * sw * Hp * Wp * nb
   int64_t len;     // a tap's run: ((OH - 1) * Wp + OW) * nb
   int64_t oplane;  // elements of one (unit, output channel) in the working layout: OH * Wp * nb
+  int64_t phase;   // elements of one phase of a plane: Hp * Wp * nb
+  int64_t reach;   // the largest shift of a tap inside its phase: ((kh-1)*dh / sh * Wp + (kw-1)*dw / sw) * nb
   Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, at::IntArrayRef kernel, at::IntArrayRef stride,
          at::IntArrayRef dilation, int64_t OH_, int64_t OW_, int64_t nnz)
       : N(N_), C(C_), H(H_), W(W_), sh(stride[0]), sw(stride[1]), dh(dilation[0]), dw(dilation[1]),
@@ -62,6 +64,8 @@ struct Layout {
     plane = sh * sw * Hp * Wp * nb;
     len = run * nb;
     oplane = OH * Wp * nb;
+    phase = Hp * Wp * nb;
+    reach = ((kh - 1) * dh / sh * Wp + (kw - 1) * dw / sw) * nb;
   }
   // Offset, inside one plane, of the window that tap (ki, kj) reads.
   int64_t tap(int64_t ki, int64_t kj) const {
@@ -73,15 +77,24 @@ struct Layout {
 // The map between a dense [N, C, H, W] tensor and its working layout [NB, C, sh, sw, Hp, Wp, nb]: element
 // (n, c, i * sh + a, j * sw + b) sits at ((((n / nb) * C + c) * sh + a) * sw + b) * Hp + i) * Wp + j) * nb +
 // n % nb; positions with no element (past N, H or W) are zero. The input uses the convolution's strides; an
-// output-shaped gradient uses stride 1 and Wp columns (rows zero-padded to the input's phase width).
+// output-shaped gradient uses stride 1 and Wp columns (rows zero-padded to the input's phase width). Planes
+// are `pitch` elements apart, each starting after `lead` zeros and followed by zeros up to the next (pitch 0:
+// packed).
 struct Interleave {
   int64_t N, C, H, W, sh, sw, Hp, Wp, nb, NB;
+  int64_t lead = 0, pitch_ = 0;
   int64_t plane() const { return sh * sw * Hp * Wp * nb; }
-  bool identity() const { return sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H; }
+  int64_t pitch() const { return std::max(pitch_, lead + plane()); }
+  bool identity() const { return sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H && pitch() == plane(); }
 };
 
 inline Interleave input_of(const Layout& L) { return {L.N, L.C, L.H, L.W, L.sh, L.sw, L.Hp, L.Wp, L.nb, L.NB}; }
 inline Interleave output_of(const Layout& L, int64_t O) { return {L.N, O, L.OH, L.OW, 1, 1, L.OH, L.Wp, L.nb, L.NB}; }
+// The output gradient as the input gradient reads it: each run with `reach` zeros before it and zeros after it up
+// to a whole phase, so that a tap's window of a phase can be read at any shift in [0, reach] without bounds.
+inline Interleave padded_output_of(const Layout& L, int64_t O) {
+  return {L.N, O, L.OH, L.OW, 1, 1, L.OH, L.Wp, L.nb, L.NB, L.reach, L.reach + L.phase};
+}
 
 // src [N, C, H, W] -> dst in the working layout, converting to dst_t; parallel over (unit, channel), one
 // output row (i, all j, all lanes) at a time.
@@ -90,7 +103,9 @@ void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
   at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t u = t / I.C, c = t % I.C, lanes = std::min(I.nb, I.N - u * I.nb);
-      dst_t* out = dst + t * I.plane();
+      dst_t* out = dst + t * I.pitch() + I.lead;
+      std::fill(out - I.lead, out, dst_t(0));
+      std::fill(out + I.plane(), out - I.lead + I.pitch(), dst_t(0));
       for (int64_t a = 0; a < I.sh; ++a)
         for (int64_t b = 0; b < I.sw; ++b)
           for (int64_t i = 0; i < I.Hp; ++i) {
@@ -123,7 +138,7 @@ void deinterleave(const src_t* src, dst_t* dst, const Interleave& I) {
   at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t u = t / I.C, c = t % I.C, lanes = std::min(I.nb, I.N - u * I.nb);
-      const src_t* in = src + t * I.plane();
+      const src_t* in = src + t * I.pitch() + I.lead;
       for (int64_t a = 0; a < I.sh; ++a)
         for (int64_t b = 0; b < I.sw; ++b)
           for (int64_t i = 0; i < I.Hp; ++i) {
@@ -145,7 +160,7 @@ template <typename scalar_t, typename acc_t>
 at::Tensor to_layout(const at::Tensor& t, const Interleave& I) {
   const at::Tensor tc = t.contiguous();
   if (I.identity() && std::is_same_v<scalar_t, acc_t>) return tc;
-  at::Tensor out = at::empty({I.NB, I.C, I.plane()}, tc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor out = at::empty({I.NB, I.C, I.pitch()}, tc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   interleave<scalar_t, acc_t>(tc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), I);
   return out;
 }
@@ -170,21 +185,26 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   const int64_t ublocks = (L.NB + ublock - 1) / ublock;
   at::parallel_for(0, O * ublocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(ublock * L.oplane));
+    std::vector<int64_t> offs;  // row o's terms: where each weight's window starts in a unit, and its value
+    std::vector<acc_t> vals;
     bool local_bad = false;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t o = task % O, u0 = (task / O) * ublock, u1 = std::min(L.NB, u0 + ublock);
-      std::fill(acc.begin(), acc.end(), bias ? static_cast<acc_t>(bias[o]) : acc_t(0));
+      offs.clear();
+      vals.clear();
       for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
         const int64_t k = col[j];
         if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) {
           local_bad = true;
           continue;
         }
-        const int64_t c = k / (L.kh * L.kw), off = L.tap((k / L.kw) % L.kh, k % L.kw);
-        const acc_t v = static_cast<acc_t>(values[j]);
-        for (int64_t u = u0; u < u1; ++u)
-          cpu::axpy(acc.data() + (u - u0) * L.oplane, xp + (u * L.C + c) * L.plane + off, v, L.len);
+        offs.push_back(k / (L.kh * L.kw) * L.plane + L.tap((k / L.kw) % L.kh, k % L.kw));
+        vals.push_back(static_cast<acc_t>(values[j]));
       }
+      const acc_t b = bias ? static_cast<acc_t>(bias[o]) : acc_t(0);
+      for (int64_t u = u0; u < u1; ++u)
+        cpu::weighted_sum(acc.data() + (u - u0) * L.oplane, b, xp + u * L.C * L.plane, offs.data(), vals.data(),
+                          static_cast<int64_t>(offs.size()), L.len);
       // Unit planes [OH, Wp, nb] -> y[n, o] [OH, OW].
       for (int64_t u = u0; u < u1; ++u) {
         const acc_t* src = acc.data() + (u - u0) * L.oplane;
@@ -309,24 +329,37 @@ ByChannel<acc_t> by_channel(const int32_t* rowptr, const index_t* col, const sca
   return t;
 }
 
-// The input gradient in the working layout, dxp [NB, C, plane], from g = gy in the output working layout
-// [NB, O, oplane]. A task is (block of units, input channel c); the block's planes accumulate in cache.
+// The input gradient in the working layout, dxp [NB, C, plane], from g = gy in the padded output layout
+// [NB, O, pitch] (padded_output_of). A task is (block of units, input channel c). dx[i] = sum over c's weights of
+// value * gy_run(o)[i - shift] is the forward's weighted sum again, phase by phase: each weight reads its run at
+// reach - (its shift inside the phase), the zeros around the run supplying the out-of-window terms.
 template <typename scalar_t, typename acc_t, typename Entries>
 void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dxp, const Layout& L, int64_t O,
-                            std::atomic<bool>& bad) {
+                            int64_t pitch, std::atomic<bool>& bad) {
+  const int64_t P = L.sh * L.sw;
   const int64_t ublock = std::min(unit_block(L.NB, L.plane, int64_t{1} << 16),
-                                  unit_block(L.NB, O * L.oplane, int64_t{1} << 17));
+                                  unit_block(L.NB, O * pitch, int64_t{1} << 17));
   const int64_t ublocks = (L.NB + ublock - 1) / ublock;
   at::parallel_for(0, L.C * ublocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(ublock * L.plane));
+    std::vector<std::vector<int64_t>> offs(P);  // per phase: where each weight's read starts in a unit's g
+    std::vector<std::vector<acc_t>> vals(P);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t c = task % L.C, u0 = (task / L.C) * ublock, u1 = std::min(L.NB, u0 + ublock);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t p = 0; p < P; ++p) {
+        offs[p].clear();
+        vals[p].clear();
+      }
       const bool outside = t.each(c, [&](int64_t o, int64_t off, acc_t v) {
-        for (int64_t u = u0; u < u1; ++u)
-          cpu::axpy(acc.data() + (u - u0) * L.plane + off, g + (u * O + o) * L.oplane, v, L.len);
+        const int64_t p = off / L.phase;
+        offs[p].push_back(o * pitch + L.reach - (off - p * L.phase));
+        vals[p].push_back(v);
       });
       if (outside) bad = true;
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t p = 0; p < P; ++p)
+          cpu::weighted_sum(acc.data() + (u - u0) * L.plane + p * L.phase, acc_t(0), g + u * O * pitch,
+                            offs[p].data(), vals[p].data(), static_cast<int64_t>(offs[p].size()), L.phase);
       for (int64_t u = u0; u < u1; ++u) {
         scalar_t* dst = dxp + (u * L.C + c) * L.plane;
         const acc_t* src = acc.data() + (u - u0) * L.plane;
@@ -346,22 +379,34 @@ void conv_grad_values_kernel(const int32_t* rowptr, const index_t* col, const ac
   const int64_t ublock = unit_block(L.NB, L.C * L.plane, int64_t{1} << 17);
   cpu::for_row_parts(rowptr, O, bad, [&](int64_t, int64_t r0, int64_t r1) {
     const int64_t j0 = rowptr[r0], j1 = rowptr[r1];
+    // Each stored weight's window start inside a unit (-1: a bad column, skipped), and its running sum.
+    std::vector<int64_t> offs(static_cast<size_t>(j1 - j0));
     std::vector<acc_t> sum(static_cast<size_t>(j1 - j0), acc_t(0));
     bool outside = false;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t k = col[j];
+      const bool ok = static_cast<uint64_t>(k) < static_cast<uint64_t>(K);
+      outside |= !ok;
+      offs[j - j0] = ok ? k / (L.kh * L.kw) * L.plane + L.tap((k / L.kw) % L.kh, k % L.kw) : -1;
+    }
     for (int64_t u0 = 0; u0 < L.NB; u0 += ublock) {
       const int64_t u1 = std::min(L.NB, u0 + ublock);
-      for (int64_t o = r0; o < r1; ++o)
-        for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
-          const int64_t k = col[j];
-          if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) {
-            outside = true;
+      for (int64_t o = r0; o < r1; ++o) {
+        int64_t e0 = rowptr[o] - j0;
+        const int64_t e1 = rowptr[o + 1] - j0;
+        while (e0 < e1) {  // runs of valid entries (all of the row unless an index is bad)
+          if (offs[e0] < 0) {
+            ++e0;
             continue;
           }
-          const int64_t c = k / (L.kh * L.kw), off = L.tap((k / L.kw) % L.kh, k % L.kw);
-          cpu::Dot<acc_t> dot;
-          for (int64_t u = u0; u < u1; ++u) dot.add(g + (u * O + o) * L.oplane, xp + (u * L.C + c) * L.plane + off, L.len);
-          sum[j - j0] += dot.sum();
+          int64_t e = e0;
+          while (e < e1 && offs[e] >= 0) ++e;
+          for (int64_t u = u0; u < u1; ++u)
+            cpu::dots(g + (u * O + o) * L.oplane, xp + u * L.C * L.plane, offs.data() + e0, e - e0, L.len,
+                      sum.data() + e0);
+          e0 = e;
         }
+      }
     }
     for (int64_t j = j0; j < j1; ++j) dv[j] = static_cast<scalar_t>(sum[j - j0]);
     return outside;
@@ -402,14 +447,15 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor g = to_layout<scalar_t, acc_t>(gy, output_of(L, O));
+    const Interleave GI = padded_output_of(L, O);
+    const at::Tensor g = to_layout<scalar_t, acc_t>(gy, GI);
     if (have_transposed) {
       PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cpu", [&] {
         const Transposed<index_t, scalar_t, acc_t> t{t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(),
                                                      t_perm->const_data_ptr<int32_t>(), values.const_data_ptr<scalar_t>(),
                                                      O, nnz, L};
         conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O,
-                                                bad);
+                                                GI.pitch(), bad);
       });
     } else {
       PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
@@ -417,7 +463,7 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
             rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), O, L,
             bad);
         conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O,
-                                                bad);
+                                                GI.pitch(), bad);
       });
     }
     if (!I.identity()) deinterleave<scalar_t, scalar_t>(dxp.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), I);

@@ -1,9 +1,11 @@
-// The two inner loops of the direct sparse convolution (csrc/cpu/conv.cpp): out += v * in, and a running
-// sum of in_a * in_b, over short contiguous runs (tens to thousands of elements). With AVX-512 the float32
-// versions use 16-lane FMAs and a masked tail (masked-out lanes are neither read nor written, so a run may end
-// anywhere); elsewhere, and for float64, a loop the compiler vectorises.
+// The inner loops of the direct sparse convolution (csrc/cpu/conv.cpp), over contiguous runs of tens to
+// thousands of elements: out += v * in (axpy), a running sum of in_a * in_b (Dot), and out = init +
+// sum_t v_t * in_t (weighted_sum, the forward: register-blocked, so that out is written once instead of once
+// per term). With AVX-512 the float32 versions use 16-lane FMAs and masked tails (masked-out lanes are neither
+// read nor written, so a run may end anywhere); elsewhere, and for float64, loops the compiler vectorises.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -32,8 +34,27 @@ struct Dot {
   T sum() const { return s; }
 };
 
+// out[i] = init + sum over t < n of vals[t] * base[offs[t] + i], for i < len.
+template <typename T>
+inline void weighted_sum(T* __restrict__ out, T init, const T* base, const int64_t* offs, const T* vals, int64_t n,
+                         int64_t len) {
+  std::fill(out, out + len, init);
+  for (int64_t t = 0; t < n; ++t) axpy(out, base + offs[t], vals[t], len);
+}
+
+// sums[t] += dot(a, base + offs[t]) over len elements, for t < n (the values gradient: one output-gradient run
+// against many input windows).
+template <typename T>
+inline void dots(const T* a, const T* base, const int64_t* offs, int64_t n, int64_t len, T* sums) {
+  for (int64_t t = 0; t < n; ++t) {
+    Dot<T> d;
+    d.add(a, base + offs[t], len);
+    sums[t] += d.sum();
+  }
+}
+
 #ifdef __AVX512F__
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }  // n in [0, 16]
 
 template <>
 inline void axpy<float>(float* __restrict__ out, const float* __restrict__ in, float v, int64_t len) {
@@ -45,6 +66,47 @@ inline void axpy<float>(float* __restrict__ out, const float* __restrict__ in, f
     const __mmask16 m = tail_mask(len - i);
     _mm512_mask_storeu_ps(out + i, m,
                           _mm512_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, in + i), _mm512_maskz_loadu_ps(m, out + i)));
+  }
+}
+
+// 64 outputs (four registers) at a time, every term summed into them before they are stored; the last, partial
+// tile is masked per register.
+template <>
+inline void weighted_sum<float>(float* __restrict__ out, float init, const float* base, const int64_t* offs,
+                                const float* vals, int64_t n, int64_t len) {
+  for (int64_t i0 = 0; i0 < len; i0 += 64) {
+    const int64_t left = len - i0;
+    __m512 a0 = _mm512_set1_ps(init), a1 = a0, a2 = a0, a3 = a0;
+    if (left >= 64) {
+      for (int64_t t = 0; t < n; ++t) {
+        const float* p = base + offs[t] + i0;
+        const __m512 v = _mm512_set1_ps(vals[t]);
+        a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
+        a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
+        a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 32), a2);
+        a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 48), a3);
+      }
+      _mm512_storeu_ps(out + i0, a0);
+      _mm512_storeu_ps(out + i0 + 16, a1);
+      _mm512_storeu_ps(out + i0 + 32, a2);
+      _mm512_storeu_ps(out + i0 + 48, a3);
+    } else {
+      const __mmask16 m0 = tail_mask(std::min<int64_t>(16, left)), m1 = tail_mask(std::clamp<int64_t>(left - 16, 0, 16)),
+                      m2 = tail_mask(std::clamp<int64_t>(left - 32, 0, 16)),
+                      m3 = tail_mask(std::clamp<int64_t>(left - 48, 0, 16));
+      for (int64_t t = 0; t < n; ++t) {
+        const float* p = base + offs[t] + i0;
+        const __m512 v = _mm512_set1_ps(vals[t]);
+        a0 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m0, p), a0);
+        a1 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m1, p + 16), a1);
+        a2 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m2, p + 32), a2);
+        a3 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m3, p + 48), a3);
+      }
+      _mm512_mask_storeu_ps(out + i0, m0, a0);
+      _mm512_mask_storeu_ps(out + i0 + 16, m1, a1);
+      _mm512_mask_storeu_ps(out + i0 + 32, m2, a2);
+      _mm512_mask_storeu_ps(out + i0 + 48, m3, a3);
+    }
   }
 }
 
@@ -61,6 +123,41 @@ struct Dot<float> {
   }
   float sum() const { return _mm512_reduce_add_ps(acc); }
 };
+
+// Four windows at a time: each load of a feeds four FMAs.
+template <>
+inline void dots<float>(const float* a, const float* base, const int64_t* offs, int64_t n, int64_t len, float* sums) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const float *b0 = base + offs[t], *b1 = base + offs[t + 1], *b2 = base + offs[t + 2], *b3 = base + offs[t + 3];
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      const __m512 va = _mm512_loadu_ps(a + i);
+      s0 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b0 + i), s0);
+      s1 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b1 + i), s1);
+      s2 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b2 + i), s2);
+      s3 = _mm512_fmadd_ps(va, _mm512_loadu_ps(b3 + i), s3);
+    }
+    if (i < len) {
+      const __mmask16 m = tail_mask(len - i);
+      const __m512 va = _mm512_maskz_loadu_ps(m, a + i);
+      s0 = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, b0 + i), s0);
+      s1 = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, b1 + i), s1);
+      s2 = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, b2 + i), s2);
+      s3 = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, b3 + i), s3);
+    }
+    sums[t] += _mm512_reduce_add_ps(s0);
+    sums[t + 1] += _mm512_reduce_add_ps(s1);
+    sums[t + 2] += _mm512_reduce_add_ps(s2);
+    sums[t + 3] += _mm512_reduce_add_ps(s3);
+  }
+  for (; t < n; ++t) {
+    Dot<float> d;
+    d.add(a, base + offs[t], len);
+    sums[t] += d.sum();
+  }
+}
 #endif
 
 }  // namespace cpu
