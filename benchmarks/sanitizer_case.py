@@ -62,14 +62,22 @@ sparse_linear = pysparse.SparseLinear.from_dense(linear, torch.rand(24, 40, devi
 x = rnd(6, 40).requires_grad_()
 sparse_linear(x).sum().backward()
 conv = pysparse.SparseConv2d(8, 16, 3, padding=1, groups=2, sparsity=0.7).to(dev)
-conv(rnd(4, 8, 12, 12)).sum().backward()   # direct kernel (4 * 144 >= 512 output pixels per channel)
-conv(rnd(2, 8, 5, 5)).sum().backward()     # im2col + spmm (50 output pixels per channel)
+conv(rnd(4, 8, 12, 12)).sum().backward()   # direct kernels (4 * 144 >= 128 output pixels per channel)
+conv(rnd(2, 8, 3, 3)).sum().backward()      # im2col + spmm (18 output pixels per channel)
 dense_conv = torch.nn.Conv2d(4, 6, 3, stride=(2, 1), dilation=(1, 2)).to(dev)
 with torch.no_grad():
     dense_conv.weight.mul_(torch.rand_like(dense_conv.weight) < 0.5)
 sparse_conv = pysparse.SparseConv2d.from_dense(dense_conv)
 xc = rnd(3, 4, 21, 23)
 torch.testing.assert_close(sparse_conv(xc), dense_conv(xc), rtol=1e-4, atol=1e-4)
+# the direct backward kernels (sparse_conv2d_grad_input / _grad_values) against cuDNN's gradients
+xs, xd = xc.clone().requires_grad_(), xc.clone().requires_grad_()
+gy = rnd(*dense_conv(xc).shape)
+sparse_conv(xs).backward(gy)
+dense_conv(xd).backward(gy)
+torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-4, atol=1e-4)
+torch.testing.assert_close(sparse_conv.values.grad, dense_conv.weight.grad[dense_conv.weight != 0], rtol=1e-4,
+                           atol=1e-4)
 
 torch.cuda.synchronize()
 print("sanitizer cases: all kernels ran and matched the reference")

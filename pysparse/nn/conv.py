@@ -20,10 +20,10 @@ from ._sparse_weight import SparseWeight, initial_mask
 
 # The direct sparse convolution runs when an output channel has at least DIRECT_MIN_OUTPUTS pixels over the
 # batch (N * OH * OW) or at most DIRECT_MAX_DENSITY of the weights are kept; otherwise im2col + spmm. Measured
-# on the 2-core CPU at 90% (benchmarks/RESULTS.md): im2col wins for 49 (ResNet-18 layer4, batch 1), 196
-# (layer3, batch 1) and 392 (layer4, batch 8) output pixels, direct for 784 (layer2, batch 1), 1568 (layer3,
-# batch 8), 3136 (layer1) and 4096 (8x8 digits, batch 64); at 99% direct wins everywhere.
-DIRECT_MIN_OUTPUTS = 512
+# on the 2-core CPU at 90%, forward and forward + backward (benchmarks/RESULTS.md): im2col wins for 49 output
+# pixels (ResNet-18 layer4, batch 1: 0.66 against 1.29 ms), direct from 196 (layer3, batch 1) up, and at 99%
+# everywhere.
+DIRECT_MIN_OUTPUTS = 128
 DIRECT_MAX_DENSITY = 0.05
 
 _CONFIG = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
