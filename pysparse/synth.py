@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -132,14 +133,18 @@ def _conditional(generator) -> int:
 def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=None, extractor=None,
                candidates: int = 50, iterations: int = 1000, pixels: bool = True, lr: float = 0.05,
                real_batch: int = 64, width: int = 32, variance: float = 1.0, pixel_lr: Optional[float] = None,
-               pixel_share: float = 1 / 3, seed: int = 0, progress: bool = False) -> SyntheticSet:
+               pixel_share: float = 1 / 3, augment: bool = False, seed: int = 0, progress: bool = False
+               ) -> SyntheticSet:
     """``ipc`` images per class from a class-conditional ``generator`` by ``method`` (see the module doc).
     ``real`` (images in [0, 1], labels) is needed by "match" (and by "select" when no ``extractor`` is given:
     a classifier is trained on it); ``candidates`` is the pool per class for "select". "match" runs
     ``iterations`` Adam steps (``lr``) on the latent codes, the last ``pixel_share`` of them on a pixel offset
     instead (``pixel_lr``, default lr / 5) when ``pixels``; each step draws a random ConvNet of ``width``
     channels and ``real_batch`` real images per class, and matches each class's mean embedding and (weighted by
-    ``variance``; 0 = means only, as DM) its per-feature variance."""
+    ``variance``; 0 = means only, as DM) its per-feature variance. With ``augment`` both sides are first seen
+    through the same random affine transforms (zoom, rotation, shift: differentiable siamese augmentation, as DM
+    does with DSA); off by default: on digits, whose evaluation trains without augmentation, it cost 2-4 points
+    (benchmarks/RESULTS.md)."""
     ipc = _check_ipc(ipc)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -157,8 +162,10 @@ def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=No
         raise ValueError(f"pixel_share must be in (0, 1), got {pixel_share!r}")
     if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not variance >= 0:
         raise ValueError(f"variance must be a number >= 0, got {variance!r}")
+    if not isinstance(augment, bool):
+        raise TypeError(f"augment must be a bool, got {type(augment).__name__}")
     return _match(generator, ipc, k, _real(real, k), iterations, pixels, lr, lr / 5 if pixel_lr is None else pixel_lr,
-                  pixel_share, real_batch, width, float(variance), seed, progress)
+                  pixel_share, real_batch, width, float(variance), augment, seed, progress)
 
 
 def _real(real, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +211,24 @@ def _herding(feats: torch.Tensor, labels: torch.Tensor, ipc: int, k: int) -> tor
     return torch.tensor(chosen)
 
 
+def _affine(n: int, g: torch.Generator, scale: float = 1.2, degrees: float = 15.0, shift: float = 0.125
+            ) -> torch.Tensor:
+    """n random affine maps [n, 2, 3] for F.affine_grid: zoom in [1/scale, scale], rotation within +-degrees,
+    translation within +-shift of the image size (DSA's scale / rotate / crop)."""
+    zoom = torch.exp((torch.rand(n, generator=g) * 2 - 1) * math.log(scale))
+    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(degrees)
+    move = (torch.rand(n, 2, generator=g) * 2 - 1) * (2 * shift)  # affine_grid coordinates span [-1, 1]
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    return torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)
+
+
+def _transform(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+
+
 def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_share, real_batch, width, variance,
-           seed, progress) -> SyntheticSet:
+           augment, seed, progress) -> SyntheticSet:
     from tqdm.auto import tqdm
 
     _check_int(iterations, "iterations", 1)
@@ -221,9 +244,9 @@ def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_shar
     labels = torch.arange(k).repeat_interleave(ipc)
     z = torch.randn(len(labels), generator.latent_dim, generator=g).requires_grad_(True)
     offset = torch.zeros(len(labels), *shape, requires_grad=True)
-    # The latents are optimised through a dense copy of the generator (same function): on these small
-    # planes the sparse convolution's backward (unfold / fold) costs ~10x the dense one, and nothing here is
-    # stored or shipped. The caller's generator is left untouched.
+    # The latents are optimised through a dense copy of the generator (same function): on these 4x4 and 8x8
+    # planes the sparse convolutions' forward + backward still take 1.3-2x the dense ones (benchmarks/
+    # RESULTS.md), and nothing here is stored or shipped. The caller's generator is left untouched.
     from .convert import densify
 
     generator = densify(copy.deepcopy(generator)).eval().requires_grad_(False)
@@ -235,8 +258,13 @@ def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_shar
         images = ((generator(z, labels) + 1) / 2 + offset).clamp(0, 1)
         # every class in one forward each (instance norm: no statistic is shared across images)
         picks = [torch.randint(0, len(p), (min(real_batch, len(p)),), generator=g) for p in by_class]
+        real_x = torch.cat([p[i] for p, i in zip(by_class, picks)])
+        if augment:  # siamese: the i-th real and the i-th synthetic image of every class share one transform
+            theta = _affine(max(real_batch, ipc), g)
+            real_x = _transform(real_x, torch.cat([theta[:len(i)] for i in picks]))
+            images = _transform(images, theta[:ipc].repeat(k, 1, 1))
         with torch.no_grad():
-            real_feats = embed(torch.cat([p[i] for p, i in zip(by_class, picks)]))
+            real_feats = embed(real_x)
             target = torch.stack([f.mean(0) for f in real_feats.split([len(i) for i in picks])])
         mine_f = embed(images).reshape(k, ipc, -1)
         loss = (mine_f.mean(1) - target).pow(2).sum()

@@ -101,6 +101,26 @@ def test_match_moves_the_set_towards_the_real_statistics():
     assert isinstance(G.fc, pysparse.SparseLinear) and G.fc.values.requires_grad
 
 
+def test_match_augmentation_is_a_siamese_affine_transform():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8, generator=g)
+    # no zoom, rotation or shift: the identity
+    torch.testing.assert_close(synth._transform(x, synth._affine(6, g, scale=1.0, degrees=0.0, shift=0.0)), x)
+    # a one-pixel shift moves the image by one pixel (zeros come in)
+    theta = torch.tensor([[[1.0, 0.0, 2.0 / 8], [0.0, 1.0, 0.0]]]).repeat(6, 1, 1)
+    torch.testing.assert_close(synth._transform(x, theta)[..., :-1], x[..., 1:])
+    assert torch.all(synth._transform(x, theta)[..., -1] == 0)
+    theta = synth._affine(1000, g)
+    zoom = theta[:, :, :2].det().abs().rsqrt()    # the maps' scale, within [1/1.2, 1.2]
+    assert zoom.min() >= 1 / 1.2 - 1e-5 and zoom.max() <= 1.2 + 1e-5 and theta[:, :, 2].abs().max() <= 0.25 + 1e-6
+    # with and without augmentation: both valid sets, different optimisation paths
+    G, real = _generator(), _real()
+    a = synth.synthesize(G, 1, method="match", real=real, iterations=20, augment=True, seed=0)
+    b = synth.synthesize(G, 1, method="match", real=real, iterations=20, augment=False, seed=0)
+    assert a.images.shape == b.images.shape and not torch.equal(a.images, b.images)
+    assert 0 <= float(a.images.min()) and float(a.images.max()) <= 1
+
+
 def test_synthesize_bad_input():
     G = _generator()
     with pytest.raises(ValueError, match="ipc"):
@@ -117,6 +137,8 @@ def test_synthesize_bad_input():
         synth.synthesize(G, 1, method="match", real=(torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2)))
     with pytest.raises(ValueError, match="variance"):
         synth.synthesize(G, 1, method="match", real=_real(), variance=-1.0)
+    with pytest.raises(TypeError, match="augment"):
+        synth.synthesize(G, 1, method="match", real=_real(), augment="yes")
     with pytest.raises(ValueError, match="pixel_share"):
         synth.synthesize(G, 1, method="match", real=_real(), pixel_share=1.0)
     with pytest.raises(ValueError, match="iterations"):
