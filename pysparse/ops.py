@@ -565,8 +565,7 @@ def _spmm_setup_context(ctx, inputs, output):
 def _spmm_backward(ctx, gyt):
     rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 8)
-    gyt = gyt.contiguous()
-    dvalues = dxt = dbias = None
+    dvalues = dxt = dbias = None  # gyt may be a transposed view: the kernels pack it through its strides
     if needs[2]:
         dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
     if needs[3]:

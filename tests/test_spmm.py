@@ -12,6 +12,21 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as t [K, B] in another memory layout: "contiguous", "transposed" (the [K, B] view of a
+    [B, K] tensor, what the layers pass) or "sliced" (every other column of a wider tensor)."""
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "sliced":
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+    return t
+
+
+LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced"])
+
+
 def _problem(rows, cols, batch, density, dtype, device, seed, *, empty_rows=False):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(rows, cols, generator=gen) < density
@@ -31,11 +46,11 @@ def _problem(rows, cols, batch, density, dtype, device, seed, *, empty_rows=Fals
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(0, 70), cols=st.integers(0, 70), batch=st.sampled_from([0, 1, 2, 3, 31, 32, 33, 70]),
        density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(),
-       empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_spmm_matches_reference(device, rows, cols, batch, density, dtype, use_bias, empty_rows, seed):
+       empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
+def test_spmm_matches_reference(device, rows, cols, batch, density, dtype, use_bias, empty_rows, seed, layout):
     values, s, xt, bias = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
     bias = bias if use_bias else None
-    got = pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias)
+    got = pysparse.ops.spmm(s.rowptr, s.col, values, _strided(xt, layout), bias=bias)
     want = reference.spmm(s.rowptr, s.col, values, xt, bias=bias)
     assert got.shape == (rows, batch) and got.dtype == dtype
     torch.testing.assert_close(got, want, **TOL[dtype])
@@ -44,11 +59,11 @@ def test_spmm_matches_reference(device, rows, cols, batch, density, dtype, use_b
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(0, 50), cols=st.integers(0, 50), batch=st.sampled_from([0, 1, 5, 64]),
-       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
-def test_sddmm_matches_reference(device, rows, cols, batch, density, dtype, seed):
+       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
+def test_sddmm_matches_reference(device, rows, cols, batch, density, dtype, seed, layout):
     values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed)
     a = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
-    got = pysparse.ops.sddmm(s.rowptr, s.col, a, xt)
+    got = pysparse.ops.sddmm(s.rowptr, s.col, _strided(a, layout), _strided(xt, layout))
     torch.testing.assert_close(got, reference.sddmm(s.rowptr, s.col, a, xt), **TOL[dtype])
 
 
@@ -77,15 +92,15 @@ def test_gradcheck_fp64(device):
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(0, 60), cols=st.integers(0, 60), batch=st.sampled_from([0, 1, 2, 16, 17, 33, 64, 70]),
        density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed):
+       seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
+def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
     values, s, _, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
     yt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 2)).to(device, dtype)
     want = reference.spmm_t(s.rowptr, s.col, values, yt, cols)
     for transposed in (s.transposed(), None):  # both CPU ways: through W^T's structure and the scatter
         if transposed is None and device == "cuda":
             continue
-        got = pysparse.ops.spmm_t(s.rowptr, s.col, values, yt, cols, transposed=transposed)
+        got = pysparse.ops.spmm_t(s.rowptr, s.col, values, _strided(yt, layout), cols, transposed=transposed)
         assert got.shape == (cols, batch)
         torch.testing.assert_close(got, want, **TOL[dtype])
 

@@ -38,21 +38,33 @@ inline vfloat vload(const float* p) {
   return v;
 }
 
-// xt [K, B] -> float32 panels [ntiles, K, T], zero-padded past B.
+// xt [K, B] -> float32 panels [ntiles, K, T], zero-padded past B. xt may be strided: in particular the [K, B]
+// transposed view of a contiguous [B, K] batch (what the layers pass), which is packed without a transposed
+// copy first.
 template <typename scalar_t>
 at::Tensor pack_panels(const at::Tensor& xt, int64_t T) {
   const int64_t K = xt.size(0), B = xt.size(1), ntiles = (B + T - 1) / T;
+  const int64_t sk = xt.stride(0), sb = xt.stride(1);
   at::Tensor packed = at::empty({ntiles, K, T}, xt.options().dtype(at::kFloat));
   const scalar_t* src = xt.const_data_ptr<scalar_t>();
   float* dst = packed.mutable_data_ptr<float>();
   at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t b0 = t * T, bt = std::min(T, B - b0);
-      for (int64_t k = k0; k < k1; ++k) {
-        float* d = dst + (t * K + k) * T;
-        const scalar_t* s = src + k * B + b0;
-        for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b]);
-        for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
+      if (sb == 1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          float* d = dst + (t * K + k) * T;
+          const scalar_t* s = src + k * sk + b0;
+          for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b]);
+          for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
+        }
+      } else {  // batch-strided (a transposed view): read each column along k, write it into the panel rows
+        for (int64_t b = 0; b < bt; ++b) {
+          const scalar_t* s = src + (b0 + b) * sb;
+          for (int64_t k = k0; k < k1; ++k) dst[(t * K + k) * T + b] = static_cast<float>(s[k * sk]);
+        }
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t b = bt; b < T; ++b) dst[(t * K + k) * T + b] = 0.f;
       }
     }
   });
@@ -78,11 +90,30 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
       const float* panel = packed + t * K * T;
       const int64_t b0 = t * T, bt = std::min(T, B - b0);
       for (int64_t r = r0; r < r1; ++r) {
-        vfloat acc[V];
+        // U independent accumulator sets (U * V = 4 chains): with one vector per set (T = 16) a single chain
+        // would wait out the FMA latency at every stored value.
+        constexpr int U = V >= 4 ? 1 : 4 / V;
+        vfloat acc[U][V];
         const float init = bias ? static_cast<float>(bias[r]) : 0.f;
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[v] = vfloat{} + init;
-        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+        for (int u = 0; u < U; ++u)
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[u][v] = vfloat{} + (u == 0 ? init : 0.f);
+        const int64_t j1 = rowptr[r + 1];
+        int64_t j = rowptr[r];
+        for (; j + U <= j1; j += U) {
+#pragma GCC unroll 4
+          for (int u = 0; u < U; ++u) {
+            const int64_t c = col[j + u];
+            const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+            local_bad |= !ok;
+            const float w = ok ? static_cast<float>(values[j + u]) : 0.f;
+            const float* x = panel + (ok ? c : 0) * T;
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) acc[u][v] += w * vload(x + v * kLanes);
+          }
+        }
+        for (; j < j1; ++j) {
           const int64_t c = col[j];
           if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
             local_bad = true;
@@ -91,10 +122,14 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
           const float w = static_cast<float>(values[j]);
           const float* x = panel + c * T;
 #pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) acc[v] += w * vload(x + v * kLanes);
+          for (int v = 0; v < V; ++v) acc[0][v] += w * vload(x + v * kLanes);
         }
+#pragma GCC unroll 4
+        for (int u = 1; u < U; ++u)
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[0][v] += acc[u][v];
         float out[T];
-        __builtin_memcpy(out, acc, sizeof(out));
+        __builtin_memcpy(out, acc[0], sizeof(out));
         scalar_t* y = yt + r * B + b0;
         for (int64_t b = 0; b < bt; ++b) y[b] = static_cast<scalar_t>(out[b]);
       }
@@ -239,7 +274,9 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::T
     TORCH_CHECK_VALUE(bias->device() == values.device(), "spmm: bias is on another device than values");
   }
   check_rowptr_cpu(rowptr, values.numel(), "spmm");
-  const at::Tensor x = xt.contiguous();
+  // The panel path packs xt through its strides; the others read it contiguous.
+  const bool panels = B > 1 && values.scalar_type() != at::kDouble;
+  const at::Tensor x = panels ? xt : xt.contiguous();
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor yt = at::empty({rows, B}, x.options());
   if (rows == 0 || B == 0) return yt;
@@ -433,7 +470,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
     TORCH_CHECK_VALUE(!bad, "spmm_t: a t_perm entry is outside [0, nnz)");
     return spmm_cpu(*t_rowptr, *t_col, permuted, yt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   }
-  const at::Tensor y = yt.contiguous();
+  const at::Tensor y = yt.scalar_type() == at::kDouble ? yt.contiguous() : yt;  // panels pack through strides
   at::Tensor out = at::empty({K, B}, y.options());
   if (K == 0 || B == 0) return out;
   if (rows == 0 || values.numel() == 0) return out.zero_();
@@ -499,7 +536,9 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
   TORCH_CHECK_VALUE(a.size(0) == rows, "sddmm: a has ", a.size(0), " rows but the structure has ", rows);
   TORCH_CHECK_VALUE(b.size(1) == B, "sddmm: a and b must have the same number of columns, got ", B, " and ", b.size(1));
   check_rowptr_cpu(rowptr, col.numel(), "sddmm");
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  // float64 reads a and b contiguous; the other dtypes pack them into panels through their strides.
+  const bool dbl = a.scalar_type() == at::kDouble;
+  const at::Tensor ac = dbl ? a.contiguous() : a, bc = dbl ? b.contiguous() : b;
   at::Tensor out = at::empty({col.numel()}, a.options());
   if (col.numel() == 0) return out;
   if (B == 0) return out.zero_();

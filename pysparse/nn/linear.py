@@ -53,7 +53,7 @@ class SparseLinear(SparseWeight):
         if x.dtype != self.values.dtype:
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
         lead = x.shape[:-1]
-        xt = x.reshape(-1, self.in_features).t().contiguous()  # free when x is already a transposed view
+        xt = x.reshape(-1, self.in_features).t()  # a view: the kernel packs the batch through its strides
         # The layer built (or, on load, checked) its own structure, and the kernel checks its arguments again:
         # the op is called directly, without the wrapper's Python checks (~10 us a call on small layers).
         ops._check_kernel("spmm", x.device, "input")
