@@ -161,7 +161,7 @@ def test_tampered_structure_raises_not_crashes():
         pysparse.ops.spmm_t(s.rowptr, bad_col, values, torch.randn(6, 4), 8)
     bad_perm = s.t_perm.clone()
     bad_perm[0] = 10_000
-    with pytest.raises(ValueError, match="t_perm entry is outside"):
+    with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
         torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, values, torch.randn(6, 40), 8, s.t_rowptr, s.t_col, bad_perm)
 
 

@@ -58,13 +58,13 @@ at::Tensor pack_panels(const at::Tensor& xt, int64_t T) {
           for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b]);
           for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
         }
-      } else {  // batch-strided (a transposed view): read each column along k, write it into the panel rows
-        for (int64_t b = 0; b < bt; ++b) {
-          const scalar_t* s = src + (b0 + b) * sb;
-          for (int64_t k = k0; k < k1; ++k) dst[(t * K + k) * T + b] = static_cast<float>(s[k * sk]);
+      } else {  // batch-strided (a transposed view): gather each panel row; the bt source rows stay in L1
+        for (int64_t k = k0; k < k1; ++k) {
+          float* d = dst + (t * K + k) * T;
+          const scalar_t* s = src + k * sk + b0 * sb;
+          for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b * sb]);
+          for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
         }
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t b = bt; b < T; ++b) dst[(t * K + k) * T + b] = 0.f;
       }
     }
   });
@@ -79,9 +79,22 @@ inline int64_t panel_width(int64_t K, int64_t B) {
   return T;
 }
 
-template <int V, typename index_t, typename scalar_t>
-void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* packed,
-                 const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+// With PERM, the value of stored position j is values[perm[j]] (W^T's structure reading W's values in place:
+// spmm_t); perm entries outside [0, nnz) count as bad and contribute nothing.
+template <int V, bool PERM, typename index_t, typename scalar_t>
+void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const int32_t* perm,
+                 const float* packed, const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B,
+                 std::atomic<bool>& bad) {
+  const int64_t nnz = rowptr[rows];
+  auto value_at = [&](int64_t j, bool& ok) -> float {
+    if constexpr (PERM) {
+      const int64_t p = perm[j];
+      ok = ok && static_cast<uint64_t>(p) < static_cast<uint64_t>(nnz);
+      return ok ? static_cast<float>(values[p]) : 0.f;
+    } else {
+      return ok ? static_cast<float>(values[j]) : 0.f;
+    }
+  };
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
   for_row_parts(rowptr, rows, bad, [&](int64_t, int64_t r0, int64_t r1) {
@@ -105,9 +118,9 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
 #pragma GCC unroll 4
           for (int u = 0; u < U; ++u) {
             const int64_t c = col[j + u];
-            const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+            bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+            const float w = value_at(j + u, ok);
             local_bad |= !ok;
-            const float w = ok ? static_cast<float>(values[j + u]) : 0.f;
             const float* x = panel + (ok ? c : 0) * T;
 #pragma GCC unroll 4
             for (int v = 0; v < V; ++v) acc[u][v] += w * vload(x + v * kLanes);
@@ -115,11 +128,12 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
         }
         for (; j < j1; ++j) {
           const int64_t c = col[j];
-          if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
+          bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+          const float w = value_at(j, ok);
+          if (!ok) {
             local_bad = true;
             continue;
           }
-          const float w = static_cast<float>(values[j]);
           const float* x = panel + c * T;
 #pragma GCC unroll 4
           for (int v = 0; v < V; ++v) acc[0][v] += w * vload(x + v * kLanes);
@@ -259,13 +273,78 @@ void check_dense(const at::Tensor& t, const at::Tensor& values, const char* op, 
                     values.device());
 }
 
+// W @ xt (+ bias) with W in CSR; with perm (W^T's permutation, for spmm_t), W's values are read as
+// values[perm[j]]. rowptr must have been checked (check_rowptr_cpu).
+at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor* perm,
+                     const at::Tensor& xt, const at::Tensor& bs) {
+  const int64_t rows = rowptr.numel() - 1, K = xt.size(0), B = xt.size(1);
+  // The panel path packs xt through its strides (and reads permuted values in place); the others read xt
+  // contiguous and the values in order.
+  // (A single column goes through the panels too when values are permuted: a padded panel beats gathering
+  // the values into order first.)
+  const bool panels = (B > 1 || perm != nullptr) && values.scalar_type() != at::kDouble;
+  const at::Tensor x = panels ? xt : xt.contiguous();
+  at::Tensor yt = at::empty({rows, B}, x.options());
+  if (rows == 0 || B == 0) return yt;
+  std::atomic<bool> bad{false};
+  at::Tensor vals = values;
+  if (perm != nullptr && !panels) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_gather",
+                                    [&] { vals = gather_values<scalar_t>(values, *perm, bad); });
+    TORCH_CHECK_VALUE(!bad, "spmm_t: a t_perm entry is outside [0, nnz)");
+  }
+  const int32_t* pm = perm != nullptr && panels ? perm->const_data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_cpu", [&] {
+    PYSPARSE_DISPATCH_INDEX(col, "spmm_cpu", [&] {
+      const scalar_t* bp = bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr;
+      const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+      const index_t* cp = col.const_data_ptr<index_t>();
+      const scalar_t* vp = vals.const_data_ptr<scalar_t>();
+      scalar_t* yp = yt.mutable_data_ptr<scalar_t>();
+      if (B == 1 && !panels) {
+        spmv_kernel<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, bad);
+      } else if (std::is_same_v<scalar_t, double>) {
+        spmm_plain<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, B, bad);
+      } else {
+        const int64_t T = panel_width(K, B);
+        const at::Tensor packed = pack_panels<scalar_t>(x, T);
+        const float* pp = packed.const_data_ptr<float>();
+        auto run = [&](auto v_tag) {
+          constexpr int V = decltype(v_tag)::value;
+          if (pm != nullptr)
+            spmm_panels<V, true, index_t, scalar_t>(rp, cp, vp, pm, pp, bp, yp, rows, K, B, bad);
+          else
+            spmm_panels<V, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, yp, rows, K, B, bad);
+        };
+        switch (T) {
+          case 16:
+            run(std::integral_constant<int, 1>{});
+            break;
+          case 32:
+            run(std::integral_constant<int, 2>{});
+            break;
+          case 64:
+            run(std::integral_constant<int, 4>{});
+            break;
+          default:
+            TORCH_CHECK(false, "spmm: internal error, panel width ", T);
+        }
+      }
+    });
+  });
+  if (perm != nullptr)
+    TORCH_CHECK_VALUE(!bad, "spmm_t: a row index or t_perm entry of the transposed structure is out of range");
+  TORCH_CHECK_VALUE(!bad, "spmm: a column index is outside [0, ", K, ")");
+  return yt;
+}
+
 at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& xt,
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>&,
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
   check_csr(rowptr, col, values, "spmm");
   check_dense(xt, values, "spmm", "xt");
   TORCH_CHECK_VALUE(values.device().is_cpu(), "spmm: tensors must be on the CPU for the CPU kernel");
-  const int64_t rows = rowptr.numel() - 1, K = xt.size(0), B = xt.size(1);
+  const int64_t rows = rowptr.numel() - 1;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == rows, "spmm: bias must have ", rows, " entries, got ",
                       bias->sizes());
@@ -274,46 +353,8 @@ at::Tensor spmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::T
     TORCH_CHECK_VALUE(bias->device() == values.device(), "spmm: bias is on another device than values");
   }
   check_rowptr_cpu(rowptr, values.numel(), "spmm");
-  // The panel path packs xt through its strides; the others read it contiguous.
-  const bool panels = B > 1 && values.scalar_type() != at::kDouble;
-  const at::Tensor x = panels ? xt : xt.contiguous();
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  at::Tensor yt = at::empty({rows, B}, x.options());
-  if (rows == 0 || B == 0) return yt;
-  std::atomic<bool> bad{false};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_cpu", [&] {
-    PYSPARSE_DISPATCH_INDEX(col, "spmm_cpu", [&] {
-      const scalar_t* bp = bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr;
-      const int32_t* rp = rowptr.const_data_ptr<int32_t>();
-      const index_t* cp = col.const_data_ptr<index_t>();
-      const scalar_t* vp = values.const_data_ptr<scalar_t>();
-      scalar_t* yp = yt.mutable_data_ptr<scalar_t>();
-      if (B == 1) {
-        spmv_kernel<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, bad);
-      } else if (std::is_same_v<scalar_t, double>) {
-        spmm_plain<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, B, bad);
-      } else {
-        const int64_t T = panel_width(K, B);
-        const at::Tensor packed = pack_panels<scalar_t>(x, T);
-        const float* pp = packed.const_data_ptr<float>();
-        switch (T) {
-          case 16:
-            spmm_panels<1, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad);
-            break;
-          case 32:
-            spmm_panels<2, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad);
-            break;
-          case 64:
-            spmm_panels<4, index_t, scalar_t>(rp, cp, vp, pp, bp, yp, rows, K, B, bad);
-            break;
-          default:
-            TORCH_CHECK(false, "spmm: internal error, panel width ", T);
-        }
-      }
-    });
-  });
-  TORCH_CHECK_VALUE(!bad, "spmm: a column index is outside [0, ", K, ")");
-  return yt;
+  return spmm_impl(rowptr, col, values, nullptr, xt, bs);
 }
 
 // W^T @ yt from W's CSR: each stored w[r, c] adds w * yt[r, :] to out[c, :]. Threads take row ranges and
@@ -382,9 +423,26 @@ inline float hsum(vfloat v) {
 #endif
 }
 
+#ifdef __AVX512F__
+// v[i] = the sum of the 16 lanes of a[i], for 16 registers at once: three rounds of pairwise shuffles and adds
+// (about 3 instructions per sum instead of ~8 for a horizontal sum each).
+inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: (a[2k] 0+2, a[2k+1] 0+2, a[2k] 1+3, a[2k+1] 1+3)
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)  // per 128-bit lane: the lane's sums of a[4k], a[4k+1], a[4k+2], a[4k+3]
+    c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+}
+#endif
+
 // float32 / float16 / bfloat16: a and b packed into the same panels as spmm; per panel, the row's panel of a
-// stays in registers and each stored position costs V multiply-adds and one horizontal sum. Partial sums
-// over panels accumulate in float32.
+// stays in registers and each stored position costs V multiply-adds and a horizontal sum (with AVX-512, 16
+// stored positions' sums are reduced together). Partial sums over panels accumulate in float32.
 template <int V, typename index_t>
 void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, const float* pb, float* out, int64_t rows,
                   int64_t K, int64_t B, std::atomic<bool>& bad) {
@@ -399,7 +457,27 @@ void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, co
         vfloat ar[V];
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) ar[v] = vload(panel_a + r * T + v * kLanes);
-        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
+        int64_t j = rowptr[r];
+#ifdef __AVX512F__
+        for (; j + 16 <= rowptr[r + 1]; j += 16) {
+          __m512 acc[16];
+#pragma GCC unroll 16
+          for (int u = 0; u < 16; ++u) {
+            const int64_t c = col[j + u];
+            const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+            local_bad |= !ok;
+            const float* x = panel_b + (ok ? c : 0) * T;
+            vfloat sum = ar[0] * vload(x);
+#pragma GCC unroll 4
+            for (int v = 1; v < V; ++v) sum += ar[v] * vload(x + v * kLanes);
+            __builtin_memcpy(&acc[u], &sum, sizeof(sum));
+          }
+          __m512 sums = reduce16(acc);
+          if (t > 0) sums = _mm512_add_ps(sums, _mm512_loadu_ps(out + j));
+          _mm512_storeu_ps(out + j, sums);
+        }
+#endif
+        for (; j < rowptr[r + 1]; ++j) {
           const int64_t c = col[j];
           if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
             local_bad = true;
@@ -451,24 +529,22 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   TORCH_CHECK_VALUE(yt.size(0) == rows, "spmm_t: yt has ", yt.size(0), " rows but W has ", rows);
   TORCH_CHECK_VALUE(K >= 0, "spmm_t: n_cols must be >= 0, got ", K);
   check_rowptr_cpu(rowptr, values.numel(), "spmm_t");
-  // Two ways, chosen by measurement (4096 x 4096 at 90%, 2 cores): up to a batch of 32 the scatter below
-  // wins (B = 16: 3.3 ms against 1.6 ms + a 3 ms gather); above it, permuting the values into column order
-  // once and running spmm over the transposed structure does (B = 256: 14.5 + 3 ms against 39 ms).
+  // Two ways. Above a batch of 32, given W^T's structure (the layers cache it): spmm over it, reading W's
+  // values through the permutation in place (4096 x 4096 at 90%, batch 256: 12-16 ms, against 21-23 ms for
+  // the scatter and 3 + 10 ms for gathering the values into column order first). Otherwise a scatter from
+  // W's CSR into per-thread panels: at batch 16 it takes 1.4-1.7 ms, the permuted read 1.0-2.8 ms from one
+  // process to the next (random reads of the values: it depends on how their pages are mapped).
   const bool have_transposed = t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
                                t_perm.has_value() && t_perm->defined();
-  if (have_transposed && yt.size(1) > 32) {
+  if (have_transposed && B > 32) {
     check_csr(*t_rowptr, *t_col, values, "spmm_t (transposed structure)");
     TORCH_CHECK_VALUE(t_rowptr->numel() - 1 == K, "spmm_t: t_rowptr has ", t_rowptr->numel() - 1,
                       " rows but n_cols is ", K);
     TORCH_CHECK_TYPE(t_perm->scalar_type() == at::kInt && t_perm->dim() == 1 && t_perm->numel() == values.numel() &&
                          t_perm->is_contiguous(),
                      "spmm_t: t_perm must be a contiguous int32 permutation of the stored values");
-    std::atomic<bool> bad{false};
-    at::Tensor permuted;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_t_gather",
-                                    [&] { permuted = gather_values<scalar_t>(values, *t_perm, bad); });
-    TORCH_CHECK_VALUE(!bad, "spmm_t: a t_perm entry is outside [0, nnz)");
-    return spmm_cpu(*t_rowptr, *t_col, permuted, yt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+    check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
+    return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
   }
   const at::Tensor y = yt.scalar_type() == at::kDouble ? yt.contiguous() : yt;  // panels pack through strides
   at::Tensor out = at::empty({K, B}, y.options());
