@@ -49,7 +49,9 @@ def run(args) -> dict:
         for ipc in args.ipcs:
             for method in (["match", "sample", "select"] if ipc == 10 else ["match"]):
                 t = time.perf_counter()
-                s = synth.synthesize(trainer.ema, ipc, method=method, real=train, extractor=ext, seed=seed)
+                extra = {} if args.match_iterations is None or method != "match" else \
+                    dict(iterations=args.match_iterations)
+                s = synth.synthesize(trainer.ema, ipc, method=method, real=train, extractor=ext, seed=seed, **extra)
                 syn_s = time.perf_counter() - t
                 sets[(ipc, method)] = s
                 ev = synth.evaluate(s, split, seeds=args.eval_seeds, full=(ipc == 10 and method == "match"))
@@ -106,6 +108,7 @@ def main() -> None:
     p.add_argument("--ipcs", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--gan-steps", type=int, default=2000)
     p.add_argument("--eval-seeds", type=int, default=2)
+    p.add_argument("--match-iterations", type=int, default=None, help="synthesize's default if not given")
     args = p.parse_args()
     result = run(args)
     out = Path(__file__).parent / "out"

@@ -248,6 +248,20 @@ inline std::pair<int64_t, int64_t> check_conv_grad(const at::Tensor& gy, const a
   return {oh, ow};
 }
 
+// Validates sparse_conv2d_grad_values' arguments (all but the device kind) and returns (OH, OW).
+inline std::pair<int64_t, int64_t> check_sparse_conv2d_grad_values(const at::Tensor& rowptr, const at::Tensor& col,
+                                                                   const at::Tensor& x, const at::Tensor& gy,
+                                                                   at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                                   at::IntArrayRef dilation) {
+  const char* op = "sparse_conv2d_grad_values";
+  check_csr_structure(rowptr, col, op);
+  TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, op, ": x must be [N, C, H, W]");
+  TORCH_CHECK_TYPE(is_matmul_float(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == rowptr.device(), op, ": x and the structure must be on one device");
+  return check_conv_grad(gy, x, "x", rowptr.numel() - 1, x.sizes(), kernel, stride, dilation, op);
+}
+
 // Validates sparse_conv2d's arguments and returns the output spatial size.
 inline std::pair<int64_t, int64_t> check_sparse_conv2d(const at::Tensor& rowptr, const at::Tensor& col,
                                                        const at::Tensor& values, const at::Tensor& x,

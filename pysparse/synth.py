@@ -131,7 +131,7 @@ def _conditional(generator) -> int:
 
 
 def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=None, extractor=None,
-               candidates: int = 50, iterations: int = 1000, pixels: bool = True, lr: float = 0.05,
+               candidates: int = 50, iterations: int = 2000, pixels: bool = True, lr: float = 0.05,
                real_batch: int = 64, width: int = 32, variance: float = 1.0, pixel_lr: Optional[float] = None,
                pixel_share: float = 1 / 3, augment: bool = False, seed: int = 0, progress: bool = False
                ) -> SyntheticSet:

@@ -477,13 +477,9 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
                                          const at::Tensor& gy, at::IntArrayRef kernel, at::IntArrayRef stride,
                                          at::IntArrayRef dilation) {
   const char* op = "sparse_conv2d_grad_values";
-  check_csr_structure(rowptr, col, op);
-  TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, op, ": x must be [N, C, H, W]");
-  TORCH_CHECK_TYPE(is_matmul_float(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && rowptr.device().is_cpu(), op, ": tensors must be on the CPU");
+  const auto [OH, OW] = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": tensors must be on the CPU for the CPU kernel");
   const int64_t O = rowptr.numel() - 1;
-  const auto [OH, OW] = check_conv_grad(gy, x, "x", O, x.sizes(), kernel, stride, dilation, op);
   cpu::check_rowptr_cpu(rowptr, col.numel(), op);
   at::Tensor dv = at::zeros({col.numel()}, x.options());
   if (col.numel() == 0 || gy.numel() == 0) return dv;

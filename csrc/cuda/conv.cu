@@ -178,15 +178,9 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
 at::Tensor sparse_conv2d_grad_values_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
                                           const at::Tensor& gy, at::IntArrayRef kernel, at::IntArrayRef stride,
                                           at::IntArrayRef dilation) {
-  const char* op = "sparse_conv2d_grad_values";
-  check_csr_structure(rowptr, col, op);
-  TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, op, ": x must be [N, C, H, W]");
-  TORCH_CHECK_TYPE(is_matmul_float(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.is_cuda() && x.device() == rowptr.device(), op,
-                    ": x and the structure must be on one CUDA device for the CUDA kernel");
+  const auto [OH, OW] = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation);
+  TORCH_CHECK_VALUE(x.is_cuda(), "sparse_conv2d_grad_values: tensors must be on a CUDA device for the CUDA kernel");
   const int64_t O = rowptr.numel() - 1, nnz = col.numel();
-  const auto [OH, OW] = check_conv_grad(gy, x, "x", O, x.sizes(), kernel, stride, dilation, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), g = gy.contiguous();
   at::Tensor dv = at::zeros({nnz}, x.options());
