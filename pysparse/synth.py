@@ -229,8 +229,17 @@ def _transform(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_share, real_batch, width, variance,
            augment, seed, progress) -> SyntheticSet:
-    from tqdm.auto import tqdm
+    # The dense copy's construction and the random ConvNets draw from torch's global generator: fork it and seed
+    # it, so that the set depends on ``seed`` alone (not on what the caller drew before) and the caller's random
+    # stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _match_seeded(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_share, real_batch,
+                             width, variance, augment, seed, progress)
 
+
+def _match_seeded(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_share, real_batch, width,
+                  variance, augment, seed, progress) -> SyntheticSet:
     _check_int(iterations, "iterations", 1)
     x, y = real
     shape = tuple(x.shape[1:])
@@ -253,6 +262,17 @@ def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_shar
     z_iters = iterations if not pixels else max(1, round(iterations * (1 - pixel_share)))
     opt_z = torch.optim.Adam([z], lr=lr)
     opt_x = torch.optim.Adam([offset], lr=pixel_lr)
+    _match_loop(generator, z, offset, labels, by_class, g, opt_z, opt_x, iterations, z_iters, k, ipc, shape,
+                real_batch, width, variance, augment, progress)
+    with torch.no_grad():
+        images = ((generator(z, labels) + 1) / 2 + offset).clamp(0, 1)
+    return SyntheticSet(images.detach().contiguous(), labels, k)
+
+
+def _match_loop(generator, z, offset, labels, by_class, g, opt_z, opt_x, iterations, z_iters, k, ipc, shape,
+                real_batch, width, variance, augment, progress) -> None:
+    from tqdm.auto import tqdm
+
     for it in tqdm(range(iterations), desc="match", disable=not progress):
         embed = models.convnet(shape[0], k, shape[1], width=width)[:-1].requires_grad_(False)
         images = ((generator(z, labels) + 1) / 2 + offset).clamp(0, 1)
@@ -276,9 +296,6 @@ def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_shar
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        images = ((generator(z, labels) + 1) / 2 + offset).clamp(0, 1)
-    return SyntheticSet(images.detach().contiguous(), labels, k)
 
 
 # ---- evaluation ----

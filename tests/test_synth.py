@@ -121,6 +121,19 @@ def test_match_augmentation_is_a_siamese_affine_transform():
     assert 0 <= float(a.images.min()) and float(a.images.max()) <= 1
 
 
+def test_match_depends_on_its_seed_alone_and_leaves_the_global_stream():
+    G, real = _generator(), _real()
+    torch.manual_seed(1)
+    a = synth.synthesize(G, 1, method="match", real=real, iterations=6, seed=3)
+    after_a = torch.rand(3)
+    torch.manual_seed(2)   # another global state before the call: same set
+    b = synth.synthesize(G, 1, method="match", real=real, iterations=6, seed=3)
+    assert torch.equal(a.images, b.images)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_a)  # the call drew nothing from the caller's stream
+    assert not torch.equal(synth.synthesize(G, 1, method="match", real=real, iterations=6, seed=4).images, a.images)
+
+
 def test_synthesize_bad_input():
     G = _generator()
     with pytest.raises(ValueError, match="ipc"):

@@ -58,7 +58,8 @@ struct Layout {
     // none when there are fewer than 0.25 stored weights per input element, where interleaving the input would
     // cost more than the short runs it saves.
     const int64_t run = (OH - 1) * Wp + OW;
-    nb = std::max<int64_t>(1, std::min({N, (511 + run) / std::max<int64_t>(1, run), 8192 / std::max<int64_t>(1, OH * Wp)}));
+    const int64_t by_run = (511 + run) / std::max<int64_t>(1, run), by_plane = 8192 / std::max<int64_t>(1, OH * Wp);
+    nb = std::max<int64_t>(1, std::min({N, by_run, by_plane}));
     if (4 * nnz < C * H * W) nb = 1;
     NB = (N + nb - 1) / nb;
     plane = sh * sw * Hp * Wp * nb;
@@ -451,9 +452,10 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
     const at::Tensor g = to_layout<scalar_t, acc_t>(gy, GI);
     if (have_transposed) {
       PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cpu", [&] {
-        const Transposed<index_t, scalar_t, acc_t> t{t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(),
-                                                     t_perm->const_data_ptr<int32_t>(), values.const_data_ptr<scalar_t>(),
-                                                     O, nnz, L};
+        const Transposed<index_t, scalar_t, acc_t> t{t_rowptr->const_data_ptr<int32_t>(),
+                                                     t_col->const_data_ptr<index_t>(),
+                                                     t_perm->const_data_ptr<int32_t>(),
+                                                     values.const_data_ptr<scalar_t>(), O, nnz, L};
         conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O,
                                                 GI.pitch(), bad);
       });
@@ -466,10 +468,12 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
                                                 GI.pitch(), bad);
       });
     }
-    if (!I.identity()) deinterleave<scalar_t, scalar_t>(dxp.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), I);
+    if (!I.identity())
+      deinterleave<scalar_t, scalar_t>(dxp.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), I);
   });
-  TORCH_CHECK_VALUE(!bad, op, have_transposed ? ": a row index or t_perm entry of the transposed structure is out of range"
-                                              : ": a column index is outside [0, C * kh * kw)");
+  TORCH_CHECK_VALUE(!bad, op,
+                    have_transposed ? ": a row index or t_perm entry of the transposed structure is out of range"
+                                    : ": a column index is outside [0, C * kh * kw)");
   return dx;
 }
 

@@ -91,7 +91,8 @@ inline void weighted_sum<float>(float* __restrict__ out, float init, const float
       _mm512_storeu_ps(out + i0 + 32, a2);
       _mm512_storeu_ps(out + i0 + 48, a3);
     } else {
-      const __mmask16 m0 = tail_mask(std::min<int64_t>(16, left)), m1 = tail_mask(std::clamp<int64_t>(left - 16, 0, 16)),
+      const __mmask16 m0 = tail_mask(std::min<int64_t>(16, left)),
+                      m1 = tail_mask(std::clamp<int64_t>(left - 16, 0, 16)),
                       m2 = tail_mask(std::clamp<int64_t>(left - 32, 0, 16)),
                       m3 = tail_mask(std::clamp<int64_t>(left - 48, 0, 16));
       for (int64_t t = 0; t < n; ++t) {
