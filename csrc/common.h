@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -210,6 +211,27 @@ inline void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at:
                    ": values must be float32, float16, bfloat16 or float64, got ", values.scalar_type());
   TORCH_CHECK_VALUE(values.is_contiguous(), op, ": values must be contiguous");
   TORCH_CHECK_VALUE(values.device() == col.device(), op, ": values and the structure must be on one device");
+}
+
+// Whether W's transposed structure (t_rowptr, t_col, t_perm) is given, all three parts.
+inline bool has_transposed(const std::optional<at::Tensor>& t_rowptr, const std::optional<at::Tensor>& t_col,
+                           const std::optional<at::Tensor>& t_perm) {
+  return t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() && t_perm.has_value() &&
+         t_perm->defined();
+}
+
+// Validates W's transposed structure for a W of n_cols columns: the CSR of W^T (t_rowptr over the n_cols
+// columns, t_col the row indices) beside values, and t_perm a contiguous int32 map from its positions to W's
+// stored values, one entry per value on values' device (the kernels check each entry's range as they read it).
+inline void check_transposed(const at::Tensor& values, const at::Tensor& t_rowptr, const at::Tensor& t_col,
+                             const at::Tensor& t_perm, int64_t n_cols, const char* op) {
+  const std::string where = std::string(op) + " (transposed structure)";
+  check_csr(t_rowptr, t_col, values, where.c_str());
+  TORCH_CHECK_VALUE(t_rowptr.numel() - 1 == n_cols, op, ": t_rowptr has ", t_rowptr.numel() - 1,
+                    " rows but W has ", n_cols, " columns");
+  TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt && t_perm.dim() == 1 && t_perm.numel() == values.numel() &&
+                       t_perm.is_contiguous() && t_perm.device() == values.device(),
+                   op, ": t_perm must be a contiguous int32 permutation of the stored values, on values' device");
 }
 
 // Checks a convolution's kernel_size, stride and dilation (2 entries each, all >= 1) and returns the output

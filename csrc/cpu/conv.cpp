@@ -9,15 +9,17 @@
 // (ki, kj) reads phase ((ki * d_h) % s_h, (kj * d_w) % s_w) at shift ((ki * d_h) / s_h, (kj * d_w) / s_w).
 // With stride 1 there is one phase, the input itself.
 //
-// - Forward: a task is (block of images, output channel o); the block's output planes accumulate in a
-//   thread-local acc_t buffer that stays in cache, each stored weight of row o adding value * a shifted input.
-// - Input gradient: a task is (block of images, input channel c); the block's input-gradient phases
-//   accumulate in cache, each stored weight of c's kh * kw columns (W's transposed structure, derived from the
-//   CSR here) adding value * gy[n, o] at its shift: the forward's AXPY with source and destination swapped.
+// Small planes also interleave several images innermost (see Layout), so that a run stays long.
+//
+// - Forward: a task is (block of units, output channel o); each unit's output plane is a register-blocked
+//   weighted sum of the shifted input windows of row o's stored weights (cpu::weighted_sum).
+// - Input gradient: a task is (block of units, input channel c); the same weighted sum, phase by phase, over
+//   c's stored weights (walked through W's cached transposed structure, or regrouped from the CSR), reading
+//   gy in a layout with zeros around each run so that every shift is in bounds.
 // - Values gradient: rows are split between threads by stored count; each stored weight is the sum over the
-//   batch of dot(gy[n, o], shifted x[n, c]).
-// Both gradients read gy through an acc_t copy whose rows are zero-padded to Wp columns. Accumulation is
-// float32 (float64 for float64).
+//   batch of dot(gy run of o, shifted window of x[c]) (cpu::dots).
+// Both gradients read gy through an acc_t copy with rows zero-padded to Wp columns. Accumulation is float32
+// (float64 for float64).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -73,6 +75,10 @@ struct Layout {
     const int64_t a = ki * dh, b = kj * dw;
     return (((a % sh) * sw + b % sw) * Hp * Wp + (a / sh) * Wp + b / sw) * nb;
   }
+  // The tap of W's column k = (c * kh + ki) * kw + kj.
+  int64_t tap_of(int64_t k) const { return tap((k / kw) % kh, k % kw); }
+  // Offset, inside one unit (all C planes), of the window that column k reads.
+  int64_t window(int64_t k) const { return k / (kh * kw) * plane + tap_of(k); }
 };
 
 // The map between a dense [N, C, H, W] tensor and its working layout [NB, C, sh, sw, Hp, Wp, nb]: element
@@ -199,7 +205,7 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
           local_bad = true;
           continue;
         }
-        offs.push_back(k / (L.kh * L.kw) * L.plane + L.tap((k / L.kw) % L.kh, k % L.kw));
+        offs.push_back(L.window(k));
         vals.push_back(static_cast<acc_t>(values[j]));
       }
       const acc_t b = bias ? static_cast<acc_t>(bias[o]) : acc_t(0);
@@ -324,7 +330,7 @@ ByChannel<acc_t> by_channel(const int32_t* rowptr, const index_t* col, const sca
       if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) continue;
       const int32_t at = next[k / taps]++;
       t.row[at] = static_cast<int32_t>(o);
-      t.off[at] = L.tap((k / L.kw) % L.kh, k % L.kw);
+      t.off[at] = L.tap_of(k);
       t.val[at] = static_cast<acc_t>(values[j]);
     }
   return t;
@@ -388,7 +394,7 @@ void conv_grad_values_kernel(const int32_t* rowptr, const index_t* col, const ac
       const int64_t k = col[j];
       const bool ok = static_cast<uint64_t>(k) < static_cast<uint64_t>(K);
       outside |= !ok;
-      offs[j - j0] = ok ? k / (L.kh * L.kw) * L.plane + L.tap((k / L.kw) % L.kh, k % L.kw) : -1;
+      offs[j - j0] = ok ? L.window(k) : -1;
     }
     for (int64_t u0 = 0; u0 < L.NB; u0 += ublock) {
       const int64_t u1 = std::min(L.NB, u0 + ublock);
@@ -428,16 +434,10 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
   const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, op);
   TORCH_CHECK_VALUE(values.device().is_cpu(), op, ": tensors must be on the CPU for the CPU kernel");
   cpu::check_rowptr_cpu(rowptr, nnz, op);
-  const bool have_transposed = t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
-                               t_perm.has_value() && t_perm->defined();
+  const bool have_transposed = has_transposed(t_rowptr, t_col, t_perm);
   const Layout L(x_size[0], x_size[1], x_size[2], x_size[3], kernel, stride, dilation, OH, OW, nnz);
   if (have_transposed) {
-    check_csr_structure(*t_rowptr, *t_col, op);
-    TORCH_CHECK_VALUE(t_rowptr->device().is_cpu() && t_rowptr->numel() - 1 == L.C * L.kh * L.kw, op,
-                      ": t_rowptr must be a CPU tensor with C * kh * kw + 1 = ", L.C * L.kh * L.kw + 1, " entries");
-    TORCH_CHECK_TYPE(t_perm->scalar_type() == at::kInt && t_perm->dim() == 1 && t_perm->numel() == nnz &&
-                         t_perm->is_contiguous() && t_perm->device().is_cpu() && t_col->numel() == nnz,
-                     op, ": t_col and t_perm must hold one int entry per stored value, t_perm int32");
+    check_transposed(values, *t_rowptr, *t_col, *t_perm, L.C * L.kh * L.kw, op);
     cpu::check_rowptr_cpu(*t_rowptr, nnz, op);
   }
   if (L.N * L.C * L.H * L.W == 0 || gy.numel() == 0) return at::zeros(x_size, gy.options());

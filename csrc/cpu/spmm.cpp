@@ -51,20 +51,14 @@ at::Tensor pack_panels(const at::Tensor& xt, int64_t T) {
   at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t b0 = t * T, bt = std::min(T, B - b0);
-      if (sb == 1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          float* d = dst + (t * K + k) * T;
-          const scalar_t* s = src + k * sk + b0;
+      for (int64_t k = k0; k < k1; ++k) {
+        float* d = dst + (t * K + k) * T;
+        const scalar_t* s = src + k * sk + b0 * sb;
+        if (sb == 1)  // a contiguous run, vectorised
           for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b]);
-          for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
-        }
-      } else {  // batch-strided (a transposed view): gather each panel row; the bt source rows stay in L1
-        for (int64_t k = k0; k < k1; ++k) {
-          float* d = dst + (t * K + k) * T;
-          const scalar_t* s = src + k * sk + b0 * sb;
+        else  // batch-strided (a transposed view): a gather; the bt source rows stay in L1 across k
           for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b * sb]);
-          for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
-        }
+        for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
       }
     }
   });
@@ -535,15 +529,8 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // the scatter and 3 + 10 ms for gathering the values into column order first). Otherwise a scatter from
   // W's CSR into per-thread panels: at batch 16 it takes 1.4-1.7 ms, the permuted read 1.0-2.8 ms from one
   // process to the next (random reads of the values: it depends on how their pages are mapped).
-  const bool have_transposed = t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
-                               t_perm.has_value() && t_perm->defined();
-  if (have_transposed && B > 32) {
-    check_csr(*t_rowptr, *t_col, values, "spmm_t (transposed structure)");
-    TORCH_CHECK_VALUE(t_rowptr->numel() - 1 == K, "spmm_t: t_rowptr has ", t_rowptr->numel() - 1,
-                      " rows but n_cols is ", K);
-    TORCH_CHECK_TYPE(t_perm->scalar_type() == at::kInt && t_perm->dim() == 1 && t_perm->numel() == values.numel() &&
-                         t_perm->is_contiguous(),
-                     "spmm_t: t_perm must be a contiguous int32 permutation of the stored values");
+  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
+    check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t");
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
     return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
   }

@@ -1,8 +1,8 @@
 // The inner loops of the direct sparse convolution (csrc/cpu/conv.cpp), over contiguous runs of tens to
-// thousands of elements: out += v * in (axpy), a running sum of in_a * in_b (Dot), and out = init +
-// sum_t v_t * in_t (weighted_sum, the forward: register-blocked, so that out is written once instead of once
-// per term). With AVX-512 the float32 versions use 16-lane FMAs and masked tails (masked-out lanes are neither
-// read nor written, so a run may end anywhere); elsewhere, and for float64, loops the compiler vectorises.
+// thousands of elements: out = init + sum_t v_t * in_t (weighted_sum, register-blocked so that out is
+// written once instead of once per term) and sums_t += dot(a, in_t) (dots). With AVX-512 the float32 versions
+// use 16-lane FMAs and masked tails (masked-out lanes are neither read nor written, so a run may end
+// anywhere); elsewhere, and for float64, loops the compiler vectorises.
 #pragma once
 
 #include <algorithm>
@@ -20,19 +20,14 @@ inline void axpy(T* __restrict__ out, const T* __restrict__ in, T v, int64_t len
   for (int64_t i = 0; i < len; ++i) out[i] += v * in[i];
 }
 
-// A running dot product: a vector of partial sums that is reduced once, at the end (dot_sum), rather than
-// after every run.
+// dot(a, b) over len elements.
 template <typename T>
-struct Dot {
+inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
   T s = 0;
-  void add(const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
-    T t = 0;
-#pragma omp simd reduction(+ : t)
-    for (int64_t i = 0; i < len; ++i) t += a[i] * b[i];
-    s += t;
-  }
-  T sum() const { return s; }
-};
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += a[i] * b[i];
+  return s;
+}
 
 // out[i] = init + sum over t < n of vals[t] * base[offs[t] + i], for i < len.
 template <typename T>
@@ -46,28 +41,11 @@ inline void weighted_sum(T* __restrict__ out, T init, const T* base, const int64
 // against many input windows).
 template <typename T>
 inline void dots(const T* a, const T* base, const int64_t* offs, int64_t n, int64_t len, T* sums) {
-  for (int64_t t = 0; t < n; ++t) {
-    Dot<T> d;
-    d.add(a, base + offs[t], len);
-    sums[t] += d.sum();
-  }
+  for (int64_t t = 0; t < n; ++t) sums[t] += dot(a, base + offs[t], len);
 }
 
 #ifdef __AVX512F__
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }  // n in [0, 16]
-
-template <>
-inline void axpy<float>(float* __restrict__ out, const float* __restrict__ in, float v, int64_t len) {
-  const __m512 vv = _mm512_set1_ps(v);
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(vv, _mm512_loadu_ps(in + i), _mm512_loadu_ps(out + i)));
-  if (i < len) {
-    const __mmask16 m = tail_mask(len - i);
-    _mm512_mask_storeu_ps(out + i, m,
-                          _mm512_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, in + i), _mm512_maskz_loadu_ps(m, out + i)));
-  }
-}
 
 // 64 outputs (four registers) at a time, every term summed into them before they are stored; the last, partial
 // tile is masked per register.
@@ -112,18 +90,16 @@ inline void weighted_sum<float>(float* __restrict__ out, float init, const float
 }
 
 template <>
-struct Dot<float> {
+inline float dot<float>(const float* __restrict__ a, const float* __restrict__ b, int64_t len) {
   __m512 acc = _mm512_setzero_ps();
-  void add(const float* __restrict__ a, const float* __restrict__ b, int64_t len) {
-    int64_t i = 0;
-    for (; i + 16 <= len; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    if (i < len) {
-      const __mmask16 m = tail_mask(len - i);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-    }
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < len) {
+    const __mmask16 m = tail_mask(len - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
   }
-  float sum() const { return _mm512_reduce_add_ps(acc); }
-};
+  return _mm512_reduce_add_ps(acc);
+}
 
 // Four windows at a time: each load of a feeds four FMAs.
 template <>
@@ -153,11 +129,7 @@ inline void dots<float>(const float* a, const float* base, const int64_t* offs, 
     sums[t + 2] += _mm512_reduce_add_ps(s2);
     sums[t + 3] += _mm512_reduce_add_ps(s3);
   }
-  for (; t < n; ++t) {
-    Dot<float> d;
-    d.add(a, base + offs[t], len);
-    sums[t] += d.sum();
-  }
+  for (; t < n; ++t) sums[t] += dot(a, base + offs[t], len);
 }
 #endif
 

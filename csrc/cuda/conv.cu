@@ -148,16 +148,10 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
   const int64_t O = rowptr.numel() - 1;
   const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, op);
   TORCH_CHECK_VALUE(values.is_cuda(), op, ": tensors must be on a CUDA device for the CUDA kernel");
-  TORCH_CHECK_VALUE(t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
-                        t_perm.has_value() && t_perm->defined(),
-                    op, ": the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
-  check_csr(*t_rowptr, *t_col, values, "sparse_conv2d_grad_input (transposed structure)");
+  TORCH_CHECK_VALUE(has_transposed(t_rowptr, t_col, t_perm), op,
+                    ": the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
   const int64_t N = x_size[0], C = x_size[1], H = x_size[2], W = x_size[3];
-  TORCH_CHECK_VALUE(t_rowptr->numel() - 1 == C * kernel[0] * kernel[1], op, ": t_rowptr has ",
-                    t_rowptr->numel() - 1, " rows but W has ", C * kernel[0] * kernel[1], " columns");
-  TORCH_CHECK_TYPE(t_perm->scalar_type() == at::kInt && t_perm->dim() == 1 && t_perm->numel() == values.numel() &&
-                       t_perm->is_contiguous() && t_perm->device() == values.device(),
-                   op, ": t_perm must be a contiguous int32 permutation of the stored values, on values' device");
+  check_transposed(values, *t_rowptr, *t_col, *t_perm, C * kernel[0] * kernel[1], op);
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor g = gy.contiguous();
   at::Tensor dx = at::empty({N, C, H, W}, g.options());

@@ -170,17 +170,11 @@ at::Tensor spmm_t_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at
   check_csr(rowptr, col, values, "spmm_t");
   check_dense_cuda(yt, values, "spmm_t", "yt");
   TORCH_CHECK_VALUE(values.is_cuda(), "spmm_t: tensors must be on a CUDA device for the CUDA kernel");
-  TORCH_CHECK_VALUE(t_rowptr.has_value() && t_rowptr->defined() && t_col.has_value() && t_col->defined() &&
-                        t_perm.has_value() && t_perm->defined(),
+  TORCH_CHECK_VALUE(has_transposed(t_rowptr, t_col, t_perm),
                     "spmm_t: the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
-  check_csr(*t_rowptr, *t_col, values, "spmm_t (transposed structure)");
-  TORCH_CHECK_VALUE(t_rowptr->numel() - 1 == n_cols, "spmm_t: t_rowptr has ", t_rowptr->numel() - 1,
-                    " rows but n_cols is ", n_cols);
+  check_transposed(values, *t_rowptr, *t_col, *t_perm, n_cols, "spmm_t");
   TORCH_CHECK_VALUE(yt.size(0) == rowptr.numel() - 1, "spmm_t: yt has ", yt.size(0), " rows but W has ",
                     rowptr.numel() - 1);
-  TORCH_CHECK_TYPE(t_perm->scalar_type() == at::kInt && t_perm->dim() == 1 && t_perm->numel() == values.numel() &&
-                       t_perm->is_contiguous() && t_perm->device() == values.device(),
-                   "spmm_t: t_perm must be a contiguous int32 permutation of the stored values, on values' device");
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor y = yt.contiguous();
   at::Tensor out = at::empty({n_cols, y.size(1)}, y.options());
