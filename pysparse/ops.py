@@ -217,10 +217,15 @@ def _pair2(v, name: str, op: str = "sparse_conv2d") -> tuple[int, int]:
     return t
 
 
+def _geometry(op: str, kernel_size, stride, dilation) -> tuple[list[int], list[int], list[int]]:
+    """kernel_size, stride and dilation as the [a, b] lists the conv ops' schemas take."""
+    return (list(_pair2(kernel_size, "kernel_size", op)), list(_pair2(stride, "stride", op)),
+            list(_pair2(dilation, "dilation", op)))
+
+
 def _conv_output_size(op: str, h: int, w: int, kernel_size, stride, dilation) -> tuple[int, int]:
     """Checks the geometry and returns the output size of a padded input of spatial size h x w."""
-    (kh, kw), (sh, sw), (dh, dw) = (_pair2(kernel_size, "kernel_size", op), _pair2(stride, "stride", op),
-                                    _pair2(dilation, "dilation", op))
+    (kh, kw), (sh, sw), (dh, dw) = _geometry(op, kernel_size, stride, dilation)
     if h - dh * (kh - 1) - 1 < 0 or w - dw * (kw - 1) - 1 < 0:
         raise ValueError(f"{op}: input of spatial size {(h, w)} is smaller than the kernel's reach")
     return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
@@ -403,8 +408,8 @@ def sparse_conv2d(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
     _check_kernel("sparse_conv2d", values.device, "values")
-    return torch.ops.pysparse.sparse_conv2d.default(rowptr, col, values, x, bias, list(_pair2(kernel_size, "")),
-                                                    list(_pair2(stride, "")), list(_pair2(dilation, "")),
+    return torch.ops.pysparse.sparse_conv2d.default(rowptr, col, values, x, bias,
+                                                    *_geometry("sparse_conv2d", kernel_size, stride, dilation),
                                                     t_rowptr, t_col, t_perm)
 
 
@@ -416,11 +421,11 @@ def sparse_conv2d_grad_input(rowptr: torch.Tensor, col: torch.Tensor, values: to
     CUDA; on the CPU it is used when given (the layers cache it), else the kernel regroups the CSR itself."""
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
-    _check_kernel("sparse_conv2d_grad_input", values.device, "values")
     op = "sparse_conv2d_grad_input"
+    _check_kernel(op, values.device, "values")
     return torch.ops.pysparse.sparse_conv2d_grad_input.default(
-        rowptr, col, values, gy, [int(i) for i in x_size], list(_pair2(kernel_size, "", op)),
-        list(_pair2(stride, "", op)), list(_pair2(dilation, "", op)), t_rowptr, t_col, t_perm)
+        rowptr, col, values, gy, [int(i) for i in x_size], *_geometry(op, kernel_size, stride, dilation),
+        t_rowptr, t_col, t_perm)
 
 
 def sparse_conv2d_grad_values(rowptr: torch.Tensor, col: torch.Tensor, x: torch.Tensor, gy: torch.Tensor, *,
@@ -428,11 +433,10 @@ def sparse_conv2d_grad_values(rowptr: torch.Tensor, col: torch.Tensor, x: torch.
     """Gradient of :func:`sparse_conv2d` with respect to the stored values: for each stored (o, k), the sum over
     the batch and the output pixels of ``gy[n, o]`` times the window of ``x[n, c]`` the weight sees; no im2col."""
     _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation)
-    _check_kernel("sparse_conv2d_grad_values", x.device, "x")
     op = "sparse_conv2d_grad_values"
-    return torch.ops.pysparse.sparse_conv2d_grad_values.default(
-        rowptr, col, x, gy, list(_pair2(kernel_size, "", op)), list(_pair2(stride, "", op)),
-        list(_pair2(dilation, "", op)))
+    _check_kernel(op, x.device, "x")
+    return torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy,
+                                                                *_geometry(op, kernel_size, stride, dilation))
 
 
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

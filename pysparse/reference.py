@@ -52,8 +52,13 @@ def apply_mask_(mask: torch.Tensor, *tensors: Optional[torch.Tensor]) -> int:
     return int(mask.sum())
 
 
+def _rows(rowptr: torch.Tensor) -> torch.Tensor:
+    """The row of every stored position of a CSR structure."""
+    return torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=rowptr.device), rowptr.diff().long())
+
+
 def csr_to_dense(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
-    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=values.device), rowptr.diff().long())
+    rows = _rows(rowptr).to(values.device)
     dense = values.new_zeros((rowptr.numel() - 1, n_cols))
     dense[rows, col.long()] = values
     return dense
@@ -76,24 +81,23 @@ def spmm_t(rowptr, col, values, yt, n_cols, *, transposed=None) -> torch.Tensor:
 
 def sddmm(rowptr, col, a, b) -> torch.Tensor:
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=a.device), rowptr.diff().long())
+    rows = _rows(rowptr).to(a.device)
     return (a.to(acc)[rows] * b.to(acc)[col.long()]).sum(-1).to(a.dtype)
-
-
-def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1, dilation=1, transposed=None):
-    """F.conv2d with the dense weight [O, C, kh, kw] rebuilt from the CSR (a grouped weight is block-diagonal
-    over all C channels, so groups=1 is exact)."""
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    weight = csr_to_dense(rowptr, col, values.to(acc), x.shape[1] * kh * kw).reshape(-1, x.shape[1], kh, kw)
-    out = torch.nn.functional.conv2d(x.to(acc), weight, None if bias is None else bias.to(acc), stride=stride,
-                                     dilation=dilation)
-    return out.to(values.dtype)
 
 
 def _dense_conv_weight(rowptr, col, values, channels, kernel_size):
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     return csr_to_dense(rowptr, col, values, channels * kh * kw).reshape(-1, channels, kh, kw)
+
+
+def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1, dilation=1, transposed=None):
+    """F.conv2d with the dense weight [O, C, kh, kw] rebuilt from the CSR (a grouped weight is block-diagonal
+    over all C channels, so groups=1 is exact)."""
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    weight = _dense_conv_weight(rowptr, col, values.to(acc), x.shape[1], kernel_size)
+    out = torch.nn.functional.conv2d(x.to(acc), weight, None if bias is None else bias.to(acc), stride=stride,
+                                     dilation=dilation)
+    return out.to(values.dtype)
 
 
 def sparse_conv2d_grad_input(rowptr, col, values, gy, x_size, *, kernel_size=3, stride=1, dilation=1,
@@ -111,5 +115,4 @@ def sparse_conv2d_grad_values(rowptr, col, x, gy, *, kernel_size=3, stride=1, di
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dense = torch.nn.grad.conv2d_weight(x.to(acc), (rowptr.numel() - 1, x.shape[1], kh, kw), gy.to(acc),
                                         stride=stride, dilation=dilation).reshape(rowptr.numel() - 1, -1)
-    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=x.device), rowptr.diff().long())
-    return dense[rows, col.long()].to(x.dtype)
+    return dense[_rows(rowptr).to(x.device), col.long()].to(x.dtype)

@@ -153,11 +153,11 @@ def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=No
     if method == "sample":
         return SyntheticSet(sample_like(generator, labels, seed=seed), labels, k)
     if method == "select":
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < ipc:
-            raise ValueError(f"candidates ({candidates!r}) must be an int >= ipc ({ipc})")
+        _check_int(candidates, f"candidates (at least ipc = {ipc})", ipc)
         return _select(generator, ipc, k, candidates, real, extractor, seed)
     if real is None:
         raise ValueError("method 'match' needs real=(images, labels) to match")
+    _check_int(iterations, "iterations", 1)
     if not 0.0 < pixel_share < 1.0:
         raise ValueError(f"pixel_share must be in (0, 1), got {pixel_share!r}")
     if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not variance >= 0:
@@ -240,7 +240,8 @@ def _match(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_shar
 
 def _match_seeded(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pixel_share, real_batch, width,
                   variance, augment, seed, progress) -> SyntheticSet:
-    _check_int(iterations, "iterations", 1)
+    from tqdm.auto import tqdm
+
     x, y = real
     shape = tuple(x.shape[1:])
     if shape != (generator.channels, generator.image_size, generator.image_size):
@@ -262,20 +263,10 @@ def _match_seeded(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pix
     z_iters = iterations if not pixels else max(1, round(iterations * (1 - pixel_share)))
     opt_z = torch.optim.Adam([z], lr=lr)
     opt_x = torch.optim.Adam([offset], lr=pixel_lr)
-    _match_loop(generator, z, offset, labels, by_class, g, opt_z, opt_x, iterations, z_iters, k, ipc, shape,
-                real_batch, width, variance, augment, progress)
-    with torch.no_grad():
-        images = ((generator(z, labels) + 1) / 2 + offset).clamp(0, 1)
-    return SyntheticSet(images.detach().contiguous(), labels, k)
-
-
-def _match_loop(generator, z, offset, labels, by_class, g, opt_z, opt_x, iterations, z_iters, k, ipc, shape,
-                real_batch, width, variance, augment, progress) -> None:
-    from tqdm.auto import tqdm
-
+    draw = lambda: ((generator(z, labels) + 1) / 2 + offset).clamp(0, 1)  # noqa: E731  the set, in [0, 1]
     for it in tqdm(range(iterations), desc="match", disable=not progress):
         embed = models.convnet(shape[0], k, shape[1], width=width)[:-1].requires_grad_(False)
-        images = ((generator(z, labels) + 1) / 2 + offset).clamp(0, 1)
+        images = draw()
         # every class in one forward each (instance norm: no statistic is shared across images)
         picks = [torch.randint(0, len(p), (min(real_batch, len(p)),), generator=g) for p in by_class]
         real_x = torch.cat([p[i] for p, i in zip(by_class, picks)])
@@ -284,18 +275,20 @@ def _match_loop(generator, z, offset, labels, by_class, g, opt_z, opt_x, iterati
             real_x = _transform(real_x, torch.cat([theta[:len(i)] for i in picks]))
             images = _transform(images, theta[:ipc].repeat(k, 1, 1))
         with torch.no_grad():
-            real_feats = embed(real_x)
-            target = torch.stack([f.mean(0) for f in real_feats.split([len(i) for i in picks])])
+            per_class = embed(real_x).split([len(i) for i in picks])
+            target = torch.stack([f.mean(0) for f in per_class])
         mine_f = embed(images).reshape(k, ipc, -1)
         loss = (mine_f.mean(1) - target).pow(2).sum()
         if variance and ipc > 1:  # and the spread: each class's per-feature variance
-            with torch.no_grad():
-                tvar = torch.stack([f.var(0) for f in real_feats.split([len(i) for i in picks])])
+            tvar = torch.stack([f.var(0) for f in per_class])
             loss = loss + variance * (mine_f.var(1) - tvar).pow(2).sum()
         opt = opt_z if it < z_iters else opt_x
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    with torch.no_grad():
+        images = draw()
+    return SyntheticSet(images.detach().contiguous(), labels, k)
 
 
 # ---- evaluation ----
