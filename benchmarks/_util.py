@@ -1,10 +1,13 @@
-"""Helpers for the benchmarks: synchronised timing on CUDA and peak extra memory of a callable."""
+"""Helpers for the benchmarks: synchronised timing on CUDA, peak extra memory of a callable, and the files
+the quality scripts write."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -56,3 +59,12 @@ def peak_extra_mb_cuda(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def write_results(name: str, result: dict, table: str) -> None:
+    """benchmarks/out/<name>.json (every figure) and <name>.md (the table) for a quality script; prints the table."""
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(table + "\n")
+    print(table)

@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,6 +25,8 @@ from pysparse import data
 from pysparse.gan import Discriminator, GANTrainer, Generator, metrics
 from pysparse.gan.trainer import tensors_of
 from pysparse.shrink import model_sparsity
+
+from _util import write_results  # benchmarks/ is on the path when a script runs
 
 
 def run(args) -> dict:
@@ -82,12 +83,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     result = run(args)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "quality_gan.json").write_text(json.dumps(result, indent=2))
-    table = summarize(result)
-    (out / "quality_gan.md").write_text(table + "\n")
-    print(table)
+    write_results("quality_gan", result, summarize(result))
 
 
 if __name__ == "__main__":

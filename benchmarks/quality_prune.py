@@ -27,6 +27,8 @@ import pysparse
 from pysparse import data, models
 from pysparse.prune import METHODS
 
+from _util import write_results  # benchmarks/ is on the path when a script runs
+
 MODES = ("oneshot", "connectivity", "weight", "network")
 
 
@@ -109,18 +111,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--summarize", metavar="JSON", help="only rebuild the tables from a saved results file")
     args = p.parse_args()
-    out = Path(__file__).parent / "out"
     if args.summarize:
         print(summarize(json.loads(Path(args.summarize).read_text())))
         return
     start = time.time()
     results = run(args)
     results["seconds"] = round(time.time() - start, 1)
-    out.mkdir(exist_ok=True)
-    (out / "quality_prune.json").write_text(json.dumps(results, indent=2))
-    table = summarize(results)
-    (out / "quality_prune.md").write_text(table + "\n")
-    print(table)
+    write_results("quality_prune", results, summarize(results))
     print(f"({results['seconds']} s)")
 
 

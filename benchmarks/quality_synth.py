@@ -18,7 +18,6 @@ import copy
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,8 @@ from pysparse.gan import Discriminator, GANTrainer, Generator, metrics
 from pysparse.gan.trainer import tensors_of
 from pysparse.pipeline import _epochs_for, _loader
 from pysparse.retrain import accuracy
+
+from _util import write_results  # benchmarks/ is on the path when a script runs
 
 
 def run(args) -> dict:
@@ -111,12 +112,7 @@ def main() -> None:
     p.add_argument("--match-iterations", type=int, default=None, help="synthesize's default if not given")
     args = p.parse_args()
     result = run(args)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "quality_synth.json").write_text(json.dumps(result, indent=2))
-    table = summarize(result)
-    (out / "quality_synth.md").write_text(table + "\n")
-    print(table)
+    write_results("quality_synth", result, summarize(result))
 
 
 if __name__ == "__main__":
