@@ -31,11 +31,15 @@ def _prune_parser(sub) -> None:
     amount.add_argument("--threshold", type=float, help="remove every weight whose saliency is below this")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
     p.add_argument("--pattern", default="unstructured", help="unstructured | channel | n:m (e.g. 2:4)")
+    p.add_argument("--compensate", action="store_true",
+                   help="refit the kept weights of each layer to the dense outputs on the --num-batches batches "
+                        "right after pruning (layer-wise OBS)")
     p.add_argument("--retrain", choices=["connectivity", "weight", "network", "none"], default="connectivity")
     p.add_argument("--epochs", type=int, default=20, help="training epochs of the dense model and of retraining")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-batches", type=int, default=8, help="batches used to score data-driven saliencies")
+    p.add_argument("--num-batches", type=int, default=8,
+                   help="batches used to score data-driven saliencies (and to calibrate --compensate)")
     p.add_argument("--checkpoint", default=None, help="a dense.safetensors to start from instead of training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite)")
@@ -236,7 +240,8 @@ def run_prune(args) -> dict:
         dense_acc = accuracy(model, test_loader)
         result = pysparse.prune(model, args.method, sparsity=args.sparsity, threshold=args.threshold,
                                 scope=args.scope, pattern=args.pattern, data=train_loader, loss_fn=F.cross_entropy,
-                                num_batches=args.num_batches, generator=torch.Generator().manual_seed(args.seed))
+                                num_batches=args.num_batches, compensate=args.compensate,
+                                generator=torch.Generator().manual_seed(args.seed))
         pruned_acc = accuracy(model, test_loader)
         retrained_acc, changed = pruned_acc, None
         if args.retrain != "none":

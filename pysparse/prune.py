@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .compensate import compensate as _compensate
 from .ops import _check_fraction
 
 METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
@@ -48,6 +49,7 @@ class PruneResult:
     kinds: dict[str, str]
     method: str
     settings: dict = field(default_factory=dict)
+    reconstruction: dict = field(default_factory=dict)  # compensate=True: name -> {"masked", "compensated"}
 
     @property
     def layers(self) -> list[LayerReport]:
@@ -77,7 +79,9 @@ class PruneResult:
         return {"method": self.method, "settings": self.settings, "params": self.params, "kept": self.kept,
                 "sparsity": self.sparsity,
                 "layers": [{"name": r.name, "kind": r.kind, "params": r.params, "kept": r.kept,
-                            "sparsity": r.sparsity} for r in self.layers]}
+                            "sparsity": r.sparsity, **({"reconstruction": self.reconstruction[r.name]}
+                                                          if r.name in self.reconstruction else {})}
+                           for r in self.layers]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -276,7 +280,8 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
           loss_fn: Optional[Callable] = None, num_batches: int = 1, exclude: Iterable = (),
           layer_sparsity: Optional[Mapping[str, float]] = None, min_density: float = 0.01,
           hessian_estimator: str = "fisher", hutchinson_samples: int = 1,
-          generator: Optional[torch.Generator] = None, apply: bool = True) -> PruneResult:
+          generator: Optional[torch.Generator] = None, apply: bool = True, compensate: bool = False,
+          damp: float = 0.01) -> PruneResult:
     """Score the weights of every nn.Linear / nn.Conv2d of ``model`` and choose which to remove.
 
     ``method``: "magnitude" |w|; "gradient" |dL/dw|; "taylor" |g*w|; "hessian" 0.5*h*w^2 (OBD) with h from
@@ -291,6 +296,13 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     "layer" each alone (``layer_sparsity`` overrides per parameter name). ``exclude``: module types, names or
     regular expressions of parameters to leave alone. ``min_density``: no layer keeps fewer than this fraction.
     With ``apply`` (default) the removed weights are zeroed in place.
+
+    ``compensate``: after zeroing, refit the kept weights of each layer, in forward order, to reproduce the
+    dense model's layer outputs on the ``num_batches`` batches of ``data`` (layer-wise OBS / SparseGPT with the
+    chosen mask, ridge ``damp`` x mean diag(X^T X) towards the dense weights; :mod:`pysparse.compensate`). It
+    works with every method and pattern, needs ``data`` (the targets are not used) and ``apply``; give it a few
+    times as many calibration examples as the widest layer has inputs. ``result.reconstruction`` holds each
+    layer's relative calibration error, masked and compensated.
     """
     # --- every check first: a bad argument leaves the model as it was
     if not isinstance(model, nn.Module):
@@ -323,6 +335,15 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
     if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
         raise ValueError(f"hutchinson_samples must be an int >= 1, got {hutchinson_samples!r}")
+    if not isinstance(compensate, bool):
+        raise ValueError(f"compensate must be a bool, got {compensate!r}")
+    if compensate:
+        if not apply:
+            raise ValueError("compensate=True changes the kept weights: it needs apply=True")
+        if data is None:
+            raise ValueError("compensate=True needs data= (calibration batches of (inputs, targets))")
+        if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
+            raise ValueError(f"damp must be a positive finite number, got {damp!r}")
     params = prunable_parameters(model, exclude)
     if not params:
         raise ValueError("the model has nothing to prune: no nn.Linear / nn.Conv2d weight (after exclude)")
@@ -342,19 +363,25 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
             raise ValueError(f"method {method!r} needs data= (an iterable of (inputs, targets) batches)")
         if loss_fn is None and method != "wanda":
             raise ValueError(f"method {method!r} needs loss_fn=")
+    if method in DATA_METHODS or compensate:
         batches = _batches(data, num_batches)
 
     # --- score and select (the model's weights are untouched until here)
     scores = _scores(model, params, method, batches, loss_fn, hessian_estimator, hutchinson_samples, generator)
     masks = _select(scores, pat, scope, sparsity, threshold, layer_sparsity, min_density)
-    if apply:
+    reconstruction = {}
+    if compensate:
+        reconstruction = _compensate(model, masks, batches, damp=damp)
+    elif apply:
         for name, (_, p) in params.items():
             ops.apply_mask_(masks[name], p.data)
     settings = {"sparsity": sparsity, "threshold": threshold, "scope": scope, "pattern": pattern,
                 "min_density": min_density, "num_batches": num_batches,
-                **({"hessian_estimator": hessian_estimator} if method == "hessian" else {})}
+                **({"hessian_estimator": hessian_estimator} if method == "hessian" else {}),
+                **({"compensate": True, "damp": damp} if compensate else {})}
     kinds = {n: type(module).__name__ for n, (module, _) in params.items()}
-    return PruneResult(masks=masks, scores=scores, kinds=kinds, method=method, settings=settings)
+    return PruneResult(masks=masks, scores=scores, kinds=kinds, method=method, settings=settings,
+                       reconstruction=reconstruction)
 
 
 # ------------------------------------------------------------------------ torch.nn.utils.prune conversions

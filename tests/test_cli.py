@@ -37,6 +37,16 @@ def test_prune_cnn_threshold_and_weight_mode(tmp_path):
     assert {layer["name"]: layer["kept"] for layer in report["layers"]} == {n: int(m.sum()) for n, m in masks.items()}
 
 
+def test_prune_with_compensation(tmp_path):
+    assert main(["prune", "--model", "cnn", "--method", "hessian", "--sparsity", "0.8", "--compensate",
+                 "--retrain", "none", "--out", str(tmp_path / "c"), *FAST]) == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["settings"]["compensate"] is True
+    assert all(layer["reconstruction"]["compensated"] <= layer["reconstruction"]["masked"]
+               for layer in report["layers"])
+    assert report["accuracy"]["retrained"] == report["accuracy"]["pruned"]
+
+
 def test_refuses_existing_out_and_leaves_nothing_on_error(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -1,0 +1,171 @@
+"""Weight compensation after one-shot pruning: refit the kept weights of every layer so that it reproduces the
+dense model's outputs on a few calibration batches (layer-wise OBS, as in Optimal Brain Compression and
+SparseGPT, Frantar & Alistarh 2022 / 2023).
+
+Layers are taken in the order the forward pass reaches them. For a layer with dense weight W (rows = outputs,
+columns = the d inputs of one group: in_features, or in_channels/groups * kh * kw of a convolution), let X be
+its inputs in the pruned model (earlier layers already compensated) and Xd its inputs in the dense model. The
+kept weights W' minimise
+
+    ||X W'^T - Xd W^T||^2 + lam * ||W' - W||^2,      W' zero where the mask is False,
+
+a quadratic with Hessian Hd = X^T X + lam I (``lam`` = ``damp`` x the mean of diag(X^T X)). The unconstrained
+minimum is W* = (W Xd^T X + lam W) Hd^-1; from there the OBS sweep (SparseGPT's, with the mask given) removes
+the pruned weights column by column and moves each one's error onto the columns not yet fixed, through the
+Cholesky factor of Hd^-1. When nothing is pruned and the inputs are unchanged, W' = W. Refitting to the dense
+inputs' outputs, not the pruned ones', also corrects what earlier layers lost.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+BLOCK = 128  # columns per lazy block of the OBS sweep
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end a forward pass once the layer's input is seen."""
+
+
+def _forward_order(model: nn.Module, modules: Mapping[str, nn.Module], inputs) -> list[str]:
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+             for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def _layer_input(model: nn.Module, module: nn.Module, inputs, params: Optional[dict] = None) -> torch.Tensor:
+    """The input of ``module`` when ``model`` runs on ``inputs`` (with ``params`` swapped in, if given); the
+    forward pass stops there."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_mod, args):
+        seen.append(args[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            if params is None:
+                model(inputs)
+            else:
+                torch.func.functional_call(model, params, (inputs,), strict=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's inputs as rows of its weight's columns, per group: [groups, samples, d], float64."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1]).double()
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    else:
+        x = F.pad(x, module._reversed_padding_repeated_twice)
+    cols = F.unfold(x.double(), module.kernel_size, dilation=module.dilation, stride=module.stride)  # [N, C*kk, L]
+    g = module.groups
+    cols = cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)  # column order of weight.reshape(out, -1)
+    return cols.transpose(0, 1)
+
+
+def _objective(a, b, h, g, hdd):
+    """sum over rows of ||X a^T - Xd b^T||^2 from the accumulated X^T X, X^T Xd and Xd^T Xd."""
+    return float(((a @ h) * a).sum() - 2 * ((a @ g) * b).sum() + ((b @ hdd) * b).sum())
+
+
+def _sweep(w: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """OBS with a given mask (SparseGPT's loop): w [g, r, d] float64, u the upper Cholesky factor of Hd^-1."""
+    w = w.clone()
+    d = w.shape[-1]
+    for i1 in range(0, d, BLOCK):
+        i2 = min(i1 + BLOCK, d)
+        w1 = w[..., i1:i2].clone()
+        u1 = u[:, i1:i2, i1:i2]
+        errs = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[..., i]
+            err = col * (~mask[..., i1 + i]) / u1[:, i, i].unsqueeze(-1)  # only the removed weights move
+            w1[..., i:] -= err.unsqueeze(-1) * u1[:, i, i:].unsqueeze(1)
+            w1[..., i] = col.masked_fill(~mask[..., i1 + i], 0)
+            errs[..., i] = err
+        w[..., i1:i2] = w1
+        if i2 < d:
+            w[..., i2:] -= errs @ u[:, i1:i2, i2:]
+    return w
+
+
+def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Iterable, *,
+               damp: float = 0.01) -> dict[str, dict[str, float]]:
+    """Apply ``masks`` (parameter name -> bool, True = keep) to the nn.Linear / nn.Conv2d weights of the
+    *dense* ``model`` and refit the kept weights layer by layer (see the module docstring). ``batches``: the
+    calibration data, a list of (inputs, targets); the targets are not used. Returns, per parameter, the
+    calibration reconstruction error relative to the dense layer's output energy, "masked" (plain masking)
+    and "compensated"."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for name in masks:
+        mod = modules.get(name[: -len(".weight")] if name.endswith(".weight") else "")
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or not name.endswith(".weight"):
+            raise ValueError(f"compensate: {name!r} is not the weight of an nn.Linear / nn.Conv2d")
+        layers[name] = mod
+    batches = list(batches)
+    dense = {n: m.weight.detach().clone() for n, m in layers.items()}
+    was_training = model.training
+    model.eval()
+    report: dict[str, dict[str, float]] = {}
+    done = False
+    try:
+        order = _forward_order(model, layers, batches[0][0])
+        for name in order + [n for n in layers if n not in order]:  # layers the forward never reaches: masked only
+            mod = layers[name]
+            weight = mod.weight
+            if name not in order:
+                ops.apply_mask_(masks[name], weight.data)
+                continue
+            h = g = hdd = None
+            for inputs, _ in batches:
+                x = _columns(mod, _layer_input(model, mod, inputs))
+                xd = _columns(mod, _layer_input(model, mod, inputs, dense))
+                h = x.transpose(1, 2) @ x if h is None else h + x.transpose(1, 2) @ x
+                g = x.transpose(1, 2) @ xd if g is None else g + x.transpose(1, 2) @ xd
+                hdd = xd.transpose(1, 2) @ xd if hdd is None else hdd + xd.transpose(1, 2) @ xd
+            if not bool(torch.isfinite(h).all() and torch.isfinite(g).all()):
+                raise ValueError(f"compensate: the calibration inputs of {name} contain NaN or inf")
+            groups = h.shape[0]
+            w = dense[name].reshape(groups, weight.shape[0] // groups, -1).double()
+            mask = masks[name].to(weight.device).reshape(w.shape)
+            mean_diag = h.diagonal(dim1=1, dim2=2).mean(-1)
+            lam = torch.where(mean_diag > 0, damp * mean_diag, torch.ones_like(mean_diag))
+            eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+            chol = torch.linalg.cholesky(h + lam[:, None, None] * eye)
+            best = torch.cholesky_solve(g @ w.transpose(1, 2) + lam[:, None, None] * w.transpose(1, 2), chol)
+            u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+            fitted = _sweep(best.transpose(1, 2), mask, u)
+            energy = max(_objective(torch.zeros_like(w), w, h, g, hdd), 1e-30)
+            report[name] = {"masked": _objective(w * mask, w, h, g, hdd) / energy,
+                            "compensated": _objective(fitted, w, h, g, hdd) / energy}
+            with torch.no_grad():
+                weight.copy_(fitted.reshape(weight.shape).to(weight.dtype))
+            ops.apply_mask_(masks[name], weight.data)
+        done = True
+    finally:
+        if not done:  # a failure part-way (e.g. non-finite calibration inputs) leaves the model as it was
+            with torch.no_grad():
+                for n, mod in layers.items():
+                    mod.weight.copy_(dense[n])
+        model.train(was_training)
+    return report
