@@ -241,7 +241,7 @@ def run_prune(args) -> dict:
         result = pysparse.prune(model, args.method, sparsity=args.sparsity, threshold=args.threshold,
                                 scope=args.scope, pattern=args.pattern, data=train_loader, loss_fn=F.cross_entropy,
                                 num_batches=args.num_batches, compensate=args.compensate,
-                                generator=torch.Generator().manual_seed(args.seed))
+                                generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet)
         pruned_acc = accuracy(model, test_loader)
         retrained_acc, changed = pruned_acc, None
         if args.retrain != "none":

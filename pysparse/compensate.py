@@ -109,12 +109,12 @@ def _sweep(w: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor
 
 
 def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Iterable, *,
-               damp: float = 0.01) -> dict[str, dict[str, float]]:
+               damp: float = 0.01, progress: bool = False) -> dict[str, dict[str, float]]:
     """Apply ``masks`` (parameter name -> bool, True = keep) to the nn.Linear / nn.Conv2d weights of the
     *dense* ``model`` and refit the kept weights layer by layer (see the module docstring). ``batches``: the
     calibration data, a list of (inputs, targets); the targets are not used. Returns, per parameter, the
     calibration reconstruction error relative to the dense layer's output energy, "masked" (plain masking)
-    and "compensated"."""
+    and "compensated". ``progress``: a tqdm bar over the layers."""
     modules = dict(model.named_modules())
     layers = {}
     for name in masks:
@@ -130,7 +130,11 @@ def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Ite
     done = False
     try:
         order = _forward_order(model, layers, batches[0][0])
-        for name in order + [n for n in layers if n not in order]:  # layers the forward never reaches: masked only
+        names = order + [n for n in layers if n not in order]
+        if progress:
+            from tqdm.auto import tqdm
+            names = tqdm(names, desc="compensate")
+        for name in names:  # layers the forward never reaches: masked only
             mod = layers[name]
             weight = mod.weight
             if name not in order:

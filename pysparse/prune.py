@@ -246,9 +246,9 @@ def _select(scores, pattern, scope, sparsity, threshold, layer_sparsity, min_den
     if isinstance(pattern, tuple):
         n, m = pattern
         return {k: ops.nm_masks(scores[k], n, m) for k in names}
-    if pattern == "channel":  # whole output channels (rows), scored by the mean saliency of their weights
-        channel = {k: s.reshape(s.shape[0], -1).mean(1, keepdim=True).expand(s.shape[0], 1) for k, s in scores.items()}
-        picked = _select({k: c.reshape(-1) for k, c in channel.items()}, "unstructured", scope, sparsity, threshold,
+    if pattern == "channel":  # whole output channels (rows), scored by the summed saliency of their weights
+        channel = {k: s.reshape(s.shape[0], -1).sum(1) for k, s in scores.items()}
+        picked = _select(channel, "unstructured", scope, sparsity, threshold,
                          layer_sparsity, min_density)
         return {k: picked[k].reshape((-1,) + (1,) * (scores[k].dim() - 1)).expand(scores[k].shape).clone()
                 for k in names}
@@ -281,7 +281,7 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
           layer_sparsity: Optional[Mapping[str, float]] = None, min_density: float = 0.01,
           hessian_estimator: str = "fisher", hutchinson_samples: int = 1,
           generator: Optional[torch.Generator] = None, apply: bool = True, compensate: bool = False,
-          damp: float = 0.01) -> PruneResult:
+          damp: float = 0.01, progress: bool = False) -> PruneResult:
     """Score the weights of every nn.Linear / nn.Conv2d of ``model`` and choose which to remove.
 
     ``method``: "magnitude" |w|; "gradient" |dL/dw|; "taylor" |g*w|; "hessian" 0.5*h*w^2 (OBD) with h from
@@ -367,11 +367,15 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
         batches = _batches(data, num_batches)
 
     # --- score and select (the model's weights are untouched until here)
-    scores = _scores(model, params, method, batches, loss_fn, hessian_estimator, hutchinson_samples, generator)
+    scoring = batches
+    if progress and method in DATA_METHODS:
+        from tqdm.auto import tqdm
+        scoring = tqdm(batches, desc=f"score ({method})")
+    scores = _scores(model, params, method, scoring, loss_fn, hessian_estimator, hutchinson_samples, generator)
     masks = _select(scores, pat, scope, sparsity, threshold, layer_sparsity, min_density)
     reconstruction = {}
     if compensate:
-        reconstruction = _compensate(model, masks, batches, damp=damp)
+        reconstruction = _compensate(model, masks, batches, damp=damp, progress=progress)
     elif apply:
         for name, (_, p) in params.items():
             ops.apply_mask_(masks[name], p.data)

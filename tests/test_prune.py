@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pysparse
-from pysparse.prune import METHODS
+from pysparse.prune import METHODS, prunable_parameters
 
 
 def _mlp(seed=0):
@@ -135,6 +135,30 @@ def test_nm_and_channel_patterns():
         rows = m.reshape(m.shape[0], -1)
         assert bool((rows.all(1) | ~rows.any(1)).all())  # whole output channels
     assert "6.weight" not in result.masks
+
+
+def test_channels_are_ranked_by_summed_saliency():
+    """A row of 8 weights of 0.3 (sum 2.4, mean 0.3) outranks a row of 2 weights of 0.5 (sum 1.0)."""
+    model = nn.Sequential(nn.Linear(8, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(0.3)
+        model[1].weight.fill_(-0.5)
+    result = pysparse.prune(model, "magnitude", sparsity=0.5, pattern="channel", min_density=0.0)
+    assert bool(result.masks["0.weight"].all()) and not bool(result.masks["1.weight"].any())
+    result = pysparse.prune(_mlp(), "magnitude", threshold=3.5, pattern="channel", min_density=0.0, apply=False)
+    kept = []
+    for n, (_, p) in prunable_parameters(_mlp()).items():
+        assert torch.equal(result.masks[n][:, 0], p.detach().abs().sum(1) >= 3.5)
+        kept.append(result.masks[n][:, 0].float().mean())
+    assert min(kept) < 0.9 and max(kept) > 0.1  # the threshold falls inside the range of row sums
+
+
+def test_progress_bars(capsys):
+    model = _mlp()
+    pysparse.prune(model, "taylor", sparsity=0.5, data=_data(), loss_fn=LOSS, num_batches=3, compensate=True,
+                   progress=True)
+    err = capsys.readouterr().err
+    assert "score (taylor)" in err and "compensate" in err
 
 
 def test_exclude_by_type_name_and_pattern():
