@@ -56,6 +56,26 @@ def test_spmm_matches_reference(device, rows, cols, batch, density, dtype, use_b
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_transposed_batch_packing_edges(dtype):
+    """The layers' layout (xt = the [K, B] view of a contiguous [B, K] batch) is packed 16 x 16 blocks at a time
+    on the CPU: every K and B remainder against the reference, sizes alternating so that each call reuses the
+    scratch buffers of a larger or a smaller one."""
+    for cols, batch in [(1, 2), (15, 17), (16, 16), (17, 33), (100, 64), (33, 100), (5, 3), (100, 200), (7, 31)]:
+        values, s, xt, bias = _problem(23, cols, batch, 0.4, dtype, "cpu", cols * 1000 + batch)
+        view = xt.t().contiguous().t()
+        torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, view, bias=bias),
+                                   reference.spmm(s.rowptr, s.col, values, xt, bias=bias), **TOL[dtype])
+        a = torch.randn(23, batch).to(dtype)
+        torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, a.t().contiguous().t(), view),
+                                   reference.sddmm(s.rowptr, s.col, a, xt), **TOL[dtype])
+        yt = torch.randn(23, batch).to(dtype)
+        for transposed in (s.transposed(), None):
+            torch.testing.assert_close(
+                pysparse.ops.spmm_t(s.rowptr, s.col, values, yt.t().contiguous().t(), cols, transposed=transposed),
+                reference.spmm_t(s.rowptr, s.col, values, yt, cols), **TOL[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(0, 50), cols=st.integers(0, 50), batch=st.sampled_from([0, 1, 5, 64]),
