@@ -16,13 +16,26 @@ import torch.nn.functional as F
 from .io import _umask
 
 
+def _data_args(p) -> None:
+    p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
+    p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
+
+
+def _output_args(p, *, default: Optional[str] = None, unless: str = "--overwrite") -> None:
+    """--out (required unless it has a default), --overwrite and --quiet, the same for every command."""
+    p.add_argument("--out", required=default is None, default=default,
+                   help=f"output folder (must not exist, unless {unless})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing folder (replaces pysparse's files there, deletes nothing else)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="train (or load) a model, prune it, retrain it, write the report",
                        description="Train the dense model unless --checkpoint is given, prune it by saliency, "
                                    "retrain it, and write DIR/report.{txt,json,png}, DIR/masks.safetensors, "
                                    "DIR/dense.safetensors and the compressed DIR/model.safetensors.")
-    p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
-    p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
+    _data_args(p)
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--method", default="taylor",
                    help="magnitude | gradient | taylor | hessian | snip | wanda | random")
@@ -42,10 +55,7 @@ def _prune_parser(sub) -> None:
                    help="batches used to score data-driven saliencies (and to calibrate --compensate)")
     p.add_argument("--checkpoint", default=None, help="a dense.safetensors to start from instead of training")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into an existing folder (replaces pysparse's files there, deletes nothing else)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_args(p)
 
 
 def _gan_parser(sub) -> None:
@@ -54,8 +64,7 @@ def _gan_parser(sub) -> None:
                                    "set. Writes DIR/checkpoint.pt (every --checkpoint-every steps, at the end and "
                                    "on Ctrl-C), DIR/samples*.png, DIR/losses.png, DIR/generator.safetensors (the "
                                    "EMA generator) and DIR/metrics.json. Runs under torchrun for DDP.")
-    p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
-    p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
+    _data_args(p)
     p.add_argument("--conditional", action="store_true", help="class-conditional G and projection D")
     p.add_argument("--g-sparsity", type=float, default=0.0)
     p.add_argument("--d-sparsity", type=float, default=0.0)
@@ -75,16 +84,13 @@ def _gan_parser(sub) -> None:
     p.add_argument("--eval-epochs", type=int, default=30, help="epochs of the metric classifiers (0: no metrics)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite or --resume)")
     p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from (same settings)")
-    p.add_argument("--overwrite", action="store_true", help="write into an existing folder (replaces our files)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_args(p, unless="--overwrite or --resume")
 
 
 def _compress_args(p, *, demo: bool) -> None:
     if not demo:
-        p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
-        p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
+        _data_args(p)
         p.add_argument("--sparsity", type=float, default=0.9, help="fraction of the classifier's weights to remove")
         p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
         p.add_argument("--method", default="taylor", help="pruning saliency (see pysparse prune)")
@@ -99,11 +105,7 @@ def _compress_args(p, *, demo: bool) -> None:
         p.add_argument("--eval-epochs", type=int, default=300)
         p.add_argument("--eval-width", type=int, default=128, help="channels of the evaluation ConvNet")
         p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=not demo, default="runs/demo" if demo else None,
-                   help="output folder (must not exist, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into an existing folder (replaces pysparse's files there, deletes nothing else)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_args(p, default="runs/demo" if demo else None)
 
 
 def _compress_parser(sub) -> None:
