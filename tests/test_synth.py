@@ -1,6 +1,7 @@
 """pysparse.synth (synthetic sets: save / load, sample / select / match, evaluation), distillation in retrain,
 and the `pysparse compress` pipeline."""
 import json
+import math
 
 import pytest
 import torch
@@ -99,6 +100,31 @@ def test_match_moves_the_set_towards_the_real_statistics():
     assert gap(after) < 0.75 * gap(before)
     # the caller's generator is untouched (a dense copy is optimised through)
     assert isinstance(G.fc, pysparse.SparseLinear) and G.fc.values.requires_grad
+
+
+def test_mmd2_is_the_biased_kernel_mmd():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g) + 0.5
+    bws = (0.5, 2.0)
+
+    def k(x, y):
+        return sum(math.exp(-float(((x - y) ** 2).sum()) / (2 * s)) for s in bws)
+
+    want = (sum(k(x, y) for x in a for y in a) / 25 + sum(k(x, y) for x in b for y in b) / 49
+            - 2 * sum(k(x, y) for x in a for y in b) / 35)
+    assert float(synth.mmd2(a, b, bws)) == pytest.approx(want, rel=1e-5)
+    assert float(synth.mmd2(b, a, bws)) == pytest.approx(want, rel=1e-5) and want > 0
+    assert float(synth.mmd2(a, a.clone(), bws)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_match_mmd_term_changes_the_set_and_is_checked():
+    G, real = _generator(), _real()
+    with_mmd = synth.synthesize(G, 2, method="match", real=real, iterations=8, seed=0)
+    without = synth.synthesize(G, 2, method="match", real=real, iterations=8, seed=0, mmd=0.0)
+    assert not torch.equal(with_mmd.images, without.images)
+    for bad in (-1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="mmd must be a finite number"):
+            synth.synthesize(G, 1, method="match", real=real, mmd=bad)
 
 
 def test_match_augmentation_is_a_siamese_affine_transform():
