@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from . import models
+from .retrain import fit_tensors
 from .gan.metrics import sample_like, test_accuracy
 from .io import _digest, read_safetensors, write_safetensors
 from .ops import _check_int
@@ -317,21 +318,7 @@ def train_convnet(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epochs:
     lr x0.1 at half the epochs."""
     torch.manual_seed(seed)
     net = models.convnet(x.shape[1], num_classes, x.shape[-1], width=width)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(seed)
-    net.train()
-    for epoch in range(epochs):
-        if epoch == epochs // 2:
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.1
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return net.eval()
+    return fit_tensors(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule="step")
 
 
 def random_subset(train: tuple[torch.Tensor, torch.Tensor], ipc: int, num_classes: int, seed: int

@@ -117,3 +117,19 @@ def test_bad_input(kwargs, exc, match):
     mode = args.pop("mode")
     with pytest.raises(exc, match=match):
         pysparse.retrain(model, args.pop("masks"), mode, args.pop("data"), **args)
+
+
+def test_fit_tensors_recipes():
+    from pysparse.retrain import fit_tensors
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    nets = {}
+    for schedule in ("step", "cosine"):
+        torch.manual_seed(0)
+        nets[schedule] = fit_tensors(torch.nn.Linear(6, 3), x, y, epochs=4, batch_size=16, lr=0.1, seed=1,
+                                     schedule=schedule)
+        assert not nets[schedule].training
+    assert not torch.equal(nets["step"].weight, nets["cosine"].weight)  # the schedules differ
+    with pytest.raises(ValueError, match="schedule must be"):
+        fit_tensors(torch.nn.Linear(6, 3), x, y, epochs=1, batch_size=16, lr=0.1, seed=1, schedule="linear")

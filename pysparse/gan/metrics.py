@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import models
+from ..retrain import fit_tensors
 
 
 class ClassifierFeatures(nn.Module):
@@ -47,21 +47,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epoc
         raise ValueError("cannot train a classifier on an empty set")
     torch.manual_seed(seed)
     net = model if model is not None else models.cnn(x.shape[1], num_classes, x.shape[-1])
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = max(1, -(-x.shape[0] // batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(x.shape[0], generator=g)
-        for i in range(0, x.shape[0], batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return net.eval()
+    return fit_tensors(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule="cosine")
 
 
 def _features(extractor: nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
