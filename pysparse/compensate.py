@@ -26,6 +26,7 @@ from torch import nn
 from . import ops
 
 BLOCK = 128  # columns per lazy block of the OBS sweep
+CHUNK_BYTES = 64 << 20  # unfolded calibration columns built at once (per input), about
 
 
 class _Stop(Exception):
@@ -80,6 +81,16 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     g = module.groups
     cols = cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)  # column order of weight.reshape(out, -1)
     return cols.transpose(0, 1)
+
+
+def _column_chunks(module: nn.Module, x: torch.Tensor, xd: torch.Tensor):
+    """_columns of both inputs, a few samples at a time: a convolution's unfolded float64 columns are
+    kh * kw times its input, so a whole calibration batch of large images could take gigabytes at once."""
+    per_sample = max(1, x[:1].numel()) * 8 * (1 if isinstance(module, nn.Linear) else
+                                               module.kernel_size[0] * module.kernel_size[1])
+    step = max(1, CHUNK_BYTES // per_sample)
+    for i in range(0, x.shape[0], step):
+        yield _columns(module, x[i:i + step]), _columns(module, xd[i:i + step])
 
 
 def _objective(a, b, h, g, hdd):
@@ -142,11 +153,11 @@ def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Ite
                 continue
             h = g = hdd = None
             for inputs, _ in batches:
-                x = _columns(mod, _layer_input(model, mod, inputs))
-                xd = _columns(mod, _layer_input(model, mod, inputs, dense))
-                h = x.transpose(1, 2) @ x if h is None else h + x.transpose(1, 2) @ x
-                g = x.transpose(1, 2) @ xd if g is None else g + x.transpose(1, 2) @ xd
-                hdd = xd.transpose(1, 2) @ xd if hdd is None else hdd + xd.transpose(1, 2) @ xd
+                x_in, xd_in = _layer_input(model, mod, inputs), _layer_input(model, mod, inputs, dense)
+                for x, xd in _column_chunks(mod, x_in, xd_in):
+                    h = x.transpose(1, 2) @ x if h is None else h + x.transpose(1, 2) @ x
+                    g = x.transpose(1, 2) @ xd if g is None else g + x.transpose(1, 2) @ xd
+                    hdd = xd.transpose(1, 2) @ xd if hdd is None else hdd + xd.transpose(1, 2) @ xd
             if not bool(torch.isfinite(h).all() and torch.isfinite(g).all()):
                 raise ValueError(f"compensate: the calibration inputs of {name} contain NaN or inf")
             groups = h.shape[0]

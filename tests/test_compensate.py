@@ -98,6 +98,24 @@ def test_conv_is_stationary_at_the_kept_weights(conv):
     assert report["0.weight"]["masked"] == pytest.approx(float(loss(w * mask)) / energy, rel=1e-6)
 
 
+def test_calibration_columns_are_built_in_chunks(monkeypatch):
+    """The same result when the unfolded columns are built a sample at a time (large images) as all at once."""
+    from pysparse import compensate as module
+
+    torch.manual_seed(5)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2)).double()
+    batches = _batches((5, 3, 10, 10), n=2, seed=5, dtype=torch.double)
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+             for n, p in base.named_parameters() if n.endswith("weight")}
+    whole, chunked = copy.deepcopy(base), copy.deepcopy(base)
+    r1 = compensate(whole, masks, batches)
+    monkeypatch.setattr(module, "CHUNK_BYTES", 1)  # one sample per chunk
+    r2 = compensate(chunked, masks, batches)
+    for a, b in zip(whole.parameters(), chunked.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert r1.keys() == r2.keys()
+
+
 def test_nothing_pruned_leaves_the_weights_as_they_were():
     model = models.cnn()
     before = copy.deepcopy(model.state_dict())
