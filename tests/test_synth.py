@@ -249,7 +249,8 @@ def test_compress_cli_writes_the_report_and_respects_the_out_folder(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert {"dense", "pruned_no_retraining", "retrained_synthetic", "retrained_random_real",
-            "retrained_full_real"} <= set(report["accuracy"])
+            "retrained_full_real", "compensated_synthetic"} <= set(report["accuracy"])
+    assert "refitted on the 20 synthetic images" in (out / "report.md").read_text()
     assert {"synthetic", "random_real", "full"} <= set(report["synthetic_set"])
     assert "| dense |" in (out / "report.md").read_text()
     assert SyntheticSet.load(out / "synthetic.safetensors").ipc == 2
