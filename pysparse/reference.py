@@ -57,6 +57,11 @@ def _rows(rowptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=rowptr.device), rowptr.diff().long())
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels: float64 stays float64, every other dtype sums in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def csr_to_dense(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
     rows = _rows(rowptr).to(values.device)
     dense = values.new_zeros((rowptr.numel() - 1, n_cols))
@@ -66,7 +71,7 @@ def csr_to_dense(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, 
 
 def spmm(rowptr, col, values, xt, *, bias=None, transposed=None) -> torch.Tensor:
     """Dense W @ xt (+ bias), W rebuilt from CSR; float32 arithmetic for half types, like the kernels."""
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = _acc(values.dtype)
     dense = csr_to_dense(rowptr, col, values.to(acc), xt.shape[0])
     out = dense @ xt.to(acc)
     if bias is not None:
@@ -75,12 +80,12 @@ def spmm(rowptr, col, values, xt, *, bias=None, transposed=None) -> torch.Tensor
 
 
 def spmm_t(rowptr, col, values, yt, n_cols, *, transposed=None) -> torch.Tensor:
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = _acc(values.dtype)
     return (csr_to_dense(rowptr, col, values.to(acc), n_cols).t() @ yt.to(acc)).to(values.dtype)
 
 
 def sddmm(rowptr, col, a, b) -> torch.Tensor:
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = _acc(a.dtype)
     rows = _rows(rowptr).to(a.device)
     return (a.to(acc)[rows] * b.to(acc)[col.long()]).sum(-1).to(a.dtype)
 
@@ -93,7 +98,7 @@ def _dense_conv_weight(rowptr, col, values, channels, kernel_size):
 def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1, dilation=1, transposed=None):
     """F.conv2d with the dense weight [O, C, kh, kw] rebuilt from the CSR (a grouped weight is block-diagonal
     over all C channels, so groups=1 is exact)."""
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = _acc(values.dtype)
     weight = _dense_conv_weight(rowptr, col, values.to(acc), x.shape[1], kernel_size)
     out = torch.nn.functional.conv2d(x.to(acc), weight, None if bias is None else bias.to(acc), stride=stride,
                                      dilation=dilation)
@@ -103,7 +108,7 @@ def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1,
 def sparse_conv2d_grad_input(rowptr, col, values, gy, x_size, *, kernel_size=3, stride=1, dilation=1,
                              transposed=None):
     """torch.nn.grad.conv2d_input with the dense weight rebuilt from the CSR."""
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = _acc(values.dtype)
     weight = _dense_conv_weight(rowptr, col, values.to(acc), x_size[1], kernel_size)
     return torch.nn.grad.conv2d_input(list(x_size), weight, gy.to(acc), stride=stride,
                                       dilation=dilation).to(values.dtype)
@@ -112,7 +117,7 @@ def sparse_conv2d_grad_input(rowptr, col, values, gy, x_size, *, kernel_size=3, 
 def sparse_conv2d_grad_values(rowptr, col, x, gy, *, kernel_size=3, stride=1, dilation=1):
     """torch.nn.grad.conv2d_weight (the dense weight gradient), read at the stored positions."""
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _acc(x.dtype)
     dense = torch.nn.grad.conv2d_weight(x.to(acc), (rowptr.numel() - 1, x.shape[1], kh, kw), gy.to(acc),
                                         stride=stride, dilation=dilation).reshape(rowptr.numel() - 1, -1)
     return dense[_rows(rowptr).to(x.device), col.long()].to(x.dtype)
