@@ -248,8 +248,7 @@ def _select(scores, pattern, scope, sparsity, threshold, layer_sparsity, min_den
         return {k: ops.nm_masks(scores[k], n, m) for k in names}
     if pattern == "channel":  # whole output channels (rows), scored by the summed saliency of their weights
         channel = {k: s.reshape(s.shape[0], -1).sum(1) for k, s in scores.items()}
-        picked = _select(channel, "unstructured", scope, sparsity, threshold,
-                         layer_sparsity, min_density)
+        picked = _select(channel, "unstructured", scope, sparsity, threshold, layer_sparsity, min_density)
         return {k: picked[k].reshape((-1,) + (1,) * (scores[k].dim() - 1)).expand(scores[k].shape).clone()
                 for k in names}
     protected = _protect(scores, min_density)
