@@ -23,10 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import math
+import numbers
+
 from . import ops
+from .nn._sparse_weight import check_mask
 
 BLOCK = 128  # columns per lazy block of the OBS sweep
-CHUNK_BYTES = 64 << 20  # unfolded calibration columns built at once (per input), about
+CHUNK_BYTES = 64 << 20  # bytes of unfolded float64 calibration columns built at once, per input (about)
+
+
+def check_damp(damp) -> float:
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
+        raise ValueError(f"damp must be a positive finite number, got {damp!r}")
+    return float(damp)
 
 
 class _Stop(Exception):
@@ -126,14 +136,18 @@ def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Ite
     calibration data, a list of (inputs, targets); the targets are not used. Returns, per parameter, the
     calibration reconstruction error relative to the dense layer's output energy, "masked" (plain masking)
     and "compensated". ``progress``: a tqdm bar over the layers."""
+    damp = check_damp(damp)
     modules = dict(model.named_modules())
     layers = {}
     for name in masks:
         mod = modules.get(name[: -len(".weight")] if name.endswith(".weight") else "")
         if not isinstance(mod, (nn.Linear, nn.Conv2d)) or not name.endswith(".weight"):
             raise ValueError(f"compensate: {name!r} is not the weight of an nn.Linear / nn.Conv2d")
+        check_mask(masks[name], mod.weight, name=f"masks[{name!r}]")
         layers[name] = mod
     batches = list(batches)
+    if not batches:
+        raise ValueError("compensate: batches yielded no batch")
     dense = {n: m.weight.detach().clone() for n, m in layers.items()}
     was_training = model.training
     model.eval()
@@ -162,7 +176,7 @@ def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Ite
                 raise ValueError(f"compensate: the calibration inputs of {name} contain NaN or inf")
             groups = h.shape[0]
             w = dense[name].reshape(groups, weight.shape[0] // groups, -1).double()
-            mask = masks[name].to(weight.device).reshape(w.shape)
+            mask = masks[name].reshape(w.shape)
             mean_diag = h.diagonal(dim1=1, dim2=2).mean(-1)
             lam = torch.where(mean_diag > 0, damp * mean_diag, torch.ones_like(mean_diag))
             eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
@@ -170,7 +184,7 @@ def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Ite
             best = torch.cholesky_solve(g @ w.transpose(1, 2) + lam[:, None, None] * w.transpose(1, 2), chol)
             u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
             fitted = _sweep(best.transpose(1, 2), mask, u)
-            energy = max(_objective(torch.zeros_like(w), w, h, g, hdd), 1e-30)
+            energy = max(float(((w @ hdd) * w).sum()), 1e-30)  # ||Xd W^T||^2
             report[name] = {"masked": _objective(w * mask, w, h, g, hdd) / energy,
                             "compensated": _objective(fitted, w, h, g, hdd) / energy}
             with torch.no_grad():

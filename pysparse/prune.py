@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .compensate import compensate as _compensate
+from .compensate import check_damp, compensate as _compensate
 from .ops import _check_fraction
 
 METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
@@ -341,8 +341,7 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
             raise ValueError("compensate=True changes the kept weights: it needs apply=True")
         if data is None:
             raise ValueError("compensate=True needs data= (calibration batches of (inputs, targets))")
-        if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
-            raise ValueError(f"damp must be a positive finite number, got {damp!r}")
+        check_damp(damp)
     params = prunable_parameters(model, exclude)
     if not params:
         raise ValueError("the model has nothing to prune: no nn.Linear / nn.Conv2d weight (after exclude)")

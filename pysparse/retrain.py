@@ -131,6 +131,10 @@ def fit_tensors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
     eval mode."""
     if schedule not in ("step", "cosine"):
         raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
+    ops._check_int(epochs, "epochs")
+    ops._check_int(batch_size, "batch_size", 1)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
     cosine = None

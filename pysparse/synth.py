@@ -236,6 +236,20 @@ def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidths) -> torch.Tensor:
     """Squared maximum mean discrepancy between the rows of ``a`` and of ``b`` under a sum of Gaussian kernels
     exp(-|x - y|^2 / (2 s)), one per ``s`` in ``bandwidths`` (the biased estimator: zero when a and b are the
     same set)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] == 0:
+            raise ValueError(f"mmd2: {name} must be a non-empty 2-D tensor (rows = samples)")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"mmd2: a has {a.shape[1]} features per row but b has {b.shape[1]}")
+    bandwidths = list(bandwidths)
+    if not bandwidths or not all(float(s) > 0 for s in bandwidths):
+        raise ValueError(f"mmd2: bandwidths must be positive, got {bandwidths!r}")
+    return _mmd2(a, b, bandwidths)
+
+
+def _mmd2(a, b, bandwidths):
+    """mmd2 without the argument checks (match's inner loop: bandwidths are tensors there, and checking them
+    would synchronise a GPU every iteration)."""
     def kernel(x, y):
         d2 = torch.cdist(x, y).pow(2)
         return sum(torch.exp(-d2 / (2 * s)) for s in bandwidths)
@@ -301,7 +315,7 @@ def _match_seeded(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pix
         if mmd:  # and the whole distribution, through kernels scaled to the real embeddings' spread
             for c, f in enumerate(per_class):
                 med = torch.cdist(f, f).pow(2).median().clamp_min(1e-12)
-                loss = loss + mmd * mmd2(mine_f[c], f, (med / 4, med, med * 4))
+                loss = loss + mmd * _mmd2(mine_f[c], f, (med / 4, med, med * 4))
         opt = opt_z if it < z_iters else opt_x
         opt.zero_grad(set_to_none=True)
         loss.backward()

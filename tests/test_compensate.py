@@ -192,3 +192,15 @@ def test_bad_input_leaves_the_model_unchanged(kwargs, match):
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="not the weight of an nn.Linear"):
         compensate(model, {"1.bias": torch.ones(300, dtype=torch.bool)}, [(torch.randn(2, 1, 8, 8), None)])
+    ok_mask = {"1.weight": torch.ones(300, 64, dtype=torch.bool)}
+    for masks, batches, kw, exc, match in [
+        (ok_mask, [], {}, ValueError, "batches yielded no batch"),
+        ({"1.weight": torch.ones(300, 63, dtype=torch.bool)}, [(torch.randn(2, 1, 8, 8), None)], {}, ValueError,
+         r"masks\['1.weight'\] has shape"),
+        ({"1.weight": torch.ones(300, 64)}, [(torch.randn(2, 1, 8, 8), None)], {}, TypeError, "must be a bool tensor"),
+        (ok_mask, [(torch.randn(2, 1, 8, 8), None)], dict(damp=-1.0), ValueError, "damp must be"),
+    ]:
+        with pytest.raises(exc, match=match):
+            compensate(model, masks, batches, **kw)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k])

@@ -133,3 +133,10 @@ def test_fit_tensors_recipes():
     assert not torch.equal(nets["step"].weight, nets["cosine"].weight)  # the schedules differ
     with pytest.raises(ValueError, match="schedule must be"):
         fit_tensors(torch.nn.Linear(6, 3), x, y, epochs=1, batch_size=16, lr=0.1, seed=1, schedule="linear")
+    for kw, match in [(dict(epochs=-1), "epochs must be an int >= 0"), (dict(batch_size=0), "batch_size must be"),
+                      (dict(epochs=1.5), "epochs must be an int")]:
+        args = {**dict(epochs=1, batch_size=16, lr=0.1, seed=1), **kw}
+        with pytest.raises(ValueError, match=match):
+            fit_tensors(torch.nn.Linear(6, 3), x, y, **args)
+    with pytest.raises(ValueError, match="x has 40 samples but y has 39"):
+        fit_tensors(torch.nn.Linear(6, 3), x, y[:-1], epochs=1, batch_size=16, lr=0.1, seed=1)

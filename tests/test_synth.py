@@ -115,6 +115,15 @@ def test_mmd2_is_the_biased_kernel_mmd():
     assert float(synth.mmd2(a, b, bws)) == pytest.approx(want, rel=1e-5)
     assert float(synth.mmd2(b, a, bws)) == pytest.approx(want, rel=1e-5) and want > 0
     assert float(synth.mmd2(a, a.clone(), bws)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="b must be a non-empty 2-D tensor"):
+        synth.mmd2(a, torch.zeros(0, 3), bws)
+    with pytest.raises(ValueError, match="a must be a non-empty 2-D tensor"):
+        synth.mmd2(a[0], b, bws)
+    with pytest.raises(ValueError, match="3 features per row but b has 4"):
+        synth.mmd2(a, torch.randn(2, 4), bws)
+    for bad in ((), (1.0, 0.0), (-2.0,)):
+        with pytest.raises(ValueError, match="bandwidths must be positive"):
+            synth.mmd2(a, b, bad)
 
 
 def test_match_mmd_term_changes_the_set_and_is_checked():
