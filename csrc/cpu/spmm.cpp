@@ -322,8 +322,8 @@ void check_dense(const at::Tensor& t, const at::Tensor& values, const char* op, 
 at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor* perm,
                      const at::Tensor& xt, const at::Tensor& bs) {
   const int64_t rows = rowptr.numel() - 1, K = xt.size(0), B = xt.size(1);
-  // The panel path packs xt through its strides (and reads permuted values in place); the others read xt
-  // contiguous and the values in order.
+  // The panel path packs xt through its strides (and, with a single panel, reads permuted values in place);
+  // the others read xt contiguous and the values in order.
   // (A single column goes through the panels too when values are permuted: a padded panel beats gathering
   // the values into order first.)
   const bool panels = (B > 1 || perm != nullptr) && values.scalar_type() != at::kDouble;
@@ -579,11 +579,11 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   TORCH_CHECK_VALUE(yt.size(0) == rows, "spmm_t: yt has ", yt.size(0), " rows but W has ", rows);
   TORCH_CHECK_VALUE(K >= 0, "spmm_t: n_cols must be >= 0, got ", K);
   check_rowptr_cpu(rowptr, values.numel(), "spmm_t");
-  // Two ways. Above a batch of 32, given W^T's structure (the layers cache it): spmm over it, reading W's
-  // values through the permutation in place (4096 x 4096 at 90%, batch 256: 12-16 ms, against 21-23 ms for
-  // the scatter and 3 + 10 ms for gathering the values into column order first). Otherwise a scatter from
-  // W's CSR into per-thread panels: at batch 16 it takes 1.4-1.7 ms, the permuted read 1.0-2.8 ms from one
-  // process to the next (random reads of the values: it depends on how their pages are mapped).
+  // Two ways. Above a batch of 32, given W^T's structure (the layers cache it): spmm over it, W's values read
+  // through the permutation (spmm_impl gathers them into column order once when there is more than one panel;
+  // 4096 x 4096 at 90%, batch 256: 13-14 ms, against 21-23 ms for the scatter). Otherwise a scatter from W's
+  // CSR into per-thread panels: at batch 16, 90%, 1.5 ms, against 2.7 ms reading through the permutation in
+  // place and 4.7 ms gathering first (measured 2026-11-29).
   if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
     check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t");
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
