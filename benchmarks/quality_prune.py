@@ -6,14 +6,16 @@ torch.nn.utils.prune.global_unstructured (L1) with the same fine-tuning, in one 
 
 Protocol: 70/30 stratified split (random_state=0); per seed the dense model trains with SGD (lr 0.05, momentum
 0.9, batch 64) for --epochs; data-driven saliencies use 8 training batches. Modes: "oneshot" (no retraining),
-"compensated" (one-shot, then prune(compensate=True) refits the kept weights on the same 8 batches), "connectivity", "weight" (accuracy after the mask is chosen again, as retrain() returns it) and "network"
-(rewound to the initial weights, retrained for --epochs). The baseline prunes with global_unstructured L1 and
+"compensated" (the one-shot masks, kept weights refitted on the same 8 batches as prune(compensate=True)
+does), "connectivity", "weight" (accuracy after the mask is chosen again, as retrain() returns it) and
+"network" (rewound to the initial weights, retrained for --epochs). The baseline prunes with global_unstructured L1 and
 fine-tunes for --epochs through torch's mask hooks. Writes benchmarks/out/quality_prune.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import time
@@ -25,6 +27,7 @@ from torch.nn.utils import prune as torch_prune
 
 import pysparse
 from pysparse import data, models
+from pysparse.compensate import compensate
 from pysparse.prune import METHODS
 
 from _util import write_results  # benchmarks/ is on the path when a script runs
@@ -65,9 +68,7 @@ def run(args) -> dict:
                                      accuracy=pysparse.accuracy(pruned, test)))
                     if "compensated" in args.modes:  # the same one-shot masks, kept weights refitted (layer-wise OBS)
                         m = copy.deepcopy(dense)
-                        pysparse.prune(m, method, sparsity=sparsity, data=fresh(1000), loss_fn=F.cross_entropy,
-                                       num_batches=8, min_density=0.0, compensate=True,
-                                       generator=torch.Generator().manual_seed(seed))
+                        compensate(m, result.masks, list(itertools.islice(fresh(1000), 8)))
                         rows.append(dict(model=model_name, seed=seed, method=method, mode="compensated",
                                          sparsity=sparsity, accuracy=pysparse.accuracy(m, test)))
                     for mode in [m for m in args.modes if m not in ("oneshot", "compensated")]:
