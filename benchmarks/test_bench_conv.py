@@ -9,7 +9,7 @@ from pysparse.testing import devices_for
 
 from _util import run
 
-DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm")
+DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm", "spmm_grad")
 # name: (in, out, kernel, stride, input size)
 SHAPES = {
     "layer1": (64, 64, 3, 1, 56),

@@ -12,7 +12,7 @@ from pysparse.testing import devices_for
 
 from _util import run
 
-DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm")
+DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm", "spmm_grad")
 BATCH = 64
 
 

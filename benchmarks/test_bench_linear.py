@@ -10,7 +10,7 @@ from pysparse.testing import devices_for
 from _util import run
 
 N = 4096
-DEVICES = devices_for("spmm", "spmm_t", "sddmm")
+DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 BATCHES = [1, 16, 256]
 
@@ -51,5 +51,12 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
     layer = sparse if impl == "pysparse" else dense
     x = torch.randn(batch, N, device=device, requires_grad=True)
     g = torch.randn(batch, N, device=device)
+    params = [x, *layer.parameters()]
+
+    def step():  # one training step's forward and backward: gradients start from None, as after zero_grad()
+        for p in params:
+            p.grad = None
+        layer(x).backward(g)
+
     benchmark.group = f"linear-fwdbwd-{N}-b{batch}-s{sparsity}-{device}"
-    run(benchmark, lambda: layer(x).backward(g), device, rounds=5 if batch == 256 else 20)
+    run(benchmark, step, device, rounds=5 if batch == 256 else 20)

@@ -220,6 +220,14 @@ inline bool has_transposed(const std::optional<at::Tensor>& t_rowptr, const std:
          t_perm->defined();
 }
 
+// A [K, B] tensor for the gradient of the input xt [K, B]: in xt's layout when xt is batch-major (stride 1 along
+// K: the transposed view of a [B, K] batch, what the layers pass), so that autograd hands the [B, K] gradient
+// on without a transposing copy; else contiguous. The fake kernels in pysparse/ops.py follow the same rule.
+inline at::Tensor empty_input_grad(const at::Tensor& xt) {
+  if (xt.stride(0) == 1 && xt.stride(1) != 1) return at::empty({xt.size(1), xt.size(0)}, xt.options()).t();
+  return at::empty({xt.size(0), xt.size(1)}, xt.options());
+}
+
 // Validates W's transposed structure for a W of n_cols columns: the CSR of W^T (t_rowptr over the n_cols
 // columns, t_col the row indices) beside values, and t_perm a contiguous int32 map from its positions to W's
 // stored values, one entry per value on values' device (the kernels check each entry's range as they read it).

@@ -61,4 +61,10 @@ TORCH_LIBRARY(pysparse, m) {
   // Sampled dense-dense product: out[j] = dot(a[row(j), :], b[col(j), :]) for every stored position j of the
   // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");
+  // The backward of spmm in one call: (sddmm(rowptr, col, gyt, xt), spmm_t(rowptr, col, values, gyt,
+  // xt.size(0), t_*)), i.e. the gradients with respect to the values [nnz] and to xt [K, B] from gyt [R, B].
+  // The CPU kernel computes both in one sweep over the stored positions (each reads gyt's row once for both).
+  // dxt has xt's layout when xt is batch-major (the [K, B] view of a [B, K] batch), else it is contiguous.
+  m.def("spmm_grad(Tensor rowptr, Tensor col, Tensor values, Tensor gyt, Tensor xt, Tensor? t_rowptr=None, "
+        "Tensor? t_col=None, Tensor? t_perm=None) -> (Tensor, Tensor)");
 }

@@ -16,7 +16,7 @@ import torch
 from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
-           "spmm_t", "sddmm", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values"]
+           "spmm_t", "sddmm", "spmm_grad", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -208,6 +208,21 @@ def _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm) -> N
     if yt.dtype != values.dtype or yt.device != values.device:
         raise TypeError(f"spmm_t: yt must have values' dtype and device ({values.dtype}, {values.device})")
     _check_transposed(t_rowptr, t_col, t_perm, values, n_cols, "spmm_t")
+
+
+def _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm) -> None:
+    _check_csr(rowptr, col, values, "spmm_grad")
+    for t, name in ((gyt, "gyt"), (xt, "xt")):
+        _check_tensor(t, name)
+        if t.dim() != 2:
+            raise ValueError(f"spmm_grad: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype != values.dtype or t.device != values.device:
+            raise TypeError(f"spmm_grad: {name} must have values' dtype and device ({values.dtype}, {values.device}), "
+                            f"got {t.dtype} on {t.device}")
+    if gyt.shape != (rowptr.shape[0] - 1, xt.shape[1]):
+        raise ValueError(f"spmm_grad: gyt must be [{rowptr.shape[0] - 1}, {xt.shape[1]}] (W's rows by xt's columns), "
+                         f"got {tuple(gyt.shape)}")
+    _check_transposed(t_rowptr, t_col, t_perm, values, xt.shape[0], "spmm_grad")
 
 
 def _pair2(v, name: str, op: str = "sparse_conv2d") -> tuple[int, int]:
@@ -446,6 +461,19 @@ def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Ten
     return torch.ops.pysparse.sddmm.default(rowptr, col, a, b)
 
 
+def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt: torch.Tensor, xt: torch.Tensor, *,
+              transposed: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of :func:`spmm` in one call: ``(dvalues, dxt)`` = ``(sddmm(rowptr, col, gyt, xt), W.T @ gyt)``
+    for the output gradient ``gyt`` [rows, batch]. The CPU kernel computes both in one sweep over the stored
+    positions, reading each row of ``gyt`` once for both (what spmm's autograd calls). ``transposed`` is W's
+    transposed structure: CUDA needs it; the CPU sweeps through it for batches above 64, else W's CSR."""
+    t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
+    _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
+    _check_kernel("spmm_grad", values.device, "values")
+    dvalues, dxt = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
+    return dvalues, dxt
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Fake kernels (shapes only), for torch.compile and meta tensors
 # ---------------------------------------------------------------------------------------------------------
@@ -520,6 +548,21 @@ def _sddmm_fake(rowptr, col, a, b):
     return a.new_empty(col.shape)
 
 
+def _empty_input_grad(xt: torch.Tensor) -> torch.Tensor:
+    """The kernels' layout for the gradient of xt [K, B] (csrc/common.h, empty_input_grad): xt's own when it is
+    batch-major (the [K, B] view of a [B, K] batch, which the layers pass), so that autograd hands the [B, K]
+    gradient on without a transposing copy; else contiguous."""
+    if xt.stride(0) == 1 and xt.stride(1) != 1:
+        return xt.new_empty((xt.shape[1], xt.shape[0])).t()
+    return xt.new_empty(xt.shape)
+
+
+@torch.library.register_fake("pysparse::spmm_grad")
+def _spmm_grad_fake(rowptr, col, values, gyt, xt, t_rowptr=None, t_col=None, t_perm=None):
+    _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
+    return values.new_empty(col.shape), _empty_input_grad(xt)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Autograd: saliency is differentiable in weight, grad and hessian
 # ---------------------------------------------------------------------------------------------------------
@@ -570,9 +613,11 @@ def _spmm_backward(ctx, gyt):
     rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 8)
     dvalues = dxt = dbias = None  # gyt may be a transposed view: the kernels pack it through its strides
-    if needs[2]:
+    if needs[2] and needs[3]:  # both in one sweep
+        dvalues, dxt = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
+    elif needs[2]:
         dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
-    if needs[3]:
+    elif needs[3]:
         dxt = torch.ops.pysparse.spmm_t.default(rowptr, col, values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gyt.sum(1)

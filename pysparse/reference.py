@@ -90,6 +90,11 @@ def sddmm(rowptr, col, a, b) -> torch.Tensor:
     return (a.to(acc)[rows] * b.to(acc)[col.long()]).sum(-1).to(a.dtype)
 
 
+def spmm_grad(rowptr, col, values, gyt, xt, *, transposed=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """spmm's backward: the values' gradient (sddmm) and the input's (W.T @ gyt)."""
+    return sddmm(rowptr, col, gyt, xt), spmm_t(rowptr, col, values, gyt, xt.shape[0])
+
+
 def _dense_conv_weight(rowptr, col, values, channels, kernel_size):
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     return csr_to_dense(rowptr, col, values, channels * kh * kw).reshape(-1, channels, kh, kw)

@@ -7,7 +7,7 @@ from torch import nn
 from pysparse import SparseConv2d
 from pysparse.testing import devices_for
 
-DEVICES = devices_for("spmm", "spmm_t", "sddmm")
+DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 
 CONFIGS = [
     dict(in_channels=8, out_channels=16, kernel_size=3),

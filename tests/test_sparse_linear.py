@@ -11,7 +11,7 @@ import pysparse
 from pysparse import SparseLinear
 from pysparse.testing import devices_for
 
-DEVICES = devices_for("spmm", "spmm_t", "sddmm")
+DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}

@@ -6,7 +6,7 @@ import pysparse
 from pysparse import csr, reference
 from pysparse.testing import devices_for
 
-DEVICES = devices_for("spmm", "spmm_t", "sddmm")
+DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -74,6 +74,9 @@ def test_transposed_batch_packing_edges(dtype):
             torch.testing.assert_close(
                 pysparse.ops.spmm_t(s.rowptr, s.col, values, yt.t().contiguous().t(), cols, transposed=transposed),
                 reference.spmm_t(s.rowptr, s.col, values, yt, cols), **TOL[dtype])
+            got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, yt.t().contiguous().t(), view, transposed=transposed)
+            for g, w in zip(got, reference.spmm_grad(s.rowptr, s.col, values, yt, xt)):
+                torch.testing.assert_close(g, w, **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -125,6 +128,53 @@ def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, emp
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(0, 60), cols=st.integers(0, 60),
+       batch=st.sampled_from([0, 1, 2, 16, 17, 33, 64, 65, 100, 130, 200]), density=st.floats(0, 1),
+       dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
+def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
+    """Both gradients in one call, both CPU sweeps (W^T's structure above batch 64, W's CSR otherwise or without
+    it), batches of one to four panels (the values are read through the permutation on the first panel and the
+    products written through it on the last)."""
+    values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
+    gyt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 3)).to(device, dtype)
+    want_values, want_x = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+    for transposed in (s.transposed(), None):
+        if transposed is None and device == "cuda":
+            continue
+        dvalues, dxt = pysparse.ops.spmm_grad(s.rowptr, s.col, values, _strided(gyt, layout), _strided(xt, layout),
+                                              transposed=transposed)
+        assert dvalues.shape == values.shape and dxt.shape == (cols, batch)
+        assert dvalues.dtype == dxt.dtype == dtype
+        torch.testing.assert_close(dvalues, want_values, **TOL[dtype])
+        torch.testing.assert_close(dxt, want_x, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [16, 100])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_backward_matches_reference(device, batch, transposed):
+    """spmm's autograd (one spmm_grad call when the values and the input both need gradients, else one of
+    sddmm / spmm_t) against the reference's autograd, in float32."""
+    if device == "cuda" and not transposed:
+        pytest.skip("the CUDA backward needs the transposed structure")
+    values, s, xt, bias = _problem(70, 90, batch, 0.3, torch.float32, device, 4)
+    gyt = torch.randn(70, batch, device=device)
+    t = s.transposed() if transposed else None
+    for needs in [(True, True, True), (True, False, False), (False, True, True)]:
+        got = [u.clone().requires_grad_(n) for u, n in zip((values, xt, bias), needs)]
+        want = [u.clone().requires_grad_(n) for u, n in zip((values, xt, bias), needs)]
+        pysparse.ops.spmm(s.rowptr, s.col, got[0], got[1].t().contiguous().t(), bias=got[2],
+                          transposed=t).backward(gyt)
+        reference.spmm(s.rowptr, s.col, want[0], want[1], bias=want[2]).backward(gyt)
+        for g, w, n in zip(got, want, needs):
+            if n:
+                torch.testing.assert_close(g.grad, w.grad, rtol=1e-5, atol=1e-5)
+            else:
+                assert g.grad is None
+
+
 def test_cpu_backward_needs_no_transposed_structure():
     values, s, xt, _ = _problem(40, 50, 20, 0.3, torch.float32, "cpu", 0)
     x = xt.clone().requires_grad_()
@@ -143,6 +193,8 @@ def test_opcheck_and_compile(device):
     torch.library.opcheck(torch.ops.pysparse.sddmm.default, (s.rowptr, s.col, torch.randn(12, 8, device=device), xt))
     torch.library.opcheck(torch.ops.pysparse.spmm_t.default,
                           (s.rowptr, s.col, values, torch.randn(12, 8, device=device), 20, *s.transposed()))
+    torch.library.opcheck(torch.ops.pysparse.spmm_grad.default,
+                          (s.rowptr, s.col, values, torch.randn(12, 8, device=device), xt, *s.transposed()))
     torch._dynamo.reset()
     f = torch.compile(lambda v, x: pysparse.ops.spmm(s.rowptr, s.col, v, x, transposed=s.transposed()).relu().sum(),
                       fullgraph=True)
@@ -183,6 +235,21 @@ def test_tampered_structure_raises_not_crashes():
     bad_perm[0] = 10_000
     with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
         torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, values, torch.randn(6, 40), 8, s.t_rowptr, s.t_col, bad_perm)
+    # spmm_grad, both sweeps and one to several panels: out-of-range entries are neither read nor written through
+    # (the CPU sweeps W^T's structure only above batch 64)
+    for batch in (4, 65, 200):
+        gyt, x = torch.randn(6, batch), torch.randn(8, batch)
+        with pytest.raises(ValueError, match="column index is outside"):
+            torch.ops.pysparse.spmm_grad.default(s.rowptr, bad_col, values, gyt, x, None, None, None)
+        if batch <= 64:
+            continue
+        for perm in (bad_perm, bad_perm.neg()):
+            with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
+                torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, values, gyt, x, s.t_rowptr, s.t_col, perm)
+        bad_row = s.t_col.clone()
+        bad_row[1] = 6
+        with pytest.raises(ValueError, match="row index or t_perm entry"):
+            torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, values, gyt, x, s.t_rowptr, bad_row, s.t_perm)
 
 
 @pytest.mark.parametrize("call, exc, match", [
@@ -200,6 +267,13 @@ def test_tampered_structure_raises_not_crashes():
     (lambda v, s, x: pysparse.ops.spmm_t(s.rowptr, s.col, v, torch.randn(6, 4), -1), ValueError, "n_cols must be"),
     (lambda v, s, x: pysparse.ops.spmm_t(s.rowptr, s.col, v, torch.randn(6, 4), 8.0), TypeError, "n_cols must be"),
     (lambda v, s, x: pysparse.ops.sddmm(s.rowptr, s.col, torch.randn(6, 3), x), ValueError, "same number of columns"),
+    (lambda v, s, x: pysparse.ops.spmm_grad(s.rowptr, s.col, v, torch.randn(6, 3), x), ValueError,
+     r"gyt must be \[6, 4\]"),
+    (lambda v, s, x: pysparse.ops.spmm_grad(s.rowptr, s.col, v, torch.randn(6, 4).double(), x), TypeError,
+     "gyt must have values' dtype"),
+    (lambda v, s, x: pysparse.ops.spmm_grad(s.rowptr, s.col, v, torch.randn(6, 4), x[0]), ValueError, "xt must be 2-D"),
+    (lambda v, s, x: torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, v, torch.randn(5, 4), x, None, None, None),
+     ValueError, r"gyt must be \[6, 4\]"),
 ])
 def test_bad_input(call, exc, match):
     values, s, xt, _ = _problem(6, 8, 4, 0.6, torch.float32, "cpu", 2)
