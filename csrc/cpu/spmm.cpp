@@ -459,6 +459,55 @@ struct RowWriter {
   }
 };
 
+// Reads rows of xt [K, B] of strides (sk, sb), batch entries b0 .. b0 + bt as float32 lanes (zero past bt), for a
+// sweep that asks for rows in increasing k: RowWriter's counterpart, so that such a sweep needs no packed copy
+// of xt. Row-major xt (sb == 1) is read row by row as asked; batch-major xt (sk == 1, the layers' layout) 16
+// consecutive rows at a time, a 16 x 16 in-register transpose per 16 batch entries; other strides element by
+// element.
+template <int V, typename scalar_t>
+struct RowReader {
+  const scalar_t* src;
+  int64_t K, sk, sb, b0, bt;
+  vfloat rows[kLanes][V];
+  int64_t first = 0, n = 0;
+
+  RowReader(const scalar_t* src_, int64_t K_, int64_t sk_, int64_t sb_, int64_t b0_, int64_t bt_)
+      : src(src_), K(K_), sk(sk_), sb(sb_), b0(b0_), bt(bt_) {}
+
+  void get(int64_t k, vfloat (&r)[V]) {
+    if (sk != 1 || sb == 1) {
+      for (int v = 0; v < V; ++v) {
+        const int64_t nb = std::clamp<int64_t>(bt - v * kLanes, 0, kLanes);
+        const scalar_t* p = src + k * sk + (b0 + v * kLanes) * sb;
+        if (sb == 1) {
+          r[v] = nb > 0 ? load_lanes(p, nb) : vfloat{};
+        } else {
+          float lanes[kLanes] = {};
+          for (int64_t i = 0; i < nb; ++i) lanes[i] = static_cast<float>(p[i * sb]);
+          r[v] = vload(lanes);
+        }
+      }
+      return;
+    }
+    if (k < first || k >= first + n) fill(k);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) r[v] = rows[k - first][v];
+  }
+
+  void fill(int64_t k) {
+    first = k;
+    n = std::min<int64_t>(kLanes, K - k);
+    for (int v = 0; v < V; ++v) {
+      const int64_t nb = std::clamp<int64_t>(bt - v * kLanes, 0, kLanes);
+      vfloat block[kLanes];
+      for (int64_t i = 0; i < kLanes; ++i)
+        block[i] = i < nb ? load_lanes(src + (b0 + v * kLanes + i) * sb + first, n) : vfloat{};
+      transpose16(block);  // block[c] = row first + c at batch entries v * 16 ..
+      for (int64_t c = 0; c < n; ++c) rows[c][v] = block[c];
+    }
+  }
+};
+
 // out[k, b0 : b0 + bt] = the sum over parts of acc[part, k, :bt], for the per-thread accumulators [parts, K, T]
 // of the scatter kernels, out of strides (sk, sb); parallel over k.
 template <int V, typename scalar_t>
@@ -667,8 +716,9 @@ constexpr int64_t kGradCscMinBatch = 64;
 // are neither read nor written through.
 template <int V, typename index_t, typename scalar_t>
 void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t* perm, const scalar_t* values,
-                     float* vals, float* dv, const float* pg, const float* px, scalar_t* dvalues, scalar_t* dxt,
-                     int64_t dsk, int64_t dsb, int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+                     float* vals, float* dv, const float* pg, const scalar_t* xt, int64_t xsk, int64_t xsb,
+                     scalar_t* dvalues, scalar_t* dxt, int64_t dsk, int64_t dsb, int64_t rows, int64_t K, int64_t B,
+                     std::atomic<bool>& bad) {
   constexpr int64_t T = V * kLanes;
   constexpr int S = V >= 4 ? 1 : 4 / V;  // accumulator sets: S * V independent chains into dxt
   const int64_t ntiles = (B + T - 1) / T, nnz = trowptr[K];
@@ -678,7 +728,6 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
     auto sweep = [&](auto first_tag, auto last_tag, int64_t t) {
       constexpr bool FIRST = decltype(first_tag)::value, LAST = decltype(last_tag)::value;
       const float* panel_g = pg + t * rows * T;
-      const float* panel_x = px + t * K * T;
       const int64_t b0 = t * T, bt = std::min(T, B - b0);
       // the product of stored position j, summed over the panels so far, goes out
       auto put = [&](int64_t j, float sum) {
@@ -689,11 +738,11 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
           dv[j] = sum;
         }
       };
+      RowReader<V, scalar_t> reader(xt, K, xsk, xsb, b0, bt);
       RowWriter<V, scalar_t> writer(dxt, dsk, dsb, b0, bt);
       for (int64_t k = k0; k < k1; ++k) {
         vfloat xk[V], acc[S][V];
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) xk[v] = vload(panel_x + k * T + v * kLanes);
+        reader.get(k, xk);
 #pragma GCC unroll 4
         for (int s = 0; s < S; ++s)
 #pragma GCC unroll 4
@@ -993,9 +1042,8 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
   at::Tensor dvalues = at::empty({nnz}, values.options());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_grad_cpu", [&] {
-    const at::Tensor pg = pack_panels<scalar_t>(gyt, T, 0), px = pack_panels<scalar_t>(xt, T, 1);
+    const at::Tensor pg = pack_panels<scalar_t>(gyt, T, 0);
     const float* pgp = pg.const_data_ptr<float>();
-    const float* pxp = px.const_data_ptr<float>();
     scalar_t* dxp = dxt.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dvalues.mutable_data_ptr<scalar_t>();
     auto by_width = [&](auto&& run) {
@@ -1019,12 +1067,15 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
           grad_csc_panels<decltype(v_tag)::value, index_t, scalar_t>(
               t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(),
               t_perm->const_data_ptr<int32_t>(), values.const_data_ptr<scalar_t>(), vals.mutable_data_ptr<float>(),
-              dv.mutable_data_ptr<float>(), pgp, pxp, dvp, dxp, dxt.stride(0), dxt.stride(1), rows, K, B, bad);
+              dv.mutable_data_ptr<float>(), pgp, xt.const_data_ptr<scalar_t>(), xt.stride(0), xt.stride(1), dvp, dxp,
+              dxt.stride(0), dxt.stride(1), rows, K, B, bad);
         });
       });
       TORCH_CHECK_VALUE(!bad, "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
     } else {
       // products straight into dvalues when it is float32, else through float32 scratch (slot 3)
+      const at::Tensor px = pack_panels<scalar_t>(xt, T, 1);  // xt's rows are read in the order of W's columns
+      const float* pxp = px.const_data_ptr<float>();
       const at::Tensor acc = cpu::scratch(2, std::max<int64_t>(1, row_parts(rows)) * K * T);
       at::Tensor dv = values.scalar_type() == at::kFloat ? dvalues : cpu::scratch(3, nnz);
       float* dvf = dv.mutable_data_ptr<float>();
