@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import torch
@@ -17,14 +18,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(benchmark, fn, device: str, *, rounds: int = 10, **extra):
-    """Time fn with pytest-benchmark, synchronising CUDA after each call; store extra figures."""
+def run(benchmark, fn, device: str, *, rounds: int = 10, budget_s: float = 0.4, **extra):
+    """Time fn with pytest-benchmark, synchronising CUDA after each call; store extra figures. At least
+    ``rounds`` rounds, more for fast calls (as many as fit in about ``budget_s``, at most 500): a millisecond
+    call timed five times is at the mercy of this machine's noise."""
     def call():
         out = fn()
         sync(device)
         return out
 
     call()  # warm-up (and torch.compile) outside the timing
+    start = time.perf_counter()
+    call()
+    once = time.perf_counter() - start
+    rounds = max(rounds, min(500, int(budget_s / max(once, 1e-6))))
     benchmark.extra_info.update(extra)
     return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
 

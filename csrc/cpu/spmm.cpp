@@ -783,10 +783,16 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
             const vfloat du = step(j + u, u % S);
             __builtin_memcpy(&d[u], &du, sizeof(du));
           }
-          float sums[16];
-          _mm512_storeu_ps(sums, reduce16(d));
+          __m512 sums = reduce16(d);
+          if constexpr (!FIRST) sums = _mm512_add_ps(sums, _mm512_loadu_ps(dv + j));
+          if constexpr (LAST) {
+            float out[16];
+            _mm512_storeu_ps(out, sums);
 #pragma GCC unroll 16
-          for (int u = 0; u < 16; ++u) put(j + u, (FIRST ? 0.f : dv[j + u]) + sums[u]);
+            for (int u = 0; u < 16; ++u) put(j + u, out[u]);
+          } else {
+            _mm512_storeu_ps(dv + j, sums);
+          }
         }
 #endif
         for (; j < j1; ++j) put(j, (FIRST ? 0.f : dv[j]) + hsum(step(j, 0)));
