@@ -39,7 +39,7 @@ tensors = [rnd(1000) for _ in range(10)] + [rnd(1000, 2)[:, 0], rnd(1000).half()
 expected = [t.clone() for t in tensors]
 assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected)
 assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
-# sparse matmul family: both spmm kernels (batch <= 8 and tiled), spmm_t, sddmm, int16 and int32 indices
+# sparse matmul family: both spmm kernels (batch <= 8 and tiled), spmm_t, sddmm, spmm_grad, int16 and int32 indices
 from pysparse import csr  # noqa: E402
 
 for rows, cols, batch, dtype in ((37, 53, 3, torch.float32), (37, 53, 45, torch.float16), (5, 40_000, 9, torch.float32),
@@ -49,13 +49,19 @@ for rows, cols, batch, dtype in ((37, 53, 3, torch.float32), (37, 53, 45, torch.
     values, st = csr.compress(torch.randn(rows, cols, generator=gen).to(dtype), mask)
     values, xt, yt = values.to(dev), rnd(cols, batch, dtype=dtype), rnd(rows, batch, dtype=dtype)
     s = csr.Structure(*(getattr(st, n).to(dev) for n in ("rowptr", "col", "t_rowptr", "t_col", "t_perm")), shape=st.shape)
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    # float32 sums over up to ~12000 stored products (the 40000-column case) differ from the dense reference's
+    # order by ~1e-4 absolute; this script looks for memory errors, the tests for exactness
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=2e-3)
     torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, xt),
                                reference.spmm(s.rowptr, s.col, values, xt), **tol)
     torch.testing.assert_close(pysparse.ops.spmm_t(s.rowptr, s.col, values, yt, cols, transposed=s.transposed()),
                                reference.spmm_t(s.rowptr, s.col, values, yt, cols), **tol)
     torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, yt, xt), reference.sddmm(s.rowptr, s.col, yt, xt),
                                **tol)
+    for got, want in zip(pysparse.ops.spmm_grad(s.rowptr, s.col, values, yt, xt.t().contiguous().t(),
+                                                transposed=s.transposed()),
+                         reference.spmm_grad(s.rowptr, s.col, values, yt, xt)):
+        torch.testing.assert_close(got, want, **tol)
 
 linear = torch.nn.Linear(40, 24).to(dev)
 sparse_linear = pysparse.SparseLinear.from_dense(linear, torch.rand(24, 40, device=dev) < 0.3)
