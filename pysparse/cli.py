@@ -100,6 +100,10 @@ def _compress_args(p, *, demo: bool) -> None:
         p.add_argument("--g-sparsity", type=float, default=0.8)
         p.add_argument("--d-sparsity", type=float, default=0.5)
         p.add_argument("--match-iterations", type=int, default=2000)
+        p.add_argument("--mmd", type=float, default=100.0,
+                       help="weight of the kernel-MMD term of --synth match (0: means and variances only)")
+        p.add_argument("--damp", type=float, default=0.01,
+                       help="ridge of the refit on the synthetic images (compensate), times the mean input energy")
         p.add_argument("--retrain-steps", type=int, default=300, help="optimizer steps of every retraining")
         p.add_argument("--eval-seeds", type=int, default=3, help="seeds of the synthetic-set evaluation")
         p.add_argument("--eval-epochs", type=int, default=300)

@@ -50,6 +50,10 @@ def run(args) -> dict:
 
     if isinstance(args.ipc, bool) or args.ipc < 1:
         raise ValueError(f"--ipc must be >= 1, got {args.ipc}")
+    if not 0 <= args.mmd < math.inf:  # checked here, not minutes later when the synthesis starts
+        raise ValueError(f"--mmd must be a finite number >= 0, got {args.mmd}")
+    if not 0 < args.damp < math.inf:
+        raise ValueError(f"--damp must be a positive finite number, got {args.damp}")
     t_start = time.perf_counter()
     timings = {}
     torch.manual_seed(args.seed)
@@ -108,7 +112,7 @@ def run(args) -> dict:
         # 4. the compact synthetic set
         t = time.perf_counter()
         syn = synth.synthesize(trainer.ema, args.ipc, method=args.synth, real=train, extractor=ext,
-                               iterations=args.match_iterations, seed=args.seed, progress=progress)
+                               iterations=args.match_iterations, mmd=args.mmd, seed=args.seed, progress=progress)
         syn.save(tmp / "synthetic.safetensors")
         timings["synthesize"] = time.perf_counter() - t
 
@@ -130,7 +134,7 @@ def run(args) -> dict:
         # data-free *and* retraining-free: the same masks, kept weights refitted on the synthetic images
         refitted = copy.deepcopy(dense)
         compensate(refitted, result.masks, [(syn.images[i:i + 64], syn.labels[i:i + 64])
-                                            for i in range(0, len(syn), 64)])
+                                            for i in range(0, len(syn), 64)], damp=args.damp)
         acc["compensated_synthetic"] = accuracy(refitted, test_loader)
         timings["retrain"] = time.perf_counter() - t
 
@@ -145,7 +149,8 @@ def run(args) -> dict:
                 "synthetic_images": len(syn), "real_training_images": len(train[1])}
         report = {
             "data": args.data, "seed": args.seed, "method": args.method, "sparsity": result.sparsity,
-            "ipc": args.ipc, "synthesis": args.synth, "accuracy": acc, "accuracy_vs_sparsity": curve,
+            "ipc": args.ipc, "synthesis": args.synth, "mmd": args.mmd, "damp": args.damp, "accuracy": acc,
+            "accuracy_vs_sparsity": curve,
             "layers": result.to_dict()["layers"],
             "gan": {"steps": args.gan_steps, "g_sparsity": model_sparsity(G), "d_sparsity": model_sparsity(D),
                     **gan_metrics},

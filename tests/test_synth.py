@@ -257,6 +257,7 @@ def test_compress_cli_writes_the_report_and_respects_the_out_folder(tmp_path):
             "synthetic.safetensors"} <= names
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert (report["mmd"], report["damp"]) == (100.0, 0.01)
     assert {"dense", "pruned_no_retraining", "retrained_synthetic", "retrained_random_real",
             "retrained_full_real", "compensated_synthetic"} <= set(report["accuracy"])
     assert "refitted on the 20 synthetic images" in (out / "report.md").read_text()
@@ -270,4 +271,31 @@ def test_compress_cli_writes_the_report_and_respects_the_out_folder(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite never deletes the user's files
     assert main(["compress", "--out", str(tmp_path / "big"), *TINY[2:], "--ipc", "500"]) == 2
     assert not (tmp_path / "big").exists()
+    for bad in (["--mmd", "-1"], ["--mmd", "nan"], ["--damp", "0"], ["--damp", "inf"]):  # refused before any work
+        assert main(["compress", "--out", str(tmp_path / "bad"), *TINY, *bad]) == 2
+        assert not (tmp_path / "bad").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_compress_cli_passes_mmd_and_damp_on(tmp_path, monkeypatch):
+    """--mmd reaches the synthesis and --damp the refit on the synthetic images (and the report)."""
+    from pysparse import compensate as comp, synth as synth_mod
+    from pysparse.cli import main
+
+    seen = {}
+    real_synthesize, real_compensate = synth_mod.synthesize, comp.compensate
+
+    def synthesize(*args, **kw):
+        seen["mmd"] = kw["mmd"]
+        return real_synthesize(*args, **kw)
+
+    def compensate(*args, **kw):
+        seen["damp"] = kw["damp"]
+        return real_compensate(*args, **kw)
+
+    monkeypatch.setattr(synth_mod, "synthesize", synthesize)
+    monkeypatch.setattr(comp, "compensate", compensate)
+    assert main(["compress", "--out", str(tmp_path / "run"), *TINY, "--mmd", "0", "--damp", "0.5"]) == 0
+    assert seen == {"mmd": 0.0, "damp": 0.5}
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert (report["mmd"], report["damp"]) == (0.0, 0.5)
