@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/scratch.h"
+
 extern "C" {
 // Importing pysparse._C loads this library, which runs the static registrations below and in the kernels.
 PyObject* PyInit__C(void) {
@@ -67,4 +69,7 @@ TORCH_LIBRARY(pysparse, m) {
   // dxt has xt's layout when xt is batch-major (the [K, B] view of a [B, K] batch), else it is contiguous.
   m.def("spmm_grad(Tensor rowptr, Tensor col, Tensor values, Tensor gyt, Tensor xt, Tensor? t_rowptr=None, "
         "Tensor? t_col=None, Tensor? t_perm=None) -> (Tensor, Tensor)");
+  // Frees the CPU kernels' scratch buffers held by the calling thread (csrc/cpu/scratch.h); returns the bytes
+  // released. No tensors: one kernel for every device.
+  m.def("release_scratch() -> int", [] { return pysparse::cpu::release_scratch(); });
 }

@@ -16,7 +16,7 @@ import torch
 from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
-           "spmm_t", "sddmm", "spmm_grad", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values"]
+           "spmm_t", "sddmm", "spmm_grad", "release_scratch", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -472,6 +472,13 @@ def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt
     _check_kernel("spmm_grad", values.device, "values")
     dvalues, dxt = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
     return dvalues, dxt
+
+
+def release_scratch() -> int:
+    """Free the scratch memory the CPU kernels keep on the calling thread between calls (packed batches and
+    accumulators: up to four buffers of at most 64 MB, sized by the largest call so far) and return the bytes
+    released. The next call allocates again. Other threads' buffers are theirs to release."""
+    return int(torch.ops.pysparse.release_scratch.default())
 
 
 # ---------------------------------------------------------------------------------------------------------

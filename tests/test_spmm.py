@@ -279,3 +279,19 @@ def test_bad_input(call, exc, match):
     values, s, xt, _ = _problem(6, 8, 4, 0.6, torch.float32, "cpu", 2)
     with pytest.raises(exc, match=match):
         call(values, s, xt)
+
+
+def test_release_scratch():
+    """The CPU kernels' per-thread scratch (packed batches, accumulators) is released on request, and the kernels
+    allocate it again on their next call."""
+    values, s, xt, bias = _problem(300, 200, 100, 0.2, torch.float32, "cpu", 5)
+    want = reference.spmm(s.rowptr, s.col, values, xt, bias=bias)
+    pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias)
+    assert pysparse.ops.release_scratch() >= 200 * 100 * 4  # at least the packed batch
+    assert pysparse.ops.release_scratch() == 0
+    torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias), want, rtol=1e-5, atol=1e-5)
+    gyt = torch.randn(300, 100)
+    for got, w in zip(pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed()),
+                      reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+    assert pysparse.ops.release_scratch() > 0
