@@ -707,8 +707,8 @@ constexpr int64_t kGradCscMinBatch = 64;
 // dxt = W^T @ gyt. Both read the same rows at the same stored positions, so done together each stored position
 // costs one random row read instead of two (sddmm, then spmm_t); figures in spmm_grad_cpu.
 //
-// Walking W^T's structure (column k of W at a time): xt's panel row k and the row's dxt accumulators stay in
-// registers, and each stored (n, k) reads gyt's panel row n once for both its multiply-add into dxt and its dot
+// Walking W^T's structure (column k of W at a time): xt's row k (read in place, RowReader) and the row's dxt
+// accumulators stay in registers, and each stored (n, k) reads gyt's panel row n once for both its multiply-add into dxt and its dot
 // product with xt's row. W's values are read through the permutation on the first panel (and kept in CSC
 // order in `vals`, float32, for the others), the products accumulate in CSC order in `dv` and go to dvalues
 // through the permutation on the last panel: the permutation's random accesses happen once per call, inside
