@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
@@ -115,16 +117,31 @@ at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot) {
   return packed;
 }
 
+// One core's L2 cache in bytes, as the system reports it (512 KB where it does not), read once.
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    long reported = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return reported > 0 ? std::clamp<int64_t>(reported, int64_t{256} << 10, int64_t{4} << 20) : int64_t{512} << 10;
+  }();
+  return bytes;
+}
+
 // Panel width, 16, 32 or 64 columns (the widths spmm_panels is built for): as wide as the batch needs (more
-// work per stored weight), narrowed while a panel would not fit in ~512 KB of L2.
-inline int64_t panel_width(int64_t K, int64_t B) {
+// work per stored weight and fewer passes over the structure), narrowed while a panel of K rows would take more
+// than `budget` bytes (the kernels size it from l2_bytes(): the panels they read at random rows stay in L2).
+inline int64_t panel_width(int64_t K, int64_t B, int64_t budget) {
   int64_t T = B <= 16 ? 16 : (B <= 32 ? 32 : 64);
-  while (T > kLanes && K * T * 4 > (int64_t{512} << 10)) T /= 2;
+  while (T > kLanes && K * T * 4 > budget) T /= 2;
   return T;
 }
 
-// With PERM, the value of stored position j is values[perm[j]] (W^T's structure reading W's values in place:
-// spmm_t); perm entries outside [0, nnz) count as bad and contribute nothing.
+// col must have been checked to lie in [0, K) (indices_in_range): the stored positions are read once per panel,
+// and a check at every read would cost as much as the check pass does for all of them. With PERM, the value of
+// stored position j is values[perm[j]] (W^T's structure reading W's values in place: spmm_t); perm entries
+// outside [0, nnz) count as bad and contribute nothing.
 template <int V, bool PERM, typename index_t, typename scalar_t>
 void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const int32_t* perm,
                  const float* packed, const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B,
@@ -133,10 +150,10 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   auto value_at = [&](int64_t j, bool& ok) -> float {
     if constexpr (PERM) {
       const int64_t p = perm[j];
-      ok = ok && static_cast<uint64_t>(p) < static_cast<uint64_t>(nnz);
+      ok = static_cast<uint64_t>(p) < static_cast<uint64_t>(nnz);
       return ok ? static_cast<float>(values[p]) : 0.f;
     } else {
-      return ok ? static_cast<float>(values[j]) : 0.f;
+      return static_cast<float>(values[j]);
     }
   };
   constexpr int64_t T = V * kLanes;
@@ -161,24 +178,19 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
         for (; j + U <= j1; j += U) {
 #pragma GCC unroll 4
           for (int u = 0; u < U; ++u) {
-            const int64_t c = col[j + u];
-            bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+            bool ok = true;
             const float w = value_at(j + u, ok);
-            local_bad |= !ok;
-            const float* x = panel + (ok ? c : 0) * T;
+            if constexpr (PERM) local_bad |= !ok;
+            const float* x = panel + static_cast<int64_t>(col[j + u]) * T;
 #pragma GCC unroll 4
             for (int v = 0; v < V; ++v) acc[u][v] += w * vload(x + v * kLanes);
           }
         }
         for (; j < j1; ++j) {
-          const int64_t c = col[j];
-          bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+          bool ok = true;
           const float w = value_at(j, ok);
-          if (!ok) {
-            local_bad = true;
-            continue;
-          }
-          const float* x = panel + c * T;
+          if constexpr (PERM) local_bad |= !ok;
+          const float* x = panel + static_cast<int64_t>(col[j]) * T;
 #pragma GCC unroll 4
           for (int v = 0; v < V; ++v) acc[0][v] += w * vload(x + v * kLanes);
         }
@@ -335,7 +347,7 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
   at::Tensor vals = values;
   // Permuted values are read in place by a single panel pass; with several panels (B > T) every pass would
   // repeat the random reads, so they are gathered into order once first (batch 256 at 90%: 24 -> 13 ms).
-  const int64_t T = panels ? panel_width(K, B) : 0;
+  const int64_t T = panels ? panel_width(K, B, l2_bytes()) : 0;  // the one panel read at random rows: all of L2
   const bool gather_first = perm != nullptr && (!panels || B > T);
   if (gather_first) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_gather",
@@ -355,6 +367,11 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
       } else if (std::is_same_v<scalar_t, double>) {
         spmm_plain<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, B, bad);
       } else {
+        if (!cpu::indices_in_range(cp, col.numel(), K)) {  // spmm_panels reads col unchecked
+          TORCH_CHECK_VALUE(perm == nullptr, "spmm_t: a row index or t_perm entry of the transposed structure is out "
+                                             "of range");
+          TORCH_CHECK_VALUE(false, "spmm: a column index is outside [0, ", K, ")");
+        }
         const at::Tensor packed = pack_panels<scalar_t>(x, T, 0);
         const float* pp = packed.const_data_ptr<float>();
         auto run = [&](auto v_tag) {
@@ -708,12 +725,13 @@ constexpr int64_t kGradCscMinBatch = 64;
 // costs one random row read instead of two (sddmm, then spmm_t); figures in spmm_grad_cpu.
 //
 // Walking W^T's structure (column k of W at a time): xt's row k (read in place, RowReader) and the row's dxt
-// accumulators stay in registers, and each stored (n, k) reads gyt's panel row n once for both its multiply-add into dxt and its dot
-// product with xt's row. W's values are read through the permutation on the first panel (and kept in CSC
-// order in `vals`, float32, for the others), the products accumulate in CSC order in `dv` and go to dvalues
-// through the permutation on the last panel: the permutation's random accesses happen once per call, inside
-// the sweep. With a single panel, vals and dv are not used. perm entries outside [0, nnz) count as bad and
-// are neither read nor written through.
+// accumulators stay in registers, and each stored (n, k) reads gyt's panel row n once for both its
+// multiply-add into dxt and its dot product with xt's row. W's values are read through the permutation on the
+// first panel (and kept in CSC order in `vals`, float32, for the others), the products accumulate in CSC order
+// in `dv` and go to dvalues through the permutation on the last panel: the permutation's random accesses happen
+// once per call, inside the sweep. With a single panel, vals and dv are not used. The row indices must have
+// been checked (indices_in_range); perm entries outside [0, nnz) count as bad and are neither read nor written
+// through.
 template <int V, typename index_t, typename scalar_t>
 void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t* perm, const scalar_t* values,
                      float* vals, float* dv, const float* pg, const scalar_t* xt, int64_t xsk, int64_t xsb,
@@ -750,7 +768,7 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
         // one stored position: its dot product (returned, in lanes) and its multiply-add into acc[s]
         auto step = [&](int64_t j, int s) -> vfloat {
           const int64_t n = trow[j];
-          bool ok = static_cast<uint64_t>(n) < static_cast<uint64_t>(rows);
+          bool ok = true;
           float w;
           if constexpr (FIRST) {
             const uint32_t p = static_cast<uint32_t>(perm[j]);
@@ -761,7 +779,7 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
             w = vals[j];
           }
           local_bad |= !ok;
-          const float* g = panel_g + (ok ? n : 0) * T;
+          const float* g = panel_g + n * T;
           const vfloat g0 = vload(g);
           vfloat d = xk[0] * g0;
           acc[s][0] += w * g0;
@@ -936,7 +954,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
         for (int64_t i = 0; i < K * B; ++i) op[i] = static_cast<scalar_t>(acc[i]);
         return;
       }
-      const int64_t T = panel_width(K, B);
+      const int64_t T = panel_width(K, B, l2_bytes() / 2);  // the accumulators [K, T] and yt's panel
       const at::Tensor packed = pack_panels<scalar_t>(y, T, 0);
       const float* pp = packed.const_data_ptr<float>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -989,7 +1007,7 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
                                        out.mutable_data_ptr<scalar_t>(), rows, K, B, bad);
         return;
       }
-      const int64_t T = panel_width(std::max(rows, K), B);
+      const int64_t T = panel_width(std::max(rows, K), B, l2_bytes() / 2);  // a's and b's panels
       const at::Tensor pa = pack_panels<scalar_t>(ac, T, 0), pb = pack_panels<scalar_t>(bc, T, 1);
       at::Tensor out_f =
           out.scalar_type() == at::kFloat ? out : at::empty({col.numel()}, a.options().dtype(at::kFloat));
@@ -1037,14 +1055,17 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
   }
   at::Tensor dxt = empty_input_grad(xt);
   if (values.scalar_type() == at::kDouble || rows == 0 || K == 0 || B == 0 || nnz == 0)
-    return {sddmm_cpu(rowptr, col, gyt, xt), dxt.copy_(spmm_t_cpu(rowptr, col, values, gyt, K, t_rowptr, t_col, t_perm))};
+    return {sddmm_cpu(rowptr, col, gyt, xt),
+            dxt.copy_(spmm_t_cpu(rowptr, col, values, gyt, K, t_rowptr, t_col, t_perm))};
   // Which sweep: over W^T's structure when it is given and the batch is above 64, where its one random read of
   // the values and one random write of the products per stored position (through the permutation) cost less
   // than the CSR sweep's scatter into dxt, once per panel; else over W's CSR. 4096 x 4096 at 90%, the op
   // alone (2026-11-29): batch 256, W^T 15.4 ms, CSR 23 ms, sddmm + spmm_t 20-21 ms; batch 128, 10.2 / 11.4 /
   // 11.7; batch 64, 6.9 / 5.2-5.8 / 7.2; batch 16, 2.9 / 1.3-1.4 / 2.0 (forward: 8.8 / 4.3 / 2.1 / 0.6).
-  const int64_t T = panel_width(std::max(rows, K), B);
   const bool csc = transposed && B > kGradCscMinBatch;
+  // half of L2: over W^T, gyt's panel read at random rows (all of L2 measured no faster); over W's CSR, xt's
+  // panel and the accumulators
+  const int64_t T = panel_width(csc ? rows : std::max(rows, K), B, l2_bytes() / 2);
   at::Tensor dvalues = at::empty({nnz}, values.options());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_grad_cpu", [&] {
@@ -1069,6 +1090,9 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
       const bool several = B > T;
       const at::Tensor vals = cpu::scratch(2, several ? nnz : 0), dv = cpu::scratch(3, several ? nnz : 0);
       PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cpu", [&] {
+        // grad_csc_panels reads the row indices unchecked (once per panel); the permutation it checks itself
+        TORCH_CHECK_VALUE(cpu::indices_in_range(t_col->const_data_ptr<index_t>(), nnz, rows),
+                          "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
         by_width([&](auto v_tag) {
           grad_csc_panels<decltype(v_tag)::value, index_t, scalar_t>(
               t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(),
