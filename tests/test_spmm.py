@@ -211,6 +211,13 @@ def test_tampered_structure_raises_not_crashes():
     bad_col[0] = 500
     with pytest.raises(ValueError, match="column index is outside"):
         pysparse.ops.spmm(s.rowptr, bad_col, values, xt)
+    with pytest.raises(ValueError, match="column index is outside"):  # several panels: checked before the sweep
+        pysparse.ops.spmm(s.rowptr, bad_col, values, torch.randn(8, 200))
+    bad_row = s.t_col.clone()
+    bad_row[0] = 6
+    with pytest.raises(ValueError, match="row index or t_perm entry of the transposed structure is out of range"):
+        pysparse.ops.spmm_t(s.rowptr, s.col, values, torch.randn(6, 200), 8,
+                            transposed=(s.t_rowptr, bad_row, s.t_perm))
     bad_col[0] = -3
     with pytest.raises(ValueError, match="column index is outside"):
         pysparse.ops.sddmm(s.rowptr, bad_col, torch.randn(6, 4), xt)

@@ -138,11 +138,12 @@ inline int64_t panel_width(int64_t K, int64_t B, int64_t budget) {
   return T;
 }
 
-// col must have been checked to lie in [0, K) (indices_in_range): the stored positions are read once per panel,
-// and a check at every read would cost as much as the check pass does for all of them. With PERM, the value of
-// stored position j is values[perm[j]] (W^T's structure reading W's values in place: spmm_t); perm entries
-// outside [0, nnz) count as bad and contribute nothing.
-template <int V, bool PERM, typename index_t, typename scalar_t>
+// With CHECK, column indices outside [0, K) count as bad and contribute nothing; without, col must have been
+// checked (indices_in_range): with several panels each stored position is read once per panel, and one check
+// pass costs less than a check at every read (a single panel checks as it reads). With PERM, the value of stored
+// position j is values[perm[j]] (W^T's structure reading W's values in place: spmm_t); perm entries outside
+// [0, nnz) count as bad and contribute nothing.
+template <int V, bool PERM, bool CHECK, typename index_t, typename scalar_t>
 void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const int32_t* perm,
                  const float* packed, const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B,
                  std::atomic<bool>& bad) {
@@ -150,10 +151,10 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   auto value_at = [&](int64_t j, bool& ok) -> float {
     if constexpr (PERM) {
       const int64_t p = perm[j];
-      ok = static_cast<uint64_t>(p) < static_cast<uint64_t>(nnz);
+      ok = ok && static_cast<uint64_t>(p) < static_cast<uint64_t>(nnz);
       return ok ? static_cast<float>(values[p]) : 0.f;
     } else {
-      return static_cast<float>(values[j]);
+      return ok ? static_cast<float>(values[j]) : 0.f;
     }
   };
   constexpr int64_t T = V * kLanes;
@@ -178,19 +179,24 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
         for (; j + U <= j1; j += U) {
 #pragma GCC unroll 4
           for (int u = 0; u < U; ++u) {
-            bool ok = true;
+            const int64_t c = col[j + u];
+            bool ok = !CHECK || static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
             const float w = value_at(j + u, ok);
-            if constexpr (PERM) local_bad |= !ok;
-            const float* x = panel + static_cast<int64_t>(col[j + u]) * T;
+            if constexpr (CHECK || PERM) local_bad |= !ok;
+            const float* x = panel + (CHECK ? (ok ? c : 0) : c) * T;
 #pragma GCC unroll 4
             for (int v = 0; v < V; ++v) acc[u][v] += w * vload(x + v * kLanes);
           }
         }
         for (; j < j1; ++j) {
-          bool ok = true;
+          const int64_t c = col[j];
+          bool ok = !CHECK || static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
           const float w = value_at(j, ok);
-          if constexpr (PERM) local_bad |= !ok;
-          const float* x = panel + static_cast<int64_t>(col[j]) * T;
+          if (!ok) {
+            local_bad = true;
+            continue;
+          }
+          const float* x = panel + c * T;
 #pragma GCC unroll 4
           for (int v = 0; v < V; ++v) acc[0][v] += w * vload(x + v * kLanes);
         }
@@ -367,7 +373,8 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
       } else if (std::is_same_v<scalar_t, double>) {
         spmm_plain<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, B, bad);
       } else {
-        if (!cpu::indices_in_range(cp, col.numel(), K)) {  // spmm_panels reads col unchecked
+        const bool one_panel = B <= T;  // several: col checked here once, read unchecked by every panel
+        if (!one_panel && !cpu::indices_in_range(cp, col.numel(), K)) {
           TORCH_CHECK_VALUE(perm == nullptr, "spmm_t: a row index or t_perm entry of the transposed structure is out "
                                              "of range");
           TORCH_CHECK_VALUE(false, "spmm: a column index is outside [0, ", K, ")");
@@ -376,10 +383,12 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
         const float* pp = packed.const_data_ptr<float>();
         auto run = [&](auto v_tag) {
           constexpr int V = decltype(v_tag)::value;
-          if (pm != nullptr)
-            spmm_panels<V, true, index_t, scalar_t>(rp, cp, vp, pm, pp, bp, yp, rows, K, B, bad);
+          if (pm != nullptr)  // in place: a single panel
+            spmm_panels<V, true, true, index_t, scalar_t>(rp, cp, vp, pm, pp, bp, yp, rows, K, B, bad);
+          else if (one_panel)
+            spmm_panels<V, false, true, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, yp, rows, K, B, bad);
           else
-            spmm_panels<V, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, yp, rows, K, B, bad);
+            spmm_panels<V, false, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, yp, rows, K, B, bad);
         };
         switch (T) {
           case 16:
