@@ -555,50 +555,6 @@ void sum_parts(const float* acc, int64_t parts, scalar_t* out, int64_t sk, int64
   });
 }
 
-// W^T @ yt from W's CSR: each stored w[r, c] adds w * yt[r, :] to out[c, :]. Threads take row ranges and
-// accumulate into private float32 panels [K, T] (the panel width keeps one within ~512 KB), which are then
-// summed column-block by column-block into the output; yt's panel of row r stays in registers for the row.
-template <int V, typename index_t, typename scalar_t>
-void spmm_t_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* packed,
-                   scalar_t* out, int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
-  constexpr int64_t T = V * kLanes;
-  const int64_t ntiles = (B + T - 1) / T;
-  const int64_t parts = std::max<int64_t>(1, row_parts(rows));
-  // per-part accumulators, zeroed per tile below (slot 1: the packed panels are in slot 0)
-  const at::Tensor acc_buf = cpu::scratch(1, parts * K * T);
-  float* const scratch = acc_buf.mutable_data_ptr<float>();
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const float* panel = packed + t * rows * T;
-    const int64_t b0 = t * T, bt = std::min(T, B - b0);
-    for_row_parts(rowptr, rows, bad, [&](int64_t part, int64_t r0, int64_t r1) {
-      float* acc = scratch + part * K * T;
-      std::fill(acc, acc + K * T, 0.f);
-      bool local_bad = false;
-      for (int64_t r = r0; r < r1; ++r) {
-        vfloat yr[V];
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) yr[v] = vload(panel + r * T + v * kLanes);
-        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; ++j) {
-          const int64_t c = col[j];
-          if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
-            local_bad = true;
-            continue;
-          }
-          const float w = static_cast<float>(values[j]);
-          float* dst = acc + c * T;
-#pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) {
-            const vfloat sum = vload(dst + v * kLanes) + w * yr[v];
-            __builtin_memcpy(dst + v * kLanes, &sum, sizeof(sum));
-          }
-        }
-      }
-      return local_bad;
-    });
-    sum_parts<V>(scratch, parts, out, B, 1, K, b0, bt);
-  }
-}
-
 inline float hsum(vfloat v) {
 #ifdef __AVX512F__
   __m512 m;
@@ -844,20 +800,22 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
   });
 }
 
-// The same sweep over W's own CSR (row n of W at a time), for small batches or when W^T's structure is not
-// given: gyt's panel row n stays in registers; each stored (n, c) reads xt's panel row c for its dot product
-// (dv, CSR order) and adds w * gyt[n] into the thread's private dxt accumulators row c, which are then summed
-// over threads per panel (as spmm_t_panels).
-template <int V, typename index_t, typename scalar_t>
-void grad_csr_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* pg,
-                     const float* px, float* acc_buf, float* dv, scalar_t* dxt, int64_t dsk, int64_t dsb,
-                     int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+// W^T @ gyt from W's CSR, by scatter: each stored w[r, c] adds w * gyt[r, :] to row c of the calling thread's
+// private float32 accumulators [K, T] (acc_buf, [parts, K, T]), which are then summed over threads per panel
+// into dxt (strides dsk, dsb); gyt's panel row r stays in registers for the row. spmm_t below batch 33 (or
+// without W^T's structure). With DOTS, the same sweep is spmm_grad's over W's CSR (small batches, or without
+// W^T's structure): each stored (r, c) also reads xt's panel row c for its dot product with gyt's row, the
+// values' gradient (dv, CSR order, float32, summed over panels).
+template <int V, bool DOTS, typename index_t, typename scalar_t>
+void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* pg,
+                    const float* px, float* acc_buf, float* dv, scalar_t* dxt, int64_t dsk, int64_t dsb,
+                    int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
   const int64_t parts = std::max<int64_t>(1, row_parts(rows));
   for (int64_t t = 0; t < ntiles; ++t) {
     const float* panel_g = pg + t * rows * T;
-    const float* panel_x = px + t * K * T;
+    const float* panel_x = DOTS ? px + t * K * T : nullptr;
     const int64_t b0 = t * T, bt = std::min(T, B - b0);
     for_row_parts(rowptr, rows, bad, [&](int64_t part, int64_t r0, int64_t r1) {
       float* acc = acc_buf + part * K * T;
@@ -867,25 +825,34 @@ void grad_csr_panels(const int32_t* rowptr, const index_t* col, const scalar_t* 
         vfloat gr[V];
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) gr[v] = vload(panel_g + r * T + v * kLanes);
+        // one stored position: its scatter into acc, and with DOTS its dot product (in lanes)
         auto step = [&](int64_t j) -> vfloat {
           const int64_t c = col[j];
           const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
           local_bad |= !ok;
           const float w = ok ? static_cast<float>(values[j]) : 0.f;
-          const float* x = panel_x + (ok ? c : 0) * T;
           float* dst = acc + (ok ? c : 0) * T;
-          vfloat d = gr[0] * vload(x);
-#pragma GCC unroll 4
-          for (int v = 1; v < V; ++v) d += gr[v] * vload(x + v * kLanes);
 #pragma GCC unroll 4
           for (int v = 0; v < V; ++v) {
             const vfloat sum = vload(dst + v * kLanes) + w * gr[v];
             __builtin_memcpy(dst + v * kLanes, &sum, sizeof(sum));
           }
-          return d;
+          if constexpr (DOTS) {
+            const float* x = panel_x + (ok ? c : 0) * T;
+            vfloat d = gr[0] * vload(x);
+#pragma GCC unroll 4
+            for (int v = 1; v < V; ++v) d += gr[v] * vload(x + v * kLanes);
+            return d;
+          } else {
+            return vfloat{};
+          }
         };
         const int64_t j1 = rowptr[r + 1];
         int64_t j = rowptr[r];
+        if constexpr (!DOTS) {
+          for (; j < j1; ++j) step(j);
+          continue;
+        }
 #ifdef __AVX512F__
         for (; j < j1; j += 16) {
           const int64_t m = std::min<int64_t>(16, j1 - j);
@@ -967,15 +934,20 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
       const at::Tensor packed = pack_panels<scalar_t>(y, T, 0);
       const float* pp = packed.const_data_ptr<float>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      // per-thread accumulators (slot 1: the packed panels are in slot 0)
+      float* acc = cpu::scratch(1, std::max<int64_t>(1, row_parts(rows)) * K * T).mutable_data_ptr<float>();
       switch (T) {
         case 16:
-          spmm_t_panels<1, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad);
+          scatter_panels<1, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op, B, 1, rows, K, B,
+                                                    bad);
           break;
         case 32:
-          spmm_t_panels<2, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad);
+          scatter_panels<2, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op, B, 1, rows, K, B,
+                                                    bad);
           break;
         case 64:
-          spmm_t_panels<4, index_t, scalar_t>(rp, cp, vp, pp, op, rows, K, B, bad);
+          scatter_panels<4, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op, B, 1, rows, K, B,
+                                                    bad);
           break;
         default:
           TORCH_CHECK(false, "spmm_t: internal error, panel width ", T);
@@ -1043,7 +1015,7 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
 
 
 // The backward of spmm in one call: (dvalues, dxt) = (sddmm(W, gyt, xt), W^T @ gyt), one sweep over the stored
-// positions for both (grad_csc_panels / grad_csr_panels above). float64 and empty shapes take the two ops.
+// positions for both (grad_csc_panels / scatter_panels above). float64 and empty shapes take the two ops.
 std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const at::Tensor& col,
                                                  const at::Tensor& values, const at::Tensor& gyt, const at::Tensor& xt,
                                                  const std::optional<at::Tensor>& t_rowptr,
@@ -1120,7 +1092,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
       float* dvf = dv.mutable_data_ptr<float>();
       PYSPARSE_DISPATCH_INDEX(col, "spmm_grad_cpu", [&] {
         by_width([&](auto v_tag) {
-          grad_csr_panels<decltype(v_tag)::value, index_t, scalar_t>(
+          scatter_panels<decltype(v_tag)::value, true, index_t, scalar_t>(
               rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), pgp,
               pxp, acc.mutable_data_ptr<float>(), dvf, dxp, dxt.stride(0), dxt.stride(1), rows, K, B, bad);
         });
