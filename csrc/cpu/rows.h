@@ -1,5 +1,6 @@
-// Row partitioning shared by the CPU kernels that walk a CSR matrix row by row (csrc/cpu/spmm.cpp,
-// csrc/cpu/conv.cpp): parts of about equal stored count, one per thread, and the rowptr check they rely on.
+// Row partitioning and checks shared by the CPU kernels that walk a CSR matrix row by row (csrc/cpu/spmm.cpp,
+// csrc/cpu/conv.cpp): parts of about equal stored count, one per thread, and the rowptr and index checks they
+// rely on.
 #pragma once
 
 #include <ATen/ATen.h>
