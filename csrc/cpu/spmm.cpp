@@ -138,6 +138,22 @@ inline int64_t panel_width(int64_t K, int64_t B, int64_t budget) {
   return T;
 }
 
+// Calls f(std::integral_constant<int, V>{}) for the panel width T = 16 V that panel_width chose (16, 32 or 64):
+// the kernels take V as a template argument.
+template <typename F>
+inline void with_panel_width(int64_t T, const char* op, F&& f) {
+  switch (T) {
+    case 16:
+      return f(std::integral_constant<int, 1>{});
+    case 32:
+      return f(std::integral_constant<int, 2>{});
+    case 64:
+      return f(std::integral_constant<int, 4>{});
+    default:
+      TORCH_CHECK(false, op, ": internal error, panel width ", T);
+  }
+}
+
 // With CHECK, column indices outside [0, K) count as bad and contribute nothing; without, col must have been
 // checked (indices_in_range): with several panels each stored position is read once per panel, and one check
 // pass costs less than a check at every read (a single panel checks as it reads). With PERM, the value of stored
@@ -390,19 +406,7 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
           else
             spmm_panels<V, false, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, yp, rows, K, B, bad);
         };
-        switch (T) {
-          case 16:
-            run(std::integral_constant<int, 1>{});
-            break;
-          case 32:
-            run(std::integral_constant<int, 2>{});
-            break;
-          case 64:
-            run(std::integral_constant<int, 4>{});
-            break;
-          default:
-            TORCH_CHECK(false, "spmm: internal error, panel width ", T);
-        }
+        with_panel_width(T, "spmm", run);
       }
     });
   });
@@ -894,8 +898,8 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // Two ways. Above a batch of 32, given W^T's structure (the layers cache it): spmm over it, W's values read
   // through the permutation (spmm_impl gathers them into column order once when there is more than one panel;
   // 4096 x 4096 at 90%, batch 256: 13-14 ms, against 21-23 ms for the scatter). Otherwise a scatter from W's
-  // CSR into per-thread panels: at batch 16, 90%, 1.5 ms, against 2.7 ms reading through the permutation in
-  // place and 4.7 ms gathering first (measured 2026-11-29).
+  // CSR into per-thread panels (scatter_panels): at batch 16, 90%, 1.5 ms (0.9 ms since it shares spmm_grad's
+  // kernel), against 2.7 ms reading through the permutation in place and 4.7 ms gathering first (2026-11-29).
   if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
     check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t");
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
@@ -936,22 +940,10 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       // per-thread accumulators (slot 1: the packed panels are in slot 0)
       float* acc = cpu::scratch(1, std::max<int64_t>(1, row_parts(rows)) * K * T).mutable_data_ptr<float>();
-      switch (T) {
-        case 16:
-          scatter_panels<1, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op, B, 1, rows, K, B,
-                                                    bad);
-          break;
-        case 32:
-          scatter_panels<2, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op, B, 1, rows, K, B,
-                                                    bad);
-          break;
-        case 64:
-          scatter_panels<4, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op, B, 1, rows, K, B,
-                                                    bad);
-          break;
-        default:
-          TORCH_CHECK(false, "spmm_t: internal error, panel width ", T);
-      }
+      with_panel_width(T, "spmm_t", [&](auto v_tag) {
+        scatter_panels<decltype(v_tag)::value, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op,
+                                                                          B, 1, rows, K, B, bad);
+      });
     });
   });
   TORCH_CHECK_VALUE(!bad, "spmm_t: a column index is outside [0, ", K, ")");
@@ -993,19 +985,10 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
       at::Tensor out_f =
           out.scalar_type() == at::kFloat ? out : at::empty({col.numel()}, a.options().dtype(at::kFloat));
       float* op = out_f.mutable_data_ptr<float>();
-      switch (T) {
-        case 16:
-          sddmm_panels<1, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad);
-          break;
-        case 32:
-          sddmm_panels<2, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad);
-          break;
-        case 64:
-          sddmm_panels<4, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(), op, rows, K, B, bad);
-          break;
-        default:
-          TORCH_CHECK(false, "sddmm: internal error, panel width ", T);
-      }
+      with_panel_width(T, "sddmm", [&](auto v_tag) {
+        sddmm_panels<decltype(v_tag)::value, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(),
+                                                      op, rows, K, B, bad);
+      });
       if (!out_f.is_same(out)) out.copy_(out_f);
     });
   });
@@ -1042,7 +1025,8 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
   // the values and one random write of the products per stored position (through the permutation) cost less
   // than the CSR sweep's scatter into dxt, once per panel; else over W's CSR. 4096 x 4096 at 90%, the op
   // alone (2026-11-29): batch 256, W^T 15.4 ms, CSR 23 ms, sddmm + spmm_t 20-21 ms; batch 128, 10.2 / 11.4 /
-  // 11.7; batch 64, 6.9 / 5.2-5.8 / 7.2; batch 16, 2.9 / 1.3-1.4 / 2.0 (forward: 8.8 / 4.3 / 2.1 / 0.6).
+  // 11.7; batch 64, 6.9 / 5.2-5.8 / 7.2; batch 16, 2.9 / 1.3-1.4 / 2.0. Re-measured after the row indices were
+  // checked in one pass (W^T 12-14 ms at batch 256): batch 65, 7.7 / 7.7; batch 96, 7.4 / 8.3.
   const bool csc = transposed && B > kGradCscMinBatch;
   // half of L2: over W^T, gyt's panel read at random rows (all of L2 measured no faster); over W's CSR, xt's
   // panel and the accumulators
@@ -1054,18 +1038,6 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
     const float* pgp = pg.const_data_ptr<float>();
     scalar_t* dxp = dxt.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dvalues.mutable_data_ptr<scalar_t>();
-    auto by_width = [&](auto&& run) {
-      switch (T) {
-        case 16:
-          return run(std::integral_constant<int, 1>{});
-        case 32:
-          return run(std::integral_constant<int, 2>{});
-        case 64:
-          return run(std::integral_constant<int, 4>{});
-        default:
-          TORCH_CHECK(false, "spmm_grad: internal error, panel width ", T);
-      }
-    };
     if (csc) {
       // more than one panel: W's values in CSC order as float32 (slot 2), the products in that order (slot 3)
       const bool several = B > T;
@@ -1074,7 +1046,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
         // grad_csc_panels reads the row indices unchecked (once per panel); the permutation it checks itself
         TORCH_CHECK_VALUE(cpu::indices_in_range(t_col->const_data_ptr<index_t>(), nnz, rows),
                           "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
-        by_width([&](auto v_tag) {
+        with_panel_width(T, "spmm_grad", [&](auto v_tag) {
           grad_csc_panels<decltype(v_tag)::value, index_t, scalar_t>(
               t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(),
               t_perm->const_data_ptr<int32_t>(), values.const_data_ptr<scalar_t>(), vals.mutable_data_ptr<float>(),
@@ -1091,7 +1063,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
       at::Tensor dv = values.scalar_type() == at::kFloat ? dvalues : cpu::scratch(3, nnz);
       float* dvf = dv.mutable_data_ptr<float>();
       PYSPARSE_DISPATCH_INDEX(col, "spmm_grad_cpu", [&] {
-        by_width([&](auto v_tag) {
+        with_panel_width(T, "spmm_grad", [&](auto v_tag) {
           scatter_panels<decltype(v_tag)::value, true, index_t, scalar_t>(
               rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), pgp,
               pxp, acc.mutable_data_ptr<float>(), dvf, dxp, dxt.stride(0), dxt.stride(1), rows, K, B, bad);
