@@ -16,7 +16,8 @@ import torch
 from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
-           "spmm_t", "sddmm", "spmm_grad", "release_scratch", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values"]
+           "spmm_t", "sddmm", "spmm_grad", "release_scratch", "sparse_conv2d", "sparse_conv2d_grad_input",
+           "sparse_conv2d_grad_values"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -42,7 +42,7 @@ def run(args) -> dict:
     from pysparse import data as pdata, models, synth
     from pysparse.gan import Discriminator, GANTrainer, Generator, metrics
     from pysparse.gan.trainer import tensors_of
-    from pysparse.compensate import compensate
+    from pysparse.compensate import check_damp, compensate
     from pysparse.retrain import accuracy
     from pysparse.shrink import model_sparsity
 
@@ -50,10 +50,8 @@ def run(args) -> dict:
 
     if isinstance(args.ipc, bool) or args.ipc < 1:
         raise ValueError(f"--ipc must be >= 1, got {args.ipc}")
-    if not 0 <= args.mmd < math.inf:  # checked here, not minutes later when the synthesis starts
-        raise ValueError(f"--mmd must be a finite number >= 0, got {args.mmd}")
-    if not 0 < args.damp < math.inf:
-        raise ValueError(f"--damp must be a positive finite number, got {args.damp}")
+    synth.check_weight("--mmd", args.mmd)  # checked here, not minutes later when the synthesis starts
+    check_damp(args.damp)
     t_start = time.perf_counter()
     timings = {}
     torch.manual_seed(args.seed)

@@ -133,6 +133,13 @@ def _conditional(generator) -> int:
     return k
 
 
+def check_weight(name: str, v) -> float:
+    """A loss-term weight of "match" (variance, mmd): a finite number >= 0, else ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
 def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=None, extractor=None,
                candidates: int = 50, iterations: int = 2000, pixels: bool = True, lr: float = 0.05,
                real_batch: int = 64, width: int = 32, variance: float = 1.0, mmd: float = 100.0,
@@ -165,8 +172,7 @@ def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=No
     if not 0.0 < pixel_share < 1.0:
         raise ValueError(f"pixel_share must be in (0, 1), got {pixel_share!r}")
     for name, v in (("variance", variance), ("mmd", mmd)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        check_weight(name, v)
     if not isinstance(augment, bool):
         raise TypeError(f"augment must be a bool, got {type(augment).__name__}")
     return _match(generator, ipc, k, _real(real, k), iterations, pixels, lr, lr / 5 if pixel_lr is None else pixel_lr,
