@@ -17,14 +17,13 @@ inputs' outputs, not the pruned ones', also corrects what earlier layers lost.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import math
-import numbers
 
 from . import ops
 from .nn._sparse_weight import check_mask
@@ -34,6 +33,7 @@ CHUNK_BYTES = 64 << 20  # bytes of unfolded float64 calibration columns built at
 
 
 def check_damp(damp) -> float:
+    """The ridge weight of compensate / prune(compensate=True): a positive finite number, else ValueError."""
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
         raise ValueError(f"damp must be a positive finite number, got {damp!r}")
     return float(damp)
