@@ -467,7 +467,7 @@ def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt
     """The backward of :func:`spmm` in one call: ``(dvalues, dxt)`` = ``(sddmm(rowptr, col, gyt, xt), W.T @ gyt)``
     for the output gradient ``gyt`` [rows, batch]. The CPU kernel computes both in one sweep over the stored
     positions, reading each row of ``gyt`` once for both (what spmm's autograd calls). ``transposed`` is W's
-    transposed structure: CUDA needs it; the CPU sweeps through it for batches above 64, else W's CSR."""
+    transposed structure: CUDA needs it; the CPU sweeps through it for batches above 32, else W's CSR."""
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
     _check_kernel("spmm_grad", values.device, "values")

@@ -134,9 +134,9 @@ def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, emp
        batch=st.sampled_from([0, 1, 2, 16, 17, 33, 64, 65, 100, 130, 200]), density=st.floats(0, 1),
        dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
 def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
-    """Both gradients in one call, both CPU sweeps (W^T's structure above batch 64, W's CSR otherwise or without
-    it), batches of one to four panels (the values are read through the permutation on the first panel and the
-    products written through it on the last)."""
+    """Both gradients in one call, both CPU sweeps (W^T's structure above batch 32, W's CSR otherwise or without
+    it), batches of one to four panels (the values are gathered through the permutation before the panels and the
+    products scattered through it after them)."""
     values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
     gyt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 3)).to(device, dtype)
     want_values, want_x = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
@@ -243,12 +243,12 @@ def test_tampered_structure_raises_not_crashes():
     with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
         torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, values, torch.randn(6, 40), 8, s.t_rowptr, s.t_col, bad_perm)
     # spmm_grad, both sweeps and one to several panels: out-of-range entries are neither read nor written through
-    # (the CPU sweeps W^T's structure only above batch 64)
-    for batch in (4, 65, 200):
+    # (the CPU sweeps W^T's structure only above batch 32)
+    for batch in (4, 33, 65, 200):
         gyt, x = torch.randn(6, batch), torch.randn(8, batch)
         with pytest.raises(ValueError, match="column index is outside"):
             torch.ops.pysparse.spmm_grad.default(s.rowptr, bad_col, values, gyt, x, None, None, None)
-        if batch <= 64:
+        if batch <= 32:
             continue
         for perm in (bad_perm, bad_perm.neg()):
             with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):

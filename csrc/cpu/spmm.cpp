@@ -323,24 +323,46 @@ void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
 
 // values[perm[j]] for every j, in one parallel pass, into scratch slot 2; entries of perm outside [0, nnz)
 // flag bad.
-template <typename scalar_t>
+// Software prefetch distance, in elements, of the loops through a permutation: its random reads (or writes)
+// mostly miss every cache, and a plain loop keeps too few misses in flight (4096 x 4096 at 90%, cold caches:
+// gather 2.4 -> 1.0 ms, scatter 1.4 -> 1.1 ms on two threads, 2026-11-29).
+constexpr int64_t kPermPrefetch = 256;
+
+// values[perm[j]] for every j, as out_t, in scratch slot 2: W's values in W^T's order. perm entries outside
+// [0, nnz) set `bad` and give 0.
+template <typename scalar_t, typename out_t = scalar_t>
 at::Tensor gather_values(const at::Tensor& values, const at::Tensor& perm, std::atomic<bool>& bad) {
-  at::Tensor out = cpu::scratch(2, values.numel(), values.scalar_type());
+  at::Tensor out = cpu::scratch(2, values.numel(), c10::CppTypeToScalarType<out_t>::value);
   const scalar_t* v = values.const_data_ptr<scalar_t>();
   const int32_t* p = perm.const_data_ptr<int32_t>();
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  out_t* o = out.mutable_data_ptr<out_t>();
   const int64_t n = values.numel();
   at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
     int64_t outside = 0;
     for (int64_t j = b; j < e; ++j) {
+      if (j + kPermPrefetch < e) {
+        const uint32_t ahead = static_cast<uint32_t>(p[j + kPermPrefetch]);
+        if (ahead < static_cast<uint64_t>(n)) __builtin_prefetch(v + ahead);
+      }
       const uint32_t pj = static_cast<uint32_t>(p[j]);
       const bool ok = pj < static_cast<uint64_t>(n);
       outside += !ok;
-      o[j] = ok ? v[pj] : scalar_t(0);
+      o[j] = ok ? static_cast<out_t>(v[pj]) : out_t(0);
     }
     if (outside) bad = true;
   });
   return out;
+}
+
+// The inverse: out[perm[j]] = src[j] (float32 -> scalar_t), for a perm that gather_values has checked.
+template <typename scalar_t>
+void scatter_values(const float* src, const int32_t* perm, scalar_t* out, int64_t n) {
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      if (j + kPermPrefetch < e) __builtin_prefetch(out + perm[j + kPermPrefetch], 1);
+      out[perm[j]] = static_cast<scalar_t>(src[j]);
+    }
+  });
 }
 
 void check_dense(const at::Tensor& t, const at::Tensor& values, const char* op, const char* name) {
@@ -687,7 +709,7 @@ void sddmm_plain(const int32_t* rowptr, const index_t* col, const scalar_t* a, c
 }
 
 // spmm_grad takes W^T's structure above this batch (see spmm_grad_cpu).
-constexpr int64_t kGradCscMinBatch = 64;
+constexpr int64_t kGradCscMinBatch = 32;
 
 // The whole backward of spmm in one sweep (spmm_grad): dvalues[j] = dot(gyt[row(j), :], xt[col(j), :]) and
 // dxt = W^T @ gyt. Both read the same rows at the same stored positions, so done together each stored position
@@ -695,36 +717,20 @@ constexpr int64_t kGradCscMinBatch = 64;
 //
 // Walking W^T's structure (column k of W at a time): xt's row k (read in place, RowReader) and the row's dxt
 // accumulators stay in registers, and each stored (n, k) reads gyt's panel row n once for both its
-// multiply-add into dxt and its dot product with xt's row. W's values are read through the permutation on the
-// first panel (and kept in CSC order in `vals`, float32, for the others), the products accumulate in CSC order
-// in `dv` and go to dvalues through the permutation on the last panel: the permutation's random accesses happen
-// once per call, inside the sweep. With a single panel, vals and dv are not used. The row indices must have
-// been checked (indices_in_range); perm entries outside [0, nnz) count as bad and are neither read nor written
-// through.
+// multiply-add into dxt and its dot product with xt's row. W's values come in W^T's order (`vals`, float32,
+// gathered before the sweep); the products are summed over the panels in that order in `dv` (scattered into
+// W's order after it). The row indices must have been checked (indices_in_range).
 template <int V, typename index_t, typename scalar_t>
-void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t* perm, const scalar_t* values,
-                     float* vals, float* dv, const float* pg, const scalar_t* xt, int64_t xsk, int64_t xsb,
-                     scalar_t* dvalues, scalar_t* dxt, int64_t dsk, int64_t dsb, int64_t rows, int64_t K, int64_t B,
-                     std::atomic<bool>& bad) {
+void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const float* vals, float* dv, const float* pg,
+                     const scalar_t* xt, int64_t xsk, int64_t xsb, scalar_t* dxt, int64_t dsk, int64_t dsb,
+                     int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
   constexpr int64_t T = V * kLanes;
   constexpr int S = V >= 4 ? 1 : 4 / V;  // accumulator sets: S * V independent chains into dxt
-  const int64_t ntiles = (B + T - 1) / T, nnz = trowptr[K];
+  const int64_t ntiles = (B + T - 1) / T;
   for_row_parts(trowptr, K, bad, [&](int64_t, int64_t k0, int64_t k1) {
-    bool local_bad = false;
-    // FIRST: read the values through perm (and keep them unless LAST); LAST: write the products through perm.
-    auto sweep = [&](auto first_tag, auto last_tag, int64_t t) {
-      constexpr bool FIRST = decltype(first_tag)::value, LAST = decltype(last_tag)::value;
+    for (int64_t t = 0; t < ntiles; ++t) {
       const float* panel_g = pg + t * rows * T;
       const int64_t b0 = t * T, bt = std::min(T, B - b0);
-      // the product of stored position j, summed over the panels so far, goes out
-      auto put = [&](int64_t j, float sum) {
-        if constexpr (LAST) {
-          const uint32_t p = static_cast<uint32_t>(perm[j]);
-          if (p < static_cast<uint64_t>(nnz)) dvalues[p] = static_cast<scalar_t>(sum);
-        } else {
-          dv[j] = sum;
-        }
-      };
       RowReader<V, scalar_t> reader(xt, K, xsk, xsb, b0, bt);
       RowWriter<V, scalar_t> writer(dxt, dsk, dsb, b0, bt);
       for (int64_t k = k0; k < k1; ++k) {
@@ -736,19 +742,8 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
           for (int v = 0; v < V; ++v) acc[s][v] = vfloat{};
         // one stored position: its dot product (returned, in lanes) and its multiply-add into acc[s]
         auto step = [&](int64_t j, int s) -> vfloat {
-          const int64_t n = trow[j];
-          bool ok = true;
-          float w;
-          if constexpr (FIRST) {
-            const uint32_t p = static_cast<uint32_t>(perm[j]);
-            ok = ok && p < static_cast<uint64_t>(nnz);
-            w = ok ? static_cast<float>(values[p]) : 0.f;
-            if constexpr (!LAST) vals[j] = w;
-          } else {
-            w = vals[j];
-          }
-          local_bad |= !ok;
-          const float* g = panel_g + n * T;
+          const float w = vals[j];
+          const float* g = panel_g + static_cast<int64_t>(trow[j]) * T;
           const vfloat g0 = vload(g);
           vfloat d = xk[0] * g0;
           acc[s][0] += w * g0;
@@ -771,18 +766,11 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
             __builtin_memcpy(&d[u], &du, sizeof(du));
           }
           __m512 sums = reduce16(d);
-          if constexpr (!FIRST) sums = _mm512_add_ps(sums, _mm512_loadu_ps(dv + j));
-          if constexpr (LAST) {
-            float out[16];
-            _mm512_storeu_ps(out, sums);
-#pragma GCC unroll 16
-            for (int u = 0; u < 16; ++u) put(j + u, out[u]);
-          } else {
-            _mm512_storeu_ps(dv + j, sums);
-          }
+          if (t > 0) sums = _mm512_add_ps(sums, _mm512_loadu_ps(dv + j));
+          _mm512_storeu_ps(dv + j, sums);
         }
 #endif
-        for (; j < j1; ++j) put(j, (FIRST ? 0.f : dv[j]) + hsum(step(j, 0)));
+        for (; j < j1; ++j) dv[j] = (t == 0 ? 0.f : dv[j]) + hsum(step(j, 0));
 #pragma GCC unroll 4
         for (int s = 1; s < S; ++s)
 #pragma GCC unroll 4
@@ -790,17 +778,8 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const int32_t*
         writer.put(k, acc[0]);
       }
       writer.flush();
-    };
-    using yes = std::true_type;
-    using no = std::false_type;
-    if (ntiles == 1) {
-      sweep(yes{}, yes{}, 0);
-    } else {
-      sweep(yes{}, no{}, 0);
-      for (int64_t t = 1; t + 1 < ntiles; ++t) sweep(no{}, no{}, t);
-      sweep(no{}, yes{}, ntiles - 1);
     }
-    return local_bad;
+    return false;
   });
 }
 
@@ -1021,12 +1000,13 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
   if (values.scalar_type() == at::kDouble || rows == 0 || K == 0 || B == 0 || nnz == 0)
     return {sddmm_cpu(rowptr, col, gyt, xt),
             dxt.copy_(spmm_t_cpu(rowptr, col, values, gyt, K, t_rowptr, t_col, t_perm))};
-  // Which sweep: over W^T's structure when it is given and the batch is above 64, where its one random read of
-  // the values and one random write of the products per stored position (through the permutation) cost less
-  // than the CSR sweep's scatter into dxt, once per panel; else over W's CSR. 4096 x 4096 at 90%, the op
-  // alone (2026-11-29): batch 256, W^T 15.4 ms, CSR 23 ms, sddmm + spmm_t 20-21 ms; batch 128, 10.2 / 11.4 /
-  // 11.7; batch 64, 6.9 / 5.2-5.8 / 7.2; batch 16, 2.9 / 1.3-1.4 / 2.0. Re-measured after the row indices were
-  // checked in one pass (W^T 12-14 ms at batch 256): batch 65, 7.7 / 7.7; batch 96, 7.4 / 8.3.
+  // Which sweep: over W^T's structure when it is given and the batch is above 32 (more than one panel), where
+  // gathering the values into its order before and scattering the products back after (two passes through the
+  // permutation, ~1 ms each at 1.7M stored values with cold caches) cost less than the CSR sweep's scatter into
+  // dxt, once per panel; else over W's CSR. 4096 x 4096 at 90%, the op alone (2026-11-29, W^T / CSR): batch
+  // 256, 11-12.6 / 23 ms (sddmm + spmm_t 20-21); 128, 6.8 / 9.9; 64, 4.1 / 5.1-5.3; 33, 4.1 / 5.1; 32, 2.9 /
+  // 2.5; 16, 2.4 / 1.4. Reading and writing through the permutation inside the sweep instead (on its first and
+  // last panels) cost 13-15 ms at batch 256: those random accesses then compete with gyt's panel for L2.
   const bool csc = transposed && B > kGradCscMinBatch;
   // half of L2: over W^T, gyt's panel read at random rows (all of L2 measured no faster); over W's CSR, xt's
   // panel and the accumulators
@@ -1039,22 +1019,22 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
     scalar_t* dxp = dxt.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dvalues.mutable_data_ptr<scalar_t>();
     if (csc) {
-      // more than one panel: W's values in CSC order as float32 (slot 2), the products in that order (slot 3)
-      const bool several = B > T;
-      const at::Tensor vals = cpu::scratch(2, several ? nnz : 0), dv = cpu::scratch(3, several ? nnz : 0);
+      // W's values in W^T's order as float32 (slot 2), the products in that order (slot 3), scattered back
+      const at::Tensor vals = gather_values<scalar_t, float>(values, *t_perm, bad);
+      TORCH_CHECK_VALUE(!bad, "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
+      const at::Tensor dv = cpu::scratch(3, nnz);
       PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cpu", [&] {
-        // grad_csc_panels reads the row indices unchecked (once per panel); the permutation it checks itself
+        // grad_csc_panels reads the row indices unchecked (once per panel)
         TORCH_CHECK_VALUE(cpu::indices_in_range(t_col->const_data_ptr<index_t>(), nnz, rows),
                           "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
         with_panel_width(T, "spmm_grad", [&](auto v_tag) {
           grad_csc_panels<decltype(v_tag)::value, index_t, scalar_t>(
-              t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(),
-              t_perm->const_data_ptr<int32_t>(), values.const_data_ptr<scalar_t>(), vals.mutable_data_ptr<float>(),
-              dv.mutable_data_ptr<float>(), pgp, xt.const_data_ptr<scalar_t>(), xt.stride(0), xt.stride(1), dvp, dxp,
+              t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(), vals.const_data_ptr<float>(),
+              dv.mutable_data_ptr<float>(), pgp, xt.const_data_ptr<scalar_t>(), xt.stride(0), xt.stride(1), dxp,
               dxt.stride(0), dxt.stride(1), rows, K, B, bad);
         });
       });
-      TORCH_CHECK_VALUE(!bad, "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
+      scatter_values<scalar_t>(dv.const_data_ptr<float>(), t_perm->const_data_ptr<int32_t>(), dvp, nnz);
     } else {
       // products straight into dvalues when it is float32, else through float32 scratch (slot 3)
       const at::Tensor px = pack_panels<scalar_t>(xt, T, 1);  // xt's rows are read in the order of W's columns
