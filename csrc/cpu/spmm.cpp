@@ -329,9 +329,11 @@ void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
 constexpr int64_t kPermPrefetch = 256;
 
 // values[perm[j]] for every j, as out_t, in scratch slot 2: W's values in W^T's order. perm entries outside
-// [0, nnz) set `bad` and give 0.
-template <typename scalar_t, typename out_t = scalar_t>
-at::Tensor gather_values(const at::Tensor& values, const at::Tensor& perm, std::atomic<bool>& bad) {
+// [0, nnz) set `bad` and give 0. Given `idx` (W^T's row indices, which a caller will read unchecked), the same
+// pass also sets `bad` for any idx[j] outside [0, idx_bound).
+template <typename scalar_t, typename out_t = scalar_t, typename index_t = int32_t>
+at::Tensor gather_values(const at::Tensor& values, const at::Tensor& perm, std::atomic<bool>& bad,
+                         const index_t* idx = nullptr, int64_t idx_bound = 0) {
   at::Tensor out = cpu::scratch(2, values.numel(), c10::CppTypeToScalarType<out_t>::value);
   const scalar_t* v = values.const_data_ptr<scalar_t>();
   const int32_t* p = perm.const_data_ptr<int32_t>();
@@ -349,6 +351,9 @@ at::Tensor gather_values(const at::Tensor& values, const at::Tensor& perm, std::
       outside += !ok;
       o[j] = ok ? static_cast<out_t>(v[pj]) : out_t(0);
     }
+    if (idx != nullptr)
+      for (int64_t j = b; j < e; ++j)
+        outside += static_cast<uint64_t>(static_cast<int64_t>(idx[j])) >= static_cast<uint64_t>(idx_bound);
     if (outside) bad = true;
   });
   return out;
@@ -1020,13 +1025,12 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
     scalar_t* dvp = dvalues.mutable_data_ptr<scalar_t>();
     if (csc) {
       // W's values in W^T's order as float32 (slot 2), the products in that order (slot 3), scattered back
-      const at::Tensor vals = gather_values<scalar_t, float>(values, *t_perm, bad);
-      TORCH_CHECK_VALUE(!bad, "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
       const at::Tensor dv = cpu::scratch(3, nnz);
       PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cpu", [&] {
-        // grad_csc_panels reads the row indices unchecked (once per panel)
-        TORCH_CHECK_VALUE(cpu::indices_in_range(t_col->const_data_ptr<index_t>(), nnz, rows),
-                          "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
+        // the same pass checks the row indices, which grad_csc_panels reads unchecked (once per panel)
+        const at::Tensor vals = gather_values<scalar_t, float, index_t>(values, *t_perm, bad,
+                                                                        t_col->const_data_ptr<index_t>(), rows);
+        TORCH_CHECK_VALUE(!bad, "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
         with_panel_width(T, "spmm_grad", [&](auto v_tag) {
           grad_csc_panels<decltype(v_tag)::value, index_t, scalar_t>(
               t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(), vals.const_data_ptr<float>(),
