@@ -321,8 +321,6 @@ void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   });
 }
 
-// values[perm[j]] for every j, in one parallel pass, into scratch slot 2; entries of perm outside [0, nnz)
-// flag bad.
 // Software prefetch distance, in elements, of the loops through a permutation: its random reads (or writes)
 // mostly miss every cache, and a plain loop keeps too few misses in flight (4096 x 4096 at 90%, cold caches:
 // gather 2.4 -> 1.0 ms, scatter 1.4 -> 1.1 ms on two threads, 2026-11-29).
@@ -729,7 +727,7 @@ constexpr int64_t kRowPrefetch = 32;
 // accumulators stay in registers, and each stored (n, k) reads gyt's panel row n once for both its
 // multiply-add into dxt and its dot product with xt's row. W's values come in W^T's order (`vals`, float32,
 // gathered before the sweep); the products are summed over the panels in that order in `dv` (scattered into
-// W's order after it). The row indices must have been checked (indices_in_range).
+// W's order after it). The row indices must have been checked (gather_values does, in the same pass).
 template <int V, typename index_t, typename scalar_t>
 void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const float* vals, float* dv, const float* pg,
                      const scalar_t* xt, int64_t xsk, int64_t xsb, scalar_t* dxt, int64_t dsk, int64_t dsb,
