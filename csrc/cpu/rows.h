@@ -40,16 +40,23 @@ inline void for_row_parts(const int32_t* rowptr, int64_t rows, std::atomic<bool>
   });
 }
 
+// Whether every idx[i], b <= i < e, lies in [0, bound): serial, vectorisable (a pass that also does other work
+// per chunk calls it on its chunk).
+template <typename index_t>
+inline bool chunk_in_range(const index_t* idx, int64_t b, int64_t e, int64_t bound) {
+  bool good = true;
+  for (int64_t i = b; i < e; ++i)
+    good &= static_cast<uint64_t>(static_cast<int64_t>(idx[i])) < static_cast<uint64_t>(bound);
+  return good;
+}
+
 // Whether every idx[i], i < n, lies in [0, bound): one pass, vectorisable, parallel. The panel kernels read each
 // stored position once per panel of the batch; they check the indices here once instead of at every read.
 template <typename index_t>
 inline bool indices_in_range(const index_t* idx, int64_t n, int64_t bound) {
   std::atomic<bool> all{true};
   at::parallel_for(0, n, int64_t{1} << 16, [&](int64_t b, int64_t e) {
-    bool good = true;
-    for (int64_t i = b; i < e; ++i)
-      good &= static_cast<uint64_t>(static_cast<int64_t>(idx[i])) < static_cast<uint64_t>(bound);
-    if (!good) all = false;
+    if (!chunk_in_range(idx, b, e, bound)) all = false;
   });
   return all;
 }

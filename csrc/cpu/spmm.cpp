@@ -349,10 +349,7 @@ at::Tensor gather_values(const at::Tensor& values, const at::Tensor& perm, std::
       outside += !ok;
       o[j] = ok ? static_cast<out_t>(v[pj]) : out_t(0);
     }
-    if (idx != nullptr)
-      for (int64_t j = b; j < e; ++j)
-        outside += static_cast<uint64_t>(static_cast<int64_t>(idx[j])) >= static_cast<uint64_t>(idx_bound);
-    if (outside) bad = true;
+    if (outside || (idx != nullptr && !cpu::chunk_in_range(idx, b, e, idx_bound))) bad = true;
   });
   return out;
 }
@@ -1014,10 +1011,10 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
   if (values.scalar_type() == at::kDouble || rows == 0 || K == 0 || B == 0 || nnz == 0)
     return {sddmm_cpu(rowptr, col, gyt, xt),
             dxt.copy_(spmm_t_cpu(rowptr, col, values, gyt, K, t_rowptr, t_col, t_perm))};
-  // Which sweep: over W^T's structure when it is given and the batch is above 32 (more than one panel), where
-  // gathering the values into its order before and scattering the products back after (two passes through the
-  // permutation, ~1 ms each at 1.7M stored values with cold caches) cost less than the CSR sweep's scatter into
-  // dxt, once per panel; else over W's CSR. 4096 x 4096 at 90%, the op alone (2026-11-29, W^T / CSR): batch
+  // Which sweep: over W^T's structure when it is given and the batch is above 32, where gathering the values
+  // into its order before and scattering the products back after (two passes through the permutation, ~1 ms
+  // each at 1.7M stored values with cold caches) cost less than the CSR sweep's scatter into dxt, once per
+  // panel; else over W's CSR. 4096 x 4096 at 90%, the op alone (2026-11-29, W^T / CSR): batch
   // 256, 11-12.6 / 23 ms (sddmm + spmm_t 20-21); 128, 6.8 / 9.9; 64, 4.1 / 5.1-5.3; 33, 4.1 / 5.1; 32, 2.9 /
   // 2.5; 16, 2.4 / 1.4. Reading and writing through the permutation inside the sweep instead (on its first and
   // last panels) cost 13-15 ms at batch 256: those random accesses then compete with gyt's panel for L2.
