@@ -240,8 +240,10 @@ def test_tampered_structure_raises_not_crashes():
         pysparse.ops.spmm_t(s.rowptr, bad_col, values, torch.randn(6, 4), 8)
     bad_perm = s.t_perm.clone()
     bad_perm[0] = 10_000
-    with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
-        torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, values, torch.randn(6, 40), 8, s.t_rowptr, s.t_col, bad_perm)
+    for batch in (40, 200):  # one panel: read in place; several: gathered into order first
+        with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
+            torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, values, torch.randn(6, batch), 8, s.t_rowptr, s.t_col,
+                                              bad_perm)
     # spmm_grad, both sweeps and one to several panels: out-of-range entries are neither read nor written through
     # (the CPU sweeps W^T's structure only above batch 32)
     for batch in (4, 33, 65, 200):

@@ -393,10 +393,18 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
   // repeat the random reads, so they are gathered into order once first (batch 256 at 90%: 24 -> 13 ms).
   const int64_t T = panels ? panel_width(K, B, l2_bytes()) : 0;  // the one panel read at random rows: all of L2
   const bool gather_first = perm != nullptr && (!panels || B > T);
+  // several panels read col unchecked: the gather's pass checks it (else a pass of its own below)
+  const bool check_in_gather = gather_first && panels;
   if (gather_first) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_gather",
-                                    [&] { vals = gather_values<scalar_t>(values, *perm, bad); });
-    TORCH_CHECK_VALUE(!bad, "spmm_t: a t_perm entry is outside [0, nnz)");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_gather", [&] {
+      if (check_in_gather)
+        PYSPARSE_DISPATCH_INDEX(col, "spmm_gather", [&] {
+          vals = gather_values<scalar_t, scalar_t, index_t>(values, *perm, bad, col.const_data_ptr<index_t>(), K);
+        });
+      else
+        vals = gather_values<scalar_t>(values, *perm, bad);
+    });
+    TORCH_CHECK_VALUE(!bad, "spmm_t: a row index or t_perm entry of the transposed structure is out of range");
   }
   const int32_t* pm = perm != nullptr && !gather_first ? perm->const_data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_cpu", [&] {
@@ -411,12 +419,9 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
       } else if (std::is_same_v<scalar_t, double>) {
         spmm_plain<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, B, bad);
       } else {
-        const bool one_panel = B <= T;  // several: col checked here once, read unchecked by every panel
-        if (!one_panel && !cpu::indices_in_range(cp, col.numel(), K)) {
-          TORCH_CHECK_VALUE(perm == nullptr, "spmm_t: a row index or t_perm entry of the transposed structure is out "
-                                             "of range");
-          TORCH_CHECK_VALUE(false, "spmm: a column index is outside [0, ", K, ")");
-        }
+        const bool one_panel = B <= T;  // several: col checked once (here or in the gather), read unchecked
+        if (!one_panel && !check_in_gather)  // W's own CSR (spmm): permuted values always take the gather here
+          TORCH_CHECK_VALUE(cpu::indices_in_range(cp, col.numel(), K), "spmm: a column index is outside [0, ", K, ")");
         const at::Tensor packed = pack_panels<scalar_t>(x, T, 0);
         const float* pp = packed.const_data_ptr<float>();
         auto run = [&](auto v_tag) {
