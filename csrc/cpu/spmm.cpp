@@ -72,7 +72,9 @@ inline void transpose16(vfloat (&r)[kLanes]) {
 // xt [K, B] -> float32 panels [ntiles, K, T], zero-padded past B, in scratch slot `slot` (scratch.h). xt may be
 // strided. The common case is the [K, B] transposed view of a contiguous [B, K] batch (what the layers pass):
 // it is transposed 16 x 16 blocks at a time in registers, reading each batch row contiguously (a per-element
-// gather down the columns would hit one cache set with all its rows, 16 KB apart, and run 3-4x slower).
+// gather down the columns would hit one cache set with all its rows, 16 KB apart, and run 3-4x slower), 16 rows
+// at a time across the thread's columns: 16 sequential streams, which the prefetchers follow (the 16-column
+// blocks of all T rows of a panel first, T streams: 4 MB at 99% in a training step 160-250 -> 110-125 us).
 template <typename scalar_t>
 at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot) {
   const int64_t K = xt.size(0), B = xt.size(1), ntiles = (B + T - 1) / T;
@@ -85,10 +87,10 @@ at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot) {
     at::parallel_for(0, kblocks, 16, [&](int64_t q0, int64_t q1) {
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t b0 = t * T, bt = std::min(T, B - b0);
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t k0 = q * kLanes, kn = std::min(kLanes, K - k0);
-          for (int64_t g = 0; g < T; g += kLanes) {
-            const int64_t nb = std::clamp<int64_t>(bt - g, 0, kLanes);
+        for (int64_t g = 0; g < T; g += kLanes) {
+          const int64_t nb = std::clamp<int64_t>(bt - g, 0, kLanes);
+          for (int64_t q = q0; q < q1; ++q) {
+            const int64_t k0 = q * kLanes, kn = std::min(kLanes, K - k0);
             vfloat r[kLanes];
             for (int64_t i = 0; i < kLanes; ++i)
               r[i] = i < nb ? load_lanes(src + (b0 + g + i) * sb + k0, kn) : vfloat{};
