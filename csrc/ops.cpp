@@ -64,11 +64,13 @@ TORCH_LIBRARY(pysparse, m) {
   // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");
   // The backward of spmm in one call: (sddmm(rowptr, col, gyt, xt), spmm_t(rowptr, col, values, gyt,
-  // xt.size(0), t_*)), i.e. the gradients with respect to the values [nnz] and to xt [K, B] from gyt [R, B].
-  // The CPU kernel computes both in one sweep over the stored positions (each reads gyt's row once for both).
-  // dxt has xt's layout when xt is batch-major (the [K, B] view of a [B, K] batch), else it is contiguous.
+  // xt.size(0), t_*), dbias), i.e. the gradients with respect to the values [nnz] and to xt [K, B] from gyt
+  // [R, B], and with bias_grad the bias's, gyt.sum(1) [R] (else an empty tensor). The CPU kernel computes the
+  // first two in one sweep over the stored positions (each reads gyt's row once for both) and sums the bias
+  // gradient while it packs gyt. dxt has xt's layout when xt is batch-major (the [K, B] view of a [B, K] batch),
+  // else it is contiguous.
   m.def("spmm_grad(Tensor rowptr, Tensor col, Tensor values, Tensor gyt, Tensor xt, Tensor? t_rowptr=None, "
-        "Tensor? t_col=None, Tensor? t_perm=None) -> (Tensor, Tensor)");
+        "Tensor? t_col=None, Tensor? t_perm=None, bool bias_grad=False) -> (Tensor, Tensor, Tensor)");
   // Frees the CPU kernels' scratch buffers held by the calling thread (csrc/cpu/scratch.h); returns the bytes
   // released. No tensors: one kernel for every device.
   m.def("release_scratch() -> int", [] { return pysparse::cpu::release_scratch(); });

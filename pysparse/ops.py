@@ -463,16 +463,21 @@ def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 
 def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt: torch.Tensor, xt: torch.Tensor, *,
-              transposed: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              transposed: Optional[Sequence[torch.Tensor]] = None, bias: bool = False) -> tuple[torch.Tensor, ...]:
     """The backward of :func:`spmm` in one call: ``(dvalues, dxt)`` = ``(sddmm(rowptr, col, gyt, xt), W.T @ gyt)``
-    for the output gradient ``gyt`` [rows, batch]. The CPU kernel computes both in one sweep over the stored
-    positions, reading each row of ``gyt`` once for both (what spmm's autograd calls). ``transposed`` is W's
-    transposed structure: CUDA needs it; the CPU sweeps through it for batches above 32, else W's CSR."""
+    for the output gradient ``gyt`` [rows, batch], and with ``bias=True`` also the bias's, ``gyt.sum(1)``:
+    ``(dvalues, dxt, dbias)``. The CPU kernel computes the first two in one sweep over the stored positions,
+    reading each row of ``gyt`` once for both, and sums the bias gradient as it packs ``gyt`` (what spmm's
+    autograd calls). ``transposed`` is W's transposed structure: CUDA needs it; the CPU sweeps through it for
+    batches above 32, else W's CSR."""
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
     _check_kernel("spmm_grad", values.device, "values")
-    dvalues, dxt = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
-    return dvalues, dxt
+    if not isinstance(bias, bool):
+        raise TypeError(f"spmm_grad: bias must be a bool, got {type(bias).__name__}")
+    dvalues, dxt, dbias = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm,
+                                                              bias)
+    return (dvalues, dxt, dbias) if bias else (dvalues, dxt)
 
 
 def release_scratch() -> int:
@@ -566,9 +571,9 @@ def _empty_input_grad(xt: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("pysparse::spmm_grad")
-def _spmm_grad_fake(rowptr, col, values, gyt, xt, t_rowptr=None, t_col=None, t_perm=None):
+def _spmm_grad_fake(rowptr, col, values, gyt, xt, t_rowptr=None, t_col=None, t_perm=None, bias_grad=False):
     _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
-    return values.new_empty(col.shape), _empty_input_grad(xt)
+    return values.new_empty(col.shape), _empty_input_grad(xt), values.new_empty(gyt.shape[0] if bias_grad else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -621,11 +626,13 @@ def _spmm_backward(ctx, gyt):
     rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 8)
     dvalues = dxt = dbias = None  # gyt may be a transposed view: the kernels pack it through its strides
-    if needs[2] and needs[3]:  # both in one sweep
-        dvalues, dxt = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
-    elif needs[2]:
+    if needs[2] and needs[3]:  # both in one sweep, and the bias gradient summed as gyt is packed for it
+        dvalues, dxt, dbias = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col,
+                                                                  t_perm, needs[4])
+        return None, None, dvalues, dxt, dbias if needs[4] else None, None, None, None
+    if needs[2]:
         dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
-    elif needs[3]:
+    if needs[3]:
         dxt = torch.ops.pysparse.spmm_t.default(rowptr, col, values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gyt.sum(1)

@@ -90,9 +90,10 @@ def sddmm(rowptr, col, a, b) -> torch.Tensor:
     return (a.to(acc)[rows] * b.to(acc)[col.long()]).sum(-1).to(a.dtype)
 
 
-def spmm_grad(rowptr, col, values, gyt, xt, *, transposed=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """spmm's backward: the values' gradient (sddmm) and the input's (W.T @ gyt)."""
-    return sddmm(rowptr, col, gyt, xt), spmm_t(rowptr, col, values, gyt, xt.shape[0])
+def spmm_grad(rowptr, col, values, gyt, xt, *, transposed=None, bias=False) -> tuple[torch.Tensor, ...]:
+    """spmm's backward: the values' gradient (sddmm) and the input's (W.T @ gyt); with bias, the bias's too."""
+    grads = sddmm(rowptr, col, gyt, xt), spmm_t(rowptr, col, values, gyt, xt.shape[0])
+    return grads + (gyt.to(_acc(gyt.dtype)).sum(1).to(gyt.dtype),) if bias else grads
 
 
 def _dense_conv_weight(rowptr, col, values, channels, kernel_size):

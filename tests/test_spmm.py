@@ -74,8 +74,11 @@ def test_transposed_batch_packing_edges(dtype):
             torch.testing.assert_close(
                 pysparse.ops.spmm_t(s.rowptr, s.col, values, yt.t().contiguous().t(), cols, transposed=transposed),
                 reference.spmm_t(s.rowptr, s.col, values, yt, cols), **TOL[dtype])
-            got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, yt.t().contiguous().t(), view, transposed=transposed)
-            for g, w in zip(got, reference.spmm_grad(s.rowptr, s.col, values, yt, xt)):
+            got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, yt.t().contiguous().t(), view, transposed=transposed,
+                                         bias=True)  # the bias gradient: summed in the same 16 x 16 blocks
+            want = reference.spmm_grad(s.rowptr, s.col, values, yt, xt, bias=True)
+            assert len(got) == len(want) == 3
+            for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, **TOL[dtype])
 
 
@@ -136,19 +139,25 @@ def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, emp
 def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
     """Both gradients in one call, both CPU sweeps (W^T's structure above batch 32, W's CSR otherwise or without
     it), batches of one to four panels (the values are gathered through the permutation before the panels and the
-    products scattered through it after them)."""
+    products scattered through it after them); with bias=True, the bias gradient (summed as gyt is packed) too."""
     values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
     gyt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 3)).to(device, dtype)
-    want_values, want_x = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+    want_values, want_x, want_bias = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
     for transposed in (s.transposed(), None):
         if transposed is None and device == "cuda":
             continue
-        dvalues, dxt = pysparse.ops.spmm_grad(s.rowptr, s.col, values, _strided(gyt, layout), _strided(xt, layout),
-                                              transposed=transposed)
-        assert dvalues.shape == values.shape and dxt.shape == (cols, batch)
-        assert dvalues.dtype == dxt.dtype == dtype
-        torch.testing.assert_close(dvalues, want_values, **TOL[dtype])
-        torch.testing.assert_close(dxt, want_x, **TOL[dtype])
+        for bias in (False, True):
+            got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, _strided(gyt, layout), _strided(xt, layout),
+                                         transposed=transposed, bias=bias)
+            assert len(got) == (3 if bias else 2)
+            dvalues, dxt = got[:2]
+            assert dvalues.shape == values.shape and dxt.shape == (cols, batch)
+            assert dvalues.dtype == dxt.dtype == dtype
+            torch.testing.assert_close(dvalues, want_values, **TOL[dtype])
+            torch.testing.assert_close(dxt, want_x, **TOL[dtype])
+            if bias:
+                assert got[2].shape == (rows,) and got[2].dtype == dtype
+                torch.testing.assert_close(got[2], want_bias, **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -193,8 +202,10 @@ def test_opcheck_and_compile(device):
     torch.library.opcheck(torch.ops.pysparse.sddmm.default, (s.rowptr, s.col, torch.randn(12, 8, device=device), xt))
     torch.library.opcheck(torch.ops.pysparse.spmm_t.default,
                           (s.rowptr, s.col, values, torch.randn(12, 8, device=device), 20, *s.transposed()))
-    torch.library.opcheck(torch.ops.pysparse.spmm_grad.default,
-                          (s.rowptr, s.col, values, torch.randn(12, 8, device=device), xt, *s.transposed()))
+    for bias_grad in (False, True):
+        torch.library.opcheck(torch.ops.pysparse.spmm_grad.default,
+                              (s.rowptr, s.col, values, torch.randn(12, 8, device=device), xt, *s.transposed(),
+                               bias_grad))
     torch._dynamo.reset()
     f = torch.compile(lambda v, x: pysparse.ops.spmm(s.rowptr, s.col, v, x, transposed=s.transposed()).relu().sum(),
                       fullgraph=True)
@@ -281,6 +292,8 @@ def test_tampered_structure_raises_not_crashes():
     (lambda v, s, x: pysparse.ops.spmm_grad(s.rowptr, s.col, v, torch.randn(6, 4).double(), x), TypeError,
      "gyt must have values' dtype"),
     (lambda v, s, x: pysparse.ops.spmm_grad(s.rowptr, s.col, v, torch.randn(6, 4), x[0]), ValueError, "xt must be 2-D"),
+    (lambda v, s, x: pysparse.ops.spmm_grad(s.rowptr, s.col, v, torch.randn(6, 4), x, bias=1), TypeError,
+     "bias must be a bool"),
     (lambda v, s, x: torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, v, torch.randn(5, 4), x, None, None, None),
      ValueError, r"gyt must be \[6, 4\]"),
 ])

@@ -75,8 +75,10 @@ inline void transpose16(vfloat (&r)[kLanes]) {
 // gather down the columns would hit one cache set with all its rows, 16 KB apart, and run 3-4x slower), 16 rows
 // at a time across the thread's columns: 16 sequential streams, which the prefetchers follow (the 16-column
 // blocks of all T rows of a panel first, T streams: 4 MB at 99% in a training step 160-250 -> 110-125 us).
+// With `rowsum` (round_up(K, 16) floats), the same pass also sums each row: rowsum[k] = sum over b of xt[k, b]
+// in float32 (spmm_grad's bias gradient, without a pass of its own over gyt).
 template <typename scalar_t>
-at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot) {
+at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot, float* rowsum = nullptr) {
   const int64_t K = xt.size(0), B = xt.size(1), ntiles = (B + T - 1) / T;
   const int64_t sk = xt.stride(0), sb = xt.stride(1);
   at::Tensor packed = cpu::scratch(slot, ntiles * K * T);
@@ -94,6 +96,15 @@ at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot) {
             vfloat r[kLanes];
             for (int64_t i = 0; i < kLanes; ++i)
               r[i] = i < nb ? load_lanes(src + (b0 + g + i) * sb + k0, kn) : vfloat{};
+            if (rowsum != nullptr) {  // before the transpose: lane i of row b is xt[k0 + i, b]
+              vfloat sum[8];
+#pragma GCC unroll 8
+              for (int i = 0; i < 8; ++i) sum[i] = r[i] + r[i + 8];
+              const vfloat total = ((sum[0] + sum[4]) + (sum[1] + sum[5])) + ((sum[2] + sum[6]) + (sum[3] + sum[7]));
+              const vfloat before = t == 0 && g == 0 ? vfloat{} : vload(rowsum + k0);
+              const vfloat after = before + total;
+              __builtin_memcpy(rowsum + k0, &after, sizeof(after));
+            }
             transpose16(r);
             for (int64_t i = 0; i < kn; ++i) __builtin_memcpy(dst + (t * K + k0 + i) * T + g, &r[i], sizeof(vfloat));
           }
@@ -113,6 +124,11 @@ at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot) {
         else  // another layout: a plain gather
           for (int64_t b = 0; b < bt; ++b) d[b] = static_cast<float>(s[b * sb]);
         for (int64_t b = bt; b < T; ++b) d[b] = 0.f;
+        if (rowsum != nullptr) {
+          float sum = 0.f;
+          for (int64_t b = 0; b < bt; ++b) sum += d[b];
+          rowsum[k] = t == 0 ? sum : rowsum[k] + sum;
+        }
       }
     }
   });
@@ -995,12 +1011,12 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
 
 
 // The backward of spmm in one call: (dvalues, dxt) = (sddmm(W, gyt, xt), W^T @ gyt), one sweep over the stored
-// positions for both (grad_csc_panels / scatter_panels above). float64 and empty shapes take the two ops.
-std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const at::Tensor& col,
-                                                 const at::Tensor& values, const at::Tensor& gyt, const at::Tensor& xt,
-                                                 const std::optional<at::Tensor>& t_rowptr,
-                                                 const std::optional<at::Tensor>& t_col,
-                                                 const std::optional<at::Tensor>& t_perm) {
+// positions for both (grad_csc_panels / scatter_panels above), and with bias_grad dbias = gyt.sum(1), summed
+// as gyt is packed (an empty tensor without). float64 and empty shapes take the two ops (and at::sum).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& gyt,
+    const at::Tensor& xt, const std::optional<at::Tensor>& t_rowptr, const std::optional<at::Tensor>& t_col,
+    const std::optional<at::Tensor>& t_perm, bool bias_grad) {
   check_csr(rowptr, col, values, "spmm_grad");
   check_dense(gyt, values, "spmm_grad", "gyt");
   check_dense(xt, values, "spmm_grad", "xt");
@@ -1017,7 +1033,8 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
   at::Tensor dxt = empty_input_grad(xt);
   if (values.scalar_type() == at::kDouble || rows == 0 || K == 0 || B == 0 || nnz == 0)
     return {sddmm_cpu(rowptr, col, gyt, xt),
-            dxt.copy_(spmm_t_cpu(rowptr, col, values, gyt, K, t_rowptr, t_col, t_perm))};
+            dxt.copy_(spmm_t_cpu(rowptr, col, values, gyt, K, t_rowptr, t_col, t_perm)),
+            bias_grad ? gyt.sum(1) : at::empty({0}, values.options())};
   // Which sweep: over W^T's structure when it is given and the batch is above 32, where gathering the values
   // into its order before and scattering the products back after (two passes through the permutation, ~1 ms
   // each at 1.7M stored values with cold caches) cost less than the CSR sweep's scatter into dxt, once per
@@ -1030,9 +1047,12 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
   // panel and the accumulators
   const int64_t T = panel_width(csc ? rows : std::max(rows, K), B, l2_bytes() / 2);
   at::Tensor dvalues = at::empty({nnz}, values.options());
+  // the bias gradient's float32 sums (padded to whole 16-row blocks), converted to values' dtype at the end
+  const int64_t padded_rows = bias_grad ? (rows + kLanes - 1) / kLanes * kLanes : 0;
+  at::Tensor dbias = at::empty({padded_rows}, values.options().dtype(at::kFloat));
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_grad_cpu", [&] {
-    const at::Tensor pg = pack_panels<scalar_t>(gyt, T, 0);
+    const at::Tensor pg = pack_panels<scalar_t>(gyt, T, 0, bias_grad ? dbias.mutable_data_ptr<float>() : nullptr);
     const float* pgp = pg.const_data_ptr<float>();
     scalar_t* dxp = dxt.mutable_data_ptr<scalar_t>();
     scalar_t* dvp = dvalues.mutable_data_ptr<scalar_t>();
@@ -1070,7 +1090,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cpu(const at::Tensor& rowptr, const
       if (!dv.is_same(dvalues)) dvalues.copy_(dv);
     }
   });
-  return {dvalues, dxt};
+  return {dvalues, dxt, dbias.narrow(0, 0, bias_grad ? rows : 0).to(values.scalar_type())};
 }
 }  // namespace
 

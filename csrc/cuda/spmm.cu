@@ -235,11 +235,11 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at:
 // The backward of spmm in one call. On the GPU the two kernels stay separate launches: each is bound by its own
 // gathers, and the fusion the CPU kernel does (one read of gyt's row for both products) would need every
 // block to hold both a dxt tile and the dot products; the op exists so that the autograd formula is one call.
-std::tuple<at::Tensor, at::Tensor> spmm_grad_cuda(const at::Tensor& rowptr, const at::Tensor& col,
-                                                  const at::Tensor& values, const at::Tensor& gyt,
-                                                  const at::Tensor& xt, const std::optional<at::Tensor>& t_rowptr,
-                                                  const std::optional<at::Tensor>& t_col,
-                                                  const std::optional<at::Tensor>& t_perm) {
+// The bias gradient is ATen's row sum here (the CPU kernel's comes from its pack of gyt, which CUDA does not do).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
+    const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& gyt,
+    const at::Tensor& xt, const std::optional<at::Tensor>& t_rowptr, const std::optional<at::Tensor>& t_col,
+    const std::optional<at::Tensor>& t_perm, bool bias_grad) {
   check_csr(rowptr, col, values, "spmm_grad");
   check_dense_cuda(gyt, values, "spmm_grad", "gyt");
   check_dense_cuda(xt, values, "spmm_grad", "xt");
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> spmm_grad_cuda(const at::Tensor& rowptr, cons
                     rowptr.numel() - 1, ", ", xt.size(1), "] (W's rows by xt's columns), got ", gyt.sizes());
   at::Tensor dxt = empty_input_grad(xt);  // the CPU kernel's layout, which the fake kernel declares
   dxt.copy_(spmm_t_cuda(rowptr, col, values, gyt, xt.size(0), t_rowptr, t_col, t_perm));
-  return {sddmm_cuda(rowptr, col, gyt, xt), dxt};
+  return {sddmm_cuda(rowptr, col, gyt, xt), dxt, bias_grad ? gyt.sum(1) : at::empty({0}, values.options())};
 }
 
 }  // namespace
