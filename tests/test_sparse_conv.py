@@ -256,6 +256,11 @@ def test_grad_ops_bad_input():
     bad = s.col.clone()
     bad[0] = 18
     # The kernels themselves (called directly, past the Python checks) reject a bad index with an error.
+    for b in (18, -1):
+        bad[0] = b
+        with pytest.raises(ValueError, match="column index is outside"):
+            torch.ops.pysparse.sparse_conv2d.default(s.rowptr, bad, values, x, None, [3, 3], [1, 1], [1, 1])
+    bad[0] = 18
     with pytest.raises(ValueError, match="column index is outside"):
         torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, bad, values, gy, list(x.shape), [3, 3], [1, 1],
                                                             [1, 1])

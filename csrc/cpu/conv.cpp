@@ -184,7 +184,26 @@ inline int64_t unit_block(int64_t units, int64_t per_unit, int64_t budget) {
 template <typename index_t, typename scalar_t, typename acc_t>
 void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const acc_t* xp,
                  const scalar_t* bias, scalar_t* y, const Layout& L, int64_t O, std::atomic<bool>& bad) {
-  const int64_t K = L.C * L.kh * L.kw;
+  const int64_t K = L.C * L.kh * L.kw, taps = L.kh * L.kw, nnz = rowptr[O];
+  // Every stored weight's window start inside a unit and its value as acc_t, once per call (tasks of the same
+  // row in other unit blocks share them): the tap offsets come from a table, one division per weight. A column
+  // outside [0, K) sets bad (the op then raises) and reads the window at 0 with value 0.
+  std::vector<int64_t> tap_off(static_cast<size_t>(taps));
+  for (int64_t t = 0; t < taps; ++t) tap_off[t] = L.tap(t / L.kw, t % L.kw);
+  std::vector<int64_t> offs(static_cast<size_t>(nnz));
+  std::vector<acc_t> vals(static_cast<size_t>(nnz));
+  at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
+    bool local_bad = false;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t k = col[j];
+      const bool ok = static_cast<uint64_t>(k) < static_cast<uint64_t>(K);
+      local_bad |= !ok;
+      const int64_t c = ok ? static_cast<int32_t>(k) / static_cast<int32_t>(taps) : 0;  // K < 2^31
+      offs[j] = ok ? c * L.plane + tap_off[k - c * taps] : 0;
+      vals[j] = ok ? static_cast<acc_t>(values[j]) : acc_t(0);
+    }
+    if (local_bad) bad = true;
+  });
   // The block's accumulators within 256 KB and its input within ~512 KB (float32), so that a thread, which
   // takes consecutive tasks (unit-block major), sweeps every output channel over inputs in L2.
   const int64_t ublock = std::min(unit_block(L.NB, L.oplane, int64_t{1} << 16),
@@ -192,26 +211,13 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   const int64_t ublocks = (L.NB + ublock - 1) / ublock;
   at::parallel_for(0, O * ublocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(ublock * L.oplane));
-    std::vector<int64_t> offs;  // row o's terms: where each weight's window starts in a unit, and its value
-    std::vector<acc_t> vals;
-    bool local_bad = false;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t o = task % O, u0 = (task / O) * ublock, u1 = std::min(L.NB, u0 + ublock);
-      offs.clear();
-      vals.clear();
-      for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
-        const int64_t k = col[j];
-        if (static_cast<uint64_t>(k) >= static_cast<uint64_t>(K)) {
-          local_bad = true;
-          continue;
-        }
-        offs.push_back(L.window(k));
-        vals.push_back(static_cast<acc_t>(values[j]));
-      }
       const acc_t b = bias ? static_cast<acc_t>(bias[o]) : acc_t(0);
+      const int64_t j0 = rowptr[o], n = rowptr[o + 1] - j0;
       for (int64_t u = u0; u < u1; ++u)
-        cpu::weighted_sum(acc.data() + (u - u0) * L.oplane, b, xp + u * L.C * L.plane, offs.data(), vals.data(),
-                          static_cast<int64_t>(offs.size()), L.len);
+        cpu::weighted_sum(acc.data() + (u - u0) * L.oplane, b, xp + u * L.C * L.plane, offs.data() + j0,
+                          vals.data() + j0, n, L.len);
       // Unit planes [OH, Wp, nb] -> y[n, o] [OH, OW].
       for (int64_t u = u0; u < u1; ++u) {
         const acc_t* src = acc.data() + (u - u0) * L.oplane;
@@ -223,7 +229,6 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
         }
       }
     }
-    if (local_bad) bad = true;
   });
 }
 
