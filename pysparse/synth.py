@@ -291,8 +291,8 @@ def _match_seeded(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pix
     z = torch.randn(len(labels), generator.latent_dim, generator=g).requires_grad_(True)
     offset = torch.zeros(len(labels), *shape, requires_grad=True)
     # The latents are optimised through a dense copy of the generator (same function): on these 4x4 and 8x8
-    # planes the sparse convolutions' forward + backward still take 1.3-2x the dense ones (benchmarks/
-    # RESULTS.md), and nothing here is stored or shipped. The caller's generator is left untouched.
+    # planes the sparse convolutions' forward + backward at 80-90% still take up to ~1.5x the dense ones
+    # (benchmarks/RESULTS.md), and nothing here is stored or shipped. The caller's generator is left untouched.
     from .convert import densify
 
     generator = densify(copy.deepcopy(generator)).eval().requires_grad_(False)
