@@ -69,16 +69,23 @@ struct Layout {
     oplane = OH * Wp * nb;
     phase = Hp * Wp * nb;
     reach = ((kh - 1) * dh / sh * Wp + (kw - 1) * dw / sw) * nb;
+    taps.resize(static_cast<size_t>(kh * kw));
+    for (int64_t t = 0; t < kh * kw; ++t) taps[t] = tap(t / kw, t % kw);
   }
   // Offset, inside one plane, of the window that tap (ki, kj) reads.
   int64_t tap(int64_t ki, int64_t kj) const {
     const int64_t a = ki * dh, b = kj * dw;
     return (((a % sh) * sw + b % sw) * Hp * Wp + (a / sh) * Wp + b / sw) * nb;
   }
-  // The tap of W's column k = (c * kh + ki) * kw + kj.
-  int64_t tap_of(int64_t k) const { return tap((k / kw) % kh, k % kw); }
-  // Offset, inside one unit (all C planes), of the window that column k reads.
-  int64_t window(int64_t k) const { return k / (kh * kw) * plane + tap_of(k); }
+  // The tap of W's column k = (c * kh + ki) * kw + kj (from the table).
+  int64_t tap_of(int64_t k) const { return taps[k % (kh * kw)]; }
+  // Offset, inside one unit (all C planes), of the window that column k reads: one 32-bit division (column
+  // indices are int16 / int32), as the forward computes it for every stored weight of every call.
+  int64_t window(int64_t k) const {
+    const int32_t n = static_cast<int32_t>(kh * kw), c = static_cast<int32_t>(k) / n;
+    return c * plane + taps[static_cast<int32_t>(k) - c * n];
+  }
+  std::vector<int64_t> taps;  // tap(ki, kj) at ki * kw + kj
 };
 
 // The map between a dense [N, C, H, W] tensor and its working layout [NB, C, sh, sw, Hp, Wp, nb]: element
@@ -184,12 +191,10 @@ inline int64_t unit_block(int64_t units, int64_t per_unit, int64_t budget) {
 template <typename index_t, typename scalar_t, typename acc_t>
 void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const acc_t* xp,
                  const scalar_t* bias, scalar_t* y, const Layout& L, int64_t O, std::atomic<bool>& bad) {
-  const int64_t K = L.C * L.kh * L.kw, taps = L.kh * L.kw, nnz = rowptr[O];
+  const int64_t K = L.C * L.kh * L.kw, nnz = rowptr[O];
   // Every stored weight's window start inside a unit and its value as acc_t, once per call (tasks of the same
-  // row in other unit blocks share them): the tap offsets come from a table, one division per weight. A column
-  // outside [0, K) sets bad (the op then raises) and reads the window at 0 with value 0.
-  std::vector<int64_t> tap_off(static_cast<size_t>(taps));
-  for (int64_t t = 0; t < taps; ++t) tap_off[t] = L.tap(t / L.kw, t % L.kw);
+  // row in other unit blocks share them). A column outside [0, K) sets bad (the op then raises) and reads the
+  // window at 0 with value 0.
   std::vector<int64_t> offs(static_cast<size_t>(nnz));
   std::vector<acc_t> vals(static_cast<size_t>(nnz));
   at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
@@ -198,8 +203,7 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
       const int64_t k = col[j];
       const bool ok = static_cast<uint64_t>(k) < static_cast<uint64_t>(K);
       local_bad |= !ok;
-      const int64_t c = ok ? static_cast<int32_t>(k) / static_cast<int32_t>(taps) : 0;  // K < 2^31
-      offs[j] = ok ? c * L.plane + tap_off[k - c * taps] : 0;
+      offs[j] = ok ? L.window(k) : 0;
       vals[j] = ok ? static_cast<acc_t>(values[j]) : acc_t(0);
     }
     if (local_bad) bad = true;
