@@ -629,7 +629,7 @@ def _spmm_backward(ctx, gyt):
     if needs[2] and needs[3]:  # both in one sweep, and the bias gradient summed as gyt is packed for it
         dvalues, dxt, dbias = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col,
                                                                   t_perm, needs[4])
-        return None, None, dvalues, dxt, dbias if needs[4] else None, None, None, None
+        return None, None, dvalues, dxt, (dbias if needs[4] else None), None, None, None
     if needs[2]:
         dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
     if needs[3]:
