@@ -691,7 +691,7 @@ void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, co
           }
           __m512 sums = reduce16(acc);
           if (t > 0) sums = _mm512_add_ps(sums, _mm512_loadu_ps(out + j));
-          _mm512_storeu_ps(out + j, sums);
+          vstore(out + j, sums);
         }
 #endif
         for (; j < rowptr[r + 1]; ++j) {
@@ -805,7 +805,7 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const float* v
           }
           __m512 sums = reduce16(d);
           if (t > 0) sums = _mm512_add_ps(sums, _mm512_loadu_ps(dv + j));
-          _mm512_storeu_ps(dv + j, sums);
+          vstore(dv + j, sums);
         }
 #endif
         for (; j < j1; ++j) dv[j] = (t == 0 ? 0.f : dv[j]) + hsum(step(j, 0));
