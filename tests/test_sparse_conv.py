@@ -218,7 +218,11 @@ def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, dens
     (5, 3, 4, 11, 9, (3, 2), (2, 3), (2, 1), 0.7),      # odd sizes, uneven phases, dilation
     (3, 16, 4, 12, 12, (3, 3), (1, 1), (1, 1), 0.01),   # few weights per input element: no interleaving
     (2, 4, 3, 40, 40, (3, 3), (2, 2), (1, 1), 0.5),     # large planes: no interleaving, stride 2
-], ids=["interleaved", "interleaved-stride2", "odd", "sparse", "large-stride2"])
+    (64, 8, 6, 8, 8, (3, 3), (1, 1), (1, 1), 0.8),      # 12 images per run rounded up to 16 (aligned windows)
+    (136, 4, 3, 8, 8, (3, 3), (1, 1), (1, 1), 0.8),     # 16 per run again, the last block holds 8
+    (64, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6),    # stride 2: 27 per run rounded up to 32
+], ids=["interleaved", "interleaved-stride2", "odd", "sparse", "large-stride2", "aligned", "aligned-partial",
+        "aligned-stride2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_grad_ops_layouts(device, case, dtype):
     _check_grads(device, *case, dtype, seed=3)
