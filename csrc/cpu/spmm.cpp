@@ -23,58 +23,20 @@
 #include "../common.h"
 #include "rows.h"
 #include "scratch.h"
+#include "vec.h"
 
 namespace pysparse {
 namespace {
 
 using cpu::check_rowptr_cpu;
 using cpu::for_row_parts;
+using cpu::kLanes;
+using cpu::load_lanes;
 using cpu::row_parts;
-
-// 16 float32 lanes: one AVX-512 register, or two AVX2 / four SSE registers where the build targets those.
-typedef float vfloat __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-inline vfloat vload(const float* p) {
-  vfloat v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// vload's store: unaligned, and through a float vector type, which may alias float objects only. A memcpy or
-// intrinsic store may alias anything, so after each one in a loop the compiler reloads every pointer the loop
-// reads through memory (a lambda's captures by reference): in scatter_panels' read-modify-write of its
-// accumulators, four extra loads per stored position (spmm_grad at batch 16, 90%: 1.30 -> 1.10 ms, 2026-11-29).
-typedef float vfloat_u __attribute__((vector_size(64), aligned(4)));
-inline void vstore(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
-
-// 16 values of p (n of them, the rest zero) as float32 lanes.
-template <typename scalar_t>
-inline vfloat load_lanes(const scalar_t* p, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (n == kLanes) return vload(p);
-  }
-  float tmp[kLanes] = {};
-  for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
-  return vload(tmp);
-}
-
-// In-register transpose of a 16 x 16 block (r[i] = row i): four rounds of interleaving row j with row j + 8.
-inline void transpose16(vfloat (&r)[kLanes]) {
-  typedef int32_t vint __attribute__((vector_size(64)));
-  const vint lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-  const vint hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  for (int round = 0; round < 4; ++round) {
-    vfloat t[kLanes];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      t[2 * j] = __builtin_shuffle(r[j], r[j + 8], lo);
-      t[2 * j + 1] = __builtin_shuffle(r[j], r[j + 8], hi);
-    }
-#pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) r[j] = t[j];
-  }
-}
+using cpu::transpose16;
+using cpu::vfloat;
+using cpu::vload;
+using cpu::vstore;
 
 // xt [K, B] -> float32 panels [ntiles, K, T], zero-padded past B, in scratch slot `slot` (scratch.h). xt may be
 // strided. The common case is the [K, B] transposed view of a contiguous [B, K] batch (what the layers pass):
