@@ -375,7 +375,7 @@ struct Transposed {
     bool bad = false;
     for (int64_t ki = 0; ki < L.kh; ++ki)
       for (int64_t kj = 0; kj < L.kw; ++kj) {
-        const int64_t k = (c * L.kh + ki) * L.kw + kj, off = L.tap(ki, kj);
+        const int64_t k = (c * L.kh + ki) * L.kw + kj, off = L.taps[ki * L.kw + kj];
         for (int64_t e = ptr[k]; e < ptr[k + 1]; ++e) {
           const int64_t o = row[e], p = perm[e];
           if (static_cast<uint64_t>(o) >= static_cast<uint64_t>(O) ||

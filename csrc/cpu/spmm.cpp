@@ -838,7 +838,7 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
 #ifdef __AVX512F__
         for (; j < j1; j += 16) {
           const int64_t m = std::min<int64_t>(16, j1 - j);
-          const __mmask16 lanes = static_cast<__mmask16>((1u << m) - 1);
+          const __mmask16 lanes = cpu::tail_mask(m);
           __m512 sums;
           if (m == 16) {
             __m512 d[16];

@@ -36,6 +36,10 @@ inline vfloat vload(const float* p) {
 typedef float vfloat_u __attribute__((vector_size(64), aligned(4)));
 inline void vstore(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
 
+#ifdef __AVX512F__
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }  // n in [0, 16]
+#endif
+
 // 16 values of p (n of them, the rest zero) as float32 lanes. (A partial float32 row takes a masked load: going
 // through a stack copy stalls the vector load on the copy's narrower stores.)
 template <typename scalar_t>
@@ -43,7 +47,7 @@ inline vfloat load_lanes(const scalar_t* p, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (n == kLanes) return vload(p);
 #ifdef __AVX512F__
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+    return _mm512_maskz_loadu_ps(tail_mask(n), p);
 #endif
   }
   float tmp[kLanes] = {};
@@ -57,7 +61,7 @@ inline void store_lanes(scalar_t* p, vfloat v, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (n == kLanes) return vstore(p, v);
 #ifdef __AVX512F__
-    return _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
+    return _mm512_mask_storeu_ps(p, tail_mask(n), v);
 #endif
   }
   float tmp[kLanes];
@@ -116,8 +120,6 @@ inline void dots(const T* a, const T* base, const int64_t* offs, int64_t n, int6
 }
 
 #ifdef __AVX512F__
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }  // n in [0, 16]
-
 // 64 outputs (four registers) at a time, every term summed into them before they are stored; the last, partial
 // tile is masked per register.
 template <>
