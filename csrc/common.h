@@ -242,20 +242,24 @@ inline void check_transposed(const at::Tensor& values, const at::Tensor& t_rowpt
                    op, ": t_perm must be a contiguous int32 permutation of the stored values, on values' device");
 }
 
-// Checks a convolution's kernel_size, stride and dilation (2 entries each, all >= 1) and returns the output
-// size of a padded input of spatial size h x w, which must cover the kernel's reach.
+// Checks a convolution's kernel_size, stride and dilation (2 entries each, all >= 1) and padding (2 entries,
+// >= 0: zeros on both sides of each spatial dim) and returns the output size of an input of spatial size h x w,
+// which padded must cover the kernel's reach.
 inline std::pair<int64_t, int64_t> conv_output_size(int64_t h, int64_t w, at::IntArrayRef kernel,
                                                     at::IntArrayRef stride, at::IntArrayRef dilation,
-                                                    const char* op) {
-  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2, op,
-                    ": kernel_size, stride and dilation must have 2 entries");
-  for (int i = 0; i < 2; ++i)
+                                                    at::IntArrayRef padding, const char* op) {
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 2, op,
+                    ": kernel_size, stride, dilation and padding must have 2 entries");
+  for (int i = 0; i < 2; ++i) {
     TORCH_CHECK_VALUE(kernel[i] >= 1 && stride[i] >= 1 && dilation[i] >= 1, op,
                       ": kernel_size, stride and dilation must be >= 1");
+    TORCH_CHECK_VALUE(padding[i] >= 0, op, ": padding must be >= 0, got ", padding);
+  }
   const int64_t reach_h = dilation[0] * (kernel[0] - 1) + 1, reach_w = dilation[1] * (kernel[1] - 1) + 1;
-  TORCH_CHECK_VALUE(h >= reach_h && w >= reach_w, op, ": input of spatial size ", h, "x", w,
-                    " is smaller than the kernel's reach");
-  return {(h - reach_h) / stride[0] + 1, (w - reach_w) / stride[1] + 1};
+  const int64_t ph = h + 2 * padding[0], pw = w + 2 * padding[1];
+  TORCH_CHECK_VALUE(ph >= reach_h && pw >= reach_w, op, ": input of spatial size ", h, "x", w, " (", ph, "x", pw,
+                    " padded) is smaller than the kernel's reach");
+  return {(ph - reach_h) / stride[0] + 1, (pw - reach_w) / stride[1] + 1};
 }
 
 // Validates the gradient gy [N, O, OH, OW] of a sparse convolution of an input of size x_size [N, C, H, W]:
@@ -264,10 +268,11 @@ inline std::pair<int64_t, int64_t> conv_output_size(int64_t h, int64_t w, at::In
 inline std::pair<int64_t, int64_t> check_conv_grad(const at::Tensor& gy, const at::Tensor& like,
                                                    const char* like_name, int64_t rows, at::IntArrayRef x_size,
                                                    at::IntArrayRef kernel, at::IntArrayRef stride,
-                                                   at::IntArrayRef dilation, const char* op) {
+                                                   at::IntArrayRef dilation, at::IntArrayRef padding,
+                                                   const char* op) {
   TORCH_CHECK_VALUE(x_size.size() == 4 && x_size[0] >= 0 && x_size[1] >= 0, op,
                     ": the input size must be [N, C, H, W], got ", x_size);
-  const auto [oh, ow] = conv_output_size(x_size[2], x_size[3], kernel, stride, dilation, op);
+  const auto [oh, ow] = conv_output_size(x_size[2], x_size[3], kernel, stride, dilation, padding, op);
   TORCH_CHECK_VALUE(gy.defined() && gy.dim() == 4, op, ": gy must be [N, O, OH, OW]");
   TORCH_CHECK_TYPE(gy.scalar_type() == like.scalar_type(), op, ": gy has dtype ", gy.scalar_type(), " but ",
                    like_name, " has dtype ", like.scalar_type());
@@ -282,21 +287,22 @@ inline std::pair<int64_t, int64_t> check_conv_grad(const at::Tensor& gy, const a
 inline std::pair<int64_t, int64_t> check_sparse_conv2d_grad_values(const at::Tensor& rowptr, const at::Tensor& col,
                                                                    const at::Tensor& x, const at::Tensor& gy,
                                                                    at::IntArrayRef kernel, at::IntArrayRef stride,
-                                                                   at::IntArrayRef dilation) {
+                                                                   at::IntArrayRef dilation, at::IntArrayRef padding) {
   const char* op = "sparse_conv2d_grad_values";
   check_csr_structure(rowptr, col, op);
   TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, op, ": x must be [N, C, H, W]");
   TORCH_CHECK_TYPE(is_matmul_float(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.device() == rowptr.device(), op, ": x and the structure must be on one device");
-  return check_conv_grad(gy, x, "x", rowptr.numel() - 1, x.sizes(), kernel, stride, dilation, op);
+  return check_conv_grad(gy, x, "x", rowptr.numel() - 1, x.sizes(), kernel, stride, dilation, padding, op);
 }
 
 // Validates sparse_conv2d's arguments and returns the output spatial size.
 inline std::pair<int64_t, int64_t> check_sparse_conv2d(const at::Tensor& rowptr, const at::Tensor& col,
                                                        const at::Tensor& values, const at::Tensor& x,
                                                        const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
-                                                       at::IntArrayRef stride, at::IntArrayRef dilation) {
+                                                       at::IntArrayRef stride, at::IntArrayRef dilation,
+                                                       at::IntArrayRef padding) {
   check_csr(rowptr, col, values, "sparse_conv2d");
   TORCH_CHECK_VALUE(x.defined() && x.dim() == 4, "sparse_conv2d: x must be [N, C, H, W]");
   TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), "sparse_conv2d: x has dtype ", x.scalar_type(),
@@ -308,7 +314,7 @@ inline std::pair<int64_t, int64_t> check_sparse_conv2d(const at::Tensor& rowptr,
     TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "sparse_conv2d: bias dtype differs from values");
     TORCH_CHECK_VALUE(bias->device() == values.device(), "sparse_conv2d: bias is on another device than values");
   }
-  const auto [oh, ow] = conv_output_size(x.size(2), x.size(3), kernel, stride, dilation, "sparse_conv2d");
+  const auto [oh, ow] = conv_output_size(x.size(2), x.size(3), kernel, stride, dilation, padding, "sparse_conv2d");
   return {oh, ow};
 }
 

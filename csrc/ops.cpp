@@ -45,21 +45,24 @@ TORCH_LIBRARY(pysparse, m) {
         "Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
   // Direct sparse convolution: y[n, o] = bias[o] + sum over stored (o, k) of values * x[n, c, oh*s + ki*d,
   // ow*s + kj*d], where column k = (c * kh + ki) * kw + kj indexes W viewed as [O, C * kh * kw] (grouped
-  // weights: block-diagonal over all C input channels). x is already padded; no im2col buffer is built.
-  // The t_* arguments (W's transposed structure) are for the backward only, as in spmm.
+  // weights: block-diagonal over all C input channels), x taken as zero-padded by padding[0] rows above and below
+  // and padding[1] columns left and right (the CPU kernel writes the zeros as it lays x out: no padded copy of
+  // its own). No im2col buffer is built. The t_* arguments (W's transposed structure) are for the backward only,
+  // as in spmm.
   m.def("sparse_conv2d(Tensor rowptr, Tensor col, Tensor values, Tensor x, Tensor? bias, int[2] kernel_size, "
-        "int[2] stride, int[2] dilation, Tensor? t_rowptr=None, Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
-  // The backward of sparse_conv2d, direct (no im2col / fold). Gradient with respect to the padded input, of
-  // size x_size [N, C, H, W], from gy [N, O, OH, OW]: dx[n, c, r*s + ki*d, q*s + kj*d] += value * gy[n, o, r, q]
-  // over the stored (o, k), walking W's transposed structure (t_*): CUDA needs it, the CPU kernel regroups the
-  // CSR itself when it is not given.
-  m.def("sparse_conv2d_grad_input(Tensor rowptr, Tensor col, Tensor values, Tensor gy, SymInt[4] x_size, "
-        "int[2] kernel_size, int[2] stride, int[2] dilation, Tensor? t_rowptr=None, Tensor? t_col=None, "
+        "int[2] stride, int[2] dilation, int[2] padding, Tensor? t_rowptr=None, Tensor? t_col=None, "
         "Tensor? t_perm=None) -> Tensor");
+  // The backward of sparse_conv2d, direct (no im2col / fold). Gradient with respect to the (unpadded) input, of
+  // size x_size [N, C, H, W], from gy [N, O, OH, OW]: dx[n, c, r*s + ki*d - p0, q*s + kj*d - p1] += value *
+  // gy[n, o, r, q] over the stored (o, k) (terms that fall in the padding are dropped), walking W's transposed
+  // structure (t_*): CUDA needs it, the CPU kernel regroups the CSR itself when it is not given.
+  m.def("sparse_conv2d_grad_input(Tensor rowptr, Tensor col, Tensor values, Tensor gy, SymInt[4] x_size, "
+        "int[2] kernel_size, int[2] stride, int[2] dilation, int[2] padding, Tensor? t_rowptr=None, "
+        "Tensor? t_col=None, Tensor? t_perm=None) -> Tensor");
   // Gradient with respect to the stored values: out[j] = sum over n, r, q of gy[n, o, r, q] *
-  // x[n, c, r*s + ki*d, q*s + kj*d] for stored entry j = (o, k); x's dtype.
+  // xpad[n, c, r*s + ki*d, q*s + kj*d] for stored entry j = (o, k), xpad x zero-padded by padding; x's dtype.
   m.def("sparse_conv2d_grad_values(Tensor rowptr, Tensor col, Tensor x, Tensor gy, int[2] kernel_size, "
-        "int[2] stride, int[2] dilation) -> Tensor");
+        "int[2] stride, int[2] dilation, int[2] padding) -> Tensor");
   // Sampled dense-dense product: out[j] = dot(a[row(j), :], b[col(j), :]) for every stored position j of the
   // CSR structure; a [R, B], b [K, B]. The gradient of spmm with respect to its values.
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor");

@@ -226,28 +226,32 @@ def _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm) -> N
     _check_transposed(t_rowptr, t_col, t_perm, values, xt.shape[0], "spmm_grad")
 
 
-def _pair2(v, name: str, op: str = "sparse_conv2d") -> tuple[int, int]:
+def _pair2(v, name: str, op: str = "sparse_conv2d", least: int = 1) -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in t):
-        raise ValueError(f"{op}: {name} must be an int >= 1 or a pair of them, got {v!r}")
+    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= least for i in t):
+        raise ValueError(f"{op}: {name} must be an int >= {least} or a pair of them, got {v!r}")
     return t
 
 
-def _geometry(op: str, kernel_size, stride, dilation) -> tuple[list[int], list[int], list[int]]:
-    """kernel_size, stride and dilation as the [a, b] lists the conv ops' schemas take."""
+def _geometry(op: str, kernel_size, stride, dilation, padding) -> tuple[list[int], ...]:
+    """kernel_size, stride, dilation and padding as the [a, b] lists the conv ops' schemas take."""
     return (list(_pair2(kernel_size, "kernel_size", op)), list(_pair2(stride, "stride", op)),
-            list(_pair2(dilation, "dilation", op)))
+            list(_pair2(dilation, "dilation", op)), list(_pair2(padding, "padding", op, least=0)))
 
 
-def _conv_output_size(op: str, h: int, w: int, kernel_size, stride, dilation) -> tuple[int, int]:
-    """Checks the geometry and returns the output size of a padded input of spatial size h x w."""
-    (kh, kw), (sh, sw), (dh, dw) = _geometry(op, kernel_size, stride, dilation)
+def _conv_output_size(op: str, h: int, w: int, kernel_size, stride, dilation, padding) -> tuple[int, int]:
+    """Checks the geometry and returns the output size of an input of spatial size h x w, zero-padded by
+    padding on both sides."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = _geometry(op, kernel_size, stride, dilation, padding)
+    h, w = h + 2 * ph, w + 2 * pw
     if h - dh * (kh - 1) - 1 < 0 or w - dw * (kw - 1) - 1 < 0:
-        raise ValueError(f"{op}: input of spatial size {(h, w)} is smaller than the kernel's reach")
+        raise ValueError(f"{op}: input of spatial size {(h - 2 * ph, w - 2 * pw)} (padded {(h, w)}) is smaller than "
+                         "the kernel's reach")
     return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
 
 
-def _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm):
+def _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, padding, t_rowptr, t_col,
+                         t_perm):
     _check_csr(rowptr, col, values, "sparse_conv2d")
     _check_tensor(x, "x")
     if x.dim() != 4:
@@ -258,19 +262,19 @@ def _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dila
         _check_tensor(bias, "bias")
         if bias.shape != (rowptr.shape[0] - 1,) or bias.dtype != values.dtype or bias.device != values.device:
             raise ValueError(f"sparse_conv2d: bias must be [{rowptr.shape[0] - 1}] of values' dtype and device")
-    oh, ow = _conv_output_size("sparse_conv2d", x.shape[2], x.shape[3], kernel_size, stride, dilation)
+    oh, ow = _conv_output_size("sparse_conv2d", x.shape[2], x.shape[3], kernel_size, stride, dilation, padding)
     kh, kw = _pair2(kernel_size, "kernel_size")
     _check_transposed(t_rowptr, t_col, t_perm, values, x.shape[1] * kh * kw, "sparse_conv2d")
     return oh, ow
 
 
-def _check_conv_grad(op, gy, like, like_name, rows, x_size, kernel_size, stride, dilation) -> None:
+def _check_conv_grad(op, gy, like, like_name, rows, x_size, kernel_size, stride, dilation, padding) -> None:
     """gy must be the output gradient [N, rows, OH, OW] of a convolution of an input of size x_size."""
     x_size = tuple(x_size) if isinstance(x_size, (list, tuple, torch.Size)) else x_size
     if (not isinstance(x_size, tuple) or len(x_size) != 4
             or not all(isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool) and i >= 0 for i in x_size)):
         raise ValueError(f"{op}: x_size must be 4 ints >= 0 [N, C, H, W], got {x_size!r}")
-    oh, ow = _conv_output_size(op, x_size[2], x_size[3], kernel_size, stride, dilation)
+    oh, ow = _conv_output_size(op, x_size[2], x_size[3], kernel_size, stride, dilation, padding)
     _check_tensor(gy, "gy")
     if gy.dtype != like.dtype or gy.device != like.device:
         raise TypeError(f"{op}: gy must have the dtype and device of {like_name} ({like.dtype}, {like.device}), got "
@@ -280,15 +284,16 @@ def _check_conv_grad(op, gy, like, like_name, rows, x_size, kernel_size, stride,
                          f"{tuple(gy.shape)}")
 
 
-def _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm):
+def _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, padding, t_rowptr, t_col,
+                           t_perm):
     op = "sparse_conv2d_grad_input"
     _check_csr(rowptr, col, values, op)
-    _check_conv_grad(op, gy, values, "values", rowptr.shape[0] - 1, x_size, kernel_size, stride, dilation)
+    _check_conv_grad(op, gy, values, "values", rowptr.shape[0] - 1, x_size, kernel_size, stride, dilation, padding)
     kh, kw = _pair2(kernel_size, "kernel_size", op)
     _check_transposed(t_rowptr, t_col, t_perm, values, x_size[1] * kh * kw, op)
 
 
-def _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation):
+def _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation, padding):
     op = "sparse_conv2d_grad_values"
     _check_structure(rowptr, col, op)
     _check_tensor(x, "x")
@@ -298,7 +303,7 @@ def _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation):
         raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.device != col.device:
         raise ValueError(f"{op}: x is on {x.device} but the structure is on {col.device}")
-    _check_conv_grad(op, gy, x, "x", rowptr.shape[0] - 1, tuple(x.shape), kernel_size, stride, dilation)
+    _check_conv_grad(op, gy, x, "x", rowptr.shape[0] - 1, tuple(x.shape), kernel_size, stride, dilation, padding)
 
 
 def _check_sddmm(rowptr, col, a, b) -> None:
@@ -416,43 +421,48 @@ def spmm_t(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, yt: to
 
 
 def sparse_conv2d(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x: torch.Tensor, *,
-                  bias: Optional[torch.Tensor] = None, kernel_size=3, stride=1, dilation=1,
+                  bias: Optional[torch.Tensor] = None, kernel_size=3, stride=1, dilation=1, padding=0,
                   transposed: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-    """Direct sparse convolution of an already padded ``x`` [N, C, H, W] with W stored as CSR over
-    [out_channels, C * kh * kw] (column (c * kh + ki) * kw + kj); no im2col buffer. Differentiable in
-    ``values``, ``x`` and ``bias`` (``transposed`` as in :func:`spmm`)."""
+    """Direct sparse convolution of ``x`` [N, C, H, W], zero-padded by ``padding`` (an int or (rows, columns), on
+    both sides), with W stored as CSR over [out_channels, C * kh * kw] (column (c * kh + ki) * kw + kj); no
+    im2col buffer, no padded copy on the CPU. Differentiable in ``values``, ``x`` and ``bias`` (``transposed`` as
+    in :func:`spmm`)."""
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
-    _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+    _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, padding, t_rowptr, t_col,
+                         t_perm)
     _check_kernel("sparse_conv2d", values.device, "values")
-    return torch.ops.pysparse.sparse_conv2d.default(rowptr, col, values, x, bias,
-                                                    *_geometry("sparse_conv2d", kernel_size, stride, dilation),
-                                                    t_rowptr, t_col, t_perm)
+    return torch.ops.pysparse.sparse_conv2d.default(
+        rowptr, col, values, x, bias, *_geometry("sparse_conv2d", kernel_size, stride, dilation, padding), t_rowptr,
+        t_col, t_perm)
 
 
 def sparse_conv2d_grad_input(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gy: torch.Tensor,
-                             x_size: Sequence[int], *, kernel_size=3, stride=1, dilation=1,
+                             x_size: Sequence[int], *, kernel_size=3, stride=1, dilation=1, padding=0,
                              transposed: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-    """Gradient of :func:`sparse_conv2d` with respect to its (padded) input of size ``x_size`` [N, C, H, W],
-    from the output gradient ``gy``; direct, no fold. ``transposed`` (W's transposed structure) is needed on
-    CUDA; on the CPU it is used when given (the layers cache it), else the kernel regroups the CSR itself."""
+    """Gradient of :func:`sparse_conv2d` with respect to its input of size ``x_size`` [N, C, H, W] (unpadded:
+    the padding's terms are dropped), from the output gradient ``gy``; direct, no fold. ``transposed`` (W's
+    transposed structure) is needed on CUDA; on the CPU it is used when given (the layers cache it), else the
+    kernel regroups the CSR itself."""
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
-    _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+    _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, padding, t_rowptr, t_col,
+                           t_perm)
     op = "sparse_conv2d_grad_input"
     _check_kernel(op, values.device, "values")
     return torch.ops.pysparse.sparse_conv2d_grad_input.default(
-        rowptr, col, values, gy, [int(i) for i in x_size], *_geometry(op, kernel_size, stride, dilation),
+        rowptr, col, values, gy, [int(i) for i in x_size], *_geometry(op, kernel_size, stride, dilation, padding),
         t_rowptr, t_col, t_perm)
 
 
 def sparse_conv2d_grad_values(rowptr: torch.Tensor, col: torch.Tensor, x: torch.Tensor, gy: torch.Tensor, *,
-                              kernel_size=3, stride=1, dilation=1) -> torch.Tensor:
+                              kernel_size=3, stride=1, dilation=1, padding=0) -> torch.Tensor:
     """Gradient of :func:`sparse_conv2d` with respect to the stored values: for each stored (o, k), the sum over
-    the batch and the output pixels of ``gy[n, o]`` times the window of ``x[n, c]`` the weight sees; no im2col."""
-    _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation)
+    the batch and the output pixels of ``gy[n, o]`` times the window of the padded ``x[n, c]`` the weight sees;
+    no im2col."""
+    _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation, padding)
     op = "sparse_conv2d_grad_values"
     _check_kernel(op, x.device, "x")
-    return torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy,
-                                                                *_geometry(op, kernel_size, stride, dilation))
+    return torch.ops.pysparse.sparse_conv2d_grad_values.default(
+        rowptr, col, x, gy, *_geometry(op, kernel_size, stride, dilation, padding))
 
 
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -536,22 +546,24 @@ def _spmm_t_fake(rowptr, col, values, yt, n_cols, t_rowptr=None, t_col=None, t_p
 
 
 @torch.library.register_fake("pysparse::sparse_conv2d")
-def _sparse_conv2d_fake(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr=None, t_col=None,
-                        t_perm=None):
-    oh, ow = _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+def _sparse_conv2d_fake(rowptr, col, values, x, bias, kernel_size, stride, dilation, padding, t_rowptr=None,
+                        t_col=None, t_perm=None):
+    oh, ow = _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, padding, t_rowptr, t_col,
+                                  t_perm)
     return x.new_empty((x.shape[0], rowptr.shape[0] - 1, oh, ow))
 
 
 @torch.library.register_fake("pysparse::sparse_conv2d_grad_input")
-def _sparse_conv2d_grad_input_fake(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr=None,
-                                   t_col=None, t_perm=None):
-    _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, t_rowptr, t_col, t_perm)
+def _sparse_conv2d_grad_input_fake(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, padding,
+                                   t_rowptr=None, t_col=None, t_perm=None):
+    _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, padding, t_rowptr, t_col,
+                           t_perm)
     return gy.new_empty(tuple(x_size))
 
 
 @torch.library.register_fake("pysparse::sparse_conv2d_grad_values")
-def _sparse_conv2d_grad_values_fake(rowptr, col, x, gy, kernel_size, stride, dilation):
-    _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation)
+def _sparse_conv2d_grad_values_fake(rowptr, col, x, gy, kernel_size, stride, dilation, padding):
+    _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation, padding)
     return x.new_empty(col.shape)
 
 
@@ -647,27 +659,26 @@ torch.library.register_autograd("pysparse::spmm", _spmm_backward, setup_context=
 # sparse_conv2d_grad_input for the input (no im2col buffer, no fold).
 # ---------------------------------------------------------------------------------------------------------
 def _conv_setup_context(ctx, inputs, output):
-    rowptr, col, values, x, bias, kernel_size, stride, dilation = inputs[:8]
-    t_rowptr, t_col, t_perm = (tuple(inputs[8:]) + (None, None, None))[:3]
-    ctx.geometry = (list(kernel_size), list(stride), list(dilation))
+    rowptr, col, values, x, bias, kernel_size, stride, dilation, padding = inputs[:9]
+    t_rowptr, t_col, t_perm = (tuple(inputs[9:]) + (None, None, None))[:3]
+    ctx.geometry = (list(kernel_size), list(stride), list(dilation), list(padding))
     ctx.save_for_backward(rowptr, col, values, x, t_rowptr, t_col, t_perm)
 
 
 def _conv_backward(ctx, gy):
     rowptr, col, values, x, t_rowptr, t_col, t_perm = ctx.saved_tensors
-    kernel_size, stride, dilation = ctx.geometry
-    needs = _needs_input_grad(ctx, 11)
+    geometry = ctx.geometry  # kernel_size, stride, dilation, padding
+    needs = _needs_input_grad(ctx, 12)
     gy = gy.contiguous()
     dvalues = dx = dbias = None
     if needs[2]:
-        dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy, kernel_size, stride,
-                                                                       dilation)
+        dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy, *geometry)
     if needs[3]:
-        dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, values, gy, list(x.shape), kernel_size,
-                                                                 stride, dilation, t_rowptr, t_col, t_perm)
+        dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, values, gy, list(x.shape), *geometry,
+                                                                 t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gy.sum((0, 2, 3))
-    return (None, None, dvalues, dx, dbias) + (None,) * 6
+    return (None, None, dvalues, dx, dbias) + (None,) * 7
 
 
 torch.library.register_autograd("pysparse::sparse_conv2d", _conv_backward, setup_context=_conv_setup_context)

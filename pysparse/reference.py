@@ -101,29 +101,31 @@ def _dense_conv_weight(rowptr, col, values, channels, kernel_size):
     return csr_to_dense(rowptr, col, values, channels * kh * kw).reshape(-1, channels, kh, kw)
 
 
-def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1, dilation=1, transposed=None):
+def sparse_conv2d(rowptr, col, values, x, *, bias=None, kernel_size=3, stride=1, dilation=1, padding=0,
+                  transposed=None):
     """F.conv2d with the dense weight [O, C, kh, kw] rebuilt from the CSR (a grouped weight is block-diagonal
     over all C channels, so groups=1 is exact)."""
     acc = _acc(values.dtype)
     weight = _dense_conv_weight(rowptr, col, values.to(acc), x.shape[1], kernel_size)
     out = torch.nn.functional.conv2d(x.to(acc), weight, None if bias is None else bias.to(acc), stride=stride,
-                                     dilation=dilation)
+                                     dilation=dilation, padding=padding)
     return out.to(values.dtype)
 
 
-def sparse_conv2d_grad_input(rowptr, col, values, gy, x_size, *, kernel_size=3, stride=1, dilation=1,
+def sparse_conv2d_grad_input(rowptr, col, values, gy, x_size, *, kernel_size=3, stride=1, dilation=1, padding=0,
                              transposed=None):
     """torch.nn.grad.conv2d_input with the dense weight rebuilt from the CSR."""
     acc = _acc(values.dtype)
     weight = _dense_conv_weight(rowptr, col, values.to(acc), x_size[1], kernel_size)
-    return torch.nn.grad.conv2d_input(list(x_size), weight, gy.to(acc), stride=stride,
-                                      dilation=dilation).to(values.dtype)
+    return torch.nn.grad.conv2d_input(list(x_size), weight, gy.to(acc), stride=stride, dilation=dilation,
+                                      padding=padding).to(values.dtype)
 
 
-def sparse_conv2d_grad_values(rowptr, col, x, gy, *, kernel_size=3, stride=1, dilation=1):
+def sparse_conv2d_grad_values(rowptr, col, x, gy, *, kernel_size=3, stride=1, dilation=1, padding=0):
     """torch.nn.grad.conv2d_weight (the dense weight gradient), read at the stored positions."""
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     acc = _acc(x.dtype)
-    dense = torch.nn.grad.conv2d_weight(x.to(acc), (rowptr.numel() - 1, x.shape[1], kh, kw), gy.to(acc),
-                                        stride=stride, dilation=dilation).reshape(rowptr.numel() - 1, -1)
+    rows = rowptr.numel() - 1
+    dense = torch.nn.grad.conv2d_weight(x.to(acc), (rows, x.shape[1], kh, kw), gy.to(acc), stride=stride,
+                                        dilation=dilation, padding=padding).reshape(rows, -1)
     return dense[_rows(rowptr).to(x.device), col.long()].to(x.dtype)

@@ -129,14 +129,15 @@ def _conv_problem(n, c, o, h, w, kh, kw, density, dtype, device, seed):
 @settings(max_examples=50, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 5), o=st.integers(1, 6), hw=st.tuples(st.integers(3, 12), st.integers(3, 12)),
        k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), density=st.floats(0, 1),
-       dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_op_matches_reference(device, n, c, o, hw, k, stride, dilation, density, dtype, use_bias, seed):
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_op_matches_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, use_bias, seed):
     h, w = hw
-    if h < dilation[0] * (k[0] - 1) + 1 or w < dilation[1] * (k[1] - 1) + 1:
+    if h + 2 * padding[0] < dilation[0] * (k[0] - 1) + 1 or w + 2 * padding[1] < dilation[1] * (k[1] - 1) + 1:
         return
     values, s, x, bias = _conv_problem(n, c, o, h, w, *k, density, dtype, device, seed)
-    kw = dict(bias=bias if use_bias else None, kernel_size=k, stride=stride, dilation=dilation)
+    kw = dict(bias=bias if use_bias else None, kernel_size=k, stride=stride, dilation=dilation, padding=padding)
     got = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, **kw)
     torch.testing.assert_close(got, reference.sparse_conv2d(s.rowptr, s.col, values, x, **kw), **TOL[dtype])
 
@@ -146,7 +147,8 @@ def test_op_gradcheck_fp64(device):
     values, s, x, bias = _conv_problem(2, 3, 4, 7, 6, 3, 2, 0.5, torch.float64, device, 0)
     inputs = [t.clone().requires_grad_() for t in (values, x, bias)]
     fn = lambda v, xx, b: pysparse.ops.sparse_conv2d(s.rowptr, s.col, v, xx, bias=b, kernel_size=(3, 2),  # noqa
-                                                     stride=(2, 1), dilation=(1, 2), transposed=s.transposed())
+                                                     stride=(2, 1), dilation=(1, 2), padding=(1, 2),
+                                                     transposed=s.transposed())
     assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -154,10 +156,10 @@ def test_op_gradcheck_fp64(device):
 def test_op_opcheck(device):
     values, s, x, bias = _conv_problem(2, 3, 4, 9, 9, 3, 3, 0.5, torch.float32, device, 1)
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d.default,
-                          (s.rowptr, s.col, values, x, bias, [3, 3], [1, 1], [1, 1], *s.transposed()))
+                          (s.rowptr, s.col, values, x, bias, [3, 3], [1, 1], [1, 1], [0, 0], *s.transposed()))
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d.default,
                           (s.rowptr, s.col, values.clone().requires_grad_(), x.clone().requires_grad_(), None,
-                           [3, 3], [2, 2], [1, 1], *s.transposed()))
+                           [3, 3], [2, 2], [1, 1], [1, 2], *s.transposed()))
 
 
 def test_op_bad_input():
@@ -174,12 +176,19 @@ def test_op_bad_input():
         pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x[0], kernel_size=3)
     with pytest.raises(TypeError, match="dtype"):
         pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x.double(), kernel_size=3)
+    with pytest.raises(ValueError, match="padding must be an int >= 0"):
+        pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, kernel_size=3, padding=-1)
+    with pytest.raises(ValueError, match="padding must be >= 0"):  # the kernel's own check
+        torch.ops.pysparse.sparse_conv2d.default(s.rowptr, s.col, values, x, None, [3, 3], [1, 1], [1, 1], [0, -1])
+    # padding lets a plane smaller than the kernel through
+    assert pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x[..., :2], kernel_size=3, padding=1).shape == (
+        1, 3, 6, 2)
 
 
 # ------------------------------------------------------------------ the direct backward: grad_input, grad_values
-def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed):
+def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed, padding=(0, 0)):
     values, s, x, _ = _conv_problem(n, c, o, h, w, *k, density, dtype, device, seed)
-    geo = dict(kernel_size=k, stride=stride, dilation=dilation)
+    geo = dict(kernel_size=k, stride=stride, dilation=dilation, padding=padding)
     y = reference.sparse_conv2d(s.rowptr, s.col, values, x, **geo)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
@@ -199,33 +208,44 @@ def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, see
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 4), c=st.integers(1, 5), o=st.integers(1, 6), hw=st.tuples(st.integers(3, 12), st.integers(3, 12)),
        k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), density=st.floats(0, 1),
-       dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
-def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, density, dtype, seed):
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
+def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, seed):
     """Both gradients against torch.nn.grad.conv2d_input / conv2d_weight on the dense weight."""
     h, w = hw
-    if h < dilation[0] * (k[0] - 1) + 1 or w < dilation[1] * (k[1] - 1) + 1:
+    if h + 2 * padding[0] < dilation[0] * (k[0] - 1) + 1 or w + 2 * padding[1] < dilation[1] * (k[1] - 1) + 1:
         return
-    _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed)
+    _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed, padding)
 
 
 # The CPU kernels interleave several images per run when planes are small and weights many (GAN shapes);
-# these cases take that path with a partial last block of images, and the plain path beside it.
+# these cases take that path with a partial last block of images, and the plain path beside it, with and
+# without zero padding (written into the layouts by the kernels).
 @pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("case", [
-    (10, 8, 6, 10, 10, (3, 3), (1, 1), (1, 1), 0.8),    # 8x8 output: 7 images per run, the last block holds 3
-    (40, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6),    # stride 2 (phases) and 27 images per run: 27 + 13
-    (5, 3, 4, 11, 9, (3, 2), (2, 3), (2, 1), 0.7),      # odd sizes, uneven phases, dilation
-    (3, 16, 4, 12, 12, (3, 3), (1, 1), (1, 1), 0.01),   # few weights per input element: no interleaving
-    (2, 4, 3, 40, 40, (3, 3), (2, 2), (1, 1), 0.5),     # large planes: no interleaving, stride 2
-    (64, 8, 6, 8, 8, (3, 3), (1, 1), (1, 1), 0.8),      # 12 images per run rounded up to 16 (aligned windows)
-    (136, 4, 3, 8, 8, (3, 3), (1, 1), (1, 1), 0.8),     # 16 per run again, the last block holds 8
-    (64, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6),    # stride 2: 27 per run rounded up to 32
-], ids=["interleaved", "interleaved-stride2", "odd", "sparse", "large-stride2", "aligned", "aligned-partial",
+    (10, 8, 6, 8, 8, (3, 3), (1, 1), (1, 1), 0.8, (1, 1)),   # 8x8 output: 7 images per run, the last block holds 3
+    (40, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6, (0, 0)),  # stride 2 (phases) and 27 images per run: 27 + 13
+    (40, 6, 5, 8, 8, (4, 4), (2, 2), (1, 1), 0.6, (1, 1)),    # the same, padded (a GAN discriminator's layer)
+    (5, 3, 4, 11, 9, (3, 2), (2, 3), (2, 1), 0.7, (2, 1)),    # odd sizes, uneven phases, dilation, padding
+    (3, 16, 4, 12, 12, (3, 3), (1, 1), (1, 1), 0.01, (0, 0)),  # few weights per input element: no interleaving
+    (2, 4, 3, 40, 40, (3, 3), (2, 2), (1, 1), 0.5, (1, 1)),   # large planes: no interleaving, stride 2
+    (2, 4, 3, 38, 37, (3, 3), (1, 1), (1, 1), 0.5, (1, 2)),   # large planes, stride 1: row copies around padding
+    (64, 8, 6, 6, 6, (3, 3), (1, 1), (1, 1), 0.8, (1, 1)),    # 12 images per run rounded up to 16 (aligned windows)
+    (136, 4, 3, 8, 8, (3, 3), (1, 1), (1, 1), 0.8, (0, 0)),   # 16 per run again, the last block holds 8
+    (136, 4, 3, 6, 6, (3, 3), (1, 1), (1, 1), 0.8, (1, 1)),   # the same, padded
+    (64, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6, (0, 0)),  # stride 2: 27 per run rounded up to 32
+], ids=["interleaved-padded", "interleaved-stride2", "interleaved-stride2-padded", "odd-padded", "sparse",
+        "large-stride2-padded", "large-padded", "aligned-padded", "aligned-partial", "aligned-partial-padded",
         "aligned-stride2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_grad_ops_layouts(device, case, dtype):
-    _check_grads(device, *case, dtype, seed=3)
+    *geometry, padding = case
+    _check_grads(device, *geometry, dtype, seed=3, padding=padding)
+    # and the forward on the same layouts
+    values, s, x, bias = _conv_problem(*geometry[:5], *geometry[5], geometry[8], dtype, device, 4)
+    kw = dict(bias=bias, kernel_size=geometry[5], stride=geometry[6], dilation=geometry[7], padding=padding)
+    torch.testing.assert_close(pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, **kw),
+                               reference.sparse_conv2d(s.rowptr, s.col, values, x, **kw), **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", OP_DEVICES)
@@ -233,9 +253,16 @@ def test_grad_ops_opcheck(device):
     values, s, x, _ = _conv_problem(3, 4, 5, 9, 8, 3, 3, 0.5, torch.float32, device, 4)
     gy = torch.randn(3, 5, 4, 3, device=device)
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_input.default,
-                          (s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [2, 2], [1, 1], *s.transposed()))
+                          (s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [2, 2], [1, 1], [0, 0],
+                           *s.transposed()))
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_values.default,
-                          (s.rowptr, s.col, x, gy, [3, 3], [2, 2], [1, 1]))
+                          (s.rowptr, s.col, x, gy, [3, 3], [2, 2], [1, 1], [0, 0]))
+    gy = torch.randn(3, 5, 5, 4, device=device)  # padding (1, 1)
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_input.default,
+                          (s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [2, 2], [1, 1], [1, 1],
+                           *s.transposed()))
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_values.default,
+                          (s.rowptr, s.col, x, gy, [3, 3], [2, 2], [1, 1], [1, 1]))
 
 
 def test_grad_ops_bad_input():
@@ -263,17 +290,23 @@ def test_grad_ops_bad_input():
     for b in (18, -1):
         bad[0] = b
         with pytest.raises(ValueError, match="column index is outside"):
-            torch.ops.pysparse.sparse_conv2d.default(s.rowptr, bad, values, x, None, [3, 3], [1, 1], [1, 1])
+            torch.ops.pysparse.sparse_conv2d.default(s.rowptr, bad, values, x, None, [3, 3], [1, 1], [1, 1], [0, 0])
     bad[0] = 18
     with pytest.raises(ValueError, match="column index is outside"):
         torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, bad, values, gy, list(x.shape), [3, 3], [1, 1],
-                                                            [1, 1])
+                                                            [1, 1], [0, 0])
     with pytest.raises(ValueError, match="column index is outside"):
-        torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, bad, x, gy, [3, 3], [1, 1], [1, 1])
+        torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, bad, x, gy, [3, 3], [1, 1], [1, 1], [0, 0])
     perm = s.t_perm.clone()
     perm[0] = 10 ** 6
     with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
         torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [1, 1],
-                                                            [1, 1], s.t_rowptr, s.t_col, perm)
+                                                            [1, 1], [0, 0], s.t_rowptr, s.t_col, perm)
     with pytest.raises(ValueError, match="gy has shape"):
-        torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, s.col, x, gy[:1], [3, 3], [1, 1], [1, 1])
+        torch.ops.pysparse.sparse_conv2d_grad_values.default(s.rowptr, s.col, x, gy[:1], [3, 3], [1, 1], [1, 1],
+                                                             [0, 0])
+    with pytest.raises(ValueError, match="padding must be an int >= 0"):
+        gv(s.rowptr, s.col, x, gy, kernel_size=3, padding=(0, -2))
+    with pytest.raises(ValueError, match="gy has shape"):  # padding changes the output shape gy must have
+        torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [1, 1],
+                                                            [1, 1], [1, 1], s.t_rowptr, s.t_col, s.t_perm)

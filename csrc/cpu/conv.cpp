@@ -7,7 +7,9 @@
 // per row are computed and dropped (or read as zeros). A stride s > 1 is turned into stride 1 first: the input
 // is split into its s_h * s_w phases (x_p[a, b][i, j] = x[i * s_h + a, j * s_w + b], Hp x Wp each), and a tap
 // (ki, kj) reads phase ((ki * d_h) % s_h, (kj * d_w) % s_w) at shift ((ki * d_h) / s_h, (kj * d_w) / s_w).
-// With stride 1 there is one phase, the input itself.
+// With stride 1 there is one phase, the input itself. Zero padding is written into that layout as the input is
+// copied in (and dropped as the input gradient is copied out): the layer passes its padding to the op instead
+// of padding a copy first (F.pad, and a strided gradient out of its backward: ~5% of a digits GAN step).
 //
 // Small planes also interleave several images innermost (see Layout), so that a run stays long.
 //
@@ -44,14 +46,16 @@ using cpu::vfloat;
 using cpu::vload;
 using cpu::vstore;
 
-// The working layout of a padded input [N, C, H, W] for a given stride, dilation and output size: the input's
+// The working layout of an input [N, C, H0, W0] zero-padded by (ph, pw) on both sides, H x W = (H0 + 2 ph) x
+// (W0 + 2 pw), for a given stride, dilation and output size: the padded input's
 // s_h * s_w phases, each Hp x Wp, with `nb` images interleaved innermost ("lanes"):
 // [NB, C, s_h, s_w, Hp, Wp, nb], NB = ceil(N / nb), missing images zero. A unit is one block of nb images; a
 // plane is one (unit, channel). Interleaving makes a tap's run nb times longer: for small images (a digits GAN
 // works on 4x4 and 8x8 planes) a weight is then one AXPY over hundreds of elements instead of nb short ones.
-// With stride 1 and nb = 1 the layout is the input itself.
+// With stride 1, nb = 1 and no padding the layout is the input itself.
 struct Layout {
   int64_t N, C, H, W, sh, sw, dh, dw, kh, kw, OH, OW;
+  int64_t ph, pw;  // the padding inside H and W
   int64_t Hp, Wp;  // size of one phase
   int64_t nb, NB;  // images per unit, units
   int64_t plane;   // elements of one (unit, channel): sh * sw * Hp * Wp * nb
@@ -59,11 +63,11 @@ struct Layout {
   int64_t oplane;  // elements of one (unit, output channel) in the working layout: OH * Wp * nb
   int64_t phase;   // elements of one phase of a plane: Hp * Wp * nb
   int64_t reach;   // the largest shift of a tap inside its phase: ((kh-1)*dh / sh * Wp + (kw-1)*dw / sw) * nb
-  Layout(int64_t N_, int64_t C_, int64_t H_, int64_t W_, at::IntArrayRef kernel, at::IntArrayRef stride,
-         at::IntArrayRef dilation, int64_t OH_, int64_t OW_, int64_t nnz)
-      : N(N_), C(C_), H(H_), W(W_), sh(stride[0]), sw(stride[1]), dh(dilation[0]), dw(dilation[1]),
-        kh(kernel[0]), kw(kernel[1]), OH(OH_), OW(OW_), Hp((H_ + stride[0] - 1) / stride[0]),
-        Wp((W_ + stride[1] - 1) / stride[1]) {
+  Layout(int64_t N_, int64_t C_, int64_t H0, int64_t W0, at::IntArrayRef kernel, at::IntArrayRef stride,
+         at::IntArrayRef dilation, at::IntArrayRef padding, int64_t OH_, int64_t OW_, int64_t nnz)
+      : N(N_), C(C_), H(H0 + 2 * padding[0]), W(W0 + 2 * padding[1]), sh(stride[0]), sw(stride[1]),
+        dh(dilation[0]), dw(dilation[1]), kh(kernel[0]), kw(kernel[1]), OH(OH_), OW(OW_), ph(padding[0]),
+        pw(padding[1]), Hp((H + stride[0] - 1) / stride[0]), Wp((W + stride[1] - 1) / stride[1]) {
     // Enough lanes for runs of about 512 elements, but a unit's output plane within 8192 elements (32 KB); and
     // none when there are fewer than 0.25 stored weights per input element, where interleaving the input would
     // cost more than the short runs it saves.
@@ -110,21 +114,38 @@ struct Layout {
   std::vector<int64_t> taps;  // tap(ki, kj) at ki * kw + kj
 };
 
-// The map between a dense [N, C, H, W] tensor and its working layout [NB, C, sh, sw, Hp, Wp, nb]: element
-// (n, c, i * sh + a, j * sw + b) sits at ((((n / nb) * C + c) * sh + a) * sw + b) * Hp + i) * Wp + j) * nb +
-// n % nb; positions with no element (past N, H or W) are zero. The input uses the convolution's strides; an
-// output-shaped gradient uses stride 1 and Wp columns (rows zero-padded to the input's phase width). Planes
-// are `pitch` elements apart, each starting after `lead` zeros and followed by zeros up to the next (pitch 0:
-// packed).
+// The map between a dense [N, C, H0, W0] tensor and the working layout [NB, C, sh, sw, Hp, Wp, nb] of that
+// tensor zero-padded by (ph, pw) on both sides (H = H0 + 2 ph, W = W0 + 2 pw): element (n, c, y, x) is padded
+// (h, w) = (y + ph, x + pw) = (i * sh + a, j * sw + b), at ((((n / nb) * C + c) * sh + a) * sw + b) * Hp + i) *
+// Wp + j) * nb + n % nb; positions with no element (the padding, past N, H or W) are zero. The input uses the
+// convolution's strides and padding; an output-shaped gradient uses stride 1, no padding and Wp columns (rows
+// zero-padded to the input's phase width). Planes are `pitch` elements apart, each starting after `lead` zeros
+// and followed by zeros up to the next (pitch 0: packed).
 struct Interleave {
   int64_t N, C, H, W, sh, sw, Hp, Wp, nb, NB;
   int64_t lead = 0, pitch_ = 0;
+  int64_t ph = 0, pw = 0;
+  int64_t H0() const { return H - 2 * ph; }
+  int64_t W0() const { return W - 2 * pw; }
   int64_t plane() const { return sh * sw * Hp * Wp * nb; }
   int64_t pitch() const { return std::max(pitch_, lead + plane()); }
-  bool identity() const { return sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H && pitch() == plane(); }
+  bool identity() const {
+    return sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H && ph == 0 && pw == 0 && pitch() == plane();
+  }
+  // The columns j of phase column b that hold elements: [first, second), element column j * sw + b - pw.
+  std::pair<int64_t, int64_t> columns(int64_t b) const {
+    const int64_t lo = pw > b ? (pw - b + sw - 1) / sw : 0;
+    const int64_t hi = pw + W0() > b ? std::min(Wp, (pw + W0() - b + sw - 1) / sw) : 0;
+    return {std::min(lo, hi), hi};
+  }
 };
 
-inline Interleave input_of(const Layout& L) { return {L.N, L.C, L.H, L.W, L.sh, L.sw, L.Hp, L.Wp, L.nb, L.NB}; }
+inline Interleave input_of(const Layout& L) {
+  Interleave I{L.N, L.C, L.H, L.W, L.sh, L.sw, L.Hp, L.Wp, L.nb, L.NB};
+  I.ph = L.ph;
+  I.pw = L.pw;
+  return I;
+}
 inline Interleave output_of(const Layout& L, int64_t O) { return {L.N, O, L.OH, L.OW, 1, 1, L.OH, L.Wp, L.nb, L.NB}; }
 // The output gradient as the input gradient reads it: each run with `reach` zeros before it and zeros after it up
 // to a whole phase, so that a tap's window of a phase can be read at any shift in [0, reach] without bounds.
@@ -138,20 +159,22 @@ inline Interleave padded_output_of(const Layout& L, int64_t O) {
 // digits GAN's 3x3 layers spent ~16% of a training step there).
 inline bool transposable(const Interleave& I) { return I.sh == 1 && I.sw == 1 && I.Hp == I.H && I.nb % kLanes == 0; }
 
-// Elements [p0, p0 + n) of a row-major H x W plane (n <= 16): the offset of each in the working layout's plane
-// of row pitch Wp (lanes nb), for the 16 x 16 block moves.
+// Elements [p0, p0 + n) of a row-major H0 x W0 plane (n <= 16): the offset of each in the working layout's plane
+// of row pitch Wp (lanes nb, padding (ph, pw)), for the 16 x 16 block moves.
 inline void block_offsets(const Interleave& I, int64_t p0, int64_t n, int64_t (&at)[kLanes]) {
-  int64_t i = p0 / I.W, j = p0 % I.W;
+  const int64_t W0 = I.W0();
+  int64_t i = p0 / W0, j = p0 % W0;
   for (int64_t e = 0; e < n; ++e) {
-    at[e] = (i * I.Wp + j) * I.nb;
-    if (++j == I.W) j = 0, ++i;
+    at[e] = ((i + I.ph) * I.Wp + j + I.pw) * I.nb;
+    if (++j == W0) j = 0, ++i;
   }
 }
 
-// src [N, C, H, W] -> dst in the working layout, converting to dst_t; parallel over (unit, channel), one
+// src [N, C, H0, W0] -> dst in the working layout, converting to dst_t; parallel over (unit, channel), one
 // output row (i, all j, all lanes) at a time (transposable layouts: 16 x 16 blocks).
 template <typename src_t, typename dst_t>
 void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
+  const int64_t H0 = I.H0(), W0 = I.W0(), hw = H0 * W0, row = I.Wp * I.nb;
   at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t u = t / I.C, c = t % I.C, lanes = std::min(I.nb, I.N - u * I.nb);
@@ -160,9 +183,13 @@ void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
       std::fill(out + I.plane(), out - I.lead + I.pitch(), dst_t(0));
       if constexpr (std::is_same_v<dst_t, float>) {
         if (transposable(I)) {
-          const int64_t hw = I.H * I.W;
-          for (int64_t i = 0; I.Wp > I.W && i < I.H; ++i)
-            std::fill(out + (i * I.Wp + I.W) * I.nb, out + (i + 1) * I.Wp * I.nb, 0.f);
+          // the padding's rows, then its columns beside each row of elements (and the columns past W up to Wp)
+          std::fill(out, out + I.ph * row, 0.f);
+          std::fill(out + (I.ph + H0) * row, out + I.H * row, 0.f);
+          for (int64_t i = I.ph; I.Wp > W0 && i < I.ph + H0; ++i) {
+            std::fill(out + i * row, out + (i * I.Wp + I.pw) * I.nb, 0.f);
+            std::fill(out + (i * I.Wp + I.pw + W0) * I.nb, out + (i + 1) * row, 0.f);
+          }
           for (int64_t p0 = 0; p0 < hw; p0 += kLanes) {
             const int64_t n = std::min(kLanes, hw - p0);
             int64_t at[kLanes];
@@ -179,70 +206,74 @@ void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
         }
       }
       for (int64_t a = 0; a < I.sh; ++a)
-        for (int64_t b = 0; b < I.sw; ++b)
+        for (int64_t b = 0; b < I.sw; ++b) {
+          const auto [j0, j1] = I.columns(b);
           for (int64_t i = 0; i < I.Hp; ++i) {
-            const int64_t h = i * I.sh + a;
+            const int64_t y = i * I.sh + a - I.ph;  // the element row
             dst_t* o = out + (((a * I.sw + b) * I.Hp + i) * I.Wp) * I.nb;
-            if (h >= I.H) {
-              std::fill(o, o + I.Wp * I.nb, dst_t(0));
+            if (y < 0 || y >= H0) {
+              std::fill(o, o + row, dst_t(0));
               continue;
             }
-            const int64_t cols = std::min(I.Wp, (I.W - b + I.sw - 1) / I.sw);  // j with j * sw + b < W
-            if (lanes < I.nb) std::fill(o, o + cols * I.nb, dst_t(0));
-            std::fill(o + cols * I.nb, o + I.Wp * I.nb, dst_t(0));
+            std::fill(o, o + j0 * I.nb, dst_t(0));
+            if (lanes < I.nb) std::fill(o + j0 * I.nb, o + j1 * I.nb, dst_t(0));
+            std::fill(o + j1 * I.nb, o + row, dst_t(0));
             if (I.nb == 1 && I.sw == 1) {  // a plain row copy (the common stride-1 case), vectorised
-              const src_t* row = src + ((u * I.C + c) * I.H + h) * I.W;
-              for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<dst_t>(row[j]);
+              const src_t* r = src + ((u * I.C + c) * H0 + y) * W0;
+              for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<dst_t>(r[j - I.pw]);
               continue;
             }
             for (int64_t l = 0; l < lanes; ++l) {
-              const src_t* row = src + (((u * I.nb + l) * I.C + c) * I.H + h) * I.W + b;
-              for (int64_t j = 0; j < cols; ++j) o[j * I.nb + l] = static_cast<dst_t>(row[j * I.sw]);
+              const src_t* r = src + (((u * I.nb + l) * I.C + c) * H0 + y) * W0;
+              for (int64_t j = j0; j < j1; ++j) o[j * I.nb + l] = static_cast<dst_t>(r[j * I.sw + b - I.pw]);
             }
           }
+        }
     }
   });
 }
 
-// The inverse: the working layout -> dst [N, C, H, W] (positions with no element are dropped).
+// The inverse for plane t = (unit, channel) of the working layout, starting at `in` (after its lead): its
+// elements into dst [N, C, H0, W0] (positions with no element are dropped).
 template <typename src_t, typename dst_t>
-void deinterleave(const src_t* src, dst_t* dst, const Interleave& I) {
-  at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t u = t / I.C, c = t % I.C, lanes = std::min(I.nb, I.N - u * I.nb);
-      const src_t* in = src + t * I.pitch() + I.lead;
-      if constexpr (std::is_same_v<src_t, float>) {
-        if (transposable(I)) {
-          const int64_t hw = I.H * I.W;
-          for (int64_t p0 = 0; p0 < hw; p0 += kLanes) {
-            const int64_t n = std::min(kLanes, hw - p0);
-            int64_t at[kLanes];
-            block_offsets(I, p0, n, at);
-            for (int64_t l0 = 0; l0 < lanes; l0 += kLanes) {
-              vfloat block[kLanes];
-              for (int64_t e = 0; e < kLanes; ++e) block[e] = e < n ? vload(in + at[e] + l0) : vfloat{};
-              transpose16(block);  // block[r] = elements p0 .. of image l0 + r
-              for (int64_t r = 0; r < kLanes && l0 + r < lanes; ++r)
-                store_lanes(dst + ((u * I.nb + l0 + r) * I.C + c) * hw + p0, block[r], n);
-            }
-          }
-          continue;
+void deinterleave_plane(const src_t* in, dst_t* dst, const Interleave& I, int64_t t) {
+  const int64_t H0 = I.H0(), W0 = I.W0(), hw = H0 * W0;
+  const int64_t u = t / I.C, c = t % I.C, lanes = std::min(I.nb, I.N - u * I.nb);
+  if constexpr (std::is_same_v<src_t, float>) {
+    if (transposable(I)) {
+      for (int64_t p0 = 0; p0 < hw; p0 += kLanes) {
+        const int64_t n = std::min(kLanes, hw - p0);
+        int64_t at[kLanes];
+        block_offsets(I, p0, n, at);
+        for (int64_t l0 = 0; l0 < lanes; l0 += kLanes) {
+          vfloat block[kLanes];
+          for (int64_t e = 0; e < kLanes; ++e) block[e] = e < n ? vload(in + at[e] + l0) : vfloat{};
+          transpose16(block);  // block[r] = elements p0 .. of image l0 + r
+          for (int64_t r = 0; r < kLanes && l0 + r < lanes; ++r)
+            store_lanes(dst + ((u * I.nb + l0 + r) * I.C + c) * hw + p0, block[r], n);
         }
       }
-      for (int64_t a = 0; a < I.sh; ++a)
-        for (int64_t b = 0; b < I.sw; ++b)
-          for (int64_t i = 0; i < I.Hp; ++i) {
-            const int64_t h = i * I.sh + a;
-            if (h >= I.H) continue;
-            const src_t* p = in + (((a * I.sw + b) * I.Hp + i) * I.Wp) * I.nb;
-            const int64_t cols = std::min(I.Wp, (I.W - b + I.sw - 1) / I.sw);
-            for (int64_t l = 0; l < lanes; ++l) {
-              dst_t* row = dst + (((u * I.nb + l) * I.C + c) * I.H + h) * I.W + b;
-              for (int64_t j = 0; j < cols; ++j) row[j * I.sw] = static_cast<dst_t>(p[j * I.nb + l]);
-            }
-          }
+      return;
     }
-  });
+  }
+  for (int64_t a = 0; a < I.sh; ++a)
+    for (int64_t b = 0; b < I.sw; ++b) {
+      const auto [j0, j1] = I.columns(b);
+      for (int64_t i = 0; i < I.Hp; ++i) {
+        const int64_t y = i * I.sh + a - I.ph;
+        if (y < 0 || y >= H0) continue;
+        const src_t* p = in + (((a * I.sw + b) * I.Hp + i) * I.Wp) * I.nb;
+        if (I.nb == 1 && I.sw == 1) {  // a plain row copy
+          dst_t* r = dst + ((u * I.C + c) * H0 + y) * W0;
+          for (int64_t j = j0; j < j1; ++j) r[j - I.pw] = static_cast<dst_t>(p[j]);
+          continue;
+        }
+        for (int64_t l = 0; l < lanes; ++l) {
+          dst_t* r = dst + (((u * I.nb + l) * I.C + c) * H0 + y) * W0;
+          for (int64_t j = j0; j < j1; ++j) r[j * I.sw + b - I.pw] = static_cast<dst_t>(p[j * I.nb + l]);
+        }
+      }
+    }
 }
 
 // t [N, C, H, W] of scalar_t in the working layout as acc_t: t itself when that is already the layout.
@@ -314,14 +345,16 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
                              const at::Tensor& x, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
-                             at::IntArrayRef stride, at::IntArrayRef dilation, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  const auto [OH, OW] = check_sparse_conv2d(rowptr, col, values, x, bias, kernel, stride, dilation);
+                             at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&) {
+  const auto [OH, OW] = check_sparse_conv2d(rowptr, col, values, x, bias, kernel, stride, dilation, padding);
   TORCH_CHECK_VALUE(values.device().is_cpu(), "sparse_conv2d: tensors must be on the CPU for the CPU kernel");
   cpu::check_rowptr_cpu(rowptr, values.numel(), "sparse_conv2d");
   const int64_t O = rowptr.numel() - 1;
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, OH, OW, col.numel());
+  const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, padding, OH, OW,
+                 col.numel());
   at::Tensor y = at::empty({L.N, O, OH, OW}, x.options());
   if (y.numel() == 0) return y;
   std::atomic<bool> bad{false};
@@ -421,13 +454,16 @@ ByChannel<acc_t> by_channel(const int32_t* rowptr, const index_t* col, const sca
   return t;
 }
 
-// The input gradient in the working layout, dxp [NB, C, plane], from g = gy in the padded output layout
-// [NB, O, pitch] (padded_output_of). A task is (block of units, input channel c). dx[i] = sum over c's weights of
-// value * gy_run(o)[i - shift] is the forward's weighted sum again, phase by phase: each weight reads its run at
-// reach - (its shift inside the phase), the zeros around the run supplying the out-of-window terms.
+// The input gradient dx [N, C, H0, W0] from g = gy in the padded output layout [NB, O, pitch]
+// (padded_output_of). A task is (block of units, input channel c). dx[i] = sum over c's weights of value *
+// gy_run(o)[i - shift] is the forward's weighted sum again, phase by phase: each weight reads its run at reach -
+// (its shift inside the phase), the zeros around the run supplying the out-of-window terms. The block's planes,
+// summed in the working layout, go straight from there into dx (deinterleave_plane: the padding's positions are
+// dropped).
 template <typename scalar_t, typename acc_t, typename Entries>
-void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dxp, const Layout& L, int64_t O,
+void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, const Layout& L, int64_t O,
                             int64_t pitch, std::atomic<bool>& bad) {
+  const Interleave I = input_of(L);
   const int64_t P = L.sh * L.sw;
   const int64_t ublock = std::min(unit_block(L.NB, L.plane, int64_t{1} << 16),
                                   unit_block(L.NB, O * pitch, int64_t{1} << 17));
@@ -452,11 +488,8 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dxp, con
         for (int64_t p = 0; p < P; ++p)
           cpu::weighted_sum(acc.data() + (u - u0) * L.plane + p * L.phase, acc_t(0), g + u * O * pitch,
                             offs[p].data(), vals[p].data(), static_cast<int64_t>(offs[p].size()), L.phase);
-      for (int64_t u = u0; u < u1; ++u) {
-        scalar_t* dst = dxp + (u * L.C + c) * L.plane;
-        const acc_t* src = acc.data() + (u - u0) * L.plane;
-        for (int64_t i = 0; i < L.plane; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-      }
+      for (int64_t u = u0; u < u1; ++u)
+        deinterleave_plane<acc_t, scalar_t>(acc.data() + (u - u0) * L.plane, dx, I, u * L.C + c);
     }
   });
 }
@@ -507,7 +540,7 @@ void conv_grad_values_kernel(const int32_t* rowptr, const index_t* col, const ac
 
 at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
                                         const at::Tensor& gy, at::IntArrayRef x_size, at::IntArrayRef kernel,
-                                        at::IntArrayRef stride, at::IntArrayRef dilation,
+                                        at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
                                         const std::optional<at::Tensor>& t_rowptr,
                                         const std::optional<at::Tensor>& t_col,
                                         const std::optional<at::Tensor>& t_perm) {
@@ -516,20 +549,17 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
   const char* op = "sparse_conv2d_grad_input";
   check_csr(rowptr, col, values, op);
   const int64_t O = rowptr.numel() - 1, nnz = values.numel();
-  const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, op);
+  const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, padding, op);
   TORCH_CHECK_VALUE(values.device().is_cpu(), op, ": tensors must be on the CPU for the CPU kernel");
   cpu::check_rowptr_cpu(rowptr, nnz, op);
   const bool have_transposed = has_transposed(t_rowptr, t_col, t_perm);
-  const Layout L(x_size[0], x_size[1], x_size[2], x_size[3], kernel, stride, dilation, OH, OW, nnz);
+  const Layout L(x_size[0], x_size[1], x_size[2], x_size[3], kernel, stride, dilation, padding, OH, OW, nnz);
   if (have_transposed) {
     check_transposed(values, *t_rowptr, *t_col, *t_perm, L.C * L.kh * L.kw, op);
     cpu::check_rowptr_cpu(*t_rowptr, nnz, op);
   }
-  if (L.N * L.C * L.H * L.W == 0 || gy.numel() == 0) return at::zeros(x_size, gy.options());
-  const Interleave I = input_of(L);
+  if (c10::multiply_integers(x_size) == 0 || gy.numel() == 0) return at::zeros(x_size, gy.options());
   at::Tensor dx = at::empty(x_size, gy.options());
-  // Without interleaving the kernel writes dx itself; otherwise its working layout, deinterleaved at the end.
-  at::Tensor dxp = I.identity() ? dx : at::empty({L.NB, L.C, L.plane}, gy.options());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -541,7 +571,7 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
                                                      t_col->const_data_ptr<index_t>(),
                                                      t_perm->const_data_ptr<int32_t>(),
                                                      values.const_data_ptr<scalar_t>(), O, nnz, L};
-        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O,
+        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), L, O,
                                                 GI.pitch(), bad);
       });
     } else {
@@ -549,12 +579,10 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
         const ByChannel<acc_t> t = by_channel<index_t, scalar_t, acc_t>(
             rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), O, L,
             bad);
-        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dxp.mutable_data_ptr<scalar_t>(), L, O,
+        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), L, O,
                                                 GI.pitch(), bad);
       });
     }
-    if (!I.identity())
-      deinterleave<scalar_t, scalar_t>(dxp.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), I);
   });
   TORCH_CHECK_VALUE(!bad, op,
                     have_transposed ? ": a row index or t_perm entry of the transposed structure is out of range"
@@ -564,15 +592,16 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
 
 at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
                                          const at::Tensor& gy, at::IntArrayRef kernel, at::IntArrayRef stride,
-                                         at::IntArrayRef dilation) {
+                                         at::IntArrayRef dilation, at::IntArrayRef padding) {
   const char* op = "sparse_conv2d_grad_values";
-  const auto [OH, OW] = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation);
+  const auto [OH, OW] = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation, padding);
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": tensors must be on the CPU for the CPU kernel");
   const int64_t O = rowptr.numel() - 1;
   cpu::check_rowptr_cpu(rowptr, col.numel(), op);
   at::Tensor dv = at::zeros({col.numel()}, x.options());
   if (col.numel() == 0 || gy.numel() == 0) return dv;
-  const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, OH, OW, col.numel());
+  const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, padding, OH, OW,
+                 col.numel());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_grad_values_cpu", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_values_cpu", [&] {

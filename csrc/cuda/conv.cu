@@ -41,14 +41,22 @@ __global__ void conv_kernel(const int32_t* __restrict__ rowptr, const index_t* _
   }
 }
 
+// x [N, C, H, W] zero-padded by padding (rows, columns) on both sides, contiguous: the CUDA kernels index a
+// padded input (the CPU kernel writes the zeros into its working layout instead).
+at::Tensor padded(const at::Tensor& x, at::IntArrayRef padding) {
+  if (padding[0] == 0 && padding[1] == 0) return x.contiguous();
+  return at::constant_pad_nd(x, {padding[1], padding[1], padding[0], padding[0]}, 0).contiguous();
+}
+
 at::Tensor sparse_conv2d_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
                               const at::Tensor& x, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
-                              at::IntArrayRef stride, at::IntArrayRef dilation, const std::optional<at::Tensor>&,
-                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  const auto [OH, OW] = check_sparse_conv2d(rowptr, col, values, x, bias, kernel, stride, dilation);
+                              at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&) {
+  const auto [OH, OW] = check_sparse_conv2d(rowptr, col, values, x, bias, kernel, stride, dilation, padding);
   TORCH_CHECK_VALUE(values.is_cuda(), "sparse_conv2d: tensors must be on a CUDA device for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = padded(x, padding);
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), O = rowptr.numel() - 1;
   at::Tensor y = at::empty({N, O, OH, OW}, xc.options());
@@ -139,24 +147,25 @@ __global__ void conv_grad_values_kernel(const int32_t* __restrict__ rowptr, cons
 
 at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
                                          const at::Tensor& gy, at::IntArrayRef x_size, at::IntArrayRef kernel,
-                                         at::IntArrayRef stride, at::IntArrayRef dilation,
+                                         at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
                                          const std::optional<at::Tensor>& t_rowptr,
                                          const std::optional<at::Tensor>& t_col,
                                          const std::optional<at::Tensor>& t_perm) {
   const char* op = "sparse_conv2d_grad_input";
   check_csr(rowptr, col, values, op);
   const int64_t O = rowptr.numel() - 1;
-  const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, op);
+  const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, padding, op);
   TORCH_CHECK_VALUE(values.is_cuda(), op, ": tensors must be on a CUDA device for the CUDA kernel");
   TORCH_CHECK_VALUE(has_transposed(t_rowptr, t_col, t_perm), op,
                     ": the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
-  const int64_t N = x_size[0], C = x_size[1], H = x_size[2], W = x_size[3];
+  // the gradient of the padded input, whose interior is returned
+  const int64_t N = x_size[0], C = x_size[1], H = x_size[2] + 2 * padding[0], W = x_size[3] + 2 * padding[1];
   check_transposed(values, *t_rowptr, *t_col, *t_perm, C * kernel[0] * kernel[1], op);
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor g = gy.contiguous();
+  if (N * C * x_size[2] * x_size[3] == 0 || g.numel() == 0 || values.numel() == 0)
+    return at::zeros({N, C, x_size[2], x_size[3]}, g.options());
   at::Tensor dx = at::empty({N, C, H, W}, g.options());
-  if (dx.numel() == 0) return dx;
-  if (g.numel() == 0 || values.numel() == 0) return dx.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cuda", [&] {
       conv_grad_input_kernel<index_t, scalar_t><<<cuda::grid_for(dx.numel()), cuda::kThreads, 0, cuda::stream()>>>(
@@ -166,17 +175,18 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return dx;
+  if (padding[0] == 0 && padding[1] == 0) return dx;
+  return dx.narrow(2, padding[0], x_size[2]).narrow(3, padding[1], x_size[3]).contiguous();
 }
 
 at::Tensor sparse_conv2d_grad_values_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
                                           const at::Tensor& gy, at::IntArrayRef kernel, at::IntArrayRef stride,
-                                          at::IntArrayRef dilation) {
-  const auto [OH, OW] = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation);
+                                          at::IntArrayRef dilation, at::IntArrayRef padding) {
+  const auto [OH, OW] = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation, padding);
   TORCH_CHECK_VALUE(x.is_cuda(), "sparse_conv2d_grad_values: tensors must be on a CUDA device for the CUDA kernel");
   const int64_t O = rowptr.numel() - 1, nnz = col.numel();
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), g = gy.contiguous();
+  const at::Tensor xc = padded(x, padding), g = gy.contiguous();
   at::Tensor dv = at::zeros({nnz}, x.options());
   if (nnz == 0 || g.numel() == 0) return dv;
   const dim3 block(kWarp, kWarpsPerBlock);

@@ -2,8 +2,10 @@
 
 The forward is a direct sparse convolution (``pysparse.ops.sparse_conv2d``: no im2col buffer; each stored
 weight adds a shifted input plane into its output plane) when there are DIRECT_MIN_OUTPUTS or more output
-pixels per channel over the batch, and im2col (``F.unfold``) + ``pysparse.ops.spmm`` for fewer; padding of
-any mode is applied first.
+pixels per channel over the batch, and im2col (``F.unfold``) + ``pysparse.ops.spmm`` for fewer. Zero padding
+the same on both sides goes to the op (or to unfold), which writes the zeros into the layout it copies the input
+into anyway: no padded copy of the input, and an unpadded gradient out of the backward. Other padding (modes
+'reflect', 'replicate', 'circular'; 'same' with an even reach) is applied first with F.pad.
 A grouped (or depthwise) weight is stored as one block-diagonal matrix over all input channels: each output
 row's column indices simply start at its group's channels, so every group goes through one kernel call.
 """
@@ -94,24 +96,29 @@ class SparseConv2d(SparseWeight):
                              f"[{self.in_channels}, H, W]), got shape {tuple(x.shape)}")
         if x.dtype != self.values.dtype:
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
-        pad = self._reversed_padding_repeated_twice
-        if any(pad):
-            x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        left, right, top, bottom = self._reversed_padding_repeated_twice
+        padding = [0, 0]
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            padding = [top, left]  # the op pads
+        elif left or right or top or bottom:
+            x = F.pad(x, (left, right, top, bottom), mode="constant" if self.padding_mode == "zeros"
+                      else self.padding_mode)
         (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride
-        oh, ow = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        h, w = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
+        oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         if oh <= 0 or ow <= 0:
-            raise ValueError(f"input of spatial size {tuple(x.shape[2:])} (after padding) is smaller than the "
-                             "kernel's reach")
+            raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the kernel's reach")
         # The ops are called directly (the layer owns a checked structure; the kernels check again).
         transposed = (self.t_rowptr, self.t_col, self.t_perm)
         if x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
             ops._check_kernel("sparse_conv2d", x.device, "input")
             y = torch.ops.pysparse.sparse_conv2d.default(self.rowptr, self.col, self.effective_values(), x,
                                                          self.bias, list(self.kernel_size), list(self.stride),
-                                                         list(self.dilation), *transposed)
+                                                         list(self.dilation), padding, *transposed)
         else:  # few output pixels: im2col + spmm does better (see DIRECT_MIN_OUTPUTS)
             n = x.shape[0]
-            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [N, C*kh*kw, L]
+            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=padding,
+                            stride=self.stride)  # [N, C*kh*kw, L]
             xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
             ops._check_kernel("spmm", x.device, "input")
             yt = torch.ops.pysparse.spmm.default(self.rowptr, self.col, self.effective_values(), xt, self.bias,
