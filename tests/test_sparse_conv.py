@@ -127,10 +127,11 @@ def _conv_problem(n, c, o, h, w, kh, kw, density, dtype, device, seed):
 
 @pytest.mark.parametrize("device", OP_DEVICES)
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(1, 3), c=st.integers(1, 5), o=st.integers(1, 6), hw=st.tuples(st.integers(3, 12), st.integers(3, 12)),
-       k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(),
+@given(n=st.integers(1, 3), c=st.integers(1, 5), o=st.integers(1, 6),
+       hw=st.tuples(st.integers(3, 12), st.integers(3, 12)), k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), density=st.floats(0, 1),
+       dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_op_matches_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, use_bias, seed):
     h, w = hw
@@ -206,10 +207,11 @@ def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, see
 
 @pytest.mark.parametrize("device", OP_DEVICES)
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 4), c=st.integers(1, 5), o=st.integers(1, 6), hw=st.tuples(st.integers(3, 12), st.integers(3, 12)),
-       k=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-       density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
+@given(n=st.integers(1, 4), c=st.integers(1, 5), o=st.integers(1, 6),
+       hw=st.tuples(st.integers(3, 12), st.integers(3, 12)), k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), density=st.floats(0, 1),
+       dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
 def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, seed):
     """Both gradients against torch.nn.grad.conv2d_input / conv2d_weight on the dense weight."""
     h, w = hw
