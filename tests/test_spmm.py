@@ -160,6 +160,28 @@ def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, 
                 torch.testing.assert_close(got[2], want_bias, **TOL[dtype])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spmm_grad_batch_split_between_threads(threads, dtype):
+    """Above batch 32 the CPU backward sweeps W^T's structure; with as many panels as threads (or a multiple) and
+    few stored values, each thread takes its own panels (packing them itself, its products and bias sums in rows
+    of their own, added after), else each takes its own columns. 2 threads: 4 panels of 64 (the split), 3 threads:
+    the column split; the layers' batch-major layout and a row-major one; against the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, cols, batch in [(70, 90, 256), (33, 17, 130), (64, 64, 128)]:
+            values, s, xt, _ = _problem(rows, cols, batch, 0.3, dtype, "cpu", rows + batch)
+            gyt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(batch)).to(dtype)
+            want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
+            for g, x in ((gyt.t().contiguous().t(), xt.t().contiguous().t()), (gyt, xt)):
+                got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, g, x, transposed=s.transposed(), bias=True)
+                for a, w in zip(got, want):
+                    torch.testing.assert_close(a, w, **TOL[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [16, 100])
 @pytest.mark.parametrize("transposed", [True, False])
