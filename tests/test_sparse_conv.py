@@ -202,7 +202,11 @@ def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, see
     tol = dict(TOL[dtype])
     if dtype in (torch.float16, torch.bfloat16):  # a sum over the batch and every output pixel, rounded once
         tol = dict(rtol=tol["rtol"] * 2, atol=tol["atol"] * 4)
-    torch.testing.assert_close(dv, reference.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo), **tol)
+    # float32: against the float64 reference; mkldnn's float32 weight gradient is itself off by up to ~2e-4 on
+    # sums of ~5000 products (136 images of 6 x 6), which the kernel's float32 sums are not (3.5e-5)
+    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+    want = reference.sparse_conv2d_grad_values(s.rowptr, s.col, x.to(ref_dtype), gy.to(ref_dtype), **geo).to(dtype)
+    torch.testing.assert_close(dv, want, **tol)
 
 
 @pytest.mark.parametrize("device", OP_DEVICES)
