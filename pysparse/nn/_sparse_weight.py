@@ -234,7 +234,8 @@ class SparseWeight(nn.Module):
         # the structure (and its transposed cache) from the saved rowptr / col, which also checks them: a
         # tampered structure raises, never reaches a kernel.
         key = prefix + "values"
-        if key in state_dict and isinstance(state_dict[key], torch.Tensor) and state_dict[key].shape != self.values.shape:
+        if (key in state_dict and isinstance(state_dict[key], torch.Tensor)
+                and state_dict[key].shape != self.values.shape):
             incoming = state_dict[key]
             self.values = nn.Parameter(torch.empty(incoming.shape, dtype=self.values.dtype, device=self.values.device),
                                        requires_grad=self.values.requires_grad)

@@ -112,17 +112,16 @@ class SparseConv2d(SparseWeight):
         transposed = (self.t_rowptr, self.t_col, self.t_perm)
         if x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
             ops._check_kernel("sparse_conv2d", x.device, "input")
-            y = torch.ops.pysparse.sparse_conv2d.default(self.rowptr, self.col, self.effective_values(), x,
-                                                         self.bias, list(self.kernel_size), list(self.stride),
-                                                         list(self.dilation), padding, *transposed)
+            y = ops.layer_sparse_conv2d(self.rowptr, self.col, self.effective_values(), x, self.bias,
+                                        list(self.kernel_size), list(self.stride), list(self.dilation), padding,
+                                        *transposed)
         else:  # few output pixels: im2col + spmm does better (see DIRECT_MIN_OUTPUTS)
             n = x.shape[0]
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=padding,
                             stride=self.stride)  # [N, C*kh*kw, L]
             xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
             ops._check_kernel("spmm", x.device, "input")
-            yt = torch.ops.pysparse.spmm.default(self.rowptr, self.col, self.effective_values(), xt, self.bias,
-                                                 *transposed)
+            yt = ops.layer_spmm(self.rowptr, self.col, self.effective_values(), xt, self.bias, *transposed)
             y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
         return y[0] if unbatched else y
 

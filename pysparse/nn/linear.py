@@ -57,8 +57,8 @@ class SparseLinear(SparseWeight):
         # The layer built (or, on load, checked) its own structure, and the kernel checks its arguments again:
         # the op is called directly, without the wrapper's Python checks (~10 us a call on small layers).
         ops._check_kernel("spmm", x.device, "input")
-        yt = torch.ops.pysparse.spmm.default(self.rowptr, self.col, self.effective_values(), xt, self.bias,
-                                             self.t_rowptr, self.t_col, self.t_perm)
+        yt = ops.layer_spmm(self.rowptr, self.col, self.effective_values(), xt, self.bias, self.t_rowptr, self.t_col,
+                            self.t_perm)
         return yt.t().reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
