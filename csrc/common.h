@@ -253,7 +253,13 @@ inline std::pair<int64_t, int64_t> conv_output_size(int64_t h, int64_t w, at::In
   for (int i = 0; i < 2; ++i) {
     TORCH_CHECK_VALUE(kernel[i] >= 1 && stride[i] >= 1 && dilation[i] >= 1, op,
                       ": kernel_size, stride and dilation must be >= 1");
+    TORCH_CHECK_VALUE(kernel[i] <= INT32_MAX && stride[i] <= INT32_MAX && dilation[i] <= INT32_MAX, op,
+                      ": kernel_size, stride and dilation must be below 2^31");
     TORCH_CHECK_VALUE(padding[i] >= 0, op, ": padding must be >= 0, got ", padding);
+    // (sizes below 2^31 each keep every product of the kernels' index arithmetic within int64)
+    TORCH_CHECK_VALUE(padding[i] <= INT32_MAX && (i == 0 ? h : w) + 2 * padding[i] <= INT32_MAX, op,
+                      ": the padded input must be below 2^31 in each spatial dim, got ", h, "x", w, " padded by ",
+                      padding);
   }
   const int64_t reach_h = dilation[0] * (kernel[0] - 1) + 1, reach_w = dilation[1] * (kernel[1] - 1) + 1;
   const int64_t ph = h + 2 * padding[0], pw = w + 2 * padding[1];

@@ -243,6 +243,11 @@ def _conv_output_size(op: str, h: int, w: int, kernel_size, stride, dilation, pa
     """Checks the geometry and returns the output size of an input of spatial size h x w, zero-padded by
     padding on both sides."""
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = _geometry(op, kernel_size, stride, dilation, padding)
+    if max(kh, kw, sh, sw, dh, dw) > 2**31 - 1:
+        raise ValueError(f"{op}: kernel_size, stride and dilation must be below 2^31")
+    if max(h + 2 * ph, w + 2 * pw) > 2**31 - 1:
+        raise ValueError(f"{op}: the padded input must be below 2^31 in each spatial dim, got {h}x{w} padded by "
+                         f"{[ph, pw]}")
     h, w = h + 2 * ph, w + 2 * pw
     if h - dh * (kh - 1) - 1 < 0 or w - dw * (kw - 1) - 1 < 0:
         raise ValueError(f"{op}: input of spatial size {(h - 2 * ph, w - 2 * pw)} (padded {(h, w)}) is smaller than "

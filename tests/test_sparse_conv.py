@@ -199,6 +199,14 @@ def test_op_bad_input():
         pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, kernel_size=3, padding=-1)
     with pytest.raises(ValueError, match="padding must be >= 0"):  # the kernel's own check
         torch.ops.pysparse.sparse_conv2d.default(s.rowptr, s.col, values, x, None, [3, 3], [1, 1], [1, 1], [0, -1])
+    with pytest.raises(ValueError, match="below 2"):  # sizes whose products would overflow the index arithmetic
+        torch.ops.pysparse.sparse_conv2d.default(s.rowptr, s.col, values, x, None, [3, 3], [1, 1], [1, 1],
+                                                 [2 ** 40, 0])
+    with pytest.raises(ValueError, match="below 2"):
+        torch.ops.pysparse.sparse_conv2d.default(s.rowptr, s.col, values, x, None, [3, 3], [1, 1], [2 ** 33, 1],
+                                                 [0, 0])
+    with pytest.raises(ValueError, match="below 2"):  # the Python wrapper's own check
+        pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, kernel_size=3, padding=2 ** 40)
     # padding lets a plane smaller than the kernel through
     assert pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x[..., :2], kernel_size=3, padding=1).shape == (
         1, 3, 6, 2)
