@@ -70,7 +70,7 @@ sparse_linear(x).sum().backward()
 conv = pysparse.SparseConv2d(8, 16, 3, padding=1, groups=2, sparsity=0.7).to(dev)
 conv(rnd(4, 8, 12, 12)).sum().backward()   # direct kernels (4 * 144 >= 128 output pixels per channel)
 conv(rnd(2, 8, 3, 3)).sum().backward()      # im2col + spmm (18 output pixels per channel)
-dense_conv = torch.nn.Conv2d(4, 6, 3, stride=(2, 1), dilation=(1, 2)).to(dev)
+dense_conv = torch.nn.Conv2d(4, 6, 3, stride=(2, 1), dilation=(1, 2), padding=(1, 2)).to(dev)  # padding: the op's
 with torch.no_grad():
     dense_conv.weight.mul_(torch.rand_like(dense_conv.weight) < 0.5)
 sparse_conv = pysparse.SparseConv2d.from_dense(dense_conv)
