@@ -1,7 +1,6 @@
 """DistributedDataParallel with sparse layers: two CPU processes (gloo) train on halves of a batch and end with
 the weights one process reaches on the whole batch."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -32,9 +31,11 @@ def _train(model, x, y, steps=5):
     return model
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, out_dir):
+    # a file store in the test's own folder: no port to pick (a free port found first can be taken by another
+    # process before the group binds it)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank,
+                            world_size=world)
     try:
         x, y = _data()
         shard = slice(rank * 4, rank * 4 + 4)
@@ -46,10 +47,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     states = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     x, y = _data()
     single = _train(_model(), x, y).state_dict()

@@ -3,7 +3,6 @@ resume exactly), metrics and the CLI."""
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -336,9 +335,11 @@ def test_cli_gan_writes_everything_and_resumes(tmp_path):
 
 
 # ---- DDP ----
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, out_dir):
+    # a file store in the test's own folder: no port to pick (a free port found first can be taken by another
+    # process before the group binds it)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank,
+                            world_size=world)
     try:
         t = _trainer(out_dir if rank == 0 else os.path.join(out_dir, "never"), steps=6, g_sparsity=0.7,
                      d_sparsity=0.5, prune_end=4, prune_every=2, saliency="random", checkpoint_every=3)
@@ -349,10 +350,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_ddp_two_cpu_processes_agree_and_only_rank0_writes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in range(2))
     assert w0.keys() == w1.keys()
     for k in w0:  # same masks, same weights on both ranks
@@ -369,11 +367,8 @@ def test_torchrun_cli_two_cpu_processes(tmp_path):
     import sys
 
     out = tmp_path / "ddp"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
-           "pysparse",
+    # --standalone: torchrun's own rendezvous on a port it binds itself (no free port picked beforehand)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pysparse",
            "gan", "--data", "digits", "--conditional", "--g-sparsity", "0.5", "--steps", "4", "--batch-size", "16",
            "--width", "8", "--eval-epochs", "0", "--checkpoint-every", "2", "--sample-every", "2", "--quiet",
            "--out", str(out)]
