@@ -37,3 +37,19 @@ def make(shape, dtype=torch.float32, device="cpu", *, noncontig=False, gen=None,
         t = t[..., ::2]
         assert not t.is_contiguous() or t.numel() <= 1
     return t
+
+
+def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """torch.compile(module, fullgraph=True) gives module's eager output for x and, backward from ``grad``, the
+    same gradients of x and of every parameter (x must require grad; their .grad are overwritten)."""
+    torch._dynamo.reset()
+    tensors = [x, *module.parameters()]
+    module(x).backward(grad)
+    want = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    out = torch.compile(module, fullgraph=True)(x)
+    torch.testing.assert_close(out, module(x))
+    out.backward(grad)
+    for got, w in zip((t.grad for t in tensors), want):
+        torch.testing.assert_close(got, w)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pysparse import SparseConv2d
-from pysparse.testing import devices_for
+from pysparse.testing import assert_compiled_matches_eager, devices_for
 
 DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 
@@ -107,19 +107,9 @@ def test_bad_input(call, exc, match):
 def test_compile_fullgraph():
     """torch.compile(fullgraph=True) through the layer's autograd.Function (padding passed to the op): the same
     output and gradients as eager."""
-    torch._dynamo.reset()
     torch.manual_seed(0)
     conv = SparseConv2d(3, 8, 3, padding=1, sparsity=0.5)
-    x = torch.randn(4, 3, 6, 6, requires_grad=True)
-    g = torch.randn(4, 8, 6, 6)
-    conv(x).backward(g)
-    want = (x.grad.clone(), conv.values.grad.clone(), conv.bias.grad.clone())
-    x.grad = conv.values.grad = conv.bias.grad = None
-    out = torch.compile(conv, fullgraph=True)(x)
-    torch.testing.assert_close(out, conv(x))
-    out.backward(g)
-    for got, w in zip((x.grad, conv.values.grad, conv.bias.grad), want):
-        torch.testing.assert_close(got, w)
+    assert_compiled_matches_eager(conv, torch.randn(4, 3, 6, 6, requires_grad=True), torch.randn(4, 8, 6, 6))
 
 
 # ------------------------------------------------------------------------------- the sparse_conv2d op itself

@@ -9,7 +9,7 @@ from torch import nn
 
 import pysparse
 from pysparse import SparseLinear
-from pysparse.testing import devices_for
+from pysparse.testing import assert_compiled_matches_eager, devices_for
 
 DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 
@@ -158,18 +158,8 @@ def test_tampered_state_dict_is_refused(tamper, match):
 
 def test_compile_fullgraph():
     """torch.compile(fullgraph=True) through the layer's autograd.Function: the same output and gradients."""
-    torch._dynamo.reset()
     _, _, sparse = _pair(16, 8, 0.3)
-    x = torch.randn(4, 16, requires_grad=True)
-    g = torch.randn(4, 8)
-    sparse(x).backward(g)
-    want = (x.grad.clone(), sparse.values.grad.clone(), sparse.bias.grad.clone())
-    x.grad = sparse.values.grad = sparse.bias.grad = None
-    out = torch.compile(sparse, fullgraph=True)(x)
-    torch.testing.assert_close(out, sparse(x))
-    out.backward(g)
-    for got, w in zip((x.grad, sparse.values.grad, sparse.bias.grad), want):
-        torch.testing.assert_close(got, w)
+    assert_compiled_matches_eager(sparse, torch.randn(4, 16, requires_grad=True), torch.randn(4, 8))
 
 
 @pytest.mark.parametrize("call, exc, match", [

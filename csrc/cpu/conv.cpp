@@ -9,7 +9,8 @@
 // (ki, kj) reads phase ((ki * d_h) % s_h, (kj * d_w) % s_w) at shift ((ki * d_h) / s_h, (kj * d_w) / s_w).
 // With stride 1 there is one phase, the input itself. Zero padding is written into that layout as the input is
 // copied in (and dropped as the input gradient is copied out): the layer passes its padding to the op instead
-// of padding a copy first (F.pad, and a strided gradient out of its backward: ~5% of a digits GAN step).
+// of padding a copy first (F.pad, and a strided gradient out of its backward; a digits GAN step at 80%, A/B:
+// 13.3-13.4 -> 11.7-12.0 ms, 2026-11-29).
 //
 // Small planes also interleave several images innermost (see Layout), so that a run stays long.
 //

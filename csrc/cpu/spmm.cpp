@@ -1123,7 +1123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
       if (!dv.is_same(dvalues)) dvalues.copy_(dv);
     }
   });
-  if (parts > 1 && bias_grad) dbias = dbias.sum(0, /*keepdim=*/true);  // the parts' sums, in part order
+  if (bias_grad)
+    for (int64_t p = 1; p < parts; ++p) dbias[0].add_(dbias[p]);  // the parts' sums, in part order
   return {dvalues, dxt, dbias[0].narrow(0, 0, bias_grad ? rows : 0).to(values.scalar_type())};
 }
 }  // namespace
