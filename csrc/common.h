@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "cpu/out_cache.h"
+
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -220,12 +222,18 @@ inline bool has_transposed(const std::optional<at::Tensor>& t_rowptr, const std:
          t_perm->defined();
 }
 
+// An uninitialised tensor for an op's output: on the CPU from the output cache (csrc/cpu/out_cache.h: no page
+// faults on every call for multi-MB outputs), else at::empty.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? cpu::cached_empty(sizes, options) : at::empty(sizes, options);
+}
+
 // A [K, B] tensor for the gradient of the input xt [K, B]: in xt's layout when xt is batch-major (stride 1 along
 // K: the transposed view of a [B, K] batch, what the layers pass), so that autograd hands the [B, K] gradient
 // on without a transposing copy; else contiguous. The fake kernels in pysparse/ops.py follow the same rule.
 inline at::Tensor empty_input_grad(const at::Tensor& xt) {
-  if (xt.stride(0) == 1 && xt.stride(1) != 1) return at::empty({xt.size(1), xt.size(0)}, xt.options()).t();
-  return at::empty({xt.size(0), xt.size(1)}, xt.options());
+  if (xt.stride(0) == 1 && xt.stride(1) != 1) return empty_output({xt.size(1), xt.size(0)}, xt.options()).t();
+  return empty_output({xt.size(0), xt.size(1)}, xt.options());
 }
 
 // Validates W's transposed structure for a W of n_cols columns: the CSR of W^T (t_rowptr over the n_cols

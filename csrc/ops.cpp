@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/out_cache.h"
 #include "cpu/scratch.h"
 
 extern "C" {
@@ -77,4 +78,10 @@ TORCH_LIBRARY(pysparse, m) {
   // Frees the CPU kernels' scratch buffers held by the calling thread (csrc/cpu/scratch.h); returns the bytes
   // released. No tensors: one kernel for every device.
   m.def("release_scratch() -> int", [] { return pysparse::cpu::release_scratch(); });
+  // The CPU output cache (csrc/cpu/out_cache.h): frees the blocks it holds (returns the bytes), sets the most
+  // bytes it may hold (returns the previous limit), and the bytes it holds now.
+  m.def("empty_cpu_cache() -> int", [] { return pysparse::cpu::empty_cpu_cache(); });
+  m.def("set_cpu_cache_limit(int bytes) -> int",
+        [](int64_t bytes) { return pysparse::cpu::set_cpu_cache_limit(bytes); });
+  m.def("cpu_cache_bytes() -> int", [] { return pysparse::cpu::cpu_cache_bytes(); });
 }

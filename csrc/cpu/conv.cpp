@@ -282,7 +282,7 @@ template <typename scalar_t, typename acc_t>
 at::Tensor to_layout(const at::Tensor& t, const Interleave& I) {
   const at::Tensor tc = t.contiguous();
   if (I.identity() && std::is_same_v<scalar_t, acc_t>) return tc;
-  at::Tensor out = at::empty({I.NB, I.C, I.pitch()}, tc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor out = empty_output({I.NB, I.C, I.pitch()}, tc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   interleave<scalar_t, acc_t>(tc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), I);
   return out;
 }
@@ -356,7 +356,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, padding, OH, OW,
                  col.numel());
-  at::Tensor y = at::empty({L.N, O, OH, OW}, x.options());
+  at::Tensor y = empty_output({L.N, O, OH, OW}, x.options());
   if (y.numel() == 0) return y;
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cpu", [&] {
@@ -560,7 +560,7 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
     cpu::check_rowptr_cpu(*t_rowptr, nnz, op);
   }
   if (c10::multiply_integers(x_size) == 0 || gy.numel() == 0) return at::zeros(x_size, gy.options());
-  at::Tensor dx = at::empty(x_size, gy.options());
+  at::Tensor dx = empty_output(x_size, gy.options());
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -599,7 +599,7 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": tensors must be on the CPU for the CPU kernel");
   const int64_t O = rowptr.numel() - 1;
   cpu::check_rowptr_cpu(rowptr, col.numel(), op);
-  at::Tensor dv = at::zeros({col.numel()}, x.options());
+  at::Tensor dv = empty_output({col.numel()}, x.options()).zero_();
   if (col.numel() == 0 || gy.numel() == 0) return dv;
   const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, padding, OH, OW,
                  col.numel());

@@ -378,7 +378,7 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
   // the values into order first.)
   const bool panels = (B > 1 || perm != nullptr) && values.scalar_type() != at::kDouble;
   const at::Tensor x = panels ? xt : xt.contiguous();
-  at::Tensor yt = at::empty({rows, B}, x.options());
+  at::Tensor yt = empty_output({rows, B}, x.options());
   if (rows == 0 || B == 0) return yt;
   std::atomic<bool> bad{false};
   at::Tensor vals = values;
@@ -929,7 +929,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
     return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
   }
   const at::Tensor y = yt.scalar_type() == at::kDouble ? yt.contiguous() : yt;  // panels pack through strides
-  at::Tensor out = at::empty({K, B}, y.options());
+  at::Tensor out = empty_output({K, B}, y.options());
   if (K == 0 || B == 0) return out;
   if (rows == 0 || values.numel() == 0) return out.zero_();
   std::atomic<bool> bad{false};
@@ -990,7 +990,7 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
   // float64 reads a and b contiguous; the other dtypes pack them into panels through their strides.
   const bool dbl = a.scalar_type() == at::kDouble;
   const at::Tensor ac = dbl ? a.contiguous() : a, bc = dbl ? b.contiguous() : b;
-  at::Tensor out = at::empty({col.numel()}, a.options());
+  at::Tensor out = empty_output({col.numel()}, a.options());
   if (col.numel() == 0) return out;
   if (B == 0) return out.zero_();
   std::atomic<bool> bad{false};
@@ -1056,7 +1056,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // half of L2: over W^T, gyt's panel read at random rows (all of L2 measured no faster); over W's CSR, xt's
   // panel and the accumulators
   const int64_t T = panel_width(csc ? rows : std::max(rows, K), B, l2_bytes() / 2);
-  at::Tensor dvalues = at::empty({nnz}, values.options());
+  at::Tensor dvalues = empty_output({nnz}, values.options());
   // Over W^T, with as many panels as threads (or a multiple) and few stored values (their products, 4 bytes
   // each, within one core's L2), the batch is split between threads (grad_csc_tiles), each packing its own panels
   // as it goes and sweeping all of W^T's columns over them, rather than the columns (grad_csc_panels, after one
