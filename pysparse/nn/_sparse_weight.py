@@ -59,6 +59,40 @@ class SparseWeight(nn.Module):
     ``_store(weight, mask)`` and read ``values`` and the structure tensors (rowptr, col, t_rowptr, ...)."""
 
     weight_shape: tuple[int, ...]
+    # Below this sparsity the forward computes with a dense copy of the weight (DENSE_BELOW: the layer type's
+    # default; see `dense_below`).
+    DENSE_BELOW: float = 0.0
+
+    @property
+    def dense_below(self) -> float:
+        """Below this sparsity the layer computes with a dense copy of its weight, built from the stored values at
+        each forward (differentiable in them: their gradient is the dense one at the stored places), through
+        torch's dense kernels: there the sparse kernels are slower (the measured CPU crossover of the layer type,
+        ``DENSE_BELOW``; benchmarks/RESULTS.md). Storage stays sparse. Set it on a layer to move the switch; 0
+        always uses the sparse kernels."""
+        return self.__dict__.get("_dense_below", type(self).DENSE_BELOW)
+
+    @dense_below.setter
+    def dense_below(self, value: float) -> None:
+        self.__dict__["_dense_below"] = _check_fraction(value, "dense_below", upper_inclusive=True)
+
+    def _computes_dense(self) -> bool:
+        return self.sparsity < self.dense_below
+
+    def _compute_weight(self) -> torch.Tensor:
+        """The dense weight of the dense path: the effective values (spectral norm included) scattered into zeros;
+        differentiable in them."""
+        rows, cols = self.matrix_shape
+        cached = self.__dict__.get("_flat_index")  # (col it was built from, flat positions of the stored values)
+        if cached is not None and cached[0] is self.col:
+            flat = cached[1]
+        else:  # rebuilt when the structure (or its device) changes: col is then another tensor
+            r = torch.repeat_interleave(torch.arange(rows, device=self.col.device), self.rowptr.diff(),
+                                        output_size=self.nnz)
+            flat = r * cols + self.col.long()
+            self.__dict__["_flat_index"] = (self.col, flat)
+        vals = self.effective_values()
+        return self._from_matrix(vals.new_zeros(rows * cols).scatter(0, flat, vals).view(rows, cols))
 
     def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1)

@@ -1,0 +1,178 @@
+"""The sparse layers' dense path: below ``dense_below`` sparsity they compute with a dense copy of their weight
+built from the stored values (torch's dense kernels), with the same results and gradients as the sparse kernels
+and as the masked dense layer; storage stays sparse."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import pysparse
+from pysparse.testing import assert_compiled_matches_eager
+
+SPARSE_FNS = ("_SpmmBackward", "_SparseConv2dBackward")
+
+
+def _sparse_path(y: torch.Tensor) -> bool:
+    """Whether y came out of the sparse kernels (their autograd nodes, possibly behind views)."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ in SPARSE_FNS:
+            return True
+        if type(fn).__name__ in ("TransposeBackward0", "ViewBackward0", "UnsafeViewBackward0", "SelectBackward0",
+                                 "ReshapeAliasBackward0", "TBackward0"):
+            todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+def _masked(dense: nn.Module, sparsity: float, seed: int = 0) -> torch.Tensor:
+    mask = torch.rand(dense.weight.shape, generator=torch.Generator().manual_seed(seed)) >= sparsity
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    return mask
+
+
+def _check_step(layer: nn.Module, dense: nn.Module, mask: torch.Tensor, x: torch.Tensor, tol: float = 1e-5) -> None:
+    """layer's output and gradients (input, bias, stored values) equal the masked dense layer's."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, want = layer(x1), dense(x2)
+    torch.testing.assert_close(y, want, rtol=tol, atol=tol)
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(layer.values.grad, dense.weight.grad[mask], rtol=tol, atol=tol)
+    if dense.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.24])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_below_the_crossover(sparsity, bias):
+    torch.manual_seed(0)
+    dense = nn.Linear(37, 23, bias=bias)
+    mask = _masked(dense, sparsity)
+    layer = pysparse.SparseLinear.from_dense(dense, mask)
+    assert layer.dense_below == pysparse.SparseLinear.DENSE_BELOW == 0.25
+    x = torch.randn(3, 5, 37)
+    assert not _sparse_path(layer(x.requires_grad_()))
+    _check_step(layer, dense, mask, x.detach())
+    assert layer.nnz == int(mask.sum())  # storage stays sparse
+
+
+def test_linear_at_and_above_the_crossover_uses_the_kernels():
+    torch.manual_seed(0)
+    layer = pysparse.SparseLinear(64, 64, sparsity=0.25)
+    assert _sparse_path(layer(torch.randn(4, 64)))
+    layer.dense_below = 0.3
+    assert not _sparse_path(layer(torch.randn(4, 64)))
+    layer.dense_below = 0.0
+    assert _sparse_path(layer(torch.randn(4, 64)))
+
+
+CONV_CASES = {
+    "plain": dict(),
+    "stride2": dict(stride=2, padding=1),
+    "same-dilated": dict(padding="same", dilation=2),
+    "grouped": dict(groups=2, padding=1),
+    "depthwise": dict(groups=4, padding=1),
+    "reflect": dict(padding=1, padding_mode="reflect"),
+    "circular-asymmetric": dict(padding=(1, 2), padding_mode="circular"),
+    "no-bias": dict(bias=False, padding=1),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_below_the_crossover(case):
+    torch.manual_seed(0)
+    kwargs = CONV_CASES[case]
+    dense = nn.Conv2d(4, 8, 3, **kwargs)
+    mask = _masked(dense, 0.4)
+    layer = pysparse.SparseConv2d.from_dense(dense, mask)
+    assert layer.dense_below == pysparse.SparseConv2d.DENSE_BELOW == 0.7
+    x = torch.randn(2, 4, 9, 10)
+    assert not _sparse_path(layer(x))
+    _check_step(layer, dense, mask, x)
+    # the sparse kernels give the same
+    kernels = copy.deepcopy(layer)
+    kernels.dense_below = 0.0
+    assert _sparse_path(kernels(x))
+    torch.testing.assert_close(kernels(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_unbatched_and_bad_input_on_the_dense_path():
+    torch.manual_seed(0)
+    layer = pysparse.SparseConv2d(3, 5, 3, padding=1, sparsity=0.2)
+    x = torch.randn(3, 6, 6)
+    torch.testing.assert_close(layer(x), layer(x[None])[0])
+    with pytest.raises(ValueError, match=r"expects input \[N, 3, H, W\]"):
+        layer(torch.randn(2, 4, 6, 6))
+    with pytest.raises(ValueError, match="smaller than the kernel's reach"):
+        pysparse.SparseConv2d(3, 5, 5, sparsity=0.2)(torch.randn(1, 3, 3, 3))
+    with pytest.raises(TypeError, match="input dtype"):
+        layer(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_spectral_norm_on_the_dense_path(kind):
+    """Spectral norm divides the values by the same sigma on both paths (one power iteration per training
+    forward, from the same state)."""
+    torch.manual_seed(0)
+    layer = pysparse.SparseLinear(20, 12, sparsity=0.1) if kind == "linear" else \
+        pysparse.SparseConv2d(4, 6, 3, padding=1, sparsity=0.3)
+    pysparse.nn.spectral_norm(layer)
+    kernels = copy.deepcopy(layer)
+    kernels.dense_below = 0.0
+    x = torch.randn(3, 20) if kind == "linear" else torch.randn(2, 4, 7, 7)
+    y, want = layer(x), kernels(x)
+    assert not _sparse_path(y) and _sparse_path(want)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(layer.values.grad, kernels.values.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_switches_as_the_layer_is_pruned():
+    """Gradual pruning moves a layer across the crossover: the next forward takes the sparse kernels."""
+    torch.manual_seed(0)
+    layer = pysparse.SparseConv2d(8, 8, 3, padding=1, sparsity=0.5)
+    x = torch.randn(2, 8, 6, 6)
+    assert not _sparse_path(layer(x))
+    keep = torch.rand(layer.nnz, generator=torch.Generator().manual_seed(1)) >= 0.7  # to ~85%
+    layer.prune_values_(keep)
+    assert layer.sparsity > layer.dense_below
+    y = layer(x)
+    assert _sparse_path(y)
+    torch.testing.assert_close(y, layer.to_dense()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_below_checks_and_travels():
+    layer = pysparse.SparseLinear(8, 4, sparsity=0.1)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dense_below"):
+            layer.dense_below = bad
+    with pytest.raises(TypeError, match="dense_below"):
+        layer.dense_below = "0.5"
+    layer.dense_below = 0.05  # set on the layer: copies keep it, the state dict does not carry it
+    assert copy.deepcopy(layer).dense_below == 0.05
+    assert pickle.loads(pickle.dumps(layer)).dense_below == 0.05
+    assert "dense_below" not in " ".join(layer.state_dict())
+    assert pysparse.SparseLinear(8, 4, sparsity=0.1).dense_below == 0.25
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_compiled_dense_path_matches_eager(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = pysparse.SparseLinear(16, 8, sparsity=0.1), torch.randn(4, 16, requires_grad=True)
+        grad = torch.randn(4, 8)
+    else:
+        layer, x = pysparse.SparseConv2d(3, 4, 3, padding=1, sparsity=0.3), torch.randn(2, 3, 5, 5, requires_grad=True)
+        grad = torch.randn(2, 4, 5, 5)
+    assert not _sparse_path(layer(x))
+    assert_compiled_matches_eager(layer, x, grad)
