@@ -144,7 +144,9 @@ def test_switches_as_the_layer_is_pruned():
     x = torch.randn(2, 8, 6, 6)
     assert not _sparse_path(layer(x))
     keep = torch.rand(layer.nnz, generator=torch.Generator().manual_seed(1)) >= 0.7  # to ~85%
+    assert "_flat_index" in layer.__dict__  # the dense path's positions, cached for this structure
     layer.prune_values_(keep)
+    assert "_flat_index" not in layer.__dict__  # dropped with the old structure
     assert layer.sparsity > layer.dense_below
     y = layer(x)
     assert _sparse_path(y)
@@ -174,5 +176,8 @@ def test_compiled_dense_path_matches_eager(kind):
     else:
         layer, x = pysparse.SparseConv2d(3, 4, 3, padding=1, sparsity=0.3), torch.randn(2, 3, 5, 5, requires_grad=True)
         grad = torch.randn(2, 4, 5, 5)
+    fresh = copy.deepcopy(layer)  # compiled before any eager call: the dense path's index cache built in the graph
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fresh, fullgraph=True)(x), layer(x))
     assert not _sparse_path(layer(x))
     assert_compiled_matches_eager(layer, x, grad)

@@ -114,11 +114,13 @@ class SparseWeight(nn.Module):
     def _set_structure(self, s: csr.Structure) -> None:
         for name in _STRUCTURE:
             object.__setattr__(self, name, getattr(s, name))
+        self.__dict__.pop("_flat_index", None)  # the dense path's positions of the old structure
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for name in _STRUCTURE:  # integer tensors: device moves apply, dtype casts leave them as they are
             object.__setattr__(self, name, fn(getattr(self, name)))
+        self.__dict__.pop("_flat_index", None)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
