@@ -1,5 +1,5 @@
 """Training-step throughput of the sparse GAN (pysparse layers at 0 / 80 / 90% sparsity, spectral norm through
-the sparse kernels) beside the same GAN built from dense nn.Linear / nn.Conv2d (torch's spectral_norm), on
+the sparse kernels; at 0% the layers take their dense path, see SparseWeight.dense_below) beside the same GAN built from dense nn.Linear / nn.Conv2d (torch's spectral_norm), on
 the digits shapes (8x8, conditional, width 32, batch 64) and 32x32x3, one run. images/s = batch * 2 / time
 (one G step and one D step each see a batch of generated images)."""
 import pytest
