@@ -80,8 +80,12 @@ class SparseWeight(nn.Module):
         return self.sparsity < self.dense_below
 
     def _compute_weight(self) -> torch.Tensor:
-        """The dense weight of the dense path: the effective values (spectral norm included) scattered into zeros;
-        differentiable in them."""
+        """The dense weight of the dense path: the effective values (spectral norm included) in place."""
+        return self._dense_from(self.effective_values())
+
+    def _dense_from(self, vals: torch.Tensor) -> torch.Tensor:
+        """``vals`` (one per stored weight) scattered into a zero weight of the layer's shape; differentiable in
+        them. The stored values' flat positions are cached per structure."""
         rows, cols = self.matrix_shape
         cached = self.__dict__.get("_flat_index")  # (col it was built from, flat positions of the stored values)
         if cached is not None and cached[0] is self.col:
@@ -91,7 +95,6 @@ class SparseWeight(nn.Module):
                                         output_size=self.nnz)
             flat = r * cols + self.col.long()
             self.__dict__["_flat_index"] = (self.col, flat)
-        vals = self.effective_values()
         return self._from_matrix(vals.new_zeros(rows * cols).scatter(0, flat, vals).view(rows, cols))
 
     def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
@@ -152,9 +155,7 @@ class SparseWeight(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor (zeros where pruned); differentiable in ``values``."""
-        m = self._matrix_mask()
-        dense = torch.zeros(m.shape, dtype=self.values.dtype, device=self.values.device).masked_scatter(m, self.values)
-        return self._from_matrix(dense)
+        return self._dense_from(self.values)
 
     @property
     def weight(self) -> torch.Tensor:
