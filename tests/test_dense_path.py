@@ -96,7 +96,8 @@ def test_conv_below_the_crossover(case):
     layer = pysparse.SparseConv2d.from_dense(dense, mask)
     assert layer.dense_below == pysparse.SparseConv2d.DENSE_BELOW == 0.7
     x = torch.randn(2, 4, 9, 10)
-    assert not _sparse_path(layer(x))
+    # grouped / depthwise layers keep the kernels (torch's CPU grouped convolution is slower than them)
+    assert _sparse_path(layer(x)) == (dense.groups > 1)
     _check_step(layer, dense, mask, x)
     # the sparse kernels give the same
     kernels = copy.deepcopy(layer)

@@ -86,16 +86,20 @@ class SparseWeight(nn.Module):
     def _dense_from(self, vals: torch.Tensor) -> torch.Tensor:
         """``vals`` (one per stored weight) scattered into a zero weight of the layer's shape; differentiable in
         them. The stored values' flat positions are cached per structure."""
-        rows, cols = self.matrix_shape
         cached = self.__dict__.get("_flat_index")  # (col it was built from, flat positions of the stored values)
         if cached is not None and cached[0] is self.col:
             flat = cached[1]
         else:  # rebuilt when the structure (or its device) changes: col is then another tensor
-            r = torch.repeat_interleave(torch.arange(rows, device=self.col.device), self.rowptr.diff(),
-                                        output_size=self.nnz)
-            flat = r * cols + self.col.long()
+            r = torch.repeat_interleave(torch.arange(self.matrix_shape[0], device=self.col.device),
+                                        self.rowptr.diff(), output_size=self.nnz)
+            flat = self._weight_positions(r, self.col.long())
             self.__dict__["_flat_index"] = (self.col, flat)
-        return self._from_matrix(vals.new_zeros(rows * cols).scatter(0, flat, vals).view(rows, cols))
+        return vals.new_zeros(math.prod(self.weight_shape)).scatter(0, flat, vals).view(self.weight_shape)
+
+    def _weight_positions(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """Flat positions in the weight tensor of the matrix entries (row, col) (the inverse of _to_matrix's
+        layout; a reshape by default)."""
+        return row * self.matrix_shape[1] + col
 
     def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1)
