@@ -347,6 +347,9 @@ def _worker(rank, world, out_dir):
         torch.save({k: v.clone() for k, v in _weights(t).items()}, os.path.join(out_dir, f"w{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # done: leave without the interpreter's teardown, where gloo's worker thread can abort the process (see
+    # pysparse/__main__.py)
+    os._exit(0)
 
 
 def test_ddp_two_cpu_processes_agree_and_only_rank0_writes(tmp_path):
