@@ -69,11 +69,18 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, St
     return weight[mask], s
 
 
+def row_indices(rowptr: torch.Tensor, nnz: int, device=None) -> torch.Tensor:
+    """The row of every stored position of a CSR structure with ``nnz`` stored values (int64, on ``device``,
+    rowptr's by default)."""
+    device = rowptr.device if device is None else device
+    return torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=device), rowptr.diff().to(device),
+                                   output_size=nnz)
+
+
 def keep_mask(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The dense [rows, cols] bool mask of a CSR structure's stored positions (indices assumed in range)."""
     mask = torch.zeros(shape, dtype=torch.bool, device=col.device)
-    rows = torch.repeat_interleave(torch.arange(shape[0], device=col.device), rowptr.diff().long())
-    mask[rows, col.long()] = True
+    mask[row_indices(rowptr, col.numel(), col.device), col.long()] = True
     return mask
 
 

@@ -152,6 +152,7 @@ def test_switches_as_the_layer_is_pruned():
     y = layer(x)
     assert _sparse_path(y)
     torch.testing.assert_close(y, layer.to_dense()(x), rtol=1e-5, atol=1e-5)
+    assert "_flat_index" not in layer.__dict__  # dense_weight (to_dense) does not cache for a sparse-path layer
 
 
 def test_dense_below_checks_and_travels():

@@ -81,19 +81,20 @@ class SparseWeight(nn.Module):
 
     def _compute_weight(self) -> torch.Tensor:
         """The dense weight of the dense path: the effective values (spectral norm included) in place."""
-        return self._dense_from(self.effective_values())
+        return self._dense_from(self.effective_values(), keep=True)
 
-    def _dense_from(self, vals: torch.Tensor) -> torch.Tensor:
+    def _dense_from(self, vals: torch.Tensor, keep: bool = False) -> torch.Tensor:
         """``vals`` (one per stored weight) scattered into a zero weight of the layer's shape; differentiable in
-        them. The stored values' flat positions are cached per structure."""
+        them. With ``keep`` (the dense path, every forward) the stored values' flat positions are cached per
+        structure; other callers (dense_weight) use the cache when it is there but do not build it: a layer on the
+        sparse kernels would otherwise hold 8 bytes per stored value for nothing."""
         cached = self.__dict__.get("_flat_index")  # (col it was built from, flat positions of the stored values)
         if cached is not None and cached[0] is self.col:
             flat = cached[1]
         else:  # rebuilt when the structure (or its device) changes: col is then another tensor
-            r = torch.repeat_interleave(torch.arange(self.matrix_shape[0], device=self.col.device),
-                                        self.rowptr.diff(), output_size=self.nnz)
-            flat = self._weight_positions(r, self.col.long())
-            self.__dict__["_flat_index"] = (self.col, flat)
+            flat = self._weight_positions(csr.row_indices(self.rowptr, self.nnz, self.col.device), self.col.long())
+            if keep:
+                self.__dict__["_flat_index"] = (self.col, flat)
         return vals.new_zeros(math.prod(self.weight_shape)).scatter(0, flat, vals).view(self.weight_shape)
 
     def _weight_positions(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
