@@ -71,7 +71,12 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, St
 
 def row_indices(rowptr: torch.Tensor, nnz: int, device=None) -> torch.Tensor:
     """The row of every stored position of a CSR structure with ``nnz`` stored values (int64, on ``device``,
-    rowptr's by default)."""
+    rowptr's by default). rowptr is assumed valid and to end at nnz, as for keep_mask (from_compressed checks
+    both first): reading its last entry here would stop torch.compile's graph on the layers' dense path."""
+    if not isinstance(rowptr, torch.Tensor) or rowptr.dim() != 1 or rowptr.numel() < 1 or \
+            rowptr.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rowptr must be a non-empty 1-D int32 / int64 tensor, got "
+                         f"{getattr(rowptr, 'dtype', type(rowptr).__name__)} {tuple(getattr(rowptr, 'shape', ()))}")
     device = rowptr.device if device is None else device
     return torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=device), rowptr.diff().to(device),
                                    output_size=nnz)

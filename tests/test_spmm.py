@@ -339,3 +339,12 @@ def test_release_scratch():
                       reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)):
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
     assert pysparse.ops.release_scratch() > 0
+
+
+def test_row_indices_and_bad_rowptr():
+    """csr.row_indices: the row of every stored position (what keep_mask and the layers' dense path use)."""
+    values, s, _, _ = _problem(7, 5, 1, 0.5, torch.float32, "cpu", 3, empty_rows=True)
+    want = torch.repeat_interleave(torch.arange(7), s.rowptr.diff().long())
+    assert torch.equal(csr.row_indices(s.rowptr, values.numel()), want)
+    with pytest.raises(ValueError, match="rowptr must be a non-empty 1-D int32"):
+        csr.row_indices(s.rowptr.float(), values.numel())
