@@ -8,6 +8,7 @@
 // one warp per stored weight, the lanes split the batch's output pixels (coalesced reads of gy and x rows) and
 // reduce with shuffles.
 #include <ATen/OpMathType.h>
+#include <tuple>
 #include <torch/library.h>
 
 #include "../common.h"
@@ -53,7 +54,8 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& rowptr, const at::Tensor& col, c
                               at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&) {
-  const auto [OH, OW] = check_sparse_conv2d(rowptr, col, values, x, bias, kernel, stride, dilation, padding);
+  int64_t OH, OW;
+  std::tie(OH, OW) = check_sparse_conv2d(rowptr, col, values, x, bias, kernel, stride, dilation, padding);
   TORCH_CHECK_VALUE(values.is_cuda(), "sparse_conv2d: tensors must be on a CUDA device for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor xc = padded(x, padding);
@@ -154,7 +156,8 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
   const char* op = "sparse_conv2d_grad_input";
   check_csr(rowptr, col, values, op);
   const int64_t O = rowptr.numel() - 1;
-  const auto [OH, OW] = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, padding, op);
+  int64_t OH, OW;
+  std::tie(OH, OW) = check_conv_grad(gy, values, "values", O, x_size, kernel, stride, dilation, padding, op);
   TORCH_CHECK_VALUE(values.is_cuda(), op, ": tensors must be on a CUDA device for the CUDA kernel");
   TORCH_CHECK_VALUE(has_transposed(t_rowptr, t_col, t_perm), op,
                     ": the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
@@ -182,7 +185,8 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
 at::Tensor sparse_conv2d_grad_values_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,
                                           const at::Tensor& gy, at::IntArrayRef kernel, at::IntArrayRef stride,
                                           at::IntArrayRef dilation, at::IntArrayRef padding) {
-  const auto [OH, OW] = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation, padding);
+  int64_t OH, OW;
+  std::tie(OH, OW) = check_sparse_conv2d_grad_values(rowptr, col, x, gy, kernel, stride, dilation, padding);
   TORCH_CHECK_VALUE(x.is_cuda(), "sparse_conv2d_grad_values: tensors must be on a CUDA device for the CUDA kernel");
   const int64_t O = rowptr.numel() - 1, nnz = col.numel();
   const c10::cuda::CUDAGuard guard(x.device());
