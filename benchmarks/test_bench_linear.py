@@ -1,5 +1,6 @@
 """SparseLinear beside nn.Linear (dense MKL / cuBLAS) and torch.sparse.mm on CSR (MKL / cuSPARSE): 4096x4096,
-batch 1, 16 and 256, across sparsities, forward and forward+backward, same inputs, one run."""
+batch 1, 16 and 256, across sparsities, forward and forward+backward, same inputs, one run. SparseLinear is
+pinned to its sparse kernels (dense_below = 0): below its default crossover it would compute through F.linear."""
 import pytest
 import torch
 from torch import nn
@@ -21,7 +22,9 @@ def _layers(device, sparsity):
     mask = torch.rand(N, N, device=device) >= sparsity
     with torch.no_grad():
         dense.weight.mul_(mask)
-    return dense, pysparse.SparseLinear.from_dense(dense, mask)
+    sparse = pysparse.SparseLinear.from_dense(dense, mask)
+    sparse.dense_below = 0.0
+    return dense, sparse
 
 
 @pytest.mark.parametrize("device", DEVICES)

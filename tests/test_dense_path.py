@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import pysparse
-from pysparse.testing import assert_compiled_matches_eager
+from pysparse.testing import DEVICES, assert_compiled_matches_eager
 
 SPARSE_FNS = ("_SpmmBackward", "_SparseConv2dBackward")
 
@@ -167,6 +167,26 @@ def test_dense_below_checks_and_travels():
     assert pickle.loads(pickle.dumps(layer)).dense_below == 0.05
     assert "dense_below" not in " ".join(layer.state_dict())
     assert pysparse.SparseLinear(8, 4, sparsity=0.1).dense_below == 0.25
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_crossover_follows_the_device(device, monkeypatch):
+    """A layer without its own dense_below takes its type's default for the device its values are on
+    (DENSE_BELOW on the CPU, DENSE_BELOW_CUDA on CUDA); one set on the layer holds on both."""
+    monkeypatch.setattr(pysparse.SparseLinear, "DENSE_BELOW", 0.3)
+    monkeypatch.setattr(pysparse.SparseLinear, "DENSE_BELOW_CUDA", 0.6)
+    torch.manual_seed(0)
+    layer = pysparse.SparseLinear(64, 32, sparsity=0.5, device=device)
+    x = torch.randn(4, 64, device=device)
+    on_cuda = device == "cuda"
+    assert layer.dense_below == (0.6 if on_cuda else 0.3)
+    assert _sparse_path(layer(x)) != on_cuda
+    moved = copy.deepcopy(layer).to("cpu")
+    assert moved.dense_below == 0.3 and _sparse_path(moved(x.cpu()))
+    layer.dense_below = 0.55
+    assert layer.dense_below == 0.55 and not _sparse_path(layer(x))
+    conv = pysparse.SparseConv2d(4, 8, 3, sparsity=0.9, device=device)
+    assert conv.dense_below == (pysparse.SparseConv2d.DENSE_BELOW_CUDA if on_cuda else 0.7)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -2,14 +2,16 @@
 // transposed structure) and sddmm (the values gradient). Same layout as the CPU: activations transposed,
 // [features, batch], batch contiguous.
 //
-// A warp owns one row. For batches above 8, each lane owns one batch column of a 32-column tile: the warp
-// loads 32 (column, value) pairs at a time, broadcasts them with shuffles, and every lane reads xt[c, b], so a
-// warp's reads of one xt row are coalesced. For batches up to 8, lanes split the row's stored values and the
-// partial sums are reduced across the warp. Accumulation is float32 (float64 for float64).
+// A warp owns one row (spmm_kernel below: lanes split the batch into vectors and, for small batches, the row's
+// stored values), and reads of an xt row are coalesced vector loads where alignment allows. Accumulation is
+// float32 (float64 for float64).
 //
 // Safety without host syncs: row ranges are clamped to [0, nnz], and a column index (or t_perm entry) outside
 // its range is skipped, never read. Structures are validated where they are built or loaded (pysparse.csr).
 #include <ATen/OpMathType.h>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 #include <torch/library.h>
 
 #include "../common.h"
@@ -44,68 +46,71 @@ __device__ __forceinline__ acc_t load_value(const scalar_t* values, const int32_
   }
 }
 
-// Batches above 8: grid (ceil(rows / 4), ceil(B / 32)), block (32, 4).
-template <typename index_t, typename scalar_t, bool PERM>
-__global__ void spmm_tile_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
-                                 const scalar_t* __restrict__ values, const int32_t* __restrict__ perm,
-                                 const scalar_t* __restrict__ xt, const scalar_t* __restrict__ bias,
-                                 scalar_t* __restrict__ yt, int64_t rows, int64_t K, int64_t B, int64_t nnz) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (r >= rows) return;  // whole warp leaves together
-  const int lane = threadIdx.x;
-  const int64_t b = static_cast<int64_t>(blockIdx.y) * kWarp + lane;
-  int64_t j0, j1;
-  row_bounds(rowptr, r, nnz, j0, j1);
-  acc_t acc = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
-  for (int64_t base = j0; base < j1; base += kWarp) {
-    const int64_t j = base + lane;
-    int64_t c = -1;
-    acc_t v = 0;
-    if (j < j1) {
-      c = col[j];
-      v = load_value<scalar_t, acc_t, PERM>(values, perm, j, nnz);
-    }
-    const int64_t remaining = j1 - base;
-    const int n = remaining < kWarp ? static_cast<int>(remaining) : kWarp;
-    for (int i = 0; i < n; ++i) {
-      const int64_t ci = __shfl_sync(0xffffffffu, c, i);
-      const acc_t vi = __shfl_sync(0xffffffffu, v, i);
-      if (b < B && ci >= 0 && ci < K) acc += vi * static_cast<acc_t>(xt[ci * B + b]);
-    }
-  }
-  if (b < B) yt[r * B + b] = static_cast<scalar_t>(acc);
+// V consecutive elements loaded (and stored) as one vector: V * sizeof(T) bytes, at most 16 per load.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// Elements per vector load for T (16 bytes), and whether n-element rows starting at the given pointers allow it.
+template <typename T>
+constexpr int vec_width() {
+  return sizeof(T) >= 16 ? 1 : static_cast<int>(16 / sizeof(T));
+}
+template <typename T>
+bool vectorizable(int64_t n, std::initializer_list<const void*> ptrs) {
+  constexpr int V = vec_width<T>();
+  if (V == 1 || n % V != 0) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V) != 0) return false;
+  return true;
 }
 
-// Batches up to 8: grid ceil(rows / 4), block (32, 4); lanes split the row, then a warp reduction per column.
-template <typename index_t, typename scalar_t, bool PERM>
-__global__ void spmm_vector_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
-                                   const scalar_t* __restrict__ values, const int32_t* __restrict__ perm,
-                                   const scalar_t* __restrict__ xt, const scalar_t* __restrict__ bias,
-                                   scalar_t* __restrict__ yt, int64_t rows, int64_t K, int64_t B, int64_t nnz) {
+// A warp owns one row and a tile of batch columns. Its 32 lanes form G = 32 / LP groups of LP lanes: lane l of
+// a group owns V consecutive batch columns (one vector load of xt per stored value), and the groups split the
+// row's stored values (group g takes every G-th), then their partial sums are added across the warp with xor
+// shuffles. LP is the power of two covering the batch in V-wide vectors, at most 32: batch 256 in float32 is
+// two tiles of 32 lanes x 4 columns (G = 1); batch 16 is one tile of 4 lanes x 4 columns and 8 groups; batch 1,
+// 32 groups of one lane. Grid (ceil(rows / 4), tiles), block (32, 4).
+template <typename index_t, typename scalar_t, bool PERM, int V>
+__global__ void spmm_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
+                            const scalar_t* __restrict__ values, const int32_t* __restrict__ perm,
+                            const scalar_t* __restrict__ xt, const scalar_t* __restrict__ bias,
+                            scalar_t* __restrict__ yt, int64_t rows, int64_t K, int64_t B, int64_t nnz, int LP) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kMaxB = 8;
+  using vec_t = Vec<scalar_t, V>;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (r >= rows) return;
-  const int lane = threadIdx.x;
+  if (r >= rows) return;  // whole warp leaves together
+  const int lane = threadIdx.x, G = kWarp / LP, g = lane / LP;
+  const int64_t b0 = (static_cast<int64_t>(blockIdx.y) * LP + lane % LP) * V;
+  const bool active = b0 < B;  // B % V == 0 when V > 1: a lane's columns are all inside or all outside
   int64_t j0, j1;
   row_bounds(rowptr, r, nnz, j0, j1);
-  acc_t acc[kMaxB];
+  acc_t acc[V];
 #pragma unroll
-  for (int b = 0; b < kMaxB; ++b) acc[b] = 0;
-  for (int64_t j = j0 + lane; j < j1; j += kWarp) {
-    const int64_t c = col[j];
-    if (c < 0 || c >= K) continue;
-    const acc_t v = load_value<scalar_t, acc_t, PERM>(values, perm, j, nnz);
+  for (int k = 0; k < V; ++k) acc[k] = 0;
+  if (active) {
+    const scalar_t* xb = xt + b0;
+#pragma unroll 4
+    for (int64_t j = j0 + g; j < j1; j += G) {
+      const int64_t c = col[j];
+      if (c < 0 || c >= K) continue;
+      const acc_t v = load_value<scalar_t, acc_t, PERM>(values, perm, j, nnz);
+      const vec_t xv = *reinterpret_cast<const vec_t*>(xb + c * B);
 #pragma unroll
-    for (int b = 0; b < kMaxB; ++b)
-      if (b < B) acc[b] += v * static_cast<acc_t>(xt[c * B + b]);
+      for (int k = 0; k < V; ++k) acc[k] += v * static_cast<acc_t>(xv.v[k]);
+    }
   }
+  for (int offset = kWarp / 2; offset >= LP; offset /= 2) {
 #pragma unroll
-  for (int b = 0; b < kMaxB; ++b) {
-    const acc_t total = warp_sum(acc[b]);
-    if (lane == 0 && b < B) yt[r * B + b] = static_cast<scalar_t>(total + (bias ? static_cast<acc_t>(bias[r]) : acc_t(0)));
+    for (int k = 0; k < V; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], offset);
   }
+  if (g != 0 || !active) return;
+  const acc_t add = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
+  vec_t out;
+#pragma unroll
+  for (int k = 0; k < V; ++k) out.v[k] = static_cast<scalar_t>(acc[k] + add);
+  *reinterpret_cast<vec_t*>(yt + r * B + b0) = out;
 }
 
 template <bool PERM>
@@ -118,17 +123,24 @@ void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tens
     PYSPARSE_DISPATCH_INDEX(col, "spmm_cuda", [&] {
       const int32_t* pp = perm ? perm->const_data_ptr<int32_t>() : nullptr;
       const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-      if (B <= 8) {
-        spmm_vector_kernel<index_t, scalar_t, PERM><<<row_blocks, block, 0, cuda::stream()>>>(
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* yp = yt.mutable_data_ptr<scalar_t>();
+      const auto go = [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        const int64_t vectors = (B + V - 1) / V;
+        int LP = 1;
+        while (LP < kWarp && LP < vectors) LP *= 2;
+        const int64_t tiles = (vectors + LP - 1) / LP;
+        TORCH_CHECK_VALUE(tiles <= 65535, "spmm: batch ", B, " is larger than the CUDA kernel supports");
+        const dim3 grid(row_blocks, static_cast<unsigned int>(tiles));
+        spmm_kernel<index_t, scalar_t, PERM, V><<<grid, block, 0, cuda::stream()>>>(
             rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), pp,
-            x.const_data_ptr<scalar_t>(), bp, yt.mutable_data_ptr<scalar_t>(), rows, K, B, nnz);
-      } else {
-        const dim3 grid(row_blocks, static_cast<unsigned int>((B + kWarp - 1) / kWarp));
-        TORCH_CHECK_VALUE(grid.y <= 65535, "spmm: batch ", B, " is larger than the CUDA kernel supports");
-        spmm_tile_kernel<index_t, scalar_t, PERM><<<grid, block, 0, cuda::stream()>>>(
-            rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), pp,
-            x.const_data_ptr<scalar_t>(), bp, yt.mutable_data_ptr<scalar_t>(), rows, K, B, nnz);
-      }
+            xp, bp, yp, rows, K, B, nnz, LP);
+      };
+      if (vectorizable<scalar_t>(B, {xp, yp}))
+        go(std::integral_constant<int, vec_width<scalar_t>()>{});
+      else
+        go(std::integral_constant<int, 1>{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -184,22 +196,31 @@ at::Tensor spmm_t_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at
   return out;
 }
 
-// One warp per row; per stored position, the lanes split the batch and reduce.
-template <typename index_t, typename scalar_t>
+// One warp per row; per stored position, the lanes split the batch (V consecutive columns each, one vector
+// load of each operand) and reduce.
+template <typename index_t, typename scalar_t, int V>
 __global__ void sddmm_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
                              const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                              scalar_t* __restrict__ out, int64_t rows, int64_t K, int64_t B, int64_t nnz) {
   using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = Vec<scalar_t, V>;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
   if (r >= rows) return;
   const int lane = threadIdx.x;
   int64_t j0, j1;
   row_bounds(rowptr, r, nnz, j0, j1);
+  const scalar_t* ar = a + r * B;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t c = col[j];
     acc_t acc = 0;
-    if (c >= 0 && c < K)
-      for (int64_t i = lane; i < B; i += kWarp) acc += static_cast<acc_t>(a[r * B + i]) * static_cast<acc_t>(b[c * B + i]);
+    if (c >= 0 && c < K) {
+      const scalar_t* bc = b + c * B;
+      for (int64_t i = static_cast<int64_t>(lane) * V; i < B; i += kWarp * V) {
+        const vec_t av = *reinterpret_cast<const vec_t*>(ar + i), bv = *reinterpret_cast<const vec_t*>(bc + i);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc += static_cast<acc_t>(av.v[k]) * static_cast<acc_t>(bv.v[k]);
+      }
+    }
     acc = warp_sum(acc);
     if (lane == 0) out[j] = static_cast<scalar_t>(acc);
   }
@@ -223,9 +244,15 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at:
   const unsigned int grid = static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sddmm_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "sddmm_cuda", [&] {
-      sddmm_kernel<index_t, scalar_t><<<grid, block, 0, cuda::stream()>>>(
-          rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), ac.const_data_ptr<scalar_t>(),
-          bc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, K, B, nnz);
+      const scalar_t* ap = ac.const_data_ptr<scalar_t>();
+      const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      if (vectorizable<scalar_t>(B, {ap, bp}))
+        sddmm_kernel<index_t, scalar_t, vec_width<scalar_t>()><<<grid, block, 0, cuda::stream()>>>(
+            rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), ap, bp, op, rows, K, B, nnz);
+      else
+        sddmm_kernel<index_t, scalar_t, 1><<<grid, block, 0, cuda::stream()>>>(
+            rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), ap, bp, op, rows, K, B, nnz);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

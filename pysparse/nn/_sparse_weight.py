@@ -59,18 +59,23 @@ class SparseWeight(nn.Module):
     ``_store(weight, mask)`` and read ``values`` and the structure tensors (rowptr, col, t_rowptr, ...)."""
 
     weight_shape: tuple[int, ...]
-    # Below this sparsity the forward computes with a dense copy of the weight (DENSE_BELOW: the layer type's
-    # default; see `dense_below`).
+    # Below this sparsity the forward computes with a dense copy of the weight (the layer type's defaults on the
+    # CPU and on CUDA; see `dense_below`).
     DENSE_BELOW: float = 0.0
+    DENSE_BELOW_CUDA: float = 0.0
 
     @property
     def dense_below(self) -> float:
         """Below this sparsity the layer computes with a dense copy of its weight, built from the stored values at
         each forward (differentiable in them: their gradient is the dense one at the stored places), through
-        torch's dense kernels: there the sparse kernels are slower (the measured CPU crossover of the layer type,
-        ``DENSE_BELOW``; benchmarks/RESULTS.md). Storage stays sparse. Set it on a layer to move the switch; 0
+        torch's dense kernels: there the sparse kernels are slower. The default is the layer type's measured
+        crossover on the device its values are on (``DENSE_BELOW`` on the CPU, ``DENSE_BELOW_CUDA`` on CUDA;
+        benchmarks/RESULTS.md). Storage stays sparse. Set it on a layer to move the switch on every device; 0
         always uses the sparse kernels."""
-        return self.__dict__.get("_dense_below", type(self).DENSE_BELOW)
+        if "_dense_below" in self.__dict__:
+            return self.__dict__["_dense_below"]
+        cls = type(self)
+        return cls.DENSE_BELOW_CUDA if self.values.is_cuda else cls.DENSE_BELOW
 
     @dense_below.setter
     def dense_below(self, value: float) -> None:

@@ -18,8 +18,9 @@ class SparseLinear(SparseWeight):
     [out_features, in_features], True = keep). The kept values are the Parameter ``values``; any torch
     optimizer trains them. Use :meth:`from_dense` to convert a trained ``nn.Linear``.
 
-    Below ``dense_below`` sparsity (default ``DENSE_BELOW`` = 0.25, the measured CPU crossover) the forward
-    computes with a dense copy of the weight built from the stored values (see ``SparseWeight.dense_below``).
+    Below ``dense_below`` sparsity (default: the measured crossover, ``DENSE_BELOW`` = 0.25 on the CPU,
+    ``DENSE_BELOW_CUDA`` = 0.93 on CUDA) the forward computes with a dense copy of the weight built from the
+    stored values (see ``SparseWeight.dense_below``).
 
     On the sparse kernels' path the output is a transposed view of the kernel's [out_features, batch] result: a
     following SparseLinear reads it without a copy, and dense layers accept it as it is.
@@ -28,6 +29,10 @@ class SparseLinear(SparseWeight):
     # fwd + bwd over nn.Linear at 0 / 30% sparsity (2026-11-29, 2-core CPU): 128 -> 2048 batch 64 0.52x / 1.11x,
     # 4096 x 4096 batch 256 0.48x / 1.10x, 300 -> 100 batch 64 0.88x / 0.99x; forward alone 0.68-1.17x / 0.75-1.55x.
     DENSE_BELOW = 0.25
+    # Over nn.Linear (cuBLAS, float32) on an H200, 4096 x 4096 (2026-11-29, benchmarks/RESULTS.md): the training
+    # step at batch 256 0.68x at 90% and 1.10x at 95% (crossing ~0.93); the forward alone breaks even at ~0.87
+    # (batch 256) and ~0.65 (batch 16); batch-16 training steps are bound by host overhead on both sides.
+    DENSE_BELOW_CUDA = 0.93
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
                  mask: Optional[torch.Tensor] = None, device=None, dtype=None) -> None:
