@@ -15,8 +15,17 @@ from .nn._sparse_weight import SparseWeight, check_mask
 # (4096 x 4096: 1.98x, 1.66x, 1.19x; below 50% not measured); SparseConv2d beats nn.Conv2d (mkldnn) on
 # ResNet-18's 3x3 layers from about 90% (at 95% on every layer at batch 1 and 8).
 DEFAULT_MIN_SPARSITY = {nn.Linear: 0.5, nn.Conv2d: 0.9}
+# The same for a layer on a CUDA device, measured on an NVIDIA H200 (2026-11-29, benchmarks/RESULTS.md):
+# SparseLinear's training step beats nn.Linear (cuBLAS) from ~93% at batch 256 (its forward from ~87-90%);
+# pysparse's CUDA convolution loses to cuDNN at every measured sparsity up to 99%, so convolutions stay dense.
+DEFAULT_MIN_SPARSITY_CUDA = {nn.Linear: 0.93, nn.Conv2d: 1.0}
 
 _SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+
+
+def _default_min_sparsity(module: nn.Module) -> float:
+    table = DEFAULT_MIN_SPARSITY_CUDA if module.weight.is_cuda else DEFAULT_MIN_SPARSITY
+    return table[type(module)]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -33,8 +42,9 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     types are converted (subclasses such as ``nn.MultiheadAttention``'s output projection read their weight
     directly and stay dense). A layer whose mask removes
     less than ``min_sparsity`` of its weights stays dense (the sparse kernel would be slower); the default is
-    the measured CPU crossover of each layer type (``DEFAULT_MIN_SPARSITY``). Pass 0 to convert every layer
-    named.
+    the measured crossover of each layer type on the device its weight is on (``DEFAULT_MIN_SPARSITY`` on the
+    CPU, ``DEFAULT_MIN_SPARSITY_CUDA`` on CUDA, where convolutions stay dense). Pass 0 to convert every layer
+    named (storage then shrinks with the kept weights wherever the layer computes).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -62,7 +72,7 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             continue
         mask = masks[key] if masks is not None else module.weight.detach() != 0
         sparsity = 1.0 - int(mask.sum()) / max(1, math.prod(mask.shape))
-        if sparsity < (DEFAULT_MIN_SPARSITY[type(module)] if min_sparsity is None else min_sparsity):
+        if sparsity < (_default_min_sparsity(module) if min_sparsity is None else min_sparsity):
             continue
         sparse = _SPARSE_OF[type(module)].from_dense(module, mask)
         sparse.train(module.training)

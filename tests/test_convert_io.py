@@ -9,6 +9,7 @@ from torch import nn
 
 import pysparse
 from pysparse import SparseConv2d, SparseLinear
+from pysparse.testing import DEVICES
 
 
 def _pruned(model, sparsity, seed=0):
@@ -56,6 +57,24 @@ def test_sparsify_uses_zeros_and_min_sparsity():
     assert type(model[2]) is nn.Linear
     pysparse.sparsify(model, min_sparsity=0.0)
     assert isinstance(model[2], SparseLinear)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparsify_default_follows_the_device(device):
+    """Without min_sparsity, a layer's crossover on its own device decides: on the CPU a 95%-sparse conv and a
+    60%-sparse linear layer convert; on CUDA the conv stays dense (cuDNN is faster at every sparsity) and so
+    does the 60% linear layer (below its ~93% crossover there), while a 95% one converts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 20), nn.Linear(20, 5)).to(device)
+    with torch.no_grad():  # exact sparsities: 95%, 60%, 96%
+        for layer, keep in ((model[0], 14), (model[2], 1024), (model[3], 4)):
+            layer.weight.view(-1)[keep:] = 0
+    pysparse.sparsify(model)
+    on_cuda = device == "cuda"
+    assert isinstance(model[0], SparseConv2d) != on_cuda
+    assert isinstance(model[2], SparseLinear) != on_cuda
+    assert isinstance(model[3], SparseLinear)
+    assert pysparse.convert.DEFAULT_MIN_SPARSITY_CUDA[nn.Conv2d] == 1.0
 
 
 def test_sparsified_model_trains_deepcopies_and_pickles():

@@ -272,9 +272,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
   check_dense_cuda(xt, values, "spmm_grad", "xt");
   TORCH_CHECK_VALUE(gyt.size(0) == rowptr.numel() - 1 && gyt.size(1) == xt.size(1), "spmm_grad: gyt must be [",
                     rowptr.numel() - 1, ", ", xt.size(1), "] (W's rows by xt's columns), got ", gyt.sizes());
+  const at::Tensor g = gyt.contiguous();  // once for both kernels (each would make its own copy of a view)
   at::Tensor dxt = empty_input_grad(xt);  // the CPU kernel's layout, which the fake kernel declares
-  dxt.copy_(spmm_t_cuda(rowptr, col, values, gyt, xt.size(0), t_rowptr, t_col, t_perm));
-  return {sddmm_cuda(rowptr, col, gyt, xt), dxt, bias_grad ? gyt.sum(1) : at::empty({0}, values.options())};
+  dxt.copy_(spmm_t_cuda(rowptr, col, values, g, xt.size(0), t_rowptr, t_col, t_perm));
+  return {sddmm_cuda(rowptr, col, g, xt), dxt, bias_grad ? g.sum(1) : at::empty({0}, values.options())};
 }
 
 }  // namespace
