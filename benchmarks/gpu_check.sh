@@ -92,22 +92,8 @@ for part in "${parts[@]}"; do
     record "GPU benchmarks $file -k '$k'" "$rc"
   fi
 done
-"$PY" - "$OUT_DIR/gpu.json" "$tmp" <<'EOF'
-import glob, json, os, sys
-merged = None
-for path in sorted(glob.glob(os.path.join(sys.argv[2], "part*.json"))):
-    try:  # a part cut short writes nothing; one that selected nothing, an empty file
-        data = json.load(open(path))
-    except ValueError:
-        continue
-    if merged is None:
-        merged = data
-    else:
-        merged["benchmarks"] += data["benchmarks"]
-if merged is not None:
-    json.dump(merged, open(sys.argv[1], "w"), indent=1)
-EOF
-[ -f "$OUT_DIR/gpu.json" ] && "$PY" benchmarks/summarize.py "$OUT_DIR/gpu.json" | tee "$OUT_DIR/gpu_summary.md"
+"$PY" benchmarks/summarize.py --merge "$OUT_DIR/gpu.json" "$tmp"/part*.json \
+  && "$PY" benchmarks/summarize.py "$OUT_DIR/gpu.json" | tee "$OUT_DIR/gpu_summary.md"
 rm -rf "$tmp"
 
 step "summary"

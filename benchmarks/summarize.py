@@ -2,10 +2,34 @@
 
 For each group: the median time of every entry, its speed-up of pysparse over it (baseline / pysparse,
 > 1 means pysparse is faster), achieved GB/s where the bytes moved are known, and peak extra memory.
+
+``summarize.py --merge OUT PART...`` joins the JSON files of several pytest-benchmark runs into OUT first
+(benchmarks/gpu_check.sh runs its benchmarks in parts); parts that are missing, empty or not JSON (a part cut
+short, or one that selected nothing) are left out.
 """
 import json
+import os
 import sys
 from collections import defaultdict
+
+
+def merge(paths: list[str]) -> dict | None:
+    """One pytest-benchmark result from several: the first readable file's metadata, every file's benchmarks
+    in order; None when no file could be read."""
+    merged = None
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            continue
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data["benchmarks"]
+    return merged
 
 
 def main(path: str) -> None:
@@ -32,4 +56,13 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/out/bench.json")
+    if len(sys.argv) > 2 and sys.argv[1] == "--merge":
+        result = merge(sys.argv[3:])
+        if result is None:
+            sys.exit(f"summarize.py --merge: none of {len(sys.argv) - 3} files holds benchmark results")
+        tmp = sys.argv[2] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, sys.argv[2])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/out/bench.json")

@@ -1,0 +1,58 @@
+"""The benchmark tooling that runs where a rerun is expensive (benchmarks/gpu_check.sh on a lent GPU): merging
+the JSON of its benchmark parts and the ratio table."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUMMARIZE = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize.py"
+
+
+def _summarize():
+    spec = importlib.util.spec_from_file_location("summarize", SUMMARIZE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(group, **medians):
+    return {"machine_info": {"cpu": {"brand_raw": "test cpu", "count": 2}}, "datetime": "2026-11-29",
+            "benchmarks": [{"group": group, "name": f"t[{impl}]", "params": {"impl": impl},
+                            "stats": {"median": m}, "extra_info": {}} for impl, m in medians.items()]}
+
+
+def test_merge_skips_parts_cut_short_or_empty(tmp_path):
+    (tmp_path / "part1.json").write_text(json.dumps(_run("g1", pysparse=1e-3, dense=2e-3)))
+    (tmp_path / "part2.json").write_text("")                       # a part that selected nothing
+    (tmp_path / "part3.json").write_text('{"benchmarks": [')       # cut short while writing
+    (tmp_path / "part4.json").write_text("[1, 2]")                 # not a pytest-benchmark result
+    (tmp_path / "part6.json").write_text(json.dumps(_run("g2", pysparse=4e-3, dense=1e-3)))
+    paths = [str(tmp_path / f"part{i}.json") for i in range(1, 7)]  # part5 does not exist
+    merged = _summarize().merge(paths)
+    assert [b["group"] for b in merged["benchmarks"]] == ["g1", "g1", "g2", "g2"]
+    assert merged["machine_info"]["cpu"]["brand_raw"] == "test cpu"
+    assert _summarize().merge(paths[1:5]) is None
+
+
+def test_merge_command_writes_the_file_and_the_table_reads_it(tmp_path):
+    part = tmp_path / "part1.json"
+    part.write_text(json.dumps(_run("linear-fwd", pysparse=1e-3, dense=3e-3)))
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(SUMMARIZE), "--merge", str(out), str(part), str(tmp_path / "nope.json")],
+                   check=True)
+    table = subprocess.run([sys.executable, str(SUMMARIZE), str(out)], check=True, capture_output=True,
+                           text=True).stdout
+    assert "| linear-fwd | dense | 3.00 | 3.00x |" in table
+    assert not list(tmp_path.glob("*.tmp"))
+    failed = subprocess.run([sys.executable, str(SUMMARIZE), "--merge", str(out), str(tmp_path / "nope.json")],
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "none of 1 files" in failed.stderr
+
+
+@pytest.mark.skipif(not Path("/bin/bash").exists(), reason="needs bash")
+def test_gpu_check_script_parses():
+    script = SUMMARIZE.parent / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
