@@ -57,7 +57,7 @@ tail -15 "$OUT_DIR/tests.log"
 record "CUDA tests" "$rc"
 
 step "compute-sanitizer memcheck (one small case of every kernel)"
-sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 timeout "$(limit "${T_SANITIZER:-600}")" "$sanitizer" --tool memcheck --error-exitcode 1 \
   "$PY" benchmarks/sanitizer_case.py > "$OUT_DIR/sanitizer.log" 2>&1
 rc=$?

@@ -15,10 +15,9 @@ from .nn._sparse_weight import SparseWeight, check_mask
 # (4096 x 4096: 1.98x, 1.66x, 1.19x; below 50% not measured); SparseConv2d beats nn.Conv2d (mkldnn) on
 # ResNet-18's 3x3 layers from about 90% (at 95% on every layer at batch 1 and 8).
 DEFAULT_MIN_SPARSITY = {nn.Linear: 0.5, nn.Conv2d: 0.9}
-# The same for a layer on a CUDA device, measured on an NVIDIA H200 (2026-11-29, benchmarks/RESULTS.md):
-# SparseLinear's training step beats nn.Linear (cuBLAS) from ~93% at batch 256 (its forward from ~87-90%);
-# pysparse's CUDA convolution loses to cuDNN at every measured sparsity up to 99%, so convolutions stay dense.
-DEFAULT_MIN_SPARSITY_CUDA = {nn.Linear: 0.93, nn.Conv2d: 1.0}
+# On a CUDA device, the layers' own CUDA crossovers (DENSE_BELOW_CUDA, measured on an NVIDIA H200): below them a
+# sparse layer computes through torch's dense kernels anyway. SparseConv2d's is 1.0: convolutions stay dense.
+DEFAULT_MIN_SPARSITY_CUDA = {nn.Linear: SparseLinear.DENSE_BELOW_CUDA, nn.Conv2d: SparseConv2d.DENSE_BELOW_CUDA}
 
 _SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 

@@ -62,7 +62,7 @@ def test_sparsify_uses_zeros_and_min_sparsity():
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparsify_default_follows_the_device(device):
     """Without min_sparsity, a layer's crossover on its own device decides: on the CPU a 95%-sparse conv and a
-    60%-sparse linear layer convert; on CUDA the conv stays dense (cuDNN is faster at every sparsity) and so
+    60%-sparse linear layer convert; on CUDA the conv stays dense (its crossover there is 1.0) and so
     does the 60% linear layer (below its ~93% crossover there), while a 95% one converts."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 20), nn.Linear(20, 5)).to(device)

@@ -38,17 +38,18 @@ class SparseConv2d(SparseWeight):
     (bool, the weight's shape [out, in/groups, kh, kw], True = keep); :meth:`from_dense` converts a trained
     ``nn.Conv2d``. The stored values are the Parameter ``values``. Below ``dense_below`` sparsity (default: the
     measured crossover, ``DENSE_BELOW`` = 0.7 on the CPU; on CUDA ``DENSE_BELOW_CUDA`` = 1.0, cuDNN being faster
-    than the sparse kernels at every measured sparsity) an ungrouped layer's forward computes with a dense copy of
-    the weight built from the stored values, through F.conv2d (see ``SparseWeight.dense_below``); grouped and
-    depthwise layers always use the sparse kernels."""
+    than the sparse kernels on ResNet-18's layers at every measured sparsity up to 99%) an ungrouped layer's
+    forward computes with a dense copy of the weight built from the stored values, through F.conv2d (see
+    ``SparseWeight.dense_below``); grouped and depthwise layers always use the sparse kernels."""
 
     # fwd + bwd over nn.Conv2d at 50 / 60 / 70 / 80% sparsity (2026-11-29, 2-core CPU): the digits GAN's G 4x4
     # 0.51 / 0.61 / 0.77 / 1.08x, G 8x8 0.73 / 0.89 / 1.06 / 1.41x, D stride 2 0.94 / 1.05 / 1.24 / 1.47x;
     # ResNet-18 layer1 (batch 8) 0.67 / 0.79 / 0.97 / 1.35x, layer3 0.43 / 0.55 / 0.66 / 1.00x.
     DENSE_BELOW = 0.7
     # Over nn.Conv2d (cuDNN) on an H200 (2026-11-29, benchmarks/RESULTS.md), forward + backward at 80 / 90 / 95 /
-    # 99%: ResNet-18 layer1 0.07 / 0.14 / 0.19 / 0.32x, layer4 0.06 / 0.15 / 0.30 / 0.59x; the digits GAN's
-    # layers 0.46-0.63x: dense compute at every sparsity below 1.
+    # 99%: ResNet-18 layer1 0.11 / 0.12 / 0.27 / 0.19x, layer4 0.07 / 0.19 / 0.36 / 0.35x, every layer 0.07-0.42x;
+    # the digits GAN's small layers, host-bound, swing between runs (0.46-0.63x in one, 0.48-1.47x in the next):
+    # dense compute at every sparsity below 1.
     DENSE_BELOW_CUDA = 1.0
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

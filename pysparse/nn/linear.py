@@ -30,8 +30,8 @@ class SparseLinear(SparseWeight):
     # 4096 x 4096 batch 256 0.48x / 1.10x, 300 -> 100 batch 64 0.88x / 0.99x; forward alone 0.68-1.17x / 0.75-1.55x.
     DENSE_BELOW = 0.25
     # Over nn.Linear (cuBLAS, float32) on an H200, 4096 x 4096 (2026-11-29, benchmarks/RESULTS.md): the training
-    # step at batch 256 0.68x at 90% and 1.10x at 95% (crossing ~0.93); the forward alone breaks even at ~0.87
-    # (batch 256) and ~0.65 (batch 16); batch-16 training steps are bound by host overhead on both sides.
+    # step at batch 256 0.75x at 90% and 1.42x at 95% (crossing ~0.93); the forward alone breaks even at ~0.86
+    # (batch 256) and ~0.6 (batch 16); batch-16 training steps are bound by host overhead on both sides.
     DENSE_BELOW_CUDA = 0.93
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
