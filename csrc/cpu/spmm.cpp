@@ -7,7 +7,7 @@
 // so the accumulators live in registers. Rows are split between threads by stored count, not by row count.
 // float64 (used for gradcheck) takes a plain loop.
 #include <ATen/OpMathType.h>
-#ifdef __AVX512F__
+#ifdef __AVX__
 #include <immintrin.h>
 #endif
 #include <ATen/Parallel.h>
@@ -593,10 +593,11 @@ inline float hsum(vfloat v) {
 #endif
 }
 
+// v[i] = the sum of the 16 lanes of a[i], for 16 registers at once: rounds of pairwise shuffles and adds (about
+// 3 instructions per sum with AVX-512, instead of ~8 for a horizontal sum each; with AVX, 8-lane halves added
+// first, then horizontal adds across 8 vectors at a time; a horizontal sum each elsewhere).
+inline vfloat reduce16(const vfloat* a) {
 #ifdef __AVX512F__
-// v[i] = the sum of the 16 lanes of a[i], for 16 registers at once: three rounds of pairwise shuffles and adds
-// (about 3 instructions per sum instead of ~8 for a horizontal sum each).
-inline __m512 reduce16(const __m512* a) {
   __m512 b[8], c[4];
 #pragma GCC unroll 8
   for (int k = 0; k < 8; ++k)  // per 128-bit lane: (a[2k] 0+2, a[2k+1] 0+2, a[2k] 1+3, a[2k+1] 1+3)
@@ -608,27 +609,44 @@ inline __m512 reduce16(const __m512* a) {
   const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
   const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+#elif defined(__AVX__)
+  vfloat out;
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {  // out.p[h]: the sums of a[8h .. 8h + 7]
+    __m256 v[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) v[i] = _mm256_add_ps(a[8 * h + i].p[0], a[8 * h + i].p[1]);
+    // per 128-bit lane: pairs, then quads of each vector's lanes
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    out.p[h] = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+  return out;
+#else
+  float sums[kLanes];
+  for (int i = 0; i < kLanes; ++i) sums[i] = hsum(a[i]);
+  return vload(sums);
+#endif
 }
 
 // The sums over lanes of the dot products of m < 16 consecutive stored positions (a row's tail), j and on:
 // dot(i) returns position i's products in lanes; the lanes from m on are zero.
 template <typename Dot>
-__attribute__((always_inline)) inline __m512 tail_dots(int64_t j, int64_t m, Dot&& dot) {
-  __m512 d[16];
+__attribute__((always_inline)) inline vfloat tail_dots(int64_t j, int64_t m, Dot&& dot) {
+  vfloat d[16];
   for (int64_t u = 0; u < 16; ++u) {
     if (u < m) {
       d[u] = dot(j + u);
     } else {
-      d[u] = _mm512_setzero_ps();
+      d[u] = vfloat{};
     }
   }
   return reduce16(d);
 }
-#endif
 
 // float32 / float16 / bfloat16: a and b packed into the same panels as spmm; per panel, the row's panel of a
-// stays in registers and each stored position costs V multiply-adds and a horizontal sum (with AVX-512, 16
-// stored positions' sums are reduced together). Partial sums over panels accumulate in float32.
+// stays in registers and each stored position costs V multiply-adds and its share of a horizontal sum (16 stored
+// positions' sums are reduced together, reduce16). Partial sums over panels accumulate in float32.
 template <int V, typename index_t>
 void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, const float* pb, float* out, int64_t rows,
                   int64_t K, int64_t B, std::atomic<bool>& bad) {
@@ -643,37 +661,32 @@ void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, co
         vfloat ar[V];
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) ar[v] = vload(panel_a + r * T + v * kLanes);
-        int64_t j = rowptr[r];
-#ifdef __AVX512F__
-        for (; j + 16 <= rowptr[r + 1]; j += 16) {
-          __m512 acc[16];
-#pragma GCC unroll 16
-          for (int u = 0; u < 16; ++u) {
-            const int64_t c = col[j + u];
-            const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
-            local_bad |= !ok;
-            const float* x = panel_b + (ok ? c : 0) * T;
-            vfloat sum = ar[0] * vload(x);
-#pragma GCC unroll 4
-            for (int v = 1; v < V; ++v) sum += ar[v] * vload(x + v * kLanes);
-            acc[u] = sum;
-          }
-          __m512 sums = reduce16(acc);
-          if (t > 0) sums = _mm512_add_ps(sums, _mm512_loadu_ps(out + j));
-          vstore(out + j, sums);
-        }
-#endif
-        for (; j < rowptr[r + 1]; ++j) {
+        // one stored position's products, in lanes (zero for a column index outside [0, K))
+        auto dot = [&](int64_t j) -> vfloat {
           const int64_t c = col[j];
-          if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(K)) {
-            local_bad = true;
-            continue;
-          }
-          const float* x = panel_b + c * T;
-          vfloat acc = ar[0] * vload(x);
+          const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+          local_bad |= !ok;
+          const float* x = panel_b + (ok ? c : 0) * T;
+          vfloat sum = ar[0] * vload(x);
 #pragma GCC unroll 4
-          for (int v = 1; v < V; ++v) acc += ar[v] * vload(x + v * kLanes);
-          out[j] = (t == 0 ? 0.f : out[j]) + hsum(acc);
+          for (int v = 1; v < V; ++v) sum += ar[v] * vload(x + v * kLanes);
+          return ok ? sum : vfloat{};
+        };
+        const int64_t j1 = rowptr[r + 1];
+        for (int64_t j = rowptr[r]; j < j1; j += 16) {
+          const int64_t m = std::min<int64_t>(16, j1 - j);
+          if (m == 16) {
+            vfloat acc[16];
+#pragma GCC unroll 16
+            for (int u = 0; u < 16; ++u) acc[u] = dot(j + u);
+            vfloat sums = reduce16(acc);
+            if (t > 0) sums += vload(out + j);
+            vstore(out + j, sums);
+          } else {
+            vfloat sums = tail_dots(j, m, dot);
+            if (t > 0) sums += load_lanes(out + j, m);
+            cpu::store_lanes(out + j, sums, m);
+          }
         }
       }
     }
@@ -765,19 +778,22 @@ void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, f
     };
     const int64_t j1 = trowptr[k + 1];
     int64_t j = trowptr[k];
-#ifdef __AVX512F__
     for (; j + 16 <= j1; j += 16) {
-      __m512 d[16];
+      vfloat d[16];
 #pragma GCC unroll 16
       for (int u = 0; u < 16; ++u) {
         d[u] = step(j + u, u % S);
       }
-      __m512 sums = reduce16(d);
-      if (add) sums = _mm512_add_ps(sums, _mm512_loadu_ps(dv + j));
+      vfloat sums = reduce16(d);
+      if (add) sums += vload(dv + j);
       vstore(dv + j, sums);
     }
-#endif
-    for (; j < j1; ++j) dv[j] = (add ? dv[j] : 0.f) + hsum(step(j, 0));
+    if (j < j1) {
+      const int64_t m = j1 - j;
+      vfloat sums = tail_dots(j, m, [&](int64_t i) { return step(i, 0); });
+      if (add) sums += load_lanes(dv + j, m);
+      cpu::store_lanes(dv + j, sums, m);
+    }
 #pragma GCC unroll 4
     for (int s = 1; s < S; ++s)
 #pragma GCC unroll 4
@@ -881,26 +897,24 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
           for (; j < j1; ++j) step(j);
           continue;
         }
-#ifdef __AVX512F__
         for (; j < j1; j += 16) {
           const int64_t m = std::min<int64_t>(16, j1 - j);
-          const __mmask16 lanes = cpu::tail_mask(m);
-          __m512 sums;
+          vfloat sums;
           if (m == 16) {
-            __m512 d[16];
+            vfloat d[16];
 #pragma GCC unroll 16
             for (int u = 0; u < 16; ++u) {
               d[u] = step(j + u);
             }
             sums = reduce16(d);
+            if (t > 0) sums += vload(dv + j);
+            vstore(dv + j, sums);
           } else {
             sums = tail_dots(j, m, step);
+            if (t > 0) sums += load_lanes(dv + j, m);
+            cpu::store_lanes(dv + j, sums, m);
           }
-          if (t > 0) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(lanes, dv + j));
-          _mm512_mask_storeu_ps(dv + j, lanes, sums);
         }
-#endif
-        for (; j < j1; ++j) dv[j] = (t == 0 ? 0.f : dv[j]) + hsum(step(j));
       }
       return local_bad;
     });

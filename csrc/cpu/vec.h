@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#ifdef __AVX512F__
+#ifdef __AVX__
 #include <immintrin.h>
 #endif
 
@@ -17,11 +17,17 @@ namespace pysparse {
 namespace cpu {
 
 // ---------------------------------------------------------------------------------------------------------
-// 16-lane float32 vectors (GCC vector extensions: one AVX-512 register, or two AVX2 / four SSE registers where
-// the build targets those), for the panel kernels (spmm.cpp) and the layout transposes (conv.cpp).
+// 16-lane float32 vectors, for the panel kernels (spmm.cpp) and the layout transposes (conv.cpp). With AVX-512
+// a GCC vector extension of 64 bytes: one register. Elsewhere a struct of the widest vectors the target has
+// (two AVX 8-lane or four SSE 4-lane parts): a 64-byte vector extension there has no machine mode, so GCC keeps
+// every such variable in memory (on an AVX2-only Zen 3 the kernels ran 5-30x slower: every multiply-add a
+// stack load and store, the accumulators copied with `rep movs`), while a struct of parts that have one is
+// split into registers.
 // ---------------------------------------------------------------------------------------------------------
-typedef float vfloat __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
+
+#ifdef __AVX512F__
+typedef float vfloat __attribute__((vector_size(64)));
 
 inline vfloat vload(const float* p) {
   vfloat v;
@@ -35,6 +41,58 @@ inline vfloat vload(const float* p) {
 // accumulators, four extra loads per stored position (spmm_grad at batch 16, 90%: 1.30 -> 1.10 ms, 2026-11-29).
 typedef float vfloat_u __attribute__((vector_size(64), aligned(4)));
 inline void vstore(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
+#else
+#ifdef __AVX__
+typedef float vpart __attribute__((vector_size(32)));
+typedef float vpart_u __attribute__((vector_size(32), aligned(4)));  // unaligned, aliasing floats only (above)
+#else
+typedef float vpart __attribute__((vector_size(16)));
+typedef float vpart_u __attribute__((vector_size(16), aligned(4)));
+#endif
+constexpr int kPartLanes = sizeof(vpart) / sizeof(float);
+constexpr int kParts = kLanes / kPartLanes;
+
+struct vfloat {
+  vpart p[kParts];
+  vfloat& operator+=(const vfloat& o) {
+#pragma GCC unroll 4
+    for (int i = 0; i < kParts; ++i) p[i] += o.p[i];
+    return *this;
+  }
+};
+static_assert(sizeof(vfloat) == kLanes * sizeof(float), "vfloat must be 16 packed floats");
+
+inline vfloat operator+(vfloat a, const vfloat& b) { return a += b; }
+inline vfloat operator*(const vfloat& a, const vfloat& b) {
+  vfloat r;
+#pragma GCC unroll 4
+  for (int i = 0; i < kParts; ++i) r.p[i] = a.p[i] * b.p[i];
+  return r;
+}
+inline vfloat operator+(const vfloat& a, float s) {
+  vfloat r;
+#pragma GCC unroll 4
+  for (int i = 0; i < kParts; ++i) r.p[i] = a.p[i] + s;
+  return r;
+}
+inline vfloat operator*(float s, const vfloat& a) {
+  vfloat r;
+#pragma GCC unroll 4
+  for (int i = 0; i < kParts; ++i) r.p[i] = s * a.p[i];
+  return r;
+}
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+#pragma GCC unroll 4
+  for (int i = 0; i < kParts; ++i) v.p[i] = *reinterpret_cast<const vpart_u*>(p + i * kPartLanes);
+  return v;
+}
+inline void vstore(float* p, const vfloat& v) {
+#pragma GCC unroll 4
+  for (int i = 0; i < kParts; ++i) *reinterpret_cast<vpart_u*>(p + i * kPartLanes) = v.p[i];
+}
+#endif
 
 #ifdef __AVX512F__
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }  // n in [0, 16]
@@ -69,7 +127,10 @@ inline void store_lanes(scalar_t* p, vfloat v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(tmp[i]);
 }
 
-// In-register transpose of a 16 x 16 block (r[i] = row i): four rounds of interleaving row j with row j + 8.
+// In-register transpose of a 16 x 16 block (r[i] = row i). With AVX-512: four rounds of interleaving row j with
+// row j + 8. Elsewhere the same rounds transpose each part-wide square block (log2 of the part's lanes rounds),
+// and the blocks trade places.
+#ifdef __AVX512F__
 inline void transpose16(vfloat (&r)[kLanes]) {
   typedef int32_t vint __attribute__((vector_size(64)));
   const vint lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
@@ -85,6 +146,49 @@ inline void transpose16(vfloat (&r)[kLanes]) {
     for (int j = 0; j < kLanes; ++j) r[j] = t[j];
   }
 }
+#else
+inline void transpose_part(vpart (&b)[kPartLanes]) {
+  typedef int32_t vint __attribute__((vector_size(sizeof(vpart))));
+#ifdef __AVX__
+  const vint lo = {0, 8, 1, 9, 2, 10, 3, 11};
+  const vint hi = {4, 12, 5, 13, 6, 14, 7, 15};
+  constexpr int rounds = 3;
+#else
+  const vint lo = {0, 4, 1, 5};
+  const vint hi = {2, 6, 3, 7};
+  constexpr int rounds = 2;
+#endif
+  constexpr int half = kPartLanes / 2;
+#pragma GCC unroll 3
+  for (int round = 0; round < rounds; ++round) {
+    vpart t[kPartLanes];
+#pragma GCC unroll 4
+    for (int j = 0; j < half; ++j) {
+      t[2 * j] = __builtin_shuffle(b[j], b[j + half], lo);
+      t[2 * j + 1] = __builtin_shuffle(b[j], b[j + half], hi);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < kPartLanes; ++j) b[j] = t[j];
+  }
+}
+
+inline void transpose16(vfloat (&r)[kLanes]) {
+  vfloat out[kLanes];
+#pragma GCC unroll 4
+  for (int I = 0; I < kParts; ++I)
+#pragma GCC unroll 4
+    for (int J = 0; J < kParts; ++J) {
+      vpart b[kPartLanes];
+#pragma GCC unroll 8
+      for (int k = 0; k < kPartLanes; ++k) b[k] = r[I * kPartLanes + k].p[J];
+      transpose_part(b);
+#pragma GCC unroll 8
+      for (int k = 0; k < kPartLanes; ++k) out[J * kPartLanes + k].p[I] = b[k];
+    }
+#pragma GCC unroll 16
+  for (int j = 0; j < kLanes; ++j) r[j] = out[j];
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // Runs of the direct convolution
