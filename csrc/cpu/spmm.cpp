@@ -593,12 +593,27 @@ inline float hsum(vfloat v) {
 #endif
 }
 
-// v[i] = the sum of the 16 lanes of a[i], for 16 registers at once: rounds of pairwise shuffles and adds (about
-// 3 instructions per sum with AVX-512, instead of ~8 for a horizontal sum each; with AVX, 8-lane halves added
-// first, then horizontal adds across 8 vectors at a time; a horizontal sum each elsewhere).
-inline vfloat reduce16(const vfloat* a) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+// The sums of the 8 lanes of each of v[0 .. 7], in that order: horizontal adds within 128-bit lanes (pairs, then
+// quads), then the two halves added across.
+inline __m256 hadd8(const __m256 (&v)[8]) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+// The sums over lanes of the products dot(u) returns for u = 0 .. 15 (16 stored positions' dot products, in
+// lanes), as the 16 lanes of one vector. With AVX-512, three rounds of pairwise shuffles and adds over the 16
+// registers (about 3 instructions per sum instead of ~8 for a horizontal sum each). With AVX (16 registers of 8
+// lanes), 8 positions at a time, each folded to 8 lanes as it comes, so that they stay in registers. Elsewhere a
+// horizontal sum each.
+template <typename Dot>
+__attribute__((always_inline)) inline vfloat dots16(Dot&& dot) {
 #ifdef __AVX512F__
-  __m512 b[8], c[4];
+  __m512 a[16], b[8], c[4];
+#pragma GCC unroll 16
+  for (int u = 0; u < 16; ++u) a[u] = dot(u);
 #pragma GCC unroll 8
   for (int k = 0; k < 8; ++k)  // per 128-bit lane: (a[2k] 0+2, a[2k+1] 0+2, a[2k] 1+3, a[2k+1] 1+3)
     b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
@@ -612,41 +627,32 @@ inline vfloat reduce16(const vfloat* a) {
 #elif defined(__AVX__)
   vfloat out;
 #pragma GCC unroll 2
-  for (int h = 0; h < 2; ++h) {  // out.p[h]: the sums of a[8h .. 8h + 7]
+  for (int h = 0; h < 2; ++h) {
     __m256 v[8];
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) v[i] = _mm256_add_ps(a[8 * h + i].p[0], a[8 * h + i].p[1]);
-    // per 128-bit lane: pairs, then quads of each vector's lanes
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-    out.p[h] = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    for (int i = 0; i < 8; ++i) {
+      const vfloat d = dot(8 * h + i);
+      v[i] = _mm256_add_ps(d.p[0], d.p[1]);
+    }
+    out.p[h] = hadd8(v);
   }
   return out;
 #else
   float sums[kLanes];
-  for (int i = 0; i < kLanes; ++i) sums[i] = hsum(a[i]);
+  for (int u = 0; u < kLanes; ++u) sums[u] = hsum(dot(u));
   return vload(sums);
 #endif
 }
 
-// The sums over lanes of the dot products of m < 16 consecutive stored positions (a row's tail), j and on:
-// dot(i) returns position i's products in lanes; the lanes from m on are zero.
+// dots16 for the m < 16 positions of a row's tail: the lanes from m on are zero.
 template <typename Dot>
-__attribute__((always_inline)) inline vfloat tail_dots(int64_t j, int64_t m, Dot&& dot) {
-  vfloat d[16];
-  for (int64_t u = 0; u < 16; ++u) {
-    if (u < m) {
-      d[u] = dot(j + u);
-    } else {
-      d[u] = vfloat{};
-    }
-  }
-  return reduce16(d);
+__attribute__((always_inline)) inline vfloat tail_dots(int64_t m, Dot&& dot) {
+  return dots16([&](int u) { return u < m ? dot(u) : vfloat{}; });
 }
 
 // float32 / float16 / bfloat16: a and b packed into the same panels as spmm; per panel, the row's panel of a
 // stays in registers and each stored position costs V multiply-adds and its share of a horizontal sum (16 stored
-// positions' sums are reduced together, reduce16). Partial sums over panels accumulate in float32.
+// positions' sums are reduced together, dots16). Partial sums over panels accumulate in float32.
 template <int V, typename index_t>
 void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, const float* pb, float* out, int64_t rows,
                   int64_t K, int64_t B, std::atomic<bool>& bad) {
@@ -676,14 +682,11 @@ void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, co
         for (int64_t j = rowptr[r]; j < j1; j += 16) {
           const int64_t m = std::min<int64_t>(16, j1 - j);
           if (m == 16) {
-            vfloat acc[16];
-#pragma GCC unroll 16
-            for (int u = 0; u < 16; ++u) acc[u] = dot(j + u);
-            vfloat sums = reduce16(acc);
+            vfloat sums = dots16([&](int u) { return dot(j + u); });
             if (t > 0) sums += vload(out + j);
             vstore(out + j, sums);
           } else {
-            vfloat sums = tail_dots(j, m, dot);
+            vfloat sums = tail_dots(m, [&](int u) { return dot(j + u); });
             if (t > 0) sums += load_lanes(out + j, m);
             cpu::store_lanes(out + j, sums, m);
           }
@@ -779,18 +782,13 @@ void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, f
     const int64_t j1 = trowptr[k + 1];
     int64_t j = trowptr[k];
     for (; j + 16 <= j1; j += 16) {
-      vfloat d[16];
-#pragma GCC unroll 16
-      for (int u = 0; u < 16; ++u) {
-        d[u] = step(j + u, u % S);
-      }
-      vfloat sums = reduce16(d);
+      vfloat sums = dots16([&](int u) { return step(j + u, u % S); });
       if (add) sums += vload(dv + j);
       vstore(dv + j, sums);
     }
     if (j < j1) {
       const int64_t m = j1 - j;
-      vfloat sums = tail_dots(j, m, [&](int64_t i) { return step(i, 0); });
+      vfloat sums = tail_dots(m, [&](int u) { return step(j + u, 0); });
       if (add) sums += load_lanes(dv + j, m);
       cpu::store_lanes(dv + j, sums, m);
     }
@@ -901,16 +899,11 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
           const int64_t m = std::min<int64_t>(16, j1 - j);
           vfloat sums;
           if (m == 16) {
-            vfloat d[16];
-#pragma GCC unroll 16
-            for (int u = 0; u < 16; ++u) {
-              d[u] = step(j + u);
-            }
-            sums = reduce16(d);
+            sums = dots16([&](int u) { return step(j + u); });
             if (t > 0) sums += vload(dv + j);
             vstore(dv + j, sums);
           } else {
-            sums = tail_dots(j, m, step);
+            sums = tail_dots(m, [&](int u) { return step(j + u); });
             if (t > 0) sums += load_lanes(dv + j, m);
             cpu::store_lanes(dv + j, sums, m);
           }
@@ -1067,9 +1060,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 2.5; 16, 2.4 / 1.4. Reading and writing through the permutation inside the sweep instead (on its first and
   // last panels) cost 13-15 ms at batch 256: those random accesses then compete with gyt's panel for L2.
   const bool csc = transposed && B > kGradCscMinBatch;
-  // half of L2: over W^T, gyt's panel read at random rows (all of L2 measured no faster); over W's CSR, xt's
-  // panel and the accumulators
-  const int64_t T = panel_width(csc ? rows : std::max(rows, K), B, l2_bytes() / 2);
+  // Over W^T, gyt's panel read at random rows: all of L2, as spmm's. (On a Zen 5 with 1 MB of L2, half of it,
+  // 32 columns, and all of it measured the same; on a Zen 3 with 512 KB, all of it, 32 columns instead of 16, in
+  // one process alternating the two, ten rounds, median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 /
+  // 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms, 2026-11-29.) Over W's CSR, half: xt's panel and the accumulators.
+  const int64_t T = panel_width(csc ? rows : std::max(rows, K), B, csc ? l2_bytes() : l2_bytes() / 2);
   at::Tensor dvalues = empty_output({nnz}, values.options());
   // Over W^T, with as many panels as threads (or a multiple) and few stored values (their products, 4 bytes
   // each, within one core's L2), the batch is split between threads (grad_csc_tiles), each packing its own panels
