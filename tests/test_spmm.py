@@ -261,6 +261,17 @@ def test_tampered_structure_raises_not_crashes():
         col1[40] = bad
         with pytest.raises(ValueError, match="column index is outside"):
             pysparse.ops.spmm(s1.rowptr, col1, v1, x1)
+    # the same with int32 indices (more than 32768 columns): right results, and every bad index caught
+    v2, s2, x2, b2 = _problem(3, 40000, 1, 0.01, torch.float32, "cpu", 3)
+    assert s2.col.dtype == torch.int32 and int((s2.rowptr[1:] - s2.rowptr[:-1]).min()) >= 32
+    rows2 = torch.repeat_interleave(torch.arange(3), s2.rowptr.diff())
+    dense = torch.zeros(3, 40000).index_put_((rows2, s2.col.long()), v2)
+    torch.testing.assert_close(pysparse.ops.spmm(s2.rowptr, s2.col, v2, x2, bias=b2), dense @ x2 + b2[:, None])
+    for bad in (40000, -1, 2**31 - 1, -2**31):
+        col2 = s2.col.clone()
+        col2[20] = bad
+        with pytest.raises(ValueError, match="column index is outside"):
+            pysparse.ops.spmm(s2.rowptr, col2, v2, x2)
     bad_ptr = s.rowptr.clone()
     bad_ptr[2] = bad_ptr[3] + 1
     with pytest.raises(ValueError, match="non-decreasing"):

@@ -273,6 +273,43 @@ inline float spmv_row_avx512(const index_t* col, const float* values, const floa
   j0 = j;
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
+#elif defined(__AVX2__)
+// 8 column indices as int32 lanes.
+inline __m256i load_index8(const int16_t* p) {
+  return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i load_index8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// spmv_row_avx512's AVX2 twin, 8 lanes per gather, two gathers per step: indices outside [0, K) are masked out
+// of the gather (not loaded) and counted in `outside`. Zen 3, batch 1, against the scalar loop (one process
+// alternating the two, ten rounds, median): 4096 x 4096 at 50 / 90 / 99% 5.8 / 1.18 / 0.20 -> 3.3 / 0.61 /
+// 0.15 ms on two threads, 10.3 / 2.08 / 0.29 -> 5.2 / 1.07 / 0.20 ms on one (2026-11-29).
+template <typename index_t>
+inline float spmv_row_avx2(const index_t* col, const float* values, const float* x, int64_t& j0, int64_t j1,
+                           int64_t K, int64_t& outside) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i bound = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
+  const __m256i minus1 = _mm256_set1_epi32(-1);
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) {
+    const __m256i i0 = load_index8(col + j), i1 = load_index8(col + j + 8);
+    // 0 <= i < K, as all-ones lanes
+    const __m256i ok0 = _mm256_and_si256(_mm256_cmpgt_epi32(i0, minus1), _mm256_cmpgt_epi32(bound, i0));
+    const __m256i ok1 = _mm256_and_si256(_mm256_cmpgt_epi32(i1, minus1), _mm256_cmpgt_epi32(bound, i1));
+    const int m0 = _mm256_movemask_ps(_mm256_castsi256_ps(ok0)), m1 = _mm256_movemask_ps(_mm256_castsi256_ps(ok1));
+    outside += 16 - __builtin_popcount(m0) - __builtin_popcount(m1);
+    const __m256 x0 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i0, _mm256_castsi256_ps(ok0), 4);
+    const __m256 x1 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i1, _mm256_castsi256_ps(ok1), 4);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), x0, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 8), x1, acc1);
+  }
+  j0 = j;
+  const __m256 sum8 = _mm256_add_ps(acc0, acc1);
+  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+  sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+  sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
+  return _mm_cvtss_f32(sum4);
+}
 #endif
 
 // B == 1, a sparse matrix-vector product: per row, a vectorised gather-multiply-reduce.
@@ -289,6 +326,8 @@ void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
       const int64_t j1 = rowptr[r + 1];
 #ifdef __AVX512F__
       if constexpr (std::is_same_v<scalar_t, float>) acc[1] = spmv_row_avx512(col, values, x, j, j1, K, outside);
+#elif defined(__AVX2__)
+      if constexpr (std::is_same_v<scalar_t, float>) acc[1] = spmv_row_avx2(col, values, x, j, j1, K, outside);
 #endif
       for (; j + 4 <= j1; j += 4) {
 #pragma GCC unroll 4
