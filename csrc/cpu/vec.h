@@ -20,7 +20,7 @@ namespace cpu {
 // 16-lane float32 vectors, for the panel kernels (spmm.cpp) and the layout transposes (conv.cpp). With AVX-512
 // a GCC vector extension of 64 bytes: one register. Elsewhere a struct of the widest vectors the target has
 // (two AVX 8-lane or four SSE 4-lane parts): a 64-byte vector extension there has no machine mode, so GCC keeps
-// every such variable in memory (on an AVX2-only Zen 3 the kernels ran 5-30x slower: every multiply-add a
+// every such variable in memory (on an AVX2-only Zen 3 spmm ran 3-11x slower: every multiply-add a
 // stack load and store, the accumulators copied with `rep movs`), while a struct of parts that have one is
 // split into registers.
 // ---------------------------------------------------------------------------------------------------------
