@@ -1,5 +1,5 @@
 """The benchmark tooling that runs where a rerun is expensive (benchmarks/gpu_check.sh on a lent GPU): merging
-the JSON of its benchmark parts and the ratio table."""
+the JSON of its benchmark parts and the ratio table; and benchmarks/step_ratio.py (step / forward per round)."""
 import importlib.util
 import json
 import subprocess
@@ -56,3 +56,14 @@ def test_merge_command_writes_the_file_and_the_table_reads_it(tmp_path):
 def test_gpu_check_script_parses():
     script = SUMMARIZE.parent / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_step_ratio_measures_the_step_against_its_own_forward(capsys):
+    spec = importlib.util.spec_from_file_location("step_ratio", SUMMARIZE.parent / "step_ratio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    r = module.measure(16, 0.9, features=256, rounds=3, calls=3)
+    assert r["forward_ms"] > 0 and r["step_ms"] > r["forward_ms"]  # a step is a forward and a backward
+    assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["ratio"] > 1
+    module.main(["--batch", "4", "--sparsity", "0.5", "--features", "64", "--rounds", "2"])
+    assert "batch    4 sparsity 0.50" in capsys.readouterr().out
