@@ -20,6 +20,13 @@ import pysparse
 def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0):
     """Median forward and step times (ms) and the median of the per-round step / forward ratios, with their range,
     for a features x features SparseLinear pinned to its sparse kernels."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    for name, value in (("batch", batch), ("features", features), ("rounds", rounds)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if calls is not None and calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
     torch.manual_seed(seed)
     dense = nn.Linear(features, features)
     mask = torch.rand(features, features) >= sparsity

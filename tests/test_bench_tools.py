@@ -11,11 +11,15 @@ import pytest
 SUMMARIZE = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize.py"
 
 
-def _summarize():
-    spec = importlib.util.spec_from_file_location("summarize", SUMMARIZE)
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SUMMARIZE.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _summarize():
+    return _load("summarize")
 
 
 def _run(group, **medians):
@@ -59,11 +63,18 @@ def test_gpu_check_script_parses():
 
 
 def test_step_ratio_measures_the_step_against_its_own_forward(capsys):
-    spec = importlib.util.spec_from_file_location("step_ratio", SUMMARIZE.parent / "step_ratio.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("step_ratio")
     r = module.measure(16, 0.9, features=256, rounds=3, calls=3)
     assert r["forward_ms"] > 0 and r["step_ms"] > r["forward_ms"]  # a step is a forward and a backward
     assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["ratio"] > 1
     module.main(["--batch", "4", "--sparsity", "0.5", "--features", "64", "--rounds", "2"])
     assert "batch    4 sparsity 0.50" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
+                                          ({"batch": 0}, "batch"), ({"features": 0}, "features"),
+                                          ({"rounds": 0}, "rounds"), ({"calls": 0}, "calls")])
+def test_step_ratio_rejects_bad_input(kwargs, name):
+    args = {"batch": 4, "sparsity": 0.5, "features": 64, "rounds": 1, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        _load("step_ratio").measure(**args)

@@ -618,20 +618,6 @@ void sum_parts(const float* acc, int64_t parts, scalar_t* out, int64_t sk, int64
   });
 }
 
-inline float hsum(vfloat v) {
-#ifdef __AVX512F__
-  __m512 m;
-  __builtin_memcpy(&m, &v, sizeof(m));
-  return _mm512_reduce_add_ps(m);
-#else
-  float lanes[kLanes];
-  __builtin_memcpy(lanes, &v, sizeof(lanes));
-  float total = 0.f;
-  for (int64_t i = 0; i < kLanes; ++i) total += lanes[i];
-  return total;
-#endif
-}
-
 #if defined(__AVX__) && !defined(__AVX512F__)
 // The sums of the 8 lanes of each of v[0 .. 7], in that order: horizontal adds within 128-bit lanes (pairs, then
 // quads), then the two halves added across.
@@ -678,15 +664,30 @@ __attribute__((always_inline)) inline vfloat dots16(Dot&& dot) {
   return out;
 #else
   float sums[kLanes];
-  for (int u = 0; u < kLanes; ++u) sums[u] = hsum(dot(u));
+  for (int u = 0; u < kLanes; ++u) {
+    const vfloat d = dot(u);
+    float lanes[kLanes];
+    __builtin_memcpy(lanes, &d, sizeof(lanes));
+    sums[u] = 0.f;
+    for (int i = 0; i < kLanes; ++i) sums[u] += lanes[i];
+  }
   return vload(sums);
 #endif
 }
 
-// dots16 for the m < 16 positions of a row's tail: the lanes from m on are zero.
+// out[u] (+)= the sum over lanes of dot(u), for the m <= 16 stored positions u < m (a full block of 16, or a
+// row's tail: its lanes are neither read nor written past m); added to what out holds when `add`.
 template <typename Dot>
-__attribute__((always_inline)) inline vfloat tail_dots(int64_t m, Dot&& dot) {
-  return dots16([&](int u) { return u < m ? dot(u) : vfloat{}; });
+__attribute__((always_inline)) inline void store_dots(float* out, int64_t m, bool add, Dot&& dot) {
+  if (m == kLanes) {
+    vfloat sums = dots16(dot);
+    if (add) sums += vload(out);
+    vstore(out, sums);
+  } else {
+    vfloat sums = dots16([&](int u) { return u < m ? dot(u) : vfloat{}; });
+    if (add) sums += load_lanes(out, m);
+    cpu::store_lanes(out, sums, m);
+  }
 }
 
 // float32 / float16 / bfloat16: a and b packed into the same panels as spmm; per panel, the row's panel of a
@@ -718,18 +719,8 @@ void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, co
           return ok ? sum : vfloat{};
         };
         const int64_t j1 = rowptr[r + 1];
-        for (int64_t j = rowptr[r]; j < j1; j += 16) {
-          const int64_t m = std::min<int64_t>(16, j1 - j);
-          if (m == 16) {
-            vfloat sums = dots16([&](int u) { return dot(j + u); });
-            if (t > 0) sums += vload(out + j);
-            vstore(out + j, sums);
-          } else {
-            vfloat sums = tail_dots(m, [&](int u) { return dot(j + u); });
-            if (t > 0) sums += load_lanes(out + j, m);
-            cpu::store_lanes(out + j, sums, m);
-          }
-        }
+        for (int64_t j = rowptr[r]; j < j1; j += 16)
+          store_dots(out + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return dot(j + u); });
       }
     }
     return local_bad;
@@ -819,17 +810,9 @@ void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, f
       return d;
     };
     const int64_t j1 = trowptr[k + 1];
-    int64_t j = trowptr[k];
-    for (; j + 16 <= j1; j += 16) {
-      vfloat sums = dots16([&](int u) { return step(j + u, u % S); });
-      if (add) sums += vload(dv + j);
-      vstore(dv + j, sums);
-    }
-    if (j < j1) {
-      const int64_t m = j1 - j;
-      vfloat sums = tail_dots(m, [&](int u) { return step(j + u, 0); });
-      if (add) sums += load_lanes(dv + j, m);
-      cpu::store_lanes(dv + j, sums, m);
+    for (int64_t j = trowptr[k]; j < j1; j += 16) {
+      const int64_t m = std::min<int64_t>(16, j1 - j);  // a tail's positions all go into acc[0]
+      store_dots(dv + j, m, add, [&](int u) { return step(j + u, m == 16 ? u % S : 0); });
     }
 #pragma GCC unroll 4
     for (int s = 1; s < S; ++s)
@@ -934,19 +917,8 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
           for (; j < j1; ++j) step(j);
           continue;
         }
-        for (; j < j1; j += 16) {
-          const int64_t m = std::min<int64_t>(16, j1 - j);
-          vfloat sums;
-          if (m == 16) {
-            sums = dots16([&](int u) { return step(j + u); });
-            if (t > 0) sums += vload(dv + j);
-            vstore(dv + j, sums);
-          } else {
-            sums = tail_dots(m, [&](int u) { return step(j + u); });
-            if (t > 0) sums += load_lanes(dv + j, m);
-            cpu::store_lanes(dv + j, sums, m);
-          }
-        }
+        for (; j < j1; j += 16)
+          store_dots(dv + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return step(j + u); });
       }
       return local_bad;
     });
