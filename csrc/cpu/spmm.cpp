@@ -625,15 +625,24 @@ inline __m128 hadd4(const __m256 (&v)[4]) {
   const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
+
+// The same for v[0 .. 7]: the two halves added across.
+inline __m256 hadd8(const __m256 (&v)[8]) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
 #endif
 
 // The sums over lanes of the products dot(u) returns for u = 0 .. 15 (16 stored positions' dot products, in
 // lanes), as the 16 lanes of one vector. With AVX-512, three rounds of pairwise shuffles and adds over the 16
 // registers (about 3 instructions per sum instead of ~8 for a horizontal sum each). With AVX (16 registers of 8
-// lanes), 4 positions at a time, each folded to 8 lanes as it comes, so that they stay in registers beside the
-// caller's own (8 at a time spilled in csc_sweep: figures there). Elsewhere a horizontal sum each.
-template <typename Dot>
+// lanes), G = 8 or 4 positions at a time, each folded to 8 lanes as it comes, so that they stay in registers: 8
+// where the caller keeps few registers of its own (sddmm: 4 at a time was 3-10% slower on a Zen 3), 4 where it
+// keeps many (csc_sweep: figures there). Elsewhere a horizontal sum each.
+template <int G = 8, typename Dot>
 __attribute__((always_inline)) inline vfloat dots16(Dot&& dot) {
+  static_assert(G == 4 || G == 8, "dots16 sums 4 or 8 positions at a time");
 #ifdef __AVX512F__
   __m512 a[16], b[8], c[4];
 #pragma GCC unroll 16
@@ -649,20 +658,33 @@ __attribute__((always_inline)) inline vfloat dots16(Dot&& dot) {
   const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
 #elif defined(__AVX__)
-  __m128 q[4];
-#pragma GCC unroll 4
-  for (int h = 0; h < 4; ++h) {
-    __m256 v[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      const vfloat d = dot(4 * h + i);
-      v[i] = _mm256_add_ps(d.p[0], d.p[1]);
-    }
-    q[h] = hadd4(v);
-  }
   vfloat out;
-  out.p[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(q[0]), q[1], 1);
-  out.p[1] = _mm256_insertf128_ps(_mm256_castps128_ps256(q[2]), q[3], 1);
+  if constexpr (G == 8) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const vfloat d = dot(8 * h + i);
+        v[i] = _mm256_add_ps(d.p[0], d.p[1]);
+      }
+      out.p[h] = hadd8(v);
+    }
+  } else {
+    __m128 q[4];
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) {
+      __m256 v[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const vfloat d = dot(4 * h + i);
+        v[i] = _mm256_add_ps(d.p[0], d.p[1]);
+      }
+      q[h] = hadd4(v);
+    }
+    out.p[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(q[0]), q[1], 1);
+    out.p[1] = _mm256_insertf128_ps(_mm256_castps128_ps256(q[2]), q[3], 1);
+  }
   return out;
 #else
   float sums[kLanes];
@@ -678,15 +700,15 @@ __attribute__((always_inline)) inline vfloat dots16(Dot&& dot) {
 }
 
 // out[u] (+)= the sum over lanes of dot(u), for the m <= 16 stored positions u < m (a full block of 16, or a
-// row's tail: its lanes are neither read nor written past m); added to what out holds when `add`.
-template <typename Dot>
+// row's tail: its lanes are neither read nor written past m); added to what out holds when `add`. G: dots16's.
+template <int G = 8, typename Dot>
 __attribute__((always_inline)) inline void store_dots(float* out, int64_t m, bool add, Dot&& dot) {
   if (m == kLanes) {
-    vfloat sums = dots16(dot);
+    vfloat sums = dots16<G>(dot);
     if (add) sums += vload(out);
     vstore(out, sums);
   } else {
-    vfloat sums = dots16([&](int u) { return u < m ? dot(u) : vfloat{}; });
+    vfloat sums = dots16<G>([&](int u) { return u < m ? dot(u) : vfloat{}; });
     if (add) sums += load_lanes(out, m);
     cpu::store_lanes(out, sums, m);
   }
@@ -822,7 +844,7 @@ void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, f
     const int64_t j1 = trowptr[k + 1];
     for (int64_t j = trowptr[k]; j < j1; j += 16) {
       const int64_t m = std::min<int64_t>(16, j1 - j);  // a tail's positions all go into acc[0]
-      store_dots(dv + j, m, add, [&](int u) { return step(j + u, m == 16 ? u % S : 0); });
+      store_dots<4>(dv + j, m, add, [&](int u) { return step(j + u, m == 16 ? u % S : 0); });
     }
 #pragma GCC unroll 4
     for (int s = 1; s < S; ++s)
