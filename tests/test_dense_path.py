@@ -11,7 +11,7 @@ from torch import nn
 import pysparse
 from pysparse.testing import DEVICES, assert_compiled_matches_eager
 
-SPARSE_FNS = ("_SpmmBackward", "_SparseConv2dBackward")
+SPARSE_FNS = ("_SparseLinearBackward", "_SpmmBackward", "_SparseConv2dBackward")
 
 
 def _sparse_path(y: torch.Tensor) -> bool:

@@ -67,14 +67,13 @@ class SparseLinear(SparseWeight):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
         if self._computes_dense():  # below the crossover: torch's dense kernels (see dense_below)
             return F.linear(x, self._compute_weight(), self.bias)
-        lead = x.shape[:-1]
-        xt = x.reshape(-1, self.in_features).t()  # a view: the kernel packs the batch through its strides
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # a view for contiguous inputs
         # The layer built (or, on load, checked) its own structure, and the kernel checks its arguments again:
         # the op is called directly, without the wrapper's Python checks (~10 us a call on small layers).
         ops._check_kernel("spmm", x.device, "input")
-        yt = ops.layer_spmm(self.rowptr, self.col, self.effective_values(), xt, self.bias, self.t_rowptr, self.t_col,
-                            self.t_perm)
-        return yt.t().reshape(*lead, self.out_features)
+        y = ops.layer_linear(self.rowptr, self.col, self.effective_values(), x2, self.bias, self.t_rowptr, self.t_col,
+                             self.t_perm)  # the kernel packs the batch through the transposed view's strides
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
