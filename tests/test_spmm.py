@@ -182,6 +182,44 @@ def test_spmm_grad_batch_split_between_threads(threads, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_single_column_backward(threads, dtype):
+    """Batch 1 on the CPU: the backward ops sweep W's CSR without panels (a vector, not a 16-column panel):
+    spmm_grad, sddmm and spmm_t against the reference, with and without W^T's structure, a contiguous, transposed
+    and sliced column, int16 and int32 (40000 columns) indices, empty rows; any thread count (the accumulators
+    are per thread, summed after). A bad column index in any row raises on each op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, cols, density in [(70, 90, 0.3), (5, 40_000, 0.01), (33, 17, 1.0)]:
+            values, s, xt, _ = _problem(rows, cols, 1, density, dtype, "cpu", rows, empty_rows=rows == 70)
+            gyt = torch.randn(rows, 1, generator=torch.Generator().manual_seed(cols)).to(dtype)
+            want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
+            for layout in ("contiguous", "transposed", "sliced"):
+                g, x = _strided(gyt, layout), _strided(xt, layout)
+                for transposed in (s.transposed(), None):
+                    got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, g, x, transposed=transposed, bias=True)
+                    for a, w in zip(got, want):
+                        assert a.dtype == dtype
+                        torch.testing.assert_close(a, w, **TOL[dtype])
+                    torch.testing.assert_close(pysparse.ops.spmm_t(s.rowptr, s.col, values, g, cols,
+                                                                   transposed=transposed), want[1], **TOL[dtype])
+                torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, g, x), want[0], **TOL[dtype])
+            for bad in (cols, -1):
+                col = s.col.clone()
+                col[-1] = bad
+                for call in (lambda: torch.ops.pysparse.spmm_grad.default(s.rowptr, col, values, gyt, xt, None, None,
+                                                                          None),
+                             lambda: torch.ops.pysparse.sddmm.default(s.rowptr, col, gyt, xt),
+                             lambda: torch.ops.pysparse.spmm_t.default(s.rowptr, col, values, gyt, cols, None, None,
+                                                                       None)):
+                    with pytest.raises(ValueError, match="column index is outside"):
+                        call()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [16, 100])
 @pytest.mark.parametrize("transposed", [True, False])
