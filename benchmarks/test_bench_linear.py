@@ -46,7 +46,7 @@ def test_linear_forward(benchmark, device, batch, sparsity, impl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch", [16, 256])
+@pytest.mark.parametrize("batch", [1, 16, 256])
 @pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
 @pytest.mark.parametrize("impl", ["pysparse", "dense"])
 def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
