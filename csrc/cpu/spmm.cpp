@@ -659,29 +659,21 @@ __attribute__((always_inline)) inline vfloat dots16(Dot&& dot) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
 #elif defined(__AVX__)
   vfloat out;
-  if constexpr (G == 8) {
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      __m256 v[8];
+  __m128 q[4];  // G = 4: each group's 4 sums
+#pragma GCC unroll 4
+  for (int h = 0; h < 16 / G; ++h) {
+    __m256 v[G];
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        const vfloat d = dot(8 * h + i);
-        v[i] = _mm256_add_ps(d.p[0], d.p[1]);
-      }
+    for (int i = 0; i < G; ++i) {
+      const vfloat d = dot(G * h + i);
+      v[i] = _mm256_add_ps(d.p[0], d.p[1]);
+    }
+    if constexpr (G == 8)
       out.p[h] = hadd8(v);
-    }
-  } else {
-    __m128 q[4];
-#pragma GCC unroll 4
-    for (int h = 0; h < 4; ++h) {
-      __m256 v[4];
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const vfloat d = dot(4 * h + i);
-        v[i] = _mm256_add_ps(d.p[0], d.p[1]);
-      }
+    else
       q[h] = hadd4(v);
-    }
+  }
+  if constexpr (G == 4) {
     out.p[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(q[0]), q[1], 1);
     out.p[1] = _mm256_insertf128_ps(_mm256_castps128_ps256(q[2]), q[3], 1);
   }
