@@ -1042,7 +1042,8 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // through the permutation (spmm_impl gathers them into column order once when there is more than one panel;
   // 4096 x 4096 at 90%, batch 256: 13-14 ms, against 21-23 ms for the scatter). Otherwise a scatter from W's
   // CSR into per-thread panels (scatter_panels): at batch 16, 90%, 1.5 ms (0.9 ms since it shares spmm_grad's
-  // kernel), against 2.7 ms reading through the permutation in place and 4.7 ms gathering first (2026-11-29).
+  // kernel), against 2.7 ms reading through the permutation in place and 4.7 ms gathering first (2026-11-29);
+  // at batch 1 the same scatter without panels (vec_grads).
   if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
     check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t");
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
