@@ -759,6 +759,11 @@ class _SparseConv2d(torch.autograd.Function):
     backward = staticmethod(_conv_backward)
 
 
+def _spmm_rows(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
+    """spmm for a batch-major x [B, K]: y [B, N] as the transposed view of the op's [N, B] result."""
+    return torch.ops.pysparse.spmm.default(rowptr, col, values, x.t(), bias, t_rowptr, t_col, t_perm).t()
+
+
 class _SparseLinear(torch.autograd.Function):
     """SparseLinear's product on a batch-major x [B, K] -> y [B, N]: spmm over the transposed views, taken inside
     the function (as the gradients are), so that autograd records one node instead of it plus a view node on
@@ -768,7 +773,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
         ctx.save_for_backward(rowptr, col, values, x, t_rowptr, t_col, t_perm)
-        return torch.ops.pysparse.spmm.default(rowptr, col, values, x.t(), bias, t_rowptr, t_col, t_perm).t()
+        return _spmm_rows(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
 
     @staticmethod
     def backward(ctx, gy):
@@ -794,7 +799,7 @@ def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     gradients when autograd records."""
     if torch.is_grad_enabled():
         return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
-    return torch.ops.pysparse.spmm.default(rowptr, col, values, x.t(), bias, t_rowptr, t_col, t_perm).t()
+    return _spmm_rows(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
 
 
 def layer_sparse_conv2d(*args):
