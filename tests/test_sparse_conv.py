@@ -252,12 +252,14 @@ def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, padd
     (3, 16, 4, 12, 12, (3, 3), (1, 1), (1, 1), 0.01, (0, 0)),  # few weights per input element: no interleaving
     (2, 4, 3, 40, 40, (3, 3), (2, 2), (1, 1), 0.5, (1, 1)),   # large planes: no interleaving, stride 2
     (2, 4, 3, 38, 37, (3, 3), (1, 1), (1, 1), 0.5, (1, 2)),   # large planes, stride 1: row copies around padding
+    (2, 4, 3, 39, 37, (3, 3), (2, 2), (1, 1), 0.5, (2, 1)),   # stride 2, odd width, odd column padding
+    (2, 4, 3, 37, 36, (5, 5), (3, 2), (1, 2), 0.5, (2, 2)),   # stride 3 x 2, dilation, even column padding
     (64, 8, 6, 6, 6, (3, 3), (1, 1), (1, 1), 0.8, (1, 1)),    # 12 images per run rounded up to 16 (aligned windows)
     (136, 4, 3, 8, 8, (3, 3), (1, 1), (1, 1), 0.8, (0, 0)),   # 16 per run again, the last block holds 8
     (136, 4, 3, 6, 6, (3, 3), (1, 1), (1, 1), 0.8, (1, 1)),   # the same, padded
     (64, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6, (0, 0)),  # stride 2: 27 per run rounded up to 32
 ], ids=["interleaved-padded", "interleaved-stride2", "interleaved-stride2-padded", "odd-padded", "sparse",
-        "large-stride2-padded", "large-padded", "aligned-padded", "aligned-partial", "aligned-partial-padded",
+        "large-stride2-padded", "large-padded", "large-stride2-odd", "large-stride32-dilated", "aligned-padded", "aligned-partial", "aligned-partial-padded",
         "aligned-stride2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_grad_ops_layouts(device, case, dtype):

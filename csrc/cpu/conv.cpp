@@ -134,9 +134,13 @@ struct Interleave {
     return sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H && ph == 0 && pw == 0 && pitch() == plane();
   }
   // The columns j of phase column b that hold elements: [first, second), element column j * sw + b - pw.
-  std::pair<int64_t, int64_t> columns(int64_t b) const {
-    const int64_t lo = pw > b ? (pw - b + sw - 1) / sw : 0;
-    const int64_t hi = pw + W0() > b ? std::min(Wp, (pw + W0() - b + sw - 1) / sw) : 0;
+  std::pair<int64_t, int64_t> columns(int64_t b) const { return span(b, sw, pw, W0(), Wp); }
+  // The rows i of phase row a that hold elements: [first, second), element row i * sh + a - ph.
+  std::pair<int64_t, int64_t> rows(int64_t a) const { return span(a, sh, ph, H0(), Hp); }
+  // The indices i < n with i * s + a - pad in [0, size): [first, second).
+  static std::pair<int64_t, int64_t> span(int64_t a, int64_t s, int64_t pad, int64_t size, int64_t n) {
+    const int64_t lo = pad > a ? (pad - a + s - 1) / s : 0;
+    const int64_t hi = pad + size > a ? std::min(n, (pad + size - a + s - 1) / s) : 0;
     return {std::min(lo, hi), hi};
   }
 };
@@ -224,6 +228,13 @@ void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
               for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<dst_t>(r[j - I.pw]);
               continue;
             }
+            // every other element of a row, vectorised (two loads, a shuffle; the loop below is scalar): the
+            // forward of ResNet-18's stride-2 3 x 3 downsample at 90 / 95%, batch 8, 7.2 / 4.8 -> 6.7 / 4.3 ms
+            if (I.nb == 1 && I.sw == 2) {
+              const src_t* r = src + ((u * I.C + c) * H0 + y) * W0 + b - I.pw;
+              for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<dst_t>(r[2 * j]);
+              continue;
+            }
             for (int64_t l = 0; l < lanes; ++l) {
               const src_t* r = src + (((u * I.nb + l) * I.C + c) * H0 + y) * W0;
               for (int64_t j = j0; j < j1; ++j) o[j * I.nb + l] = static_cast<dst_t>(r[j * I.sw + b - I.pw]);
@@ -256,6 +267,26 @@ void deinterleave_plane(const src_t* in, dst_t* dst, const Interleave& I, int64_
       }
       return;
     }
+  }
+  if (I.nb == 1 && I.sw == 2) {
+    // Stride 2 across: an element row's even and odd elements come from the rows of two phases, A and B; written
+    // as pairs, both phases at once (contiguous stores instead of every other element, twice). The input
+    // gradient of the downsample above: 5.6 / 3.7 -> 4.8 / 2.9 ms.
+    const int64_t q = I.pw & 1;
+    for (int64_t a = 0; a < I.sh; ++a) {
+      const auto [i0, i1] = I.rows(a);
+      for (int64_t i = i0; i < i1; ++i) {
+        const src_t* A = in + ((a * 2 + q) * I.Hp + i) * I.Wp + (I.pw - q) / 2;
+        const src_t* B = in + ((a * 2 + 1 - q) * I.Hp + i) * I.Wp + (I.pw + q) / 2;
+        dst_t* r = dst + ((u * I.C + c) * H0 + i * I.sh + a - I.ph) * W0;
+        for (int64_t m = 0; m < W0 / 2; ++m) {
+          r[2 * m] = static_cast<dst_t>(A[m]);
+          r[2 * m + 1] = static_cast<dst_t>(B[m]);
+        }
+        if (W0 % 2) r[W0 - 1] = static_cast<dst_t>(A[W0 / 2]);
+      }
+    }
+    return;
   }
   for (int64_t a = 0; a < I.sh; ++a)
     for (int64_t b = 0; b < I.sw; ++b) {
@@ -469,6 +500,18 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, cons
   const int64_t ublock = std::min(unit_block(L.NB, L.plane, int64_t{1} << 16),
                                   unit_block(L.NB, O * pitch, int64_t{1} << 17));
   const int64_t ublocks = (L.NB + ublock - 1) / ublock;
+  // Per phase, the part of its plane that holds elements of dx (from the first element's position to the last's,
+  // rows of Wp): only that part is summed, the padding's rows and columns around it being dropped anyway (the
+  // whole phase before: ResNet-18's layer4, 7 x 7 in a 9 x 9 phase, 90 / 95%, batch 8, one process alternating
+  // the two, 21 rounds, median: 10.9 / 5.7 -> 9.1 / 4.6 ms, Zen 3, 2026-11-30).
+  std::vector<int64_t> start(P), len(P);
+  for (int64_t p = 0; p < P; ++p) {
+    const auto [i0, i1] = I.rows(p / L.sw);
+    const auto [j0, j1] = I.columns(p % L.sw);
+    const bool any = i1 > i0 && j1 > j0;
+    start[p] = any ? (i0 * L.Wp + j0) * L.nb : 0;
+    len[p] = any ? ((i1 - 1 - i0) * L.Wp + j1 - j0) * L.nb : 0;
+  }
   at::parallel_for(0, L.C * ublocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(ublock * L.plane));
     std::vector<std::vector<int64_t>> offs(P);  // per phase: where each weight's read starts in a unit's g
@@ -487,8 +530,9 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, cons
       if (outside) bad = true;
       for (int64_t u = u0; u < u1; ++u)
         for (int64_t p = 0; p < P; ++p)
-          cpu::weighted_sum(acc.data() + (u - u0) * L.plane + p * L.phase, acc_t(0), g + u * O * pitch,
-                            offs[p].data(), vals[p].data(), static_cast<int64_t>(offs[p].size()), L.phase);
+          cpu::weighted_sum(acc.data() + (u - u0) * L.plane + p * L.phase + start[p], acc_t(0),
+                            g + u * O * pitch + start[p], offs[p].data(), vals[p].data(),
+                            static_cast<int64_t>(offs[p].size()), len[p]);
       for (int64_t u = u0; u < u1; ++u)
         deinterleave_plane<acc_t, scalar_t>(acc.data() + (u - u0) * L.plane, dx, I, u * L.C + c);
     }

@@ -1,9 +1,10 @@
 // Vector helpers of the CPU kernels. First 16-lane float32 vectors (loads, stores, a 16 x 16 transpose); then
 // the inner loops of the direct sparse convolution (csrc/cpu/conv.cpp), over contiguous runs of tens to
 // thousands of elements: out = init + sum_t v_t * in_t (weighted_sum, register-blocked so that out is
-// written once instead of once per term) and sums_t += dot(a, in_t) (dots). With AVX-512 the float32 versions
-// use 16-lane FMAs and masked tails (masked-out lanes are neither read nor written, so a run may end
-// anywhere); elsewhere, and for float64, loops the compiler vectorises.
+// written once instead of once per term) and sums_t += dot(a, in_t) (dots, several windows per load of a).
+// With AVX-512 the float32 versions use 16-lane FMAs, with AVX2 + FMA 8-lane ones, both with masked tails
+// (masked-out lanes are neither read nor written, so a run may end anywhere); elsewhere (the portable build),
+// and for float64, loops the compiler vectorises.
 #pragma once
 
 #include <algorithm>
@@ -307,6 +308,97 @@ inline void dots<float>(const float* a, const float* base, const int64_t* offs, 
     sums[t + 3] += _mm512_reduce_add_ps(s3);
   }
   for (; t < n; ++t) sums[t] += dot(a, base + offs[t], len);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// AVX2 twins of the AVX-512 versions above (the generic loops load and store out once per term, and read a once
+// per window). Lanes at and past n of an 8-lane block are neither read nor written (maskload / maskstore).
+inline __m256i tail_mask8(int64_t n) {  // n in [0, 8]
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
+}
+
+// 64 outputs (eight registers) at a time, every term summed into them before they are stored. With dots below,
+// against the generic loops (one process alternating the two, 9 rounds, median; Zen 3, 2026-11-30), ResNet-18's
+// layers at batch 8, 90%: forward 1.0-1.4x, values gradient 1.45-1.8x, input gradient 1.45-1.9x faster; a
+// training step of layer1 / layer3 25.7 / 32.1 -> 15.8 / 20.2 ms, a digits GAN's 3 x 3 layer at batch 64, 80%
+// 5.8 -> 3.0 ms (RESULTS.md).
+template <>
+inline void weighted_sum<float>(float* __restrict__ out, float init, const float* base, const int64_t* offs,
+                                const float* vals, int64_t n, int64_t len) {
+  constexpr int R = 8;
+  int64_t i0 = 0;
+  for (; i0 + R * 8 <= len; i0 += R * 8) {
+    __m256 acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_set1_ps(init);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* p = base + offs[t] + i0;
+      const __m256 v = _mm256_set1_ps(vals[t]);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8 * r), acc[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + i0 + 8 * r, acc[r]);
+  }
+  if (i0 == len) return;
+  // the last < 64 outputs: whole 8-lane blocks, then a masked one
+  const int64_t left = len - i0, full = left / 8;
+  const __m256i m = tail_mask8(left - 8 * full);
+  __m256 acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_set1_ps(init);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* p = base + offs[t] + i0;
+    const __m256 v = _mm256_set1_ps(vals[t]);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (r < full)
+        acc[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8 * r), acc[r]);
+      else if (r == full)
+        acc[r] = _mm256_fmadd_ps(v, _mm256_maskload_ps(p + 8 * r, m), acc[r]);
+    }
+  }
+  for (int r = 0; r < full; ++r) _mm256_storeu_ps(out + i0 + 8 * r, acc[r]);
+  if (full < R) _mm256_maskstore_ps(out + i0 + 8 * full, m, acc[full]);
+}
+
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// W windows at a time against one 8-lane block of a: each load of a feeds W FMAs, W independent chains.
+template <int W>
+inline void dots_block(const float* a, const float* base, const int64_t* offs, int64_t len, float* sums) {
+  const float* b[W];
+  __m256 s[W];
+#pragma GCC unroll 8
+  for (int w = 0; w < W; ++w) b[w] = base + offs[w], s[w] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 va = _mm256_loadu_ps(a + i);
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) s[w] = _mm256_fmadd_ps(va, _mm256_loadu_ps(b[w] + i), s[w]);
+  }
+  if (i < len) {
+    const __m256i m = tail_mask8(len - i);
+    const __m256 va = _mm256_maskload_ps(a + i, m);
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) s[w] = _mm256_fmadd_ps(va, _mm256_maskload_ps(b[w] + i, m), s[w]);
+  }
+#pragma GCC unroll 8
+  for (int w = 0; w < W; ++w) sums[w] += hsum8(s[w]);
+}
+
+template <>
+inline void dots<float>(const float* a, const float* base, const int64_t* offs, int64_t n, int64_t len, float* sums) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) dots_block<8>(a, base, offs + t, len, sums + t);
+  if (t + 4 <= n) dots_block<4>(a, base, offs + t, len, sums + t), t += 4;
+  for (; t < n; ++t) dots_block<1>(a, base, offs + t, len, sums + t);
 }
 #endif
 
