@@ -13,6 +13,16 @@ from pathlib import Path
 import torch
 
 
+# ResNet-18's 3 x 3 convolution shapes at a 224 x 224 input, name: (in, out, kernel, stride, input size)
+RESNET18_CONV = {
+    "layer1": (64, 64, 3, 1, 56),
+    "layer2.0.down": (64, 128, 3, 2, 56),
+    "layer2": (128, 128, 3, 1, 28),
+    "layer3": (256, 256, 3, 1, 14),
+    "layer4": (512, 512, 3, 1, 7),
+}
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

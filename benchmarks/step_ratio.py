@@ -1,41 +1,43 @@
-"""SparseLinear's training step (forward + backward) against its own forward, measured so that a noisy machine's
-swings cancel: in one process, each round times the forward and then the step back to back, and the ratio is
-taken per round; the median over the rounds is reported (issue 3's target: the step <= 3x the forward).
+"""A sparse layer's training step (forward + backward) against its own forward, measured so that a noisy
+machine's swings cancel: in one process, each round times the forward and then the step back to back, and the
+ratio is taken per round; the median over the rounds is reported (issue 3's target: the step <= 3x the forward).
+SparseLinear (features x features) by default, SparseConv2d on ResNet-18's layer shapes with --conv.
 
 pytest-benchmark runs the forward and the step cases of one size about a minute apart, and on the 2-vCPU
 machines here speed swings by up to 2x over minutes, so the ratio of its medians carries that swing.
 
     python benchmarks/step_ratio.py --batch 16 256 --sparsity 0.9 0.95 0.99
+    python benchmarks/step_ratio.py --conv layer1 layer2.0.down layer4 --sparsity 0.9 0.95   # batch 8
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import pysparse
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import RESNET18_CONV  # noqa: E402
 
-def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0):
-    """Median forward and step times (ms) and the median of the per-round step / forward ratios, with their range,
-    for a features x features SparseLinear pinned to its sparse kernels."""
+
+def _check(sparsity, rounds, calls, **sizes):
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    for name, value in (("batch", batch), ("features", features), ("rounds", rounds)):
+    for name, value in (*sizes.items(), ("rounds", rounds)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if calls is not None and calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
-    torch.manual_seed(seed)
-    dense = nn.Linear(features, features)
-    mask = torch.rand(features, features) >= sparsity
-    with torch.no_grad():
-        dense.weight.mul_(mask)
-    layer = pysparse.SparseLinear.from_dense(dense, mask)
+
+
+def _ratio(layer, x, g, rounds, calls):
+    """Median forward and step times (ms) of layer on x (the step's output gradient g) and the median of the
+    per-round step / forward ratios, with their range. The layer is pinned to its sparse kernels."""
     layer.dense_below = 0.0
-    x = torch.randn(batch, features, requires_grad=True)
-    g = torch.randn(batch, features)
     params = [x, *layer.parameters()]
 
     def forward():
@@ -53,8 +55,6 @@ def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0):
             fn()
         return (time.perf_counter() - start) / n
 
-    if calls is None:  # about the same work per round at every size
-        calls = max(2, int(3e7 / (batch * (1 - sparsity) * features * features)))
     forward(), step()
     fwd, stp, ratios = [], [], []
     for _ in range(rounds):
@@ -67,21 +67,62 @@ def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0):
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
+def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0):
+    """_ratio for a features x features SparseLinear at this batch."""
+    _check(sparsity, rounds, calls, batch=batch, features=features)
+    torch.manual_seed(seed)
+    dense = nn.Linear(features, features)
+    mask = torch.rand(features, features) >= sparsity
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    layer = pysparse.SparseLinear.from_dense(dense, mask)
+    if calls is None:  # about the same work per round at every size
+        calls = max(2, int(3e7 / (batch * (1 - sparsity) * features * features)))
+    return _ratio(layer, torch.randn(batch, features, requires_grad=True), torch.randn(batch, features), rounds,
+                  calls)
+
+
+def measure_conv(shape, sparsity, batch=8, rounds=15, calls=3, seed=0):
+    """_ratio for a SparseConv2d of one of ResNet-18's layer shapes (RESNET18_CONV: padding 1, no bias), the
+    input's gradient included."""
+    if shape not in RESNET18_CONV:
+        raise ValueError(f"shape must be one of {sorted(RESNET18_CONV)}, got {shape!r}")
+    _check(sparsity, rounds, calls, batch=batch)
+    cin, cout, k, stride, size = RESNET18_CONV[shape]
+    torch.manual_seed(seed)
+    dense = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+    mask = torch.rand(dense.weight.shape) >= sparsity
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    layer = pysparse.SparseConv2d.from_dense(dense, mask)
+    x = torch.randn(batch, cin, size, size, requires_grad=True)
+    with torch.no_grad():
+        g = torch.randn_like(layer(x))
+    return _ratio(layer, x, g, rounds, calls)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[16, 256])
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 16 256 (Linear), 8 (--conv)")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     parser.add_argument("--features", type=int, default=4096)
+    parser.add_argument("--conv", nargs="+", choices=sorted(RESNET18_CONV), default=None,
+                        help="SparseConv2d on these ResNet-18 layer shapes instead of SparseLinear")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
-    print(f"SparseLinear {args.features} x {args.features}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds")
-    for batch in args.batch:
-        for sparsity in args.sparsity:
-            r = measure(batch, sparsity, args.features, args.rounds)
-            print(f"batch {batch:4d} sparsity {sparsity:.2f}: forward {r['forward_ms']:.3f} ms, step "
-                  f"{r['step_ms']:.3f} ms, step / forward {r['ratio']:.2f}x (rounds {r['ratio_min']:.2f}-"
-                  f"{r['ratio_max']:.2f})", flush=True)
+    batches = args.batch or ([8] if args.conv else [16, 256])
+    what = f"SparseConv2d {' '.join(args.conv)}" if args.conv else f"SparseLinear {args.features} x {args.features}"
+    print(f"{what}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    for batch in batches:
+        for name in args.conv or [None]:
+            for sparsity in args.sparsity:
+                if name is None:
+                    r, label = measure(batch, sparsity, args.features, args.rounds), ""
+                else:
+                    r, label = measure_conv(name, sparsity, batch, args.rounds), f"{name:14s} "
+                print(f"{label}batch {batch:4d} sparsity {sparsity:.2f}: forward {r['forward_ms']:.3f} ms, step "
+                      f"{r['step_ms']:.3f} ms, step / forward {r['ratio']:.2f}x (rounds {r['ratio_min']:.2f}-"
+                      f"{r['ratio_max']:.2f})", flush=True)
 
 
 if __name__ == "__main__":

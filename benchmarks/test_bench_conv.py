@@ -8,17 +8,10 @@ from torch import nn
 import pysparse
 from pysparse.testing import devices_for
 
-from _util import run
+from _util import RESNET18_CONV, run
 
 DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm", "spmm_grad")
-# name: (in, out, kernel, stride, input size)
-SHAPES = {
-    "layer1": (64, 64, 3, 1, 56),
-    "layer2.0.down": (64, 128, 3, 2, 56),
-    "layer2": (128, 128, 3, 1, 28),
-    "layer3": (256, 256, 3, 1, 14),
-    "layer4": (512, 512, 3, 1, 7),
-}
+SHAPES = RESNET18_CONV  # name: (in, out, kernel, stride, input size)
 
 
 def _layers(device, shape, sparsity):

@@ -71,6 +71,21 @@ def test_step_ratio_measures_the_step_against_its_own_forward(capsys):
     assert "batch    4 sparsity 0.50" in capsys.readouterr().out
 
 
+def test_step_ratio_measures_sparse_conv2d(capsys):
+    module = _load("step_ratio")
+    r = module.measure_conv("layer4", 0.9, batch=1, rounds=2, calls=1)
+    assert 0 < r["forward_ms"] < r["step_ms"] and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    module.main(["--conv", "layer4", "--batch", "1", "--sparsity", "0.95", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("SparseConv2d layer4") and "layer4         batch    1 sparsity 0.95" in out
+    with pytest.raises(ValueError, match="shape must be one of"):
+        module.measure_conv("layer5", 0.9)
+    with pytest.raises(ValueError, match="sparsity"):
+        module.measure_conv("layer4", 1.0)
+    with pytest.raises(ValueError, match="batch"):
+        module.measure_conv("layer4", 0.9, batch=0)
+
+
 @pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
                                           ({"batch": 0}, "batch"), ({"features": 0}, "features"),
                                           ({"rounds": 0}, "rounds"), ({"calls": 0}, "calls")])
