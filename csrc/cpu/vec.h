@@ -350,8 +350,8 @@ inline void weighted_tile(float* __restrict__ out, float init, const float* base
 // 64 outputs (eight registers) at a time, every term summed into them before they are stored. With dots below,
 // against the generic loops (one process alternating the two, 9 rounds, median; Zen 3, 2026-11-30), ResNet-18's
 // layers at batch 8, 90%: forward 1.0-1.4x, values gradient 1.45-1.8x, input gradient 1.45-1.9x faster; a
-// training step of layer1 / layer3 25.7 / 32.1 -> 15.8 / 20.2 ms, a digits GAN's 3 x 3 layer at batch 64, 80%
-// 5.8 -> 3.0 ms (RESULTS.md).
+// training step of layer1 / layer3 25.7 / 32.1 -> 15.8 / 20.2 ms, a GAN-sized 3 x 3 layer (32 -> 64 channels on
+// 8 x 8) at batch 64, 80% 5.8 -> 3.0 ms (RESULTS.md).
 template <>
 inline void weighted_sum<float>(float* __restrict__ out, float init, const float* base, const int64_t* offs,
                                 const float* vals, int64_t n, int64_t len) {
