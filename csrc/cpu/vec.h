@@ -322,11 +322,18 @@ inline __m256i tail_mask8(int64_t n) {  // n in [0, 8]
 // One tile of outputs: `full` (<= 8) whole 8-lane blocks, then with TAIL one block masked by m when full < 8.
 template <bool TAIL>
 inline void weighted_tile(float* __restrict__ out, float init, const float* base, const int64_t* offs,
-                          const float* vals, int64_t n, int64_t full, __m256i m) {
+                          const float* vals, int64_t n, int64_t full, __m256i m, bool add = false) {
   constexpr int R = 8;
   __m256 acc[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_set1_ps(init);
+  for (int r = 0; r < R; ++r) {
+    if (!add)
+      acc[r] = _mm256_set1_ps(init);
+    else if (!TAIL || r < full)
+      acc[r] = _mm256_loadu_ps(out + 8 * r);
+    else if (r == full)
+      acc[r] = _mm256_maskload_ps(out + 8 * r, m);
+  }
   for (int64_t t = 0; t < n; ++t) {
     const float* p = base + offs[t];
     const __m256 v = _mm256_set1_ps(vals[t]);
@@ -347,20 +354,33 @@ inline void weighted_tile(float* __restrict__ out, float init, const float* base
   }
 }
 
-// 64 outputs (eight registers) at a time, every term summed into them before they are stored. With dots below,
-// against the generic loops (one process alternating the two, 9 rounds, median; Zen 3, 2026-11-30), ResNet-18's
-// layers at batch 8, 90%: forward 1.0-1.4x, values gradient 1.45-1.8x, input gradient 1.45-1.9x faster; a
-// training step of layer1 / layer3 25.7 / 32.1 -> 15.8 / 20.2 ms, a GAN-sized 3 x 3 layer (32 -> 64 channels on
-// 8 x 8) at batch 64, 80% 5.8 -> 3.0 ms (RESULTS.md).
+// Terms are taken 32 at a time, each group over the whole run: a tile then reads 32 windows, whose lines the
+// hardware prefetchers follow, rather than all of them (ResNet-18's layer4 has ~460 terms of 488 outputs per
+// output channel: 460 streams of four lines per tile, each a demand miss). One process alternating all-terms
+// and groups of 24 / 32 / 48, 13 rounds, median (Zen 3, 2026-11-30): forward at 90% layer1 / layer2 / layer3 /
+// layer4 5.27 / 4.68 / 6.08 / 5.96 -> 4.50 / 4.23 / 5.15 / 5.14 ms (32), input gradient 3.99 / 4.93 / 7.46 /
+// 6.58 -> 3.67 / 4.45 / 6.23 / 5.80 ms; 24 and 48 within a few percent of 32.
+constexpr int64_t kTermGroup = 32;
+
+// 64 outputs (eight registers) at a time, every term of a group summed into them before they are stored. With
+// dots below, against the generic loops (one process alternating the two, 9 rounds, median; Zen 3, 2026-11-30,
+// before the term groups), ResNet-18's layers at batch 8, 90%: forward 1.0-1.4x, values gradient 1.45-1.8x,
+// input gradient 1.45-1.9x faster; a training step of layer1 / layer3 25.7 / 32.1 -> 15.8 / 20.2 ms, a GAN-sized
+// 3 x 3 layer (32 -> 64 channels on 8 x 8) at batch 64, 80% 5.8 -> 3.0 ms (RESULTS.md).
 template <>
 inline void weighted_sum<float>(float* __restrict__ out, float init, const float* base, const int64_t* offs,
                                 const float* vals, int64_t n, int64_t len) {
   const __m256i none = _mm256_setzero_si256();
-  int64_t i0 = 0;
-  for (; i0 + 64 <= len; i0 += 64) weighted_tile<false>(out + i0, init, base + i0, offs, vals, n, 8, none);
-  if (i0 < len) {
-    const int64_t left = len - i0;
-    weighted_tile<true>(out + i0, init, base + i0, offs, vals, n, left / 8, tail_mask8(left % 8));
+  for (int64_t t0 = 0; t0 < std::max<int64_t>(n, 1); t0 += kTermGroup) {
+    const int64_t g = std::min(kTermGroup, n - t0);
+    const bool add = t0 > 0;  // a later group adds to the stored sums (float32 either way: the same result)
+    int64_t i0 = 0;
+    for (; i0 + 64 <= len; i0 += 64)
+      weighted_tile<false>(out + i0, init, base + i0, offs + t0, vals + t0, g, 8, none, add);
+    if (i0 < len) {
+      const int64_t left = len - i0;
+      weighted_tile<true>(out + i0, init, base + i0, offs + t0, vals + t0, g, left / 8, tail_mask8(left % 8), add);
+    }
   }
 }
 
