@@ -322,7 +322,7 @@ inline __m256i tail_mask8(int64_t n) {  // n in [0, 8]
 // One tile of outputs: `full` (<= 8) whole 8-lane blocks, then with TAIL one block masked by m when full < 8.
 template <bool TAIL>
 inline void weighted_tile(float* __restrict__ out, float init, const float* base, const int64_t* offs,
-                          const float* vals, int64_t n, int64_t full, __m256i m, bool add = false) {
+                          const float* vals, int64_t n, int64_t full, __m256i m, bool add) {
   constexpr int R = 8;
   __m256 acc[R];
 #pragma GCC unroll 8
@@ -371,7 +371,7 @@ template <>
 inline void weighted_sum<float>(float* __restrict__ out, float init, const float* base, const int64_t* offs,
                                 const float* vals, int64_t n, int64_t len) {
   const __m256i none = _mm256_setzero_si256();
-  for (int64_t t0 = 0; t0 < std::max<int64_t>(n, 1); t0 += kTermGroup) {
+  for (int64_t t0 = 0; t0 < std::max<int64_t>(n, 1); t0 += kTermGroup) {  // n = 0: one pass, out = init
     const int64_t g = std::min(kTermGroup, n - t0);
     const bool add = t0 > 0;  // a later group adds to the stored sums (float32 either way: the same result)
     int64_t i0 = 0;
