@@ -67,8 +67,20 @@ def test_step_ratio_measures_the_step_against_its_own_forward(capsys):
     r = module.measure(16, 0.9, features=256, rounds=3, calls=3)
     assert r["forward_ms"] > 0 and r["step_ms"] > r["forward_ms"]  # a step is a forward and a backward
     assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["ratio"] > 1
+    # backward()'s fixed cost, timed on a graph with nothing to compute, comes off every round's step
+    assert 0 < r["call_ms"] < r["step_ms"] and r["net_ratio"] < r["ratio"]
     module.main(["--batch", "4", "--sparsity", "0.5", "--features", "64", "--rounds", "2"])
-    assert "batch    4 sparsity 0.50" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "batch    4 sparsity 0.50" in out and "net of backward()'s fixed" in out
+
+
+def test_step_ratio_measures_a_stack_of_layers(capsys):
+    module = _load("step_ratio")
+    one = module.measure(8, 0.9, features=128, rounds=3, calls=3)
+    three = module.measure(8, 0.9, features=128, rounds=3, calls=3, depth=3)
+    assert three["forward_ms"] > one["forward_ms"] and three["step_ms"] > three["forward_ms"]
+    module.main(["--batch", "4", "--sparsity", "0.5", "--features", "64", "--rounds", "1", "--depth", "2"])
+    assert capsys.readouterr().out.startswith("SparseLinear 64 x 64, 2 in sequence")
 
 
 def test_step_ratio_measures_sparse_conv2d(capsys):
@@ -88,7 +100,8 @@ def test_step_ratio_measures_sparse_conv2d(capsys):
 
 @pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
                                           ({"batch": 0}, "batch"), ({"features": 0}, "features"),
-                                          ({"rounds": 0}, "rounds"), ({"calls": 0}, "calls")])
+                                          ({"rounds": 0}, "rounds"), ({"calls": 0}, "calls"),
+                                          ({"depth": 0}, "depth")])
 def test_step_ratio_rejects_bad_input(kwargs, name):
     args = {"batch": 4, "sparsity": 0.5, "features": 64, "rounds": 1, **kwargs}
     with pytest.raises(ValueError, match=name):
