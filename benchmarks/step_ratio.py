@@ -4,7 +4,7 @@ ratio is taken per round; the median over the rounds is reported (issue 3's targ
 SparseLinear (features x features) by default, a stack of --depth of them, or SparseConv2d on ResNet-18's layer
 shapes with --conv.
 
-Every step pays torch's fixed cost of one backward() call (the engine's set-up, 60-90 us on the 2-vCPU machines
+Every step pays torch's fixed cost of one backward() call (the engine's set-up, 60-110 us on the 2-vCPU machines
 here, as much as a batch-16 forward at 99%), which a model pays once for all its layers. Each round also times
 backward() on a two-node graph, and the ratio net of that cost is reported beside the plain one.
 
