@@ -1,6 +1,7 @@
 """SparseLinear beside nn.Linear (dense MKL / cuBLAS) and torch.sparse.mm on CSR (MKL / cuSPARSE): 4096x4096,
-batch 1, 16 and 256, across sparsities, forward and forward+backward, same inputs, one run. SparseLinear is
-pinned to its sparse kernels (dense_below = 0): below its default crossover it would compute through F.linear."""
+batch 1, 4 (the CPU's 8-column panels), 16 and 256, across sparsities, forward and forward+backward, same inputs,
+one run. SparseLinear is pinned to its sparse kernels (dense_below = 0): below its default crossover it would
+compute through F.linear."""
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from _util import run
 N = 4096
 DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
-BATCHES = [1, 16, 256]
+BATCHES = [1, 4, 16, 256]
 
 
 def _layers(device, sparsity):
@@ -46,7 +47,7 @@ def test_linear_forward(benchmark, device, batch, sparsity, impl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch", [1, 16, 256])
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
 @pytest.mark.parametrize("impl", ["pysparse", "dense"])
 def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):

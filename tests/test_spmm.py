@@ -220,6 +220,77 @@ def test_single_column_backward(threads, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("cols", [300, 40_000])
+def test_single_column_backward_blocks(cols):
+    """Batch 1, float32: with AVX2 a row's full blocks of 8 stored positions take a vectorised loop when xt is
+    contiguous (the products gathered 8 at a time), the rest the scalar loop, which a strided xt takes for the
+    products throughout. Both give the same bits; a bad column index inside a block (first, middle or last lane,
+    int16 and int32 indices, at either end of the index type) raises on each op."""
+    rows = 6
+    gen = torch.Generator().manual_seed(cols)
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for r, n in enumerate((0, 7, 8, 9, 40, 133)):  # empty, scalar only, one block, a block and a tail, ...
+        mask[r, torch.randperm(cols, generator=gen)[:n]] = True
+    values, s = csr.compress(torch.randn(rows, cols, generator=gen), mask)
+    xt, gyt = torch.randn(cols, 1, generator=gen), torch.randn(rows, 1, generator=gen)
+    want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
+    fast = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
+    scalar = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, _strided(xt, "sliced"), bias=True)
+    for f, sc, w in zip(fast, scalar, want):
+        assert torch.equal(f, sc)
+        torch.testing.assert_close(f, w, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pysparse.ops.sddmm(s.rowptr, s.col, gyt, xt), fast[0])
+    assert torch.equal(pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols), fast[1])
+    big = torch.iinfo(s.col.dtype)
+    start = int(s.rowptr[5])  # the 133-entry row: blocks at [start, start + 128)
+    for pos in (start, start + 3, start + 7, start + 64):
+        for bad in (cols, -1, big.max, big.min):
+            col = s.col.clone()
+            col[pos] = bad
+            for call in (lambda: torch.ops.pysparse.spmm_grad.default(s.rowptr, col, values, gyt, xt, None, None, None,
+                                                                      True),
+                         lambda: torch.ops.pysparse.sddmm.default(s.rowptr, col, gyt, xt),
+                         lambda: torch.ops.pysparse.spmm_t.default(s.rowptr, col, values, gyt, cols, None, None, None)):
+                with pytest.raises(ValueError, match="column index is outside"):
+                    call()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows, cols", [(37, 45), (300, 40_000)])
+def test_narrow_batches_match_the_padded_panel(threads, rows, cols):
+    """Batches of 2-8 on the CPU take panels of 8 columns instead of 16 (with AVX2). Each output equals that of
+    the same batch zero-padded to 16 columns (the 16-column panel path): the forward, the input gradient and the
+    bias gradient bit for bit (the same per-lane sums in the same order), the values' gradient to rounding (its
+    horizontal sums are added in another order on AVX-512 builds); for every layout of xt and gyt, int16 and int32
+    indices (40000 columns), rows of 0 to many stored values, row counts not a multiple of 8; and spmm_t / sddmm
+    alone equal spmm_grad's parts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, s, _, bias = _problem(rows, cols, 1, 0.02 if cols > 1000 else 0.4, torch.float32, "cpu", rows,
+                                      empty_rows=True)
+        t = s.transposed()
+        gen = torch.Generator().manual_seed(cols)
+        for batch in range(2, 9):
+            x, g = torch.randn(batch, cols, generator=gen), torch.randn(batch, rows, generator=gen)
+            x16 = torch.cat([x, torch.zeros(16 - batch, cols)]).t().contiguous()
+            g16 = torch.cat([g, torch.zeros(16 - batch, rows)]).t().contiguous()
+            for layout in ("transposed", "contiguous", "sliced"):  # (the bias gradient's order follows the layout)
+                xt, gyt = _strided(x.t().contiguous(), layout), _strided(g.t().contiguous(), layout)
+                y16 = pysparse.ops.spmm(s.rowptr, s.col, values, _strided(x16, layout), bias=bias, transposed=t)
+                dv16, dx16, db16 = pysparse.ops.spmm_grad(s.rowptr, s.col, values, _strided(g16, layout),
+                                                          _strided(x16, layout), transposed=t, bias=True)
+                assert torch.equal(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias, transposed=t),
+                                   y16[:, :batch])
+                dv, dx, db = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=t, bias=True)
+                assert torch.equal(dx, dx16[:, :batch]) and torch.equal(db, db16)
+                torch.testing.assert_close(dv, dv16, rtol=1e-6, atol=1e-6)
+                assert torch.equal(pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=t), dx)
+                assert torch.equal(pysparse.ops.sddmm(s.rowptr, s.col, gyt, xt), dv)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [16, 100])
 @pytest.mark.parametrize("transposed", [True, False])
