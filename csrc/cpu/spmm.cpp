@@ -4,8 +4,9 @@
 // run of the batch (a vectorised AXPY) and every sampled dot product reads two contiguous rows. For float32,
 // float16 and bfloat16 the batch is repacked once into float32 panels of T columns (tile-major, zero-padded):
 // a panel is contiguous, sized to stay in L2 while a thread sweeps its rows, and its rows are whole vectors,
-// so the accumulators live in registers. Rows are split between threads by stored count, not by row count.
-// float64 (used for gradcheck) takes a plain loop.
+// so the accumulators live in registers (16-64 columns; with AVX2, 8 for batches of 2-8: "Narrow batches"
+// below; batch 1 reads its vectors in place, AVX2 gathers). Rows are split between threads by stored count, not
+// by row count. float64 (used for gradcheck) takes a plain loop.
 #include <ATen/OpMathType.h>
 #ifdef __AVX__
 #include <immintrin.h>
