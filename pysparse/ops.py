@@ -7,6 +7,7 @@ again so that a direct ``torch.ops.pysparse`` call can never crash the process.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -709,7 +710,8 @@ class _Spmm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # (ctx-style: a separate setup_context makes apply() bind arguments by signature)
-        out = torch.ops.pysparse.spmm.default(*inputs)
+        with _below_autograd():
+            out = torch.ops.pysparse.spmm.default(*inputs)
         _spmm_setup_context(ctx, inputs, out)
         return out
 
@@ -752,16 +754,30 @@ class _SparseConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = torch.ops.pysparse.sparse_conv2d.default(*inputs)
+        with _below_autograd():
+            out = torch.ops.pysparse.sparse_conv2d.default(*inputs)
         _conv_setup_context(ctx, inputs, out)
         return out
 
     backward = staticmethod(_conv_backward)
 
 
+def _below_autograd():
+    """Where nothing needs recording (no grad mode, or inside an autograd.Function, which records the step
+    itself), the layers call their op below the Autograd dispatch key: torch.library's Python wrapper of a
+    registered autograd formula otherwise runs on every call (autograd_impl -> redispatch_no_grad). A/B, one
+    process, alternating order, 11 rounds (2026-11-30, Zen 3): a 256 x 256 SparseLinear's no-grad forward at batch
+    8, 90%, 65 -> 51 us; 4096 x 4096 at batch 16, 99%, 298 -> 281 us; training steps within the noise. Not while
+    torch.compile traces (it sees the plain call)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 def _spmm_rows(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     """spmm for a batch-major x [B, K]: y [B, N] as the transposed view of the op's [N, B] result."""
-    return torch.ops.pysparse.spmm.default(rowptr, col, values, x.t(), bias, t_rowptr, t_col, t_perm).t()
+    with _below_autograd():
+        return torch.ops.pysparse.spmm.default(rowptr, col, values, x.t(), bias, t_rowptr, t_col, t_perm).t()
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -791,7 +807,10 @@ class _SparseLinear(torch.autograd.Function):
 # 150-152 us; ten such calls make a GAN step. Otherwise (no gradient recorded) the ops themselves. SparseLinear
 # calls layer_linear (batch-major, _SparseLinear above), SparseConv2d's im2col path layer_spmm.
 def layer_spmm(*args):
-    return _Spmm.apply(*args) if torch.is_grad_enabled() else torch.ops.pysparse.spmm.default(*args)
+    if torch.is_grad_enabled():
+        return _Spmm.apply(*args)
+    with _below_autograd():
+        return torch.ops.pysparse.spmm.default(*args)
 
 
 def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
@@ -803,4 +822,7 @@ def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
 
 
 def layer_sparse_conv2d(*args):
-    return _SparseConv2d.apply(*args) if torch.is_grad_enabled() else torch.ops.pysparse.sparse_conv2d.default(*args)
+    if torch.is_grad_enabled():
+        return _SparseConv2d.apply(*args)
+    with _below_autograd():
+        return torch.ops.pysparse.sparse_conv2d.default(*args)
