@@ -253,6 +253,15 @@ inline __m256i load_index8(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline __m256i load_index8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// in_range8's bound for K columns (K beyond int32 admits every int32 index).
+inline __m256i index_bound8(int64_t K) {
+  return _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
+}
+// All-ones lanes where 0 <= i < K (bound = index_bound8(K)).
+inline __m256i in_range8(__m256i i, __m256i bound) {
+  return _mm256_and_si256(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(-1)), _mm256_cmpgt_epi32(bound, i));
+}
 #endif
 
 #ifdef __AVX512F__
@@ -292,14 +301,11 @@ template <typename index_t>
 inline float spmv_row_avx2(const index_t* col, const float* values, const float* x, int64_t& j0, int64_t j1,
                            int64_t K, int64_t& outside) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  const __m256i bound = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
-  const __m256i minus1 = _mm256_set1_epi32(-1);
+  const __m256i bound = index_bound8(K);
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
     const __m256i i0 = load_index8(col + j), i1 = load_index8(col + j + 8);
-    // 0 <= i < K, as all-ones lanes
-    const __m256i ok0 = _mm256_and_si256(_mm256_cmpgt_epi32(i0, minus1), _mm256_cmpgt_epi32(bound, i0));
-    const __m256i ok1 = _mm256_and_si256(_mm256_cmpgt_epi32(i1, minus1), _mm256_cmpgt_epi32(bound, i1));
+    const __m256i ok0 = in_range8(i0, bound), ok1 = in_range8(i1, bound);
     const int m0 = _mm256_movemask_ps(_mm256_castsi256_ps(ok0)), m1 = _mm256_movemask_ps(_mm256_castsi256_ps(ok1));
     outside += 16 - __builtin_popcount(m0) - __builtin_popcount(m1);
     const __m256 x0 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i0, _mm256_castsi256_ps(ok0), 4);
@@ -420,34 +426,35 @@ at::Tensor pack8(const at::Tensor& t, int64_t slot, float* rowsum = nullptr) {
   const scalar_t* src = t.const_data_ptr<scalar_t>();
   float* dst = packed.mutable_data_ptr<float>();
   const bool batch_major = s0 == 1 && s1 != 1;
+  auto fill = [&](int64_t i0, int64_t m) {  // element by element: other layouts, dtypes and the last rows
+    for (int64_t i = i0; i < i0 + m; ++i)
+      for (int64_t b = 0; b < kNarrow; ++b)
+        dst[i * kNarrow + b] = b < B ? static_cast<float>(src[i * s0 + b * s1]) : 0.f;
+  };
+  auto transposed_block = [&](int64_t i0) {  // a full block of 8 rows of a batch-major float32 t, if it is one
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (batch_major && i0 + kNarrow <= n) {
+        __m256 r[8];
+#pragma GCC unroll 8
+        for (int b = 0; b < 8; ++b) r[b] = b < B ? _mm256_loadu_ps(src + b * s1 + i0) : _mm256_setzero_ps();
+        transpose8(r);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (i0 + i) * kNarrow, r[i]);
+        return true;
+      }
+    }
+    return false;
+  };
   at::parallel_for(0, (n + kNarrow - 1) / kNarrow, 64, [&](int64_t q0, int64_t q1) {
     for (int64_t i0 = q0 * kNarrow; i0 < std::min(n, q1 * kNarrow); i0 += kNarrow) {
       const int64_t m = std::min(kNarrow, n - i0);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (batch_major && m == kNarrow) {
-          __m256 r[8];
-#pragma GCC unroll 8
-          for (int b = 0; b < 8; ++b) r[b] = b < B ? _mm256_loadu_ps(src + b * s1 + i0) : _mm256_setzero_ps();
-          transpose8(r);
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (i0 + i) * kNarrow, r[i]);
-          if (rowsum != nullptr)  // pack_tile's order for this layout: ((0 + 4) + (1 + 5)) + ((2 + 6) + (3 + 7))
-            for (int64_t i = i0; i < i0 + m; ++i) {
-              const float* l = dst + i * kNarrow;
-              rowsum[i] = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-            }
-          continue;
-        }
-      }
-      for (int64_t i = i0; i < i0 + m; ++i) {  // other layouts, dtypes and the last rows
-        float* l = dst + i * kNarrow;
+      if (!transposed_block(i0)) fill(i0, m);
+      if (rowsum == nullptr) continue;
+      for (int64_t i = i0; i < i0 + m; ++i) {  // in pack_tile's order for the layout
+        const float* l = dst + i * kNarrow;
         float sum = 0.f;
-        for (int64_t b = 0; b < kNarrow; ++b) {
-          l[b] = b < B ? static_cast<float>(src[i * s0 + b * s1]) : 0.f;
-          sum += l[b];
-        }
-        if (rowsum != nullptr)  // in pack_tile's order for the layout
-          rowsum[i] = batch_major ? ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) : sum;
+        for (int64_t b = 0; b < kNarrow; ++b) sum += l[b];
+        rowsum[i] = batch_major ? ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) : sum;
       }
     }
   });
@@ -688,7 +695,7 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
       scalar_t* yp = yt.mutable_data_ptr<scalar_t>();
       if (B == 1 && !panels) {
         spmv_kernel<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, bad);
-      } else if (narrow_batch(B, values.scalar_type()) && pm == nullptr && !gather_first) {
+      } else if (narrow_batch(B, values.scalar_type()) && perm == nullptr) {
 #ifdef __AVX2__
         const at::Tensor packed = pack8<scalar_t>(x, 0);
         spmm_narrow<index_t, scalar_t>(rp, cp, vp, packed.const_data_ptr<float>(), bp, yp, rows, K, B, bad);
@@ -1193,13 +1200,12 @@ template <bool DOTS, bool SCATTER, typename index_t>
 inline bool grad_row_avx2(const index_t* col, const float* values, float g, const float* x, float* acc, float* dv,
                           int64_t& j0, int64_t j1, int64_t K) {
   const __m256 g8 = _mm256_set1_ps(g);
-  const __m256i bound = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
-  const __m256i minus1 = _mm256_set1_epi32(-1);
+  const __m256i bound = index_bound8(K);
   int outside = 0;
   int64_t j = j0;
   for (; j + 8 <= j1; j += 8) {
     const __m256i raw = load_index8(col + j);
-    const __m256i ok = _mm256_and_si256(_mm256_cmpgt_epi32(raw, minus1), _mm256_cmpgt_epi32(bound, raw));
+    const __m256i ok = in_range8(raw, bound);
     outside |= _mm256_movemask_ps(_mm256_castsi256_ps(ok)) ^ 0xff;
     const __m256i idx = _mm256_and_si256(raw, ok);
     if constexpr (DOTS)
@@ -1492,7 +1498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
     return {dvalues, dxt, bias_grad ? gyt.select(1, 0).clone() : at::empty({0}, values.options())};
   }
 #ifdef __AVX2__
-  if (narrow_batch(B, values.scalar_type()) && !(transposed && B > kGradCscMinBatch)) {  // panels of 8 columns
+  if (narrow_batch(B, values.scalar_type())) {  // panels of 8 columns (below kGradCscMinBatch: W's CSR)
     at::Tensor dvalues = empty_output({nnz}, values.options());
     at::Tensor dbias = at::empty({bias_grad ? rows : 0}, values.options().dtype(at::kFloat));
     std::atomic<bool> bad{false};
