@@ -387,7 +387,9 @@ inline __m256 hadd8(const __m256 (&v)[8]) {
 // horizontal sums, hadd8). Zen 3, 4096 x 4096 at 90 / 99%, one process alternating batch 2-8 with batch 16 (the
 // 16-column panel's cost at any batch up to 16), 11 rounds, medians (2026-11-30): spmm 1.44-1.57 / 0.25 ms
 // against 1.91 / 0.29, spmm_grad 4.0-4.1 / 0.51 against 5.2 / 0.67, a SparseLinear training step 5.7-5.9 /
-// 0.98-1.07 against 7.1 / 1.32 ms. Panels of 4 columns (SSE) for batches up to 4 measured slower than these.
+// 0.98-1.07 against 7.1 / 1.32 ms. Again in a fast phase, 21 rounds alternating the order, per-round ratio
+// medians: spmm 0.72-0.74 (batch 2, 8) at 90%, 0.83 (batch 4) at 99%; spmm_grad 0.83 / 0.87 / 0.92 (batch 2 / 4 /
+// 8, rounds 0.63-1.35) at 90%, 0.80 at 99%. Panels of 4 columns (SSE) for batches up to 4 measured slower.
 // ---------------------------------------------------------------------------------------------------------
 constexpr int64_t kNarrow = 8;
 
