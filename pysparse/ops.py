@@ -620,10 +620,11 @@ def _sddmm_fake(rowptr, col, a, b):
 
 
 def _empty_input_grad(xt: torch.Tensor) -> torch.Tensor:
-    """The kernels' layout for the gradient of xt [K, B] (csrc/common.h, empty_input_grad): xt's own when it is
-    batch-major (the [K, B] view of a [B, K] batch, which the layers pass), so that autograd hands the [B, K]
-    gradient on without a transposing copy; else contiguous."""
-    if xt.stride(0) == 1 and xt.stride(1) != 1:
+    """spmm_grad's layout for the gradient of xt [K, B]. CPU (csrc/common.h, empty_input_grad): xt's own when it
+    is batch-major (the [K, B] view of a [B, K] batch), so that autograd hands the [B, K] gradient on without a
+    transposing copy; else contiguous. CUDA: contiguous, spmm_t's own layout (csrc/cuda/spmm.cu, spmm_grad_cuda;
+    the layers give it batch-contiguous inputs there, see _kernel_input)."""
+    if xt.device.type != "cuda" and xt.stride(0) == 1 and xt.stride(1) != 1:
         return xt.new_empty((xt.shape[1], xt.shape[0])).t()
     return xt.new_empty(xt.shape)
 
@@ -774,10 +775,20 @@ def _below_autograd():
     return torch._C._AutoDispatchBelowAutograd()
 
 
-def _spmm_rows(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
-    """spmm for a batch-major x [B, K]: y [B, N] as the transposed view of the op's [N, B] result."""
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """A batch-major x [B, K] as the kernels' xt [K, B]. On the CPU the transposed view (the kernels pack the
+    batch through its strides). On CUDA batch-contiguous, the kernels' layout: a copy unless x already is the
+    transposed view of such a tensor (a preceding SparseLinear's output, or a ReLU of it), made once here for the
+    forward and the backward's sddmm, where each op would otherwise make its own."""
+    xt = x.t()
+    return xt.contiguous() if xt.is_cuda else xt
+
+
+def _spmm_rows(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm):
+    """spmm for the kernels' view xt [K, B] of a batch-major x (_kernel_input): y [B, N] as the transposed view of
+    the op's [N, B] result."""
     with _below_autograd():
-        return torch.ops.pysparse.spmm.default(rowptr, col, values, x.t(), bias, t_rowptr, t_col, t_perm).t()
+        return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm).t()
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -788,13 +799,14 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
-        ctx.save_for_backward(rowptr, col, values, x, t_rowptr, t_col, t_perm)
-        return _spmm_rows(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
+        xt = _kernel_input(x)
+        ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
+        return _spmm_rows(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
 
     @staticmethod
     def backward(ctx, gy):
-        rowptr, col, values, x, t_rowptr, t_col, t_perm = ctx.saved_tensors
-        dvalues, dxt, dbias = _spmm_grads(_needs_input_grad(ctx, 8), rowptr, col, values, gy.t(), x.t(), t_rowptr,
+        rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
+        dvalues, dxt, dbias = _spmm_grads(_needs_input_grad(ctx, 8), rowptr, col, values, gy.t(), xt, t_rowptr,
                                           t_col, t_perm)
         return None, None, dvalues, (None if dxt is None else dxt.t()), dbias, None, None, None
 
@@ -818,7 +830,7 @@ def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     gradients when autograd records."""
     if torch.is_grad_enabled():
         return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
-    return _spmm_rows(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
+    return _spmm_rows(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm)
 
 
 def layer_sparse_conv2d(*args):

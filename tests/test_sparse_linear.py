@@ -59,6 +59,51 @@ def test_chained_layers_and_noncontiguous_input(device):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _copies_in_step(model, x, g):
+    """The aten::copy_ calls (every contiguous(), clone() and copy_() ends in one) of one forward + backward, each
+    named by its outermost caller."""
+    from torch.profiler import ProfilerActivity, profile
+    model(x).mul(g).sum().backward()  # warm: the layers build their transposed structures in the first step
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).mul(g).sum().backward()
+    callers = []
+    for e in prof.events():
+        if e.name == "aten::copy_":
+            while e.cpu_parent is not None:
+                e = e.cpu_parent
+            callers.append(e.name)
+    return callers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chained_training_step_copies_no_activation(device):
+    # The kernels' layout is [features, batch]; a SparseLinear hands on transposed views of it (outputs and input
+    # gradients), so that a chain reads them in place. The CPU kernels pack through any strides: no copy. CUDA's
+    # read batch-contiguous rows: the batch-major input is transposed once (for the forward and the backward's
+    # sddmm) and the loss's batch-major gradient once (for spmm_t and sddmm); nothing between the layers.
+    torch.manual_seed(2)
+    model = nn.Sequential(SparseLinear(48, 40, sparsity=0.8), nn.ReLU(), SparseLinear(40, 24, sparsity=0.8),
+                          nn.ReLU(), SparseLinear(24, 8, sparsity=0.8)).to(device)
+    x = torch.randn(16, 48, device=device)
+    g = torch.randn(16, 8, device=device)
+    want = 0 if device == "cpu" else 2
+    copies = _copies_in_step(model, x, g)
+    assert len(copies) == want, copies
+    xg = x.clone().requires_grad_()  # the input's gradient too: the first layer's spmm_grad, no more copies
+    copies = _copies_in_step(model, xg, g)
+    assert len(copies) == want, copies
+    ref = [nn.Linear(m.in_features, m.out_features).to(device) for m in model[::2]]
+    for r, m in zip(ref, model[::2]):
+        r.weight.data.copy_(m.weight)
+        r.bias.data.copy_(m.bias)
+    xr = x.clone().requires_grad_()
+    out = ref[2](torch.relu(ref[1](torch.relu(ref[0](xr)))))
+    (out * g).sum().backward()
+    xg.grad = None
+    (model(xg) * g).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_trains_and_keeps_structure():
     """Any optimizer trains the stored values; the pruned positions never come back."""
     torch.manual_seed(0)

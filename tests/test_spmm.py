@@ -333,10 +333,13 @@ def test_opcheck_and_compile(device):
     torch.library.opcheck(torch.ops.pysparse.sddmm.default, (s.rowptr, s.col, torch.randn(12, 8, device=device), xt))
     torch.library.opcheck(torch.ops.pysparse.spmm_t.default,
                           (s.rowptr, s.col, values, torch.randn(12, 8, device=device), 20, *s.transposed()))
+    batch_major = torch.randn(8, 20, device=device).t()  # the layers' view of a [B, K] batch
     for bias_grad in (False, True):
-        torch.library.opcheck(torch.ops.pysparse.spmm_grad.default,
-                              (s.rowptr, s.col, values, torch.randn(12, 8, device=device), xt, *s.transposed(),
-                               bias_grad))
+        for x in (xt, batch_major):  # the input gradient's layout depends on xt's and the device (fake = real)
+            torch.library.opcheck(torch.ops.pysparse.spmm_grad.default,
+                                  (s.rowptr, s.col, values, torch.randn(12, 8, device=device), x, *s.transposed(),
+                                   bias_grad))
+    torch.library.opcheck(torch.ops.pysparse.spmm.default, (s.rowptr, s.col, values, batch_major, bias))
     torch._dynamo.reset()
     f = torch.compile(lambda v, x: pysparse.ops.spmm(s.rowptr, s.col, v, x, transposed=s.transposed()).relu().sum(),
                       fullgraph=True)

@@ -273,9 +273,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
   TORCH_CHECK_VALUE(gyt.size(0) == rowptr.numel() - 1 && gyt.size(1) == xt.size(1), "spmm_grad: gyt must be [",
                     rowptr.numel() - 1, ", ", xt.size(1), "] (W's rows by xt's columns), got ", gyt.sizes());
   const at::Tensor g = gyt.contiguous();  // once for both kernels (each would make its own copy of a view)
-  at::Tensor dxt = empty_input_grad(xt);  // the CPU kernel's layout, which the fake kernel declares
-  dxt.copy_(spmm_t_cuda(rowptr, col, values, g, xt.size(0), t_rowptr, t_col, t_perm));
-  return {sddmm_cuda(rowptr, col, g, xt), dxt, bias_grad ? g.sum(1) : at::empty({0}, values.options())};
+  const at::Tensor x = xt.contiguous();  // a no-op for the layers, which pass xt batch-contiguous on CUDA
+  // dxt in spmm_t's layout, contiguous [K, B] (the fake kernel declares it so on CUDA): SparseLinear hands on
+  // its transposed view, which a preceding SparseLinear's backward reads as a contiguous gyt, without a copy.
+  at::Tensor dxt = spmm_t_cuda(rowptr, col, values, g, x.size(0), t_rowptr, t_col, t_perm);
+  return {sddmm_cuda(rowptr, col, g, x), dxt, bias_grad ? g.sum(1) : at::empty({0}, values.options())};
 }
 
 }  // namespace
