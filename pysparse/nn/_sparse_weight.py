@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import csr
-from ..ops import _check_fraction
+from ..ops import _below_autograd, _check_fraction
 
 # The structure is held in plain tensor attributes, not buffers: DistributedDataParallel broadcasts every
 # buffer, and neither gloo nor NCCL carries int16 (nor should the structure be re-sent every step: ranks agree
@@ -203,8 +203,9 @@ class SparseWeight(nn.Module):
             v = torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, vals, u[:, None].contiguous(), s.shape[1],
                                                   s.t_rowptr, s.t_col, s.t_perm)[:, 0]
             v = v / v.norm().clamp_min(eps)
-            u = torch.ops.pysparse.spmm.default(s.rowptr, s.col, vals, v[:, None].contiguous(), None, s.t_rowptr,
-                                                s.t_col, s.t_perm)[:, 0]
+            with _below_autograd():  # (under no_grad: torch.library's wrapper of spmm's autograd, skipped)
+                u = torch.ops.pysparse.spmm.default(s.rowptr, s.col, vals, v[:, None].contiguous(), None,
+                                                    s.t_rowptr, s.t_col, s.t_perm)[:, 0]
             u = u / u.norm().clamp_min(eps)
         self.sn_u.copy_(u)
         self.sn_v.copy_(v)
