@@ -23,6 +23,23 @@ RESNET18_CONV = {
 }
 
 
+def torchvision_linears(models=("resnet50", "vgg16", "mobilenet_v3_large", "vit_b_16")) -> dict:
+    """The nn.Linear shapes of torchvision classification models, {name: (in, out)}, each shape once under the
+    first module that has it (e.g. "vgg16.classifier.0": (25088, 4096), "vit_b_16.mlp.0": (768, 3072)). Read
+    from the models' definitions built on the meta device: nothing is allocated or downloaded."""
+    import torchvision
+
+    shapes = {}
+    for model in models:
+        with torch.device("meta"):
+            net = getattr(torchvision.models, model)()
+        for name, mod in net.named_modules():
+            if isinstance(mod, torch.nn.Linear) and (mod.in_features, mod.out_features) not in shapes.values():
+                short = ".".join(name.split(".")[-2:])  # encoder.layers.encoder_layer_0.mlp.0 -> mlp.0
+                shapes[f"{model}.{short}"] = (mod.in_features, mod.out_features)
+    return shapes
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -71,8 +71,9 @@ fi
 
 # The benchmarks in parts, most wanted first, each with its own JSON: a part cut short by the deadline loses
 # only its own figures. Merged into gpu.json at the end.
-parts=("test_bench_linear.py|" "test_bench_gan.py|" "test_bench_conv.py|gan" "test_bench_ops.py|"
-       "test_bench_conv.py|forward_backward and not gan" "test_bench_conv.py|forward and not backward")
+parts=("test_bench_linear.py|not model" "test_bench_gan.py|" "test_bench_conv.py|gan" "test_bench_ops.py|"
+       "test_bench_conv.py|forward_backward and not gan" "test_bench_conv.py|forward and not backward"
+       "test_bench_linear.py|model")
 tmp=$(mktemp -d)
 i=0
 for part in "${parts[@]}"; do

@@ -1,8 +1,8 @@
 """A sparse layer's training step (forward + backward) against its own forward, measured so that a noisy
 machine's swings cancel: in one process, each round times the forward and then the step back to back, and the
 ratio is taken per round; the median over the rounds is reported (issue 3's target: the step <= 3x the forward).
-SparseLinear (features x features) by default, a stack of --depth of them, or SparseConv2d on ResNet-18's layer
-shapes with --conv.
+SparseLinear (features x features) by default, a stack of --depth of them, the linear layers of torchvision
+models with --model, or SparseConv2d on ResNet-18's layer shapes with --conv.
 
 Every step pays torch's fixed cost of one backward() call (the engine's set-up, 60-110 us on the 2-vCPU machines
 here, as much as a batch-16 forward at 99%), which a model pays once for all its layers. Each round also times
@@ -13,6 +13,7 @@ machines here speed swings by up to 2x over minutes, so the ratio of its medians
 
     python benchmarks/step_ratio.py --batch 16 256 --sparsity 0.9 0.95 0.99
     python benchmarks/step_ratio.py --batch 16 --depth 4        # four layers, one backward() call
+    python benchmarks/step_ratio.py --model all --batch 1 16 256 --sparsity 0.9   # ResNet-50, VGG-16, ... shapes
     python benchmarks/step_ratio.py --conv layer1 layer2.0.down layer4 --sparsity 0.9 0.95   # batch 8
 """
 import argparse
@@ -27,7 +28,7 @@ from torch import nn
 import pysparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESNET18_CONV  # noqa: E402
+from _util import RESNET18_CONV, torchvision_linears  # noqa: E402
 
 
 def _check(sparsity, rounds, calls, **sizes):
@@ -87,21 +88,25 @@ def _ratio(layer, x, g, rounds, calls):
             "call_ms": statistics.median(cal), "net_ratio": statistics.median(nets)}
 
 
-def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0, depth=1):
-    """_ratio for a features x features SparseLinear at this batch (depth > 1: that many in sequence)."""
+def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0, depth=1, shape=None):
+    """_ratio for a features x features SparseLinear at this batch (depth > 1: that many in sequence), or one of
+    shape (in, out)."""
     _check(sparsity, rounds, calls, batch=batch, features=features, depth=depth)
+    n_in, n_out = shape or (features, features)
+    if depth > 1 and n_in != n_out:
+        raise ValueError(f"depth > 1 needs a square layer, got {n_in} -> {n_out}")
     torch.manual_seed(seed)
     layers = []
     for _ in range(depth):
-        dense = nn.Linear(features, features)
-        mask = torch.rand(features, features) >= sparsity
+        dense = nn.Linear(n_in, n_out)
+        mask = torch.rand(n_out, n_in) >= sparsity
         with torch.no_grad():
             dense.weight.mul_(mask)
         layers.append(pysparse.SparseLinear.from_dense(dense, mask))
     if calls is None:  # about the same work per round at every size
-        calls = max(2, int(3e7 / (depth * batch * (1 - sparsity) * features * features)))
-    return _ratio(layers[0] if depth == 1 else nn.Sequential(*layers), torch.randn(batch, features, requires_grad=True),
-                  torch.randn(batch, features), rounds, calls)
+        calls = max(2, int(3e7 / (depth * batch * (1 - sparsity) * n_in * n_out)))
+    return _ratio(layers[0] if depth == 1 else nn.Sequential(*layers), torch.randn(batch, n_in, requires_grad=True),
+                  torch.randn(batch, n_out), rounds, calls)
 
 
 def measure_conv(shape, sparsity, batch=8, rounds=15, calls=3, seed=0):
@@ -131,8 +136,23 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=1, help="SparseLinear layers in sequence (one backward())")
     parser.add_argument("--conv", nargs="+", choices=sorted(RESNET18_CONV), default=None,
                         help="SparseConv2d on these ResNet-18 layer shapes instead of SparseLinear")
+    models = torchvision_linears()
+    parser.add_argument("--model", nargs="+", choices=["all", *models], default=None,
+                        help="SparseLinear of these torchvision models' linear layer shapes (all: each of them)")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
+    if args.conv and args.model:
+        parser.error("--conv and --model exclude each other")
+    if args.model:
+        names = list(models) if "all" in args.model else args.model
+        print(f"SparseLinear of torchvision models' linear layers, {torch.get_num_threads()} threads, "
+              f"{args.rounds} rounds")
+        for name in names:
+            for batch in args.batch or [16, 256]:
+                for sparsity in args.sparsity:
+                    _report(f"{name} {models[name][0]} -> {models[name][1]} ", batch, sparsity,
+                            measure(batch, sparsity, rounds=args.rounds, shape=models[name]))
+        return
     batches = args.batch or ([8] if args.conv else [16, 256])
     what = f"SparseConv2d {' '.join(args.conv)}" if args.conv else f"SparseLinear {args.features} x {args.features}"
     if not args.conv and args.depth > 1:
@@ -145,10 +165,13 @@ def main(argv=None):
                     r, label = measure(batch, sparsity, args.features, args.rounds, depth=args.depth), ""
                 else:
                     r, label = measure_conv(name, sparsity, batch, args.rounds), f"{name:14s} "
-                print(f"{label}batch {batch:4d} sparsity {sparsity:.2f}: forward {r['forward_ms']:.3f} ms, step "
-                      f"{r['step_ms']:.3f} ms, step / forward {r['ratio']:.2f}x (rounds {r['ratio_min']:.2f}-"
-                      f"{r['ratio_max']:.2f}); net of backward()'s fixed {r['call_ms']:.3f} ms: {r['net_ratio']:.2f}x",
-                      flush=True)
+                _report(label, batch, sparsity, r)
+
+
+def _report(label, batch, sparsity, r):
+    print(f"{label}batch {batch:4d} sparsity {sparsity:.2f}: forward {r['forward_ms']:.3f} ms, step "
+          f"{r['step_ms']:.3f} ms, step / forward {r['ratio']:.2f}x (rounds {r['ratio_min']:.2f}-"
+          f"{r['ratio_max']:.2f}); net of backward()'s fixed {r['call_ms']:.3f} ms: {r['net_ratio']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """SparseLinear beside nn.Linear (dense MKL / cuBLAS) and torch.sparse.mm on CSR (MKL / cuSPARSE): 4096x4096,
 batch 1, 4 (the CPU's 8-column panels), 16 and 256, across sparsities, forward and forward+backward, same inputs,
-one run. SparseLinear is pinned to its sparse kernels (dense_below = 0): below its default crossover it would
-compute through F.linear."""
+one run; then the linear layers of torchvision classification models (ResNet-50, VGG-16, MobileNetV3, ViT-B/16)
+at 90%, batch 1, 16 and 256 ("model" in the test names). SparseLinear is pinned to its sparse kernels
+(dense_below = 0): below its default crossover it would compute through F.linear."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +12,7 @@ from torch import nn
 import pysparse
 from pysparse.testing import devices_for
 
-from _util import run
+from _util import run, torchvision_linears
 
 N = 4096
 DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
@@ -17,10 +20,11 @@ SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 BATCHES = [1, 4, 16, 256]
 
 
-def _layers(device, sparsity):
+def _layers(device, sparsity, shape=(N, N)):
+    """nn.Linear(in, out) with a random mask removing `sparsity` of its weights, and the SparseLinear of it."""
     torch.manual_seed(0)
-    dense = nn.Linear(N, N).to(device)
-    mask = torch.rand(N, N, device=device) >= sparsity
+    dense = nn.Linear(*shape).to(device)
+    mask = torch.rand(shape[1], shape[0], device=device) >= sparsity
     with torch.no_grad():
         dense.weight.mul_(mask)
     sparse = pysparse.SparseLinear.from_dense(dense, mask)
@@ -63,4 +67,58 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
         layer(x).backward(g)
 
     benchmark.group = f"linear-fwdbwd-{N}-b{batch}-s{sparsity}-{device}"
+    run(benchmark, step, device, rounds=5 if batch == 256 else 20)
+
+
+# ------------------------------------------------------------------------- torchvision models' linear layers
+MODEL_LINEARS = {k: v for k, v in torchvision_linears().items() if v != (N, N)}  # 4096 x 4096: above
+MODEL_SPARSITY = 0.9
+
+
+@functools.lru_cache(maxsize=2)  # VGG-16's first layer is 411 MB dense: built once for its cases on a device
+def _model_layers(device, name):
+    return _layers(device, MODEL_SPARSITY, MODEL_LINEARS[name])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_model_layers():
+    yield
+    _model_layers.cache_clear()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 16, 256])
+@pytest.mark.parametrize("impl", ["pysparse", "dense", "torch_sparse"])
+@pytest.mark.parametrize("name", list(MODEL_LINEARS))  # the outermost loop: one layer built per name and device
+def test_model_linear_forward(benchmark, device, name, batch, impl):
+    dense, sparse = _model_layers(device, name)
+    x = torch.randn(batch, dense.in_features, device=device)
+    if impl == "torch_sparse":
+        w, b = dense.weight.detach().to_sparse_csr(), dense.bias.detach()
+        fn = lambda: torch.sparse.mm(w, x.t()).t() + b  # noqa: E731
+    else:
+        layer = sparse if impl == "pysparse" else dense
+        fn = lambda: layer(x)  # noqa: E731
+    benchmark.group = f"linear-model-fwd-{name}-b{batch}-s{MODEL_SPARSITY}-{device}"
+    with torch.no_grad():
+        run(benchmark, fn, device, rounds=5 if batch == 256 else 20)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 16, 256])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+@pytest.mark.parametrize("name", list(MODEL_LINEARS))  # the outermost loop: one layer built per name and device
+def test_model_linear_forward_backward(benchmark, device, name, batch, impl):
+    dense, sparse = _model_layers(device, name)
+    layer = sparse if impl == "pysparse" else dense
+    x = torch.randn(batch, dense.in_features, device=device, requires_grad=True)
+    g = torch.randn(batch, dense.out_features, device=device)
+    params = [x, *layer.parameters()]
+
+    def step():
+        for p in params:
+            p.grad = None
+        layer(x).backward(g)
+
+    benchmark.group = f"linear-model-fwdbwd-{name}-b{batch}-s{MODEL_SPARSITY}-{device}"
     run(benchmark, step, device, rounds=5 if batch == 256 else 20)

@@ -98,6 +98,23 @@ def test_step_ratio_measures_sparse_conv2d(capsys):
         module.measure_conv("layer4", 0.9, batch=0)
 
 
+def test_step_ratio_measures_torchvision_linear_shapes(capsys):
+    module = _load("step_ratio")
+    shapes = _load("_util").torchvision_linears()
+    # read from the models' definitions: ResNet-50's fc, VGG-16's classifier, ViT-B/16's MLP, each shape once
+    assert shapes["resnet50.fc"] == (2048, 1000) and shapes["vgg16.classifier.0"] == (25088, 4096)
+    assert shapes["vit_b_16.mlp.0"] == (768, 3072) and len(set(shapes.values())) == len(shapes)
+    r = module.measure(4, 0.9, rounds=2, calls=2, shape=(96, 40))
+    assert 0 < r["forward_ms"] < r["step_ms"]
+    module.main(["--model", "resnet50.fc", "--batch", "2", "--sparsity", "0.99", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "resnet50.fc 2048 -> 1000 batch    2 sparsity 0.99" in out
+    with pytest.raises(ValueError, match="square"):
+        module.measure(4, 0.9, rounds=1, calls=1, shape=(96, 40), depth=2)
+    with pytest.raises(SystemExit):
+        module.main(["--model", "resnet51.fc"])
+
+
 @pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
                                           ({"batch": 0}, "batch"), ({"features": 0}, "features"),
                                           ({"rounds": 0}, "rounds"), ({"calls": 0}, "calls"),
