@@ -32,33 +32,23 @@ def _layers(device, sparsity, shape=(N, N)):
     return dense, sparse
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("impl", ["pysparse", "dense", "torch_sparse"])
-def test_linear_forward(benchmark, device, batch, sparsity, impl):
-    dense, sparse = _layers(device, sparsity)
-    x = torch.randn(batch, N, device=device)
+def _time_forward(benchmark, device, dense, sparse, batch, impl, group):
+    x = torch.randn(batch, dense.in_features, device=device)
     if impl == "torch_sparse":
         w, b = dense.weight.detach().to_sparse_csr(), dense.bias.detach()
         fn = lambda: torch.sparse.mm(w, x.t()).t() + b  # noqa: E731
     else:
         layer = sparse if impl == "pysparse" else dense
         fn = lambda: layer(x)  # noqa: E731
-    benchmark.group = f"linear-fwd-{N}-b{batch}-s{sparsity}-{device}"
+    benchmark.group = group
     with torch.no_grad():
         run(benchmark, fn, device, rounds=5 if batch == 256 else 20)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
-@pytest.mark.parametrize("impl", ["pysparse", "dense"])
-def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
-    dense, sparse = _layers(device, sparsity)
+def _time_step(benchmark, device, dense, sparse, batch, impl, group):
     layer = sparse if impl == "pysparse" else dense
-    x = torch.randn(batch, N, device=device, requires_grad=True)
-    g = torch.randn(batch, N, device=device)
+    x = torch.randn(batch, dense.in_features, device=device, requires_grad=True)
+    g = torch.randn(batch, dense.out_features, device=device)
     params = [x, *layer.parameters()]
 
     def step():  # one training step's forward and backward: gradients start from None, as after zero_grad()
@@ -66,8 +56,26 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
             p.grad = None
         layer(x).backward(g)
 
-    benchmark.group = f"linear-fwdbwd-{N}-b{batch}-s{sparsity}-{device}"
+    benchmark.group = group
     run(benchmark, step, device, rounds=5 if batch == 256 else 20)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("impl", ["pysparse", "dense", "torch_sparse"])
+def test_linear_forward(benchmark, device, batch, sparsity, impl):
+    _time_forward(benchmark, device, *_layers(device, sparsity), batch, impl,
+                  f"linear-fwd-{N}-b{batch}-s{sparsity}-{device}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
+    _time_step(benchmark, device, *_layers(device, sparsity), batch, impl,
+               f"linear-fwdbwd-{N}-b{batch}-s{sparsity}-{device}")
 
 
 # ------------------------------------------------------------------------- torchvision models' linear layers
@@ -91,17 +99,8 @@ def _free_model_layers():
 @pytest.mark.parametrize("impl", ["pysparse", "dense", "torch_sparse"])
 @pytest.mark.parametrize("name", list(MODEL_LINEARS))  # the outermost loop: one layer built per name and device
 def test_model_linear_forward(benchmark, device, name, batch, impl):
-    dense, sparse = _model_layers(device, name)
-    x = torch.randn(batch, dense.in_features, device=device)
-    if impl == "torch_sparse":
-        w, b = dense.weight.detach().to_sparse_csr(), dense.bias.detach()
-        fn = lambda: torch.sparse.mm(w, x.t()).t() + b  # noqa: E731
-    else:
-        layer = sparse if impl == "pysparse" else dense
-        fn = lambda: layer(x)  # noqa: E731
-    benchmark.group = f"linear-model-fwd-{name}-b{batch}-s{MODEL_SPARSITY}-{device}"
-    with torch.no_grad():
-        run(benchmark, fn, device, rounds=5 if batch == 256 else 20)
+    _time_forward(benchmark, device, *_model_layers(device, name), batch, impl,
+                  f"linear-model-fwd-{name}-b{batch}-s{MODEL_SPARSITY}-{device}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -109,16 +108,5 @@ def test_model_linear_forward(benchmark, device, name, batch, impl):
 @pytest.mark.parametrize("impl", ["pysparse", "dense"])
 @pytest.mark.parametrize("name", list(MODEL_LINEARS))  # the outermost loop: one layer built per name and device
 def test_model_linear_forward_backward(benchmark, device, name, batch, impl):
-    dense, sparse = _model_layers(device, name)
-    layer = sparse if impl == "pysparse" else dense
-    x = torch.randn(batch, dense.in_features, device=device, requires_grad=True)
-    g = torch.randn(batch, dense.out_features, device=device)
-    params = [x, *layer.parameters()]
-
-    def step():
-        for p in params:
-            p.grad = None
-        layer(x).backward(g)
-
-    benchmark.group = f"linear-model-fwdbwd-{name}-b{batch}-s{MODEL_SPARSITY}-{device}"
-    run(benchmark, step, device, rounds=5 if batch == 256 else 20)
+    _time_step(benchmark, device, *_model_layers(device, name), batch, impl,
+               f"linear-model-fwdbwd-{name}-b{batch}-s{MODEL_SPARSITY}-{device}")
