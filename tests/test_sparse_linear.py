@@ -104,6 +104,20 @@ def test_chained_training_step_copies_no_activation(device):
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_functional_call_swaps_the_values():
+    # The forward reads ``values`` from _parameters (no nn.Module.__getattr__): torch.func.functional_call's
+    # swapped tensor must be the one it computes with, on the kernels' path and the dense one.
+    torch.manual_seed(4)
+    layer = SparseLinear(16, 8, sparsity=0.5)
+    x = torch.randn(4, 16)
+    other = torch.randn_like(layer.values)
+    for dense_below in (0.0, 1.0):
+        layer.dense_below = dense_below
+        got = torch.func.functional_call(layer, {"values": other}, (x,))
+        torch.testing.assert_close(got, F.linear(x, layer._dense_from(other), layer.bias))
+        assert not torch.allclose(got, layer(x))
+
+
 def test_trains_and_keeps_structure():
     """Any optimizer trains the stored values; the pruned positions never come back."""
     torch.manual_seed(0)

@@ -63,6 +63,11 @@ class SparseWeight(nn.Module):
     # CPU and on CUDA; see `dense_below`).
     DENSE_BELOW: float = 0.0
     DENSE_BELOW_CUDA: float = 0.0
+    # Spectral norm's power iterations per training forward; 0 = off until enable_spectral_norm. A class default,
+    # so that every forward's check is a plain read (a missing attribute goes through nn.Module.__getattr__ and
+    # an AttributeError). The per-call paths read ``values`` from _parameters for the same reason (~1.4 us a read
+    # through __getattr__ on the 2-vCPU machines; assigning ``values`` anything but a Parameter raises anyway).
+    sn_iterations: int = 0
 
     @property
     def dense_below(self) -> float:
@@ -75,7 +80,7 @@ class SparseWeight(nn.Module):
         if "_dense_below" in self.__dict__:
             return self.__dict__["_dense_below"]
         cls = type(self)
-        return cls.DENSE_BELOW_CUDA if self.values.is_cuda else cls.DENSE_BELOW
+        return cls.DENSE_BELOW_CUDA if self._parameters["values"].is_cuda else cls.DENSE_BELOW
 
     @dense_below.setter
     def dense_below(self, value: float) -> None:
@@ -148,7 +153,7 @@ class SparseWeight(nn.Module):
     @property
     def nnz(self) -> int:
         """The number of stored (kept) weights."""
-        return self.values.numel()
+        return self._parameters["values"].numel()
 
     @property
     def sparsity(self) -> float:
@@ -212,7 +217,7 @@ class SparseWeight(nn.Module):
 
     @property
     def spectral_norm(self) -> bool:
-        return getattr(self, "sn_iterations", 0) > 0
+        return self.sn_iterations > 0
 
     def sigma(self) -> torch.Tensor:
         """The current spectral-norm estimate u^T W v (differentiable in ``values``); needs spectral norm on."""
@@ -223,8 +228,9 @@ class SparseWeight(nn.Module):
 
     def effective_values(self) -> torch.Tensor:
         """The stored values the forward uses: ``values``, divided by sigma when spectral norm is on."""
-        if not self.spectral_norm or not self.nnz:
-            return self.values
+        values = self._parameters["values"]
+        if self.sn_iterations <= 0 or not values.numel():
+            return values
         if self.training:
             with torch.no_grad():
                 self._power_iteration(self.sn_iterations)

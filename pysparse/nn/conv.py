@@ -120,7 +120,7 @@ class SparseConv2d(SparseWeight):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects input [N, {self.in_channels}, H, W] (or unbatched "
                              f"[{self.in_channels}, H, W]), got shape {tuple(x.shape)}")
-        if x.dtype != self.values.dtype:
+        if x.dtype != self._parameters["values"].dtype:
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
         left, right, top, bottom = self._reversed_padding_repeated_twice
         (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride

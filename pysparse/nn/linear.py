@@ -63,7 +63,7 @@ class SparseLinear(SparseWeight):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features in the last dim, "
                              f"got shape {tuple(x.shape)}")
-        if x.dtype != self.values.dtype:
+        if x.dtype != self._parameters["values"].dtype:
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
         if self._computes_dense():  # below the crossover: torch's dense kernels (see dense_below)
             return F.linear(x, self._compute_weight(), self.bias)
