@@ -39,6 +39,11 @@ tensors = [rnd(1000) for _ in range(10)] + [rnd(1000, 2)[:, 0], rnd(1000).half()
 expected = [t.clone() for t in tensors]
 assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected)
 assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
+mask = (rnd(1004) > 0)[3:]  # the mask and the tensors off their 4-element alignment, a ragged length (1001)
+tensors = [rnd(1002)[1:], rnd(1003, dtype=torch.float64)[2:], rnd(1001), rnd(1005).half()[4:]]
+expected = [t.clone() for t in tensors]
+assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected)
+assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
 # sparse matmul family: both spmm kernels (batch <= 8 and tiled), spmm_t, sddmm, spmm_grad, int16 and int32 indices
 from pysparse import csr  # noqa: E402
 

@@ -57,6 +57,23 @@ def test_many_tensors_and_large(device):
         assert torch.equal(t, b * mask)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_offset_views_and_ragged_lengths(device):
+    """Mask and tensors starting 0-4 elements into their storage (the CUDA kernel reads and writes groups of 4
+    elements where the pointers allow, element by element where not) and lengths around multiples of 4."""
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.int8, torch.bool]
+    for n in (1, 3, 4, 5, 8, 1027):
+        for off in range(5):
+            mask = (torch.rand(n + off, generator=gen) < 0.4).to(device)[off:]
+            tensors = [(torch.randn(n + off + i, generator=gen) * 10).to(device, d)[off + i:]
+                       for i, d in enumerate(dtypes)]
+            expected = [t.clone() for t in tensors]
+            assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected) == int(mask.sum())
+            for got, want in zip(tensors, expected):
+                assert torch.equal(got, want), (n, off, got.dtype)
+
+
 def test_none_entries_skipped_and_no_tensors():
     mask = torch.tensor([True, False, True])
     t = torch.ones(3)
