@@ -350,6 +350,35 @@ def test_opcheck_and_compile(device):
     torch.testing.assert_close(v.grad, v2.grad)
 
 
+@pytest.mark.parametrize("batch", [4, 16, 200])  # the narrow panel, one 16-column panel (both check per row), several
+@pytest.mark.parametrize("cols", [100, 40000])  # int16 / int32 indices
+def test_forward_row_checks_catch_every_bad_index(batch, cols):
+    # One panel's forward checks a row's indices 8 at a time before sweeping it without per-read checks (a row
+    # that fails is swept with them): a bad index anywhere in a long row (block lanes, the tail) must raise.
+    values, s, xt, bias = _problem(3, cols, batch, 1.0 if cols == 100 else 0.01, torch.float32, "cpu", 5)
+    dense = torch.zeros(3, cols).index_put_((torch.repeat_interleave(torch.arange(3), s.rowptr.diff()),
+                                            s.col.long()), values)
+    torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias), dense @ xt + bias[:, None],
+                               rtol=1e-4, atol=1e-4)
+    first = int(s.rowptr[1])
+    assert first >= 24
+    for pos in (0, 7, 8, 15, first - 1, first + 3):
+        for bad in (cols, -1, 32767 if cols == 100 else 2**31 - 1):
+            col = s.col.clone()
+            col[pos] = bad
+            with pytest.raises(ValueError, match="column index is outside"):
+                pysparse.ops.spmm(s.rowptr, col, values, xt)
+    # spmm_t at batch 40 reads W's values in place through t_perm (one panel of W^T's rows, 100 long here): a bad
+    # entry anywhere in a row is caught the same way
+    vt, st, _, _ = _problem(100, 3, 40, 1.0, torch.float32, "cpu", 6)
+    for pos in (0, 9, 99, 150):
+        perm = st.t_perm.clone()
+        perm[pos] = 10_000
+        with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
+            pysparse.ops.spmm_t(st.rowptr, st.col, vt, torch.randn(100, 40), 3,
+                                transposed=(st.t_rowptr, st.t_col, perm))
+
+
 def test_tampered_structure_raises_not_crashes():
     values, s, xt, _ = _problem(6, 8, 4, 0.6, torch.float32, "cpu", 2)
     bad_col = s.col.clone()
