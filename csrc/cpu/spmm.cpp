@@ -187,9 +187,9 @@ inline bool row_in_range(const index_t* col, const int32_t* perm, int64_t j0, in
 
 // With CHECK, column indices outside [0, K) count as bad and contribute nothing; without, col must have been
 // checked (indices_in_range): with several panels each stored position is read once per panel, and one check
-// pass costs less than a check at every read (a single panel checks as it reads). With PERM, the value of stored
-// position j is values[perm[j]] (W^T's structure reading W's values in place: spmm_t); perm entries outside
-// [0, nnz) count as bad and contribute nothing.
+// pass costs less than a check at every read (a single panel checks each row before its sweep: row_in_range, and
+// a failing row as it reads). With PERM, the value of stored position j is values[perm[j]] (W^T's structure
+// reading W's values in place: spmm_t); perm entries outside [0, nnz) count as bad and contribute nothing.
 template <int V, bool PERM, bool CHECK, typename index_t, typename scalar_t>
 void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const int32_t* perm,
                  const float* packed, const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B,
@@ -294,7 +294,6 @@ void spmm_plain(const int32_t* rowptr, const index_t* col, const scalar_t* value
     if (local_bad) bad = true;
   });
 }
-
 
 #ifdef __AVX512F__
 // 16 column indices as int32 lanes.
