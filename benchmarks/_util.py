@@ -29,14 +29,17 @@ def torchvision_linears(models=("resnet50", "vgg16", "mobilenet_v3_large", "vit_
     from the models' definitions built on the meta device: nothing is allocated or downloaded."""
     import torchvision
 
+    available = set(torchvision.models.list_models(module=torchvision.models))
     shapes = {}
     for model in models:
+        if model not in available:
+            raise ValueError(f"models: {model!r} is not a torchvision classification model")
         with torch.device("meta"):
-            net = getattr(torchvision.models, model)()
+            net = torchvision.models.get_model(model)
         for name, mod in net.named_modules():
             if isinstance(mod, torch.nn.Linear) and (mod.in_features, mod.out_features) not in shapes.values():
-                short = ".".join(name.split(".")[-2:])  # encoder.layers.encoder_layer_0.mlp.0 -> mlp.0
-                shapes[f"{model}.{short}"] = (mod.in_features, mod.out_features)
+                key = f"{model}." + ".".join(name.split(".")[-2:])  # encoder.layers.encoder_layer_0.mlp.0 -> mlp.0
+                shapes[key if key not in shapes else f"{model}.{name}"] = (mod.in_features, mod.out_features)
     return shapes
 
 

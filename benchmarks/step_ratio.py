@@ -91,8 +91,9 @@ def _ratio(layer, x, g, rounds, calls):
 def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0, depth=1, shape=None):
     """_ratio for a features x features SparseLinear at this batch (depth > 1: that many in sequence), or one of
     shape (in, out)."""
-    _check(sparsity, rounds, calls, batch=batch, features=features, depth=depth)
     n_in, n_out = shape or (features, features)
+    _check(sparsity, rounds, calls, batch=batch, features=features, depth=depth, in_features=n_in,
+           out_features=n_out)
     if depth > 1 and n_in != n_out:
         raise ValueError(f"depth > 1 needs a square layer, got {n_in} -> {n_out}")
     torch.manual_seed(seed)

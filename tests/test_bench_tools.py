@@ -113,6 +113,10 @@ def test_step_ratio_measures_torchvision_linear_shapes(capsys):
         module.measure(4, 0.9, rounds=1, calls=1, shape=(96, 40), depth=2)
     with pytest.raises(SystemExit):
         module.main(["--model", "resnet51.fc"])
+    with pytest.raises(ValueError, match="out_features"):
+        module.measure(4, 0.9, rounds=1, calls=1, shape=(96, 0))
+    with pytest.raises(ValueError, match="'resnet51' is not a torchvision classification model"):
+        _load("_util").torchvision_linears(("resnet51",))
 
 
 @pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
