@@ -352,22 +352,35 @@ def test_opcheck_and_compile(device):
 
 @pytest.mark.parametrize("batch", [4, 16, 200])  # the narrow panel, one 16-column panel (both check per row), several
 @pytest.mark.parametrize("cols", [100, 40000])  # int16 / int32 indices
-def test_forward_row_checks_catch_every_bad_index(batch, cols):
-    # One panel's forward checks a row's indices 8 at a time before sweeping it without per-read checks (a row
-    # that fails is swept with them): a bad index anywhere in a long row (block lanes, the tail) must raise.
+def test_row_checks_catch_every_bad_index(batch, cols):
+    # The sweeps over W's CSR (spmm's forward; spmm_t's, sddmm's and spmm_grad's without W^T's structure) check a
+    # row's indices 8 at a time before sweeping it without per-read checks (a row that fails is swept with them):
+    # a bad index anywhere in a long row (block lanes, the tail) must raise.
     values, s, xt, bias = _problem(3, cols, batch, 1.0 if cols == 100 else 0.01, torch.float32, "cpu", 5)
     dense = torch.zeros(3, cols).index_put_((torch.repeat_interleave(torch.arange(3), s.rowptr.diff()),
                                             s.col.long()), values)
+    gyt = torch.randn(3, batch)
     torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias), dense @ xt + bias[:, None],
                                rtol=1e-4, atol=1e-4)
+    dv, dxt = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+    torch.testing.assert_close(dxt, dense.t() @ gyt, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols), dxt, rtol=1e-4, atol=1e-4)
+    want_dv = (dense.ne(0) * (gyt @ xt.t()))[dense.ne(0)]  # the stored positions in row-major (CSR) order
+    torch.testing.assert_close(dv, want_dv, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, gyt, xt), want_dv, rtol=1e-4, atol=1e-4)
     first = int(s.rowptr[1])
     assert first >= 24
+    calls = {"spmm": lambda col: pysparse.ops.spmm(s.rowptr, col, values, xt),
+             "spmm_t": lambda col: pysparse.ops.spmm_t(s.rowptr, col, values, gyt, cols),
+             "sddmm": lambda col: pysparse.ops.sddmm(s.rowptr, col, gyt, xt),
+             "spmm_grad": lambda col: pysparse.ops.spmm_grad(s.rowptr, col, values, gyt, xt)}
     for pos in (0, 7, 8, 15, first - 1, first + 3):
         for bad in (cols, -1, 32767 if cols == 100 else 2**31 - 1):
             col = s.col.clone()
             col[pos] = bad
-            with pytest.raises(ValueError, match="column index is outside"):
-                pysparse.ops.spmm(s.rowptr, col, values, xt)
+            for name, call in calls.items():
+                with pytest.raises(ValueError, match=f"{name}: a column index is outside"):
+                    call(col)
     # spmm_t at batch 40 reads W's values in place through t_perm (one panel of W^T's rows, 100 long here): a bad
     # entry anywhere in a row is caught the same way
     vt, st, _, _ = _problem(100, 3, 40, 1.0, torch.float32, "cpu", 6)

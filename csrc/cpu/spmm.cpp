@@ -163,12 +163,17 @@ inline __m256i in_range8(__m256i i, __m256i bound) {
 }
 #endif
 
-// Whether the row's stored positions [j0, j1) all have a column index in [0, K) and, with perm, a position in
-// [0, nnz): checked 8 at a time before a sweep over the row, which then reads them (now in L1) without a check
-// per read; a row that fails is swept with the checks (its bad positions count and contribute nothing). The
-// forward's single-panel and narrow sweeps take it. Zen 3, one process alternating with the per-read checks, 11
-// rounds, per-round ratio (2026-11-30): 4096 x 4096 at 90%, batch 4 / 8 / 16 / 32 0.74 / 0.82 / 0.76 / 0.86; at
-// 99%, batch 4 / 16 0.80 / 0.92; 768 x 768 batch 4 0.78; 1024 x 1024 batch 16 at 50% 0.92.
+// Whether the row's stored positions [j0, j1) all have a column index in [0, K) and, with perm, a position in [0,
+// nnz): checked 8 at a time before a sweep over the row, which then reads them (now in L1) without a check per read;
+// a row that fails is swept with the checks (its bad positions count and contribute nothing). The sweeps over W's
+// CSR take it: the forward's single-panel and narrow ones, and the backward's (scatter_panels, sddmm_panels,
+// sweep_narrow). Zen 3, one process alternating with the per-read checks, 11 rounds, per-round ratio: the forward
+// (2026-11-30), 4096 x 4096 at 90%, batch 4 / 8 / 16 / 32 0.74 / 0.82 / 0.76 / 0.86; at 99%, batch 4 / 16 0.80 /
+// 0.92; 768 x 768 batch 4 0.78; 1024 x 1024 batch 16 at 50% 0.92. The backward, the ops alone (same day),
+// 4096 x 4096 at 90%: spmm_grad batch 4 / 8 / 16 / 32 0.87 / 0.85 / 0.80 / 0.82 (at 99%, batch 4 / 16 0.89 / 0.86),
+// spmm_t batch 4 / 16 0.83 / 0.96, sddmm 0.73 / 0.69. (In the 16-column sweeps the unchecked dot products round
+// differently, the compiler fusing a multiply and an add that the checked code keeps apart: equal to the float32
+// rounding, not to the bit.)
 template <typename index_t>
 inline bool row_in_range(const index_t* col, const int32_t* perm, int64_t j0, int64_t j1, int64_t K, int64_t nnz) {
 #ifdef __AVX2__
@@ -598,41 +603,48 @@ void sweep_narrow(const int32_t* rowptr, const index_t* col, const scalar_t* val
     bool local_bad = false;
     for (int64_t r = r0; r < r1; ++r) {
       const __m256 g = _mm256_loadu_ps(pg + r * kNarrow);
-      auto step = [&](int64_t j) -> __m256 {
-        const int64_t c = col[j];
-        const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
-        local_bad |= !ok;
-        const int64_t cc = ok ? c : 0;
-        if constexpr (SCATTER) {
-          float* dst = acc + cc * kNarrow;
-          const __m256 w = _mm256_set1_ps(ok ? static_cast<float>(values[j]) : 0.f);
-          _mm256_storeu_ps(dst, _mm256_fmadd_ps(w, g, _mm256_loadu_ps(dst)));
+      const int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
+      // With RC, each column index is checked as it is read; a row whose indices all lie in range goes without.
+      auto row = [&](auto rc) {
+        constexpr bool RC = decltype(rc)::value;
+        auto step = [&](int64_t j) -> __m256 {
+          const int64_t c = col[j];
+          const bool ok = !RC || static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+          if constexpr (RC) local_bad |= !ok;
+          const int64_t cc = RC ? (ok ? c : 0) : c;
+          if constexpr (SCATTER) {
+            float* dst = acc + cc * kNarrow;
+            const __m256 w = _mm256_set1_ps(ok ? static_cast<float>(values[j]) : 0.f);
+            _mm256_storeu_ps(dst, _mm256_fmadd_ps(w, g, _mm256_loadu_ps(dst)));
+          }
+          if constexpr (DOTS)
+            return _mm256_mul_ps(g, _mm256_loadu_ps(px + cc * kNarrow));
+          else
+            return _mm256_setzero_ps();
+        };
+        if constexpr (!DOTS) {
+          for (int64_t j = j0; j < j1; ++j) step(j);
+          return;
         }
-        if constexpr (DOTS)
-          return _mm256_mul_ps(g, _mm256_loadu_ps(px + cc * kNarrow));
-        else
-          return _mm256_setzero_ps();
-      };
-      const int64_t j1 = rowptr[r + 1];
-      int64_t j = rowptr[r];
-      if constexpr (!DOTS) {
-        for (; j < j1; ++j) step(j);
-        continue;
-      }
-      for (; j < j1; j += 8) {
-        const int64_t m = std::min<int64_t>(8, j1 - j);
-        __m256 d[8];
+        for (int64_t j = j0; j < j1; j += 8) {
+          const int64_t m = std::min<int64_t>(8, j1 - j);
+          __m256 d[8];
 #pragma GCC unroll 8
-        for (int u = 0; u < 8; ++u) d[u] = u < m ? step(j + u) : _mm256_setzero_ps();
-        const __m256 sums = hadd8(d);
-        if (m == 8) {
-          _mm256_storeu_ps(dv + j, sums);
-        } else {
-          alignas(32) float lanes[8];
-          _mm256_store_ps(lanes, sums);
-          for (int64_t u = 0; u < m; ++u) dv[j + u] = lanes[u];
+          for (int u = 0; u < 8; ++u) d[u] = u < m ? step(j + u) : _mm256_setzero_ps();
+          const __m256 sums = hadd8(d);
+          if (m == 8) {
+            _mm256_storeu_ps(dv + j, sums);
+          } else {
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, sums);
+            for (int64_t u = 0; u < m; ++u) dv[j + u] = lanes[u];
+          }
         }
-      }
+      };
+      if (row_in_range(col, nullptr, j0, j1, K, 0))
+        row(std::false_type{});
+      else
+        row(std::true_type{});
     }
     return local_bad;
   });
@@ -1004,20 +1016,28 @@ void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, co
         vfloat ar[V];
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) ar[v] = vload(panel_a + r * T + v * kLanes);
-        // one stored position's products, in lanes (zero for a column index outside [0, K))
-        auto dot = [&](int64_t j) -> vfloat {
-          const int64_t c = col[j];
-          const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
-          local_bad |= !ok;
-          const float* x = panel_b + (ok ? c : 0) * T;
-          vfloat sum = ar[0] * vload(x);
+        const int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
+        // With RC, each column index is checked as it is read; a row whose indices all lie in range goes without.
+        auto row = [&](auto rc) {
+          constexpr bool RC = decltype(rc)::value;
+          // one stored position's products, in lanes (zero for a column index outside [0, K))
+          auto dot = [&](int64_t j) -> vfloat {
+            const int64_t c = col[j];
+            const bool ok = !RC || static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+            if constexpr (RC) local_bad |= !ok;
+            const float* x = panel_b + (RC ? (ok ? c : 0) : c) * T;
+            vfloat sum = ar[0] * vload(x);
 #pragma GCC unroll 4
-          for (int v = 1; v < V; ++v) sum += ar[v] * vload(x + v * kLanes);
-          return ok ? sum : vfloat{};
+            for (int v = 1; v < V; ++v) sum += ar[v] * vload(x + v * kLanes);
+            return ok ? sum : vfloat{};
+          };
+          for (int64_t j = j0; j < j1; j += 16)
+            store_dots(out + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return dot(j + u); });
         };
-        const int64_t j1 = rowptr[r + 1];
-        for (int64_t j = rowptr[r]; j < j1; j += 16)
-          store_dots(out + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return dot(j + u); });
+        if (row_in_range(col, nullptr, j0, j1, K, 0))
+          row(std::false_type{});
+        else
+          row(std::true_type{});
       }
     }
     return local_bad;
@@ -1195,35 +1215,41 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
         vfloat gr[V];
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) gr[v] = vload(panel_g + r * T + v * kLanes);
-        // one stored position: its scatter into acc, and with DOTS its dot product (in lanes)
-        auto step = [&](int64_t j) -> vfloat {
-          const int64_t c = col[j];
-          const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
-          local_bad |= !ok;
-          const float w = ok ? static_cast<float>(values[j]) : 0.f;
-          float* dst = acc + (ok ? c : 0) * T;
+        const int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
+        // With RC, each column index is checked as it is read; a row whose indices all lie in range goes without.
+        auto row = [&](auto rc) {
+          constexpr bool RC = decltype(rc)::value;
+          // one stored position: its scatter into acc, and with DOTS its dot product (in lanes)
+          auto step = [&](int64_t j) -> vfloat {
+            const int64_t c = col[j];
+            const bool ok = !RC || static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+            if constexpr (RC) local_bad |= !ok;
+            const int64_t cc = RC ? (ok ? c : 0) : c;
+            const float w = ok ? static_cast<float>(values[j]) : 0.f;
+            float* dst = acc + cc * T;
 #pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) {
-            vstore(dst + v * kLanes, vload(dst + v * kLanes) + w * gr[v]);
-          }
-          if constexpr (DOTS) {
-            const float* x = panel_x + (ok ? c : 0) * T;
-            vfloat d = gr[0] * vload(x);
+            for (int v = 0; v < V; ++v) vstore(dst + v * kLanes, vload(dst + v * kLanes) + w * gr[v]);
+            if constexpr (DOTS) {
+              const float* x = panel_x + cc * T;
+              vfloat d = gr[0] * vload(x);
 #pragma GCC unroll 4
-            for (int v = 1; v < V; ++v) d += gr[v] * vload(x + v * kLanes);
-            return d;
-          } else {
-            return vfloat{};
+              for (int v = 1; v < V; ++v) d += gr[v] * vload(x + v * kLanes);
+              return d;
+            } else {
+              return vfloat{};
+            }
+          };
+          if constexpr (!DOTS) {
+            for (int64_t j = j0; j < j1; ++j) step(j);
+            return;
           }
+          for (int64_t j = j0; j < j1; j += 16)
+            store_dots(dv + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return step(j + u); });
         };
-        const int64_t j1 = rowptr[r + 1];
-        int64_t j = rowptr[r];
-        if constexpr (!DOTS) {
-          for (; j < j1; ++j) step(j);
-          continue;
-        }
-        for (; j < j1; j += 16)
-          store_dots(dv + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return step(j + u); });
+        if (row_in_range(col, nullptr, j0, j1, K, 0))
+          row(std::false_type{});
+        else
+          row(std::true_type{});
       }
       return local_bad;
     });
