@@ -595,11 +595,20 @@ void spmm_narrow(const int32_t* rowptr, const index_t* col, const scalar_t* valu
 // (px = pack8 of xt) goes to dv[j] (float32, CSR order), 8 positions' sums reduced together (hadd8). A column
 // index outside [0, K) sets `bad` (the caller raises) and is read and written as column 0 with weight 0.
 template <bool DOTS, bool SCATTER, typename index_t, typename scalar_t>
-void sweep_narrow(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* pg,
-                  const float* px, float* acc_buf, float* dv, int64_t rows, int64_t K, std::atomic<bool>& bad) {
+void sweep_narrow(const int32_t* rowptr, const index_t* col_in, const scalar_t* values_in, const float* pg,
+                  const float* px_in, float* acc_buf, float* dv_in, int64_t rows, int64_t K, std::atomic<bool>& bad) {
   for_row_parts(rowptr, rows, bad, [&](int64_t part, int64_t r0, int64_t r1) {
-    float* acc = SCATTER ? acc_buf + part * K * kNarrow : nullptr;
-    if constexpr (SCATTER) std::fill(acc, acc + K * kNarrow, 0.f);
+    // The pointers as locals: read through the closure, they were loaded again after every vector store (an
+    // intrinsic store may alias any object, the closure's too). One process alternating the two, 11 rounds, per-round
+    // ratio (Zen 3, 2026-11-30), 4096 x 4096 at 90%: spmm_grad batch 2 / 4 / 8 0.76 / 0.75 / 0.75 (at 99%, batch 4 /
+    // 8 0.79 / 0.78), spmm_t batch 4 / 8 0.67 / 0.66, sddmm batch 4 0.94; 1024 x 1024 at 50%, spmm_grad batch 8 0.75.
+    const index_t* const col = col_in;
+    const scalar_t* const values = values_in;
+    const float* const px = px_in;
+    float* const dv = dv_in;
+    const int64_t nk = K;
+    float* const acc = SCATTER ? acc_buf + part * nk * kNarrow : nullptr;
+    if constexpr (SCATTER) std::fill(acc, acc + nk * kNarrow, 0.f);
     bool local_bad = false;
     for (int64_t r = r0; r < r1; ++r) {
       const __m256 g = _mm256_loadu_ps(pg + r * kNarrow);
@@ -609,7 +618,7 @@ void sweep_narrow(const int32_t* rowptr, const index_t* col, const scalar_t* val
         constexpr bool RC = decltype(rc)::value;
         auto step = [&](int64_t j) -> __m256 {
           const int64_t c = col[j];
-          const bool ok = !RC || static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
+          const bool ok = !RC || static_cast<uint64_t>(c) < static_cast<uint64_t>(nk);
           if constexpr (RC) local_bad |= !ok;
           const int64_t cc = RC ? (ok ? c : 0) : c;
           if constexpr (SCATTER) {
@@ -622,26 +631,27 @@ void sweep_narrow(const int32_t* rowptr, const index_t* col, const scalar_t* val
           else
             return _mm256_setzero_ps();
         };
+        int64_t j = j0;
         if constexpr (!DOTS) {
-          for (int64_t j = j0; j < j1; ++j) step(j);
+          for (; j < j1; ++j) step(j);
           return;
         }
-        for (int64_t j = j0; j < j1; j += 8) {
-          const int64_t m = std::min<int64_t>(8, j1 - j);
+        for (; j + 8 <= j1; j += 8) {  // whole blocks of 8 positions, their 8 sums stored together
           __m256 d[8];
 #pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u) d[u] = step(j + u);
+          _mm256_storeu_ps(dv + j, hadd8(d));
+        }
+        if (j < j1) {  // the row's tail
+          const int64_t m = j1 - j;
+          __m256 d[8];
           for (int u = 0; u < 8; ++u) d[u] = u < m ? step(j + u) : _mm256_setzero_ps();
-          const __m256 sums = hadd8(d);
-          if (m == 8) {
-            _mm256_storeu_ps(dv + j, sums);
-          } else {
-            alignas(32) float lanes[8];
-            _mm256_store_ps(lanes, sums);
-            for (int64_t u = 0; u < m; ++u) dv[j + u] = lanes[u];
-          }
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, hadd8(d));
+          for (int64_t u = 0; u < m; ++u) dv[j + u] = lanes[u];
         }
       };
-      if (row_in_range(col, nullptr, j0, j1, K, 0))
+      if (row_in_range(col, nullptr, j0, j1, nk, 0))
         row(std::false_type{});
       else
         row(std::true_type{});
