@@ -1268,14 +1268,17 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
 }
 
 #ifdef __AVX2__
-// vec_sweep's inner loop over one row's full blocks of 8 stored positions, float32 with x contiguous: with DOTS,
-// dv[j] = g * x[col[j]] from one masked gather per block; with SCATTER, acc[col[j]] = fma(values[j], g, ...) per
-// position (AVX2 has no scatter; the columns of a block are written in order, as the scalar loop writes them, so
-// the sums are the same bit for bit). Lanes with a column outside [0, K) gather nothing, add 0 at column 0 and
-// make it return true. Advances j0 past the blocks. Zen 3, batch 1, 4096 x 4096, one process alternating this
-// and the scalar loop (2026-11-30, 11 rounds, medians): spmm_grad at 90 / 95 / 99% 2.66 / 1.45 / 0.38 -> 1.87 /
-// 1.08 / 0.29 ms, a SparseLinear training step 3.92 / 2.29 / 0.80 -> 3.03 / 1.76 / 0.67 ms; sddmm alone 1.46 ->
-// 0.80 ms at 90%; spmm_t alone (SCATTER only) unchanged.
+// vec_sweep's inner loop over one row's full blocks of 8 stored positions, float32 with x contiguous: a block's
+// column indices checked together (a lane outside [0, K) reads and adds at column 0, with weight and product 0, and
+// makes it return true), then per position, in order, with DOTS x[col[j]] read for dv[j] = g * x[col[j]] (the 8
+// products multiplied and stored together), with SCATTER acc[col[j]] = fma(values[j], g, ...) (the scalar loop's
+// sums, bit for bit). Advances j0 past the blocks. Zen 3, batch 1, 4096 x 4096, one process alternating this and
+// the scalar loop (2026-11-30, 11 rounds, medians): spmm_grad at 90 / 95 / 99% 2.66 / 1.45 / 0.38 -> 1.87 / 1.08 /
+// 0.29 ms, a SparseLinear training step 3.92 / 2.29 / 0.80 -> 3.03 / 1.76 / 0.67 ms; sddmm alone 1.46 -> 0.80 ms at
+// 90%; spmm_t alone (SCATTER only) unchanged. That version read x with a masked gather per block; scalar reads of
+// the extracted indices replaced it (the same day, same method, per-round ratio): spmm_grad at 90 / 95 / 99% 0.78 /
+// 0.85 / 0.83, 1024 x 1024 at 50% 0.73; sddmm 0.87 / 0.89 / 0.93, 0.95 (the profile had most of the time on the
+// gather). In the forward's spmv, scalar reads measured 0.96-1.05 of the gather: it keeps the gather.
 template <bool DOTS, bool SCATTER, typename index_t>
 inline bool grad_row_avx2(const index_t* col, const float* values, float g, const float* x, float* acc, float* dv,
                           int64_t& j0, int64_t j1, int64_t K) {
@@ -1287,18 +1290,17 @@ inline bool grad_row_avx2(const index_t* col, const float* values, float g, cons
     const __m256i raw = load_index8(col + j);
     const __m256i ok = in_range8(raw, bound);
     outside |= _mm256_movemask_ps(_mm256_castsi256_ps(ok)) ^ 0xff;
-    const __m256i idx = _mm256_and_si256(raw, ok);
-    if constexpr (DOTS)
-      _mm256_storeu_ps(dv + j, _mm256_mul_ps(g8, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, idx,
-                                                                          _mm256_castsi256_ps(ok), 4)));
-    if constexpr (SCATTER) {
-      alignas(32) float w[8];
-      alignas(32) int32_t c[8];
-      _mm256_store_ps(w, _mm256_and_ps(_mm256_loadu_ps(values + j), _mm256_castsi256_ps(ok)));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(c), idx);
+    alignas(32) int32_t c[8];
+    alignas(32) float w[8], xs[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), _mm256_and_si256(raw, ok));
+    if constexpr (SCATTER) _mm256_store_ps(w, _mm256_and_ps(_mm256_loadu_ps(values + j), _mm256_castsi256_ps(ok)));
 #pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u) acc[c[u]] = std::fma(w[u], g, acc[c[u]]);
+    for (int u = 0; u < 8; ++u) {
+      if constexpr (DOTS) xs[u] = x[c[u]];
+      if constexpr (SCATTER) acc[c[u]] = std::fma(w[u], g, acc[c[u]]);
     }
+    if constexpr (DOTS)
+      _mm256_storeu_ps(dv + j, _mm256_and_ps(_mm256_mul_ps(g8, _mm256_load_ps(xs)), _mm256_castsi256_ps(ok)));
   }
   j0 = j;
   return outside != 0;
