@@ -44,7 +44,7 @@ def _problem(rows, cols, batch, density, dtype, device, seed, *, empty_rows=Fals
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(0, 70), cols=st.integers(0, 70), batch=st.sampled_from([0, 1, 2, 3, 31, 32, 33, 70]),
+@given(rows=st.integers(0, 70), cols=st.integers(0, 70), batch=st.sampled_from([0, 1, 2, 3, 8, 16, 31, 32, 33, 70]),
        density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(),
        empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
 def test_spmm_matches_reference(device, rows, cols, batch, density, dtype, use_bias, empty_rows, seed, layout):
@@ -84,7 +84,7 @@ def test_transposed_batch_packing_edges(dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(0, 50), cols=st.integers(0, 50), batch=st.sampled_from([0, 1, 5, 64]),
+@given(rows=st.integers(0, 50), cols=st.integers(0, 50), batch=st.sampled_from([0, 1, 5, 8, 16, 64]),
        density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
 def test_sddmm_matches_reference(device, rows, cols, batch, density, dtype, seed, layout):
     values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed)
@@ -116,7 +116,7 @@ def test_gradcheck_fp64(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(0, 60), cols=st.integers(0, 60), batch=st.sampled_from([0, 1, 2, 16, 17, 33, 64, 70]),
+@given(rows=st.integers(0, 60), cols=st.integers(0, 60), batch=st.sampled_from([0, 1, 2, 8, 16, 17, 33, 64, 70]),
        density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(),
        seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
 def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
@@ -134,7 +134,7 @@ def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, emp
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=50, deadline=None)
 @given(rows=st.integers(0, 60), cols=st.integers(0, 60),
-       batch=st.sampled_from([0, 1, 2, 16, 17, 33, 64, 65, 100, 130, 200]), density=st.floats(0, 1),
+       batch=st.sampled_from([0, 1, 2, 8, 16, 17, 33, 64, 65, 100, 130, 200]), density=st.floats(0, 1),
        dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
 def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
     """Both gradients in one call, both CPU sweeps (W^T's structure above batch 32, W's CSR otherwise or without
