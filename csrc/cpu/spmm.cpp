@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <atomic>
 #include <type_traits>
 #include <vector>
@@ -164,19 +165,44 @@ inline __m256i in_range8(__m256i i, __m256i bound) {
 #endif
 
 // Whether the row's stored positions [j0, j1) all have a column index in [0, K) and, with perm, a position in [0,
-// nnz): checked 8 at a time before a sweep over the row, which then reads them (now in L1) without a check per read;
-// a row that fails is swept with the checks (its bad positions count and contribute nothing). The sweeps over W's
-// CSR take it: the forward's single-panel and narrow ones, and the backward's (scatter_panels, sddmm_panels,
-// sweep_narrow). Zen 3, one process alternating with the per-read checks, 11 rounds, per-round ratio: the forward
-// (2026-11-30), 4096 x 4096 at 90%, batch 4 / 8 / 16 / 32 0.74 / 0.82 / 0.76 / 0.86; at 99%, batch 4 / 16 0.80 /
-// 0.92; 768 x 768 batch 4 0.78; 1024 x 1024 batch 16 at 50% 0.92. The backward, the ops alone (same day),
-// 4096 x 4096 at 90%: spmm_grad batch 4 / 8 / 16 / 32 0.87 / 0.85 / 0.80 / 0.82 (at 99%, batch 4 / 16 0.89 / 0.86),
-// spmm_t batch 4 / 16 0.83 / 0.96, sddmm 0.73 / 0.69. (In the 16-column sweeps the unchecked dot products round
-// differently, the compiler fusing a multiply and an add that the checked code keeps apart: equal to the float32
-// rounding, not to the bit.)
+// nnz): checked a vector at a time before a sweep over the row, which then reads them (now in L1) without a check
+// per read; a row that fails is swept with the checks (its bad positions count and contribute nothing). The sweeps
+// over W's CSR take it: the forward's single-panel and narrow ones, and the backward's (scatter_panels,
+// sddmm_panels, sweep_narrow). Zen 3, one process alternating with the per-read checks, 11 rounds, per-round ratio:
+// the forward (2026-11-30), 4096 x 4096 at 90%, batch 4 / 8 / 16 / 32 0.74 / 0.82 / 0.76 / 0.86; at 99%, batch 4
+// / 16 0.80 / 0.92; 768 x 768 batch 4 0.78; 1024 x 1024 batch 16 at 50% 0.92. The backward, the ops alone (same
+// day), 4096 x 4096 at 90%: spmm_grad batch 4 / 8 / 16 / 32 0.87 / 0.85 / 0.80 / 0.82 (at 99%, batch 4 / 16 0.89 /
+// 0.86), spmm_t batch 4 / 16 0.83 / 0.96, sddmm 0.73 / 0.69. (In the 16-column sweeps the unchecked dot products
+// round differently, the compiler fusing a multiply and an add that the checked code keeps apart: equal to the
+// float32 rounding, not to the bit.) Without perm, the row's indices are checked through their minimum and maximum,
+// 16 (int16) or 8 (int32) lanes a step, instead of each lane's two compares after widening int16 to int32: one
+// process alternating the two, 11 rounds, per-round ratio (same day), the forward at 4096 x 4096: batch 4 / 8 / 16
+// / 32 at 90% 0.93 / 0.90 / 0.93 / 0.97, batch 8 at 95% 0.92, batch 4 / 16 at 99% 0.93 / 1.01; 768 x 768 batch 4
+// 0.94; 1024 x 1024 batch 16 at 50% 0.91; spmm_grad 0.99-1.01 (the check is a smaller share of its sweep).
 template <typename index_t>
 inline bool row_in_range(const index_t* col, const int32_t* perm, int64_t j0, int64_t j1, int64_t K, int64_t nnz) {
 #ifdef __AVX2__
+  if (perm == nullptr) {  // the running minimum and maximum of 32 bytes of indices at a time, compared once
+    constexpr int64_t L = 32 / sizeof(index_t);
+    int64_t j = j0;
+    if (j + L <= j1) {
+      __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + j)), hi = lo;
+      for (j += L; j + L <= j1; j += L) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + j));
+        lo = sizeof(index_t) == 2 ? _mm256_min_epi16(lo, v) : _mm256_min_epi32(lo, v);
+        hi = sizeof(index_t) == 2 ? _mm256_max_epi16(hi, v) : _mm256_max_epi32(hi, v);
+      }
+      const int64_t top = std::min<int64_t>(K - 1, std::numeric_limits<index_t>::max());  // the largest good index
+      const __m256i bad =
+          sizeof(index_t) == 2
+              ? _mm256_or_si256(_mm256_cmpgt_epi16(_mm256_setzero_si256(), lo),
+                                _mm256_cmpgt_epi16(hi, _mm256_set1_epi16(static_cast<int16_t>(top))))
+              : _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), lo),
+                                _mm256_cmpgt_epi32(hi, _mm256_set1_epi32(static_cast<int32_t>(top))));
+      if (!_mm256_testz_si256(bad, bad)) return false;
+    }
+    return cpu::chunk_in_range(col, j, j1, K);
+  }
   const __m256i kb = index_bound8(K), pb = index_bound8(nnz);
   __m256i ok = _mm256_set1_epi32(-1);
   int64_t j = j0;
