@@ -356,8 +356,8 @@ def test_opcheck_and_compile(device):
 @pytest.mark.parametrize("cols", [100, 40000])  # int16 / int32 indices
 def test_row_checks_catch_every_bad_index(batch, cols):
     # The sweeps over W's CSR (spmm's forward; spmm_t's, sddmm's and spmm_grad's without W^T's structure) check a
-    # row's indices 8 at a time, from batch 2 before sweeping it without per-read checks (a row that fails is swept
-    # with them): a bad index anywhere in a long row (block lanes, the tail) must raise.
+    # row's indices a vector at a time, from batch 2 before sweeping it without per-read checks (a row that fails is
+    # swept with them): a bad index anywhere in a long row (block lanes, the tail) must raise.
     values, s, xt, bias = _problem(3, cols, batch, 1.0 if cols == 100 else 0.01, torch.float32, "cpu", 5)
     dense = torch.zeros(3, cols).index_put_((torch.repeat_interleave(torch.arange(3), s.rowptr.diff()),
                                             s.col.long()), values)
