@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._sparse_weight import SparseWeight, initial_mask
+from ._sparse_weight import SparseWeight, cast_to, initial_mask
 
 # The direct sparse convolution runs when an output channel has at least DIRECT_MIN_OUTPUTS pixels over the
 # batch (N * OH * OW) or at most DIRECT_MAX_DENSITY of the weights are kept; otherwise im2col + spmm. Measured
@@ -120,8 +120,8 @@ class SparseConv2d(SparseWeight):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects input [N, {self.in_channels}, H, W] (or unbatched "
                              f"[{self.in_channels}, H, W]), got shape {tuple(x.shape)}")
-        if x.dtype != self._parameters["values"].dtype:
-            raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
+        x, cast = self._autocast_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
+        bias = cast_to(self.bias, cast)
         left, right, top, bottom = self._reversed_padding_repeated_twice
         (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride
         h, w = x.shape[2] + top + bottom, x.shape[3] + left + right
@@ -129,12 +129,12 @@ class SparseConv2d(SparseWeight):
         if oh <= 0 or ow <= 0:
             raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the kernel's reach")
         if self._computes_dense():  # below the crossover: torch's dense kernels (see dense_below), as nn.Conv2d
+            weight = cast_to(self._compute_weight(), cast)
             if self.padding_mode != "zeros":
-                y = F.conv2d(F.pad(x, (left, right, top, bottom), mode=self.padding_mode), self._compute_weight(),
-                             self.bias, self.stride, 0, self.dilation, self.groups)
+                y = F.conv2d(F.pad(x, (left, right, top, bottom), mode=self.padding_mode), weight, bias, self.stride,
+                             0, self.dilation, self.groups)
             else:
-                y = F.conv2d(x, self._compute_weight(), self.bias, self.stride, self.padding, self.dilation,
-                             self.groups)
+                y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
             return y[0] if unbatched else y
         padding = [0, 0]
         if self.padding_mode == "zeros" and left == right and top == bottom:
@@ -146,7 +146,7 @@ class SparseConv2d(SparseWeight):
         transposed = (self.t_rowptr, self.t_col, self.t_perm)
         if x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
             ops._check_kernel("sparse_conv2d", x.device, "input")
-            y = ops.layer_sparse_conv2d(self.rowptr, self.col, self.effective_values(), x, self.bias,
+            y = ops.layer_sparse_conv2d(self.rowptr, self.col, cast_to(self.effective_values(), cast), x, bias,
                                         list(self.kernel_size), list(self.stride), list(self.dilation), padding,
                                         *transposed)
         else:  # few output pixels: im2col + spmm does better (see DIRECT_MIN_OUTPUTS)
@@ -155,7 +155,7 @@ class SparseConv2d(SparseWeight):
                             stride=self.stride)  # [N, C*kh*kw, L]
             xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
             ops._check_kernel("spmm", x.device, "input")
-            yt = ops.layer_spmm(self.rowptr, self.col, self.effective_values(), xt, self.bias, *transposed)
+            yt = ops.layer_spmm(self.rowptr, self.col, cast_to(self.effective_values(), cast), xt, bias, *transposed)
             y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
         return y[0] if unbatched else y
 

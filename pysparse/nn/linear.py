@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._sparse_weight import SparseWeight, initial_mask
+from ._sparse_weight import SparseWeight, cast_to, initial_mask
 
 
 class SparseLinear(SparseWeight):
@@ -63,15 +63,15 @@ class SparseLinear(SparseWeight):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features in the last dim, "
                              f"got shape {tuple(x.shape)}")
-        if x.dtype != self._parameters["values"].dtype:
-            raise TypeError(f"input dtype {x.dtype} differs from the layer's {self.values.dtype}")
+        x, cast = self._autocast_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
         if self._computes_dense():  # below the crossover: torch's dense kernels (see dense_below)
-            return F.linear(x, self._compute_weight(), self.bias)
+            return F.linear(x, cast_to(self._compute_weight(), cast), cast_to(self.bias, cast))
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # a view for contiguous inputs
         # The layer built (or, on load, checked) its own structure, and the kernel checks its arguments again:
         # the op is called directly, without the wrapper's Python checks (~10 us a call on small layers).
         ops._check_kernel("spmm", x.device, "input")
-        y = ops.layer_linear(self.rowptr, self.col, self.effective_values(), x2, self.bias, self.t_rowptr, self.t_col,
+        y = ops.layer_linear(self.rowptr, self.col, cast_to(self.effective_values(), cast), x2,
+                             cast_to(self.bias, cast), self.t_rowptr, self.t_col,
                              self.t_perm)  # the kernel packs the batch through the transposed view's strides
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
