@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Optional
 
 import torch
@@ -27,6 +28,12 @@ def _default_min_sparsity(module: nn.Module) -> float:
     return table[type(module)]
 
 
+def _apply_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Zero, in place, the weights of a layer that stays dense where its mask removes them."""
+    with torch.no_grad():
+        module.weight.masked_fill_(~mask, 0)
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -37,13 +44,16 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by its sparse twin, in place; returns ``model``.
 
     ``masks`` maps parameter names (``"features.0.weight"``) to bool keep-masks of the weight's shape; layers it
-    does not name stay dense. ``masks=None`` keeps each layer's non-zero weights. Only layers of exactly these
-    types are converted (subclasses such as ``nn.MultiheadAttention``'s output projection read their weight
-    directly and stay dense). A layer whose mask removes
+    does not name stay dense. ``masks=None`` keeps each layer's non-zero weights. A layer whose mask removes
     less than ``min_sparsity`` of its weights stays dense (the sparse kernel would be slower); the default is
     the measured crossover of each layer type on the device its weight is on (``DEFAULT_MIN_SPARSITY`` on the
     CPU, ``DEFAULT_MIN_SPARSITY_CUDA`` on CUDA, where convolutions stay dense). Pass 0 to convert every layer
     named (storage then shrinks with the kept weights wherever the layer computes).
+
+    Only layers of exactly these types are converted: subclasses (``nn.MultiheadAttention``'s output projection,
+    whose parent reads its weight directly) stay dense, with a warning naming those that ``masks`` names
+    (``pysparse.prune`` scores every nn.Linear / nn.Conv2d). Every layer named in ``masks`` that stays dense
+    has its mask applied in place (pruned weights set to zero), so that the model computes the masked model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -55,23 +65,35 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
                          f"{_SPARSE_OF[type(model)].__name__}.from_dense")
     candidates = {f"{name}.weight": (name, module) for name, module in model.named_modules()
                   if type(module) in _SPARSE_OF}
+    subclassed = {f"{name}.weight": module for name, module in model.named_modules()
+                  if isinstance(module, tuple(_SPARSE_OF)) and type(module) not in _SPARSE_OF}
     if masks is not None:
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a mapping from parameter names to bool tensors, got {type(masks).__name__}")
-        unknown = sorted(set(masks) - set(candidates))
+        unknown = sorted(set(masks) - set(candidates) - set(subclassed))
         if unknown:
             raise ValueError(f"masks name parameters that are not the weight of an nn.Linear / nn.Conv2d of the model: "
                              f"{unknown[:5]}")
         for key, mask in masks.items():
-            check_mask(mask, candidates[key][1].weight, name=f"masks[{key!r}]")
+            layer = candidates[key][1] if key in candidates else subclassed[key]
+            check_mask(mask, layer.weight, name=f"masks[{key!r}]")
     if not candidates:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
+    named_subclassed = [key for key in subclassed if masks is not None and key in masks]
+    if named_subclassed:
+        warnings.warn(f"sparsify leaves {len(named_subclassed)} layer(s) of nn.Linear / nn.Conv2d subclasses dense "
+                      f"(their parents may read the weight directly), with their masks applied: "
+                      f"{named_subclassed[:5]}", stacklevel=2)
+    for key in named_subclassed:
+        _apply_mask(subclassed[key], masks[key])
     for key, (name, module) in candidates.items():
         if masks is not None and key not in masks:
             continue
         mask = masks[key] if masks is not None else module.weight.detach() != 0
         sparsity = 1.0 - int(mask.sum()) / max(1, math.prod(mask.shape))
         if sparsity < (_default_min_sparsity(module) if min_sparsity is None else min_sparsity):
+            if masks is not None:
+                _apply_mask(module, mask)
             continue
         sparse = _SPARSE_OF[type(module)].from_dense(module, mask)
         sparse.train(module.training)

@@ -40,6 +40,55 @@ def test_sparsify_torchvision_matches_masked_dense(arch):
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_prune_then_sparsify_a_vision_transformer(tmp_path):
+    """pysparse.prune scores every nn.Linear, nn.MultiheadAttention's out_proj (an nn.Linear subclass that its
+    parent reads directly) too; sparsify takes those masks (it raised on them), keeps out_proj dense with the mask
+    applied and warns, converts the rest; the model computes the masked model, saves, loads and trains."""
+    torch.manual_seed(0)
+    vit = lambda: torchvision.models.VisionTransformer(  # noqa: E731
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    model = vit()
+    result = pysparse.prune(model, "magnitude", sparsity=0.9)
+    out_proj = [k for k in result.masks if "out_proj" in k]
+    assert len(out_proj) == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match="subclasses dense .*out_proj"):
+        pysparse.sparsify(model, result.masks, min_sparsity=0.0)
+    for key in out_proj:
+        layer = model.get_submodule(key.rsplit(".", 1)[0])
+        assert type(layer) is nn.modules.linear.NonDynamicallyQuantizableLinear
+        assert not layer.weight[~result.masks[key]].any()
+    assert sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules()) == len(result.masks) - 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+    pysparse.save(model, tmp_path / "vit.safetensors")
+    loaded = pysparse.load(tmp_path / "vit.safetensors", vit())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=1e-4, atol=1e-4)
+    loaded.train()
+    loaded(x).sum().backward()
+    assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
+
+
+def test_sparsify_applies_the_masks_of_layers_it_leaves_dense():
+    """A named layer below min_sparsity stays dense but computes the masked function, as a converted one does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    masks = {"0.weight": torch.rand(20, 10) >= 0.9, "2.weight": torch.rand(5, 20) >= 0.1}  # 90% / 10% removed
+    x = torch.randn(3, 10)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, mask in masks.items():
+            masked.get_parameter(key).mul_(mask)
+        ref = masked(x)
+        pysparse.sparsify(model, masks)
+        assert isinstance(model[0], SparseLinear) and type(model[2]) is nn.Linear
+        assert torch.equal(model[2].weight, masked[2].weight)
+        torch.testing.assert_close(model(x), ref)
+
+
 def test_sparsify_default_crossover_per_layer_type():
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 4))
     masks = {"0.weight": torch.rand(4, 4, 3, 3) > 0.8, "2.weight": torch.rand(4, 4) > 0.8}  # ~80% removed
