@@ -792,21 +792,24 @@ def _spmm_rows(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm):
 
 
 class _SparseLinear(torch.autograd.Function):
-    """SparseLinear's product on a batch-major x [B, K] -> y [B, N]: spmm over the transposed views, taken inside
-    the function (as the gradients are), so that autograd records one node instead of it plus a view node on
-    each side. A/B, one process (2026-11-29, Zen 3): 256 x 256 at batch 8, 90%, forward 120 -> 97 us, step 431
-    -> 380 us; 4096 x 4096 at batch 16, 99%, step 1375 -> 1326 us."""
+    """SparseLinear's product on a batch-major x [B, K] -> yt [N, B], the op's result, of which layer_linear
+    returns the transposed view y [B, N]: x's transposed view is taken inside the function (as its gradient's),
+    so that autograd records no view node on that side (A/B, one process, 2026-11-29, Zen 3, both sides: 256 x 256
+    at batch 8, 90%, forward 120 -> 97 us, step 431 -> 380 us). The output's is taken outside: a view made inside
+    a custom Function may not be modified in place, and a ReLU(inplace=True) after a linear layer (VGG's, AlexNet's,
+    MobileNetV3's classifiers) must work."""
 
     @staticmethod
     def forward(ctx, rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
         xt = _kernel_input(x)
         ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
-        return _spmm_rows(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+        with _below_autograd():
+            return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx, gyt):
         rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
-        dvalues, dxt, dbias = _spmm_grads(_needs_input_grad(ctx, 8), rowptr, col, values, gy.t(), xt, t_rowptr,
+        dvalues, dxt, dbias = _spmm_grads(_needs_input_grad(ctx, 8), rowptr, col, values, gyt, xt, t_rowptr,
                                           t_col, t_perm)
         return None, None, dvalues, (None if dxt is None else dxt.t()), dbias, None, None, None
 
@@ -829,7 +832,7 @@ def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     """W @ x^T + bias as [B, N] for a batch-major x [B, K] (SparseLinear's forward), with _SparseLinear's
     gradients when autograd records."""
     if torch.is_grad_enabled():
-        return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
+        return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm).t()
     return _spmm_rows(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm)
 
 

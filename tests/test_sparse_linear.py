@@ -76,6 +76,29 @@ def _copies_in_step(model, x, g):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Hardswish, nn.ReLU6, nn.SiLU])
+def test_inplace_activation_after_the_layer_trains(device, act):
+    """Linear -> ReLU(inplace=True), as in VGG's, AlexNet's and MobileNetV3's classifiers: the layer's output (a
+    transposed view of the kernel's [features, batch] result) may be modified in place while autograd records (it
+    raised: a view made inside a custom Function), and the gradients are the dense twin's."""
+    torch.manual_seed(3)
+    sparse = nn.Sequential(SparseLinear(24, 32, sparsity=0.8), act(inplace=True), SparseLinear(32, 6, sparsity=0.5),
+                           act(inplace=True), nn.Linear(6, 3)).to(device)
+    dense = copy.deepcopy(sparse)
+    dense[0], dense[2] = sparse[0].to_dense(), sparse[2].to_dense()
+    x = torch.randn(10, 24, device=device)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), dense(xd)
+    torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
+    ys.square().sum().backward()
+    yd.square().sum().backward()
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)
+    for i in (0, 2):
+        torch.testing.assert_close(sparse[i].values.grad, dense[i].weight.grad[sparse[i].mask()], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse[i].bias.grad, dense[i].bias.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_chained_training_step_copies_no_activation(device):
     # The kernels' layout is [features, batch]; a SparseLinear hands on transposed views of it (outputs and input
     # gradients), so that a chain reads them in place. The CPU kernels pack through any strides: no copy. CUDA's
