@@ -40,6 +40,27 @@ def test_sparsify_torchvision_matches_masked_dense(arch):
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_sparsified_mobilenet_v3_trains_like_the_masked_dense():
+    """Its classifier is Linear -> Hardswish(inplace=True): a training step through the sparse layers gives the
+    masked dense model's loss and gradients (BatchNorm in training mode, dropout off)."""
+    torch.manual_seed(0)
+    model, masks = _pruned(torchvision.models.mobilenet_v3_small(num_classes=10, dropout=0.0), 0.9)
+    dense = copy.deepcopy(model).train()
+    model.train()
+    pysparse.sparsify(model, masks, min_sparsity=0.0)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss_s = nn.functional.cross_entropy(model(x), y)
+    loss_d = nn.functional.cross_entropy(dense(x), y)
+    torch.testing.assert_close(loss_s, loss_d, rtol=1e-4, atol=1e-5)
+    loss_s.backward()
+    loss_d.backward()
+    dense_params = dict(dense.named_parameters())
+    for name, layer in model.named_modules():
+        if isinstance(layer, (SparseLinear, SparseConv2d)):
+            want = dense_params[name + ".weight"].grad[masks[name + ".weight"]]
+            torch.testing.assert_close(layer.values.grad, want, rtol=1e-3, atol=1e-5)
+
+
 def test_prune_then_sparsify_a_vision_transformer(tmp_path):
     """pysparse.prune scores every nn.Linear, nn.MultiheadAttention's out_proj (an nn.Linear subclass that its
     parent reads directly) too; sparsify takes those masks (it raised on them), keeps out_proj dense with the mask
