@@ -394,6 +394,36 @@ def test_row_checks_catch_every_bad_index(batch, cols):
                                 transposed=(st.t_rowptr, st.t_col, perm))
 
 
+@pytest.mark.parametrize("cols", [100, 40000])  # int16 / int32 indices
+def test_row_checks_catch_a_bad_index_in_rows_of_every_short_length(cols):
+    # The per-row check reads a row in vector steps (16 int16 / 8 int32), its remainder as a step overlapping the
+    # one before, and a row shorter than a step but of half a step or more as its first and last half steps: a bad
+    # index at the first, a middle or the last position of a row of any length from 1 to 40 must raise, in the
+    # sweeps that check per row (batch 4: the narrow panel; batch 16: one 16-column panel).
+    gen = torch.Generator().manual_seed(7)
+    for length in range(1, 41):
+        col = torch.randperm(cols, generator=gen)[:length].sort().values
+        other = torch.arange(5) * 3  # a second row, good
+        rowptr = torch.tensor([0, length, length + 5], dtype=torch.int32)
+        col = torch.cat([col, other]).to(torch.int16 if cols == 100 else torch.int32)
+        values = torch.randn(length + 5, generator=gen)
+        for batch in (4, 16):
+            xt, gyt = torch.randn(cols, batch, generator=gen), torch.randn(2, batch, generator=gen)
+            calls = {"spmm": lambda c: pysparse.ops.spmm(rowptr, c, values, xt),
+                     "spmm_grad": lambda c: pysparse.ops.spmm_grad(rowptr, c, values, gyt, xt),
+                     "sddmm": lambda c: pysparse.ops.sddmm(rowptr, c, gyt, xt)}
+            dense = torch.zeros(2, cols).index_put_((torch.repeat_interleave(torch.arange(2), rowptr.diff()),
+                                                     col.long()), values)
+            torch.testing.assert_close(calls["spmm"](col), dense @ xt, rtol=1e-4, atol=1e-4)
+            for pos in sorted({0, length // 2, length - 1}):
+                for bad in (cols, -1):
+                    c = col.clone()
+                    c[pos] = bad
+                    for name, call in calls.items():
+                        with pytest.raises(ValueError, match=f"{name}: a column index is outside"):
+                            call(c)
+
+
 def test_tampered_structure_raises_not_crashes():
     values, s, xt, _ = _problem(6, 8, 4, 0.6, torch.float32, "cpu", 2)
     bad_col = s.col.clone()

@@ -165,26 +165,43 @@ inline __m256i in_range8(__m256i i, __m256i bound) {
 #endif
 
 // Whether idx[j0, j1) all lie in [0, bound): the running minimum and maximum of 32 bytes of indices a step (16
-// int16 or 8 int32 lanes), compared once at the end; the remainder one by one.
+// int16 or 8 int32 lanes), the remainder as one more step that overlaps the last (indices seen twice do no harm),
+// compared once at the end. A span shorter than a step but of half a step or more: its first and last 16 bytes.
+// Shorter ones one by one. The overlapping and half steps against the remainder one by one (Zen 3, one process
+// alternating, 11 rounds, per-round ratio, 2026-11-30), the forward at 4096 x 4096: batch 4 at 99% 0.93, batch 8 /
+// 16 at 99.7% (~12 per row) 0.81 / 0.93, batch 16 at 90 / 99% 0.99 / 0.99; spmm_grad batch 8 at 99.7% 0.97.
 template <typename index_t>
 inline bool span_in_range(const index_t* idx, int64_t j0, int64_t j1, int64_t bound) {
 #ifdef __AVX2__
   constexpr int64_t L = 32 / sizeof(index_t);
+  constexpr bool I16 = sizeof(index_t) == 2;
+  const int64_t top = std::min<int64_t>(bound - 1, std::numeric_limits<index_t>::max());  // the largest good one
   if (j0 + L <= j1) {
-    __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + j0)), hi = lo;
-    for (j0 += L; j0 + L <= j1; j0 += L) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + j0));
-      lo = sizeof(index_t) == 2 ? _mm256_min_epi16(lo, v) : _mm256_min_epi32(lo, v);
-      hi = sizeof(index_t) == 2 ? _mm256_max_epi16(hi, v) : _mm256_max_epi32(hi, v);
-    }
-    const int64_t top = std::min<int64_t>(bound - 1, std::numeric_limits<index_t>::max());  // the largest good one
+    auto load = [&](int64_t j) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + j)); };
+    __m256i lo = load(j0), hi = lo;
+    auto step = [&](__m256i v) {
+      lo = I16 ? _mm256_min_epi16(lo, v) : _mm256_min_epi32(lo, v);
+      hi = I16 ? _mm256_max_epi16(hi, v) : _mm256_max_epi32(hi, v);
+    };
+    for (j0 += L; j0 + L <= j1; j0 += L) step(load(j0));
+    if (j0 < j1) step(load(j1 - L));
     const __m256i bad =
-        sizeof(index_t) == 2
-            ? _mm256_or_si256(_mm256_cmpgt_epi16(_mm256_setzero_si256(), lo),
+        I16 ? _mm256_or_si256(_mm256_cmpgt_epi16(_mm256_setzero_si256(), lo),
                               _mm256_cmpgt_epi16(hi, _mm256_set1_epi16(static_cast<int16_t>(top))))
             : _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), lo),
                               _mm256_cmpgt_epi32(hi, _mm256_set1_epi32(static_cast<int32_t>(top))));
-    if (!_mm256_testz_si256(bad, bad)) return false;
+    return _mm256_testz_si256(bad, bad);
+  }
+  if (j0 + L / 2 <= j1) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + j0));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + j1 - L / 2));
+    const __m128i lo = I16 ? _mm_min_epi16(a, b) : _mm_min_epi32(a, b);
+    const __m128i hi = I16 ? _mm_max_epi16(a, b) : _mm_max_epi32(a, b);
+    const __m128i bad = I16 ? _mm_or_si128(_mm_cmplt_epi16(lo, _mm_setzero_si128()),
+                                           _mm_cmpgt_epi16(hi, _mm_set1_epi16(static_cast<int16_t>(top))))
+                            : _mm_or_si128(_mm_cmplt_epi32(lo, _mm_setzero_si128()),
+                                           _mm_cmpgt_epi32(hi, _mm_set1_epi32(static_cast<int32_t>(top))));
+    return _mm_testz_si128(bad, bad);
   }
 #endif
   return cpu::chunk_in_range(idx, j0, j1, bound);
