@@ -19,6 +19,7 @@ from torch import nn
 
 from . import ops
 from .compensate import check_damp, compensate as _compensate
+from .nn._sparse_weight import SparseWeight
 from .ops import _check_fraction
 
 METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
@@ -95,6 +96,15 @@ def _parse_pattern(pattern: str) -> Union[str, tuple[int, int]]:
     if m and 1 <= int(m.group(1)) <= int(m.group(2)):
         return int(m.group(1)), int(m.group(2))
     raise ValueError(f"pattern must be 'unstructured', 'channel' or 'n:m' (e.g. '2:4'), got {pattern!r}")
+
+
+def nothing_to_prune(model: nn.Module) -> ValueError:
+    """The error for a model without a prunable weight, pointing a sparsified one to densify."""
+    hint = ""
+    if any(isinstance(m, SparseWeight) for m in model.modules()):
+        hint = ("; its sparse layers store only their kept weights: pysparse.densify the model, prune it, then "
+                "pysparse.sparsify it again")
+    return ValueError(f"the model has nothing to prune: no nn.Linear / nn.Conv2d weight (after exclude){hint}")
 
 
 def prunable_parameters(model: nn.Module, exclude: Iterable = ()) -> dict[str, tuple[nn.Module, nn.Parameter]]:
@@ -344,7 +354,7 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
         check_damp(damp)
     params = prunable_parameters(model, exclude)
     if not params:
-        raise ValueError("the model has nothing to prune: no nn.Linear / nn.Conv2d weight (after exclude)")
+        raise nothing_to_prune(model)
     unknown = sorted(set(layer_sparsity) - set(params))
     if unknown:
         raise ValueError(f"layer_sparsity names parameters that are not prunable: {unknown[:5]}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .nn._sparse_weight import check_mask
+from .nn._sparse_weight import SparseWeight, check_mask
 from .prune import prune
 
 MODES = ("connectivity", "weight", "network")
@@ -200,6 +200,10 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
             progress: bool = False) -> RetrainResult:
     """Retrain a pruned ``model`` (masks keyed by parameter name, True = keep) by one of the three modes.
 
+    A sparsified model (``pysparse.sparsify``) retrains with ``mode="connectivity"``: its sparse layers' masks,
+    keyed ``"<layer>.weight"`` as well, become their structure (the layers store only the kept weights, so
+    nothing needs masking after a step); the other modes need the pruned weights and raise for such layers.
+
     ``data`` is any iterable of (inputs, targets) batches, iterated once per epoch. ``optimizer`` is "sgd"
     (with ``momentum``), "adam", or a callable building one from the parameters. ``eval_data`` adds accuracy
     before and after. ``mode="weight"`` needs ``method`` and ``sparsity`` to choose the mask again (and, for a
@@ -219,12 +223,22 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     params = dict(model.named_parameters())
+    # sparse layers (after pysparse.sparsify): their masks are keyed by "<layer>.weight" too, a view, not a parameter
+    sparse = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, SparseWeight)}
     if not isinstance(masks, Mapping) or not masks:
         raise ValueError("masks must be a non-empty mapping from parameter names to bool masks")
     for name, mask in masks.items():
-        if name not in params:
+        if name in sparse:  # shape and device only: a zero-stride view, no dense weight allocated
+            layer = sparse[name]
+            check_mask(mask, layer.values.new_empty(()).expand(layer.weight_shape), name=f"masks[{name!r}]")
+        elif name not in params:
             raise ValueError(f"masks[{name!r}] names no parameter of the model")
-        check_mask(mask, params[name], name=f"masks[{name!r}]")
+        else:
+            check_mask(mask, params[name], name=f"masks[{name!r}]")
+    named_sparse = [n for n in masks if n in sparse]
+    if named_sparse and mode != "connectivity":
+        raise ValueError(f"mode={mode!r} needs the pruned weights, which the sparse layers {named_sparse[:3]} do not "
+                         "store: retrain a sparsified model with mode='connectivity', or pysparse.densify it first")
     if mode == "weight" and (method is None or sparsity is None):
         raise ValueError("mode='weight' chooses the mask again: give method= and sparsity=")
     if mode == "network":
@@ -254,7 +268,11 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
     if mode == "network":
         with torch.no_grad():
             model.load_state_dict({k: v.clone() for k, v in init.items()})
-    masked = {params[n]: m for n, m in masks.items()}
+    for name in named_sparse:  # a sparse layer stores exactly its kept weights: the mask becomes its structure
+        layer = sparse[name]
+        if not torch.equal(layer.mask(), masks[name]):
+            layer.set_mask(masks[name])  # kept values stay, newly kept weights start at zero, pruned ones go
+    masked = {params[n]: m for n, m in masks.items() if n not in sparse}
     with torch.no_grad():
         for p, m in masked.items():  # pruned weights start at zero in every mode
             ops.apply_mask_(m, p.data)

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional, Sequence
 from torch import nn
 
 from .ops import _check_fraction
-from .prune import DATA_METHODS, PruneResult, prunable_parameters, prune
+from .prune import DATA_METHODS, PruneResult, nothing_to_prune, prunable_parameters, prune
 from .retrain import accuracy
 
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -102,7 +102,7 @@ def sensitivity(model: nn.Module, data: Iterable, *, method: str = "magnitude",
         raise ValueError("data yielded no batch")
     params = prunable_parameters(model, exclude)
     if not params:
-        raise ValueError("the model has nothing to prune: no nn.Linear / nn.Conv2d weight (after exclude)")
+        raise nothing_to_prune(model)
     baseline = metric(model, data)
     curves = {}
     for name in params:

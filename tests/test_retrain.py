@@ -140,3 +140,40 @@ def test_fit_tensors_recipes():
             fit_tensors(torch.nn.Linear(6, 3), x, y, **args)
     with pytest.raises(ValueError, match="x has 40 samples but y has 39"):
         fit_tensors(torch.nn.Linear(6, 3), x, y[:-1], epochs=1, batch_size=16, lr=0.1, seed=1)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_connectivity_retrains_a_sparsified_model_as_the_masked_dense_one(optimizer):
+    """After pysparse.sparsify the masks name sparse layers (no weight parameter): connectivity retraining takes
+    them, and trains what the masked dense model trains; a mask that removes more than the layer stores becomes its
+    structure (it raised 'names no parameter' before)."""
+    model, data = _setup(4)
+    result = pysparse.prune(model, "magnitude", sparsity=0.5)
+    tighter = pysparse.prune(copy.deepcopy(model), "magnitude", sparsity=0.8).masks  # a subset of the kept weights
+    for masks in (result.masks, tighter):
+        dense, sparse = copy.deepcopy(model), copy.deepcopy(model)
+        pysparse.sparsify(sparse, result.masks, min_sparsity=0.0)
+        for m in sparse.modules():
+            if isinstance(m, pysparse.SparseLinear):
+                m.dense_below = 0.0
+        torch.manual_seed(0)
+        out_d = pysparse.retrain(dense, masks, "connectivity", data, epochs=3, lr=0.05, optimizer=optimizer)
+        torch.manual_seed(0)
+        out_s = pysparse.retrain(sparse, masks, "connectivity", data, epochs=3, lr=0.05, optimizer=optimizer)
+        assert out_s.losses == pytest.approx(out_d.losses, rel=1e-5)
+        for i in (0, 2):
+            assert torch.equal(sparse[i].mask(), masks[f"{i}.weight"])
+            assert sparse[i].nnz == int(masks[f"{i}.weight"].sum())
+            torch.testing.assert_close(sparse[i].weight, dense[i].weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["weight", "network"])
+def test_other_modes_refuse_sparse_layers(mode):
+    model, data = _setup(5)
+    pysparse.remember_init(model)
+    result = pysparse.prune(model, "magnitude", sparsity=0.5)
+    pysparse.sparsify(model, result.masks, min_sparsity=0.0)
+    with pytest.raises(ValueError, match=f"mode='{mode}' needs the pruned weights, which the sparse layers"):
+        pysparse.retrain(model, result.masks, mode, data, epochs=1, lr=0.05, method="magnitude", sparsity=0.5)
+    with pytest.raises(ValueError, match="nothing to prune.*sparse layers store only their kept weights"):
+        pysparse.prune(model, "magnitude", sparsity=0.5)
