@@ -408,9 +408,13 @@ def to_torch_prune(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Mo
         module_name, _, pname = name.rpartition(".")
         try:
             module = model.get_submodule(module_name)
-            param = getattr(module, pname)
         except AttributeError:
-            raise ValueError(f"masks[{name!r}] names no parameter of the model") from None
+            module = None
+        param = getattr(module, "_parameters", {}).get(pname)
+        if param is None:
+            hint = (f" ({module_name} is a {type(module).__name__}, which stores only its kept weights: "
+                    "pysparse.densify the model first)" if isinstance(module, SparseWeight) else "")
+            raise ValueError(f"masks[{name!r}] names no parameter of the model{hint}")
         check_mask(mask, param, name=f"masks[{name!r}]")
         torch_prune.custom_from_mask(module, pname, mask)
     return model

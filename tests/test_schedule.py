@@ -72,3 +72,6 @@ def test_torch_prune_round_trip():
     assert int((~pysparse.from_torch_prune(model, remove=False)["2.weight"]).sum()) == 60
     with pytest.raises(ValueError, match="names no parameter"):
         pysparse.to_torch_prune(_mlp(), {"7.weight": torch.ones(2, dtype=torch.bool)})
+    sparse = pysparse.sparsify(_mlp(), result.masks, min_sparsity=0.0)  # its weights are views, not parameters
+    with pytest.raises(ValueError, match=r"names no parameter of the model \(0 is a SparseLinear.*densify"):
+        pysparse.to_torch_prune(sparse, {"0.weight": result.masks["0.weight"]})
