@@ -784,11 +784,11 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return xt.contiguous() if xt.is_cuda else xt
 
 
-def _spmm_rows(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm):
-    """spmm for the kernels' view xt [K, B] of a batch-major x (_kernel_input): y [B, N] as the transposed view of
-    the op's [N, B] result."""
+def _spmm_cols(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm):
+    """spmm for the kernels' view xt [K, B] of a batch-major x (_kernel_input), outside autograd: the op's [N, B]
+    result, of which layer_linear returns the transposed view."""
     with _below_autograd():
-        return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm).t()
+        return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -803,8 +803,7 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
         xt = _kernel_input(x)
         ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
-        with _below_autograd():
-            return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+        return _spmm_cols(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
 
     @staticmethod
     def backward(ctx, gyt):
@@ -833,7 +832,7 @@ def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     gradients when autograd records."""
     if torch.is_grad_enabled():
         return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm).t()
-    return _spmm_rows(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm)
+    return _spmm_cols(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm).t()
 
 
 def layer_sparse_conv2d(*args):
