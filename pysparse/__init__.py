@@ -5,7 +5,7 @@ plain-PyTorch twin in :mod:`pysparse.reference`.
 """
 from ._extension import cuda_built, cuda_usable
 from . import csr, nn, ops, reference
-from . import gan, synth
+from . import data, gan, models, synth
 from .convert import densify, sparsify
 from .io import load, save
 from .prune import PruneResult, from_torch_prune, prune, to_torch_prune
@@ -17,6 +17,13 @@ from .ops import apply_mask_, nm_masks, saliency, sparsity_masks, threshold_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "gan", "synth", "sparsify", "densify", "save", "load", "prune", "PruneResult", "to_torch_prune", "from_torch_prune", "GradualPruner", "cubic_sparsity",
-           "iterative_prune", "iterative_sparsities", "sensitivity", "SensitivityResult", "plot_report", "retrain", "RetrainResult", "remember_init", "train", "accuracy", "csr", "nn", "SparseLinear", "SparseConv2d", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_",
-           "cuda_built", "cuda_usable", "__version__"]
+__all__ = [
+    "ops", "reference", "csr", "nn", "data", "models", "gan", "synth",
+    "sparsify", "densify", "save", "load", "SparseLinear", "SparseConv2d",
+    "prune", "PruneResult", "to_torch_prune", "from_torch_prune",
+    "GradualPruner", "cubic_sparsity", "iterative_prune", "iterative_sparsities",
+    "sensitivity", "SensitivityResult", "plot_report",
+    "retrain", "RetrainResult", "remember_init", "train", "accuracy",
+    "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_",
+    "cuda_built", "cuda_usable", "__version__",
+]

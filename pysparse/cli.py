@@ -275,12 +275,18 @@ def run_prune(args) -> dict:
     return report
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pysparse`` command's parser (its sub-commands prune, gan, compress, demo)."""
     parser = argparse.ArgumentParser(prog="pysparse", description="Model and dataset compression for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _gan_parser(sub)
     _compress_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":  # compress's defaults (digits), with demo's --out / --overwrite / --quiet
         defaults = vars(parser.parse_args(["compress", "--out", args.out]))
