@@ -681,8 +681,19 @@ def _spmm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
 
 
+def _backward_ops():
+    """Where a backward calls the ops: below autograd unless it builds a graph itself (create_graph=True: the
+    backward ops' own formulas, registered below, then record it for a second derivative)."""
+    return contextlib.nullcontext() if torch.is_grad_enabled() else _below_autograd()
+
+
 def _spmm_grads(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
     """(dvalues, dxt, dbias) of spmm for the inputs `needs` marks (None for the others)."""
+    with _backward_ops():
+        return _spmm_grads_here(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
+
+
+def _spmm_grads_here(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
     dvalues = dxt = dbias = None  # gyt may be a transposed view: the kernels pack it through its strides
     if needs[2] and needs[3]:  # both in one sweep, and the bias gradient summed as gyt is packed for it
         dvalues, dxt, dbias = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col,
@@ -736,11 +747,12 @@ def _conv_backward(ctx, gy):
     needs = _needs_input_grad(ctx, 12)
     gy = gy.contiguous()
     dvalues = dx = dbias = None
-    if needs[2]:
-        dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy, *geometry)
-    if needs[3]:
-        dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, values, gy, list(x.shape), *geometry,
-                                                                 t_rowptr, t_col, t_perm)
+    with _backward_ops():
+        if needs[2]:
+            dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy, *geometry)
+        if needs[3]:
+            dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, values, gy, list(x.shape),
+                                                                     *geometry, t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gy.sum((0, 2, 3))
     return (None, None, dvalues, dx, dbias) + (None,) * 7
@@ -761,6 +773,118 @@ class _SparseConv2d(torch.autograd.Function):
         return out
 
     backward = staticmethod(_conv_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Higher derivatives: the backward ops are differentiable too, so a gradient of a gradient through the sparse
+# layers (a gradient penalty, a Hessian-vector product; backward(create_graph=True)) is exact. Each op is
+# bilinear: its gradients are the other ops of the family. Where a CUDA kernel needs W's transposed structure
+# and the op's arguments do not carry it, it is rebuilt from the CSR (CPU kernels do without).
+# ---------------------------------------------------------------------------------------------------------
+def _transposed_for(rowptr, col, n_cols: int) -> tuple:
+    if not rowptr.is_cuda:
+        return None, None, None
+    from . import csr
+
+    return csr.from_compressed(rowptr, col, (rowptr.numel() - 1, n_cols)).transposed()
+
+
+def _no_materialize(ctx) -> None:
+    ctx.set_materialize_grads(False)  # gradients of unused outputs arrive as None: no product with zeros
+
+
+def _spmm_t_setup_context(ctx, inputs, output):
+    rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm = inputs
+    ctx.save_for_backward(rowptr, col, values, yt)
+
+
+def _spmm_t_backward(ctx, g):  # dxt = W^T yt
+    rowptr, col, values, yt = ctx.saved_tensors
+    needs = _needs_input_grad(ctx, 8)
+    dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, yt, g) if needs[2] else None
+    dyt = torch.ops.pysparse.spmm.default(rowptr, col, values, g) if needs[3] else None
+    return None, None, dvalues, dyt, None, None, None, None
+
+
+def _sddmm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _sddmm_backward(ctx, g):  # out[j] = a[row(j)] . b[col(j)]
+    rowptr, col, a, b = ctx.saved_tensors
+    needs = _needs_input_grad(ctx, 4)
+    da = torch.ops.pysparse.spmm.default(rowptr, col, g, b) if needs[2] else None
+    db = torch.ops.pysparse.spmm_t.default(rowptr, col, g, a, b.shape[0], *_transposed_for(rowptr, col, b.shape[0])) \
+        if needs[3] else None
+    return None, None, da, db
+
+
+def _spmm_grad_setup_context(ctx, inputs, output):
+    rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, bias_grad = inputs
+    _no_materialize(ctx)
+    ctx.save_for_backward(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
+
+
+def _spmm_grad_backward(ctx, g_values, g_xt, g_bias):  # (sddmm(gyt, xt), W^T gyt, gyt.sum(1))
+    rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
+    needs = _needs_input_grad(ctx, 9)
+    dvalues = dgyt = dxt = None
+    if needs[2] and g_xt is not None:
+        dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, g_xt)
+    if needs[3]:
+        terms = [torch.ops.pysparse.spmm.default(rowptr, col, g_values, xt) if g_values is not None else None,
+                 torch.ops.pysparse.spmm.default(rowptr, col, values, g_xt) if g_xt is not None else None,
+                 g_bias[:, None].expand_as(gyt) if g_bias is not None and g_bias.numel() else None]
+        terms = [t for t in terms if t is not None]
+        dgyt = sum(terms[1:], terms[0]) if terms else None
+    if needs[4] and g_values is not None:
+        dxt = torch.ops.pysparse.spmm_t.default(rowptr, col, g_values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
+    return None, None, dvalues, dgyt, dxt, None, None, None, None
+
+
+def _conv_grad_input_setup_context(ctx, inputs, output):
+    rowptr, col, values, gy, x_size, kernel_size, stride, dilation, padding, t_rowptr, t_col, t_perm = inputs
+    ctx.geometry = (list(kernel_size), list(stride), list(dilation), list(padding))
+    ctx.save_for_backward(rowptr, col, values, gy, t_rowptr, t_col, t_perm)
+
+
+def _conv_grad_input_backward(ctx, g):  # dx = A_W^T gy, A_W the convolution by W
+    rowptr, col, values, gy, t_rowptr, t_col, t_perm = ctx.saved_tensors
+    needs = _needs_input_grad(ctx, 12)
+    dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, g, gy, *ctx.geometry) \
+        if needs[2] else None
+    dgy = torch.ops.pysparse.sparse_conv2d.default(rowptr, col, values, g, None, *ctx.geometry, t_rowptr, t_col,
+                                                   t_perm) if needs[3] else None
+    return (None, None, dvalues, dgy) + (None,) * 8
+
+
+def _conv_grad_values_setup_context(ctx, inputs, output):
+    rowptr, col, x, gy, kernel_size, stride, dilation, padding = inputs
+    ctx.geometry = (list(kernel_size), list(stride), list(dilation), list(padding))
+    ctx.save_for_backward(rowptr, col, x, gy)
+
+
+def _conv_grad_values_backward(ctx, g):  # out[j] = <gy, A_{e_j} x>
+    rowptr, col, x, gy = ctx.saved_tensors
+    needs = _needs_input_grad(ctx, 8)
+    dx = dgy = None
+    if needs[2]:
+        k = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]
+        dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, g, gy, list(x.shape), *ctx.geometry,
+                                                                 *_transposed_for(rowptr, col, k))
+    if needs[3]:
+        dgy = torch.ops.pysparse.sparse_conv2d.default(rowptr, col, g, x, None, *ctx.geometry)
+    return None, None, dx, dgy, None, None, None, None
+
+
+for _op, _backward, _setup in (("spmm_t", _spmm_t_backward, _spmm_t_setup_context),
+                               ("sddmm", _sddmm_backward, _sddmm_setup_context),
+                               ("spmm_grad", _spmm_grad_backward, _spmm_grad_setup_context),
+                               ("sparse_conv2d_grad_input", _conv_grad_input_backward,
+                                _conv_grad_input_setup_context),
+                               ("sparse_conv2d_grad_values", _conv_grad_values_backward,
+                                _conv_grad_values_setup_context)):
+    torch.library.register_autograd(f"pysparse::{_op}", _backward, setup_context=_setup)
 
 
 def _below_autograd():
