@@ -14,6 +14,7 @@ import os
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ._extension import cuda_built, has_kernel
 
@@ -414,7 +415,7 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, xt: torc
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
     _check_kernel("spmm", values.device, "values")
-    return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
+    return _call("spmm", rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
 
 
 def spmm_t(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, yt: torch.Tensor, n_cols: int, *,
@@ -425,7 +426,7 @@ def spmm_t(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, yt: to
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm)
     _check_kernel("spmm_t", values.device, "values")
-    return torch.ops.pysparse.spmm_t.default(rowptr, col, values, yt, int(n_cols), t_rowptr, t_col, t_perm)
+    return _call("spmm_t", rowptr, col, values, yt, int(n_cols), t_rowptr, t_col, t_perm)
 
 
 def sparse_conv2d(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x: torch.Tensor, *,
@@ -439,9 +440,8 @@ def sparse_conv2d(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
     _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, padding, t_rowptr, t_col,
                          t_perm)
     _check_kernel("sparse_conv2d", values.device, "values")
-    return torch.ops.pysparse.sparse_conv2d.default(
-        rowptr, col, values, x, bias, *_geometry("sparse_conv2d", kernel_size, stride, dilation, padding), t_rowptr,
-        t_col, t_perm)
+    return _call("sparse_conv2d", rowptr, col, values, x, bias,
+                 *_geometry("sparse_conv2d", kernel_size, stride, dilation, padding), t_rowptr, t_col, t_perm)
 
 
 def sparse_conv2d_grad_input(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gy: torch.Tensor,
@@ -456,9 +456,8 @@ def sparse_conv2d_grad_input(rowptr: torch.Tensor, col: torch.Tensor, values: to
                            t_perm)
     op = "sparse_conv2d_grad_input"
     _check_kernel(op, values.device, "values")
-    return torch.ops.pysparse.sparse_conv2d_grad_input.default(
-        rowptr, col, values, gy, [int(i) for i in x_size], *_geometry(op, kernel_size, stride, dilation, padding),
-        t_rowptr, t_col, t_perm)
+    return _call(op, rowptr, col, values, gy, [int(i) for i in x_size],
+                 *_geometry(op, kernel_size, stride, dilation, padding), t_rowptr, t_col, t_perm)
 
 
 def sparse_conv2d_grad_values(rowptr: torch.Tensor, col: torch.Tensor, x: torch.Tensor, gy: torch.Tensor, *,
@@ -469,15 +468,14 @@ def sparse_conv2d_grad_values(rowptr: torch.Tensor, col: torch.Tensor, x: torch.
     _check_conv_grad_values(rowptr, col, x, gy, kernel_size, stride, dilation, padding)
     op = "sparse_conv2d_grad_values"
     _check_kernel(op, x.device, "x")
-    return torch.ops.pysparse.sparse_conv2d_grad_values.default(
-        rowptr, col, x, gy, *_geometry(op, kernel_size, stride, dilation, padding))
+    return _call(op, rowptr, col, x, gy, *_geometry(op, kernel_size, stride, dilation, padding))
 
 
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``out[j] = dot(a[row(j)], b[col(j)])`` at every stored position j of a CSR structure."""
     _check_sddmm(rowptr, col, a, b)
     _check_kernel("sddmm", a.device, "a")
-    return torch.ops.pysparse.sddmm.default(rowptr, col, a, b)
+    return _call("sddmm", rowptr, col, a, b)
 
 
 def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt: torch.Tensor, xt: torch.Tensor, *,
@@ -493,7 +491,7 @@ def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt
     _check_kernel("spmm_grad", values.device, "values")
     if not isinstance(bias, bool):
         raise TypeError(f"spmm_grad: bias must be a bool, got {type(bias).__name__}")
-    dvalues, dxt, dbias = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm,
+    dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm,
                                                               bias)
     return (dvalues, dxt, dbias) if bias else (dvalues, dxt)
 
@@ -683,8 +681,11 @@ def _spmm_setup_context(ctx, inputs, output):
 
 def _backward_ops():
     """Where a backward calls the ops: below autograd unless it builds a graph itself (create_graph=True: the
-    backward ops' own formulas, registered below, then record it for a second derivative)."""
-    return contextlib.nullcontext() if torch.is_grad_enabled() else _below_autograd()
+    backward ops' own formulas, registered below, then record it for a second derivative) or runs under a
+    torch.func transform (whose levels need the ops' formulas, through _call)."""
+    if torch.is_grad_enabled() or _func_mode():
+        return contextlib.nullcontext()
+    return _below_autograd()
 
 
 def _spmm_grads(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
@@ -696,13 +697,13 @@ def _spmm_grads(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
 def _spmm_grads_here(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
     dvalues = dxt = dbias = None  # gyt may be a transposed view: the kernels pack it through its strides
     if needs[2] and needs[3]:  # both in one sweep, and the bias gradient summed as gyt is packed for it
-        dvalues, dxt, dbias = torch.ops.pysparse.spmm_grad.default(rowptr, col, values, gyt, xt, t_rowptr, t_col,
+        dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col,
                                                                   t_perm, needs[4])
         return dvalues, dxt, (dbias if needs[4] else None)
     if needs[2]:
-        dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, xt)
+        dvalues = _call("sddmm", rowptr, col, gyt, xt)
     if needs[3]:
-        dxt = torch.ops.pysparse.spmm_t.default(rowptr, col, values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
+        dxt = _call("spmm_t", rowptr, col, values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gyt.sum(1)
     return dvalues, dxt, dbias
@@ -749,9 +750,9 @@ def _conv_backward(ctx, gy):
     dvalues = dx = dbias = None
     with _backward_ops():
         if needs[2]:
-            dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, x, gy, *geometry)
+            dvalues = _call("sparse_conv2d_grad_values", rowptr, col, x, gy, *geometry)
         if needs[3]:
-            dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, values, gy, list(x.shape),
+            dx = _call("sparse_conv2d_grad_input", rowptr, col, values, gy, list(x.shape),
                                                                      *geometry, t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gy.sum((0, 2, 3))
@@ -801,8 +802,8 @@ def _spmm_t_setup_context(ctx, inputs, output):
 def _spmm_t_backward(ctx, g):  # dxt = W^T yt
     rowptr, col, values, yt = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 8)
-    dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, yt, g) if needs[2] else None
-    dyt = torch.ops.pysparse.spmm.default(rowptr, col, values, g) if needs[3] else None
+    dvalues = _call("sddmm", rowptr, col, yt, g) if needs[2] else None
+    dyt = _call("spmm", rowptr, col, values, g) if needs[3] else None
     return None, None, dvalues, dyt, None, None, None, None
 
 
@@ -813,8 +814,8 @@ def _sddmm_setup_context(ctx, inputs, output):
 def _sddmm_backward(ctx, g):  # out[j] = a[row(j)] . b[col(j)]
     rowptr, col, a, b = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 4)
-    da = torch.ops.pysparse.spmm.default(rowptr, col, g, b) if needs[2] else None
-    db = torch.ops.pysparse.spmm_t.default(rowptr, col, g, a, b.shape[0], *_transposed_for(rowptr, col, b.shape[0])) \
+    da = _call("spmm", rowptr, col, g, b) if needs[2] else None
+    db = _call("spmm_t", rowptr, col, g, a, b.shape[0], *_transposed_for(rowptr, col, b.shape[0])) \
         if needs[3] else None
     return None, None, da, db
 
@@ -830,15 +831,15 @@ def _spmm_grad_backward(ctx, g_values, g_xt, g_bias):  # (sddmm(gyt, xt), W^T gy
     needs = _needs_input_grad(ctx, 9)
     dvalues = dgyt = dxt = None
     if needs[2] and g_xt is not None:
-        dvalues = torch.ops.pysparse.sddmm.default(rowptr, col, gyt, g_xt)
+        dvalues = _call("sddmm", rowptr, col, gyt, g_xt)
     if needs[3]:
-        terms = [torch.ops.pysparse.spmm.default(rowptr, col, g_values, xt) if g_values is not None else None,
-                 torch.ops.pysparse.spmm.default(rowptr, col, values, g_xt) if g_xt is not None else None,
+        terms = [_call("spmm", rowptr, col, g_values, xt) if g_values is not None else None,
+                 _call("spmm", rowptr, col, values, g_xt) if g_xt is not None else None,
                  g_bias[:, None].expand_as(gyt) if g_bias is not None and g_bias.numel() else None]
         terms = [t for t in terms if t is not None]
         dgyt = sum(terms[1:], terms[0]) if terms else None
     if needs[4] and g_values is not None:
-        dxt = torch.ops.pysparse.spmm_t.default(rowptr, col, g_values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
+        dxt = _call("spmm_t", rowptr, col, g_values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
     return None, None, dvalues, dgyt, dxt, None, None, None, None
 
 
@@ -851,9 +852,9 @@ def _conv_grad_input_setup_context(ctx, inputs, output):
 def _conv_grad_input_backward(ctx, g):  # dx = A_W^T gy, A_W the convolution by W
     rowptr, col, values, gy, t_rowptr, t_col, t_perm = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 12)
-    dvalues = torch.ops.pysparse.sparse_conv2d_grad_values.default(rowptr, col, g, gy, *ctx.geometry) \
+    dvalues = _call("sparse_conv2d_grad_values", rowptr, col, g, gy, *ctx.geometry) \
         if needs[2] else None
-    dgy = torch.ops.pysparse.sparse_conv2d.default(rowptr, col, values, g, None, *ctx.geometry, t_rowptr, t_col,
+    dgy = _call("sparse_conv2d", rowptr, col, values, g, None, *ctx.geometry, t_rowptr, t_col,
                                                    t_perm) if needs[3] else None
     return (None, None, dvalues, dgy) + (None,) * 8
 
@@ -870,10 +871,10 @@ def _conv_grad_values_backward(ctx, g):  # out[j] = <gy, A_{e_j} x>
     dx = dgy = None
     if needs[2]:
         k = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]
-        dx = torch.ops.pysparse.sparse_conv2d_grad_input.default(rowptr, col, g, gy, list(x.shape), *ctx.geometry,
+        dx = _call("sparse_conv2d_grad_input", rowptr, col, g, gy, list(x.shape), *ctx.geometry,
                                                                  *_transposed_for(rowptr, col, k))
     if needs[3]:
-        dgy = torch.ops.pysparse.sparse_conv2d.default(rowptr, col, g, x, None, *ctx.geometry)
+        dgy = _call("sparse_conv2d", rowptr, col, g, x, None, *ctx.geometry)
     return None, None, dx, dgy, None, None, None, None
 
 
@@ -885,6 +886,184 @@ for _op, _backward, _setup in (("spmm_t", _spmm_t_backward, _spmm_t_setup_contex
                                ("sparse_conv2d_grad_values", _conv_grad_values_backward,
                                 _conv_grad_values_setup_context)):
     torch.library.register_autograd(f"pysparse::{_op}", _backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.func (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap, functional_call) and forward_ad's dual tensors:
+# torch.library's registered formulas, and the ctx-style autograd.Functions the layers use for speed, cannot run
+# there. Under them (_func_mode) every differentiable op goes through a Function with a separate setup_context
+# (the same backward formulas, a jvp from bilinearity), nested transforms included, and each op has a vmap rule:
+# the vmapped dimension folded into the batch where the op maps batch columns / images independently (spmm,
+# spmm_t, sparse_conv2d and its input gradient: one kernel call), else one call per entry (the values'
+# gradients, which sum over the batch, or batched weights: per-sample gradients loop over the examples).
+# ---------------------------------------------------------------------------------------------------------
+_FORMULAS = {
+    "spmm": (_spmm_setup_context, _spmm_backward),
+    "spmm_t": (_spmm_t_setup_context, _spmm_t_backward),
+    "sddmm": (_sddmm_setup_context, _sddmm_backward),
+    "spmm_grad": (_spmm_grad_setup_context, _spmm_grad_backward),
+    "sparse_conv2d": (_conv_setup_context, _conv_backward),
+    "sparse_conv2d_grad_input": (_conv_grad_input_setup_context, _conv_grad_input_backward),
+    "sparse_conv2d_grad_values": (_conv_grad_values_setup_context, _conv_grad_values_backward),
+}
+
+
+_SAVED = object()
+_FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
+
+
+def _func_mode() -> bool:
+    """A torch.func transform, or torch.autograd.forward_ad's dual tensors, is active: differentiable ops go
+    through the Functions below (0.1 us to tell)."""
+    return _FUNCTORCH_ACTIVE() or _forward_ad._current_level >= 0
+
+
+def _tangent(name: str, inputs, tangents, slots=(2, 3)):
+    """Forward-mode derivative of a single-output op, bilinear in its arguments `slots` (spmm and sparse_conv2d
+    also affine in their bias, argument 4): the sum over the slots with a tangent of the op with that argument
+    replaced by its tangent."""
+    out = None
+    for i in slots:
+        if tangents[i] is not None:
+            args = list(inputs)
+            args[i] = tangents[i]
+            if name in ("spmm", "sparse_conv2d"):
+                args[4] = None
+            term = _call(name, *args)
+            out = term if out is None else out + term
+    if name in ("spmm", "sparse_conv2d") and tangents[4] is not None:
+        db = tangents[4][:, None] if name == "spmm" else tangents[4][None, :, None, None]
+        out = db if out is None else out + db
+    return out
+
+
+def _jvp(name: str):
+    def jvp(ctx, *tangents):
+        saved = iter(ctx.saved_tensors)  # (save_for_forward: what vmap of a jvp needs to see batched)
+        inputs = [next(saved) if a is _SAVED else a for a in ctx.jvp_inputs]
+        if name != "spmm_grad":
+            out = _tangent(name, inputs, tangents)
+            return out.expand(ctx.shapes[0]) if out is not None else inputs[2].new_zeros(ctx.shapes[0])
+        rowptr, col, values, gyt, xt = inputs[:5]  # (sddmm(gyt, xt), spmm_t(values, gyt), gyt.sum(1))
+        t_v = _tangent("sddmm", (rowptr, col, gyt, xt), (None, None, tangents[3], tangents[4]))
+        t_x = _tangent("spmm_t", (rowptr, col, values, gyt, xt.shape[0], *inputs[5:8]),
+                       (None, None, tangents[2], tangents[3]) + (None,) * 4)
+        t_b = tangents[3].sum(1) if tangents[3] is not None and inputs[8] else None
+        return tuple(t if t is not None else values.new_zeros(shape) for t, shape in zip((t_v, t_x, t_b), ctx.shapes))
+
+    return staticmethod(jvp)
+
+
+def _func_function(name: str) -> type:
+    op = getattr(torch.ops.pysparse, name).default
+    setup, backward = _FORMULAS[name]
+
+    def forward(*inputs):  # functorch calls it with plain tensors, grad mode off
+        return op(*inputs)
+
+    def setup_context(ctx, inputs, output):
+        # vmap of a Function keeps one record of which saved tensors are batched, so the backward and the jvp
+        # must save the same tensors: every tensor input, for both; the formula's backward then reads its own
+        # selection of them (_FormulaCtx), the jvp all of them.
+        formula = _FormulaSetup()
+        setup(formula, inputs, output)
+        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        ctx.set_materialize_grads(formula.materialize)
+        ctx.formula_saved = [None if t is None else next(i for i, a in enumerate(tensors) if a is t)
+                             for t in formula.saved]
+        ctx.formula_attrs = formula.attrs
+        ctx.jvp_inputs = [_SAVED if isinstance(a, torch.Tensor) else a for a in inputs]
+        ctx.shapes = [o.shape for o in output] if isinstance(output, tuple) else [output.shape]
+
+    def backward_(ctx, *grads):
+        return backward(_FormulaCtx(ctx), *grads)
+
+    return type(f"_Func_{name}", (torch.autograd.Function,), {
+        "generate_vmap_rule": True, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward_), "jvp": _jvp(name)})
+
+
+class _FormulaSetup:
+    """What a formula's setup_context records: the tensors it saves, whether gradients are materialized, and
+    its other attributes (geometry)."""
+
+    def __init__(self):
+        self.__dict__.update(saved=(), materialize=True, attrs={})
+
+    def save_for_backward(self, *tensors):
+        self.__dict__["saved"] = tensors
+
+    def set_materialize_grads(self, value: bool):
+        self.__dict__["materialize"] = value
+
+    def __setattr__(self, key, value):
+        self.attrs[key] = value
+
+
+class _FormulaCtx:
+    """A formula's view of a torch.func Function's ctx: its own saved tensors, needs_input_grad, attributes."""
+
+    def __init__(self, ctx):
+        saved = ctx.saved_tensors
+        self.saved_tensors = tuple(None if i is None else saved[i] for i in ctx.formula_saved)
+        self.needs_input_grad = ctx.needs_input_grad
+        self.__dict__.update(ctx.formula_attrs)
+
+
+_FUNC_FUNCTIONS = {name: _func_function(name) for name in _FORMULAS}
+_DEFAULTS = {name: tuple(a.default_value for a in getattr(torch.ops.pysparse, name).default._schema.arguments)
+             for name in _FORMULAS}
+
+
+def _call(name: str, *args):
+    """The op `name` in an autograd formula: the op itself, or under a torch.func transform its Function (given
+    every argument: the formulas unpack the schema's full list)."""
+    if _func_mode():
+        return _FUNC_FUNCTIONS[name].apply(*args, *_DEFAULTS[name][len(args):])
+    return getattr(torch.ops.pysparse, name).default(*args)
+
+
+def _in_dims(in_dims) -> list:
+    """vmap's in_dims with the entries of list arguments (kernel_size, ...: lists of None) as None."""
+    return [None if isinstance(d, (list, tuple)) else d for d in in_dims]
+
+
+def _vmap_loop(op, n: int, in_dims, args):
+    outs = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]) for i in range(n)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
+
+
+def _vmap_rule(name: str, fold_arg: Optional[int]):
+    """A vmap rule for op `name`: when only argument `fold_arg` (the batch-carrying operand) is batched, the
+    vmapped dimension joins the batch (columns of a [K, B] operand, images of an [N, C, H, W] one) and one call
+    computes every entry; otherwise one call per entry."""
+    op = getattr(torch.ops.pysparse, name).default
+
+    def rule(info, in_dims, *args):
+        n, in_dims = info.batch_size, _in_dims(in_dims)
+        if fold_arg is None or any(d is not None for i, d in enumerate(in_dims) if i != fold_arg):
+            return _vmap_loop(op, n, in_dims, args)
+        args = list(args)
+        t = args[fold_arg].movedim(in_dims[fold_arg], 0)
+        if t.dim() == 3:  # [n, K, B] -> [K, n * B]; out [R, n * B] -> [R, n, B]
+            k, b = t.shape[1:]
+            args[fold_arg] = t.movedim(0, 1).reshape(k, n * b)
+            return op(*args).unflatten(1, (n, b)), 1
+        args[fold_arg] = t.flatten(0, 1)  # [n, N, C, H, W] -> [n * N, ...]; out [n * N, ...] -> [n, N, ...]
+        if name == "sparse_conv2d_grad_input":
+            args[4] = [n * args[4][0]] + list(args[4][1:])
+        return op(*args).unflatten(0, (n, t.shape[1])), 0
+
+    torch.library.register_vmap(f"pysparse::{name}", rule)
+
+
+for _name, _fold in (("spmm", 3), ("spmm_t", 3), ("sddmm", None), ("spmm_grad", None), ("sparse_conv2d", 3),
+                     ("sparse_conv2d_grad_input", 3), ("sparse_conv2d_grad_values", None)):
+    _vmap_rule(_name, _fold)
 
 
 def _below_autograd():
@@ -945,6 +1124,8 @@ class _SparseLinear(torch.autograd.Function):
 # 150-152 us; ten such calls make a GAN step. Otherwise (no gradient recorded) the ops themselves. SparseLinear
 # calls layer_linear (batch-major, _SparseLinear above), SparseConv2d's im2col path layer_spmm.
 def layer_spmm(*args):
+    if _func_mode():
+        return _call("spmm", *args)
     if torch.is_grad_enabled():
         return _Spmm.apply(*args)
     with _below_autograd():
@@ -954,12 +1135,17 @@ def layer_spmm(*args):
 def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     """W @ x^T + bias as [B, N] for a batch-major x [B, K] (SparseLinear's forward), with _SparseLinear's
     gradients when autograd records."""
+    if _func_mode():
+        return _FUNC_FUNCTIONS["spmm"].apply(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col,
+                                             t_perm).t()
     if torch.is_grad_enabled():
         return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm).t()
     return _spmm_cols(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm).t()
 
 
 def layer_sparse_conv2d(*args):
+    if _func_mode():
+        return _call("sparse_conv2d", *args)
     if torch.is_grad_enabled():
         return _SparseConv2d.apply(*args)
     with _below_autograd():
