@@ -79,6 +79,10 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             check_mask(mask, layer.weight, name=f"masks[{key!r}]")
     if not candidates:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
+    on_meta = [key for key, (_, module) in candidates.items() if module.weight.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"sparse layers cannot be built on the meta device ({on_meta[:3]}): which weights are kept "
+                         f"is data; load the model's weights first")
     named_subclassed = [key for key in subclassed if masks is not None and key in masks]
     if named_subclassed:
         warnings.warn(f"sparsify leaves {len(named_subclassed)} layer(s) of nn.Linear / nn.Conv2d subclasses dense "

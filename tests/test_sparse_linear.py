@@ -271,3 +271,25 @@ def test_module_casts_move_values_not_structure():
     x = torch.randn(3, 16, dtype=torch.float64)
     torch.testing.assert_close(sparse(x), F.linear(x, sparse.weight, sparse.bias))
     assert "rowptr" not in dict(sparse.named_buffers())  # not a buffer: DDP does not broadcast the structure
+
+
+def test_meta_device():
+    """Built on meta: a clear error (the kept positions are data). A built model moved to meta, then
+    materialised with to_empty() or load_state_dict(assign=True), computes what it did."""
+    for build in (lambda: SparseLinear(8, 4, sparsity=0.5),
+                  lambda: SparseLinear.from_dense(nn.Linear(8, 4)),
+                  lambda: pysparse.sparsify(nn.Sequential(nn.Linear(8, 4)), min_sparsity=0),
+                  lambda: pysparse.SparseConv2d(2, 3, 3, sparsity=0.5)):
+        with torch.device("meta"), pytest.raises(ValueError, match="cannot be built on the meta device.*which weights are kept is data"):
+            build()
+    torch.manual_seed(0)
+    model = pysparse.sparsify(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)),
+                              {"0.weight": torch.rand(6, 8) > 0.5, "2.weight": torch.rand(3, 6) > 0.5},
+                              min_sparsity=0)
+    x, state = torch.randn(4, 8), model.state_dict()
+    assigned = copy.deepcopy(model).to("meta")
+    assigned.load_state_dict(state, assign=True)
+    emptied = copy.deepcopy(model).to("meta").to_empty(device="cpu")
+    emptied.load_state_dict(state)
+    for m in (assigned, emptied):
+        torch.testing.assert_close(m(x), model(x))

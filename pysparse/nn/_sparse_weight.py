@@ -147,6 +147,10 @@ class SparseWeight(nn.Module):
     def _store(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
         if weight.dtype not in _FLOATS:
             raise TypeError(f"weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+        if weight.device.type == "meta":
+            raise ValueError(f"{type(self).__name__} cannot be built on the meta device: which weights are kept is "
+                             "data. Build it on a real device (then .to('meta') / to_empty() and load_state_dict "
+                             "work), or build the dense model on meta and sparsify it once its weights are loaded")
         check_mask(mask, weight)
         self.weight_shape = tuple(weight.shape)
         w2, m2 = self._to_matrix(weight.detach()), self._to_matrix(mask)
