@@ -43,6 +43,12 @@ def _rowptr(counts: torch.Tensor) -> torch.Tensor:
     return rowptr.to(torch.int32)
 
 
+def compress_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rowptr int32, col int16 / int32) of the True entries of a 2-D bool mask: the CSR structure without its
+    transposed cache."""
+    return _rowptr(mask.sum(1)), mask.nonzero(as_tuple=True)[1].to(index_dtype(mask.shape[1]))
+
+
 def structure(mask: torch.Tensor) -> Structure:
     """The CSR structure (and its transpose) of the True entries of a 2-D bool mask."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:

@@ -3,12 +3,16 @@ stored weights, not with the dense size.
 
 The file holds the model's state dict and, in its metadata, which layers are sparse (and their configuration)
 and a SHA-256 of every tensor; ``load`` rebuilds those sparse layers into a model of the same architecture and
-refuses a file that is not a pysparse file, was changed, or does not fit the model.
+refuses a file that is not a pysparse file, was changed, or does not fit the model. Other weights with many
+zeros (the masked layers that ``sparsify`` left dense below the speed crossover, a pruned model never
+sparsified) are stored packed, as their non-zero values and CSR indices, and unpacked on load (zeros come back
+as +0.0, the non-zero values bit for bit).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,12 +21,15 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from . import csr
 from .convert import _parent
 from .nn import SparseConv2d, SparseLinear
 from .nn._sparse_weight import SparseWeight
 
 FORMAT = "pysparse"
-VERSION = 1
+VERSION = 2  # 2: weights with many zeros packed ("packed" metadata); files of version 1 still load
+_READS = ("1", "2")
+_PACKED = ("::values", "::rowptr", "::col")
 _TYPES = {"SparseLinear": SparseLinear, "SparseConv2d": SparseConv2d}
 
 
@@ -43,15 +50,60 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _pack(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Replace, in place, every float tensor of 2+ dims that packs to under 3/4 of its size by its non-zero
+    values and CSR indices over its [shape[0], -1] view; returns {key: shape} of the packed ones."""
+    packed = {}
+    for key, t in list(tensors.items()):
+        if not t.is_floating_point() or t.dim() < 2 or t.numel() < 256 or \
+                any(key + suffix in tensors for suffix in _PACKED):
+            continue
+        keep = t.reshape(t.shape[0], -1) != 0  # (-0.0 too: masking by multiplication leaves half the zeros so)
+        nnz = int(keep.sum())
+        index_bytes = 2 if keep.shape[1] <= csr.INT16_MAX_DIM else 4
+        if nnz * (t.element_size() + index_bytes) + 4 * (t.shape[0] + 1) >= 0.75 * t.numel() * t.element_size():
+            continue
+        rowptr, col = csr.compress_rows(keep)
+        del tensors[key]
+        tensors.update({key + "::values": t.reshape(t.shape[0], -1)[keep], key + "::rowptr": rowptr,
+                        key + "::col": col})
+        packed[key] = list(t.shape)
+    return packed
+
+
+def _unpack(tensors: dict[str, torch.Tensor], packed: dict, path: Path) -> None:
+    """Inverse of _pack, in place; ValueError for anything that does not describe a tensor of its shape."""
+    for key, shape in packed.items():
+        try:
+            values, rowptr, col = (tensors.pop(key + suffix) for suffix in _PACKED)
+        except KeyError:
+            raise ValueError(f"{path}: the packed tensor {key!r} is incomplete") from None
+        if not (isinstance(shape, list) and len(shape) >= 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+            raise ValueError(f"{path}: the packed tensor {key!r} has a bad shape {shape!r}")
+        rows, cols = shape[0], math.prod(shape[1:])
+        try:
+            s = csr.from_compressed(rowptr, col, (rows, cols))  # canonical and in range, or ValueError
+        except ValueError as exc:
+            raise ValueError(f"{path}: the packed tensor {key!r} has a bad structure: {exc}") from None
+        if not values.is_floating_point() or values.shape != (s.nnz,):
+            raise ValueError(f"{path}: the packed tensor {key!r} has {tuple(values.shape)} values for {s.nnz} "
+                             f"stored positions")
+        dense = values.new_zeros(rows * cols)
+        dense[csr.row_indices(s.rowptr, s.nnz) * cols + s.col.long()] = values
+        tensors[key] = dense.view(shape)
+
+
 def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Write ``model``'s weights (sparse layers as values + indices) to ``path``, atomically."""
+    """Write ``model``'s weights (sparse layers as values + indices, other weights with many zeros packed the
+    same way) to ``path``, atomically."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     layers = {name: {"type": type(m).__name__, "weight_shape": list(m.weight_shape)}
               for name, m in model.named_modules() if isinstance(m, SparseWeight)}
+    packed = _pack(tensors)
     metadata = {"format": FORMAT, "version": str(VERSION), "sparse_layers": json.dumps(layers),
-                "sha256": _digest(tensors)}
+                "packed": json.dumps(packed), "sha256": _digest(tensors)}
     write_safetensors(tensors, path, metadata)
 
 
@@ -104,14 +156,19 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     tensors, metadata = read_safetensors(path, "a safetensors file written by pysparse.save")
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pysparse file (metadata format {metadata.get('format')!r})")
-    if metadata.get("version") != str(VERSION):
-        raise ValueError(f"{path} has pysparse format version {metadata.get('version')}, this pysparse reads {VERSION}")
+    if metadata.get("version") not in _READS:
+        raise ValueError(f"{path} has pysparse format version {metadata.get('version')}, this pysparse reads "
+                         f"{' and '.join(_READS)}")
     if metadata.get("sha256") != _digest(tensors):
         raise ValueError(f"{path} was modified or corrupted after it was written (checksum mismatch)")
     try:
         layers = json.loads(metadata["sparse_layers"])
+        packed = json.loads(metadata.get("packed", "{}"))
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} has unreadable layer metadata: {exc}") from exc
+    if not isinstance(layers, dict) or not isinstance(packed, dict):
+        raise ValueError(f"{path} has unreadable layer metadata")
+    _unpack(tensors, packed, path)
     for name, info in layers.items():
         try:
             module = model.get_submodule(name)

@@ -211,6 +211,93 @@ def test_load_refuses_bad_files(tmp_path):
         pysparse.load(tmp_path / "missing.safetensors", fresh())
 
 
+def _file_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.parametrize("sparsify", ["never", "default crossover"])
+def test_save_packs_weights_with_many_zeros(tmp_path, sparsify):
+    """A pruned model saved as it is (or sparsified at the default crossover, which leaves some layers dense) is
+    stored at the size of its kept weights; load gives back every tensor (the zeros as +0.0: masking by
+    multiplication makes half of them -0.0)."""
+    model, masks = _pruned(torchvision.models.resnet18(num_classes=10), 0.9)
+    assert (model.conv1.weight.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).any()
+    dense_bytes = _file_bytes(model.state_dict())
+    if sparsify != "never":
+        pysparse.sparsify(model, masks)
+        kinds = {type(m) for m in model.modules()}
+        assert nn.Conv2d in kinds and SparseConv2d in kinds  # per-layer sparsity falls on both sides of 0.9
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    pysparse.save(model, path)
+    assert os.path.getsize(path) < 0.2 * dense_bytes
+    loaded = pysparse.load(path, torchvision.models.resnet18(num_classes=10).eval())
+    state = loaded.state_dict()
+    assert set(state) == set(expected)
+    for k, v in expected.items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+        if v.is_floating_point():  # non-zero values bit for bit, zeros as +0.0
+            assert torch.equal(state[k].view(torch.uint8), (v + 0.0).view(torch.uint8)), k
+
+
+def test_save_leaves_dense_weights_unpacked_and_reads_version_1(tmp_path):
+    from pysparse import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].weight[:, :24] = 0  # 37.5% zeros: packed (6 bytes a kept weight) would not save a quarter
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    assert io._pack(tensors) == {} and set(tensors) == set(model.state_dict())
+    with torch.no_grad():
+        model[0].weight[:, :56] = 0  # 87.5% zeros: packed
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    assert io._pack(tensors) == {"0.weight": [32, 64]}
+    # a file of the first format (version 1: no packing) still loads
+    old = tmp_path / "v1.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    io.write_safetensors(state, old, {"format": "pysparse", "version": "1", "sparse_layers": "{}",
+                                      "sha256": io._digest(state)})
+    fresh = pysparse.load(old, nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_load_refuses_bad_packed_tensors(tmp_path):
+    from pysparse import io
+
+    model = nn.Sequential(nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight[:, 8:] = 0
+    fresh = lambda: nn.Sequential(nn.Linear(64, 32))  # noqa: E731
+
+    def write(edit, packed='{"0.weight": [32, 64]}'):
+        tensors = {k: v.clone() for k, v in model.state_dict().items()}
+        io._pack(tensors)
+        edit(tensors)
+        path = tmp_path / "bad.safetensors"
+        io.write_safetensors(tensors, path, {"format": "pysparse", "version": "2", "sparse_layers": "{}",
+                                             "packed": packed, "sha256": io._digest(tensors)})
+        return path
+
+    def set_(key, value):
+        return lambda t: t.__setitem__(key, value)
+
+    cases = [
+        (set_("0.weight::col", torch.full((32 * 8,), 70, dtype=torch.int16)), "bad structure"),
+        (set_("0.weight::rowptr", torch.arange(33, dtype=torch.int32)), "bad structure"),
+        (set_("0.weight::values", torch.zeros(5)), "values for 256 stored positions"),
+        (lambda t: t.pop("0.weight::values"), "incomplete"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(ValueError, match=match):
+            pysparse.load(write(edit), fresh())
+    with pytest.raises(ValueError, match="bad shape"):
+        pysparse.load(write(lambda t: None, packed='{"0.weight": [32, "64"]}'), fresh())
+    with pytest.raises(ValueError, match="unreadable layer metadata"):
+        pysparse.load(write(lambda t: None, packed='[1, 2]'), fresh())
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: pysparse.sparsify("model"), TypeError, "model must be an nn.Module"),
     (lambda: pysparse.sparsify(nn.Sequential(nn.ReLU())), ValueError, "no nn.Linear or nn.Conv2d"),

@@ -92,7 +92,7 @@ def test_layers_block(tmp_path, monkeypatch):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18()
-    masks = {n: torch.rand_like(p) > 0.95 for n, p in resnet.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    masks = {n: torch.rand_like(p) > 0.9 for n, p in resnet.named_parameters() if n.endswith("weight") and p.dim() > 1}
     conv2d = nn.Conv2d(64, 128, 3, padding=1)
     ns = {"torchvision": torchvision, "linear": nn.Linear(784, 300), "mask": torch.rand(300, 784) > 0.9,
           "new_mask": torch.rand(300, 784) > 0.8,
@@ -100,7 +100,7 @@ def test_layers_block(tmp_path, monkeypatch):
     ns = run(code, ns, tmp_path, monkeypatch)
     assert torch.equal(ns["layer"].mask(), ns["new_mask"]) and ns["conv"].sparsity > 0.85
     dense_bytes = sum(p.numel() * 4 for p in resnet.parameters())
-    assert (tmp_path / "model.safetensors").stat().st_size < 0.3 * dense_bytes
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.2 * dense_bytes  # layers left dense: packed
     model = ns["model"]  # loaded, then densified: the masked dense ResNet-18
     assert not any(isinstance(m, (pysparse.SparseLinear, pysparse.SparseConv2d)) for m in model.modules())
     with torch.no_grad():
