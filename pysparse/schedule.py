@@ -55,6 +55,8 @@ class GradualPruner:
     def __init__(self, model: nn.Module, method: str, *, final_sparsity: float, begin: int, end: int,
                  frequency: int = 100, initial_sparsity: float = 0.0,
                  optimizer: Optional[torch.optim.Optimizer] = None, **prune_kwargs) -> None:
+        _check_fraction(final_sparsity, "final_sparsity")  # named as the caller wrote it, then the rest
+        _check_fraction(initial_sparsity, "initial_sparsity")
         cubic_sparsity(begin, final=final_sparsity, begin=begin, end=end, initial=initial_sparsity)  # validates
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
             raise ValueError(f"frequency must be an int >= 1, got {frequency!r}")
