@@ -73,3 +73,37 @@ def test_compile_saliency_backward():
     f = torch.compile(lambda w, h: pysparse.saliency(w, "hessian", hessian=h).sum(), fullgraph=True)
     f(w, h).backward()
     torch.testing.assert_close(w.grad, h * w.detach())
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("path", ["kernels", "dense"])
+def test_export_sparse_model_with_dynamic_batch(tmp_path, path, strict):
+    """torch.export of a sparsified model: one program for every batch size (the convolution takes its direct
+    kernel under export rather than choosing by batch), saved and loaded with torch.export.save / load; the eager
+    model is unchanged afterwards (export traces with fake tensors: none may stay in the layers' caches)."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 10))
+    masks = {n: torch.rand_like(p) > 0.7 for n, p in model.named_parameters() if p.dim() > 1}
+    pysparse.sparsify(model, masks, min_sparsity=0)
+    for m in model.modules():
+        if isinstance(m, (pysparse.SparseLinear, pysparse.SparseConv2d)):
+            m.dense_below = 0.0 if path == "kernels" else 1.0
+    model.eval()
+    twin = copy.deepcopy(model)  # never exported
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes={"input": {0: batch}},
+                                  strict=strict)
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    with torch.no_grad():
+        for n in (1, 2, 13, 64):  # the im2col / direct switch would sit at 128 / 9 images
+            x = torch.randn(n, 3, 8, 8)
+            expected = twin(x)
+            torch.testing.assert_close(program.module()(x), expected)
+            torch.testing.assert_close(loaded(x), expected)
+            torch.testing.assert_close(model(x), expected)

@@ -129,7 +129,7 @@ class SparseWeight(nn.Module):
             flat = cached[1]
         else:  # rebuilt when the structure (or its device) changes: col is then another tensor
             flat = self._weight_positions(csr.row_indices(self.rowptr, self.nnz, self.col.device), self.col.long())
-            if keep:
+            if keep and not torch.compiler.is_exporting():  # (export traces with fake tensors: none kept)
                 self.__dict__["_flat_index"] = (self.col, flat)
         return vals.new_zeros(math.prod(self.weight_shape)).scatter(0, flat, vals).view(self.weight_shape)
 

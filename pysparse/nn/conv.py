@@ -144,7 +144,9 @@ class SparseConv2d(SparseWeight):
                       else self.padding_mode)
         # The ops are called directly (the layer owns a checked structure; the kernels check again).
         transposed = (self.t_rowptr, self.t_col, self.t_perm)
-        if x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
+        # (torch.export: the direct kernel, whatever the batch, so that one graph serves every batch size)
+        if torch.compiler.is_exporting() or x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or \
+                1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
             ops._check_kernel("sparse_conv2d", x.device, "input")
             y = ops.layer_sparse_conv2d(self.rowptr, self.col, cast_to(self.effective_values(), cast), x, bias,
                                         list(self.kernel_size), list(self.stride), list(self.dilation), padding,
