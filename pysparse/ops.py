@@ -491,8 +491,7 @@ def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt
     _check_kernel("spmm_grad", values.device, "values")
     if not isinstance(bias, bool):
         raise TypeError(f"spmm_grad: bias must be a bool, got {type(bias).__name__}")
-    dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm,
-                                                              bias)
+    dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, bias)
     return (dvalues, dxt, dbias) if bias else (dvalues, dxt)
 
 
@@ -697,8 +696,7 @@ def _spmm_grads(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
 def _spmm_grads_here(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
     dvalues = dxt = dbias = None  # gyt may be a transposed view: the kernels pack it through its strides
     if needs[2] and needs[3]:  # both in one sweep, and the bias gradient summed as gyt is packed for it
-        dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col,
-                                                                  t_perm, needs[4])
+        dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, needs[4])
         return dvalues, dxt, (dbias if needs[4] else None)
     if needs[2]:
         dvalues = _call("sddmm", rowptr, col, gyt, xt)
@@ -752,8 +750,8 @@ def _conv_backward(ctx, gy):
         if needs[2]:
             dvalues = _call("sparse_conv2d_grad_values", rowptr, col, x, gy, *geometry)
         if needs[3]:
-            dx = _call("sparse_conv2d_grad_input", rowptr, col, values, gy, list(x.shape),
-                                                                     *geometry, t_rowptr, t_col, t_perm)
+            dx = _call("sparse_conv2d_grad_input", rowptr, col, values, gy, list(x.shape), *geometry, t_rowptr,
+                       t_col, t_perm)
     if needs[4]:
         dbias = gy.sum((0, 2, 3))
     return (None, None, dvalues, dx, dbias) + (None,) * 7
@@ -852,10 +850,9 @@ def _conv_grad_input_setup_context(ctx, inputs, output):
 def _conv_grad_input_backward(ctx, g):  # dx = A_W^T gy, A_W the convolution by W
     rowptr, col, values, gy, t_rowptr, t_col, t_perm = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 12)
-    dvalues = _call("sparse_conv2d_grad_values", rowptr, col, g, gy, *ctx.geometry) \
-        if needs[2] else None
-    dgy = _call("sparse_conv2d", rowptr, col, values, g, None, *ctx.geometry, t_rowptr, t_col,
-                                                   t_perm) if needs[3] else None
+    dvalues = _call("sparse_conv2d_grad_values", rowptr, col, g, gy, *ctx.geometry) if needs[2] else None
+    dgy = _call("sparse_conv2d", rowptr, col, values, g, None, *ctx.geometry, t_rowptr, t_col, t_perm) \
+        if needs[3] else None
     return (None, None, dvalues, dgy) + (None,) * 8
 
 
@@ -872,7 +869,7 @@ def _conv_grad_values_backward(ctx, g):  # out[j] = <gy, A_{e_j} x>
     if needs[2]:
         k = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]
         dx = _call("sparse_conv2d_grad_input", rowptr, col, g, gy, list(x.shape), *ctx.geometry,
-                                                                 *_transposed_for(rowptr, col, k))
+                   *_transposed_for(rowptr, col, k))
     if needs[3]:
         dgy = _call("sparse_conv2d", rowptr, col, g, x, None, *ctx.geometry)
     return None, None, dx, dgy, None, None, None, None
