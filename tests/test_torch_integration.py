@@ -107,3 +107,12 @@ def test_export_sparse_model_with_dynamic_batch(tmp_path, path, strict):
             torch.testing.assert_close(program.module()(x), expected)
             torch.testing.assert_close(loaded(x), expected)
             torch.testing.assert_close(model(x), expected)
+
+
+def test_jit_trace_raises_a_clear_error():
+    """TorchScript is deprecated and unsupported; torch.jit.trace names the alternatives."""
+    from torch import nn
+
+    model = nn.Sequential(pysparse.SparseLinear(8, 4, sparsity=0.5), nn.ReLU())
+    with pytest.raises(RuntimeError, match="does not support torch.jit.trace .* use torch.export or torch.compile"):
+        torch.jit.trace(model, torch.randn(2, 8))

@@ -101,6 +101,9 @@ class SparseWeight(nn.Module):
         forward casts its values and bias too (``cast_to``: differentiable, so the stored values get their
         gradient in their own dtype). Otherwise x itself and None, and x must have the layer's dtype."""
         values, cast = self._parameters["values"], None
+        if torch.jit.is_tracing():  # its own check would otherwise fail with "Graphs differed across invocations"
+            raise RuntimeError(f"{type(self).__name__} does not support torch.jit.trace (deprecated in torch): use "
+                               f"torch.export or torch.compile")
         if _any_autocast() and (x.is_cpu or x.is_cuda) and values.dtype in _AUTOCAST_CASTS:
             dev = "cuda" if x.is_cuda else "cpu"
             if torch.is_autocast_enabled(dev):
