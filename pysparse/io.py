@@ -3,7 +3,8 @@ stored weights, not with the dense size.
 
 The file holds the model's state dict and, in its metadata, which layers are sparse (and their configuration)
 and a SHA-256 of every tensor; ``load`` rebuilds those sparse layers into a model of the same architecture and
-refuses a file that is not a pysparse file, was changed, or does not fit the model. Other weights with many
+refuses a file that is not a pysparse file, was changed (tensors or metadata), or does not fit the model. Tied
+weights (one tensor under two names) are stored once. Other weights with many
 zeros (the masked layers that ``sparsify`` left dense below the speed crossover, a pruned model never
 sparsified) are stored packed, as their non-zero values and CSR indices, and unpacked on load (zeros come back
 as +0.0, the non-zero values bit for bit).
@@ -27,7 +28,7 @@ from .nn import SparseConv2d, SparseLinear
 from .nn._sparse_weight import SparseWeight
 
 FORMAT = "pysparse"
-VERSION = 2  # 2: weights with many zeros packed ("packed" metadata); files of version 1 still load
+VERSION = 2  # 2: weights with many zeros packed, tied weights stored once, the metadata in the checksum
 _READS = ("1", "2")
 _PACKED = ("::values", "::rowptr", "::col")
 _TYPES = {"SparseLinear": SparseLinear, "SparseConv2d": SparseConv2d}
@@ -39,8 +40,10 @@ def _umask() -> int:
     return mask
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """SHA-256 of the tensors (names, dtypes, shapes, bytes) and of ``extra`` (format 2: the metadata that
+    describes them, so that editing it is caught too)."""
+    h = hashlib.sha256(extra.encode())
     for key in sorted(tensors):
         t = tensors[key].detach().contiguous().cpu()
         h.update(key.encode())
@@ -93,6 +96,29 @@ def _unpack(tensors: dict[str, torch.Tensor], packed: dict, path: Path) -> None:
         tensors[key] = dense.view(shape)
 
 
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each tensor stored once: a key whose tensor is another key's (tied weights, which
+    safetensors refuses to write twice) becomes an alias {key: the key stored}; another view of a stored
+    tensor's memory is copied."""
+    out, aliases, views, storages = {}, {}, {}, set()
+    for key, t in tensors.items():
+        if t.numel():
+            view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if view in views:
+                aliases[key] = views[view]
+                continue
+            views[view] = key
+            if view[0] in storages:
+                t = t.clone()
+            storages.add(view[0])
+        out[key] = t
+    return out, aliases
+
+
+def _extra(metadata: dict) -> str:
+    return json.dumps([metadata.get(k, "") for k in ("sparse_layers", "packed", "aliases")])
+
+
 def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model``'s weights (sparse layers as values + indices, other weights with many zeros packed the
     same way) to ``path``, atomically."""
@@ -101,9 +127,11 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     layers = {name: {"type": type(m).__name__, "weight_shape": list(m.weight_shape)}
               for name, m in model.named_modules() if isinstance(m, SparseWeight)}
+    tensors, aliases = _dedupe(tensors)
     packed = _pack(tensors)
     metadata = {"format": FORMAT, "version": str(VERSION), "sparse_layers": json.dumps(layers),
-                "packed": json.dumps(packed), "sha256": _digest(tensors)}
+                "packed": json.dumps(packed), "aliases": json.dumps(aliases)}
+    metadata["sha256"] = _digest(tensors, _extra(metadata))
     write_safetensors(tensors, path, metadata)
 
 
@@ -159,16 +187,21 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     if metadata.get("version") not in _READS:
         raise ValueError(f"{path} has pysparse format version {metadata.get('version')}, this pysparse reads "
                          f"{' and '.join(_READS)}")
-    if metadata.get("sha256") != _digest(tensors):
+    if metadata.get("sha256") != _digest(tensors, _extra(metadata) if metadata["version"] != "1" else ""):
         raise ValueError(f"{path} was modified or corrupted after it was written (checksum mismatch)")
     try:
         layers = json.loads(metadata["sparse_layers"])
         packed = json.loads(metadata.get("packed", "{}"))
+        aliases = json.loads(metadata.get("aliases", "{}"))
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} has unreadable layer metadata: {exc}") from exc
-    if not isinstance(layers, dict) or not isinstance(packed, dict):
+    if not all(isinstance(m, dict) for m in (layers, packed, aliases)):
         raise ValueError(f"{path} has unreadable layer metadata")
     _unpack(tensors, packed, path)
+    for key, stored in aliases.items():  # tied weights: stored once
+        if key in tensors or stored not in tensors:
+            raise ValueError(f"{path}: {key!r} is an alias of {stored!r}, which the file does not hold")
+        tensors[key] = tensors[stored]
     for name, info in layers.items():
         try:
             module = model.get_submodule(name)

@@ -276,8 +276,8 @@ def test_load_refuses_bad_packed_tensors(tmp_path):
         io._pack(tensors)
         edit(tensors)
         path = tmp_path / "bad.safetensors"
-        io.write_safetensors(tensors, path, {"format": "pysparse", "version": "2", "sparse_layers": "{}",
-                                             "packed": packed, "sha256": io._digest(tensors)})
+        meta = {"format": "pysparse", "version": "2", "sparse_layers": "{}", "packed": packed}
+        io.write_safetensors(tensors, path, {**meta, "sha256": io._digest(tensors, io._extra(meta))})
         return path
 
     def set_(key, value):
@@ -296,6 +296,57 @@ def test_load_refuses_bad_packed_tensors(tmp_path):
         pysparse.load(write(lambda t: None, packed='{"0.weight": [32, "64"]}'), fresh())
     with pytest.raises(ValueError, match="unreadable layer metadata"):
         pysparse.load(write(lambda t: None, packed='[1, 2]'), fresh())
+
+
+class _Tied(nn.Module):
+    """An embedding and a classifier sharing one weight (as language models tie them), and a sparse layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(torch.relu(self.body(self.emb(idx))))
+
+
+def test_save_load_tied_weights(tmp_path):
+    torch.manual_seed(0)
+    model = _Tied()
+    pysparse.sparsify(model, {"body.weight": torch.rand(16, 16) > 0.5}, min_sparsity=0)
+    path = tmp_path / "tied.safetensors"
+    pysparse.save(model, path)  # safetensors refuses shared tensors; pysparse stores the tied weight once
+    assert os.path.getsize(path) < 50 * 16 * 4 * 1.5
+    loaded = pysparse.load(path, _Tied())
+    idx = torch.randint(0, 50, (7,))
+    torch.testing.assert_close(loaded(idx), model(idx))
+    assert loaded.head.weight is loaded.emb.weight and isinstance(loaded.body, SparseLinear)
+
+
+def test_load_refuses_edited_metadata(tmp_path):
+    """The checksum covers the metadata that says how to read the tensors (layers, packing, aliases)."""
+    from safetensors import safe_open
+
+    from pysparse import io
+
+    model = _Tied()
+    good = tmp_path / "good.safetensors"
+    pysparse.save(model, good)
+    tensors, meta = io.read_safetensors(good, "x")
+    with safe_open(str(good), framework="pt") as f:
+        assert f.metadata()["aliases"] == '{"head.weight": "emb.weight"}'
+    for key, value in (("aliases", '{"head.weight": "body.weight"}'), ("packed", '{"emb.weight": [50, 16]}'),
+                       ("sparse_layers", '{"body": {"type": "SparseLinear", "weight_shape": [16, 16]}}')):
+        assert meta[key] != value
+        edited = tmp_path / f"edited_{key}.safetensors"
+        io.write_safetensors(tensors, edited, {**meta, key: value})
+        with pytest.raises(ValueError, match="modified or corrupted"):
+            pysparse.load(edited, _Tied())
+    broken = tmp_path / "broken.safetensors"
+    bad = {**meta, "aliases": '{"head.weight": "nothing"}'}
+    io.write_safetensors(tensors, broken, {**bad, "sha256": io._digest(tensors, io._extra(bad))})
+    with pytest.raises(ValueError, match="alias of 'nothing'"):
+        pysparse.load(broken, _Tied())
 
 
 @pytest.mark.parametrize("call, exc, match", [
