@@ -124,10 +124,11 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     same way) to ``path``, atomically."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # ties found where the tensors live (a copy to the CPU would part them), then one CPU copy of each
+    tensors, aliases = _dedupe({k: v.detach() for k, v in model.state_dict().items()})
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     layers = {name: {"type": type(m).__name__, "weight_shape": list(m.weight_shape)}
               for name, m in model.named_modules() if isinstance(m, SparseWeight)}
-    tensors, aliases = _dedupe(tensors)
     packed = _pack(tensors)
     metadata = {"format": FORMAT, "version": str(VERSION), "sparse_layers": json.dumps(layers),
                 "packed": json.dumps(packed), "aliases": json.dumps(aliases)}
