@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from . import csr
 from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
@@ -689,19 +690,15 @@ def _backward_ops():
 
 def _spmm_grads(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
     """(dvalues, dxt, dbias) of spmm for the inputs `needs` marks (None for the others)."""
-    with _backward_ops():
-        return _spmm_grads_here(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
-
-
-def _spmm_grads_here(needs, rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm):
     dvalues = dxt = dbias = None  # gyt may be a transposed view: the kernels pack it through its strides
-    if needs[2] and needs[3]:  # both in one sweep, and the bias gradient summed as gyt is packed for it
-        dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, needs[4])
-        return dvalues, dxt, (dbias if needs[4] else None)
-    if needs[2]:
-        dvalues = _call("sddmm", rowptr, col, gyt, xt)
-    if needs[3]:
-        dxt = _call("spmm_t", rowptr, col, values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
+    with _backward_ops():
+        if needs[2] and needs[3]:  # both in one sweep, and the bias gradient summed as gyt is packed for it
+            dvalues, dxt, dbias = _call("spmm_grad", rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, needs[4])
+            return dvalues, dxt, (dbias if needs[4] else None)
+        if needs[2]:
+            dvalues = _call("sddmm", rowptr, col, gyt, xt)
+        if needs[3]:
+            dxt = _call("spmm_t", rowptr, col, values, gyt, xt.shape[0], t_rowptr, t_col, t_perm)
     if needs[4]:
         dbias = gyt.sum(1)
     return dvalues, dxt, dbias
@@ -783,13 +780,7 @@ class _SparseConv2d(torch.autograd.Function):
 def _transposed_for(rowptr, col, n_cols: int) -> tuple:
     if not rowptr.is_cuda:
         return None, None, None
-    from . import csr
-
     return csr.from_compressed(rowptr, col, (rowptr.numel() - 1, n_cols)).transposed()
-
-
-def _no_materialize(ctx) -> None:
-    ctx.set_materialize_grads(False)  # gradients of unused outputs arrive as None: no product with zeros
 
 
 def _spmm_t_setup_context(ctx, inputs, output):
@@ -820,7 +811,7 @@ def _sddmm_backward(ctx, g):  # out[j] = a[row(j)] . b[col(j)]
 
 def _spmm_grad_setup_context(ctx, inputs, output):
     rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, bias_grad = inputs
-    _no_materialize(ctx)
+    ctx.set_materialize_grads(False)  # gradients of unused outputs arrive as None: no product with zeros
     ctx.save_for_backward(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
 
 
@@ -905,6 +896,8 @@ _FORMULAS = {
 }
 
 
+# The differentiable ops by name, looked up once (_call runs in every backward).
+_OPS = {name: getattr(torch.ops.pysparse, name).default for name in _FORMULAS}
 _SAVED = object()
 _FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
 
@@ -952,7 +945,7 @@ def _jvp(name: str):
 
 
 def _func_function(name: str) -> type:
-    op = getattr(torch.ops.pysparse, name).default
+    op = _OPS[name]
     setup, backward = _FORMULAS[name]
 
     def forward(*inputs):  # functorch calls it with plain tensors, grad mode off
@@ -1010,8 +1003,7 @@ class _FormulaCtx:
 
 
 _FUNC_FUNCTIONS = {name: _func_function(name) for name in _FORMULAS}
-_DEFAULTS = {name: tuple(a.default_value for a in getattr(torch.ops.pysparse, name).default._schema.arguments)
-             for name in _FORMULAS}
+_DEFAULTS = {name: tuple(a.default_value for a in op._schema.arguments) for name, op in _OPS.items()}
 
 
 def _call(name: str, *args):
@@ -1019,7 +1011,7 @@ def _call(name: str, *args):
     every argument: the formulas unpack the schema's full list)."""
     if _func_mode():
         return _FUNC_FUNCTIONS[name].apply(*args, *_DEFAULTS[name][len(args):])
-    return getattr(torch.ops.pysparse, name).default(*args)
+    return _OPS[name](*args)
 
 
 def _in_dims(in_dims) -> list:
@@ -1038,7 +1030,7 @@ def _vmap_rule(name: str, fold_arg: Optional[int]):
     """A vmap rule for op `name`: when only argument `fold_arg` (the batch-carrying operand) is batched, the
     vmapped dimension joins the batch (columns of a [K, B] operand, images of an [N, C, H, W] one) and one call
     computes every entry; otherwise one call per entry."""
-    op = getattr(torch.ops.pysparse, name).default
+    op = _OPS[name]
 
     def rule(info, in_dims, *args):
         n, in_dims = info.batch_size, _in_dims(in_dims)
@@ -1133,8 +1125,7 @@ def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     """W @ x^T + bias as [B, N] for a batch-major x [B, K] (SparseLinear's forward), with _SparseLinear's
     gradients when autograd records."""
     if _func_mode():
-        return _FUNC_FUNCTIONS["spmm"].apply(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col,
-                                             t_perm).t()
+        return _call("spmm", rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm).t()
     if torch.is_grad_enabled():
         return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm).t()
     return _spmm_cols(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm).t()
