@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .nn import SparseConv2d, SparseLinear
-from .nn._sparse_weight import SparseWeight, check_mask
+from .nn._sparse_weight import SparseWeight, check_mask, refuse_meta
 
 # Below these sparsities a sparse layer is not faster than the dense one, so sparsify leaves it dense. Measured
 # on the 2-core CPU, fp32 (benchmarks/RESULTS.md): SparseLinear beats nn.Linear from 50% at batch 1, 16 and 256
@@ -79,10 +79,8 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             check_mask(mask, layer.weight, name=f"masks[{key!r}]")
     if not candidates:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
-    on_meta = [key for key, (_, module) in candidates.items() if module.weight.device.type == "meta"]
-    if on_meta:
-        raise ValueError(f"sparse layers cannot be built on the meta device ({on_meta[:3]}): which weights are kept "
-                         f"is data; load the model's weights first")
+    for key, (_, module) in candidates.items():  # before the masks are counted (no counting on meta)
+        refuse_meta(module.weight, f"a sparse layer for {key!r}")
     named_subclassed = [key for key in subclassed if masks is not None and key in masks]
     if named_subclassed:
         warnings.warn(f"sparsify leaves {len(named_subclassed)} layer(s) of nn.Linear / nn.Conv2d subclasses dense "

@@ -50,6 +50,14 @@ def check_mask(mask, weight: torch.Tensor, name: str = "mask") -> torch.Tensor:
     return mask
 
 
+def refuse_meta(weight: torch.Tensor, what: str) -> None:
+    """A sparse layer cannot be built from a weight on the meta device (constructors, from_dense, sparsify)."""
+    if weight.device.type == "meta":
+        raise ValueError(f"{what} cannot be built on the meta device: which weights are kept is data. Build it on "
+                         "a real device (then .to('meta') / to_empty() and load_state_dict work), or build the "
+                         "dense model on meta and sparsify it once its weights are loaded")
+
+
 def initial_mask(layer: str, weight: torch.Tensor, sparsity, mask) -> torch.Tensor:
     """The constructors' rule: exactly one of sparsity= (a uniformly random mask) or mask=."""
     if mask is None and sparsity is None:
@@ -150,10 +158,7 @@ class SparseWeight(nn.Module):
     def _store(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
         if weight.dtype not in _FLOATS:
             raise TypeError(f"weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
-        if weight.device.type == "meta":
-            raise ValueError(f"{type(self).__name__} cannot be built on the meta device: which weights are kept is "
-                             "data. Build it on a real device (then .to('meta') / to_empty() and load_state_dict "
-                             "work), or build the dense model on meta and sparsify it once its weights are loaded")
+        refuse_meta(weight, type(self).__name__)
         check_mask(mask, weight)
         self.weight_shape = tuple(weight.shape)
         w2, m2 = self._to_matrix(weight.detach()), self._to_matrix(mask)
