@@ -103,13 +103,15 @@ class SparseWeight(nn.Module):
     def dense_below(self, value: float) -> None:
         self.__dict__["_dense_below"] = _check_fraction(value, "dense_below", upper_inclusive=True)
 
-    def _autocast_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.dtype]]:
-        """Under ``torch.autocast`` on x's device (CPU or CUDA), a float32 / float16 / bfloat16 layer computes as
-        nn.Linear and nn.Conv2d do there, in autocast's dtype: returns x cast to it and that dtype, to which the
-        forward casts its values and bias too (``cast_to``: differentiable, so the stored values get their
-        gradient in their own dtype). Otherwise x itself and None, and x must have the layer's dtype."""
+    def _layer_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.dtype]]:
+        """What both layers' forwards do first with their input. Under ``torch.autocast`` on x's device (CPU or
+        CUDA), a float32 / float16 / bfloat16 layer computes as nn.Linear and nn.Conv2d do there, in autocast's
+        dtype: returns x cast to it and that dtype, to which the forward casts its values and bias too
+        (``cast_to``: differentiable, so the stored values get their gradient in their own dtype). Otherwise x
+        itself and None, and x must have the layer's dtype. Refuses torch.jit.trace, whose own check would
+        otherwise fail with "Graphs differed across invocations"."""
         values, cast = self._parameters["values"], None
-        if torch.jit.is_tracing():  # its own check would otherwise fail with "Graphs differed across invocations"
+        if torch.jit.is_tracing():
             raise RuntimeError(f"{type(self).__name__} does not support torch.jit.trace (deprecated in torch): use "
                                f"torch.export or torch.compile")
         if _any_autocast() and (x.is_cpu or x.is_cuda) and values.dtype in _AUTOCAST_CASTS:

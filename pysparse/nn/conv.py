@@ -120,7 +120,7 @@ class SparseConv2d(SparseWeight):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects input [N, {self.in_channels}, H, W] (or unbatched "
                              f"[{self.in_channels}, H, W]), got shape {tuple(x.shape)}")
-        x, cast = self._autocast_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
+        x, cast = self._layer_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
         bias = cast_to(self.bias, cast)
         left, right, top, bottom = self._reversed_padding_repeated_twice
         (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride

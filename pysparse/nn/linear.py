@@ -63,7 +63,7 @@ class SparseLinear(SparseWeight):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features in the last dim, "
                              f"got shape {tuple(x.shape)}")
-        x, cast = self._autocast_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
+        x, cast = self._layer_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
         if self._computes_dense():  # below the crossover: torch's dense kernels (see dense_below)
             return F.linear(x, cast_to(self._compute_weight(), cast), cast_to(self.bias, cast))
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # a view for contiguous inputs
