@@ -61,15 +61,15 @@ def _pack(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
         if not t.is_floating_point() or t.dim() < 2 or t.numel() < 256 or \
                 any(key + suffix in tensors for suffix in _PACKED):
             continue
-        keep = t.reshape(t.shape[0], -1) != 0  # (-0.0 too: masking by multiplication leaves half the zeros so)
-        nnz = int(keep.sum())
-        index_bytes = 2 if keep.shape[1] <= csr.INT16_MAX_DIM else 4
-        if nnz * (t.element_size() + index_bytes) + 4 * (t.shape[0] + 1) >= 0.75 * t.numel() * t.element_size():
+        matrix = t.reshape(t.shape[0], -1)
+        keep = matrix != 0  # (-0.0 too: masking by multiplication leaves half the zeros so)
+        index_bytes = csr.index_dtype(matrix.shape[1]).itemsize  # the width compress_rows will give
+        if int(keep.sum()) * (t.element_size() + index_bytes) + 4 * (t.shape[0] + 1) >= 0.75 * t.numel() * \
+                t.element_size():
             continue
         rowptr, col = csr.compress_rows(keep)
         del tensors[key]
-        tensors.update({key + "::values": t.reshape(t.shape[0], -1)[keep], key + "::rowptr": rowptr,
-                        key + "::col": col})
+        tensors.update({key + "::values": matrix[keep], key + "::rowptr": rowptr, key + "::col": col})
         packed[key] = list(t.shape)
     return packed
 
