@@ -43,17 +43,22 @@ def _rowptr(counts: torch.Tensor) -> torch.Tensor:
     return rowptr.to(torch.int32)
 
 
+def _check_mask(mask) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {getattr(mask, 'dtype', type(mask))} "
+                         f"of shape {tuple(getattr(mask, 'shape', ()))}")
+
+
 def compress_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rowptr int32, col int16 / int32) of the True entries of a 2-D bool mask: the CSR structure without its
     transposed cache."""
+    _check_mask(mask)
     return _rowptr(mask.sum(1)), mask.nonzero(as_tuple=True)[1].to(index_dtype(mask.shape[1]))
 
 
 def structure(mask: torch.Tensor) -> Structure:
     """The CSR structure (and its transpose) of the True entries of a 2-D bool mask."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-        raise ValueError(f"mask must be a 2-D bool tensor, got {getattr(mask, 'dtype', type(mask))} "
-                         f"of shape {tuple(getattr(mask, 'shape', ()))}")
+    _check_mask(mask)
     rows, cols = mask.shape
     if mask.numel() and int(mask.sum()) >= 2**31:
         raise ValueError("more than 2^31 - 1 kept entries")

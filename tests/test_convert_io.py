@@ -367,6 +367,8 @@ def test_load_refuses_edited_metadata(tmp_path):
     (lambda: pysparse.sparsify(nn.Linear(2, 2)), ValueError, "for a lone layer use SparseLinear.from_dense"),
     (lambda: pysparse.csr.structure(torch.ones(2, 2)), ValueError, "2-D bool tensor"),
     (lambda: pysparse.csr.structure(torch.ones(2, dtype=torch.bool)), ValueError, "2-D bool tensor"),
+    (lambda: pysparse.csr.compress_rows(torch.ones(2, 2)), ValueError, "2-D bool tensor"),
+    (lambda: pysparse.csr.compress_rows(torch.ones(2, dtype=torch.bool)), ValueError, "2-D bool tensor"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
