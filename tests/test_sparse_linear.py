@@ -174,6 +174,30 @@ def test_constructor_sparsity_and_properties():
     assert "sparsity=0.9000" in repr(layer)
 
 
+@pytest.mark.parametrize("make, dense", [
+    (lambda: SparseLinear(300, 100, sparsity=0.8), lambda: nn.Linear(300, 100)),
+    (lambda: pysparse.SparseConv2d(32, 64, 3, groups=4, sparsity=0.8), lambda: nn.Conv2d(32, 64, 3, groups=4)),
+])
+def test_reset_parameters_draws_as_torch_does(make, dense):
+    """reset_parameters (nn.Linear's / nn.Conv2d's, which model.apply(init) code calls) re-draws the stored values
+    and the bias from torch's distribution for the dense layer, over the same structure."""
+    torch.manual_seed(0)
+    layer = make()
+    mask = layer.mask()
+    with torch.no_grad():
+        layer.values.zero_()
+        layer.bias.zero_()
+    layer.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    assert torch.equal(layer.mask(), mask)
+    ref = dense()
+    bound = ref.weight[0].numel() ** -0.5  # 1 / sqrt(fan_in)
+    for mine, theirs in ((layer.values, ref.weight), (layer.bias, ref.bias)):
+        assert float(theirs.abs().max()) <= bound  # (the bound is torch's)
+        assert 0.8 * bound <= float(mine.abs().max()) <= bound
+        assert float(mine.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.15)  # uniform's std
+        assert abs(float(mine.mean())) < 0.15 * bound
+
+
 def test_from_dense_keeps_nonzeros_and_to_dense_round_trip():
     dense, mask, _ = _pair(16, 8, 0.25)
     sparse = SparseLinear.from_dense(dense)  # mask None: the non-zeros

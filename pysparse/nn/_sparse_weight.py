@@ -214,8 +214,23 @@ class SparseWeight(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight (built from the stored values on each access; differentiable in them)."""
+        """The dense weight (built from the stored values on each access; differentiable in them). A copy:
+        writing into it (``layer.weight.data.normal_()``, ``nn.init.*_(layer.weight)``) changes nothing; initialise
+        through ``values`` or :meth:`reset_parameters`."""
         return self.dense_weight()
+
+    def reset_parameters(self) -> None:
+        """Re-initialises the stored values and the bias as ``nn.Linear`` / ``nn.Conv2d.reset_parameters`` do
+        (uniform in +-1/sqrt(fan_in), fan_in of the dense weight: in_features, or in_channels / groups * kh * kw);
+        the structure stays. Draws nnz values, not the dense size: the same distribution at the kept places."""
+        fan_in = math.prod(self.weight_shape[1:])
+        if fan_in == 0:
+            return
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            self._parameters["values"].uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
 
     # ---- spectral normalisation (pysparse.nn.spectral_norm turns it on) ----
     def enable_spectral_norm(self, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
