@@ -34,9 +34,24 @@ def _apply_mask(module: nn.Module, mask: torch.Tensor) -> None:
         module.weight.masked_fill_(~mask, 0)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``model`` holds ``old``: a module registered under several names (shared between two
+    places, as in weight-shared blocks) is replaced at each of them, so the sharing stays."""
+    for _, parent in model.named_modules(remove_duplicate=True):
+        for child, module in parent._modules.items():
+            if module is old:
+                parent._modules[child] = new
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    """ids of the parameters held by more than one module (weights tied across layers, as an embedding and the
+    output layer of a language model): a sparse copy of one would part them."""
+    owners: dict[int, set[int]] = {}
+    for _, module in model.named_modules(remove_duplicate=True):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(module))
+    return {pid for pid, mods in owners.items() if len(mods) > 1}
 
 
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = None, *,
@@ -52,8 +67,11 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
 
     Only layers of exactly these types are converted: subclasses (``nn.MultiheadAttention``'s output projection,
     whose parent reads its weight directly) stay dense, with a warning naming those that ``masks`` names
-    (``pysparse.prune`` scores every nn.Linear / nn.Conv2d). Every layer named in ``masks`` that stays dense
-    has its mask applied in place (pruned weights set to zero), so that the model computes the masked model.
+    (``pysparse.prune`` scores every nn.Linear / nn.Conv2d); so do layers whose weight is tied to another
+    module's (an embedding and an output layer sharing one tensor), with a warning: a sparse copy would part them.
+    Every layer named in ``masks`` that stays dense has its mask applied in place (pruned weights set to zero),
+    so that the model computes the masked model. A layer registered under several names (one module used in
+    two places) becomes one sparse layer at all of them; ``masks`` may name it by any of them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -63,10 +81,11 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     if type(model) in _SPARSE_OF:
         raise ValueError("sparsify converts the layers inside a model; for a lone layer use "
                          f"{_SPARSE_OF[type(model)].__name__}.from_dense")
-    candidates = {f"{name}.weight": (name, module) for name, module in model.named_modules()
-                  if type(module) in _SPARSE_OF}
-    subclassed = {f"{name}.weight": module for name, module in model.named_modules()
+    every_name = list(model.named_modules(remove_duplicate=False))  # a shared module under each of its names
+    candidates = {f"{name}.weight": module for name, module in every_name if type(module) in _SPARSE_OF}
+    subclassed = {f"{name}.weight": module for name, module in every_name
                   if isinstance(module, tuple(_SPARSE_OF)) and type(module) not in _SPARSE_OF}
+    named = {}  # id(layer) -> (key, mask) of the entry of masks that names it (by any of its names)
     if masks is not None:
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a mapping from parameter names to bool tensors, got {type(masks).__name__}")
@@ -75,23 +94,34 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             raise ValueError(f"masks name parameters that are not the weight of an nn.Linear / nn.Conv2d of the model: "
                              f"{unknown[:5]}")
         for key, mask in masks.items():
-            layer = candidates[key][1] if key in candidates else subclassed[key]
+            layer = candidates.get(key, subclassed.get(key))
             check_mask(mask, layer.weight, name=f"masks[{key!r}]")
+            first = named.setdefault(id(layer), (key, mask))
+            if first[0] != key and not torch.equal(first[1], mask):
+                raise ValueError(f"masks[{first[0]!r}] and masks[{key!r}] name one shared layer with different masks")
     if not candidates:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
-    for key, (_, module) in candidates.items():  # before the masks are counted (no counting on meta)
+    for key, module in candidates.items():  # before the masks are counted (no counting on meta)
         refuse_meta(module.weight, f"a sparse layer for {key!r}")
-    named_subclassed = [key for key in subclassed if masks is not None and key in masks]
-    if named_subclassed:
-        warnings.warn(f"sparsify leaves {len(named_subclassed)} layer(s) of nn.Linear / nn.Conv2d subclasses dense "
-                      f"(their parents may read the weight directly), with their masks applied: "
-                      f"{named_subclassed[:5]}", stacklevel=2)
-    for key in named_subclassed:
-        _apply_mask(subclassed[key], masks[key])
-    for key, (name, module) in candidates.items():
-        if masks is not None and key not in masks:
+    layers = {}  # id(layer) -> (key, layer), a shared layer once
+    for key, module in (candidates | subclassed).items():
+        layers.setdefault(id(module), (key, module))
+    tied = _tied_weights(model)
+    subclasses, tied_layers = [], []  # named or candidate layers kept dense, by reason
+    for mid, (key, module) in layers.items():
+        key, mask = named.get(mid, (key, None))
+        if masks is not None and mask is None:
+            continue  # not named: left as it is
+        kept_dense = subclasses if type(module) not in _SPARSE_OF else tied_layers if id(module.weight) in tied \
+            else None
+        if kept_dense is not None:
+            if mask is not None:
+                _apply_mask(module, mask)
+            if mask is not None or kept_dense is tied_layers:
+                kept_dense.append(key)
             continue
-        mask = masks[key] if masks is not None else module.weight.detach() != 0
+        if mask is None:
+            mask = module.weight.detach() != 0
         sparsity = 1.0 - int(mask.sum()) / max(1, math.prod(mask.shape))
         if sparsity < (_default_min_sparsity(module) if min_sparsity is None else min_sparsity):
             if masks is not None:
@@ -99,8 +129,15 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             continue
         sparse = _SPARSE_OF[type(module)].from_dense(module, mask)
         sparse.train(module.training)
-        parent, child = _parent(model, name)
-        setattr(parent, child, sparse)
+        replace_module(model, module, sparse)
+    if subclasses:
+        warnings.warn(f"sparsify leaves {len(subclasses)} layer(s) of nn.Linear / nn.Conv2d subclasses dense (their "
+                      f"parents may read the weight directly), with their masks applied: {subclasses[:5]}",
+                      stacklevel=2)
+    if tied_layers:
+        warnings.warn(f"sparsify leaves {len(tied_layers)} layer(s) dense whose weight is tied to another module's (a "
+                      f"sparse copy would part them), with their masks (if given) applied: {tied_layers[:5]}",
+                      stacklevel=2)
     return model
 
 
@@ -112,6 +149,5 @@ def densify(model: nn.Module) -> nn.Module:
         if isinstance(module, SparseWeight) and name:
             dense = module.to_dense()
             dense.train(module.training)
-            parent, child = _parent(model, name)
-            setattr(parent, child, dense)
+            replace_module(model, module, dense)
     return model

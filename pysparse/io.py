@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import csr
-from .convert import _parent
+from .convert import replace_module
 from .nn import SparseConv2d, SparseLinear
 from .nn._sparse_weight import SparseWeight
 
@@ -128,7 +128,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     tensors, aliases = _dedupe({k: v.detach() for k, v in model.state_dict().items()})
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     layers = {name: {"type": type(m).__name__, "weight_shape": list(m.weight_shape)}
-              for name, m in model.named_modules() if isinstance(m, SparseWeight)}
+              for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, SparseWeight)}
     packed = _pack(tensors)
     metadata = {"format": FORMAT, "version": str(VERSION), "sparse_layers": json.dumps(layers),
                 "packed": json.dumps(packed), "aliases": json.dumps(aliases)}
@@ -218,7 +218,6 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             raise ValueError(f"{path}: layer {name!r} is a {cls.__name__} of weight shape {info.get('weight_shape')}, "
                              f"but the model has {type(module).__name__} there")
         sparse = cls.from_dense(module, torch.ones_like(module.weight, dtype=torch.bool))
-        parent, child = _parent(model, name)
-        setattr(parent, child, sparse)
+        replace_module(model, module, sparse)  # (at each name of a shared layer)
     model.load_state_dict(tensors, strict=True)
     return model

@@ -325,6 +325,74 @@ def test_save_load_tied_weights(tmp_path, device):
     assert loaded.head.weight is loaded.emb.weight and isinstance(loaded.body, SparseLinear)
 
 
+def test_sparsify_keeps_tied_layers_dense():
+    """A layer whose weight another module holds too stays dense (a sparse copy would part the tie), with a warning
+    naming it and its mask applied to the shared tensor; the layers around it are converted."""
+    torch.manual_seed(0)
+    model = _Tied()
+    masks = {"body.weight": torch.rand(16, 16) > 0.8, "head.weight": torch.rand(50, 16) > 0.8}
+    with pytest.warns(UserWarning, match=r"tied to another module.s.*'head.weight'"):
+        pysparse.sparsify(model, masks, min_sparsity=0)
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    assert isinstance(model.body, SparseLinear)
+    assert torch.equal(model.emb.weight != 0, masks["head.weight"] & (model.emb.weight != 0))
+    assert not model.emb.weight[~masks["head.weight"]].any()
+    with pytest.warns(UserWarning, match="'head.weight'"):  # masks=None: the non-zeros, the same rule
+        pysparse.sparsify(_Tied(), min_sparsity=0)
+
+
+class _Shared(nn.Module):
+    """One nn.Linear used in two places (registered under two names), as weight-shared blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.mid = nn.Linear(24, 24), nn.Linear(24, 24)
+        self.second = self.first
+
+    def forward(self, x):
+        return self.second(torch.relu(self.mid(torch.relu(self.first(x)))))
+
+
+@pytest.mark.parametrize("masks_by", ["first", "second", "both", "none"])
+def test_sparsify_shared_layer_under_every_name(tmp_path, masks_by):
+    """A module registered under two names becomes one sparse layer at both (before, the second name kept the
+    dense, unmasked layer: a silently wrong model), densify restores one shared dense layer, and a saved file
+    loads into a fresh model of the class."""
+    torch.manual_seed(0)
+    model = _Shared()
+    keep = torch.rand(24, 24) > 0.7
+    names = {"first": ["first"], "second": ["second"], "both": ["first", "second"], "none": []}[masks_by]
+    masks = {f"{n}.weight": keep for n in names} | {"mid.weight": torch.rand(24, 24) > 0.7}
+    if masks_by == "none":
+        masks = None
+        with torch.no_grad():
+            model.first.weight.mul_(keep)
+            model.mid.weight.mul_(torch.rand(24, 24) > 0.7)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in (masks or {}).items():
+            ref.get_parameter(name).mul_(mask)
+    pysparse.sparsify(model, masks, min_sparsity=0)
+    assert isinstance(model.first, SparseLinear) and model.second is model.first
+    assert torch.equal(model.first.mask(), keep)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(model(x), ref(x))
+    path = tmp_path / "shared.safetensors"
+    pysparse.save(model, path)
+    loaded = pysparse.load(path, _Shared())
+    assert loaded.second is loaded.first and isinstance(loaded.first, SparseLinear)
+    torch.testing.assert_close(loaded(x), ref(x))
+    pysparse.densify(model)
+    assert type(model.first) is nn.Linear and model.second is model.first
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def test_sparsify_shared_layer_named_with_two_masks():
+    model = _Shared()
+    with pytest.raises(ValueError, match=r"masks\['first.weight'\] and masks\['second.weight'\] name one shared"):
+        pysparse.sparsify(model, {"first.weight": torch.rand(24, 24) > 0.5, "second.weight": torch.rand(24, 24) > 0.5})
+
+
 def test_load_refuses_edited_metadata(tmp_path):
     """The checksum covers the metadata that says how to read the tensors (layers, packing, aliases)."""
     from safetensors import safe_open
