@@ -109,16 +109,18 @@ def nothing_to_prune(model: nn.Module) -> ValueError:
 
 def prunable_parameters(model: nn.Module, exclude: Iterable = ()) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     """The weights pruning considers: of every nn.Linear / nn.Conv2d not excluded (by module type, or by a
-    name: a parameter or module name, or a regular expression matched against the parameter name)."""
+    name: a parameter or module name, or a regular expression matched against the parameter name). A weight
+    tied between two layers is considered once, under the first layer's name."""
     types = tuple(e for e in exclude if isinstance(e, type))
     names = [e for e in exclude if isinstance(e, str)]
-    out = {}
+    out, seen = {}, set()
     for mod_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE) or (types and isinstance(module, types)):
+        if not isinstance(module, PRUNABLE) or (types and isinstance(module, types)) or id(module.weight) in seen:
             continue
         pname = f"{mod_name}.weight" if mod_name else "weight"
         if any(n in (pname, mod_name) or re.fullmatch(n, pname) for n in names):
             continue
+        seen.add(id(module.weight))
         out[pname] = (module, module.weight)
     return out
 

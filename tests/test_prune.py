@@ -170,6 +170,26 @@ def test_exclude_by_type_name_and_pattern():
         {"6.weight"}
 
 
+@pytest.mark.parametrize("method, compensate", [("magnitude", False), ("taylor", False), ("hessian", True)])
+def test_tied_weight_is_pruned_once(method, compensate):
+    """A weight tied between two layers is one tensor: one mask, counted once in the report (it was counted twice,
+    and compensate's functional_call refused the two names)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model[3].weight = model[1].weight
+    result = pysparse.prune(model, method, sparsity=0.75, data=_data(), loss_fn=LOSS, compensate=compensate)
+    assert set(result.masks) == {"1.weight", "5.weight"}
+    assert result.params == 64 * 64 + 10 * 64 and result.params - result.kept == round(0.75 * result.params)
+    assert model[3].weight is model[1].weight
+    assert torch.equal(model[1].weight != 0, result.masks["1.weight"])
+    x = torch.randn(4, 1, 8, 8)
+    ref = model(x)
+    with pytest.warns(UserWarning, match="tied"):  # sparsify keeps the tied layer dense, the mask applied
+        pysparse.sparsify(model, result.masks, min_sparsity=0.0)
+    assert model[3].weight is model[1].weight and isinstance(model[5], pysparse.SparseLinear)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_masks_feed_sparsify():
     model = _mlp()
     result = pysparse.prune(model, "taylor", sparsity=0.9, data=_data(), loss_fn=LOSS)
