@@ -198,6 +198,20 @@ def test_reset_parameters_draws_as_torch_does(make, dense):
         assert abs(float(mine.mean())) < 0.15 * bound
 
 
+@pytest.mark.parametrize("in_f, out_f", [(0, 5), (5, 0)])
+def test_zero_features_as_nn_linear(in_f, out_f):
+    """nn.Linear allows 0 inputs or outputs (the output is the bias, or empty); so does SparseLinear."""
+    dense = nn.Linear(in_f, out_f)
+    sparse = SparseLinear.from_dense(dense)
+    sparse.dense_below = 0
+    x = torch.randn(3, in_f, requires_grad=True)
+    y = sparse(x)
+    torch.testing.assert_close(y, dense(x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any()
+    assert sparse.nnz == 0 and torch.equal(sparse.to_dense().weight, dense.weight)
+
+
 def test_from_dense_keeps_nonzeros_and_to_dense_round_trip():
     dense, mask, _ = _pair(16, 8, 0.25)
     sparse = SparseLinear.from_dense(dense)  # mask None: the non-zeros

@@ -152,7 +152,7 @@ class SparseWeight(nn.Module):
         return row * self.matrix_shape[1] + col
 
     def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(t.shape[0], -1)
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # (not -1: 0 rows is a shape too)
 
     def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
         return m.reshape(self.weight_shape)

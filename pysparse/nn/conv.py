@@ -80,7 +80,7 @@ class SparseConv2d(SparseWeight):
     # The weight [out, in/g, kh, kw] as a block-diagonal [out, in * kh * kw] matrix.
     def _to_matrix(self, t: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
-            return t.reshape(t.shape[0], -1)
+            return super()._to_matrix(t)
         out_g, cols_g = t.shape[0] // self.groups, t[0].numel()
         m = t.new_zeros((t.shape[0], cols_g * self.groups))
         for g in range(self.groups):
