@@ -75,6 +75,15 @@ TORCH_LIBRARY(pysparse, m) {
   // else it is contiguous.
   m.def("spmm_grad(Tensor rowptr, Tensor col, Tensor values, Tensor gyt, Tensor xt, Tensor? t_rowptr=None, "
         "Tensor? t_col=None, Tensor? t_perm=None, bool bias_grad=False) -> (Tensor, Tensor, Tensor)");
+  // The layers' training steps, each recorded as one C++ autograd node (csrc/autograd.cpp; a Python
+  // autograd.Function costs as much as a small layer's kernel). layer_linear: SparseLinear's y [B, N] = x [B, K] @
+  // W^T (+ bias), the transposed view of spmm's result on x's transposed view; its backward calls spmm_grad, or
+  // sddmm / spmm_t. layer_sparse_conv2d: sparse_conv2d, its backward sparse_conv2d_grad_values / _grad_input.
+  // Differentiable in values, x and bias.
+  m.def("layer_linear(Tensor rowptr, Tensor col, Tensor values, Tensor x, Tensor? bias, Tensor? t_rowptr, "
+        "Tensor? t_col, Tensor? t_perm) -> Tensor");
+  m.def("layer_sparse_conv2d(Tensor rowptr, Tensor col, Tensor values, Tensor x, Tensor? bias, int[2] kernel_size, "
+        "int[2] stride, int[2] dilation, int[2] padding, Tensor? t_rowptr, Tensor? t_col, Tensor? t_perm) -> Tensor");
   // Frees the CPU kernels' scratch buffers held by the calling thread (csrc/cpu/scratch.h); returns the bytes
   // released. No tensors: one kernel for every device.
   m.def("release_scratch() -> int", [] { return pysparse::cpu::release_scratch(); });

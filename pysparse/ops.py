@@ -713,19 +713,6 @@ def _spmm_backward(ctx, gyt):
 torch.library.register_autograd("pysparse::spmm", _spmm_backward, setup_context=_spmm_setup_context)
 
 
-class _Spmm(torch.autograd.Function):
-    """spmm with the autograd formula registered for the op above, as an autograd.Function (layer_spmm)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):  # (ctx-style: a separate setup_context makes apply() bind arguments by signature)
-        with _below_autograd():
-            out = torch.ops.pysparse.spmm.default(*inputs)
-        _spmm_setup_context(ctx, inputs, out)
-        return out
-
-    backward = staticmethod(_spmm_backward)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Autograd: sparse_conv2d. The backward is direct as well: sparse_conv2d_grad_values for the stored values,
 # sparse_conv2d_grad_input for the input (no im2col buffer, no fold).
@@ -755,20 +742,6 @@ def _conv_backward(ctx, gy):
 
 
 torch.library.register_autograd("pysparse::sparse_conv2d", _conv_backward, setup_context=_conv_setup_context)
-
-
-class _SparseConv2d(torch.autograd.Function):
-    """sparse_conv2d with the autograd formula registered for the op above, as an autograd.Function
-    (layer_sparse_conv2d)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        with _below_autograd():
-            out = torch.ops.pysparse.sparse_conv2d.default(*inputs)
-        _conv_setup_context(ctx, inputs, out)
-        return out
-
-    backward = staticmethod(_conv_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -878,7 +851,7 @@ for _op, _backward, _setup in (("spmm_t", _spmm_t_backward, _spmm_t_setup_contex
 
 # ---------------------------------------------------------------------------------------------------------
 # torch.func (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap, functional_call) and forward_ad's dual tensors:
-# torch.library's registered formulas, and the ctx-style autograd.Functions the layers use for speed, cannot run
+# torch.library's registered formulas, and the C++ autograd nodes the layers use for speed, cannot run
 # there. Under them (_func_mode) every differentiable op goes through a Function with a separate setup_context
 # (the same backward formulas, a jvp from bilinearity), nested transforms included, and each op has a vmap rule:
 # the vmapped dimension folded into the batch where the op maps batch columns / images independently (spmm,
@@ -1057,7 +1030,7 @@ for _name, _fold in (("spmm", 3), ("spmm_t", 3), ("sddmm", None), ("spmm_grad", 
 
 def _below_autograd():
     """Where nothing needs recording (no grad mode, or inside an autograd.Function, which records the step
-    itself), the layers call their op below the Autograd dispatch key: torch.library's Python wrapper of a
+    itself), pysparse calls its ops below the Autograd dispatch key: torch.library's Python wrapper of a
     registered autograd formula otherwise runs on every call (autograd_impl -> redispatch_no_grad). A/B, one
     process, alternating order, 11 rounds (2026-11-30, Zen 3): a 256 x 256 SparseLinear's no-grad forward at batch
     8, 90%, 65 -> 51 us; 4096 x 4096 at batch 16, 99%, 298 -> 281 us; training steps within the noise. Not while
@@ -1076,65 +1049,22 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return xt.contiguous() if xt.is_cuda else xt
 
 
-def _spmm_cols(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm):
-    """spmm for the kernels' view xt [K, B] of a batch-major x (_kernel_input), outside autograd: the op's [N, B]
-    result, of which layer_linear returns the transposed view."""
-    with _below_autograd():
-        return torch.ops.pysparse.spmm.default(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
-
-
-class _SparseLinear(torch.autograd.Function):
-    """SparseLinear's product on a batch-major x [B, K] -> yt [N, B], the op's result, of which layer_linear
-    returns the transposed view y [B, N]: x's transposed view is taken inside the function (as its gradient's),
-    so that autograd records no view node on that side (A/B, one process, 2026-11-29, Zen 3, both sides: 256 x 256
-    at batch 8, 90%, forward 120 -> 97 us, step 431 -> 380 us). The output's is taken outside: a view made inside
-    a custom Function may not be modified in place, and a ReLU(inplace=True) after a linear layer (VGG's, AlexNet's,
-    MobileNetV3's classifiers) must work."""
-
-    @staticmethod
-    def forward(ctx, rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
-        xt = _kernel_input(x)
-        ctx.save_for_backward(rowptr, col, values, xt, t_rowptr, t_col, t_perm)
-        return _spmm_cols(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm)
-
-    @staticmethod
-    def backward(ctx, gyt):
-        rowptr, col, values, xt, t_rowptr, t_col, t_perm = ctx.saved_tensors
-        dvalues, dxt, dbias = _spmm_grads(_needs_input_grad(ctx, 8), rowptr, col, values, gyt, xt, t_rowptr,
-                                          t_col, t_perm)
-        return None, None, dvalues, (None if dxt is None else dxt.t()), dbias, None, None, None
-
-
-# What the layers call, with the op's arguments in schema order: while gradients are recorded, autograd.Functions
-# carrying the same formulas as the ops' registered autograd, because torch.library's wrapper around a
-# registered formula rebuilds the schema's argument list on every call (fill_defaults: 11 us for spmm's 8
-# arguments, 23 us for sparse_conv2d's 12). A/B, a training step's forward + backward (2026-11-29): 64 x 64
-# SparseLinear at batch 8 73-74 -> 58-61 us, a digits GAN discriminator's 1 -> 32 convolution 178-180 ->
-# 150-152 us; ten such calls make a GAN step. Otherwise (no gradient recorded) the ops themselves. SparseLinear
-# calls layer_linear (batch-major, _SparseLinear above), SparseConv2d's im2col path layer_spmm.
-def layer_spmm(*args):
-    if _func_mode():
-        return _call("spmm", *args)
-    if torch.is_grad_enabled():
-        return _Spmm.apply(*args)
-    with _below_autograd():
-        return torch.ops.pysparse.spmm.default(*args)
-
-
+# What the layers call, with the op's arguments in schema order: layer_linear (SparseLinear, batch-major x; also
+# SparseConv2d's im2col path) and layer_sparse_conv2d. Each records one C++ autograd node (csrc/autograd.cpp),
+# also under torch.compile (it traces through the node into the ops) and torch.no_grad (the same call, nothing
+# recorded; cheaper than calling the op from Python). A/B per round, 7 rounds, one process (2026-11-30, Zen 3)
+# against the Python autograd.Functions these replaced: training steps 64 x 64 batch 1 0.83, 256 x 256 batch 8
+# 0.89, 300 -> 100 batch 64 0.82, 1024 x 1024 batch 16 0.91, 4096 x 4096 batch 16 at 99% 1.05 and batch 256 0.98
+# (noise: kernel-bound); the digits GAN's convolutions 0.85-0.90; a no-grad forward 0.75-0.78. Under torch.func
+# or forward-mode AD (which a C++ autograd node does not support) the Functions of _FUNC_FUNCTIONS.
 def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
-    """W @ x^T + bias as [B, N] for a batch-major x [B, K] (SparseLinear's forward), with _SparseLinear's
-    gradients when autograd records."""
+    """W @ x^T + bias as [B, N] for a batch-major x [B, K]: the transposed view of spmm's result."""
     if _func_mode():
         return _call("spmm", rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm).t()
-    if torch.is_grad_enabled():
-        return _SparseLinear.apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm).t()
-    return _spmm_cols(rowptr, col, values, _kernel_input(x), bias, t_rowptr, t_col, t_perm).t()
+    return torch.ops.pysparse.layer_linear.default(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm)
 
 
 def layer_sparse_conv2d(*args):
     if _func_mode():
         return _call("sparse_conv2d", *args)
-    if torch.is_grad_enabled():
-        return _SparseConv2d.apply(*args)
-    with _below_autograd():
-        return torch.ops.pysparse.sparse_conv2d.default(*args)
+    return torch.ops.pysparse.layer_sparse_conv2d.default(*args)

@@ -1,6 +1,6 @@
 """torch.func through the sparse layers: grad, vjp, jacrev (nested too), vmap over inputs and over the stored
 values (ensembles), and per-sample gradients (vmap of grad), on every layer path, against autograd and the
-masked dense model. The layers' autograd.Functions and torch.library's registered formulas cannot run under a
+masked dense model. The layers' C++ autograd nodes and torch.library's registered formulas cannot run under a
 functorch transform; pysparse routes such calls through Functions with a separate setup_context and gives
 every op a vmap rule (pysparse/ops.py)."""
 import copy

@@ -105,7 +105,7 @@ def test_bad_input(call, exc, match):
 
 
 def test_compile_fullgraph():
-    """torch.compile(fullgraph=True) through the layer's autograd.Function (padding passed to the op): the same
+    """torch.compile(fullgraph=True) through the layer's C++ autograd node (padding passed to the op): the same
     output and gradients as eager."""
     torch.manual_seed(0)
     conv = SparseConv2d(3, 8, 3, padding=1, sparsity=0.5)

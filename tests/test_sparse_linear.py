@@ -47,6 +47,41 @@ def test_forward_backward_match_masked_dense(device, dtype, lead, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind, batch", [("linear", 5), ("linear", 40), ("conv", 4), ("im2col", 1)])
+@pytest.mark.parametrize("wanted", ["values", "x", "bias", "values+x", "values+bias", "x+bias", "values+x+bias"])
+def test_gradients_of_any_subset(device, kind, batch, wanted):
+    """The layers' autograd nodes compute what is asked and only that: every subset of values / input / bias
+    needing a gradient (each takes its own way through the backward ops: spmm_grad, sddmm or spmm_t alone, the
+    bias's sum), against the masked dense layer; the others get none."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        dense, x = nn.Linear(24, 16).to(device), torch.randn(batch, 24, device=device)
+    else:  # 9 x 9 output pixels: the direct kernel at batch 4, im2col (+ spmm) at batch 1
+        dense, x = nn.Conv2d(3, 8, 3, padding=1).to(device), torch.randn(batch, 3, 9, 9, device=device)
+    mask = torch.rand(dense.weight.shape, device=device) < 0.4
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    sparse = pysparse.sparsify(nn.Sequential(copy.deepcopy(dense)), min_sparsity=0)[0]
+    sparse.dense_below = 0
+    if kind == "im2col":
+        assert x.shape[0] * 81 < pysparse.nn.conv.DIRECT_MIN_OUTPUTS
+    wanted = wanted.split("+")
+    grads = []
+    for layer, weight in ((sparse, sparse.values), (dense, dense.weight)):
+        weight.requires_grad_("values" in wanted)
+        layer.bias.requires_grad_("bias" in wanted)
+        xi = x.clone().requires_grad_("x" in wanted)
+        layer(xi).pow(2).sum().backward()
+        grads.append((weight.grad, xi.grad, layer.bias.grad))
+    (gv, gx, gb), (dw, dx, db) = grads
+    for name, mine, ref in (("values", gv, dw), ("x", gx, dx), ("bias", gb, db)):
+        if name not in wanted:
+            assert mine is None
+            continue
+        torch.testing.assert_close(mine, ref[mask] if name == "values" else ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_chained_layers_and_noncontiguous_input(device):
     torch.manual_seed(1)
     a = SparseLinear(20, 30, sparsity=0.5).to(device)
@@ -277,7 +312,7 @@ def test_tampered_state_dict_is_refused(tamper, match):
 
 
 def test_compile_fullgraph():
-    """torch.compile(fullgraph=True) through the layer's autograd.Function: the same output and gradients."""
+    """torch.compile(fullgraph=True) through the layer's C++ autograd node: the same output and gradients."""
     _, _, sparse = _pair(16, 8, 0.3)
     assert_compiled_matches_eager(sparse, torch.randn(4, 16, requires_grad=True), torch.randn(4, 8))
 

@@ -157,7 +157,8 @@ class SparseConv2d(SparseWeight):
                             stride=self.stride)  # [N, C*kh*kw, L]
             xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
             ops._check_kernel("spmm", x.device, "input")
-            yt = ops.layer_spmm(self.rowptr, self.col, cast_to(self.effective_values(), cast), xt, bias, *transposed)
+            yt = ops.layer_linear(self.rowptr, self.col, cast_to(self.effective_values(), cast), xt.t(), bias,
+                                  *transposed).t()  # (xt as the batch-major view layer_linear takes)
             y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
         return y[0] if unbatched else y
 

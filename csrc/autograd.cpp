@@ -1,0 +1,220 @@
+// The sparse layers' eager training path as C++ autograd nodes: `linear` (SparseLinear) records one node whose
+// backward calls the same ops as pysparse/ops.py's formulas (spmm_grad for values and input together, sddmm or
+// spmm_t alone, the bias gradient from spmm_grad or a sum). One kernel for every device: it calls the device
+// kernels through the dispatcher, below the Autograd key (where torch.library's Python wrapper of the ops'
+// registered formulas would otherwise run on every call), except in a backward that builds a graph
+// (create_graph=True), where those formulas record the second derivative.
+//
+// Why C++: a Python autograd.Function costs ~15 us a forward and as much a backward on the 2-vCPU machines, as
+// much as a small layer's whole kernel (benchmarks/RESULTS.md). The Python Functions stay for torch.compile,
+// torch.func and forward-mode AD (pysparse/ops.py picks the path), which a C++ Function does not support.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pysparse {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+const auto& spmm_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("pysparse::spmm", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const OptTensor&, const OptTensor&,
+                                                const OptTensor&, const OptTensor&)>();
+  return op;
+}
+
+const auto& spmm_t_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("pysparse::spmm_t", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, int64_t, const OptTensor&, const OptTensor&,
+                                                const OptTensor&)>();
+  return op;
+}
+
+const auto& sddmm_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pysparse::sddmm", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+const auto& spmm_grad_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pysparse::spmm_grad", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const OptTensor&, const OptTensor&, const OptTensor&, bool)>();
+  return op;
+}
+
+const auto& sparse_conv2d_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("pysparse::sparse_conv2d", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+                                                at::IntArrayRef, at::IntArrayRef, const OptTensor&, const OptTensor&,
+                                                const OptTensor&)>();
+  return op;
+}
+
+const auto& conv_grad_input_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("pysparse::sparse_conv2d_grad_input", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, c10::SymIntArrayRef, at::IntArrayRef,
+                                                at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, const OptTensor&,
+                                                const OptTensor&, const OptTensor&)>();
+  return op;
+}
+
+const auto& conv_grad_values_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("pysparse::sparse_conv2d_grad_values", "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                                at::IntArrayRef)>();
+  return op;
+}
+
+// Below the Autograd key unless the backward that calls the ops builds a graph (create_graph=True: grad mode is
+// on there), where the ops' registered formulas must record it.
+struct BelowAutogradUnlessRecording {
+  std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
+  BelowAutogradUnlessRecording() {
+    if (!at::GradMode::is_enabled()) guard.emplace();
+  }
+};
+
+bool needs_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
+// An undefined tensor for an absent optional one (what save_for_backward can hold), and back.
+at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+OptTensor as_optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// The kernels' view of a batch-major x [B, K]: xt [K, B], the transposed view on the CPU (the kernels pack the
+// batch through its strides), batch-contiguous on CUDA (the kernels' layout; made once for the forward and the
+// backward). As pysparse/ops.py's _kernel_input.
+at::Tensor kernel_input(const at::Tensor& x) {
+  at::Tensor xt = x.t();
+  return xt.is_cuda() ? xt.contiguous() : xt;
+}
+
+}  // namespace
+
+// (Outside the anonymous namespace: torch names the nodes after these types, e.g. in profiles and grad_fn.name().)
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  // -> yt [N, B]; the caller returns its transposed view (taken outside the node, so that an in-place op on the
+  // layer's output, ReLU(inplace=True), is allowed).
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& rowptr, const at::Tensor& col,
+                            const at::Tensor& values, const at::Tensor& x, const OptTensor& bias,
+                            const OptTensor& t_rowptr, const OptTensor& t_col, const OptTensor& t_perm) {
+    const at::Tensor xt = kernel_input(x);
+    ctx->saved_data["needs"] = c10::List<bool>(
+        {values.requires_grad(), x.requires_grad(), needs_grad(bias)});
+    ctx->save_for_backward({rowptr, col, values, xt, or_undefined(t_rowptr), or_undefined(t_col),
+                            or_undefined(t_perm)});
+    const at::AutoDispatchBelowADInplaceOrView below;  // (grad mode is off here, nothing would be recorded)
+    return spmm_op().call(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &rowptr = saved[0], &col = saved[1], &values = saved[2], &xt = saved[3];
+    const OptTensor t_rowptr = as_optional(saved[4]), t_col = as_optional(saved[5]), t_perm = as_optional(saved[6]);
+    const auto needs = ctx->saved_data["needs"].toBoolList();
+    const bool need_values = needs[0], need_x = needs[1], need_bias = needs[2];
+    const at::Tensor& gyt = grads[0];  // [N, B]; the kernels take any strides
+    at::Tensor dvalues, dxt, dbias;
+    {
+      const BelowAutogradUnlessRecording below;
+      if (need_values && need_x) {  // one sweep for both, the bias gradient summed as gyt is packed
+        std::tie(dvalues, dxt, dbias) =
+            spmm_grad_op().call(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, need_bias);
+        if (!need_bias) dbias = at::Tensor();
+      } else {
+        if (need_values) dvalues = sddmm_op().call(rowptr, col, gyt, xt);
+        if (need_x) dxt = spmm_t_op().call(rowptr, col, values, gyt, xt.size(0), t_rowptr, t_col, t_perm);
+      }
+    }
+    if (need_bias && !dbias.defined()) dbias = gyt.sum(1);
+    return {at::Tensor(), at::Tensor(), dvalues, dxt.defined() ? dxt.t() : at::Tensor(), dbias,
+            at::Tensor(),  at::Tensor(), at::Tensor()};
+  }
+};
+
+struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& rowptr, const at::Tensor& col,
+                            const at::Tensor& values, const at::Tensor& x, const OptTensor& bias,
+                            at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
+                            at::IntArrayRef padding, const OptTensor& t_rowptr, const OptTensor& t_col,
+                            const OptTensor& t_perm) {
+    ctx->saved_data["needs"] = c10::List<bool>({values.requires_grad(), x.requires_grad(), needs_grad(bias)});
+    ctx->saved_data["geometry"] = c10::List<int64_t>({kernel[0], kernel[1], stride[0], stride[1], dilation[0],
+                                                      dilation[1], padding[0], padding[1]});
+    ctx->save_for_backward({rowptr, col, values, x, or_undefined(t_rowptr), or_undefined(t_col),
+                            or_undefined(t_perm)});
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return sparse_conv2d_op().call(rowptr, col, values, x, bias, kernel, stride, dilation, padding, t_rowptr, t_col,
+                                   t_perm);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &rowptr = saved[0], &col = saved[1], &values = saved[2], &x = saved[3];
+    const OptTensor t_rowptr = as_optional(saved[4]), t_col = as_optional(saved[5]), t_perm = as_optional(saved[6]);
+    const auto needs = ctx->saved_data["needs"].toBoolList();
+    const auto g = ctx->saved_data["geometry"].toIntVector();
+    const at::IntArrayRef kernel(&g[0], 2), stride(&g[2], 2), dilation(&g[4], 2), padding(&g[6], 2);
+    const at::Tensor gy = grads[0].contiguous();
+    at::Tensor dvalues, dx, dbias;
+    {
+      const BelowAutogradUnlessRecording below;
+      if (needs[0]) dvalues = conv_grad_values_op().call(rowptr, col, x, gy, kernel, stride, dilation, padding);
+      if (needs[1])
+        dx = conv_grad_input_op().call(rowptr, col, values, gy, x.sym_sizes(), kernel, stride, dilation, padding,
+                                       t_rowptr, t_col, t_perm);
+    }
+    if (needs[2]) dbias = gy.sum({0, 2, 3});
+    return {at::Tensor(), at::Tensor(), dvalues,      dx,           dbias,        at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+namespace {
+
+// y [B, N] = x [B, K] @ W^T + bias: spmm on x's transposed view, returned as its result's transposed view.
+at::Tensor layer_linear(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& x,
+                  const OptTensor& bias, const OptTensor& t_rowptr, const OptTensor& t_col,
+                  const OptTensor& t_perm) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "layer_linear: x must be 2-D [batch, in_features], got ", x.dim(), " dims");
+  return LinearFunction::apply(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm).t();
+}
+
+// sparse_conv2d, recorded as one Conv2dFunction node.
+at::Tensor layer_sparse_conv2d(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
+                               const at::Tensor& x, const OptTensor& bias, at::IntArrayRef kernel,
+                               at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
+                               const OptTensor& t_rowptr, const OptTensor& t_col, const OptTensor& t_perm) {
+  return Conv2dFunction::apply(rowptr, col, values, x, bias, kernel, stride, dilation, padding, t_rowptr, t_col,
+                               t_perm);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pysparse, CompositeImplicitAutograd, m) {
+  m.impl("layer_linear", &layer_linear);
+  m.impl("layer_sparse_conv2d", &layer_sparse_conv2d);
+}
+
+}  // namespace pysparse
