@@ -147,7 +147,7 @@ class SparseConv2d(SparseWeight):
         # (torch.export: the direct kernel, whatever the batch, so that one graph serves every batch size)
         if torch.compiler.is_exporting() or x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or \
                 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
-            ops._check_kernel("sparse_conv2d", x.device, "input")
+            ops._check_input_kernel("sparse_conv2d", x)
             y = ops.layer_sparse_conv2d(self.rowptr, self.col, cast_to(self.effective_values(), cast), x, bias,
                                         list(self.kernel_size), list(self.stride), list(self.dilation), padding,
                                         *transposed)
@@ -156,7 +156,7 @@ class SparseConv2d(SparseWeight):
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=padding,
                             stride=self.stride)  # [N, C*kh*kw, L]
             xt = cols.transpose(0, 1).reshape(cols.shape[1], n * oh * ow)
-            ops._check_kernel("spmm", x.device, "input")
+            ops._check_input_kernel("spmm", x)
             yt = ops.layer_linear(self.rowptr, self.col, cast_to(self.effective_values(), cast), xt.t(), bias,
                                   *transposed).t()  # (xt as the batch-major view layer_linear takes)
             y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)

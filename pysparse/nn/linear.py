@@ -69,7 +69,7 @@ class SparseLinear(SparseWeight):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # a view for contiguous inputs
         # The layer built (or, on load, checked) its own structure, and the kernel checks its arguments again:
         # the op is called directly, without the wrapper's Python checks (~10 us a call on small layers).
-        ops._check_kernel("spmm", x.device, "input")
+        ops._check_input_kernel("spmm", x)
         y = ops.layer_linear(self.rowptr, self.col, cast_to(self.effective_values(), cast), x2,
                              cast_to(self.bias, cast), self.t_rowptr, self.t_col,
                              self.t_perm)  # the kernel packs the batch through the transposed view's strides
