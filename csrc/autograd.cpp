@@ -1,13 +1,15 @@
-// The sparse layers' eager training path as C++ autograd nodes: `linear` (SparseLinear) records one node whose
-// backward calls the same ops as pysparse/ops.py's formulas (spmm_grad for values and input together, sddmm or
-// spmm_t alone, the bias gradient from spmm_grad or a sum). One kernel for every device: it calls the device
+// The sparse layers' autograd as C++ nodes: layer_linear (SparseLinear, and SparseConv2d's im2col path) and
+// layer_sparse_conv2d record one node each, whose backward calls the same ops as pysparse/ops.py's registered
+// formulas (spmm_grad for values and input together, sddmm or spmm_t alone, the bias gradient from spmm_grad or
+// a sum; sparse_conv2d_grad_values / _grad_input), and only for the inputs the running backward asks for
+// (autograd.grad(y, x) computes no values gradient). One kernel for every device: the nodes call the device
 // kernels through the dispatcher, below the Autograd key (where torch.library's Python wrapper of the ops'
-// registered formulas would otherwise run on every call), except in a backward that builds a graph
-// (create_graph=True), where those formulas record the second derivative.
+// formulas would otherwise run on every call), except in a backward that builds a graph (create_graph=True),
+// where those formulas record the second derivative.
 //
-// Why C++: a Python autograd.Function costs ~15 us a forward and as much a backward on the 2-vCPU machines, as
-// much as a small layer's whole kernel (benchmarks/RESULTS.md). The Python Functions stay for torch.compile,
-// torch.func and forward-mode AD (pysparse/ops.py picks the path), which a C++ Function does not support.
+// Why C++: a Python autograd.Function cost as much as a small layer's kernels (benchmarks/RESULTS.md). Eager,
+// no_grad and torch.compile (which traces through the node into the ops) take these nodes; torch.func and
+// forward-mode AD, which a C++ node does not support, take the Functions of pysparse/ops.py's _FUNC_FUNCTIONS.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -96,8 +98,6 @@ struct BelowAutogradUnlessRecording {
   }
 };
 
-bool needs_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
-
 // An undefined tensor for an absent optional one (what save_for_backward can hold), and back.
 at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 OptTensor as_optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -120,8 +120,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                             const at::Tensor& values, const at::Tensor& x, const OptTensor& bias,
                             const OptTensor& t_rowptr, const OptTensor& t_col, const OptTensor& t_perm) {
     const at::Tensor xt = kernel_input(x);
-    ctx->saved_data["needs"] = c10::List<bool>(
-        {values.requires_grad(), x.requires_grad(), needs_grad(bias)});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->save_for_backward({rowptr, col, values, xt, or_undefined(t_rowptr), or_undefined(t_col),
                             or_undefined(t_perm)});
     const at::AutoDispatchBelowADInplaceOrView below;  // (grad mode is off here, nothing would be recorded)
@@ -132,8 +131,9 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &rowptr = saved[0], &col = saved[1], &values = saved[2], &xt = saved[3];
     const OptTensor t_rowptr = as_optional(saved[4]), t_col = as_optional(saved[5]), t_perm = as_optional(saved[6]);
-    const auto needs = ctx->saved_data["needs"].toBoolList();
-    const bool need_values = needs[0], need_x = needs[1], need_bias = needs[2];
+    // (the node's inputs: rowptr, col, values, x, then bias when given; the t_* tensors after it never need one)
+    const bool need_values = ctx->needs_input_grad(2), need_x = ctx->needs_input_grad(3),
+               need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4);
     const at::Tensor& gyt = grads[0];  // [N, B]; the kernels take any strides
     at::Tensor dvalues, dxt, dbias;
     {
@@ -159,7 +159,7 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                             at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
                             at::IntArrayRef padding, const OptTensor& t_rowptr, const OptTensor& t_col,
                             const OptTensor& t_perm) {
-    ctx->saved_data["needs"] = c10::List<bool>({values.requires_grad(), x.requires_grad(), needs_grad(bias)});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["geometry"] = c10::List<int64_t>({kernel[0], kernel[1], stride[0], stride[1], dilation[0],
                                                       dilation[1], padding[0], padding[1]});
     ctx->save_for_backward({rowptr, col, values, x, or_undefined(t_rowptr), or_undefined(t_col),
@@ -173,19 +173,20 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &rowptr = saved[0], &col = saved[1], &values = saved[2], &x = saved[3];
     const OptTensor t_rowptr = as_optional(saved[4]), t_col = as_optional(saved[5]), t_perm = as_optional(saved[6]);
-    const auto needs = ctx->saved_data["needs"].toBoolList();
+    const bool need_values = ctx->needs_input_grad(2), need_x = ctx->needs_input_grad(3),
+               need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4);
     const auto g = ctx->saved_data["geometry"].toIntVector();
     const at::IntArrayRef kernel(&g[0], 2), stride(&g[2], 2), dilation(&g[4], 2), padding(&g[6], 2);
     const at::Tensor gy = grads[0].contiguous();
     at::Tensor dvalues, dx, dbias;
     {
       const BelowAutogradUnlessRecording below;
-      if (needs[0]) dvalues = conv_grad_values_op().call(rowptr, col, x, gy, kernel, stride, dilation, padding);
-      if (needs[1])
+      if (need_values) dvalues = conv_grad_values_op().call(rowptr, col, x, gy, kernel, stride, dilation, padding);
+      if (need_x)
         dx = conv_grad_input_op().call(rowptr, col, values, gy, x.sym_sizes(), kernel, stride, dilation, padding,
                                        t_rowptr, t_col, t_perm);
     }
-    if (needs[2]) dbias = gy.sum({0, 2, 3});
+    if (need_bias) dbias = gy.sum({0, 2, 3});
     return {at::Tensor(), at::Tensor(), dvalues,      dx,           dbias,        at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -206,6 +207,9 @@ at::Tensor layer_sparse_conv2d(const at::Tensor& rowptr, const at::Tensor& col, 
                                const at::Tensor& x, const OptTensor& bias, at::IntArrayRef kernel,
                                at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
                                const OptTensor& t_rowptr, const OptTensor& t_col, const OptTensor& t_perm) {
+  for (const auto& [arg, name] : {std::pair{kernel, "kernel_size"}, std::pair{stride, "stride"},
+                                   std::pair{dilation, "dilation"}, std::pair{padding, "padding"}})
+    TORCH_CHECK_VALUE(arg.size() == 2, "layer_sparse_conv2d: ", name, " must have 2 entries, got ", arg.size());
   return Conv2dFunction::apply(rowptr, col, values, x, bias, kernel, stride, dilation, padding, t_rowptr, t_col,
                                t_perm);
 }

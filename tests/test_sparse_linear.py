@@ -81,6 +81,36 @@ def test_gradients_of_any_subset(device, kind, batch, wanted):
         torch.testing.assert_close(mine, ref[mask] if name == "values" else ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_backward_computes_only_what_is_asked(kind):
+    """autograd.grad(y, x) (a gradient penalty's first step) runs the input-gradient op alone, grad w.r.t. the
+    values their op alone, though both require gradients: the layers' nodes ask the running backward, not
+    requires_grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.called.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = SparseLinear(24, 16, sparsity=0.6), torch.randn(5, 24, requires_grad=True)
+        ops = {"x": "pysparse::spmm_t", "values": "pysparse::sddmm", "both": "pysparse::spmm_grad"}
+    else:
+        layer, x = pysparse.SparseConv2d(3, 8, 3, sparsity=0.6), torch.randn(4, 3, 9, 9, requires_grad=True)
+        ops = {"x": "pysparse::sparse_conv2d_grad_input", "values": "pysparse::sparse_conv2d_grad_values"}
+    layer.dense_below = 0
+    for wrt, inputs in (("x", [x]), ("values", [layer.values]), ("both", [x, layer.values])):
+        y = layer(x).sum()
+        mode = Ops()
+        mode.called = set()
+        with mode:
+            torch.autograd.grad(y, inputs)
+        expected = {ops[k] for k in (("x", "values") if wrt == "both" and kind == "conv" else (wrt,))}
+        assert {name for name in mode.called if name.startswith("pysparse::")} == expected
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_chained_layers_and_noncontiguous_input(device):
     torch.manual_seed(1)
