@@ -169,6 +169,10 @@ def test_op_opcheck(device):
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d.default,
                           (s.rowptr, s.col, values.clone().requires_grad_(), x.clone().requires_grad_(), None,
                            [3, 3], [2, 2], [1, 1], [1, 2], *s.transposed()))
+    # the layer's op: its C++ autograd node (CompositeImplicitAutograd over the op above)
+    torch.library.opcheck(torch.ops.pysparse.layer_sparse_conv2d.default,
+                          (s.rowptr, s.col, values.clone().requires_grad_(), x.clone().requires_grad_(),
+                           bias.clone().requires_grad_(), [3, 3], [2, 2], [1, 1], [1, 2], *s.transposed()))
 
 
 def test_op_bad_input():

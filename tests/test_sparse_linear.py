@@ -81,6 +81,18 @@ def test_gradients_of_any_subset(device, kind, batch, wanted):
         torch.testing.assert_close(mine, ref[mask] if name == "values" else ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_op_opcheck(device, bias):
+    """The layer's op (its C++ autograd node) passes torch.library.opcheck: schema, autograd registration, fake
+    tensors, AOT dispatch (torch.compile's path through the node)."""
+    dense, _, sparse = _pair(24, 16, 0.4, device=device, bias=bias)
+    x = torch.randn(5, 24, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pysparse.layer_linear.default,
+                          (sparse.rowptr, sparse.col, sparse.values, x, sparse.bias, sparse.t_rowptr, sparse.t_col,
+                           sparse.t_perm))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_backward_computes_only_what_is_asked(kind):
     """autograd.grad(y, x) (a gradient penalty's first step) runs the input-gradient op alone, grad w.r.t. the
