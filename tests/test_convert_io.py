@@ -298,6 +298,44 @@ def test_load_refuses_bad_packed_tensors(tmp_path):
         pysparse.load(write(lambda t: None, packed='[1, 2]'), fresh())
 
 
+def test_sparsify_a_transformer_encoder():
+    """nn.TransformerEncoderLayer: its linear layers become sparse, its attention's out_proj stays dense (a
+    subclass its parent reads directly); the model computes the masked model in training and in inference, where
+    torch's fast path reads linear1 / linear2.weight (the sparse layers' dense copies) unless
+    torch.backends.mha.set_fastpath_enabled(False), which keeps the sparse kernels (as the README says)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.called.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    result = pysparse.prune(model, "magnitude", sparsity=0.9)
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="out_proj"):
+        pysparse.sparsify(model, result.masks, min_sparsity=0)
+    assert isinstance(model.layers[1].linear2, SparseLinear)
+    x = torch.randn(3, 7, 32)
+    for fast in (True, False):
+        torch.backends.mha.set_fastpath_enabled(fast)
+        try:
+            mode = Ops()
+            mode.called = set()
+            with torch.no_grad(), mode:
+                y = model(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        with torch.no_grad():
+            torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+        assert ("pysparse::spmm" in mode.called) != fast
+    model.train()
+    ref.train()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 class _Tied(nn.Module):
     """An embedding and a classifier sharing one weight (as language models tie them), and a sparse layer."""
 
