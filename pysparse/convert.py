@@ -34,13 +34,22 @@ def _apply_mask(module: nn.Module, mask: torch.Tensor) -> None:
         module.weight.masked_fill_(~mask, 0)
 
 
-def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``model`` holds ``old``: a module registered under several names (shared between two
-    places, as in weight-shared blocks) is replaced at each of them, so the sharing stays."""
-    for _, parent in model.named_modules(remove_duplicate=True):
+def module_places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Where each submodule of ``model`` sits: id(module) -> [(parent, attribute name), ...], every place of a
+    module registered under several names (shared between two places, as in weight-shared blocks). One walk of
+    the model, for any number of :func:`replace_module` calls on leaf modules."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, parent in model.named_modules():
         for child, module in parent._modules.items():
-            if module is old:
-                parent._modules[child] = new
+            if module is not None:
+                places.setdefault(id(module), []).append((parent, child))
+    return places
+
+
+def replace_module(places: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every place of ``old`` (``places`` from :func:`module_places`), so a sharing stays."""
+    for parent, child in places.get(id(old), ()):
+        parent._modules[child] = new
 
 
 def _tied_weights(model: nn.Module) -> set[int]:
@@ -106,19 +115,20 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     layers = {}  # id(layer) -> (key, layer), a shared layer once
     for key, module in (candidates | subclassed).items():
         layers.setdefault(id(module), (key, module))
-    tied = _tied_weights(model)
+    tied, places = _tied_weights(model), module_places(model)
     subclasses, tied_layers = [], []  # named or candidate layers kept dense, by reason
     for mid, (key, module) in layers.items():
         key, mask = named.get(mid, (key, None))
         if masks is not None and mask is None:
             continue  # not named: left as it is
-        kept_dense = subclasses if type(module) not in _SPARSE_OF else tied_layers if id(module.weight) in tied \
-            else None
-        if kept_dense is not None:
+        subclass = type(module) not in _SPARSE_OF
+        if subclass or id(module.weight) in tied:  # stays dense, its mask applied
             if mask is not None:
                 _apply_mask(module, mask)
-            if mask is not None or kept_dense is tied_layers:
-                kept_dense.append(key)
+            if not subclass:
+                tied_layers.append(key)
+            elif mask is not None:  # (subclasses no mask names are not reported)
+                subclasses.append(key)
             continue
         if mask is None:
             mask = module.weight.detach() != 0
@@ -129,7 +139,7 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             continue
         sparse = _SPARSE_OF[type(module)].from_dense(module, mask)
         sparse.train(module.training)
-        replace_module(model, module, sparse)
+        replace_module(places, module, sparse)
     if subclasses:
         warnings.warn(f"sparsify leaves {len(subclasses)} layer(s) of nn.Linear / nn.Conv2d subclasses dense (their "
                       f"parents may read the weight directly), with their masks applied: {subclasses[:5]}",
@@ -145,9 +155,10 @@ def densify(model: nn.Module) -> nn.Module:
     """Replace every sparse layer of ``model`` by the equivalent dense one, in place; returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    places = module_places(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseWeight) and name:
             dense = module.to_dense()
             dense.train(module.training)
-            replace_module(model, module, dense)
+            replace_module(places, module, dense)
     return model

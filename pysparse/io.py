@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import csr
-from .convert import replace_module
+from .convert import module_places, replace_module
 from .nn import SparseConv2d, SparseLinear
 from .nn._sparse_weight import SparseWeight
 
@@ -203,6 +203,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         if key in tensors or stored not in tensors:
             raise ValueError(f"{path}: {key!r} is an alias of {stored!r}, which the file does not hold")
         tensors[key] = tensors[stored]
+    places = module_places(model)
     for name, info in layers.items():
         try:
             module = model.get_submodule(name)
@@ -218,6 +219,6 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             raise ValueError(f"{path}: layer {name!r} is a {cls.__name__} of weight shape {info.get('weight_shape')}, "
                              f"but the model has {type(module).__name__} there")
         sparse = cls.from_dense(module, torch.ones_like(module.weight, dtype=torch.bool))
-        replace_module(model, module, sparse)  # (at each name of a shared layer)
+        replace_module(places, module, sparse)  # (at each name of a shared layer)
     model.load_state_dict(tensors, strict=True)
     return model
