@@ -1,7 +1,10 @@
 """Test and benchmark helpers: the devices and dtypes every kernel test iterates over, and tensor builders.
 Needs pytest (a test dependency)."""
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pysparse
 
@@ -53,3 +56,22 @@ def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor, grad
     out.backward(grad)
     for got, w in zip((t.grad for t in tensors), want):
         torch.testing.assert_close(got, w)
+
+
+class _OpsCalled(TorchDispatchMode):
+    def __init__(self, names: set):
+        super().__init__()
+        self.names = names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def ops_called():
+    """Within the block, collects the names of the ops that reach the kernels (``"pysparse::spmm_t"``, ...),
+    below autograd and torch's Python wrappers: which way through the code a call took."""
+    names: set = set()
+    with _OpsCalled(names):
+        yield names

@@ -9,7 +9,7 @@ from torch import nn
 
 import pysparse
 from pysparse import SparseConv2d, SparseLinear
-from pysparse.testing import DEVICES
+from pysparse.testing import DEVICES, ops_called
 
 
 def _pruned(model, sparsity, seed=0):
@@ -303,13 +303,6 @@ def test_sparsify_a_transformer_encoder():
     subclass its parent reads directly); the model computes the masked model in training and in inference, where
     torch's fast path reads linear1 / linear2.weight (the sparse layers' dense copies) unless
     torch.backends.mha.set_fastpath_enabled(False), which keeps the sparse kernels (as the README says)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.called.add(func.name())
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -322,15 +315,13 @@ def test_sparsify_a_transformer_encoder():
     for fast in (True, False):
         torch.backends.mha.set_fastpath_enabled(fast)
         try:
-            mode = Ops()
-            mode.called = set()
-            with torch.no_grad(), mode:
+            with torch.no_grad(), ops_called() as called:
                 y = model(x)
         finally:
             torch.backends.mha.set_fastpath_enabled(True)
         with torch.no_grad():
             torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
-        assert ("pysparse::spmm" in mode.called) != fast
+        assert ("pysparse::spmm" in called) != fast
     model.train()
     ref.train()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

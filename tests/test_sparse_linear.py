@@ -9,7 +9,7 @@ from torch import nn
 
 import pysparse
 from pysparse import SparseLinear
-from pysparse.testing import assert_compiled_matches_eager, devices_for
+from pysparse.testing import assert_compiled_matches_eager, devices_for, ops_called
 
 DEVICES = devices_for("spmm", "spmm_t", "sddmm", "spmm_grad")
 
@@ -98,13 +98,6 @@ def test_backward_computes_only_what_is_asked(kind):
     """autograd.grad(y, x) (a gradient penalty's first step) runs the input-gradient op alone, grad w.r.t. the
     values their op alone, though both require gradients: the layers' nodes ask the running backward, not
     requires_grad."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.called.add(func.name())
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     if kind == "linear":
         layer, x = SparseLinear(24, 16, sparsity=0.6), torch.randn(5, 24, requires_grad=True)
@@ -115,12 +108,10 @@ def test_backward_computes_only_what_is_asked(kind):
     layer.dense_below = 0
     for wrt, inputs in (("x", [x]), ("values", [layer.values]), ("both", [x, layer.values])):
         y = layer(x).sum()
-        mode = Ops()
-        mode.called = set()
-        with mode:
+        with ops_called() as called:
             torch.autograd.grad(y, inputs)
         expected = {ops[k] for k in (("x", "values") if wrt == "both" and kind == "conv" else (wrt,))}
-        assert {name for name in mode.called if name.startswith("pysparse::")} == expected
+        assert {name for name in called if name.startswith("pysparse::")} == expected
 
 
 @pytest.mark.parametrize("device", DEVICES)
