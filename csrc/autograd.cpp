@@ -24,68 +24,52 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
+// A typed handle to one of pysparse's ops; each accessor below looks its op up once (a function-local static).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The ops' C++ signatures (as their schemas in csrc/ops.cpp): T a tensor, OptT an optional one, Ints int[2].
+using T = const at::Tensor&;
+using OptT = const OptTensor&;
+using Ints = at::IntArrayRef;
+
 const auto& spmm_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("pysparse::spmm", "")
-                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const OptTensor&, const OptTensor&,
-                                                const OptTensor&, const OptTensor&)>();
+  static const auto op = find_op<at::Tensor(T, T, T, T, OptT, OptT, OptT, OptT)>("pysparse::spmm");
   return op;
 }
 
 const auto& spmm_t_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("pysparse::spmm_t", "")
-                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, int64_t, const OptTensor&, const OptTensor&,
-                                                const OptTensor&)>();
+  static const auto op = find_op<at::Tensor(T, T, T, T, int64_t, OptT, OptT, OptT)>("pysparse::spmm_t");
   return op;
 }
 
 const auto& sddmm_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pysparse::sddmm", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  static const auto op = find_op<at::Tensor(T, T, T, T)>("pysparse::sddmm");
   return op;
 }
 
 const auto& spmm_grad_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pysparse::spmm_grad", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const OptTensor&, const OptTensor&, const OptTensor&, bool)>();
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(T, T, T, T, T, OptT, OptT, OptT, bool)>(
+      "pysparse::spmm_grad");
   return op;
 }
 
 const auto& sparse_conv2d_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("pysparse::sparse_conv2d", "")
-                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
-                                                at::IntArrayRef, at::IntArrayRef, const OptTensor&, const OptTensor&,
-                                                const OptTensor&)>();
+  static const auto op =
+      find_op<at::Tensor(T, T, T, T, OptT, Ints, Ints, Ints, Ints, OptT, OptT, OptT)>("pysparse::sparse_conv2d");
   return op;
 }
 
 const auto& conv_grad_input_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("pysparse::sparse_conv2d_grad_input", "")
-                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, c10::SymIntArrayRef, at::IntArrayRef,
-                                                at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, const OptTensor&,
-                                                const OptTensor&, const OptTensor&)>();
+  static const auto op = find_op<at::Tensor(T, T, T, T, c10::SymIntArrayRef, Ints, Ints, Ints, Ints, OptT, OptT, OptT)>(
+      "pysparse::sparse_conv2d_grad_input");
   return op;
 }
 
 const auto& conv_grad_values_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("pysparse::sparse_conv2d_grad_values", "")
-                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                                at::IntArrayRef)>();
+  static const auto op = find_op<at::Tensor(T, T, T, T, Ints, Ints, Ints, Ints)>("pysparse::sparse_conv2d_grad_values");
   return op;
 }
 
