@@ -93,6 +93,19 @@ def test_layer_op_opcheck(device, bias):
                            sparse.t_perm))
 
 
+def test_layer_ops_refuse_bad_arguments():
+    """The layers' ops check what their C++ nodes rely on (the kernels they call check the rest)."""
+    layer = SparseLinear(16, 8, sparsity=0.5)
+    structure = (layer.t_rowptr, layer.t_col, layer.t_perm)
+    for x in (torch.randn(16), torch.randn(2, 4, 16)):
+        with pytest.raises(ValueError, match="layer_linear: x must be 2-D"):
+            torch.ops.pysparse.layer_linear.default(layer.rowptr, layer.col, layer.values, x, None, *structure)
+    conv = pysparse.SparseConv2d(3, 4, 3, sparsity=0.5)
+    with pytest.raises(ValueError, match="layer_sparse_conv2d: kernel_size must have 2 entries, got 3"):
+        torch.ops.pysparse.layer_sparse_conv2d.default(conv.rowptr, conv.col, conv.values, torch.randn(1, 3, 6, 6),
+                                                       None, [3, 3, 3], [1, 1], [1, 1], [0, 0], None, None, None)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_backward_computes_only_what_is_asked(kind):
     """autograd.grad(y, x) (a gradient penalty's first step) runs the input-gradient op alone, grad w.r.t. the
