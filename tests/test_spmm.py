@@ -182,6 +182,39 @@ def test_spmm_grad_batch_split_between_threads(threads, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cols", [60, 9000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spmm_grad_over_csr_in_one_or_two_sweeps(threads, cols, dtype):
+    """Batches 9-32 on the CPU (and larger ones without W^T's structure) sweep W's CSR over 16- to 64-column
+    panels: one sweep for both gradients while xt's panel and the accumulators are small (60 columns), sddmm's and
+    spmm_t's sweeps over the same packed panels once the two take a quarter of L2 or more (9000 columns: 1.15 MB
+    at 16 columns, above a quarter of the largest L2 the kernels assume, 4 MB). Either way the reference's
+    gradients, for two layouts, one and two panels, and spmm_t's bits; on the two sweeps, sddmm's bits too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, s, _, _ = _problem(40, cols, 1, 0.3 if cols < 100 else 0.05, dtype, "cpu", cols, empty_rows=True)
+        gen = torch.Generator().manual_seed(threads)
+        for batch, transposed in ((9, s.transposed()), (16, None), (17, s.transposed()), (32, None), (70, None)):
+            x, g = torch.randn(batch, cols, generator=gen).to(dtype), torch.randn(batch, 40, generator=gen).to(dtype)
+            want = reference.spmm_grad(s.rowptr, s.col, values, g.t(), x.t(), bias=True)
+            for layout in ("transposed", "contiguous"):
+                xt, gyt = _strided(x.t().contiguous(), layout), _strided(g.t().contiguous(), layout)
+                got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=transposed, bias=True)
+                for a, w in zip(got, want):
+                    assert a.dtype == dtype
+                    torch.testing.assert_close(a, w, **TOL[dtype])
+                assert torch.equal(pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols), got[1])
+                alone = pysparse.ops.sddmm(s.rowptr, s.col, gyt, xt)
+                if cols > 100:
+                    assert torch.equal(alone, got[0])
+                else:
+                    torch.testing.assert_close(alone, got[0], **TOL[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_single_column_backward(threads, dtype):

@@ -1259,9 +1259,10 @@ void grad_csc_tiles(const int32_t* trowptr, const index_t* trow, const float* va
 // W^T @ gyt from W's CSR, by scatter: each stored w[r, c] adds w * gyt[r, :] to row c of the calling thread's
 // private float32 accumulators [K, T] (acc_buf, [parts, K, T]), which are then summed over threads per panel
 // into dxt (strides dsk, dsb); gyt's panel row r stays in registers for the row. spmm_t below batch 33 (or
-// without W^T's structure). With DOTS, the same sweep is spmm_grad's over W's CSR (small batches, or without
-// W^T's structure): each stored (r, c) also reads xt's panel row c for its dot product with gyt's row, the
-// values' gradient (dv, CSR order, float32, summed over panels).
+// without W^T's structure). With DOTS, the same sweep is spmm_grad's over W's CSR (batches 9-32, or without
+// W^T's structure, where xt's panel and the accumulators are small: see spmm_grad_cpu): each stored (r, c) also
+// reads xt's panel row c for its dot product with gyt's row, the values' gradient (dv, CSR order, float32, summed
+// over panels).
 template <int V, bool DOTS, typename index_t, typename scalar_t>
 void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* pg,
                     const float* px, float* acc_buf, float* dv, scalar_t* dxt, int64_t dsk, int64_t dsb,
@@ -1603,7 +1604,8 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
 
 
 // The backward of spmm in one call: (dvalues, dxt) = (sddmm(W, gyt, xt), W^T @ gyt), one sweep over the stored
-// positions for both (grad_csc_panels / scatter_panels above), and with bias_grad dbias = gyt.sum(1), summed
+// positions for both (grad_csc_panels / scatter_panels / sweep_narrow / vec_sweep above; over W's CSR with large
+// panels, sddmm's and spmm_t's sweeps over the same packed panels), and with bias_grad dbias = gyt.sum(1), summed
 // as gyt is packed (an empty tensor without). float64 and empty shapes take the two ops (and at::sum).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
     const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& gyt,
@@ -1726,11 +1728,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
       const at::Tensor acc = cpu::scratch(2, std::max<int64_t>(1, row_parts(rows)) * K * T);
       at::Tensor dv = values.scalar_type() == at::kFloat ? dvalues : cpu::scratch(3, nnz);
       float* dvf = dv.mutable_data_ptr<float>();
+      // One sweep for both gradients (each stored position reads xt's panel row and adds into the accumulators'
+      // row), or two sweeps over the same packed panels, sddmm's then spmm_t's, when those two randomly addressed
+      // [K, T] arrays take a quarter of L2 or more: then each sweep alone, with half the random working set, costs
+      // less than their sum in one. Zen 4 (1 MB of L2), 4096 rows, one process alternating the two, 9 rounds,
+      // per-round ratio two / one (2026-11-30): K = 4096 at batch 16 / 24 / 32 (T = 16 / 32 / 32), 90% 0.95 / 0.83
+      // / 0.81, 95% 0.92 / 0.80 / 0.77, 99% 0.93 / 0.86 / 0.87, batch 16 at 50 / 70 / 80% 0.96 / 0.86 / 0.71;
+      // K = 2048, batch 16 at 80 / 90% 0.92 / 0.85, at 50 / 70% 1.11 / 1.05 (a quarter of L2: taken), batch 32 at
+      // 70-90% 0.83-0.88; below a quarter one sweep: K = 1024, batch 16 / 32 at 90% 0.97 / 0.95, 50% 1.06 / 0.98;
+      // K = 768 at 90% 1.06 / 0.99. (Batches 1-8 keep their one sweep, vec_sweep and sweep_narrow: two measured
+      // 1.19-1.30 times slower.) The outputs were the same bits either way in every case measured.
+      const bool two_sweeps = 2 * K * T * static_cast<int64_t>(sizeof(float)) >= l2_bytes() / 4;
       PYSPARSE_DISPATCH_INDEX(col, "spmm_grad_cpu", [&] {
         with_panel_width(T, "spmm_grad", [&](auto v_tag) {
-          scatter_panels<decltype(v_tag)::value, true, index_t, scalar_t>(
-              rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), pgp,
-              pxp, acc.mutable_data_ptr<float>(), dvf, dxp, dxt.stride(0), dxt.stride(1), rows, K, B, bad);
+          constexpr int V = decltype(v_tag)::value;
+          const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+          const index_t* cp = col.const_data_ptr<index_t>();
+          const scalar_t* vp = values.const_data_ptr<scalar_t>();
+          float* ap = acc.mutable_data_ptr<float>();
+          if (two_sweeps) {
+            sddmm_panels<V, index_t>(rp, cp, pgp, pxp, dvf, rows, K, B, bad);
+            scatter_panels<V, false, index_t, scalar_t>(rp, cp, vp, pgp, nullptr, ap, nullptr, dxp, dxt.stride(0),
+                                                        dxt.stride(1), rows, K, B, bad);
+          } else {
+            scatter_panels<V, true, index_t, scalar_t>(rp, cp, vp, pgp, pxp, ap, dvf, dxp, dxt.stride(0), dxt.stride(1),
+                                                       rows, K, B, bad);
+          }
         });
       });
       TORCH_CHECK_VALUE(!bad, "spmm_grad: a column index is outside [0, ", K, ")");
