@@ -1,5 +1,6 @@
 """The benchmark tooling that runs where a rerun is expensive (benchmarks/gpu_check.sh on a lent GPU): merging
-the JSON of its benchmark parts and the ratio table; and benchmarks/step_ratio.py (step / forward per round)."""
+the JSON of its benchmark parts and the ratio table; benchmarks/step_ratio.py (step / forward per round) and
+benchmarks/per_round.py (SparseLinear against nn.Linear and torch.sparse.mm per round)."""
 import importlib.util
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SUMMARIZE = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize.py"
 
@@ -127,3 +129,44 @@ def test_step_ratio_rejects_bad_input(kwargs, name):
     args = {"batch": 4, "sparsity": 0.5, "features": 64, "rounds": 1, **kwargs}
     with pytest.raises(ValueError, match=name):
         _load("step_ratio").measure(**args)
+
+
+def test_per_round_times_sparselinear_against_both_baselines(capsys):
+    module = _load("per_round")
+    for step in (False, True):
+        r = module.measure(8, 0.9, features=128, rounds=3, calls=2, step=step)
+        assert all(r[f"{impl}_ms"] > 0 for impl in module.IMPLS)
+        for base in ("dense", "torch_sparse"):
+            assert r[f"vs_{base}_min"] <= r[f"vs_{base}"] <= r[f"vs_{base}_max"]
+            assert r[f"vs_{base}"] > 0
+    module.main(["--batch", "4", "--sparsity", "0.5", "0.9", "--features", "64", "--rounds", "1", "--step"])
+    out = capsys.readouterr().out
+    assert out.startswith("SparseLinear 64 x 64 forward + backward")
+    assert "batch    4 sparsity 0.50" in out and "batch    4 sparsity 0.90" in out and "torch.sparse.mm" in out
+
+
+def test_per_round_refuses_to_time_layers_that_disagree(monkeypatch):
+    """The three implementations' outputs (and with step the input gradients) are compared before any timing: a
+    sparse layer that computes something else stops the measurement."""
+    module = _load("per_round")
+    layers = module._layers
+
+    def wrong(features, sparsity, seed):
+        dense, sparse = layers(features, sparsity, seed)
+        with torch.no_grad():
+            sparse.values.mul_(2)
+        return dense, sparse
+
+    monkeypatch.setattr(module, "_layers", wrong)
+    for step in (False, True):
+        with pytest.raises(AssertionError):
+            module.measure(4, 0.5, features=32, rounds=1, calls=1, step=step)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
+                                          ({"batch": 0}, "batch"), ({"features": 0}, "features"),
+                                          ({"rounds": 0}, "rounds"), ({"calls": 0}, "calls")])
+def test_per_round_rejects_bad_input(kwargs, name):
+    args = {"batch": 4, "sparsity": 0.5, "features": 64, "rounds": 1, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        _load("per_round").measure(**args)
