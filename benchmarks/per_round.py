@@ -10,30 +10,21 @@ speed swings by up to 2x between minutes, so a ratio of two of its medians can c
     python benchmarks/per_round.py --batch 1 16 256 --sparsity 0.3 0.4 0.5 0.6 --step   # crossovers, training step
 """
 import argparse
-import ctypes
 import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import pysparse
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import steady_malloc  # noqa: E402
+
 IMPLS = ("pysparse", "dense", "torch_sparse")
-
-
-def _steady_malloc() -> None:
-    """glibc's mmap / trim thresholds fixed as in benchmarks/conftest.py (the dense baselines at their best)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
 def _check(batch, sparsity, features, rounds, calls):
@@ -138,5 +129,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    _steady_malloc()  # the process's own heap: not when main() is called from a test
+    steady_malloc()  # glibc's thresholds as in the pytest benchmarks (the process's own: not when a test calls main)
     main()
