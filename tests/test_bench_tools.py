@@ -59,9 +59,9 @@ def test_merge_command_writes_the_file_and_the_table_reads_it(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/bin/bash").exists(), reason="needs bash")
-def test_gpu_check_script_parses():
-    script = SUMMARIZE.parent / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+@pytest.mark.parametrize("script", ["gpu_check.sh", "asan_check.sh"])
+def test_check_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(SUMMARIZE.parent / script)]).returncode == 0
 
 
 def test_step_ratio_measures_the_step_against_its_own_forward(capsys):
