@@ -94,6 +94,38 @@ at::Tensor kernel_input(const at::Tensor& x) {
   return xt.is_cuda() ? xt.contiguous() : xt;
 }
 
+// What both nodes keep for their backward: W's structure and values, the kernels' input, W^T's structure
+// (undefined where absent), and whether a bias was given. Both nodes take (rowptr, col, values, input, bias, ...)
+// as their first five inputs: the gradients a backward may be asked for are those of inputs 2, 3 and 4.
+void save_operands(AutogradContext* ctx, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
+                   const at::Tensor& input, const OptTensor& bias, const OptTensor& t_rowptr, const OptTensor& t_col,
+                   const OptTensor& t_perm) {
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  ctx->save_for_backward({rowptr, col, values, input, or_undefined(t_rowptr), or_undefined(t_col),
+                          or_undefined(t_perm)});
+}
+
+// save_operands' tensors back, with the gradients the running backward asks for.
+struct Operands {
+  at::Tensor rowptr, col, values, input;
+  OptTensor t_rowptr, t_col, t_perm;
+  bool need_values, need_input, need_bias;
+};
+
+Operands saved_operands(AutogradContext* ctx) {
+  const auto saved = ctx->get_saved_variables();
+  return {saved[0],
+          saved[1],
+          saved[2],
+          saved[3],
+          as_optional(saved[4]),
+          as_optional(saved[5]),
+          as_optional(saved[6]),
+          ctx->needs_input_grad(2),
+          ctx->needs_input_grad(3),
+          ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)};
+}
+
 }  // namespace
 
 // (Outside the anonymous namespace: torch names the nodes after these types, e.g. in profiles and grad_fn.name().)
@@ -104,31 +136,26 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                             const at::Tensor& values, const at::Tensor& x, const OptTensor& bias,
                             const OptTensor& t_rowptr, const OptTensor& t_col, const OptTensor& t_perm) {
     const at::Tensor xt = kernel_input(x);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->save_for_backward({rowptr, col, values, xt, or_undefined(t_rowptr), or_undefined(t_col),
-                            or_undefined(t_perm)});
+    save_operands(ctx, rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm);
     const at::AutoDispatchBelowADInplaceOrView below;  // (grad mode is off here, nothing would be recorded)
     return spmm_op().call(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &rowptr = saved[0], &col = saved[1], &values = saved[2], &xt = saved[3];
-    const OptTensor t_rowptr = as_optional(saved[4]), t_col = as_optional(saved[5]), t_perm = as_optional(saved[6]);
-    // (the node's inputs: rowptr, col, values, x, then bias when given; the t_* tensors after it never need one)
-    const bool need_values = ctx->needs_input_grad(2), need_x = ctx->needs_input_grad(3),
-               need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4);
+    const Operands s = saved_operands(ctx);
+    const at::Tensor &rowptr = s.rowptr, &col = s.col, &values = s.values, &xt = s.input;
+    const bool need_values = s.need_values, need_x = s.need_input, need_bias = s.need_bias;
     const at::Tensor& gyt = grads[0];  // [N, B]; the kernels take any strides
     at::Tensor dvalues, dxt, dbias;
     {
       const BelowAutogradUnlessRecording below;
       if (need_values && need_x) {  // one sweep for both, the bias gradient summed as gyt is packed
         std::tie(dvalues, dxt, dbias) =
-            spmm_grad_op().call(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm, need_bias);
+            spmm_grad_op().call(rowptr, col, values, gyt, xt, s.t_rowptr, s.t_col, s.t_perm, need_bias);
         if (!need_bias) dbias = at::Tensor();
       } else {
         if (need_values) dvalues = sddmm_op().call(rowptr, col, gyt, xt);
-        if (need_x) dxt = spmm_t_op().call(rowptr, col, values, gyt, xt.size(0), t_rowptr, t_col, t_perm);
+        if (need_x) dxt = spmm_t_op().call(rowptr, col, values, gyt, xt.size(0), s.t_rowptr, s.t_col, s.t_perm);
       }
     }
     if (need_bias && !dbias.defined()) dbias = gyt.sum(1);
@@ -143,22 +170,18 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                             at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
                             at::IntArrayRef padding, const OptTensor& t_rowptr, const OptTensor& t_col,
                             const OptTensor& t_perm) {
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["geometry"] = c10::List<int64_t>({kernel[0], kernel[1], stride[0], stride[1], dilation[0],
                                                       dilation[1], padding[0], padding[1]});
-    ctx->save_for_backward({rowptr, col, values, x, or_undefined(t_rowptr), or_undefined(t_col),
-                            or_undefined(t_perm)});
+    save_operands(ctx, rowptr, col, values, x, bias, t_rowptr, t_col, t_perm);
     const at::AutoDispatchBelowADInplaceOrView below;
     return sparse_conv2d_op().call(rowptr, col, values, x, bias, kernel, stride, dilation, padding, t_rowptr, t_col,
                                    t_perm);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &rowptr = saved[0], &col = saved[1], &values = saved[2], &x = saved[3];
-    const OptTensor t_rowptr = as_optional(saved[4]), t_col = as_optional(saved[5]), t_perm = as_optional(saved[6]);
-    const bool need_values = ctx->needs_input_grad(2), need_x = ctx->needs_input_grad(3),
-               need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4);
+    const Operands s = saved_operands(ctx);
+    const at::Tensor &rowptr = s.rowptr, &col = s.col, &values = s.values, &x = s.input;
+    const bool need_values = s.need_values, need_x = s.need_input, need_bias = s.need_bias;
     const auto g = ctx->saved_data["geometry"].toIntVector();
     const at::IntArrayRef kernel(&g[0], 2), stride(&g[2], 2), dilation(&g[4], 2), padding(&g[6], 2);
     const at::Tensor gy = grads[0].contiguous();
@@ -168,7 +191,7 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
       if (need_values) dvalues = conv_grad_values_op().call(rowptr, col, x, gy, kernel, stride, dilation, padding);
       if (need_x)
         dx = conv_grad_input_op().call(rowptr, col, values, gy, x.sym_sizes(), kernel, stride, dilation, padding,
-                                       t_rowptr, t_col, t_perm);
+                                       s.t_rowptr, s.t_col, s.t_perm);
     }
     if (need_bias) dbias = gy.sum({0, 2, 3});
     return {at::Tensor(), at::Tensor(), dvalues,      dx,           dbias,        at::Tensor(),
