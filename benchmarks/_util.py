@@ -44,6 +44,18 @@ def steady_malloc() -> None:
     libc.mallopt(m_trim_threshold, 256 << 20)
 
 
+def check_sizes(sparsity, rounds, calls, **sizes):
+    """The timing scripts' arguments: sparsity in [0, 1), every size and rounds >= 1, calls None or >= 1; a
+    ValueError naming the argument otherwise."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    for name, value in (*sizes.items(), ("rounds", rounds)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if calls is not None and calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+
+
 def torchvision_linears(models=("resnet50", "vgg16", "mobilenet_v3_large", "vit_b_16")) -> dict:
     """The nn.Linear shapes of torchvision classification models, {name: (in, out)}, each shape once under the
     first module that has it (e.g. "vgg16.classifier.0": (25088, 4096), "vit_b_16.mlp.0": (768, 3072)). Read

@@ -22,19 +22,9 @@ from torch import nn
 import pysparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import steady_malloc  # noqa: E402
+from _util import check_sizes, steady_malloc  # noqa: E402
 
 IMPLS = ("pysparse", "dense", "torch_sparse")
-
-
-def _check(batch, sparsity, features, rounds, calls):
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    for name, value in (("batch", batch), ("features", features), ("rounds", rounds)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if calls is not None and calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
 
 
 def _layers(features, sparsity, seed):
@@ -53,7 +43,7 @@ def measure(batch, sparsity, features=4096, rounds=9, calls=None, step=False, se
     None, the input's included) and the median over rounds of each baseline's per-round time / pysparse's
     (speed-up, > 1: pysparse is faster), with its range. The three outputs (and with step the input gradients)
     are checked to agree before timing."""
-    _check(batch, sparsity, features, rounds, calls)
+    check_sizes(sparsity, rounds, calls, batch=batch, features=features)
     dense, sparse = _layers(features, sparsity, seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

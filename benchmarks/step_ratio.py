@@ -28,17 +28,7 @@ from torch import nn
 import pysparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESNET18_CONV, torchvision_linears  # noqa: E402
-
-
-def _check(sparsity, rounds, calls, **sizes):
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    for name, value in (*sizes.items(), ("rounds", rounds)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if calls is not None and calls < 1:
-        raise ValueError(f"calls must be >= 1, got {calls}")
+from _util import RESNET18_CONV, check_sizes, torchvision_linears  # noqa: E402
 
 
 def _ratio(layer, x, g, rounds, calls):
@@ -92,7 +82,7 @@ def measure(batch, sparsity, features=4096, rounds=15, calls=None, seed=0, depth
     """_ratio for a features x features SparseLinear at this batch (depth > 1: that many in sequence), or one of
     shape (in, out)."""
     n_in, n_out = shape or (features, features)
-    _check(sparsity, rounds, calls, batch=batch, features=features, depth=depth, in_features=n_in,
+    check_sizes(sparsity, rounds, calls, batch=batch, features=features, depth=depth, in_features=n_in,
            out_features=n_out)
     if depth > 1 and n_in != n_out:
         raise ValueError(f"depth > 1 needs a square layer, got {n_in} -> {n_out}")
@@ -115,7 +105,7 @@ def measure_conv(shape, sparsity, batch=8, rounds=15, calls=3, seed=0):
     input's gradient included."""
     if shape not in RESNET18_CONV:
         raise ValueError(f"shape must be one of {sorted(RESNET18_CONV)}, got {shape!r}")
-    _check(sparsity, rounds, calls, batch=batch)
+    check_sizes(sparsity, rounds, calls, batch=batch)
     cin, cout, k, stride, size = RESNET18_CONV[shape]
     torch.manual_seed(seed)
     dense = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
