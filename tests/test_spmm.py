@@ -383,14 +383,14 @@ def test_opcheck_and_compile(device):
     torch.testing.assert_close(v.grad, v2.grad)
 
 
-# batch 1 (no panels: 8 indices checked at a time as a row is swept), the narrow panel, one 16-column panel (both
-# check per row), several
+# batch 1 (no panels), the narrow panel, one 16-column panel (the three check per row), several
 @pytest.mark.parametrize("batch", [1, 4, 16, 200])
 @pytest.mark.parametrize("cols", [100, 40000])  # int16 / int32 indices
 def test_row_checks_catch_every_bad_index(batch, cols):
     # The sweeps over W's CSR (spmm's forward; spmm_t's, sddmm's and spmm_grad's without W^T's structure) check a
-    # row's indices a vector at a time, from batch 2 before sweeping it without per-read checks (a row that fails is
-    # swept with them): a bad index anywhere in a long row (block lanes, the tail) must raise.
+    # row's indices a vector at a time before sweeping it without per-read checks, a row that fails being swept
+    # with them (the forward at batch 1 checks 8 at a time as it sweeps): a bad index anywhere in a long row (block
+    # lanes, the tail) must raise.
     values, s, xt, bias = _problem(3, cols, batch, 1.0 if cols == 100 else 0.01, torch.float32, "cpu", 5)
     dense = torch.zeros(3, cols).index_put_((torch.repeat_interleave(torch.arange(3), s.rowptr.diff()),
                                             s.col.long()), values)
@@ -432,7 +432,7 @@ def test_row_checks_catch_a_bad_index_in_rows_of_every_short_length(cols):
     # The per-row check reads a row in vector steps (16 int16 / 8 int32), its remainder as a step overlapping the
     # one before, and a row shorter than a step but of half a step or more as its first and last half steps: a bad
     # index at the first, a middle or the last position of a row of any length from 1 to 40 must raise, in the
-    # sweeps that check per row (batch 4: the narrow panel; batch 16: one 16-column panel).
+    # sweeps that check per row (batch 1: no panel; batch 4: the narrow panel; batch 16: one 16-column panel).
     gen = torch.Generator().manual_seed(7)
     for length in range(1, 41):
         col = torch.randperm(cols, generator=gen)[:length].sort().values
@@ -440,7 +440,7 @@ def test_row_checks_catch_a_bad_index_in_rows_of_every_short_length(cols):
         rowptr = torch.tensor([0, length, length + 5], dtype=torch.int32)
         col = torch.cat([col, other]).to(torch.int16 if cols == 100 else torch.int32)
         values = torch.randn(length + 5, generator=gen)
-        for batch in (4, 16):
+        for batch in (1, 4, 16):
             xt, gyt = torch.randn(cols, batch, generator=gen), torch.randn(2, batch, generator=gen)
             calls = {"spmm": lambda c: pysparse.ops.spmm(rowptr, c, values, xt),
                      "spmm_grad": lambda c: pysparse.ops.spmm_grad(rowptr, c, values, gyt, xt),

@@ -148,7 +148,7 @@ inline void with_panel_width(int64_t T, const char* op, F&& f) {
 }
 
 #ifdef __AVX2__
-// 8 column indices as int32 lanes (also on AVX-512 builds: grad_row_avx2 has no 16-lane twin).
+// 8 column indices as int32 lanes (also on AVX-512 builds).
 inline __m256i load_index8(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -1321,45 +1321,42 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
   }
 }
 
-#ifdef __AVX2__
-// vec_sweep's inner loop over one row's full blocks of 8 stored positions, float32 with x contiguous: a block's
-// column indices checked together (a lane outside [0, K) reads and adds at column 0, with weight and product 0, and
-// makes it return true), then per position, in order, with DOTS x[col[j]] read for dv[j] = g * x[col[j]] (the 8
-// products multiplied and stored together), with SCATTER acc[col[j]] = fma(values[j], g, ...) (the scalar loop's
-// sums, bit for bit). Advances j0 past the blocks. Zen 3, batch 1, 4096 x 4096, one process alternating this and
-// the scalar loop (2026-11-30, 11 rounds, medians): spmm_grad at 90 / 95 / 99% 2.66 / 1.45 / 0.38 -> 1.87 / 1.08 /
-// 0.29 ms, a SparseLinear training step 3.92 / 2.29 / 0.80 -> 3.03 / 1.76 / 0.67 ms; sddmm alone 1.46 -> 0.80 ms at
-// 90%; spmm_t alone (SCATTER only) unchanged. That version read x with a masked gather per block; scalar reads of
-// the extracted indices replaced it (the same day, same method, per-round ratio): spmm_grad at 90 / 95 / 99% 0.78 /
-// 0.85 / 0.83, 1024 x 1024 at 50% 0.73; sddmm 0.87 / 0.89 / 0.93, 0.95 (the profile had most of the time on the
-// gather). In the forward's spmv, scalar reads measured 0.96-1.05 of the gather: it keeps the gather.
+// vec_sweep's loop over the stored positions [j, j1) of one row whose column indices were checked (float32, x
+// contiguous when DOTS): per position, in order, dv[j] = g * x[col[j]] with DOTS (8 products multiplied and stored
+// together) and acc[col[j]] = fma(values[j], g, acc[col[j]]) with SCATTER. Each index and value is read by a scalar
+// load. It replaced a loop that checked each block of 8 indices in a vector and took the indices and values out of
+// vectors lane by lane (~12 instructions a position, most of them extracts and shuffles): one process alternating
+// the two (Zen 4, 2026-12-01, 4096 x 4096, batch 1, 11 rounds, per-round ratio new / old, the same bits): spmm_grad
+// at 90 / 99% 0.90-0.93 / 0.80-0.84, sddmm 0.39-0.68 / 0.55-0.77, spmm_t 0.68-0.86 / 0.73-0.85.
+// Tried and left out (same method): the columns in blocks of 512-2048 within panels of rows, so that x's and the
+// accumulators' blocks share L1 (1.08-3.2x slower than one block); x and the accumulators interleaved in one [K,
+// 2] buffer, so that a position touches one line instead of two (1.20-1.31x slower); the products stored one by
+// one (1.01 of the old); at 4096 x 4096, sddmm's sweep and spmm_t's one after the other (0.92-1.09 of the one).
 template <bool DOTS, bool SCATTER, typename index_t>
-inline bool grad_row_avx2(const index_t* col, const float* values, float g, const float* x, float* acc, float* dv,
-                          int64_t& j0, int64_t j1, int64_t K) {
-  const __m256 g8 = _mm256_set1_ps(g);
-  const __m256i bound = index_bound8(K);
-  int outside = 0;
-  int64_t j = j0;
+inline void grad_span(const index_t* col, const float* values, float g, const float* x, float* acc, float* dv,
+                      int64_t j, int64_t j1) {
   for (; j + 8 <= j1; j += 8) {
-    const __m256i raw = load_index8(col + j);
-    const __m256i ok = in_range8(raw, bound);
-    outside |= _mm256_movemask_ps(_mm256_castsi256_ps(ok)) ^ 0xff;
-    alignas(32) int32_t c[8];
-    alignas(32) float w[8], xs[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(c), _mm256_and_si256(raw, ok));
-    if constexpr (SCATTER) _mm256_store_ps(w, _mm256_and_ps(_mm256_loadu_ps(values + j), _mm256_castsi256_ps(ok)));
+    alignas(32) float xv[8];
 #pragma GCC unroll 8
     for (int u = 0; u < 8; ++u) {
-      if constexpr (DOTS) xs[u] = x[c[u]];
-      if constexpr (SCATTER) acc[c[u]] = std::fma(w[u], g, acc[c[u]]);
+      const int64_t c = col[j + u];
+      if constexpr (DOTS) xv[u] = x[c];
+      if constexpr (SCATTER) acc[c] = std::fma(values[j + u], g, acc[c]);
     }
-    if constexpr (DOTS)
-      _mm256_storeu_ps(dv + j, _mm256_and_ps(_mm256_mul_ps(g8, _mm256_load_ps(xs)), _mm256_castsi256_ps(ok)));
-  }
-  j0 = j;
-  return outside != 0;
-}
+    if constexpr (DOTS) {
+#ifdef __AVX2__  // one multiply and one store for the 8 (the compiler, left to itself, multiplies each on its own)
+      _mm256_storeu_ps(dv + j, _mm256_mul_ps(_mm256_set1_ps(g), _mm256_load_ps(xv)));
+#else
+      for (int u = 0; u < 8; ++u) dv[j + u] = g * xv[u];
 #endif
+    }
+  }
+  for (; j < j1; ++j) {
+    const int64_t c = col[j];
+    if constexpr (DOTS) dv[j] = g * x[c];
+    if constexpr (SCATTER) acc[c] = std::fma(values[j], g, acc[c]);
+  }
+}
 
 // A single batch column (B == 1): the sweeps over W's CSR without panels, which would pad the column to 16 lanes
 // (a training step at batch 1 cost about what one at batch 16 does). spmm_grad, 4096 x 4096 at 90 / 99%, one
@@ -1369,8 +1366,8 @@ inline bool grad_row_avx2(const index_t* col, const float* values, float g, cons
 // Per stored (r, c): with DOTS, dv[j] = gy[r] * x[c] (float32, the values' gradient), with SCATTER, acc[c] += w *
 // gy[r] into the calling thread's float32 accumulators (acc_buf [parts, K], K floats each: in L1 or L2), which
 // sum_vec_parts then adds up. A column index outside [0, K) sets `bad` and contributes nothing. gy and x are read
-// through their strides (gs, xs). In float32 with AVX2 (and x contiguous when DOTS), each row's full blocks of 8
-// positions go through grad_row_avx2, the rest through the scalar loop; both add with one fma per position.
+// through their strides (gs, xs). In float32 (and x contiguous when DOTS), a row whose indices all lie in [0, K)
+// goes through grad_span, the others through the checked loop; both add with one fma per position.
 template <bool DOTS, bool SCATTER, typename index_t, typename scalar_t>
 void vec_sweep(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* gy, int64_t gs,
                const scalar_t* x, int64_t xs, float* acc_buf, float* dv, int64_t rows, int64_t K,
@@ -1381,13 +1378,13 @@ void vec_sweep(const int32_t* rowptr, const index_t* col, const scalar_t* values
     bool local_bad = false;
     for (int64_t r = r0; r < r1; ++r) {
       const float g = static_cast<float>(gy[r * gs]);
-      int64_t j = rowptr[r];
-#ifdef __AVX2__
+      const int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
       if constexpr (std::is_same_v<scalar_t, float>)
-        if (xs == 1 || !DOTS)
-          local_bad |= grad_row_avx2<DOTS, SCATTER>(col, values, g, x, acc, dv, j, rowptr[r + 1], K);
-#endif
-      for (; j < rowptr[r + 1]; ++j) {
+        if ((xs == 1 || !DOTS) && span_in_range(col, j0, j1, K)) {
+          grad_span<DOTS, SCATTER>(col, values, g, x, acc, dv, j0, j1);
+          continue;
+        }
+      for (int64_t j = j0; j < j1; ++j) {
         const int64_t c = col[j];
         const bool ok = static_cast<uint64_t>(c) < static_cast<uint64_t>(K);
         local_bad |= !ok;
