@@ -25,6 +25,15 @@ for path in setup.py pyproject.toml Makefile README.md .ci csrc pysparse tests b
   rm -rf "${TREE:?}/$path.new"
   cp -a "$ROOT/$path" "$TREE/$path.new"
   find "$TREE/$path.new" -name '*.so' -delete
+  # a file whose content differs from the last copy's gets the current time: its own may be older than the last
+  # build's objects (an edit made while that build ran), and ninja would keep the stale object
+  if [ -d "$TREE/$path.new" ]; then
+    (cd "$TREE/$path.new" && find . -type f -print0) | while IFS= read -r -d '' f; do
+      cmp -s "$TREE/$path.new/$f" "$TREE/$path/$f" || touch "$TREE/$path.new/$f"
+    done
+  elif ! cmp -s "$TREE/$path.new" "$TREE/$path"; then
+    touch "$TREE/$path.new"
+  fi
   if [ -e "$TREE/$path" ] && [ -d "$TREE/$path" ]; then
     # keep the copy's built extension: move it into the fresh copy of pysparse/
     find "$TREE/$path" -maxdepth 1 -name '_C*.so' -exec mv {} "$TREE/$path.new/" \;
@@ -39,7 +48,9 @@ echo "asan_check: building the CPU kernels with -fsanitize=address,undefined in 
   LDFLAGS="-fsanitize=address,undefined" \
   "$PY" setup.py -q build_ext --inplace)
 so=$(ls "$TREE"/pysparse/_C*.so)
-if ! nm -D "$so" | grep -q __asan_report; then
+# (grep reads all of nm's output: with -q it would stop at the first match, nm would die of SIGPIPE, and under
+# pipefail an instrumented build would read as not instrumented)
+if [ "$(nm -D "$so" | grep -c __asan_report)" = 0 ]; then
   echo "asan_check: $so is not instrumented" >&2
   exit 1
 fi
