@@ -13,7 +13,37 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .gan.losses import LOSSES
 from .io import _umask
+from .prune import METHODS
+from .shrink import METHODS as GAN_SALIENCIES
+
+
+# argparse types: a bad value stops the command before any data is loaded or model trained (exit status 2, the
+# argument named), not after the minutes of training that precede the step that would use it
+def _fraction(text: str) -> float:
+    """A sparsity: a real number in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def _at_least(lo: int):
+    """An int >= lo (batch sizes, step and epoch counts)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"int >= {lo}"
+    return parse
 
 
 def _data_args(p) -> None:
@@ -37,10 +67,9 @@ def _prune_parser(sub) -> None:
                                    "DIR/dense.safetensors and the compressed DIR/model.safetensors.")
     _data_args(p)
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
-    p.add_argument("--method", default="taylor",
-                   help="magnitude | gradient | taylor | hessian | snip | wanda | random")
+    p.add_argument("--method", default="taylor", choices=METHODS, help="pruning saliency")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--sparsity", type=float, help="fraction of the weights to remove")
+    amount.add_argument("--sparsity", type=_fraction, help="fraction of the weights to remove")
     amount.add_argument("--threshold", type=float, help="remove every weight whose saliency is below this")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
     p.add_argument("--pattern", default="unstructured", help="unstructured | channel | n:m (e.g. 2:4)")
@@ -48,10 +77,11 @@ def _prune_parser(sub) -> None:
                    help="refit the kept weights of each layer to the dense outputs on the --num-batches batches "
                         "right after pruning (layer-wise OBS)")
     p.add_argument("--retrain", choices=["connectivity", "weight", "network", "none"], default="connectivity")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs of the dense model and of retraining")
+    p.add_argument("--epochs", type=_at_least(1), default=20,
+                   help="training epochs of the dense model and of retraining")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-batches", type=int, default=8,
+    p.add_argument("--batch-size", type=_at_least(1), default=64)
+    p.add_argument("--num-batches", type=_at_least(1), default=8,
                    help="batches used to score data-driven saliencies (and to calibrate --compensate)")
     p.add_argument("--checkpoint", default=None, help="a dense.safetensors to start from instead of training")
     p.add_argument("--seed", type=int, default=0)
@@ -66,16 +96,16 @@ def _gan_parser(sub) -> None:
                                    "EMA generator) and DIR/metrics.json. Runs under torchrun for DDP.")
     _data_args(p)
     p.add_argument("--conditional", action="store_true", help="class-conditional G and projection D")
-    p.add_argument("--g-sparsity", type=float, default=0.0)
-    p.add_argument("--d-sparsity", type=float, default=0.0)
+    p.add_argument("--g-sparsity", type=_fraction, default=0.0)
+    p.add_argument("--d-sparsity", type=_fraction, default=0.0)
     p.add_argument("--schedule", choices=["gradual", "fixed"], default="gradual")
-    p.add_argument("--saliency", default="magnitude", help="magnitude | gradient | taylor | random")
+    p.add_argument("--saliency", default="magnitude", choices=GAN_SALIENCIES)
     p.add_argument("--prune-scope", choices=["layer", "global"], default="layer")
-    p.add_argument("--loss", default="non_saturating", help="non_saturating | minimax | hinge")
+    p.add_argument("--loss", default="non_saturating", choices=LOSSES)
     p.add_argument("--order", choices=["gd", "dg"], default="gd", help="G step first (gd) or D step first")
-    p.add_argument("--n-critic", type=int, default=1, help="D steps per G step")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--n-critic", type=_at_least(1), default=1, help="D steps per G step")
+    p.add_argument("--steps", type=_at_least(1), default=3000)
+    p.add_argument("--batch-size", type=_at_least(1), default=64, help="per process")
     p.add_argument("--width", type=int, default=32, help="channels of G's last and D's first hidden layer")
     p.add_argument("--latent-dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D")
@@ -91,23 +121,24 @@ def _gan_parser(sub) -> None:
 def _compress_args(p, *, demo: bool) -> None:
     if not demo:
         _data_args(p)
-        p.add_argument("--sparsity", type=float, default=0.9, help="fraction of the classifier's weights to remove")
-        p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-        p.add_argument("--method", default="taylor", help="pruning saliency (see pysparse prune)")
+        p.add_argument("--sparsity", type=_fraction, default=0.9,
+                       help="fraction of the classifier's weights to remove")
+        p.add_argument("--ipc", type=_at_least(1), default=10, help="synthetic images per class")
+        p.add_argument("--method", default="taylor", choices=METHODS, help="pruning saliency")
         p.add_argument("--synth", choices=["sample", "select", "match"], default="match")
-        p.add_argument("--epochs", type=int, default=20, help="epochs of the dense classifier")
-        p.add_argument("--gan-steps", type=int, default=2000)
-        p.add_argument("--g-sparsity", type=float, default=0.8)
-        p.add_argument("--d-sparsity", type=float, default=0.5)
-        p.add_argument("--match-iterations", type=int, default=2000)
+        p.add_argument("--epochs", type=_at_least(1), default=20, help="epochs of the dense classifier")
+        p.add_argument("--gan-steps", type=_at_least(1), default=2000)
+        p.add_argument("--g-sparsity", type=_fraction, default=0.8)
+        p.add_argument("--d-sparsity", type=_fraction, default=0.5)
+        p.add_argument("--match-iterations", type=_at_least(1), default=2000)
         p.add_argument("--mmd", type=float, default=100.0,
                        help="weight of the kernel-MMD term of --synth match (0: means and variances only)")
         p.add_argument("--damp", type=float, default=0.01,
                        help="ridge of the refit on the synthetic images (compensate), times the mean input energy")
-        p.add_argument("--retrain-steps", type=int, default=300, help="optimizer steps of every retraining")
-        p.add_argument("--eval-seeds", type=int, default=3, help="seeds of the synthetic-set evaluation")
-        p.add_argument("--eval-epochs", type=int, default=300)
-        p.add_argument("--eval-width", type=int, default=128, help="channels of the evaluation ConvNet")
+        p.add_argument("--retrain-steps", type=_at_least(1), default=300, help="optimizer steps of every retraining")
+        p.add_argument("--eval-seeds", type=_at_least(1), default=3, help="seeds of the synthetic-set evaluation")
+        p.add_argument("--eval-epochs", type=_at_least(1), default=300)
+        p.add_argument("--eval-width", type=_at_least(1), default=128, help="channels of the evaluation ConvNet")
         p.add_argument("--seed", type=int, default=0)
     _output_args(p, default="runs/demo" if demo else None)
 
@@ -293,31 +324,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for k, v in defaults.items():
             if k not in ("command", "overwrite", "quiet"):
                 setattr(args, k, v)
+    if args.command in ("compress", "demo"):
+        from .pipeline import run as runner
+    else:
+        runner = {"prune": run_prune, "gan": run_gan}[args.command]
+    try:
+        report = runner(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: one line naming it, exit status 2
+        print(f"pysparse {args.command}: {exc}", file=sys.stderr)
+        return 2
     if args.command == "prune":
-        try:
-            report = run_prune(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            print(f"pysparse prune: {exc}", file=sys.stderr)
-            return 2
         acc = report["accuracy"]
         print(f"{report['sparsity']:.2%} of {report['params']} weights removed; accuracy dense {acc['dense']:.4f}, "
               f"pruned {acc['pruned']:.4f}, retrained {acc['retrained']:.4f}; wrote {args.out}")
     elif args.command in ("compress", "demo"):
-        from .pipeline import run as run_compress
-
-        try:
-            report = run_compress(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            print(f"pysparse {args.command}: {exc}", file=sys.stderr)
-            return 2
         print((Path(args.out) / "report.md").read_text())
         print(f"wrote {args.out}")
     elif args.command == "gan":
-        try:
-            report = run_gan(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            print(f"pysparse gan: {exc}", file=sys.stderr)
-            return 2
         if report["rank"] != 0:
             return 0
         m = report.get("metrics", {})

@@ -55,8 +55,36 @@ def test_refuses_existing_out_and_leaves_nothing_on_error(tmp_path, capsys):
         main(["prune", "--sparsity", "0.5", "--out", str(out), *FAST])
     assert (out / "keep.txt").read_text() == "mine"
     fresh = tmp_path / "fresh"
-    assert main(["prune", "--method", "obs", "--sparsity", "0.5", "--out", str(fresh), *FAST]) == 2
-    assert "method must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it before any training
+        main(["prune", "--method", "obs", "--sparsity", "0.5", "--out", str(fresh), *FAST])
+    assert stop.value.code == 2 and "invalid choice: 'obs'" in capsys.readouterr().err
+    assert main(["prune", "--pattern", "3:2", "--out", str(fresh), *FAST]) == 2  # refused by pysparse.prune
+    assert "pysparse prune:" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no half-written output
     with pytest.raises(SystemExit):
         main(["prune", "--sparsity", "0.5", "--threshold", "0.1", "--out", str(fresh)])  # argparse: not both
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--sparsity", "1.5"], "argument --sparsity: must be in [0, 1), got 1.5"),
+    (["prune", "--sparsity", "nan"], "argument --sparsity: must be in [0, 1), got nan"),
+    (["prune", "--sparsity", "-0.1"], "argument --sparsity: must be in [0, 1), got -0.1"),
+    (["prune", "--sparsity", "half"], "argument --sparsity: must be a number in [0, 1), got 'half'"),
+    (["prune", "--sparsity", "0.5", "--batch-size", "0"], "argument --batch-size: must be an int >= 1, got 0"),
+    (["compress", "--sparsity", "1"], "argument --sparsity: must be in [0, 1), got 1"),
+    (["compress", "--g-sparsity", "2"], "argument --g-sparsity: must be in [0, 1), got 2"),
+    (["compress", "--method", "obs"], "argument --method: invalid choice: 'obs'"),
+    (["compress", "--retrain-steps", "-3"], "argument --retrain-steps: must be an int >= 1, got -3"),
+    (["gan", "--d-sparsity", "1.0"], "argument --d-sparsity: must be in [0, 1), got 1.0"),
+    (["gan", "--loss", "wasserstein"], "argument --loss: invalid choice: 'wasserstein'"),
+    (["gan", "--steps", "2.5"], "argument --steps: must be an int >= 1, got '2.5'"),
+])
+def test_bad_arguments_stop_before_any_work(tmp_path, capsys, argv, message):
+    # a bad value is refused by argparse (exit status 2, the argument named) before data is loaded or a model
+    # trained: not after the minutes of training that come before the step that would use it
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(out)])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -331,7 +331,9 @@ def test_cli_gan_writes_everything_and_resumes(tmp_path):
     assert main(longer + ["--resume", str(out / "checkpoint.pt")]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["steps"] == 9 and report["resumed_from_step"] == 6
-    assert main(args[:-2] + ["--loss", "nope", "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it before any training
+        main(args[:-2] + ["--loss", "nope", "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2 and not (tmp_path / "x").exists()
 
 
 # ---- DDP ----
