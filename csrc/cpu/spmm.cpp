@@ -1333,7 +1333,8 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
 // 2] buffer, so that a position touches one line instead of two (1.20-1.31x slower); the products stored one by
 // one (1.01 of the old); at 4096 x 4096, sddmm's sweep and spmm_t's one after the other (0.92-1.09 of the one);
 // float16 / bfloat16 through it as well (sddmm 0.50-1.23, spmm_t 0.58-0.68, but spmm_grad 0.98-1.11 of the
-// checked loop, which they keep).
+// checked loop, which they keep); on AVX-512, 16 positions a step with vgatherdps for x and vgatherdps +
+// vscatterdps for the accumulators (against this loop: spmm_grad 1.41-1.49, sddmm 1.22-1.47, spmm_t 1.28-1.47).
 template <bool DOTS, bool SCATTER, typename index_t>
 inline void grad_span(const index_t* col, const float* values, float g, const float* x, float* acc, float* dv,
                       int64_t j, int64_t j1) {
