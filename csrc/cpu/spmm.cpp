@@ -371,7 +371,10 @@ inline __m512i load_index16(const int32_t* p) { return _mm512_loadu_si512(p); }
 
 // sum_j values[j] * x[col[j]] over [j0, j1) for float32, 16 lanes at a time with masked gathers: indices
 // outside [0, K) are not loaded, and counted in `outside`. Returns the partial sum of the full blocks and
-// advances j0 past them.
+// advances j0 past them. Against rows checked first and x's lanes loaded one by one into the same vectors (the
+// same bits; Zen 4, 2026-12-01, one process alternating, 11 rounds, per-round ratio, two runs): 4096 x 4096 at
+// 90 / 95 / 99% 0.82-0.87 / 0.85-0.87 / 0.91-0.98, but at 50% 1.09-1.19 and 16384 columns at 90% 1.12-1.23 (x
+// beyond L1): the gathers stay.
 template <typename index_t>
 inline float spmv_row_avx512(const index_t* col, const float* values, const float* x, int64_t& j0, int64_t j1,
                              int64_t K, int64_t& outside) {
