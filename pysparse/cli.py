@@ -20,7 +20,8 @@ from .shrink import METHODS as GAN_SALIENCIES
 
 
 # argparse types: a bad value stops the command before any data is loaded or model trained (exit status 2, the
-# argument named), not after the minutes of training that precede the step that would use it
+# argument named), not after the minutes of training that precede the step that would use it. The bounds are the
+# library's own (pysparse.train takes 0 epochs; GANTrainer, the loaders and the synthesis want counts >= 1).
 def _fraction(text: str) -> float:
     """A sparsity: a real number in [0, 1)."""
     try:
@@ -33,7 +34,7 @@ def _fraction(text: str) -> float:
 
 
 def _at_least(lo: int):
-    """An int >= lo (batch sizes, step and epoch counts)."""
+    """An int >= lo (batch sizes, step and epoch counts)."""  # ops._check_int's rule, argparse's message
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -77,7 +78,7 @@ def _prune_parser(sub) -> None:
                    help="refit the kept weights of each layer to the dense outputs on the --num-batches batches "
                         "right after pruning (layer-wise OBS)")
     p.add_argument("--retrain", choices=["connectivity", "weight", "network", "none"], default="connectivity")
-    p.add_argument("--epochs", type=_at_least(1), default=20,
+    p.add_argument("--epochs", type=_at_least(0), default=20,
                    help="training epochs of the dense model and of retraining")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=_at_least(1), default=64)
@@ -126,7 +127,7 @@ def _compress_args(p, *, demo: bool) -> None:
         p.add_argument("--ipc", type=_at_least(1), default=10, help="synthetic images per class")
         p.add_argument("--method", default="taylor", choices=METHODS, help="pruning saliency")
         p.add_argument("--synth", choices=["sample", "select", "match"], default="match")
-        p.add_argument("--epochs", type=_at_least(1), default=20, help="epochs of the dense classifier")
+        p.add_argument("--epochs", type=_at_least(0), default=20, help="epochs of the dense classifier")
         p.add_argument("--gan-steps", type=_at_least(1), default=2000)
         p.add_argument("--g-sparsity", type=_fraction, default=0.8)
         p.add_argument("--d-sparsity", type=_fraction, default=0.5)
@@ -137,7 +138,7 @@ def _compress_args(p, *, demo: bool) -> None:
                        help="ridge of the refit on the synthetic images (compensate), times the mean input energy")
         p.add_argument("--retrain-steps", type=_at_least(1), default=300, help="optimizer steps of every retraining")
         p.add_argument("--eval-seeds", type=_at_least(1), default=3, help="seeds of the synthetic-set evaluation")
-        p.add_argument("--eval-epochs", type=_at_least(1), default=300)
+        p.add_argument("--eval-epochs", type=_at_least(0), default=300)
         p.add_argument("--eval-width", type=_at_least(1), default=128, help="channels of the evaluation ConvNet")
         p.add_argument("--seed", type=int, default=0)
     _output_args(p, default="runs/demo" if demo else None)

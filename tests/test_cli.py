@@ -88,3 +88,16 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys, argv, message):
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_argument_bounds_are_the_librarys():
+    # 0 epochs is what pysparse.train accepts (the dense model kept as loaded or initialised): the CLI takes it too
+    from pysparse.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["prune", "--epochs", "0", "--out", "x"]).epochs == 0
+    args = parser.parse_args(["compress", "--epochs", "0", "--eval-epochs", "0", "--out", "x"])
+    assert (args.epochs, args.eval_epochs) == (0, 0)
+    for argv in (["prune", "--epochs", "-1"], ["compress", "--eval-epochs", "-1"], ["gan", "--n-critic", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--out", "x"])
