@@ -1740,7 +1740,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
       // K = 2048, batch 16 at 80 / 90% 0.92 / 0.85, at 50 / 70% 1.11 / 1.05 (a quarter of L2: taken), batch 32 at
       // 70-90% 0.83-0.88; below a quarter one sweep: K = 1024, batch 16 / 32 at 90% 0.97 / 0.95, 50% 1.06 / 0.98;
       // K = 768 at 90% 1.06 / 0.99. (Batches 1-8 keep their one sweep, vec_sweep and sweep_narrow: two measured
-      // 1.19-1.30 times slower.) The outputs were the same bits either way in every case measured.
+      // 1.19-1.30 times slower on the Zen 3; at batch 1 with grad_span, 0.92-1.09 on the Zen 4: no gain either.)
+      // The outputs were the same bits either way in every case measured.
       const bool two_sweeps = 2 * K * T * static_cast<int64_t>(sizeof(float)) >= l2_bytes() / 4;
       PYSPARSE_DISPATCH_INDEX(col, "spmm_grad_cpu", [&] {
         with_panel_width(T, "spmm_grad", [&](auto v_tag) {
