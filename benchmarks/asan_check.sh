@@ -34,7 +34,7 @@ for path in setup.py pyproject.toml Makefile README.md .ci csrc pysparse tests b
   elif ! cmp -s "$TREE/$path.new" "$TREE/$path"; then
     touch "$TREE/$path.new"
   fi
-  if [ -e "$TREE/$path" ] && [ -d "$TREE/$path" ]; then
+  if [ -d "$TREE/$path" ]; then
     # keep the copy's built extension: move it into the fresh copy of pysparse/
     find "$TREE/$path" -maxdepth 1 -name '_C*.so' -exec mv {} "$TREE/$path.new/" \;
   fi
