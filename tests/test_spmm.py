@@ -165,8 +165,9 @@ def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, 
 def test_spmm_grad_batch_split_between_threads(threads, dtype):
     """Above batch 32 the CPU backward sweeps W^T's structure; with as many panels as threads (or a multiple) and
     few stored values, each thread takes its own panels (packing them itself, its products and bias sums in rows
-    of their own, added after), else each takes its own columns. 2 threads: 4 panels of 64 (the split), 3 threads:
-    the column split; the layers' batch-major layout and a row-major one; against the reference."""
+    of their own, added after), else each takes its own columns. Panels of 32 columns: 2 threads split batches 256
+    and 128 (8 and 4 panels) and take batch 130's 5 panels by columns, 3 threads all three by columns; the
+    layers' batch-major layout and a row-major one; against the reference."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -1140,6 +1140,9 @@ void sddmm_plain(const int32_t* rowptr, const index_t* col, const scalar_t* a, c
 // spmm_grad takes W^T's structure above this batch (see spmm_grad_cpu).
 constexpr int64_t kGradCscMinBatch = 32;
 
+// The widest panel of spmm_grad's sweep over W^T, in columns (figures in spmm_grad_cpu).
+constexpr int64_t kCscMaxPanel = 32;
+
 // grad_csc_panels prefetches the panel row of the stored position this many positions ahead. 4096 x 4096, batch
 // 256, the op alone (A/B runs alternating builds, 2026-11-29): 99.9% 0.9-1.9 -> 0.8-1.0 ms, 99% 2.1-2.8 ->
 // 2.0-2.5 ms, 90% 12.7-13.4 -> 12.2-12.5 ms (16 and 64 positions: less gain, or a loss at 90%).
@@ -1670,11 +1673,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 2.5; 16, 2.4 / 1.4. Reading and writing through the permutation inside the sweep instead (on its first and
   // last panels) cost 13-15 ms at batch 256: those random accesses then compete with gyt's panel for L2.
   const bool csc = transposed && B > kGradCscMinBatch;
-  // Over W^T, gyt's panel read at random rows: all of L2, as spmm's. (On a Zen 5 with 1 MB of L2, half of it,
-  // 32 columns, and all of it measured the same; on a Zen 3 with 512 KB, all of it, 32 columns instead of 16, in
-  // one process alternating the two, ten rounds, median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 /
-  // 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms, 2026-11-29.) Over W's CSR, half: xt's panel and the accumulators.
-  const int64_t T = panel_width(csc ? rows : std::max(rows, K), B, csc ? l2_bytes() : l2_bytes() / 2);
+  // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
+  // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
+  // median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 / 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms
+  // (2026-11-29). With 1 MB, all of it would be 64 columns: on a Zen 5 32 and 64 measured the same; on a Zen 4
+  // the 64-column sweep is slower per stored value whether or not its panel fills L2 (one process alternating
+  // the two, 11-15 rounds, per-round ratio 32 / 64, 2026-12-01, the op alone, W's rows x columns: 4096 x 4096 at
+  // batch 256, 90 / 95 / 99% 0.88 / 0.86 / 0.89, batch 64 at 90 / 99% 0.89-0.90 / 0.99-1.01; 4096 x 1024 / 2048
+  // at batch 256, 90%, 0.91 / 0.85; with 64-column panels of 256 / 512 KB, 1024 / 2048 x 4096 at batch 256, 90%
+  // 0.88 / 0.98, 99% 0.94 / 0.83; the training step at batch 128 / 256, 90-99%, 0.86-0.97 / 0.79-0.94).
+  // Over W's CSR, half of L2: xt's panel and the accumulators.
+  const int64_t T = csc ? std::min(kCscMaxPanel, panel_width(rows, B, l2_bytes()))
+                        : panel_width(std::max(rows, K), B, l2_bytes() / 2);
   at::Tensor dvalues = empty_output({nnz}, values.options());
   // Over W^T, with as many panels as threads (or a multiple) and few stored values (their products, 4 bytes
   // each, within one core's L2), the batch is split between threads (grad_csc_tiles), each packing its own panels
