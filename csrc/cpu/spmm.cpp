@@ -132,19 +132,23 @@ inline int64_t panel_width(int64_t K, int64_t B, int64_t budget) {
 }
 
 // Calls f(std::integral_constant<int, V>{}) for the panel width T = 16 V that panel_width chose (16, 32 or 64):
-// the kernels take V as a template argument.
-template <typename F>
+// the kernels take V as a template argument. A caller whose widths stop below 64 says so in MaxT, and the wider
+// kernels are not instantiated.
+template <int64_t MaxT = 64, typename F>
 inline void with_panel_width(int64_t T, const char* op, F&& f) {
   switch (T) {
     case 16:
       return f(std::integral_constant<int, 1>{});
     case 32:
-      return f(std::integral_constant<int, 2>{});
+      if constexpr (MaxT >= 32) return f(std::integral_constant<int, 2>{});
+      break;
     case 64:
-      return f(std::integral_constant<int, 4>{});
+      if constexpr (MaxT >= 64) return f(std::integral_constant<int, 4>{});
+      break;
     default:
-      TORCH_CHECK(false, op, ": internal error, panel width ", T);
+      break;
   }
+  TORCH_CHECK(false, op, ": internal error, panel width ", T);
 }
 
 #ifdef __AVX2__
@@ -1166,6 +1170,7 @@ void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, f
                const float* panel_g, const scalar_t* xt, int64_t xsk, int64_t xsb, scalar_t* dxt, int64_t dsk,
                int64_t dsb, int64_t K, int64_t b0, int64_t bt, int64_t k0, int64_t k1) {
   constexpr int64_t T = V * kLanes;
+  static_assert(T <= kCscMaxPanel, "csc_sweep's panels are at most kCscMaxPanel columns");
   // accumulator sets: S * V independent chains into dxt. With 16 AVX registers, one set from V = 2 on: xt's row,
   // the accumulators and dots16's sums then stay in registers (Zen 3, batch 256 at 90 / 95 / 99%, with dots16's
   // 4-at-a-time sums, against two sets and 8 at a time, one process alternating them, 10 rounds, median: 47.3 /
@@ -1715,7 +1720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
         const at::Tensor vals = gather_values<scalar_t, float, index_t>(values, *t_perm, bad,
                                                                         t_col->const_data_ptr<index_t>(), rows);
         TORCH_CHECK_VALUE(!bad, "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
-        with_panel_width(T, "spmm_grad", [&](auto v_tag) {
+        with_panel_width<kCscMaxPanel>(T, "spmm_grad", [&](auto v_tag) {
           constexpr int V = decltype(v_tag)::value;
           const int32_t* trp = t_rowptr->const_data_ptr<int32_t>();
           const index_t* tcp = t_col->const_data_ptr<index_t>();
