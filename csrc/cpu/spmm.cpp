@@ -1676,7 +1676,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // panel; else over W's CSR. 4096 x 4096 at 90%, the op alone (2026-11-29, W^T / CSR): batch
   // 256, 11-12.6 / 23 ms (sddmm + spmm_t 20-21); 128, 6.8 / 9.9; 64, 4.1 / 5.1-5.3; 33, 4.1 / 5.1; 32, 2.9 /
   // 2.5; 16, 2.4 / 1.4. Reading and writing through the permutation inside the sweep instead (on its first and
-  // last panels) cost 13-15 ms at batch 256: those random accesses then compete with gyt's panel for L2.
+  // last panels) cost 13-15 ms at batch 256: those random accesses then compete with gyt's panel for L2 (again
+  // on a Zen 4, 2026-12-01, one process alternating, the same bits: 1.37 / 1.37 / 1.16x the passes' time at batch
+  // 64 / 128 / 256, 90%).
   const bool csc = transposed && B > kGradCscMinBatch;
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
