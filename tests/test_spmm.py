@@ -390,8 +390,8 @@ def test_opcheck_and_compile(device):
 def test_row_checks_catch_every_bad_index(batch, cols):
     # The sweeps over W's CSR (spmm's forward; spmm_t's, sddmm's and spmm_grad's without W^T's structure) check a
     # row's indices a vector at a time before sweeping it without per-read checks, a row that fails being swept
-    # with them (the forward at batch 1 checks 8 at a time as it sweeps): a bad index anywhere in a long row (block
-    # lanes, the tail) must raise.
+    # with them (the forward at batch 1 checks each gather's lanes as it sweeps): a bad index anywhere in a long row
+    # (block lanes, the tail) must raise.
     values, s, xt, bias = _problem(3, cols, batch, 1.0 if cols == 100 else 0.01, torch.float32, "cpu", 5)
     dense = torch.zeros(3, cols).index_put_((torch.repeat_interleave(torch.arange(3), s.rowptr.diff()),
                                             s.col.long()), values)

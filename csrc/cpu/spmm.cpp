@@ -1178,7 +1178,7 @@ void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, f
 #if defined(__AVX__) && !defined(__AVX512F__)
   constexpr int S = V >= 2 ? 1 : 4 / V;
 #else
-  constexpr int S = V >= 4 ? 1 : 4 / V;
+  constexpr int S = 4 / V;  // (V <= 2: kCscMaxPanel)
 #endif
   const int64_t nnz = trowptr[K];
   RowReader<V, scalar_t> reader(xt, K, xsk, xsb, b0, bt);
