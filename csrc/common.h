@@ -240,15 +240,23 @@ inline at::Tensor empty_input_grad(const at::Tensor& xt) {
 // Validates W's transposed structure for a W of n_cols columns: the CSR of W^T (t_rowptr over the n_cols
 // columns, t_col the row indices) beside values, and t_perm a contiguous int32 map from its positions to W's
 // stored values, one entry per value on values' device (the kernels check each entry's range as they read it).
-inline void check_transposed(const at::Tensor& values, const at::Tensor& t_rowptr, const at::Tensor& t_col,
-                             const at::Tensor& t_perm, int64_t n_cols, const char* op) {
+// With `blocked` (the CPU's spmm_t and spmm_grad), W^T may also be blocked by W's rows (csr.structure's
+// row_block): t_rowptr then has nb * n_cols + 1 entries, nb >= 1 blocks of n_cols columns each. Returns nb.
+inline int64_t check_transposed(const at::Tensor& values, const at::Tensor& t_rowptr, const at::Tensor& t_col,
+                                const at::Tensor& t_perm, int64_t n_cols, const char* op, bool blocked = false) {
   const std::string where = std::string(op) + " (transposed structure)";
   check_csr(t_rowptr, t_col, values, where.c_str());
-  TORCH_CHECK_VALUE(t_rowptr.numel() - 1 == n_cols, op, ": t_rowptr has ", t_rowptr.numel() - 1,
-                    " rows but W has ", n_cols, " columns");
+  const int64_t t_rows = t_rowptr.numel() - 1;
+  const bool whole = n_cols > 0 && t_rows % n_cols == 0 && t_rows >= n_cols;
+  TORCH_CHECK_VALUE(t_rows == n_cols || (blocked && whole), op, ": t_rowptr has ", t_rows, " rows but W has ",
+                    n_cols, " columns",
+                    whole ? " (a transposed structure blocked by W's rows is taken only by the CPU's spmm_t and "
+                            "spmm_grad: build it with row_block=None)"
+                          : "");
   TORCH_CHECK_TYPE(t_perm.scalar_type() == at::kInt && t_perm.dim() == 1 && t_perm.numel() == values.numel() &&
                        t_perm.is_contiguous() && t_perm.device() == values.device(),
                    op, ": t_perm must be a contiguous int32 permutation of the stored values, on values' device");
+  return n_cols > 0 ? t_rows / n_cols : 1;
 }
 
 // Checks a convolution's kernel_size, stride and dilation (2 entries each, all >= 1) and padding (2 entries,

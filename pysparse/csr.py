@@ -4,10 +4,17 @@ A 2-D weight [rows, cols] with a keep-mask is stored as ``values`` (the kept wei
 ``rowptr`` (int32, rows + 1) / ``col`` (int16 when cols <= 32768, else int32). The backward pass needs the
 transposed structure too (CSC): ``t_rowptr`` over columns, ``t_col`` (row indices) and ``t_perm``, the
 permutation that puts ``values`` in column-major order. It is computed once per mask, never per step.
+
+On the CPU the sparse linear layers keep W^T blocked by W's rows (``row_block``): block b holds the CSC of W's rows
+[b * row_block, (b + 1) * row_block), the blocks one after the other (``t_rowptr`` then has blocks * cols + 1
+entries). The backward's sweep over W^T, and the passes that put the values into its order and the products back,
+then walk a few hundred rows of W at a time instead of all of them (benchmarks/RESULTS.md: the blocked backward).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -33,8 +40,28 @@ class Structure:
     def nnz(self) -> int:
         return self.col.numel()
 
+    @property
+    def row_blocks(self) -> int:
+        """How many blocks of W's rows W^T is stored in (1: the plain CSC)."""
+        return max(1, (self.t_rowptr.numel() - 1) // max(1, self.shape[1]))
+
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.t_rowptr, self.t_col, self.t_perm
+
+
+# cpu_row_block's figures: blocks of this many rows, for matrices at least this dense (benchmarks/RESULTS.md: the
+# blocked backward).
+_BLOCK_ROWS = 256
+_BLOCK_MIN_DENSITY = 0.125
+
+
+def cpu_row_block(rows: int, cols: int, nnz: int) -> Optional[int]:
+    """The row block of W^T's structure for the CPU's backward (:func:`structure`) of a [rows, cols] matrix with
+    nnz stored values: 256 rows where that makes two blocks or more and the matrix keeps at least 1/8 of its
+    entries (below 87.5% sparsity; sparser, the blocked backward measured no faster), else None (one block)."""
+    if rows < 2 * _BLOCK_ROWS or nnz < _BLOCK_MIN_DENSITY * rows * cols:
+        return None
+    return _BLOCK_ROWS
 
 
 def _rowptr(counts: torch.Tensor) -> torch.Tensor:
@@ -56,27 +83,40 @@ def compress_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _rowptr(mask.sum(1)), mask.nonzero(as_tuple=True)[1].to(index_dtype(mask.shape[1]))
 
 
-def structure(mask: torch.Tensor) -> Structure:
-    """The CSR structure (and its transpose) of the True entries of a 2-D bool mask."""
+def structure(mask: torch.Tensor, row_block: Optional[int] = None) -> Structure:
+    """The CSR structure (and its transpose) of the True entries of a 2-D bool mask. With ``row_block`` (below
+    the row count), W^T is blocked by W's rows: block b is the CSC of rows [b * row_block, (b + 1) * row_block),
+    the blocks one after the other, rows ascending within each column (what the CPU's spmm_t / spmm_grad take;
+    the CUDA kernels and the convolutions take one block, row_block=None)."""
     _check_mask(mask)
     rows, cols = mask.shape
+    if row_block is not None and (isinstance(row_block, bool) or not isinstance(row_block, int) or row_block < 1):
+        raise ValueError(f"row_block must be a positive int or None, got {row_block!r}")
     if mask.numel() and int(mask.sum()) >= 2**31:
         raise ValueError("more than 2^31 - 1 kept entries")
     r, c = mask.nonzero(as_tuple=True)                      # row-major order: the CSR order
-    t_perm = torch.argsort(c * rows + r)                      # CSR position -> CSC order
+    if row_block is None or row_block >= rows:
+        t_rowptr = _rowptr(mask.sum(0))
+        t_perm = torch.argsort(c * rows + r)                  # CSR position -> CSC order
+    else:
+        block_col = torch.div(r, row_block, rounding_mode="floor") * cols + c
+        t_rowptr = _rowptr(torch.bincount(block_col, minlength=math.ceil(rows / row_block) * cols))
+        t_perm = torch.argsort(block_col * rows + r)          # block-major, then column, then row
     return Structure(
         rowptr=_rowptr(mask.sum(1)),
         col=c.to(index_dtype(cols)),
-        t_rowptr=_rowptr(mask.sum(0)),
+        t_rowptr=t_rowptr,
         t_col=r[t_perm].to(index_dtype(rows)),
         t_perm=t_perm.to(torch.int32),
         shape=(rows, cols),
     )
 
 
-def compress(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Structure]:
-    """The kept values of a 2-D ``weight`` under ``mask`` (True = keep), and their structure."""
-    s = structure(mask)
+def compress(weight: torch.Tensor, mask: torch.Tensor, row_block: Optional[int] = None
+             ) -> tuple[torch.Tensor, Structure]:
+    """The kept values of a 2-D ``weight`` under ``mask`` (True = keep), and their structure (``row_block``:
+    :func:`structure`'s)."""
+    s = structure(mask, row_block)
     return weight[mask], s
 
 
@@ -100,7 +140,8 @@ def keep_mask(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -
     return mask
 
 
-def from_compressed(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> Structure:
+def from_compressed(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int],
+                    row_block: Optional[int] = None) -> Structure:
     """The full structure (with the transposed cache) of a CSR read from outside (a file, a state dict).
     Raises ValueError unless rowptr / col describe a [rows, cols] matrix in canonical order (columns
     ascending within a row, no duplicates), so a tampered structure never reaches a kernel."""
@@ -115,7 +156,7 @@ def from_compressed(rowptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, i
         raise ValueError(f"rowptr is not a valid row pointer for {nnz} stored values")
     if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
         raise ValueError(f"a column index is outside [0, {cols})")
-    s = structure(keep_mask(rowptr, col, shape))
+    s = structure(keep_mask(rowptr, col, shape), row_block)
     if not (torch.equal(s.rowptr, rowptr) and torch.equal(s.col.to(col.dtype), col)):
         raise ValueError("the column indices are not in canonical order (ascending within a row, no duplicates)")
     return s

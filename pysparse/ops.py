@@ -179,14 +179,20 @@ def _check_csr(rowptr, col, values, op: str) -> None:
         raise ValueError(f"{op}: values is on {values.device} but the structure is on {col.device}")
 
 
-def _check_transposed(t_rowptr, t_col, t_perm, values, n_cols: int, op: str) -> None:
+def _check_transposed(t_rowptr, t_col, t_perm, values, n_cols: int, op: str, blocked: bool = False) -> None:
+    """With ``blocked`` (spmm, spmm_t, spmm_grad) W^T may be blocked by W's rows (:func:`pysparse.csr.structure`'s
+    ``row_block``): t_rowptr then has a whole number of n_cols-row blocks (the CUDA kernels take one only)."""
     given = [t is not None for t in (t_rowptr, t_col, t_perm)]
     if any(given) and not all(given):
         raise ValueError(f"{op}: give all of t_rowptr, t_col and t_perm (the transposed structure), or none")
     if all(given):
         _check_csr(t_rowptr, t_col, values, f"{op} (transposed structure)")
-        if t_rowptr.shape[0] - 1 != n_cols:
-            raise ValueError(f"{op}: t_rowptr has {t_rowptr.shape[0] - 1} rows but W has {n_cols} columns")
+        t_rows = t_rowptr.shape[0] - 1
+        whole = n_cols > 0 and t_rows >= n_cols and t_rows % n_cols == 0
+        if t_rows != n_cols and not (blocked and whole):
+            hint = (" (a transposed structure blocked by W's rows is taken only by spmm, spmm_t and spmm_grad: build "
+                    "it with row_block=None)") if whole else ""
+            raise ValueError(f"{op}: t_rowptr has {t_rows} rows but W has {n_cols} columns{hint}")
         _check_tensor(t_perm, "t_perm")
         if t_perm.shape != values.shape or t_perm.dtype != torch.int32:
             raise ValueError(f"{op}: t_perm must be an int32 permutation of the stored values")
@@ -207,7 +213,7 @@ def _check_spmm(rowptr, col, values, xt, bias, t_rowptr, t_col, t_perm) -> None:
             raise ValueError(f"spmm: bias must have shape ({rowptr.shape[0] - 1},), got {tuple(bias.shape)}")
         if bias.dtype != values.dtype or bias.device != values.device:
             raise TypeError(f"spmm: bias must have values' dtype and device ({values.dtype}, {values.device})")
-    _check_transposed(t_rowptr, t_col, t_perm, values, xt.shape[0], "spmm")
+    _check_transposed(t_rowptr, t_col, t_perm, values, xt.shape[0], "spmm", blocked=True)
 
 
 def _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm) -> None:
@@ -220,7 +226,7 @@ def _check_spmm_t(rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm) -> N
         raise ValueError(f"spmm_t: yt must be 2-D with {rowptr.shape[0] - 1} rows, got shape {tuple(yt.shape)}")
     if yt.dtype != values.dtype or yt.device != values.device:
         raise TypeError(f"spmm_t: yt must have values' dtype and device ({values.dtype}, {values.device})")
-    _check_transposed(t_rowptr, t_col, t_perm, values, n_cols, "spmm_t")
+    _check_transposed(t_rowptr, t_col, t_perm, values, n_cols, "spmm_t", blocked=True)
 
 
 def _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm) -> None:
@@ -235,7 +241,7 @@ def _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm) -> N
     if gyt.shape != (rowptr.shape[0] - 1, xt.shape[1]):
         raise ValueError(f"spmm_grad: gyt must be [{rowptr.shape[0] - 1}, {xt.shape[1]}] (W's rows by xt's columns), "
                          f"got {tuple(gyt.shape)}")
-    _check_transposed(t_rowptr, t_col, t_perm, values, xt.shape[0], "spmm_grad")
+    _check_transposed(t_rowptr, t_col, t_perm, values, xt.shape[0], "spmm_grad", blocked=True)
 
 
 def _pair2(v, name: str, op: str = "sparse_conv2d", least: int = 1) -> tuple[int, int]:

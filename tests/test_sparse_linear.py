@@ -322,6 +322,49 @@ def test_memory_grows_with_nnz():
     assert training <= 0.45 * dense_bytes, training / dense_bytes
 
 
+def test_cpu_layers_keep_w_transposed_blocked_by_rows():
+    """On the CPU a SparseLinear keeps W^T blocked by W's rows (csr.cpu_row_block: 256 rows, below 87.5% sparsity)
+    through construction, set_mask and load_state_dict; moving it to CUDA and back rebuilds the blocks the device
+    takes (one on CUDA); its gradients equal the unblocked ones'."""
+    torch.manual_seed(0)
+    layer = SparseLinear(600, 1024, sparsity=0.7)
+    rows, cols = layer.matrix_shape
+    s = layer.structure
+    assert s.row_blocks == 4 and pysparse.csr.cpu_row_block(rows, cols, layer.nnz) == 256
+    # the block layout: block-major, then column, then row
+    want = pysparse.csr.structure(layer.mask(), row_block=256)
+    for name in ("t_rowptr", "t_col", "t_perm"):
+        assert torch.equal(getattr(s, name), getattr(want, name))
+    plain = pysparse.csr.structure(layer.mask())
+    assert plain.row_blocks == 1 and plain.t_rowptr.numel() == cols + 1
+    # gradients at a batch that sweeps W^T (above 32), against the plain structure's
+    x, g = torch.randn(64, 600), torch.randn(64, 1024)
+    grads = []
+    for t in (s.transposed(), plain.transposed()):
+        v, xi = layer.values.detach().clone().requires_grad_(), x.t().clone().requires_grad_()
+        pysparse.ops.spmm(s.rowptr, s.col, v, xi, transposed=t).backward(g.t())
+        grads.append((v.grad, xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0])  # the same products
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)  # summed in another order
+    layer.set_mask(torch.rand(1024, 600) < 0.05)  # 95%: one block
+    assert layer.structure.row_blocks == 1
+    layer.set_mask(torch.rand(1024, 600) < 0.5)
+    assert layer.structure.row_blocks == 4
+    fresh = SparseLinear(600, 1024, sparsity=0.99)
+    assert fresh.structure.row_blocks == 1
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.structure.row_blocks == 4 and torch.equal(fresh.t_perm, layer.t_perm)
+    assert pysparse.SparseConv2d(64, 512, 3, sparsity=0.5).structure.row_blocks == 1  # the convolutions: one
+    assert SparseLinear(1000, 300, sparsity=0.0).structure.row_blocks == 1  # fewer than 512 rows: one
+    if "cuda" in DEVICES:
+        layer.cuda()
+        assert layer.structure.row_blocks == 1
+        xc = torch.randn(64, 600, device="cuda", requires_grad=True)
+        layer(xc).sum().backward()
+        layer.cpu()
+        assert layer.structure.row_blocks == 4 and torch.equal(layer.t_perm, fresh.t_perm)
+
+
 def test_state_dict_deepcopy_pickle():
     _, _, sparse = _pair(16, 8, 0.25, seed=3)
     fresh = SparseLinear(16, 8, sparsity=0.9)  # different nnz: loading takes the saved structure

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -27,19 +29,54 @@ def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
 LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced"])
 
 
-def _problem(rows, cols, batch, density, dtype, device, seed, *, empty_rows=False):
+def _problem(rows, cols, batch, density, dtype, device, seed, *, empty_rows=False, row_block=None):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(rows, cols, generator=gen) < density
     if empty_rows and rows:
         mask[::2] = False
     w = torch.randn(rows, cols, generator=gen).to(dtype)
-    values, s = csr.compress(w, mask)
+    values, s = csr.compress(w, mask, row_block)
     xt = torch.randn(cols, batch, generator=gen).to(dtype)
     bias = torch.randn(rows, generator=gen).to(dtype)
     move = lambda t: t.to(device)  # noqa: E731
     return move(values), csr.Structure(*(move(getattr(s, n)) for n in
                                          ("rowptr", "col", "t_rowptr", "t_col", "t_perm")), shape=s.shape), \
         move(xt), move(bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 40), cols=st.integers(0, 40), density=st.floats(0, 1),
+       row_block=st.one_of(st.none(), st.integers(1, 45)), seed=st.integers(0, 2**31 - 1))
+def test_structure_blocked_by_rows(rows, cols, density, row_block, seed):
+    """csr.structure's transposed form, plain or blocked by W's rows: the stored positions in the order of (block
+    of rows, column, row), t_rowptr over blocks x columns, t_perm mapping them to the CSR positions."""
+    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)) < density
+    s = csr.structure(mask, row_block)
+    r, c = mask.nonzero(as_tuple=True)
+    rb = rows if row_block is None or row_block >= rows else row_block
+    blocks = 1 if rb == rows else -(-rows // rb)
+    assert s.row_blocks == blocks and s.t_rowptr.numel() == blocks * cols + 1
+    order = sorted(range(len(r)), key=lambda j: (int(r[j]) // max(rb, 1), int(c[j]), int(r[j])))
+    assert s.t_perm.tolist() == order
+    assert s.t_col.long().tolist() == [int(r[j]) for j in order]
+    counts = torch.zeros(blocks * cols + 1, dtype=torch.int64)
+    for j in order:
+        counts[(int(r[j]) // max(rb, 1)) * cols + int(c[j]) + 1] += 1
+    assert s.t_rowptr.tolist() == counts.cumsum(0).tolist()
+    with pytest.raises(ValueError, match="row_block must be a positive int"):
+        csr.structure(mask, 0)
+
+
+def test_cpu_row_block_rule():
+    """Blocks of 256 rows for matrices of 512 rows or more that keep at least 1/8 of their entries, else none."""
+    assert csr.cpu_row_block(4096, 4096, 8_388_608) == 256  # 50%
+    assert csr.cpu_row_block(4096, 4096, 2_516_583) == 256  # 85%
+    assert csr.cpu_row_block(4096, 4096, 2_097_152) == 256  # 87.5%: the edge
+    assert csr.cpu_row_block(4096, 4096, 2_097_151) is None
+    assert csr.cpu_row_block(4096, 4096, 1_677_722) is None  # 90%
+    assert csr.cpu_row_block(512, 100, 51_200) == 256  # two blocks
+    assert csr.cpu_row_block(511, 100, 51_100) is None  # fewer than 512 rows: one
+    assert csr.cpu_row_block(0, 0, 0) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -118,9 +155,12 @@ def test_gradcheck_fp64(device):
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(0, 60), cols=st.integers(0, 60), batch=st.sampled_from([0, 1, 2, 8, 16, 17, 33, 64, 70]),
        density=st.floats(0, 1), dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(),
-       seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
-def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
-    values, s, _, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
+       seed=st.integers(0, 2**31 - 1), layout=LAYOUTS, row_block=st.one_of(st.none(), st.integers(1, 64)))
+def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout, row_block):
+    """Through W^T's structure (plain, or on the CPU blocked by W's rows: row_block) and the scatter."""
+    row_block = None if device == "cuda" else row_block  # the CUDA kernels take one block
+    values, s, _, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows,
+                               row_block=row_block)
     yt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 2)).to(device, dtype)
     want = reference.spmm_t(s.rowptr, s.col, values, yt, cols)
     for transposed in (s.transposed(), None):  # both CPU ways: through W^T's structure and the scatter
@@ -135,12 +175,16 @@ def test_spmm_t_matches_reference(device, rows, cols, batch, density, dtype, emp
 @settings(max_examples=50, deadline=None)
 @given(rows=st.integers(0, 60), cols=st.integers(0, 60),
        batch=st.sampled_from([0, 1, 2, 8, 16, 17, 33, 64, 65, 100, 130, 200]), density=st.floats(0, 1),
-       dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS)
-def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout):
-    """Both gradients in one call, both CPU sweeps (W^T's structure above batch 32, W's CSR otherwise or without
-    it), batches of one to four panels (the values are gathered through the permutation before the panels and the
-    products scattered through it after them); with bias=True, the bias gradient (summed as gyt is packed) too."""
-    values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
+       dtype=st.sampled_from(list(TOL)), empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1), layout=LAYOUTS,
+       row_block=st.one_of(st.none(), st.integers(1, 64)))
+def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, empty_rows, seed, layout, row_block):
+    """Both gradients in one call, both CPU sweeps (W^T's structure above batch 32, plain or blocked by W's rows,
+    W's CSR otherwise or without it), batches of one to four panels (the values are gathered through the
+    permutation before the panels and the products scattered through it after them); with bias=True, the bias
+    gradient (summed as gyt is packed) too."""
+    row_block = None if device == "cuda" else row_block  # the CUDA kernels take one block
+    values, s, xt, _ = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows,
+                                row_block=row_block)
     gyt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 3)).to(device, dtype)
     want_values, want_x, want_bias = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
     for transposed in (s.transposed(), None):
@@ -167,12 +211,13 @@ def test_spmm_grad_batch_split_between_threads(threads, dtype):
     few stored values, each thread takes its own panels (packing them itself, its products and bias sums in rows
     of their own, added after), else each takes its own columns. Panels of 32 columns: 2 threads split batches 256
     and 128 (8 and 4 panels) and take batch 130's 5 panels by columns, 3 threads all three by columns; the
-    layers' batch-major layout and a row-major one; against the reference."""
+    layers' batch-major layout and a row-major one; W^T plain and blocked by W's rows; against the reference."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rows, cols, batch in [(70, 90, 256), (33, 17, 130), (64, 64, 128)]:
-            values, s, xt, _ = _problem(rows, cols, batch, 0.3, dtype, "cpu", rows + batch)
+        for (rows, cols, batch), row_block in itertools.product([(70, 90, 256), (33, 17, 130), (64, 64, 128)],
+                                                                [None, 16]):
+            values, s, xt, _ = _problem(rows, cols, batch, 0.3, dtype, "cpu", rows + batch, row_block=row_block)
             gyt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(batch)).to(dtype)
             want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
             for g, x in ((gyt.t().contiguous().t(), xt.t().contiguous().t()), (gyt, xt)):
@@ -525,8 +570,43 @@ def test_tampered_structure_raises_not_crashes():
             torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, values, gyt, x, s.t_rowptr, bad_row, s.t_perm)
 
 
+def test_tampered_blocked_structure_raises_not_crashes():
+    """W^T blocked by W's rows: bad row indices, permutation entries and block pointers are refused by spmm_t and
+    spmm_grad (every batch that takes the blocks, float32 and float64), never read through."""
+    values, s, _, _ = _problem(40, 30, 4, 0.5, torch.float32, "cpu", 5, row_block=8)
+    assert s.row_blocks == 5 and s.t_rowptr.numel() == 5 * 30 + 1
+    bad_row, bad_perm, bad_ptr = s.t_col.clone(), s.t_perm.clone(), s.t_rowptr.clone()
+    bad_row[3], bad_perm[7] = 40, -1
+    bad_ptr[40] = bad_ptr[41] + 1
+    for batch, dtype in [(33, torch.float32), (64, torch.float32), (200, torch.bfloat16), (70, torch.float64)]:
+        v, gyt, x = values.to(dtype), torch.randn(40, batch, dtype=dtype), torch.randn(30, batch, dtype=dtype)
+        for t, match in [((s.t_rowptr, bad_row, s.t_perm), "row index or t_perm entry"),
+                         ((s.t_rowptr, s.t_col, bad_perm), "row index or t_perm entry"),
+                         ((bad_ptr, s.t_col, s.t_perm), "non-decreasing")]:
+            if dtype == torch.float64 and match != "non-decreasing":
+                continue  # float64 scatters from W's CSR: W^T's entries are not read
+            with pytest.raises(ValueError, match=match):
+                torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, v, gyt, x, *t)
+            with pytest.raises(ValueError, match=match):
+                torch.ops.pysparse.spmm_t.default(s.rowptr, s.col, v, gyt, 30, *t)
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda v, s, x: pysparse.ops.spmm(s.rowptr.long(), s.col, v, x), TypeError, "rowptr must be int32"),
+    (lambda v, s, x: pysparse.ops.spmm_t(s.rowptr, s.col, v, torch.randn(6, 40), 8,
+                                         transposed=(s.t_rowptr[:-2], s.t_col, s.t_perm)), ValueError,
+     "t_rowptr has 6 rows but W has 8 columns"),
+    (lambda v, s, x: torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, v, torch.randn(6, 40), torch.randn(8, 40),
+                                                          torch.cat([s.t_rowptr, s.t_rowptr[-1:]]), s.t_col, s.t_perm),
+     ValueError, "t_rowptr has 9 rows but W has 8 columns"),
+    (lambda v, s, x: pysparse.ops.sparse_conv2d(s.rowptr, s.col, v, torch.randn(1, 2, 5, 5), kernel_size=2,
+                                                transposed=csr.structure(csr.keep_mask(s.rowptr, s.col, (6, 8)),
+                                                                         2).transposed()),
+     ValueError, "blocked by W's rows is taken only by spmm, spmm_t and spmm_grad"),
+    (lambda v, s, x: torch.ops.pysparse.sparse_conv2d_grad_input.default(
+        s.rowptr, s.col, v, torch.randn(1, 6, 4, 4), [1, 2, 5, 5], [2, 2], [1, 1], [1, 1], [0, 0],
+        *csr.structure(csr.keep_mask(s.rowptr, s.col, (6, 8)), 2).transposed()),
+     ValueError, "blocked by W's rows is taken only by the CPU's spmm_t and spmm_grad"),
     (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col.long(), v, x), TypeError, "col must be int16 or int32"),
     (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v[:-1], x), ValueError, "one entry per column index"),
     (lambda v, s, x: pysparse.ops.spmm(s.rowptr, s.col, v, x.double()), TypeError, "xt has dtype"),

@@ -12,7 +12,7 @@
 namespace pysparse {
 namespace cpu {
 
-constexpr int64_t kScratchSlots = 4;
+constexpr int64_t kScratchSlots = 5;
 constexpr int64_t kScratchCacheBytes = int64_t{64} << 20;
 
 // The calling thread's cached buffers, one per slot (bytes).

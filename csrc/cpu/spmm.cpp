@@ -1164,13 +1164,22 @@ constexpr int64_t kRowPrefetch = 32;
 //
 // csc_sweep is one panel's part of that sweep: W^T's columns [k0, k1) against panel_g (gyt's batch entries
 // b0 .. b0 + bt, [rows, T]), the products into dv (added to what it holds when `add`), dxt's rows [k0, k1) at
-// those entries.
-template <int V, typename index_t, typename scalar_t>
-void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, float* dv, bool add,
-               const float* panel_g, const scalar_t* xt, int64_t xsk, int64_t xsb, scalar_t* dxt, int64_t dsk,
-               int64_t dsb, int64_t K, int64_t b0, int64_t bt, int64_t k0, int64_t k1) {
+// those entries. Without DOTS, dxt alone (spmm_t): no products, xt unread.
+//
+// W^T blocked by W's rows (nb > 1; see csr.structure): trowptr has nb * K + 1 entries, block b's stored positions
+// of column k lie at trowptr[b * K + k] .. trowptr[b * K + k + 1] (rows ascending), the blocks one after the
+// other in memory. The sweep then takes the blocks in turn, each over columns [k0, k1): the gather of W's values
+// into this order before the sweep and the scatter of the products after it then walk one block's rows at a time
+// (a line of each of a few hundred rows, within L1) instead of one line of every row of W (L2), and each block's
+// panel rows are a few hundred rows of gyt's panel. xt's rows come from px (xt's panel packed, [K, T]) and dxt's
+// partial sums go through dacc ([K, T]) between blocks, written into dxt after the last. Figures in
+// spmm_grad_cpu.
+template <int V, bool DOTS, typename index_t, typename scalar_t>
+void csc_sweep(const int32_t* trowptr, int64_t nb, const index_t* trow, const float* vals, float* dv, bool add,
+               const float* panel_g, const scalar_t* xt, int64_t xsk, int64_t xsb, const float* px, float* dacc,
+               scalar_t* dxt, int64_t dsk, int64_t dsb, int64_t K, int64_t b0, int64_t bt, int64_t k0, int64_t k1) {
   constexpr int64_t T = V * kLanes;
-  static_assert(T <= kCscMaxPanel, "csc_sweep's panels are at most kCscMaxPanel columns");
+  static_assert(T <= kCscMaxPanel || !DOTS, "spmm_grad's panels are at most kCscMaxPanel columns");
   // accumulator sets: S * V independent chains into dxt. With 16 AVX registers, one set from V = 2 on: xt's row,
   // the accumulators and dots16's sums then stay in registers (Zen 3, batch 256 at 90 / 95 / 99%, with dots16's
   // 4-at-a-time sums, against two sets and 8 at a time, one process alternating them, 10 rounds, median: 47.3 /
@@ -1178,65 +1187,97 @@ void csc_sweep(const int32_t* trowptr, const index_t* trow, const float* vals, f
 #if defined(__AVX__) && !defined(__AVX512F__)
   constexpr int S = V >= 2 ? 1 : 4 / V;
 #else
-  constexpr int S = 4 / V;  // (V <= 2: kCscMaxPanel)
+  constexpr int S = V >= 4 ? 1 : 4 / V;
 #endif
-  const int64_t nnz = trowptr[K];
+  const int64_t nnz = trowptr[nb * K];
+  const bool blocked = nb > 1;
   RowReader<V, scalar_t> reader(xt, K, xsk, xsb, b0, bt);
   RowWriter<V, scalar_t> writer(dxt, dsk, dsb, b0, bt);
-  for (int64_t k = k0; k < k1; ++k) {
-    vfloat xk[V], acc[S][V];
-    reader.get(k, xk);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int32_t* bptr = trowptr + blk * K;
+    for (int64_t k = k0; k < k1; ++k) {
+      vfloat xk[V], acc[S][V];
+      if constexpr (DOTS) {
+        if (blocked) {
 #pragma GCC unroll 4
-    for (int s = 0; s < S; ++s)
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[s][v] = vfloat{};
-    // one stored position: its dot product (returned, in lanes) and its multiply-add into acc[s]
-    auto step = [&](int64_t j, int s) -> vfloat {
-      // the row kRowPrefetch positions ahead: at high sparsity a panel row is read by few stored positions,
-      // so its first read misses L2 (when the panels were packed 4 MB ago) and too few misses are in flight
-      const int64_t ahead = j + kRowPrefetch < nnz ? j + kRowPrefetch : j;
-      const char* q = reinterpret_cast<const char*>(panel_g + static_cast<int64_t>(trow[ahead]) * T);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) __builtin_prefetch(q + v * 64);
-      const float w = vals[j];
-      const float* g = panel_g + static_cast<int64_t>(trow[j]) * T;
-      const vfloat g0 = vload(g);
-      vfloat d = xk[0] * g0;
-      acc[s][0] += w * g0;
-#pragma GCC unroll 4
-      for (int v = 1; v < V; ++v) {
-        const vfloat gv = vload(g + v * kLanes);
-        d += xk[v] * gv;
-        acc[s][v] += w * gv;
+          for (int v = 0; v < V; ++v) xk[v] = vload(px + k * T + v * kLanes);
+        } else {
+          reader.get(k, xk);
+        }
       }
-      return d;
-    };
-    const int64_t j1 = trowptr[k + 1];
-    for (int64_t j = trowptr[k]; j < j1; j += 16) {
-      const int64_t m = std::min<int64_t>(16, j1 - j);  // a tail's positions all go into acc[0]
-      store_dots<4>(dv + j, m, add, [&](int u) { return step(j + u, m == 16 ? u % S : 0); });
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[0][v] = blk > 0 ? vload(dacc + k * T + v * kLanes) : vfloat{};
+#pragma GCC unroll 4
+      for (int s = 1; s < S; ++s)
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[s][v] = vfloat{};
+      // one stored position: its dot product (returned, in lanes) and its multiply-add into acc[s]
+      auto step = [&](int64_t j, int s) -> vfloat {
+        // the row kRowPrefetch positions ahead: at high sparsity a panel row is read by few stored positions,
+        // so its first read misses L2 (when the panels were packed 4 MB ago) and too few misses are in flight
+        const int64_t ahead = j + kRowPrefetch < nnz ? j + kRowPrefetch : j;
+        const char* q = reinterpret_cast<const char*>(panel_g + static_cast<int64_t>(trow[ahead]) * T);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) __builtin_prefetch(q + v * 64);
+        const float w = vals[j];
+        const float* g = panel_g + static_cast<int64_t>(trow[j]) * T;
+        vfloat d{};
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          const vfloat gv = vload(g + v * kLanes);
+          if constexpr (DOTS) d = v == 0 ? xk[0] * gv : d + xk[v] * gv;
+          acc[s][v] += w * gv;
+        }
+        return d;
+      };
+      const int64_t j1 = bptr[k + 1];
+      for (int64_t j = bptr[k]; j < j1; j += 16) {
+        const int64_t m = std::min<int64_t>(16, j1 - j);  // a tail's positions all go into acc[0]
+        if constexpr (DOTS) {
+          store_dots<4>(dv + j, m, add, [&](int u) { return step(j + u, m == 16 ? u % S : 0); });
+        } else {
+          for (int64_t u = 0; u < m; ++u) step(j + u, m == 16 ? u % S : 0);
+        }
+      }
+#pragma GCC unroll 4
+      for (int s = 1; s < S; ++s)
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[0][v] += acc[s][v];
+      if (blk + 1 < nb) {
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) vstore(dacc + k * T + v * kLanes, acc[0][v]);
+      } else {
+        writer.put(k, acc[0]);
+      }
     }
-#pragma GCC unroll 4
-    for (int s = 1; s < S; ++s)
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[0][v] += acc[s][v];
-    writer.put(k, acc[0]);
   }
   writer.flush();
 }
 
 // The sweep with W^T's columns split between threads by stored count, each thread over every panel of gyt
-// (packed before, pg [ntiles, rows, T]).
-template <int V, typename index_t, typename scalar_t>
-void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const float* vals, float* dv, const float* pg,
-                     const scalar_t* xt, int64_t xsk, int64_t xsb, scalar_t* dxt, int64_t dsk, int64_t dsb,
-                     int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+// (packed before, pg [ntiles, rows, T]; xt's too when blocked, px [ntiles, K, T]; dacc [K, T]).
+template <int V, bool DOTS, typename index_t, typename scalar_t>
+void grad_csc_panels(const int32_t* trowptr, int64_t nb, const index_t* trow, const float* vals, float* dv,
+                     const float* pg, const scalar_t* xt, int64_t xsk, int64_t xsb, const float* px, float* dacc,
+                     scalar_t* dxt, int64_t dsk, int64_t dsb, int64_t rows, int64_t K, int64_t B,
+                     std::atomic<bool>& bad) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
-  for_row_parts(trowptr, K, bad, [&](int64_t, int64_t k0, int64_t k1) {
+  // the threads' column ranges by stored count over all blocks: column k's count is the sum of its blocks'
+  std::vector<int32_t> counts;
+  const int32_t* split = trowptr;
+  if (nb > 1) {
+    counts.assign(K + 1, 0);
+    for (int64_t blk = 0; blk < nb; ++blk)
+      for (int64_t k = 0; k < K; ++k) counts[k + 1] += trowptr[blk * K + k + 1] - trowptr[blk * K + k];
+    for (int64_t k = 0; k < K; ++k) counts[k + 1] += counts[k];
+    split = counts.data();
+  }
+  for_row_parts(split, K, bad, [&](int64_t, int64_t k0, int64_t k1) {
     for (int64_t t = 0; t < ntiles; ++t)
-      csc_sweep<V, index_t, scalar_t>(trowptr, trow, vals, dv, t > 0, pg + t * rows * T, xt, xsk, xsb, dxt, dsk,
-                                      dsb, K, t * T, std::min(T, B - t * T), k0, k1);
+      csc_sweep<V, DOTS, index_t, scalar_t>(trowptr, nb, trow, vals, dv, t > 0, pg + t * rows * T, xt, xsk, xsb,
+                                            px != nullptr ? px + t * K * T : nullptr, dacc, dxt, dsk, dsb, K, t * T,
+                                            std::min(T, B - t * T), k0, k1);
     return false;
   });
 }
@@ -1245,23 +1286,27 @@ void grad_csc_panels(const int32_t* trowptr, const index_t* trow, const float* v
 // takes its ntiles / parts panels in turn, packs each from gyt (strides gsr, gsb) into its own [rows, T] buffer
 // in `panels` just before sweeping every column of W^T over it (the panel is written into, and read from, the
 // thread's own L2), its products summed in its own row of dv_parts [parts, nnz], its bias sums in its own row of
-// rowsum_parts [parts, rowsum_stride] (when given).
+// rowsum_parts [parts, rowsum_stride] (when given). Blocked (nb > 1), each also packs xt's panel into its own
+// [K, T] of xpanels and keeps its partial sums in its own [K, T] of dacc.
 template <int V, typename index_t, typename scalar_t>
-void grad_csc_tiles(const int32_t* trowptr, const index_t* trow, const float* vals, float* dv_parts, float* panels,
-                    float* rowsum_parts, int64_t rowsum_stride, const scalar_t* gyt, int64_t gsr, int64_t gsb,
-                    const scalar_t* xt, int64_t xsk, int64_t xsb, scalar_t* dxt, int64_t dsk, int64_t dsb,
-                    int64_t rows, int64_t K, int64_t B, int64_t parts) {
+void grad_csc_tiles(const int32_t* trowptr, int64_t nb, const index_t* trow, const float* vals, float* dv_parts,
+                    float* panels, float* xpanels, float* dacc, float* rowsum_parts, int64_t rowsum_stride,
+                    const scalar_t* gyt, int64_t gsr, int64_t gsb, const scalar_t* xt, int64_t xsk, int64_t xsb,
+                    scalar_t* dxt, int64_t dsk, int64_t dsb, int64_t rows, int64_t K, int64_t B, int64_t parts) {
   constexpr int64_t T = V * kLanes;
-  const int64_t per = (B + T - 1) / T / parts, nnz = trowptr[K];
+  const int64_t per = (B + T - 1) / T / parts, nnz = trowptr[nb * K];
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t part = p0; part < p1; ++part) {
       float* panel = panels + part * rows * T;
+      float* xpanel = nb > 1 ? xpanels + part * K * T : nullptr;
       float* rowsum = rowsum_parts != nullptr ? rowsum_parts + part * rowsum_stride : nullptr;
       for (int64_t t = part * per; t < (part + 1) * per; ++t) {
         const bool first = t == part * per;
         pack_tile(gyt, gsr, gsb, rows, B, T, t, 0, rows, panel, rowsum, first);
-        csc_sweep<V, index_t, scalar_t>(trowptr, trow, vals, dv_parts + part * nnz, !first, panel, xt, xsk, xsb, dxt,
-                                        dsk, dsb, K, t * T, std::min(T, B - t * T), 0, K);
+        if (nb > 1) pack_tile(xt, xsk, xsb, K, B, T, t, 0, K, xpanel, nullptr, false);
+        csc_sweep<V, true, index_t, scalar_t>(trowptr, nb, trow, vals, dv_parts + part * nnz, !first, panel, xt, xsk,
+                                              xsb, xpanel, nb > 1 ? dacc + part * K * T : nullptr, dxt, dsk, dsb, K,
+                                              t * T, std::min(T, B - t * T), 0, K);
       }
     }
   });
@@ -1457,6 +1502,41 @@ void vec_grads(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
   if (dots && !dv.is_same(dvalues)) dvalues.copy_(dv);
 }
 
+// spmm_t over W^T blocked by W's rows (nb > 1 blocks; float32 / float16 / bfloat16, B > 32): W's values gathered
+// into its order, then spmm_grad's sweep without the products (csc_sweep, in panels of up to 64 columns: without
+// the dot products 64 fit the registers), W^T's columns split between threads. Against spmm over the plain W^T
+// (spmm_impl), 4096 x 4096, one process alternating the two, 9 rounds, per-round ratio (Zen 4, 2026-12-01): batch
+// 64 at 50 / 70 / 85% 0.41 / 0.58 / 0.65, batch 256 0.72 / 0.68 / 0.83 (with panels of at most 32 columns, 1.33 at
+// batch 256, 70%). One accumulator per column, blocks and rows in order: the same bits as spmm_impl in the float32
+// runs measured.
+at::Tensor spmm_t_blocked(const at::Tensor& values, const at::Tensor& t_rowptr, int64_t nb, const at::Tensor& t_col,
+                          const at::Tensor& t_perm, const at::Tensor& yt, int64_t rows, int64_t K) {
+  const int64_t B = yt.size(1), nnz = values.numel();
+  at::Tensor out = empty_output({K, B}, yt.options());
+  if (K == 0 || B == 0) return out;
+  if (rows == 0 || nnz == 0) return out.zero_();
+  const int64_t T = panel_width(rows, B, l2_bytes());  // gyt's panel, read at random rows: all of L2
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_t_blocked", [&] {
+    PYSPARSE_DISPATCH_INDEX(t_col, "spmm_t_blocked", [&] {
+      const index_t* tcp = t_col.const_data_ptr<index_t>();
+      const at::Tensor vals = gather_values<scalar_t, float, index_t>(values, t_perm, bad, tcp, rows);
+      if (bad) return;
+      const at::Tensor pg = pack_panels<scalar_t>(yt, T, 0);
+      float* dacc = cpu::scratch(4, K * T).mutable_data_ptr<float>();
+      with_panel_width(T, "spmm_t", [&](auto v_tag) {
+        constexpr int V = decltype(v_tag)::value;
+        grad_csc_panels<V, false, index_t, scalar_t>(t_rowptr.const_data_ptr<int32_t>(), nb, tcp,
+                                                     vals.const_data_ptr<float>(), nullptr, pg.const_data_ptr<float>(),
+                                                     nullptr, 0, 0, nullptr, dacc, out.mutable_data_ptr<scalar_t>(),
+                                                     out.stride(0), out.stride(1), rows, K, B, bad);
+      });
+    });
+  });
+  TORCH_CHECK_VALUE(!bad, "spmm_t: a row index or t_perm entry of the transposed structure is out of range");
+  return out;
+}
+
 at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& yt,
                       int64_t n_cols, const std::optional<at::Tensor>& t_rowptr, const std::optional<at::Tensor>& t_col,
                       const std::optional<at::Tensor>& t_perm) {
@@ -1473,10 +1553,13 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // CSR into per-thread panels (scatter_panels): at batch 16, 90%, 1.5 ms (0.9 ms since it shares spmm_grad's
   // kernel), against 2.7 ms reading through the permutation in place and 4.7 ms gathering first (2026-11-29);
   // at batch 1 the same scatter without panels (vec_grads).
+  // W^T blocked by W's rows (csr.structure's row_block) goes through spmm_grad's sweep instead (spmm_t_blocked;
+  // float64 through the scatter).
   if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
-    check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t");
+    const int64_t nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
-    return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
+    if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
+    if (yt.scalar_type() != at::kDouble) return spmm_t_blocked(values, *t_rowptr, nb, *t_col, *t_perm, yt, rows, K);
   }
   const at::Tensor y = yt.scalar_type() == at::kDouble ? yt.contiguous() : yt;  // panels pack through strides
   at::Tensor out = empty_output({K, B}, y.options());
@@ -1631,8 +1714,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
                     "] (W's rows by xt's columns), got ", gyt.sizes());
   check_rowptr_cpu(rowptr, nnz, "spmm_grad");
   const bool transposed = has_transposed(t_rowptr, t_col, t_perm);
+  int64_t nb = 1;  // W^T's blocks (csc_sweep)
   if (transposed) {
-    check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_grad");
+    nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_grad", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, nnz, "spmm_grad (transposed structure)");
   }
   at::Tensor dxt = empty_input_grad(xt);
@@ -1679,6 +1763,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // last panels) cost 13-15 ms at batch 256: those random accesses then compete with gyt's panel for L2 (again
   // on a Zen 4, 2026-12-01, one process alternating, the same bits: 1.37 / 1.37 / 1.16x the passes' time at batch
   // 64 / 128 / 256, 90%).
+  //
+  // W^T blocked by W's rows (nb > 1; csr.cpu_row_block gives the layers blocks of 256 rows below 87.5% sparsity;
+  // csc_sweep): the gather and the scatter then walk a block's rows at a time, and each block's panel rows are
+  // 256 rows of gyt's panel. 4096 x 4096, the op alone, one process alternating the plain and the blocked
+  // structure, 9 rounds, per-round ratio blocked / plain (Zen 4, 2026-12-01): batch 64 at 50 / 70 / 80 / 85%
+  // 0.54 / 0.59 / 0.75 / 0.88, batch 128 0.63 / 0.69 / 0.83 / 0.93, batch 256 0.72 / 0.79 / 0.88 / 0.99; 4096 x
+  // 1024 at 70%, batch 64 / 256, 0.89 / 0.93, 1024 x 4096 0.95 / 1.02. At 90% (13 blocks of 316 rows, about 32
+  // stored values of a column per block) 0.91-1.08 over batches 64-256, at 95% 0.83-1.04: no blocks there. (A
+  // first version that also skipped the row indices' check in the gather had measured 0.83 at 90%, batch 64.)
   const bool csc = transposed && B > kGradCscMinBatch;
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
@@ -1715,8 +1808,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
     scalar_t* dvp = dvalues.mutable_data_ptr<scalar_t>();
     if (csc) {
       // W's values in W^T's order as float32 (slot 2), the products in that order (slot 3, a row per part),
-      // scattered back
+      // scattered back; blocked, xt's panels (slot 1: all of them, or one per part) and the partial sums of dxt
+      // (slot 4, [parts, K, T])
       const at::Tensor dv = cpu::scratch(3, parts * nnz);
+      const bool blocked = nb > 1;
+      const at::Tensor px = !blocked ? at::Tensor()
+                            : parts > 1 ? cpu::scratch(1, parts * K * T)
+                                        : pack_panels<scalar_t>(xt, T, 1);
+      float* dacc = blocked ? cpu::scratch(4, parts * K * T).mutable_data_ptr<float>() : nullptr;
+      float* pxp = blocked ? px.mutable_data_ptr<float>() : nullptr;
       PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cpu", [&] {
         // the same pass checks the row indices, which the sweep reads unchecked (once per panel)
         const at::Tensor vals = gather_values<scalar_t, float, index_t>(values, *t_perm, bad,
@@ -1727,16 +1827,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
           const int32_t* trp = t_rowptr->const_data_ptr<int32_t>();
           const index_t* tcp = t_col->const_data_ptr<index_t>();
           if (parts > 1)
-            grad_csc_tiles<V, index_t, scalar_t>(trp, tcp, vals.const_data_ptr<float>(), dv.mutable_data_ptr<float>(),
-                                                 pg.mutable_data_ptr<float>(), dbp, padded_rows,
-                                                 gyt.const_data_ptr<scalar_t>(), gyt.stride(0), gyt.stride(1),
-                                                 xt.const_data_ptr<scalar_t>(), xt.stride(0), xt.stride(1), dxp,
-                                                 dxt.stride(0), dxt.stride(1), rows, K, B, parts);
+            grad_csc_tiles<V, index_t, scalar_t>(trp, nb, tcp, vals.const_data_ptr<float>(),
+                                                 dv.mutable_data_ptr<float>(), pg.mutable_data_ptr<float>(), pxp, dacc,
+                                                 dbp, padded_rows, gyt.const_data_ptr<scalar_t>(), gyt.stride(0),
+                                                 gyt.stride(1), xt.const_data_ptr<scalar_t>(), xt.stride(0),
+                                                 xt.stride(1), dxp, dxt.stride(0), dxt.stride(1), rows, K, B, parts);
           else
-            grad_csc_panels<V, index_t, scalar_t>(trp, tcp, vals.const_data_ptr<float>(), dv.mutable_data_ptr<float>(),
-                                                  pg.const_data_ptr<float>(), xt.const_data_ptr<scalar_t>(),
-                                                  xt.stride(0), xt.stride(1), dxp, dxt.stride(0), dxt.stride(1), rows,
-                                                  K, B, bad);
+            grad_csc_panels<V, true, index_t, scalar_t>(trp, nb, tcp, vals.const_data_ptr<float>(),
+                                                        dv.mutable_data_ptr<float>(), pg.const_data_ptr<float>(),
+                                                        xt.const_data_ptr<scalar_t>(), xt.stride(0), xt.stride(1),
+                                                        pxp, dacc, dxp, dxt.stride(0), dxt.stride(1), rows, K, B, bad);
         });
       });
       scatter_values<scalar_t>(dv.const_data_ptr<float>(), t_perm->const_data_ptr<int32_t>(), dvp, nnz, parts);

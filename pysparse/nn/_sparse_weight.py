@@ -85,6 +85,9 @@ class SparseWeight(nn.Module):
     # an AttributeError). The per-call paths read ``values`` from _parameters for the same reason (~1.4 us a read
     # through __getattr__ on the 2-vCPU machines; assigning ``values`` anything but a Parameter raises anyway).
     sn_iterations: int = 0
+    # Whether the layer keeps W^T blocked by W's rows while on the CPU (csr.cpu_row_block): the linear layers,
+    # whose CPU spmm_t / spmm_grad take it; the convolutions' kernels (and every CUDA kernel) take one block.
+    BLOCKED_TRANSPOSE: bool = False
 
     @property
     def dense_below(self) -> float:
@@ -157,6 +160,27 @@ class SparseWeight(nn.Module):
     def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
         return m.reshape(self.weight_shape)
 
+    def _row_block(self, device: torch.device, nnz) -> Optional[int]:
+        """csr.structure's row_block for this layer's matrix on ``device`` with ``nnz`` stored values (a callable
+        giving it is called only on the CPU)."""
+        if not self.BLOCKED_TRANSPOSE or device.type != "cpu":
+            return None
+        rows, cols = self.matrix_shape
+        return csr.cpu_row_block(rows, cols, nnz() if callable(nnz) else nnz)
+
+    def _retranspose(self) -> None:
+        """Rebuilds the transposed cache when its blocks are not what the layer's device takes (after a move
+        between the CPU and CUDA); rowptr and col stay."""
+        device = self.col.device
+        row_block = self._row_block(device, self.nnz)
+        rows = self.matrix_shape[0]
+        want = 1 if row_block is None else math.ceil(rows / row_block)
+        if want == self.structure.row_blocks:
+            return
+        s = csr.structure(csr.keep_mask(self.rowptr, self.col, self.matrix_shape), row_block)
+        for name in ("t_rowptr", "t_col", "t_perm"):
+            object.__setattr__(self, name, getattr(s, name))
+
     def _store(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
         if weight.dtype not in _FLOATS:
             raise TypeError(f"weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
@@ -165,7 +189,7 @@ class SparseWeight(nn.Module):
         self.weight_shape = tuple(weight.shape)
         w2, m2 = self._to_matrix(weight.detach()), self._to_matrix(mask)
         self.matrix_shape = tuple(m2.shape)
-        values, s = csr.compress(w2, m2)
+        values, s = csr.compress(w2, m2, self._row_block(m2.device, lambda: int(m2.sum())))
         self.values = nn.Parameter(values.clone(), requires_grad=weight.requires_grad)
         self._set_structure(s)
 
@@ -175,10 +199,16 @@ class SparseWeight(nn.Module):
         self.__dict__.pop("_flat_index", None)  # the dense path's positions of the old structure
 
     def _apply(self, fn, recurse=True):
+        before = self.col.device
         super()._apply(fn, recurse)
         for name in _STRUCTURE:  # integer tensors: device moves apply, dtype casts leave them as they are
             object.__setattr__(self, name, fn(getattr(self, name)))
         self.__dict__.pop("_flat_index", None)
+        after = self.col.device
+        # between the CPU and CUDA the transposed cache's blocks change (not from or to meta: no data there, and
+        # to_empty's structure is garbage until a state dict is loaded, which rebuilds it)
+        if before.type != after.type and "meta" not in (before.type, after.type):
+            self._retranspose()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -315,7 +345,7 @@ class SparseWeight(nn.Module):
                 opt.state[new] = {k: t[keep].clone() if isinstance(t, torch.Tensor) and t.shape == old.shape else t
                                   for k, t in state.items()}
         self.values = new
-        self._set_structure(csr.structure(matrix))
+        self._set_structure(csr.structure(matrix, self._row_block(matrix.device, lambda: int(matrix.sum()))))
         return self.nnz
 
     def _copy_bias(self, bias) -> None:
@@ -367,6 +397,7 @@ class SparseWeight(nn.Module):
             if not isinstance(col, torch.Tensor) or self.values.numel() != col.numel():
                 raise ValueError(f"{self.values.numel()} values for {getattr(col, 'numel', lambda: '?')()} column "
                                  "indices")
-            self._set_structure(csr.from_compressed(rowptr, col, self.matrix_shape))
+            self._set_structure(csr.from_compressed(rowptr, col, self.matrix_shape,
+                                                    self._row_block(device, col.numel())))
         except ValueError as exc:
             error_msgs.append(f"{prefix or type(self).__name__}: invalid sparse structure: {exc}")

@@ -33,6 +33,8 @@ class SparseLinear(SparseWeight):
     # step at batch 256 0.75x at 90% and 1.42x at 95% (crossing ~0.93); the forward alone breaks even at ~0.86
     # (batch 256) and ~0.6 (batch 16); batch-16 training steps are bound by host overhead on both sides.
     DENSE_BELOW_CUDA = 0.93
+    # On the CPU, W^T blocked by W's rows for the backward (csr.cpu_row_block; benchmarks/RESULTS.md).
+    BLOCKED_TRANSPOSE = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
                  mask: Optional[torch.Tensor] = None, device=None, dtype=None) -> None:
