@@ -570,6 +570,30 @@ def test_tampered_structure_raises_not_crashes():
             torch.ops.pysparse.spmm_grad.default(s.rowptr, s.col, values, gyt, x, s.t_rowptr, bad_row, s.t_perm)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_structure_with_int32_row_indices(threads):
+    """More than 32768 rows: W^T's row indices are int32; blocked by 256 rows (157 blocks, most columns stored in
+    many of them) spmm_grad and spmm_t above batch 32 match the reference, and the plain structure's products
+    bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, s, xt, _ = _problem(40_000, 6, 40, 0.3, torch.float32, "cpu", 7, row_block=256)
+        assert s.t_col.dtype == torch.int32 and s.row_blocks == 157
+        plain = csr.structure(csr.keep_mask(s.rowptr, s.col, (40_000, 6)))
+        gyt = torch.randn(40_000, 40, generator=torch.Generator().manual_seed(8))
+        want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
+        got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed(), bias=True)
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got[0], pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt,
+                                                          transposed=plain.transposed())[0])
+        torch.testing.assert_close(pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, 6, transposed=s.transposed()),
+                                   want[1], rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_tampered_blocked_structure_raises_not_crashes():
     """W^T blocked by W's rows: bad row indices, permutation entries and block pointers are refused by spmm_t and
     spmm_grad (every batch that takes the blocks, float32 and float64), never read through."""
