@@ -78,6 +78,8 @@ def test_refuses_existing_out_and_leaves_nothing_on_error(tmp_path, capsys):
     (["gan", "--d-sparsity", "1.0"], "argument --d-sparsity: must be in [0, 1), got 1.0"),
     (["gan", "--loss", "wasserstein"], "argument --loss: invalid choice: 'wasserstein'"),
     (["gan", "--steps", "2.5"], "argument --steps: must be an int >= 1, got '2.5'"),
+    (["gan", "--width", "0"], "argument --width: must be an int >= 1, got 0"),  # the models' own bounds
+    (["gan", "--latent-dim", "-4"], "argument --latent-dim: must be an int >= 1, got -4"),
 ])
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys, argv, message):
     # a bad value is refused by argparse (exit status 2, the argument named) before data is loaded or a model
