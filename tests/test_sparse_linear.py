@@ -365,6 +365,30 @@ def test_cpu_layers_keep_w_transposed_blocked_by_rows():
         assert layer.structure.row_blocks == 4 and torch.equal(layer.t_perm, fresh.t_perm)
 
 
+def test_blocked_layer_trains_as_the_masked_dense_and_survives_copies():
+    """A layer whose W^T is blocked (512 outputs, 50%): its forward and backward through the layer's own autograd
+    node at batches that sweep W^T (40, 100) equal nn.Linear's with the masked weight; deepcopy, pickling and
+    torch.compile keep the blocks and the results."""
+    dense, mask, sparse = _pair(96, 512, 0.5, seed=5)
+    assert sparse.structure.row_blocks == 2
+    for batch in (40, 100):
+        x = torch.randn(batch, 96)
+        xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(batch, 512)
+        sparse(xs).backward(g)
+        F.linear(xd, dense.weight, dense.bias).backward(g)
+        torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse._dense_from(sparse.values.grad), dense.weight.grad * mask,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+        for p in (*sparse.parameters(), *dense.parameters()):
+            p.grad = None
+    for twin in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
+        assert twin.structure.row_blocks == 2 and torch.equal(twin.t_perm, sparse.t_perm)
+    x = torch.randn(64, 96, requires_grad=True)
+    assert_compiled_matches_eager(sparse, x, torch.randn(64, 512))
+
+
 def test_state_dict_deepcopy_pickle():
     _, _, sparse = _pair(16, 8, 0.25, seed=3)
     fresh = SparseLinear(16, 8, sparsity=0.9)  # different nnz: loading takes the saved structure
