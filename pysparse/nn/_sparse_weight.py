@@ -160,13 +160,12 @@ class SparseWeight(nn.Module):
     def _from_matrix(self, m: torch.Tensor) -> torch.Tensor:
         return m.reshape(self.weight_shape)
 
-    def _row_block(self, device: torch.device, nnz) -> Optional[int]:
-        """csr.structure's row_block for this layer's matrix on ``device`` with ``nnz`` stored values (a callable
-        giving it is called only on the CPU)."""
+    def _row_block(self, device: torch.device, nnz: int) -> Optional[int]:
+        """csr.structure's row_block for this layer's matrix on ``device`` with ``nnz`` stored values."""
         if not self.BLOCKED_TRANSPOSE or device.type != "cpu":
             return None
         rows, cols = self.matrix_shape
-        return csr.cpu_row_block(rows, cols, nnz() if callable(nnz) else nnz)
+        return csr.cpu_row_block(rows, cols, nnz)
 
     def _retranspose(self) -> None:
         """Rebuilds the transposed cache when its blocks are not what the layer's device takes (after a move
@@ -189,7 +188,7 @@ class SparseWeight(nn.Module):
         self.weight_shape = tuple(weight.shape)
         w2, m2 = self._to_matrix(weight.detach()), self._to_matrix(mask)
         self.matrix_shape = tuple(m2.shape)
-        values, s = csr.compress(w2, m2, self._row_block(m2.device, lambda: int(m2.sum())))
+        values, s = csr.compress(w2, m2, self._row_block(m2.device, int(m2.sum())))
         self.values = nn.Parameter(values.clone(), requires_grad=weight.requires_grad)
         self._set_structure(s)
 
@@ -345,7 +344,7 @@ class SparseWeight(nn.Module):
                 opt.state[new] = {k: t[keep].clone() if isinstance(t, torch.Tensor) and t.shape == old.shape else t
                                   for k, t in state.items()}
         self.values = new
-        self._set_structure(csr.structure(matrix, self._row_block(matrix.device, lambda: int(matrix.sum()))))
+        self._set_structure(csr.structure(matrix, self._row_block(matrix.device, int(matrix.sum()))))
         return self.nnz
 
     def _copy_bias(self, bias) -> None:
