@@ -59,6 +59,11 @@ def cpu_row_block(rows: int, cols: int, nnz: int) -> Optional[int]:
     """The row block of W^T's structure for the CPU's backward (:func:`structure`) of a [rows, cols] matrix with
     nnz stored values: 256 rows where that makes two blocks or more and the matrix keeps at least 1/8 of its
     entries (below 87.5% sparsity; sparser, the blocked backward measured no faster), else None (one block)."""
+    for name, v in (("rows", rows), ("cols", cols), ("nnz", nnz)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"cpu_row_block: {name} must be an int >= 0, got {v!r}")
+    if nnz > rows * cols:
+        raise ValueError(f"cpu_row_block: nnz = {nnz} is more than rows x cols = {rows * cols}")
     if rows < 2 * _BLOCK_ROWS or nnz < _BLOCK_MIN_DENSITY * rows * cols:
         return None
     return _BLOCK_ROWS

@@ -77,6 +77,10 @@ def test_cpu_row_block_rule():
     assert csr.cpu_row_block(512, 100, 51_200) == 256  # two blocks
     assert csr.cpu_row_block(511, 100, 51_100) is None  # fewer than 512 rows: one
     assert csr.cpu_row_block(0, 0, 0) is None
+    for args, match in [((-1, 4, 0), "rows must be an int >= 0"), ((4, 4.0, 0), "cols must be an int >= 0"),
+                        ((4, 4, True), "nnz must be an int >= 0"), ((4, 4, 17), "more than rows x cols")]:
+        with pytest.raises(ValueError, match=match):
+            csr.cpu_row_block(*args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
