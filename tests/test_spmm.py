@@ -135,6 +135,20 @@ def test_sddmm_matches_reference(device, rows, cols, batch, density, dtype, seed
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("batch", [3, 20, 200, 260, 520, 1100])
+def test_sddmm_batch_widths(device, dtype, batch):
+    """sddmm at batch widths that take each of the CUDA kernel's lane layouts: lanes of a warp on different stored
+    positions (narrow batches, a width that is not a multiple of the vector), one to four vectors of a's row kept
+    per lane (200-520), and a's row re-read beyond that (1100); rows of 0 to ~30 stored values."""
+    values, s, xt, _ = _problem(37, 31, batch, 0.5, dtype, device, batch, empty_rows=True)
+    a = torch.randn(37, batch, generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    tol = dict(rtol=1e-2, atol=5e-2) if dtype == torch.float16 else TOL[dtype]  # sums of 1100 float16 products
+    torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, a, xt), reference.sddmm(s.rowptr, s.col, a, xt),
+                               **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_int32_indices(device):
     """More than 32768 columns: int32 column indices (and int16 row indices in the transposed structure)."""
     values, s, xt, bias = _problem(3, 40_000, 5, 0.01, torch.float32, device, 0)

@@ -196,34 +196,103 @@ at::Tensor spmm_t_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at
   return out;
 }
 
-// One warp per row; per stored position, the lanes split the batch (V consecutive columns each, one vector
-// load of each operand) and reduce.
-template <typename index_t, typename scalar_t, int V>
+// One warp per row r, its lanes in groups as in spmm_kernel: LP lanes (the power of two covering the batch in
+// V-wide vectors, at most 32) share one stored position, each owning every LP-th vector of the batch, and the
+// G = 32 / LP groups take different positions (batch 16 in float32: 8 groups of 4 lanes; batch 1: 32 lanes on 32
+// positions; batch 256: one group of 32 lanes, 2 vectors each). With NT > 0 a lane keeps its NT vectors of
+// a's row r in registers (read once per row) and reads one vector of b's row per vector per position; NT = 0
+// (batches beyond 4 vectors a lane) reads both. Each group takes U positions at a time (U * NT loads in flight
+// per lane) and sums their lane partials with log2(LP) xor shuffles. Grid ceil(rows / 4), block (32, 4).
+template <typename index_t, typename scalar_t, int V, int NT, int U>
 __global__ void sddmm_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
                              const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                             scalar_t* __restrict__ out, int64_t rows, int64_t K, int64_t B, int64_t nnz) {
+                             scalar_t* __restrict__ out, int64_t rows, int64_t K, int64_t B, int64_t nnz, int LP) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = Vec<scalar_t, V>;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (r >= rows) return;
-  const int lane = threadIdx.x;
+  if (r >= rows) return;  // whole warp leaves together
+  const int lane = threadIdx.x, G = kWarp / LP, g = lane / LP, li = lane % LP;
   int64_t j0, j1;
   row_bounds(rowptr, r, nnz, j0, j1);
   const scalar_t* ar = a + r * B;
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t c = col[j];
-    acc_t acc = 0;
-    if (c >= 0 && c < K) {
-      const scalar_t* bc = b + c * B;
-      for (int64_t i = static_cast<int64_t>(lane) * V; i < B; i += kWarp * V) {
-        const vec_t av = *reinterpret_cast<const vec_t*>(ar + i), bv = *reinterpret_cast<const vec_t*>(bc + i);
+  // this lane's batch columns: vectors li, li + LP, ... (B % V == 0 when V > 1: a vector is all in or all out)
+  acc_t av[NT > 0 ? NT : 1][V];
+  bool on[NT > 0 ? NT : 1];
 #pragma unroll
-        for (int k = 0; k < V; ++k) acc += static_cast<acc_t>(av.v[k]) * static_cast<acc_t>(bv.v[k]);
+  for (int t = 0; t < NT; ++t) {
+    const int64_t c0 = (static_cast<int64_t>(t) * LP + li) * V;
+    on[t] = c0 < B;
+    vec_t v{};
+    if (on[t]) v = *reinterpret_cast<const vec_t*>(ar + c0);
+#pragma unroll
+    for (int k = 0; k < V; ++k) av[t][k] = static_cast<acc_t>(v.v[k]);
+  }
+  for (int64_t jb = j0; jb < j1; jb += static_cast<int64_t>(G) * U) {  // the same trip count on every lane
+    int64_t c[U];
+    acc_t s[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = jb + g + static_cast<int64_t>(u) * G;
+      c[u] = j < j1 ? static_cast<int64_t>(col[j]) : -1;
+      if (c[u] >= K) c[u] = -1;  // out-of-range column indices are skipped (their product reads as 0)
+      s[u] = 0;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (c[u] < 0) continue;
+      const scalar_t* bc = b + c[u] * B;
+      if constexpr (NT > 0) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          if (!on[t]) continue;
+          const vec_t bv = *reinterpret_cast<const vec_t*>(bc + (static_cast<int64_t>(t) * LP + li) * V);
+#pragma unroll
+          for (int k = 0; k < V; ++k) s[u] += av[t][k] * static_cast<acc_t>(bv.v[k]);
+        }
+      } else {
+        for (int64_t c0 = static_cast<int64_t>(li) * V; c0 < B; c0 += static_cast<int64_t>(LP) * V) {
+          const vec_t x = *reinterpret_cast<const vec_t*>(ar + c0), y = *reinterpret_cast<const vec_t*>(bc + c0);
+#pragma unroll
+          for (int k = 0; k < V; ++k) s[u] += static_cast<acc_t>(x.v[k]) * static_cast<acc_t>(y.v[k]);
+        }
       }
     }
-    acc = warp_sum(acc);
-    if (lane == 0) out[j] = static_cast<scalar_t>(acc);
+    for (int offset = LP / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], offset);
+    }
+    if (li == 0) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = jb + g + static_cast<int64_t>(u) * G;
+        if (j < j1) out[j] = static_cast<scalar_t>(s[u]);
+      }
+    }
   }
+}
+
+template <typename index_t, typename scalar_t, int V>
+void launch_sddmm(const int32_t* rowptr, const index_t* col, const scalar_t* a, const scalar_t* b, scalar_t* out,
+                  int64_t rows, int64_t K, int64_t B, int64_t nnz) {
+  constexpr int U = 4;
+  const int64_t vectors = (B + V - 1) / V;
+  int LP = 1;
+  while (LP < kWarp && LP < vectors) LP *= 2;
+  const int64_t per_lane = (vectors + LP - 1) / LP;
+  const dim3 block(kWarp, kWarpsPerBlock);
+  const unsigned int grid = static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const auto go = [&](auto nt) {
+    sddmm_kernel<index_t, scalar_t, V, decltype(nt)::value, U><<<grid, block, 0, cuda::stream()>>>(
+        rowptr, col, a, b, out, rows, K, B, nnz, LP);
+  };
+  if (per_lane == 1)
+    go(std::integral_constant<int, 1>{});
+  else if (per_lane == 2)
+    go(std::integral_constant<int, 2>{});
+  else if (per_lane <= 4)
+    go(std::integral_constant<int, 4>{});
+  else
+    go(std::integral_constant<int, 0>{});
 }
 
 at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a, const at::Tensor& b) {
@@ -240,19 +309,17 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at:
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   at::Tensor out = at::zeros({nnz}, a.options());  // positions outside every row's range stay 0
   if (nnz == 0 || rows == 0) return out;
-  const dim3 block(kWarp, kWarpsPerBlock);
-  const unsigned int grid = static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sddmm_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "sddmm_cuda", [&] {
       const scalar_t* ap = ac.const_data_ptr<scalar_t>();
       const scalar_t* bp = bc.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+      const index_t* cp = col.const_data_ptr<index_t>();
       if (vectorizable<scalar_t>(B, {ap, bp}))
-        sddmm_kernel<index_t, scalar_t, vec_width<scalar_t>()><<<grid, block, 0, cuda::stream()>>>(
-            rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), ap, bp, op, rows, K, B, nnz);
+        launch_sddmm<index_t, scalar_t, vec_width<scalar_t>()>(rp, cp, ap, bp, op, rows, K, B, nnz);
       else
-        sddmm_kernel<index_t, scalar_t, 1><<<grid, block, 0, cuda::stream()>>>(
-            rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), ap, bp, op, rows, K, B, nnz);
+        launch_sddmm<index_t, scalar_t, 1>(rp, cp, ap, bp, op, rows, K, B, nnz);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
