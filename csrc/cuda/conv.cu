@@ -1,6 +1,9 @@
 // Direct sparse convolution, CUDA twin of csrc/cpu/conv.cpp: one thread per output element (n, o, oh, ow);
 // the threads of a warp share o (consecutive ow), so they walk the same stored weights in step and their reads
-// of an input row are coalesced. Row ranges are clamped and out-of-range column indices skipped, as in spmm.
+// of an input row are coalesced. Each stored weight's place in the input relative to the output's window
+// (c * H * W + ki * dh * W + kj * dw) is computed once per call (conv_offsets_kernel), so that the per-thread
+// loop is a load and a multiply-add, without the 64-bit divisions of a column index. Row ranges are clamped and
+// out-of-range column indices skipped (offset -1), as in spmm.
 //
 // Backward, direct as on the CPU. Input gradient: one thread per input element (n, c, h, w) gathers
 // value * gy[n, o, r, q] over the stored weights of c's kh * kw columns whose shift lands on (h, w), walking
@@ -17,26 +20,44 @@
 namespace pysparse {
 namespace {
 
-template <typename index_t, typename scalar_t>
-__global__ void conv_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
+// off[j]: stored weight j's offset in a padded [C, H, W] input from its output's window corner (n, r * sh,
+// q * sw); -1 for a column index outside [0, C * kh * kw).
+template <typename index_t>
+__global__ void conv_offsets_kernel(const index_t* __restrict__ col, int64_t* __restrict__ off, int64_t nnz,
+                                    int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t dh,
+                                    int64_t dw) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nnz; j += step) {
+    const int64_t k = col[j];
+    if (k < 0 || k >= C * kh * kw) {
+      off[j] = -1;
+      continue;
+    }
+    const int64_t c = k / (kh * kw), ki = (k / kw) % kh, kj = k % kw;
+    off[j] = (c * H + ki * dh) * W + kj * dw;
+  }
+}
+
+template <typename scalar_t>
+__global__ void conv_kernel(const int32_t* __restrict__ rowptr, const int64_t* __restrict__ off,
                             const scalar_t* __restrict__ values, const scalar_t* __restrict__ x,
                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, int64_t N, int64_t C,
-                            int64_t H, int64_t W, int64_t O, int64_t OH, int64_t OW, int64_t kh, int64_t kw,
-                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t nnz) {
+                            int64_t H, int64_t W, int64_t O, int64_t OH, int64_t OW, int64_t sh, int64_t sw,
+                            int64_t nnz) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t total = N * O * OH * OW, K = C * kh * kw;
+  const int64_t total = N * O * OH * OW;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t q = idx % OW, r = (idx / OW) % OH, o = (idx / (OW * OH)) % O, n = idx / (OW * OH * O);
     const int64_t j0 = min(max(static_cast<int64_t>(rowptr[o]), int64_t{0}), nnz);
     const int64_t j1 = min(max(static_cast<int64_t>(rowptr[o + 1]), j0), nnz);
+    const scalar_t* xw = x + (n * C * H + r * sh) * W + q * sw;  // the output's window corner
     acc_t acc = bias ? static_cast<acc_t>(bias[o]) : acc_t(0);
+#pragma unroll 4
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t k = col[j];
-      if (k < 0 || k >= K) continue;
-      const int64_t c = k / (kh * kw), ki = (k / kw) % kh, kj = k % kw;
-      acc += static_cast<acc_t>(values[j]) *
-             static_cast<acc_t>(x[((n * C + c) * H + r * sh + ki * dh) * W + q * sw + kj * dw]);
+      const int64_t f = off[j];
+      if (f < 0) continue;
+      acc += static_cast<acc_t>(values[j]) * static_cast<acc_t>(xw[f]);
     }
     y[idx] = static_cast<scalar_t>(acc);
   }
@@ -63,15 +84,22 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& rowptr, const at::Tensor& col, c
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), O = rowptr.numel() - 1;
   at::Tensor y = at::empty({N, O, OH, OW}, xc.options());
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cuda", [&] {
+  const int64_t nnz = values.numel();
+  at::Tensor off = at::empty({nnz}, xc.options().dtype(at::kLong));
+  if (nnz > 0) {
     PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_cuda", [&] {
-      conv_kernel<index_t, scalar_t><<<cuda::grid_for(y.numel()), cuda::kThreads, 0, cuda::stream()>>>(
-          rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(),
-          xc.const_data_ptr<scalar_t>(), bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
-          y.mutable_data_ptr<scalar_t>(), N, C, H, W, O, OH, OW, kernel[0], kernel[1], stride[0], stride[1],
-          dilation[0], dilation[1], values.numel());
+      conv_offsets_kernel<index_t><<<cuda::grid_for(nnz), cuda::kThreads, 0, cuda::stream()>>>(
+          col.const_data_ptr<index_t>(), off.mutable_data_ptr<int64_t>(), nnz, C, H, W, kernel[0], kernel[1],
+          dilation[0], dilation[1]);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cuda", [&] {
+    conv_kernel<scalar_t><<<cuda::grid_for(y.numel()), cuda::kThreads, 0, cuda::stream()>>>(
+        rowptr.const_data_ptr<int32_t>(), off.const_data_ptr<int64_t>(), values.const_data_ptr<scalar_t>(),
+        xc.const_data_ptr<scalar_t>(), bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
+        y.mutable_data_ptr<scalar_t>(), N, C, H, W, O, OH, OW, stride[0], stride[1], nnz);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }
@@ -136,10 +164,22 @@ __global__ void conv_grad_values_kernel(const int32_t* __restrict__ rowptr, cons
   if (O > 0 && rowptr[o] <= j && j < rowptr[o + 1] && k >= 0 && k < C * kh * kw) {
     const int64_t c = k / (kh * kw), ki = (k / kw) % kh, kj = k % kw;
     const int64_t L = N * OH * OW;
-    for (int64_t i = lane; i < L; i += kWarp) {
-      const int64_t q = i % OW, r = (i / OW) % OH, n = i / (OW * OH);
-      acc += static_cast<acc_t>(gy[((n * O + o) * OH + r) * OW + q]) *
-             static_cast<acc_t>(x[((n * C + c) * H + r * sh + ki * dh) * W + q * sw + kj * dw]);
+    const scalar_t* gk = gy + o * OH * OW;
+    const scalar_t* xk = x + (c * H + ki * dh) * W + kj * dw;
+    if (L < (int64_t{1} << 31)) {  // the pixel index (n, r, q) decomposed in 32 bits: no 64-bit divisions
+      const uint32_t P = static_cast<uint32_t>(OH * OW), ow = static_cast<uint32_t>(OW);
+      for (uint32_t i = lane; i < static_cast<uint32_t>(L); i += kWarp) {
+        const uint32_t n = i / P, p = i - n * P, r = p / ow, q = p - r * ow;
+        acc += static_cast<acc_t>(gk[static_cast<int64_t>(n) * O * P + p]) *
+               static_cast<acc_t>(xk[static_cast<int64_t>(n) * C * H * W + static_cast<int64_t>(r) * sh * W +
+                                     static_cast<int64_t>(q) * sw]);
+      }
+    } else {
+      for (int64_t i = lane; i < L; i += kWarp) {
+        const int64_t q = i % OW, r = (i / OW) % OH, n = i / (OW * OH);
+        acc += static_cast<acc_t>(gk[(n * O * OH + r) * OW + q]) *
+               static_cast<acc_t>(xk[(n * C * H + r * sh) * W + q * sw]);
+      }
     }
   }
 #pragma unroll
