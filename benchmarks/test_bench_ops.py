@@ -76,3 +76,43 @@ def test_apply_mask(benchmark, device, impl):
     }[impl]
     benchmark.group = f"apply_mask-4x16M-{device}"
     run(benchmark, fn, device, bytes=N_MASK * (1 + 4 * 8))
+
+
+# ------------------------------------------------------------------------------------ csr_to_dense / csr_gather
+# The sparse layers' dense path (below dense_below): a 4096 x 4096 weight at 20% sparsity built from its stored
+# values on every forward, and the values' gradient read from the dense weight's in the backward. Baselines:
+# what the layers did before the kernels (torch's scatter / indexing at flat int64 positions, cached), and
+# torch's own sparse CSR tensor's to_dense().
+def _densify_problem(device):
+    mask = torch.rand(4096, 4096, generator=torch.Generator().manual_seed(3)) > 0.2
+    s = pysparse.csr.structure(mask)
+    values = torch.randn(s.nnz, generator=torch.Generator().manual_seed(4))
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    return s.rowptr.to(device), s.col.to(device), values.to(device), flat.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["pysparse", "scatter", "torch_sparse_csr"])
+def test_csr_to_dense(benchmark, device, impl):
+    rowptr, col, values, flat = _densify_problem(device)
+    csr_t = torch.sparse_csr_tensor(rowptr.long(), col.long(), values, (4096, 4096))
+    fn = {
+        "pysparse": lambda: pysparse.ops.csr_to_dense(rowptr, col, values, 4096),
+        "scatter": lambda: values.new_zeros(4096 * 4096).scatter(0, flat, values).view(4096, 4096),
+        "torch_sparse_csr": lambda: csr_t.to_dense(),
+    }[impl]
+    benchmark.group = f"csr_to_dense-4096x4096-20%-{device}"
+    run(benchmark, fn, device, bytes=4 * 4096 * 4096 + 6 * values.numel())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["pysparse", "index"])
+def test_csr_gather(benchmark, device, impl):
+    rowptr, col, values, flat = _densify_problem(device)
+    dense = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(5)).to(device)
+    fn = {
+        "pysparse": lambda: pysparse.ops.csr_gather(rowptr, col, dense),
+        "index": lambda: dense.view(-1)[flat],
+    }[impl]
+    benchmark.group = f"csr_gather-4096x4096-20%-{device}"
+    run(benchmark, fn, device, bytes=10 * values.numel())

@@ -215,6 +215,24 @@ inline void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at:
   TORCH_CHECK_VALUE(values.device() == col.device(), op, ": values and the structure must be on one device");
 }
 
+// csr_to_dense's arguments: a CSR matrix of n_cols >= 0 columns.
+inline void check_csr_to_dense(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
+                               int64_t n_cols) {
+  check_csr(rowptr, col, values, "csr_to_dense");
+  TORCH_CHECK_VALUE(n_cols >= 0, "csr_to_dense: n_cols must be >= 0, got ", n_cols);
+}
+
+// csr_gather's arguments: a CSR structure and a dense [rows, n_cols] matrix (any strides) on its device.
+inline void check_csr_gather(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& dense) {
+  check_csr_structure(rowptr, col, "csr_gather");
+  TORCH_CHECK_VALUE(dense.defined() && dense.dim() == 2, "csr_gather: dense must be a 2-D tensor");
+  TORCH_CHECK_TYPE(is_matmul_float(dense.scalar_type()),
+                   "csr_gather: dense must be float32, float16, bfloat16 or float64, got ", dense.scalar_type());
+  TORCH_CHECK_VALUE(dense.size(0) == rowptr.numel() - 1, "csr_gather: dense has ", dense.size(0),
+                    " rows but the structure has ", rowptr.numel() - 1);
+  TORCH_CHECK_VALUE(dense.device() == col.device(), "csr_gather: dense and the structure must be on one device");
+}
+
 // Whether W's transposed structure (t_rowptr, t_col, t_perm) is given, all three parts.
 inline bool has_transposed(const std::optional<at::Tensor>& t_rowptr, const std::optional<at::Tensor>& t_col,
                            const std::optional<at::Tensor>& t_perm) {

@@ -75,6 +75,12 @@ TORCH_LIBRARY(pysparse, m) {
   // else it is contiguous.
   m.def("spmm_grad(Tensor rowptr, Tensor col, Tensor values, Tensor gyt, Tensor xt, Tensor? t_rowptr=None, "
         "Tensor? t_col=None, Tensor? t_perm=None, bool bias_grad=False) -> (Tensor, Tensor, Tensor)");
+  // A CSR matrix written out dense: [rows, n_cols], values at the stored positions, zeros elsewhere (values'
+  // dtype). The sparse layers' dense path builds its weight with it.
+  m.def("csr_to_dense(Tensor rowptr, Tensor col, Tensor values, int n_cols) -> Tensor");
+  // A dense matrix [rows, n_cols] read at a CSR structure's stored positions: out[j] = dense[row(j), col[j]]
+  // ([nnz], dense's dtype). csr_to_dense's gradient with respect to its values, and the other way round.
+  m.def("csr_gather(Tensor rowptr, Tensor col, Tensor dense) -> Tensor");
   // The layers' training steps, each recorded as one C++ autograd node (csrc/autograd.cpp; a Python
   // autograd.Function costs as much as a small layer's kernel). layer_linear: SparseLinear's y [B, N] = x [B, K] @
   // W^T (+ bias), the transposed view of spmm's result on x's transposed view; its backward calls spmm_grad, or

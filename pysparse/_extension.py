@@ -14,7 +14,8 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 
 _OPS = ("saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm", "spmm_t", "sddmm",
-        "spmm_grad", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values")
+        "spmm_grad", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values", "csr_to_dense",
+        "csr_gather")
 # Which (op, device type) pairs have a compiled kernel; fixed once the library is loaded, and a plain
 # constant for torch.compile.
 _KERNELS = frozenset(

@@ -22,7 +22,7 @@ from ._extension import cuda_built, has_kernel
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
            "spmm_t", "sddmm", "spmm_grad", "release_scratch", "empty_cpu_cache", "set_cpu_cache_limit",
            "cpu_cache_bytes", "sparse_conv2d", "sparse_conv2d_grad_input",
-           "sparse_conv2d_grad_values"]
+           "sparse_conv2d_grad_values", "csr_to_dense", "csr_gather"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -347,6 +347,24 @@ def _check_sddmm(rowptr, col, a, b) -> None:
         raise TypeError(f"sddmm: b must have a's dtype and device ({a.dtype}, {a.device})")
 
 
+def _check_csr_to_dense(rowptr, col, values, n_cols) -> None:
+    _check_csr(rowptr, col, values, "csr_to_dense")
+    _check_int(n_cols, "n_cols")
+
+
+def _check_csr_gather(rowptr, col, dense) -> None:
+    _check_structure(rowptr, col, "csr_gather")
+    _check_tensor(dense, "dense")
+    if dense.dtype not in _MATMUL_FLOATS:
+        raise TypeError(f"csr_gather: dense must be float32, float16, bfloat16 or float64, got {dense.dtype}")
+    if dense.dim() != 2:
+        raise ValueError(f"csr_gather: dense must be 2-D, got shape {tuple(dense.shape)}")
+    if dense.shape[0] != rowptr.shape[0] - 1:
+        raise ValueError(f"csr_gather: dense has {dense.shape[0]} rows but the structure has {rowptr.shape[0] - 1}")
+    if dense.device != col.device:
+        raise ValueError(f"csr_gather: dense is on {dense.device} but the structure is on {col.device}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public wrappers
 # ---------------------------------------------------------------------------------------------------------
@@ -492,6 +510,24 @@ def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Ten
     return _call("sddmm", rowptr, col, a, b)
 
 
+def csr_to_dense(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The CSR matrix (``rowptr`` int32, ``col`` int16/int32, ``values``) of ``n_cols`` columns written out dense:
+    ``[rows, n_cols]``, zeros where nothing is stored; differentiable in ``values`` (the gradient is
+    :func:`csr_gather` of the output's). A column index outside ``[0, n_cols)`` raises on the CPU (CUDA skips
+    it)."""
+    _check_csr_to_dense(rowptr, col, values, n_cols)
+    _check_kernel("csr_to_dense", values.device, "values")
+    return _call("csr_to_dense", rowptr, col, values, n_cols)
+
+
+def csr_gather(rowptr: torch.Tensor, col: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``dense`` [rows, n_cols] read at the stored positions of a CSR structure: ``out[j] = dense[row(j), col[j]]``
+    ([nnz]); differentiable in ``dense`` (the gradient is :func:`csr_to_dense` of the output's)."""
+    _check_csr_gather(rowptr, col, dense)
+    _check_kernel("csr_gather", dense.device, "dense")
+    return _call("csr_gather", rowptr, col, dense)
+
+
 def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt: torch.Tensor, xt: torch.Tensor, *,
               transposed: Optional[Sequence[torch.Tensor]] = None, bias: bool = False) -> tuple[torch.Tensor, ...]:
     """The backward of :func:`spmm` in one call: ``(dvalues, dxt)`` = ``(sddmm(rowptr, col, gyt, xt), W.T @ gyt)``
@@ -631,6 +667,18 @@ def _sddmm_fake(rowptr, col, a, b):
     return a.new_empty(col.shape)
 
 
+@torch.library.register_fake("pysparse::csr_to_dense")
+def _csr_to_dense_fake(rowptr, col, values, n_cols):
+    _check_csr_to_dense(rowptr, col, values, n_cols)
+    return values.new_empty((rowptr.shape[0] - 1, n_cols))
+
+
+@torch.library.register_fake("pysparse::csr_gather")
+def _csr_gather_fake(rowptr, col, dense):
+    _check_csr_gather(rowptr, col, dense)
+    return dense.new_empty(col.shape)
+
+
 def _empty_input_grad(xt: torch.Tensor) -> torch.Tensor:
     """spmm_grad's layout for the gradient of xt [K, B]. CPU (csrc/common.h, empty_input_grad): xt's own when it
     is batch-major (the [K, B] view of a [B, K] batch), so that autograd hands the [B, K] gradient on without a
@@ -759,6 +807,38 @@ torch.library.register_autograd("pysparse::sparse_conv2d", _conv_backward, setup
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Autograd: csr_to_dense and csr_gather are linear, each the other's adjoint: each one's gradient is the other
+# ---------------------------------------------------------------------------------------------------------
+def _csr_to_dense_setup_context(ctx, inputs, output):
+    rowptr, col, values, n_cols = inputs
+    ctx.save_for_backward(rowptr, col)
+
+
+def _csr_to_dense_backward(ctx, g):
+    rowptr, col = ctx.saved_tensors
+    dvalues = _call("csr_gather", rowptr, col, g) if _needs_input_grad(ctx, 4)[2] else None
+    return None, None, dvalues, None
+
+
+def _csr_gather_setup_context(ctx, inputs, output):
+    rowptr, col, dense = inputs
+    ctx.n_cols = dense.shape[1]
+    ctx.save_for_backward(rowptr, col)
+
+
+def _csr_gather_backward(ctx, g):
+    rowptr, col = ctx.saved_tensors
+    needs = _needs_input_grad(ctx, 3)[2]  # (g may be a broadcast view: the kernels take contiguous values)
+    ddense = _call("csr_to_dense", rowptr, col, g.contiguous(), ctx.n_cols) if needs else None
+    return None, None, ddense
+
+
+torch.library.register_autograd("pysparse::csr_to_dense", _csr_to_dense_backward,
+                                setup_context=_csr_to_dense_setup_context)
+torch.library.register_autograd("pysparse::csr_gather", _csr_gather_backward, setup_context=_csr_gather_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Higher derivatives: the backward ops are differentiable too, so a gradient of a gradient through the sparse
 # layers (a gradient penalty, a Hessian-vector product; backward(create_graph=True)) is exact. Each op is
 # bilinear: its gradients are the other ops of the family. Where a CUDA kernel needs W's transposed structure
@@ -880,7 +960,11 @@ _FORMULAS = {
     "sparse_conv2d": (_conv_setup_context, _conv_backward),
     "sparse_conv2d_grad_input": (_conv_grad_input_setup_context, _conv_grad_input_backward),
     "sparse_conv2d_grad_values": (_conv_grad_values_setup_context, _conv_grad_values_backward),
+    "csr_to_dense": (_csr_to_dense_setup_context, _csr_to_dense_backward),
+    "csr_gather": (_csr_gather_setup_context, _csr_gather_backward),
 }
+# The arguments each op is linear in (the others bilinear in 2 and 3: W's values or a, and the dense operand).
+_LINEAR_IN = {"csr_to_dense": (2,), "csr_gather": (2,)}
 
 
 # The differentiable ops by name, looked up once (_call runs in every backward).
@@ -919,7 +1003,7 @@ def _jvp(name: str):
         saved = iter(ctx.saved_tensors)  # (save_for_forward: what vmap of a jvp needs to see batched)
         inputs = [next(saved) if a is _SAVED else a for a in ctx.jvp_inputs]
         if name != "spmm_grad":
-            out = _tangent(name, inputs, tangents)
+            out = _tangent(name, inputs, tangents, _LINEAR_IN.get(name, (2, 3)))
             return out.expand(ctx.shapes[0]) if out is not None else inputs[2].new_zeros(ctx.shapes[0])
         rowptr, col, values, gyt, xt = inputs[:5]  # (sddmm(gyt, xt), spmm_t(values, gyt), gyt.sum(1))
         t_v = _tangent("sddmm", (rowptr, col, gyt, xt), (None, None, tangents[3], tangents[4]))
@@ -1038,7 +1122,8 @@ def _vmap_rule(name: str, fold_arg: Optional[int]):
 
 
 for _name, _fold in (("spmm", 3), ("spmm_t", 3), ("sddmm", None), ("spmm_grad", None), ("sparse_conv2d", 3),
-                     ("sparse_conv2d_grad_input", 3), ("sparse_conv2d_grad_values", None)):
+                     ("sparse_conv2d_grad_input", 3), ("sparse_conv2d_grad_values", None), ("csr_to_dense", None),
+                     ("csr_gather", None)):
     _vmap_rule(_name, _fold)
 
 

@@ -69,6 +69,10 @@ def csr_to_dense(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, 
     return dense
 
 
+def csr_gather(rowptr: torch.Tensor, col: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return dense[_rows(rowptr).to(dense.device), col.long()]
+
+
 def spmm(rowptr, col, values, xt, *, bias=None, transposed=None) -> torch.Tensor:
     """Dense W @ xt (+ bias), W rebuilt from CSR; float32 arithmetic for half types, like the kernels."""
     acc = _acc(values.dtype)

@@ -59,10 +59,30 @@ def test_linear_below_the_crossover(sparsity, bias):
     mask = _masked(dense, sparsity)
     layer = pysparse.SparseLinear.from_dense(dense, mask)
     assert layer.dense_below == pysparse.SparseLinear.DENSE_BELOW == 0.25
-    x = torch.randn(3, 5, 37)
+    x = torch.randn(4, 16, 37)  # 64 rows: DENSE_MIN_BATCH
     assert not _sparse_path(layer(x.requires_grad_()))
     _check_step(layer, dense, mask, x.detach())
     assert layer.nnz == int(mask.sum())  # storage stays sparse
+
+
+def test_linear_default_switch_needs_a_batch_of_64_rows():
+    """On the CPU the default switch takes the dense path only for inputs of at least DENSE_MIN_BATCH rows
+    (leading dimensions flattened); a dense_below set on the layer is obeyed at every batch."""
+    torch.manual_seed(0)
+    dense = nn.Linear(40, 30)
+    mask = _masked(dense, 0.1)
+    layer = pysparse.SparseLinear.from_dense(dense, mask)
+    assert pysparse.SparseLinear.DENSE_MIN_BATCH == 64
+    for shape, sparse in (((63, 40), True), ((64, 40), False), ((8, 8, 40), False), ((2, 3, 40), True),
+                          ((40,), True)):
+        x = torch.randn(*shape)
+        assert _sparse_path(layer(x)) == sparse, shape
+        _check_step(layer, dense, mask, x)
+        layer.values.grad = dense.weight.grad = dense.bias.grad = layer.bias.grad = None
+    layer.dense_below = 0.25  # explicit: dense at every batch
+    assert not _sparse_path(layer(torch.randn(2, 40)))
+    conv = pysparse.SparseConv2d(3, 4, 3, sparsity=0.3)  # convolutions: no batch condition
+    assert conv.DENSE_MIN_BATCH == 0 and not _sparse_path(conv(torch.randn(1, 3, 5, 5)))
 
 
 def test_linear_at_and_above_the_crossover_uses_the_kernels():
@@ -129,7 +149,7 @@ def test_spectral_norm_on_the_dense_path(kind):
     pysparse.nn.spectral_norm(layer)
     kernels = copy.deepcopy(layer)
     kernels.dense_below = 0.0
-    x = torch.randn(3, 20) if kind == "linear" else torch.randn(2, 4, 7, 7)
+    x = torch.randn(64, 20) if kind == "linear" else torch.randn(2, 4, 7, 7)
     y, want = layer(x), kernels(x)
     assert not _sparse_path(y) and _sparse_path(want)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
@@ -145,14 +165,11 @@ def test_switches_as_the_layer_is_pruned():
     x = torch.randn(2, 8, 6, 6)
     assert not _sparse_path(layer(x))
     keep = torch.rand(layer.nnz, generator=torch.Generator().manual_seed(1)) >= 0.7  # to ~85%
-    assert "_flat_index" in layer.__dict__  # the dense path's positions, cached for this structure
     layer.prune_values_(keep)
-    assert "_flat_index" not in layer.__dict__  # dropped with the old structure
     assert layer.sparsity > layer.dense_below
     y = layer(x)
     assert _sparse_path(y)
     torch.testing.assert_close(y, layer.to_dense()(x), rtol=1e-5, atol=1e-5)
-    assert "_flat_index" not in layer.__dict__  # dense_weight (to_dense) does not cache for a sparse-path layer
 
 
 def test_dense_below_checks_and_travels():
@@ -193,12 +210,12 @@ def test_default_crossover_follows_the_device(device, monkeypatch):
 def test_compiled_dense_path_matches_eager(kind):
     torch.manual_seed(0)
     if kind == "linear":
-        layer, x = pysparse.SparseLinear(16, 8, sparsity=0.1), torch.randn(4, 16, requires_grad=True)
-        grad = torch.randn(4, 8)
+        layer, x = pysparse.SparseLinear(16, 8, sparsity=0.1), torch.randn(64, 16, requires_grad=True)
+        grad = torch.randn(64, 8)
     else:
         layer, x = pysparse.SparseConv2d(3, 4, 3, padding=1, sparsity=0.3), torch.randn(2, 3, 5, 5, requires_grad=True)
         grad = torch.randn(2, 4, 5, 5)
-    fresh = copy.deepcopy(layer)  # compiled before any eager call: the dense path's index cache built in the graph
+    fresh = copy.deepcopy(layer)  # compiled before any eager call
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fresh, fullgraph=True)(x), layer(x))
     assert not _sparse_path(layer(x))

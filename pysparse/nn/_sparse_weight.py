@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import csr
+from .. import csr, ops
+from .._extension import has_kernel
 from ..ops import _below_autograd, _check_fraction
 
 # The structure is held in plain tensor attributes, not buffers: DistributedDataParallel broadcasts every
@@ -80,6 +81,8 @@ class SparseWeight(nn.Module):
     # CPU and on CUDA; see `dense_below`).
     DENSE_BELOW: float = 0.0
     DENSE_BELOW_CUDA: float = 0.0
+    # On the CPU the default switch also needs a batch of at least this many rows (see _computes_dense).
+    DENSE_MIN_BATCH: int = 0
     # Spectral norm's power iterations per training forward; 0 = off until enable_spectral_norm. A class default,
     # so that every forward's check is a plain read (a missing attribute goes through nn.Module.__getattr__ and
     # an AttributeError). The per-call paths read ``values`` from _parameters for the same reason (~1.4 us a read
@@ -94,9 +97,10 @@ class SparseWeight(nn.Module):
         """Below this sparsity the layer computes with a dense copy of its weight, built from the stored values at
         each forward (differentiable in them: their gradient is the dense one at the stored places), through
         torch's dense kernels: there the sparse kernels are slower. The default is the layer type's measured
-        crossover on the device its values are on (``DENSE_BELOW`` on the CPU, ``DENSE_BELOW_CUDA`` on CUDA;
-        benchmarks/RESULTS.md). Storage stays sparse. Set it on a layer to move the switch on every device; 0
-        always uses the sparse kernels."""
+        crossover on the device its values are on (``DENSE_BELOW`` on the CPU, where a layer type may also ask
+        for a batch of at least ``DENSE_MIN_BATCH`` rows, ``DENSE_BELOW_CUDA`` on CUDA; benchmarks/RESULTS.md).
+        Storage stays sparse. Set it on a layer to move the switch on every device and batch; 0 always uses the
+        sparse kernels."""
         if "_dense_below" in self.__dict__:
             return self.__dict__["_dense_below"]
         cls = type(self)
@@ -128,25 +132,34 @@ class SparseWeight(nn.Module):
                             + (" (autocast's)" if cast else ""))
         return x, cast
 
-    def _computes_dense(self) -> bool:
-        return self.sparsity < self.dense_below
+    def _computes_dense(self, batch: Optional[int] = None) -> bool:
+        """Whether this forward takes the dense path: below dense_below; with the default switch on the CPU also
+        only for ``batch`` (rows of the input) >= DENSE_MIN_BATCH, below which building the weight costs more
+        than the dense kernels save. A dense_below set on the layer is obeyed at every batch."""
+        if "_dense_below" in self.__dict__:
+            return self.sparsity < self.__dict__["_dense_below"]
+        cls = type(self)
+        if self._parameters["values"].is_cuda:
+            return self.sparsity < cls.DENSE_BELOW_CUDA
+        return self.sparsity < cls.DENSE_BELOW and (batch is None or batch >= cls.DENSE_MIN_BATCH)
 
     def _compute_weight(self) -> torch.Tensor:
         """The dense weight of the dense path: the effective values (spectral norm included) in place."""
-        return self._dense_from(self.effective_values(), keep=True)
+        return self._dense_from(self.effective_values())
 
-    def _dense_from(self, vals: torch.Tensor, keep: bool = False) -> torch.Tensor:
-        """``vals`` (one per stored weight) scattered into a zero weight of the layer's shape; differentiable in
-        them. With ``keep`` (the dense path, every forward) the stored values' flat positions are cached per
-        structure; other callers (dense_weight) use the cache when it is there but do not build it: a layer on the
-        sparse kernels would otherwise hold 8 bytes per stored value for nothing."""
-        cached = self.__dict__.get("_flat_index")  # (col it was built from, flat positions of the stored values)
-        if cached is not None and cached[0] is self.col:
-            flat = cached[1]
-        else:  # rebuilt when the structure (or its device) changes: col is then another tensor
-            flat = self._weight_positions(csr.row_indices(self.rowptr, self.nnz, self.col.device), self.col.long())
-            if keep and not torch.compiler.is_exporting():  # (export traces with fake tensors: none kept)
-                self.__dict__["_flat_index"] = (self.col, flat)
+    def _weight_is_matrix(self) -> bool:
+        """Whether the weight is its CSR matrix reshaped (not a grouped convolution's block-diagonal one)."""
+        return True
+
+    def _dense_from(self, vals: torch.Tensor) -> torch.Tensor:
+        """``vals`` (one per stored weight) written into a zero weight of the layer's shape; differentiable in
+        them. The csr_to_dense kernel where the weight is its matrix (its gradient: csr_gather of the weight's);
+        else, or on a device without pysparse kernels, torch's scatter to the stored values' flat positions (the
+        dense path once used that for every layer: ~50 ms for a 4096 x 4096 weight at 20% on 2 cores, against
+        ~10 for the kernel; benchmarks/RESULTS.md)."""
+        if self._weight_is_matrix() and has_kernel("csr_to_dense", vals.device.type):
+            return ops._call("csr_to_dense", self.rowptr, self.col, vals, self.matrix_shape[1]).view(self.weight_shape)
+        flat = self._weight_positions(csr.row_indices(self.rowptr, self.nnz, self.col.device), self.col.long())
         return vals.new_zeros(math.prod(self.weight_shape)).scatter(0, flat, vals).view(self.weight_shape)
 
     def _weight_positions(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -195,14 +208,12 @@ class SparseWeight(nn.Module):
     def _set_structure(self, s: csr.Structure) -> None:
         for name in _STRUCTURE:
             object.__setattr__(self, name, getattr(s, name))
-        self.__dict__.pop("_flat_index", None)  # the dense path's positions of the old structure
 
     def _apply(self, fn, recurse=True):
         before = self.col.device
         super()._apply(fn, recurse)
         for name in _STRUCTURE:  # integer tensors: device moves apply, dtype casts leave them as they are
             object.__setattr__(self, name, fn(getattr(self, name)))
-        self.__dict__.pop("_flat_index", None)
         after = self.col.device
         # between the CPU and CUDA the transposed cache's blocks change (not from or to meta: no data there, and
         # to_empty's structure is garbage until a state dict is loaded, which rebuilds it)

@@ -18,9 +18,9 @@ class SparseLinear(SparseWeight):
     [out_features, in_features], True = keep). The kept values are the Parameter ``values``; any torch
     optimizer trains them. Use :meth:`from_dense` to convert a trained ``nn.Linear``.
 
-    Below ``dense_below`` sparsity (default: the measured crossover, ``DENSE_BELOW`` = 0.25 on the CPU,
-    ``DENSE_BELOW_CUDA`` = 0.93 on CUDA) the forward computes with a dense copy of the weight built from the
-    stored values (see ``SparseWeight.dense_below``).
+    Below ``dense_below`` sparsity (default: the measured crossover, ``DENSE_BELOW`` = 0.25 on the CPU with
+    batches of at least ``DENSE_MIN_BATCH`` = 64 rows, ``DENSE_BELOW_CUDA`` = 0.93 on CUDA) the forward computes
+    with a dense copy of the weight built from the stored values (see ``SparseWeight.dense_below``).
 
     On the sparse kernels' path the output is a transposed view of the kernel's [out_features, batch] result: a
     following SparseLinear reads it without a copy, and dense layers accept it as it is.
@@ -29,6 +29,11 @@ class SparseLinear(SparseWeight):
     # fwd + bwd over nn.Linear at 0 / 30% sparsity (2026-11-29, 2-core CPU): 128 -> 2048 batch 64 0.52x / 1.11x,
     # 4096 x 4096 batch 256 0.48x / 1.10x, 300 -> 100 batch 64 0.88x / 0.99x; forward alone 0.68-1.17x / 0.75-1.55x.
     DENSE_BELOW = 0.25
+    # ... and with batches of at least 64 rows: below that the sparse kernels were faster than the dense path
+    # (its weight built by csr_to_dense) at every shape and sparsity measured, 0-30%, training step and forward
+    # (Zen 4, 2026-12-01: at batch 16, 128 -> 2048, 300 -> 100, 512^2 to 4096^2, step 0.78-1.7x nn.Linear against
+    # the dense path's 0.44-0.84x; at 64 mixed, the dense path ahead at 0%; at 256 ahead below ~25%).
+    DENSE_MIN_BATCH = 64
     # Over nn.Linear (cuBLAS, float32) on an H200, 4096 x 4096 (2026-11-29, benchmarks/RESULTS.md): the training
     # step at batch 256 0.75x at 90% and 1.42x at 95% (crossing ~0.93); the forward alone breaks even at ~0.86
     # (batch 256) and ~0.6 (batch 16); batch-16 training steps are bound by host overhead on both sides.
@@ -66,7 +71,8 @@ class SparseLinear(SparseWeight):
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features in the last dim, "
                              f"got shape {tuple(x.shape)}")
         x, cast = self._layer_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
-        if self._computes_dense():  # below the crossover: torch's dense kernels (see dense_below)
+        # below the crossover: torch's dense kernels (see dense_below and _computes_dense)
+        if self._computes_dense(x.numel() // self.in_features if self.in_features else 0):
             return F.linear(x, cast_to(self._compute_weight(), cast), cast_to(self.bias, cast))
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # a view for contiguous inputs
         # The layer built (or, on load, checked) its own structure, and the kernel checks its arguments again:
