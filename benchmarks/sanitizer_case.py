@@ -44,11 +44,13 @@ tensors = [rnd(1002)[1:], rnd(1003, dtype=torch.float64)[2:], rnd(1001), rnd(100
 expected = [t.clone() for t in tensors]
 assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected)
 assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
-# sparse matmul family: both spmm kernels (batch <= 8 and tiled), spmm_t, sddmm, spmm_grad, int16 and int32 indices
+# sparse matmul family: both spmm kernels (batch <= 8 and tiled), spmm_t, sddmm, spmm_grad, int16 and int32 indices;
+# csr_to_dense / csr_gather
 from pysparse import csr  # noqa: E402
 
+# (batches 260 and 600: sddmm's lanes keeping four vectors of a's row, and re-reading it)
 for rows, cols, batch, dtype in ((37, 53, 3, torch.float32), (37, 53, 45, torch.float16), (5, 40_000, 9, torch.float32),
-                                 (20, 30, 33, torch.float64)):
+                                 (20, 30, 33, torch.float64), (37, 53, 260, torch.float32), (9, 20, 600, torch.float32)):
     mask = torch.rand(rows, cols, generator=gen) < 0.3
     mask[::4] = False  # empty rows
     values, st = csr.compress(torch.randn(rows, cols, generator=gen).to(dtype), mask)
@@ -63,6 +65,10 @@ for rows, cols, batch, dtype in ((37, 53, 3, torch.float32), (37, 53, 45, torch.
                                reference.spmm_t(s.rowptr, s.col, values, yt, cols), **tol)
     torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, yt, xt), reference.sddmm(s.rowptr, s.col, yt, xt),
                                **tol)
+    assert torch.equal(pysparse.ops.csr_to_dense(s.rowptr, s.col, values, cols),
+                       reference.csr_to_dense(s.rowptr, s.col, values, cols))
+    m = rnd(rows, 2 * cols, dtype=dtype)[:, ::2]  # a strided dense matrix
+    assert torch.equal(pysparse.ops.csr_gather(s.rowptr, s.col, m), reference.csr_gather(s.rowptr, s.col, m))
     for got, want in zip(pysparse.ops.spmm_grad(s.rowptr, s.col, values, yt, xt.t().contiguous().t(),
                                                 transposed=s.transposed()),
                          reference.spmm_grad(s.rowptr, s.col, values, yt, xt)):

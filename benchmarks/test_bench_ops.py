@@ -3,6 +3,8 @@
 Run with `make bench` (or `pytest benchmarks`); `benchmarks/summarize.py` turns the JSON into the ratio table
 of benchmarks/RESULTS.md. Groups hold one `pysparse` entry and its baselines.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -95,7 +97,9 @@ def _densify_problem(device):
 @pytest.mark.parametrize("impl", ["pysparse", "scatter", "torch_sparse_csr"])
 def test_csr_to_dense(benchmark, device, impl):
     rowptr, col, values, flat = _densify_problem(device)
-    csr_t = torch.sparse_csr_tensor(rowptr.long(), col.long(), values, (4096, 4096))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr_t = torch.sparse_csr_tensor(rowptr.long(), col.long(), values, (4096, 4096))
     fn = {
         "pysparse": lambda: pysparse.ops.csr_to_dense(rowptr, col, values, 4096),
         "scatter": lambda: values.new_zeros(4096 * 4096).scatter(0, flat, values).view(4096, 4096),
