@@ -49,8 +49,8 @@ __global__ void conv_kernel(const int32_t* __restrict__ rowptr, const int64_t* _
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t q = idx % OW, r = (idx / OW) % OH, o = (idx / (OW * OH)) % O, n = idx / (OW * OH * O);
-    const int64_t j0 = min(max(static_cast<int64_t>(rowptr[o]), int64_t{0}), nnz);
-    const int64_t j1 = min(max(static_cast<int64_t>(rowptr[o + 1]), j0), nnz);
+    int64_t j0, j1;
+    cuda::row_bounds(rowptr, o, nnz, j0, j1);
     const scalar_t* xw = x + (n * C * H + r * sh) * W + q * sw;  // the output's window corner
     acc_t acc = bias ? static_cast<acc_t>(bias[o]) : acc_t(0);
 #pragma unroll 4
@@ -129,8 +129,8 @@ __global__ void conv_grad_input_kernel(const int32_t* __restrict__ t_rowptr, con
         const int64_t ww = w - kj * dw;
         if (ww < 0 || ww % sw != 0 || ww / sw >= OW) continue;
         const int64_t q = ww / sw, k = (c * kh + ki) * kw + kj;
-        const int64_t e0 = min(max(static_cast<int64_t>(t_rowptr[k]), int64_t{0}), nnz);
-        const int64_t e1 = min(max(static_cast<int64_t>(t_rowptr[k + 1]), e0), nnz);
+        int64_t e0, e1;
+        cuda::row_bounds(t_rowptr, k, nnz, e0, e1);
         for (int64_t e = e0; e < e1; ++e) {
           const int64_t o = t_row[e], p = t_perm[e];
           if (o < 0 || o >= O || p < 0 || p >= nnz) continue;

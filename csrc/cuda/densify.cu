@@ -19,8 +19,8 @@ __global__ void csr_to_dense_kernel(const int32_t* __restrict__ rowptr, const in
                                     int64_t n_cols, int64_t nnz) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
   if (r >= rows) return;
-  const int64_t j0 = min(max(static_cast<int64_t>(rowptr[r]), int64_t{0}), nnz);
-  const int64_t j1 = min(max(static_cast<int64_t>(rowptr[r + 1]), j0), nnz);
+  int64_t j0, j1;
+  cuda::row_bounds(rowptr, r, nnz, j0, j1);
   for (int64_t j = j0 + threadIdx.x; j < j1; j += kWarp) {
     const int64_t c = col[j];
     if (c >= 0 && c < n_cols) out[r * n_cols + c] = values[j];
@@ -33,8 +33,8 @@ __global__ void csr_gather_kernel(const int32_t* __restrict__ rowptr, const inde
                                   int64_t n_cols, int64_t s0, int64_t s1, int64_t nnz) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
   if (r >= rows) return;
-  const int64_t j0 = min(max(static_cast<int64_t>(rowptr[r]), int64_t{0}), nnz);
-  const int64_t j1 = min(max(static_cast<int64_t>(rowptr[r + 1]), j0), nnz);
+  int64_t j0, j1;
+  cuda::row_bounds(rowptr, r, nnz, j0, j1);
   for (int64_t j = j0 + threadIdx.x; j < j1; j += kWarp) {
     const int64_t c = col[j];
     out[j] = (c >= 0 && c < n_cols) ? dense[r * s0 + c * s1] : scalar_t(0);

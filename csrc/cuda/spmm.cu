@@ -30,11 +30,6 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-__device__ __forceinline__ void row_bounds(const int32_t* rowptr, int64_t r, int64_t nnz, int64_t& j0, int64_t& j1) {
-  j0 = min(max(static_cast<int64_t>(rowptr[r]), int64_t{0}), nnz);
-  j1 = min(max(static_cast<int64_t>(rowptr[r + 1]), j0), nnz);
-}
-
 // Value of stored position j: values[j], or values[perm[j]] (perm entries outside [0, nnz) read as 0).
 template <typename scalar_t, typename acc_t, bool PERM>
 __device__ __forceinline__ acc_t load_value(const scalar_t* values, const int32_t* perm, int64_t j, int64_t nnz) {
@@ -85,7 +80,7 @@ __global__ void spmm_kernel(const int32_t* __restrict__ rowptr, const index_t* _
   const int64_t b0 = (static_cast<int64_t>(blockIdx.y) * LP + lane % LP) * V;
   const bool active = b0 < B;  // B % V == 0 when V > 1: a lane's columns are all inside or all outside
   int64_t j0, j1;
-  row_bounds(rowptr, r, nnz, j0, j1);
+  cuda::row_bounds(rowptr, r, nnz, j0, j1);
   acc_t acc[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) acc[k] = 0;
@@ -213,7 +208,7 @@ __global__ void sddmm_kernel(const int32_t* __restrict__ rowptr, const index_t* 
   if (r >= rows) return;  // whole warp leaves together
   const int lane = threadIdx.x, G = kWarp / LP, g = lane / LP, li = lane % LP;
   int64_t j0, j1;
-  row_bounds(rowptr, r, nnz, j0, j1);
+  cuda::row_bounds(rowptr, r, nnz, j0, j1);
   const scalar_t* ar = a + r * B;
   // this lane's batch columns: vectors li, li + LP, ... (B % V == 0 when V > 1: a vector is all in or all out)
   acc_t av[NT > 0 ? NT : 1][V];
