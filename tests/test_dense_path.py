@@ -59,21 +59,21 @@ def test_linear_below_the_crossover(sparsity, bias):
     mask = _masked(dense, sparsity)
     layer = pysparse.SparseLinear.from_dense(dense, mask)
     assert layer.dense_below == pysparse.SparseLinear.DENSE_BELOW == 0.25
-    x = torch.randn(4, 16, 37)  # 64 rows: DENSE_MIN_BATCH
+    x = torch.randn(4, 9, 37)  # 36 rows: at least DENSE_MIN_BATCH
     assert not _sparse_path(layer(x.requires_grad_()))
     _check_step(layer, dense, mask, x.detach())
     assert layer.nnz == int(mask.sum())  # storage stays sparse
 
 
-def test_linear_default_switch_needs_a_batch_of_64_rows():
+def test_linear_default_switch_needs_more_than_32_rows():
     """On the CPU the default switch takes the dense path only for inputs of at least DENSE_MIN_BATCH rows
     (leading dimensions flattened); a dense_below set on the layer is obeyed at every batch."""
     torch.manual_seed(0)
     dense = nn.Linear(40, 30)
     mask = _masked(dense, 0.1)
     layer = pysparse.SparseLinear.from_dense(dense, mask)
-    assert pysparse.SparseLinear.DENSE_MIN_BATCH == 64
-    for shape, sparse in (((63, 40), True), ((64, 40), False), ((8, 8, 40), False), ((2, 3, 40), True),
+    assert pysparse.SparseLinear.DENSE_MIN_BATCH == 33
+    for shape, sparse in (((32, 40), True), ((33, 40), False), ((3, 11, 40), False), ((2, 16, 40), True),
                           ((40,), True)):
         x = torch.randn(*shape)
         assert _sparse_path(layer(x)) == sparse, shape

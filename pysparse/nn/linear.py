@@ -19,7 +19,7 @@ class SparseLinear(SparseWeight):
     optimizer trains them. Use :meth:`from_dense` to convert a trained ``nn.Linear``.
 
     Below ``dense_below`` sparsity (default: the measured crossover, ``DENSE_BELOW`` = 0.25 on the CPU with
-    batches of at least ``DENSE_MIN_BATCH`` = 64 rows, ``DENSE_BELOW_CUDA`` = 0.93 on CUDA) the forward computes
+    inputs of at least ``DENSE_MIN_BATCH`` = 33 rows, ``DENSE_BELOW_CUDA`` = 0.93 on CUDA) the forward computes
     with a dense copy of the weight built from the stored values (see ``SparseWeight.dense_below``).
 
     On the sparse kernels' path the output is a transposed view of the kernel's [out_features, batch] result: a
@@ -29,11 +29,13 @@ class SparseLinear(SparseWeight):
     # fwd + bwd over nn.Linear at 0 / 30% sparsity (2026-11-29, 2-core CPU): 128 -> 2048 batch 64 0.52x / 1.11x,
     # 4096 x 4096 batch 256 0.48x / 1.10x, 300 -> 100 batch 64 0.88x / 0.99x; forward alone 0.68-1.17x / 0.75-1.55x.
     DENSE_BELOW = 0.25
-    # ... and with batches of at least 64 rows: below that the sparse kernels were faster than the dense path
-    # (its weight built by csr_to_dense) at every shape and sparsity measured, 0-30%, training step and forward
-    # (Zen 4, 2026-12-01: at batch 16, 128 -> 2048, 300 -> 100, 512^2 to 4096^2, step 0.78-1.7x nn.Linear against
-    # the dense path's 0.44-0.84x; at 64 mixed, the dense path ahead at 0%; at 256 ahead below ~25%).
-    DENSE_MIN_BATCH = 64
+    # ... and with batches of more than 32 rows: up to 32 the sparse kernels were faster than the dense path (its
+    # weight built by csr_to_dense) at every shape and sparsity measured, 0-30%, training step and forward; above
+    # 32, where their backward turns to W^T's structure, the dense path leads at batches 40-48 at 0-20% on all but
+    # the smallest layer, at 64 at 0% (within ~15% either way at 10-30%), at 256 below ~25% (Zen 4, 2026-12-01,
+    # step over nn.Linear, kernels / dense path: 1024 x 1024 at 0%, batch 32 0.73 / 0.55, batch 40 0.26 / 0.56;
+    # at batch 16, 128 -> 2048 to 4096^2, 0.78-1.7x against 0.44-0.84x; benchmarks/RESULTS.md).
+    DENSE_MIN_BATCH = 33
     # Over nn.Linear (cuBLAS, float32) on an H200, 4096 x 4096 (2026-11-29, benchmarks/RESULTS.md): the training
     # step at batch 256 0.75x at 90% and 1.42x at 95% (crossing ~0.93); the forward alone breaks even at ~0.86
     # (batch 256) and ~0.6 (batch 16); batch-16 training steps are bound by host overhead on both sides.
