@@ -1143,6 +1143,24 @@ void sddmm_plain(const int32_t* rowptr, const index_t* col, const scalar_t* a, c
 
 // spmm_grad takes W^T's structure above this batch (see spmm_grad_cpu).
 constexpr int64_t kGradCscMinBatch = 32;
+// ... and, for a matrix whose rows all hold the same number of values spanning a multiple of 1 KB, only above
+// this one (see row_stride_aliases).
+constexpr int64_t kAliasedCscMinBatch = 128;
+
+// Whether every row of W stores the same number of values, spanning a multiple of 1 KB of `element_size`-byte
+// values (N:M masks such as 2:4 on power-of-two widths, or full rows): the permutation passes through W^T then
+// read and write W's values at that exact stride down a column, a few hundred rows' lines that share a handful of
+// L1 sets (and few L2 sets), and miss. 4096 x 4096 in 2:4 at batch 64, spmm_grad over W^T 58-60 ms against 29-35
+// ms for a random 50% mask, while the sweep over W's CSR takes 34-36 ms for both (Zen 4, 2026-12-01; the
+// scatter of the products back took 27% of the samples against 8%).
+inline bool row_stride_aliases(const int32_t* rowptr, int64_t rows, int64_t element_size) {
+  if (rows < 64) return false;
+  const int64_t len = rowptr[1] - rowptr[0];
+  if (len <= 0 || (len * element_size) % 1024 != 0) return false;
+  for (int64_t r = 1; r < rows; ++r)
+    if (rowptr[r + 1] - rowptr[r] != len) return false;
+  return true;
+}
 
 // The widest panel of spmm_grad's sweep over W^T, in columns (figures in spmm_grad_cpu).
 constexpr int64_t kCscMaxPanel = 32;
@@ -1772,7 +1790,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 1024 at 70%, batch 64 / 256, 0.89 / 0.93, 1024 x 4096 0.95 / 1.02. At 90% (13 blocks of 316 rows, about 32
   // stored values of a column per block) 0.91-1.08 over batches 64-256, at 95% 0.83-1.04: no blocks there. (A
   // first version that also skipped the row indices' check in the gather had measured 0.83 at 90%, batch 64.)
-  const bool csc = transposed && B > kGradCscMinBatch;
+  // Rows of one length spanning a multiple of 1 KB (row_stride_aliases): W's CSR up to kAliasedCscMinBatch, the
+  // permutation passes being slow there (4096 x 4096 in 2:4, the op alone, CSR / W^T: batch 48 36.5 / 60.2 ms, 64
+  // 34.4 / 58.4, 128 65.9 / 74.0, 256 138 / 104; 1024 x 1024: 1.9 / 2.7, 2.3 / 2.7, 3.2 / 3.2, 6.5 / 5.1).
+  const bool csc = transposed && B > kGradCscMinBatch &&
+                   (B > kAliasedCscMinBatch ||
+                    !row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rows, values.element_size()));
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
   // median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 / 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms
