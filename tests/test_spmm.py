@@ -151,9 +151,9 @@ def test_sddmm_batch_widths(device, dtype, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_of_one_aliasing_length_take_the_csr_sweep(dtype):
     """A matrix whose rows all hold the same number of values spanning a multiple of 1 KB (2:4 on 512 float32 /
-    1024 bfloat16 columns) takes the backward over W's CSR up to batch 128 even with W^T's structure (its
-    permutation passes are slow there): the same bits as without the structure; above 128, and for ragged rows,
-    W^T's. Both against the reference."""
+    1024 bfloat16 columns) takes the backward (spmm_grad, and spmm_t alone) over W's CSR up to batch 128 even with
+    W^T's structure (its permutation passes are slow there): the same bits as without the structure; above 128,
+    and for ragged rows, W^T's. Both against the reference."""
     cols = 512 if dtype == torch.float32 else 1024
     mask = pysparse.nm_masks(torch.rand(64, cols, generator=torch.Generator().manual_seed(0)), 2, 4)
     ragged = mask.clone()
@@ -169,6 +169,10 @@ def test_rows_of_one_aliasing_length_take_the_csr_sweep(dtype):
         over_csr = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
         # (the two sweeps sum dxt in different orders: their bits differ, so the comparison tells them apart)
         assert torch.equal(got[1], over_csr[1]) == csr_sweep
+        # spmm_t alone takes the same route (its scatter from W's CSR, or W^T)
+        alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=s.transposed())
+        torch.testing.assert_close(alone, reference.spmm_t(s.rowptr, s.col, values, gyt, cols), **TOL[dtype])
+        assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
 
 
 @pytest.mark.parametrize("device", DEVICES)

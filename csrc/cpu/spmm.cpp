@@ -1572,8 +1572,13 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // kernel), against 2.7 ms reading through the permutation in place and 4.7 ms gathering first (2026-11-29);
   // at batch 1 the same scatter without panels (vec_grads).
   // W^T blocked by W's rows (csr.structure's row_block) goes through spmm_grad's sweep instead (spmm_t_blocked;
-  // float64 through the scatter).
-  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
+  // float64 through the scatter). Rows of one length spanning a multiple of 1 KB (row_stride_aliases) take the
+  // scatter up to kAliasedCscMinBatch, as spmm_grad does: 4096 x 4096 in 2:4, one process alternating, scatter /
+  // W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms (a random 50% mask: 16.9-17.0 /
+  // 18.4-18.5, and 33.8 / 28.4; 2026-12-01).
+  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32 &&
+      (B > kAliasedCscMinBatch ||
+       !row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rows, values.element_size()))) {
     const int64_t nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
     if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
