@@ -1162,6 +1162,13 @@ inline bool row_stride_aliases(const int32_t* rowptr, int64_t rows, int64_t elem
   return true;
 }
 
+// Whether spmm_grad and spmm_t, above their own batch thresholds for W^T, still take W's CSR at batch B: rows
+// that alias (row_stride_aliases) up to kAliasedCscMinBatch. rowptr must have been checked.
+inline bool aliased_rows_take_csr(const at::Tensor& rowptr, const at::Tensor& values, int64_t B) {
+  return B <= kAliasedCscMinBatch &&
+         row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rowptr.numel() - 1, values.element_size());
+}
+
 // The widest panel of spmm_grad's sweep over W^T, in columns (figures in spmm_grad_cpu).
 constexpr int64_t kCscMaxPanel = 32;
 
@@ -1572,13 +1579,11 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // kernel), against 2.7 ms reading through the permutation in place and 4.7 ms gathering first (2026-11-29);
   // at batch 1 the same scatter without panels (vec_grads).
   // W^T blocked by W's rows (csr.structure's row_block) goes through spmm_grad's sweep instead (spmm_t_blocked;
-  // float64 through the scatter). Rows of one length spanning a multiple of 1 KB (row_stride_aliases) take the
-  // scatter up to kAliasedCscMinBatch, as spmm_grad does: 4096 x 4096 in 2:4, one process alternating, scatter /
-  // W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms (a random 50% mask: 16.9-17.0 /
-  // 18.4-18.5, and 33.8 / 28.4; 2026-12-01).
-  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32 &&
-      (B > kAliasedCscMinBatch ||
-       !row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rows, values.element_size()))) {
+  // float64 through the scatter). Rows of one length spanning a multiple of 1 KB take the scatter up to
+  // kAliasedCscMinBatch, as spmm_grad does (aliased_rows_take_csr): 4096 x 4096 in 2:4, one process
+  // alternating, scatter / W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms (a random 50%
+  // mask: 16.9-17.0 / 18.4-18.5, and 33.8 / 28.4; 2026-12-01).
+  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32 && !aliased_rows_take_csr(rowptr, values, B)) {
     const int64_t nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
     if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
@@ -1795,12 +1800,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 1024 at 70%, batch 64 / 256, 0.89 / 0.93, 1024 x 4096 0.95 / 1.02. At 90% (13 blocks of 316 rows, about 32
   // stored values of a column per block) 0.91-1.08 over batches 64-256, at 95% 0.83-1.04: no blocks there. (A
   // first version that also skipped the row indices' check in the gather had measured 0.83 at 90%, batch 64.)
-  // Rows of one length spanning a multiple of 1 KB (row_stride_aliases): W's CSR up to kAliasedCscMinBatch, the
+  // Rows of one length spanning a multiple of 1 KB (aliased_rows_take_csr): W's CSR up to kAliasedCscMinBatch, the
   // permutation passes being slow there (4096 x 4096 in 2:4, the op alone, CSR / W^T: batch 48 36.5 / 60.2 ms, 64
   // 34.4 / 58.4, 128 65.9 / 74.0, 256 138 / 104; 1024 x 1024: 1.9 / 2.7, 2.3 / 2.7, 3.2 / 3.2, 6.5 / 5.1).
-  const bool csc = transposed && B > kGradCscMinBatch &&
-                   (B > kAliasedCscMinBatch ||
-                    !row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rows, values.element_size()));
+  const bool csc = transposed && B > kGradCscMinBatch && !aliased_rows_take_csr(rowptr, values, B);
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
   // median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 / 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms

@@ -136,12 +136,10 @@ class SparseWeight(nn.Module):
         """Whether this forward takes the dense path: below dense_below; with the default switch on the CPU also
         only for ``batch`` (rows of the input) >= DENSE_MIN_BATCH, below which building the weight costs more
         than the dense kernels save. A dense_below set on the layer is obeyed at every batch."""
-        if "_dense_below" in self.__dict__:
-            return self.sparsity < self.__dict__["_dense_below"]
-        cls = type(self)
-        if self._parameters["values"].is_cuda:
-            return self.sparsity < cls.DENSE_BELOW_CUDA
-        return self.sparsity < cls.DENSE_BELOW and (batch is None or batch >= cls.DENSE_MIN_BATCH)
+        if self.sparsity >= self.dense_below:
+            return False
+        default_cpu_switch = "_dense_below" not in self.__dict__ and not self._parameters["values"].is_cuda
+        return not default_cpu_switch or batch is None or batch >= type(self).DENSE_MIN_BATCH
 
     def _compute_weight(self) -> torch.Tensor:
         """The dense weight of the dense path: the effective values (spectral norm included) in place."""
