@@ -58,7 +58,7 @@ fi
 if [ $# -eq 0 ]; then
   set -- tests/test_spmm.py tests/test_sparse_linear.py tests/test_sparse_conv.py tests/test_out_cache.py \
     tests/test_masks.py tests/test_saliency.py tests/test_apply_mask.py tests/test_func.py \
-    tests/test_higher_order.py tests/test_dense_path.py
+    tests/test_higher_order.py tests/test_dense_path.py tests/test_densify.py tests/test_kernel_fuzz.py
 fi
 preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 run() {
