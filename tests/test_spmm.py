@@ -175,6 +175,35 @@ def test_rows_of_one_aliasing_length_take_the_csr_sweep(dtype):
         assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
 
 
+def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
+    """Over a plain (unblocked) W^T, spmm_grad and spmm_t keep W's CSR at batches 33-48 for a matrix of twice as
+    many rows as columns or of float32 values filling 4x a core's L2, and at 49-64 where gyt's 32-column panel
+    (rows x 128 bytes) exceeds L2, or the values fill 16x; a square matrix of few values, a batch above 64 and W^T
+    blocked by W's rows keep W^T. The route is told by dxt's bits (the two sweeps sum in different orders); every
+    result against the reference. (The cases hold for any L2 up to 3 MB a core.)"""
+    gen = torch.Generator().manual_seed(0)
+    tall = torch.rand(1024, 64, generator=gen) < 0.5
+    taller = torch.rand(65536, 8, generator=gen) < 0.2  # gyt's panel: 8 MB
+    square = torch.rand(256, 256, generator=gen) < 0.5
+    large = torch.rand(1536, 4096, generator=gen) < 0.5  # ~3.1M stored values: 12.6 MB of float32
+    cases = [(tall, None, 40, True), (tall, None, 64, False), (tall, 256, 40, False), (taller, None, 64, True),
+             (taller, None, 100, False), (square, None, 40, False), (large, None, 40, True), (large, None, 100, False)]
+    for mask, row_block, batch, csr_sweep in cases:
+        rows, cols = mask.shape
+        w = torch.randn(rows, cols, generator=gen)
+        values, s = csr.compress(w, mask, row_block)
+        xt, gyt = torch.randn(cols, batch, generator=gen), torch.randn(rows, batch, generator=gen)
+        got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed())
+        want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+        for g, ref in zip(got, want):  # (dxt's entries sum up to 13,000 products of about 1: float32's rounding)
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=5e-3)
+        over_csr = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+        assert torch.equal(got[1], over_csr[1]) == csr_sweep, (tuple(mask.shape), row_block, batch)
+        alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=s.transposed())
+        torch.testing.assert_close(alone, want[1], rtol=1e-4, atol=5e-3)
+        assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_int32_indices(device):
     """More than 32768 columns: int32 column indices (and int16 row indices in the transposed structure)."""
@@ -509,12 +538,12 @@ def test_row_checks_catch_every_bad_index(batch, cols):
                     call(col)
     # spmm_t at batch 40 reads W's values in place through t_perm (one panel of W^T's rows, 100 long here): a bad
     # entry anywhere in a row is caught the same way
-    vt, st, _, _ = _problem(100, 3, 40, 1.0, torch.float32, "cpu", 6)
+    vt, st, _, _ = _problem(100, 60, 40, 1.0, torch.float32, "cpu", 6)
     for pos in (0, 9, 99, 150):
         perm = st.t_perm.clone()
         perm[pos] = 10_000
         with pytest.raises(ValueError, match="t_perm entry of the transposed structure is out of range"):
-            pysparse.ops.spmm_t(st.rowptr, st.col, vt, torch.randn(100, 40), 3,
+            pysparse.ops.spmm_t(st.rowptr, st.col, vt, torch.randn(100, 40), 60,
                                 transposed=(st.t_rowptr, st.t_col, perm))
 
 

@@ -1162,15 +1162,39 @@ inline bool row_stride_aliases(const int32_t* rowptr, int64_t rows, int64_t elem
   return true;
 }
 
-// Whether spmm_grad and spmm_t, above their own batch thresholds for W^T, still take W's CSR at batch B: rows
-// that alias (row_stride_aliases) up to kAliasedCscMinBatch. rowptr must have been checked.
-inline bool aliased_rows_take_csr(const at::Tensor& rowptr, const at::Tensor& values, int64_t B) {
-  return B <= kAliasedCscMinBatch &&
-         row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rowptr.numel() - 1, values.element_size());
-}
-
 // The widest panel of spmm_grad's sweep over W^T, in columns (figures in spmm_grad_cpu).
 constexpr int64_t kCscMaxPanel = 32;
+
+// Whether spmm_grad and spmm_t, given W^T's structure (nb blocks) at a batch B above their threshold for it (32),
+// still take W's CSR: rows that alias (row_stride_aliases) up to kAliasedCscMinBatch; and, over a plain (unblocked)
+// W^T, large or tall matrices at batches up to 64. There the passes through the permutation (W's values gathered
+// into W^T's order before the sweep, the products scattered back after it, random accesses over all of nnz) and
+// gyt's panel read at random rows (rows x 32 columns, beyond L2 from 8192 rows on a 1 MB L2) cost more than
+// the CSR sweep's scatter into per-thread accumulators. spmm_grad, the op alone, one process alternating the two
+// routes, 9 rounds, per-round ratio CSR / W^T (Zen 4, 1 MB L2, 2026-12-01), rows x columns at 90 / 95 / 98%:
+//   batch 33-48: 8192 x 8192 0.56 / 0.71-0.75 / 0.82-0.85; 16384 x 4096 0.50 / 0.60-0.63 / 0.75-0.77; 4096 x 16384
+//   0.71 / 0.84 / 0.93-0.95; 8192 x 2048 0.78 / 0.82-0.85 / 0.95; 2048 x 8192 0.86-0.88 / 0.95-0.97 / 0.98-1.04;
+//   4096 x 4096 0.95-0.98 / 1.06-1.07 / 1.11-1.12; 32768 x 1024 at 95% 0.72-0.75; 8192 x 512 at 90% 0.88-0.90,
+//   512 x 8192 1.46; 1024 x 1024 0.95-1.00. So W's CSR from 2^20 stored values (4 MB of float32, 4x L2) or
+//   from twice as many rows as columns.
+//   batch 64: 16384 x 4096 0.61 / 0.72 / 0.84, 32768 x 1024 at 95% 0.91, 8192 x 8192 0.81 / 0.95 / 1.06, 4096 x
+//   16384 0.95 / 1.08 / 1.16, 8192 x 2048 1.02 / 1.10 / 1.21, 2048 x 8192 1.15-1.32, 4096 x 4096 0.95 / 1.03 /
+//   1.08: W's CSR where gyt's 32-column panel exceeds L2 or from 2^22 stored values (16x L2).
+//   batch 96-128: W^T but for 16384 x 4096 (0.76-0.92; 32768 x 1024 1.03-1.18): W^T.
+// spmm_t alone (scatter / W^T, same day), batch 33 / 64: 4096 x 4096 at 90% 0.75 / 0.68, 8192 x 8192 at 90 / 95 /
+// 98% 0.52 / 0.71, 0.77 / 1.02, 0.83 / 1.00, 16384 x 4096 at 90% (batch 64) 0.45, 4096 x 16384 0.61; 4096 x 1024
+// at 90% 1.02 / 1.08, 1024 x 4096 1.25, 4096 x 4096 at 99% 1.21-1.23: the same rule. W^T blocked by W's rows
+// keeps W^T (spmm_grad, CSR / W^T, batch 33-64: 4096 x 4096 at 50 / 80% 1.13-1.18 / 1.06-1.20, 8192 x 8192 at
+// 80% 1.02-1.37; 1024 x 1024 at 50% 0.83-0.96). rowptr must have been checked.
+inline bool csr_over_transposed(const at::Tensor& rowptr, const at::Tensor& values, int64_t K, int64_t nb,
+                                int64_t B) {
+  const int64_t rows = rowptr.numel() - 1, nnz = values.numel(), l2 = l2_bytes();
+  const int64_t fbytes = static_cast<int64_t>(sizeof(float));
+  if (nb == 1 && B <= 48 && (nnz * fbytes >= 4 * l2 || rows >= 2 * K)) return true;
+  if (nb == 1 && B <= 64 && (rows * kCscMaxPanel * fbytes > l2 || nnz * fbytes >= 16 * l2)) return true;
+  return B <= kAliasedCscMinBatch &&
+         row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rows, values.element_size());
+}
 
 // grad_csc_panels prefetches the panel row of the stored position this many positions ahead. 4096 x 4096, batch
 // 256, the op alone (A/B runs alternating builds, 2026-11-29): 99.9% 0.9-1.9 -> 0.8-1.0 ms, 99% 2.1-2.8 ->
@@ -1579,15 +1603,17 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // kernel), against 2.7 ms reading through the permutation in place and 4.7 ms gathering first (2026-11-29);
   // at batch 1 the same scatter without panels (vec_grads).
   // W^T blocked by W's rows (csr.structure's row_block) goes through spmm_grad's sweep instead (spmm_t_blocked;
-  // float64 through the scatter). Rows of one length spanning a multiple of 1 KB take the scatter up to
-  // kAliasedCscMinBatch, as spmm_grad does (aliased_rows_take_csr): 4096 x 4096 in 2:4, one process
-  // alternating, scatter / W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms (a random 50%
-  // mask: 16.9-17.0 / 18.4-18.5, and 33.8 / 28.4; 2026-12-01).
-  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32 && !aliased_rows_take_csr(rowptr, values, B)) {
+  // float64 through the scatter). Where spmm_grad keeps W's CSR above batch 32 (csr_over_transposed: large or
+  // tall matrices at batches up to 64, rows of one aliasing length up to 128), so does spmm_t: 4096 x 4096 in 2:4,
+  // one process alternating, scatter / W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms
+  // (2026-12-01; the other cases' figures at csr_over_transposed).
+  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
     const int64_t nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
-    if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
-    if (yt.scalar_type() != at::kDouble) return spmm_t_blocked(values, *t_rowptr, nb, *t_col, *t_perm, yt, rows, K);
+    if (!csr_over_transposed(rowptr, values, K, nb, B)) {
+      if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
+      if (yt.scalar_type() != at::kDouble) return spmm_t_blocked(values, *t_rowptr, nb, *t_col, *t_perm, yt, rows, K);
+    }
   }
   const at::Tensor y = yt.scalar_type() == at::kDouble ? yt.contiguous() : yt;  // panels pack through strides
   at::Tensor out = empty_output({K, B}, y.options());
@@ -1800,10 +1826,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 1024 at 70%, batch 64 / 256, 0.89 / 0.93, 1024 x 4096 0.95 / 1.02. At 90% (13 blocks of 316 rows, about 32
   // stored values of a column per block) 0.91-1.08 over batches 64-256, at 95% 0.83-1.04: no blocks there. (A
   // first version that also skipped the row indices' check in the gather had measured 0.83 at 90%, batch 64.)
-  // Rows of one length spanning a multiple of 1 KB (aliased_rows_take_csr): W's CSR up to kAliasedCscMinBatch, the
-  // permutation passes being slow there (4096 x 4096 in 2:4, the op alone, CSR / W^T: batch 48 36.5 / 60.2 ms, 64
-  // 34.4 / 58.4, 128 65.9 / 74.0, 256 138 / 104; 1024 x 1024: 1.9 / 2.7, 2.3 / 2.7, 3.2 / 3.2, 6.5 / 5.1).
-  const bool csc = transposed && B > kGradCscMinBatch && !aliased_rows_take_csr(rowptr, values, B);
+  // Rows of one length spanning a multiple of 1 KB: W's CSR up to kAliasedCscMinBatch, the permutation passes
+  // being slow there (4096 x 4096 in 2:4, the op alone, CSR / W^T: batch 48 36.5 / 60.2 ms, 64 34.4 / 58.4, 128
+  // 65.9 / 74.0, 256 138 / 104; 1024 x 1024: 1.9 / 2.7, 2.3 / 2.7, 3.2 / 3.2, 6.5 / 5.1). And over a plain W^T,
+  // large or tall matrices up to batch 64 (8192 x 8192 at 90%, batch 33: 46 -> 26 ms): csr_over_transposed.
+  const bool csc = transposed && B > kGradCscMinBatch && !csr_over_transposed(rowptr, values, K, nb, B);
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
   // median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 / 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms
