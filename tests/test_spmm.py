@@ -204,32 +204,6 @@ def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
         assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
 
 
-def test_short_columns_of_wide_matrices_take_w_transposed_at_batches_9_to_32():
-    """At batches 9-32 spmm_grad and spmm_t sweep W's CSR, but for a wide matrix of short columns (its CSR sweep's
-    per-thread accumulators [columns, panel] are large, its stored values few) they take W^T's structure; a small
-    matrix, batch 8 and below, and float64 keep the CSR. The route is told by dxt's bits; every result against the
-    reference. (The cases hold for any L2 up to 2 MB a core.)"""
-    gen = torch.Generator().manual_seed(0)
-    wide = torch.rand(256, 4096, generator=gen) < 0.01  # ~10,000 stored values, 2.5 a column
-    small = torch.rand(256, 256, generator=gen) < 0.5
-    cases = [(wide, 24, torch.float32, True), (wide, 12, torch.float32, True), (wide, 32, torch.float32, True),
-             (wide, 8, torch.float32, False), (wide, 24, torch.float64, False), (small, 24, torch.float32, False)]
-    for mask, batch, dtype, transposed in cases:
-        rows, cols = mask.shape
-        values, s = csr.compress(torch.randn(rows, cols, generator=gen).to(dtype), mask)
-        xt = torch.randn(cols, batch, generator=gen).to(dtype)
-        gyt = torch.randn(rows, batch, generator=gen).to(dtype)
-        got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed())
-        want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
-        for g, ref in zip(got, want):
-            torch.testing.assert_close(g, ref, **TOL[dtype])
-        over_csr = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
-        assert torch.equal(got[1], over_csr[1]) != transposed, (tuple(mask.shape), batch, dtype)
-        alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=s.transposed())
-        torch.testing.assert_close(alone, want[1], **TOL[dtype])
-        assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) != transposed
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_int32_indices(device):
     """More than 32768 columns: int32 column indices (and int16 row indices in the transposed structure)."""
@@ -342,10 +316,7 @@ def test_spmm_grad_over_csr_in_one_or_two_sweeps(threads, cols, dtype):
     try:
         values, s, _, _ = _problem(40, cols, 1, 0.3 if cols < 100 else 0.05, dtype, "cpu", cols, empty_rows=True)
         gen = torch.Generator().manual_seed(threads)
-        # (W^T's structure given at 9 and 17 for the narrow matrix: still W's CSR; the wide one's short columns
-        # would take W^T there, test_short_columns_of_wide_matrices_take_w_transposed_at_batches_9_to_32)
-        given = s.transposed() if cols < 100 else None
-        for batch, transposed in ((9, given), (16, None), (17, given), (32, None), (70, None)):
+        for batch, transposed in ((9, s.transposed()), (16, None), (17, s.transposed()), (32, None), (70, None)):
             x, g = torch.randn(batch, cols, generator=gen).to(dtype), torch.randn(batch, 40, generator=gen).to(dtype)
             want = reference.spmm_grad(s.rowptr, s.col, values, g.t(), x.t(), bias=True)
             for layout in ("transposed", "contiguous"):
@@ -460,9 +431,8 @@ def test_narrow_batches_match_the_padded_panel(threads, rows, cols):
             for layout in ("transposed", "contiguous", "sliced"):  # (the bias gradient's order follows the layout)
                 xt, gyt = _strided(x.t().contiguous(), layout), _strided(g.t().contiguous(), layout)
                 y16 = pysparse.ops.spmm(s.rowptr, s.col, values, _strided(x16, layout), bias=bias, transposed=t)
-                # (the 16-column panels over W's CSR: with W^T given, 40000 columns of 6 values would sweep W^T)
                 dv16, dx16, db16 = pysparse.ops.spmm_grad(s.rowptr, s.col, values, _strided(g16, layout),
-                                                          _strided(x16, layout), bias=True)
+                                                          _strided(x16, layout), transposed=t, bias=True)
                 assert torch.equal(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias, transposed=t),
                                    y16[:, :batch])
                 dv, dx, db = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=t, bias=True)

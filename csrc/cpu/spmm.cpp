@@ -1141,10 +1141,8 @@ void sddmm_plain(const int32_t* rowptr, const index_t* col, const scalar_t* a, c
   });
 }
 
-// spmm_grad takes W^T's structure above this batch (see spmm_grad_cpu), and below it only above this one, for short
-// columns of wide matrices (sweep_transposed).
+// spmm_grad takes W^T's structure above this batch (see spmm_grad_cpu).
 constexpr int64_t kGradCscMinBatch = 32;
-constexpr int64_t kSmallCscMinBatch = 8;
 // ... and, for a matrix whose rows all hold the same number of values spanning a multiple of 1 KB, only above
 // this one (see row_stride_aliases).
 constexpr int64_t kAliasedCscMinBatch = 128;
@@ -1196,35 +1194,6 @@ inline bool csr_over_transposed(const at::Tensor& rowptr, const at::Tensor& valu
   if (nb == 1 && B <= 64 && (rows * kCscMaxPanel * fbytes > l2 || nnz * fbytes >= 16 * l2)) return true;
   return B <= kAliasedCscMinBatch &&
          row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rows, values.element_size());
-}
-
-// Whether spmm_grad and spmm_t sweep W^T's structure (given; nb blocks) at batch B rather than W's CSR. Above batch
-// 32, W^T but where csr_over_transposed says otherwise. At batches 9-32 (float32 / float16 / bfloat16, plain W^T)
-// W's CSR, but for short columns of a wide matrix: there the CSR sweep's per-thread accumulators [K, T] (T: its
-// panel width), which it zeroes, adds into at random rows and sums over threads whatever the stored count, cost
-// more than W^T's passes through the permutation. spmm_grad, the op alone, one process alternating the routes, 9
-// rounds, per-round ratio CSR / W^T (Zen 4, 1 MB L2, 2026-12-01), rows x columns, stored values per column:
-//   batches 24-32: 512 x 8192, 51 / 26 / 10 / 5 a column (90 / 95 / 98 / 99%) 1.35 / 1.64-1.68 / 2.49-2.50 /
-//   2.17-2.37; 256 x 4096 at 95 / 99% 1.89-1.90 / 1.76-1.84; 1024 x 4096 at 90 / 98% 0.96-1.05 / 1.42-1.53;
-//   2048 x 8192 at 90 / 98% 0.87-0.90 / 1.43-1.44; 768 x 3072 at 90 / 98% 1.04 / 1.30-1.35; 4096 x 4096 at 90 /
-//   95 / 98 / 99% 0.64-0.69 / 0.77-0.85 / 1.01 / 1.08-1.27; 4096 x 16384 at 90 / 98% 0.56-0.60 / 0.93-0.96; but
-//   where the accumulators are small, 1024 x 1024 at 95 / 99% 0.80-0.82 / 1.02-1.06 and 4096 x 1024 at 90 / 98%
-//   0.63-0.67 / 0.82-0.83. So W^T where the accumulators take a quarter of L2 or more and the stored count is
-//   below 4 K T (fewer than 4 T values a column).
-//   batches 12-16: 512 x 8192 at 90 / 95 / 98 / 99% 0.87 / 1.08-1.10 / 1.66 / 1.66-1.72, 256 x 4096 at 95 / 99%
-//   1.41-1.47 / 1.31-1.32, 768 x 3072 at 98% 1.21, 1024 x 4096 at 90 / 98% 0.71 / 1.06, 2048 x 8192 at 98% 0.93,
-//   4096 x 4096 at 95 / 99% 0.49-0.58 / 0.76-0.78, 1024 x 1024 at 95 / 99% 0.87-0.89 / 0.92-0.96: W^T where the
-//   accumulators take an eighth of L2 or more and the stored count is below K T.
-// spmm_t alone (scatter / W^T, batch 16 / 32): 512 x 8192 at 90 / 98% 0.94 / 1.34, 1.02 / 1.55; 1024 x 4096 0.85
-// / 1.01, 1.05 / 1.16; 768 x 3072 1.00 / 1.19, 1.04 / 1.14; 4096 x 4096 at 98% 0.86 / 1.10, 4096 x 1024 at 98%
-// 0.56 / 0.70: the same rule serves it. rowptr must have been checked.
-inline bool sweep_transposed(const at::Tensor& rowptr, const at::Tensor& values, int64_t K, int64_t nb, int64_t B) {
-  if (B > kGradCscMinBatch) return !csr_over_transposed(rowptr, values, K, nb, B);
-  if (B <= kSmallCscMinBatch || nb != 1 || values.scalar_type() == at::kDouble) return false;
-  const int64_t rows = rowptr.numel() - 1, nnz = values.numel(), l2 = l2_bytes();
-  const int64_t T = panel_width(std::max(rows, K), B, l2 / 2);  // the CSR sweep's (spmm_grad_cpu)
-  const int64_t acc_bytes = K * T * static_cast<int64_t>(sizeof(float));
-  return B > 16 ? acc_bytes >= l2 / 4 && nnz < 4 * K * T : acc_bytes >= l2 / 8 && nnz < K * T;
 }
 
 // grad_csc_panels prefetches the panel row of the stored position this many positions ahead. 4096 x 4096, batch
@@ -1627,8 +1596,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   TORCH_CHECK_VALUE(yt.size(0) == rows, "spmm_t: yt has ", yt.size(0), " rows but W has ", rows);
   TORCH_CHECK_VALUE(K >= 0, "spmm_t: n_cols must be >= 0, got ", K);
   check_rowptr_cpu(rowptr, values.numel(), "spmm_t");
-  // Two ways, chosen as spmm_grad's (sweep_transposed). Above a batch of 32, given W^T's structure (the layers cache
-  // it; at batches 9-32 too for short columns of a wide matrix): spmm over it, W's values read
+  // Two ways. Above a batch of 32, given W^T's structure (the layers cache it): spmm over it, W's values read
   // through the permutation (spmm_impl gathers them into column order once when there is more than one panel;
   // 4096 x 4096 at 90%, batch 256: 13-14 ms, against 21-23 ms for the scatter). Otherwise a scatter from W's
   // CSR into per-thread panels (scatter_panels): at batch 16, 90%, 1.5 ms (0.9 ms since it shares spmm_grad's
@@ -1639,10 +1607,10 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // tall matrices at batches up to 64, rows of one aliasing length up to 128), so does spmm_t: 4096 x 4096 in 2:4,
   // one process alternating, scatter / W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms
   // (2026-12-01; the other cases' figures at csr_over_transposed).
-  if (has_transposed(t_rowptr, t_col, t_perm) && B > kSmallCscMinBatch) {
+  if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
     const int64_t nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
-    if (sweep_transposed(rowptr, values, K, nb, B)) {
+    if (!csr_over_transposed(rowptr, values, K, nb, B)) {
       if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
       if (yt.scalar_type() != at::kDouble) return spmm_t_blocked(values, *t_rowptr, nb, *t_col, *t_perm, yt, rows, K);
     }
@@ -1840,8 +1808,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
     return {dvalues, dxt, dbias.to(values.scalar_type())};
   }
 #endif
-  // Which sweep (sweep_transposed): over W^T's structure when it is given and the batch is above 32 (at 9-32 for
-  // short columns of a wide matrix; figures there), where gathering the values
+  // Which sweep: over W^T's structure when it is given and the batch is above 32, where gathering the values
   // into its order before and scattering the products back after (two passes through the permutation, ~1 ms
   // each at 1.7M stored values with cold caches) cost less than the CSR sweep's scatter into dxt, once per
   // panel; else over W's CSR. 4096 x 4096 at 90%, the op alone (2026-11-29, W^T / CSR): batch
@@ -1863,7 +1830,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // being slow there (4096 x 4096 in 2:4, the op alone, CSR / W^T: batch 48 36.5 / 60.2 ms, 64 34.4 / 58.4, 128
   // 65.9 / 74.0, 256 138 / 104; 1024 x 1024: 1.9 / 2.7, 2.3 / 2.7, 3.2 / 3.2, 6.5 / 5.1). And over a plain W^T,
   // large or tall matrices up to batch 64 (8192 x 8192 at 90%, batch 33: 46 -> 26 ms): csr_over_transposed.
-  const bool csc = transposed && sweep_transposed(rowptr, values, K, nb, B);
+  const bool csc = transposed && B > kGradCscMinBatch && !csr_over_transposed(rowptr, values, K, nb, B);
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
   // median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 / 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms
