@@ -1180,7 +1180,10 @@ constexpr int64_t kCscMaxPanel = 32;
 //   batch 64: 16384 x 4096 0.61 / 0.72 / 0.84, 32768 x 1024 at 95% 0.91, 8192 x 8192 0.81 / 0.95 / 1.06, 4096 x
 //   16384 0.95 / 1.08 / 1.16, 8192 x 2048 1.02 / 1.10 / 1.21, 2048 x 8192 1.15-1.32, 4096 x 4096 0.95 / 1.03 /
 //   1.08: W's CSR where gyt's 32-column panel exceeds L2 or from 2^22 stored values (16x L2).
-//   batch 96-128: W^T but for 16384 x 4096 (0.76-0.92; 32768 x 1024 1.03-1.18): W^T.
+//   batch 96-128: W^T (16384 x 4096 0.76-0.92 is the exception, 32768 x 1024 1.03-1.18 is not).
+// Re-checked one process a route and shape (the machine's speed comes in phases of seconds; RESULTS), three each,
+// ms, CSR / W^T: 8192 x 8192 at 90%, batch 33, 26.8-36.4 / 45.9-52.0; 16384 x 4096 at 90%, 48, 24.8-29.0 /
+// 53.2-65.0; 16384 x 4096 at 95%, 64, 15.1-18.0 / 23.8-25.9.
 // spmm_t alone (scatter / W^T, same day), batch 33 / 64: 4096 x 4096 at 90% 0.75 / 0.68, 8192 x 8192 at 90 / 95 /
 // 98% 0.52 / 0.71, 0.77 / 1.02, 0.83 / 1.00, 16384 x 4096 at 90% (batch 64) 0.45, 4096 x 16384 0.61; 4096 x 1024
 // at 90% 1.02 / 1.08, 1024 x 4096 1.25, 4096 x 4096 at 99% 1.21-1.23: the same rule. W^T blocked by W's rows
