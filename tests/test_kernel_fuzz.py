@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import pysparse
 from pysparse import csr
 from pysparse.testing import devices_for
 
@@ -31,14 +32,19 @@ def _structure(kind: str):
     [out channels, in channels x 3 x 3]."""
     gen = torch.Generator().manual_seed(0)
     if kind == "aliased":
-        score = torch.rand(64, 512, generator=gen)
-        keep = score.view(64, 128, 4).argsort(-1, descending=True).argsort(-1) < 2
-        return keep.view(64, 512), None
+        return pysparse.nm_masks(torch.rand(64, 512, generator=gen), 2, 4), None
     if kind == "conv":
         return torch.rand(6, 27, generator=gen) < 0.5, None
     mask = torch.rand(40, 30, generator=gen) < 0.4
     mask[3] = False  # an empty row
     return mask, (8 if kind == "blocked" else None)
+
+
+def _base(kind: str, device):
+    """The base problem of this kind: its mask, structure, and the structure's five tensors on device (a dict)."""
+    mask, row_block = _structure(kind)
+    base = csr.structure(mask, row_block)
+    return mask, base, {name: getattr(base, name).to(device) for name in PARTS}
 
 
 def _corrupt(t: torch.Tensor, how: str, where: float, value: int) -> torch.Tensor:
@@ -106,9 +112,7 @@ def _calls(s: dict, shape, values: torch.Tensor, batch: int, conv: bool):
        value=st.sampled_from([-1, 0, 1, 6, 27, 29, 30, 39, 40, 41, 63, 64, 511, 512, 4095, 32767, -32768,
                               2**31 - 1, -2**31]))
 def test_corrupted_structure_never_crashes(device, kind, part, how, where, value):
-    mask, row_block = _structure(kind)
-    base = csr.structure(mask, row_block)
-    s = {name: getattr(base, name).to(device) for name in PARTS}
+    mask, base, s = _base(kind, device)
     s[part] = _corrupt(s[part], how, where, value)
     gen = torch.Generator().manual_seed(1)
     values32 = torch.randn(base.col.numel(), generator=gen)
@@ -133,11 +137,8 @@ def test_uncorrupted_structure_is_accepted(kind):
     """On the CPU the base problems themselves go through every call without an error: the refusals above are the
     corruptions' doing, and every route the fuzzing aims at runs. (CUDA refuses some by design: W^T blocked by
     rows, spmm_t / spmm_grad without W^T.)"""
-    device = "cpu"
-    mask, row_block = _structure(kind)
-    base = csr.structure(mask, row_block)
-    s = {name: getattr(base, name).to(device) for name in PARTS}
-    values = torch.randn(base.col.numel(), generator=torch.Generator().manual_seed(1)).to(device)
+    mask, base, s = _base(kind, "cpu")
+    values = torch.randn(base.col.numel(), generator=torch.Generator().manual_seed(1))
     for batch in BATCHES:
         for call in _calls(s, tuple(mask.shape), values, batch, kind == "conv"):
             call()

@@ -163,16 +163,23 @@ def test_rows_of_one_aliasing_length_take_the_csr_sweep(dtype):
         values, s = csr.compress(w, m, csr.cpu_row_block(64, cols, int(m.sum())))
         gen = torch.Generator().manual_seed(2)
         xt, gyt = torch.randn(cols, batch, generator=gen).to(dtype), torch.randn(64, batch, generator=gen).to(dtype)
-        got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed())
-        for g, want in zip(got, reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)):
-            torch.testing.assert_close(g, want, **TOL[dtype])
-        over_csr = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
-        # (the two sweeps sum dxt in different orders: their bits differ, so the comparison tells them apart)
-        assert torch.equal(got[1], over_csr[1]) == csr_sweep
-        # spmm_t alone takes the same route (its scatter from W's CSR, or W^T)
-        alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=s.transposed())
-        torch.testing.assert_close(alone, reference.spmm_t(s.rowptr, s.col, values, gyt, cols), **TOL[dtype])
-        assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
+        _check_backward_route(values, s, gyt, xt, csr_sweep, TOL[dtype])
+
+
+def _check_backward_route(values, s, gyt, xt, csr_sweep, tol):
+    """spmm_grad and spmm_t alone, given W^T's structure, against the reference (tolerance tol), and whether they
+    swept W's CSR (csr_sweep) or W^T: the two sweeps sum dxt in different orders, so the bits of the result without
+    the structure (always the CSR) tell them apart."""
+    cols = xt.shape[0]
+    got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed())
+    want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+    for g, ref in zip(got, want):
+        torch.testing.assert_close(g, ref, **tol)
+    over_csr = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+    assert torch.equal(got[1], over_csr[1]) == csr_sweep, (s.shape, s.row_blocks, xt.shape[1])
+    alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=s.transposed())
+    torch.testing.assert_close(alone, want[1], **tol)
+    assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
 
 
 def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
@@ -193,15 +200,8 @@ def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
         w = torch.randn(rows, cols, generator=gen)
         values, s = csr.compress(w, mask, row_block)
         xt, gyt = torch.randn(cols, batch, generator=gen), torch.randn(rows, batch, generator=gen)
-        got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed())
-        want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
-        for g, ref in zip(got, want):  # (dxt's entries sum up to 13,000 products of about 1: float32's rounding)
-            torch.testing.assert_close(g, ref, rtol=1e-4, atol=5e-3)
-        over_csr = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
-        assert torch.equal(got[1], over_csr[1]) == csr_sweep, (tuple(mask.shape), row_block, batch)
-        alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=s.transposed())
-        torch.testing.assert_close(alone, want[1], rtol=1e-4, atol=5e-3)
-        assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
+        # (dxt's entries sum up to 13,000 products of about 1: float32's rounding)
+        _check_backward_route(values, s, gyt, xt, csr_sweep, dict(rtol=1e-4, atol=5e-3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
