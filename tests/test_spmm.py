@@ -153,12 +153,14 @@ def test_rows_of_one_aliasing_length_take_the_csr_sweep(dtype):
     """A matrix whose rows all hold the same number of values spanning a multiple of 1 KB (2:4 on 512 float32 /
     1024 bfloat16 columns) takes the backward (spmm_grad, and spmm_t alone) over W's CSR up to batch 128 even with
     W^T's structure (its permutation passes are slow there): the same bits as without the structure; above 128,
-    and for ragged rows, W^T's. Both against the reference."""
+    and for ragged rows (at batch 80: above the batches where spmm_grad keeps W's CSR for a small matrix), W^T's.
+    Both against the reference."""
     cols = 512 if dtype == torch.float32 else 1024
     mask = pysparse.nm_masks(torch.rand(64, cols, generator=torch.Generator().manual_seed(0)), 2, 4)
     ragged = mask.clone()
     ragged[0, 1::4] = True
-    for m, batch, csr_sweep in ((mask, 40, True), (mask, 128, True), (mask, 200, False), (ragged, 40, False)):
+    for m, batch, csr_sweep in ((mask, 40, True), (mask, 80, True), (mask, 128, True), (mask, 200, False),
+                                  (ragged, 80, False)):
         w = torch.randn(64, cols, generator=torch.Generator().manual_seed(1)).to(dtype)
         values, s = csr.compress(w, m, csr.cpu_row_block(64, cols, int(m.sum())))
         gen = torch.Generator().manual_seed(2)
@@ -166,10 +168,11 @@ def test_rows_of_one_aliasing_length_take_the_csr_sweep(dtype):
         _check_backward_route(values, s, gyt, xt, csr_sweep, TOL[dtype])
 
 
-def _check_backward_route(values, s, gyt, xt, csr_sweep, tol):
+def _check_backward_route(values, s, gyt, xt, csr_sweep, tol, t_csr_sweep=None):
     """spmm_grad and spmm_t alone, given W^T's structure, against the reference (tolerance tol), and whether they
-    swept W's CSR (csr_sweep) or W^T: the two sweeps sum dxt in different orders, so the bits of the result without
-    the structure (always the CSR) tell them apart."""
+    swept W's CSR (csr_sweep; spmm_t: t_csr_sweep, when it differs) or W^T: the two sweeps sum dxt in different
+    orders, so the bits of the result without the structure (always the CSR) tell them apart."""
+    t_csr_sweep = csr_sweep if t_csr_sweep is None else t_csr_sweep
     cols = xt.shape[0]
     got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed())
     want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt)
@@ -179,7 +182,7 @@ def _check_backward_route(values, s, gyt, xt, csr_sweep, tol):
     assert torch.equal(got[1], over_csr[1]) == csr_sweep, (s.shape, s.row_blocks, xt.shape[1])
     alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols, transposed=s.transposed())
     torch.testing.assert_close(alone, want[1], **tol)
-    assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == csr_sweep
+    assert torch.equal(alone, pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, cols)) == t_csr_sweep
 
 
 def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
@@ -187,11 +190,12 @@ def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
     many rows as columns or of float32 values filling 4x a core's L2, and at 49-64 where gyt's 32-column panel
     (rows x 128 bytes) exceeds L2, or the values fill 16x; a square matrix of few values, a batch above 64 and W^T
     blocked by W's rows keep W^T. The route is told by dxt's bits (the two sweeps sum in different orders); every
-    result against the reference. (The cases hold for any L2 up to 3 MB a core.)"""
+    result against the reference. (The cases hold for any L2 up to 3 MB a core. The tall and square matrices hold
+    fewer than 16 values a column: more would keep spmm_grad on W's CSR by the rule for small matrices below.)"""
     gen = torch.Generator().manual_seed(0)
-    tall = torch.rand(1024, 64, generator=gen) < 0.5
+    tall = torch.rand(1024, 64, generator=gen) < 0.01
     taller = torch.rand(65536, 8, generator=gen) < 0.2  # gyt's panel: 8 MB
-    square = torch.rand(256, 256, generator=gen) < 0.5
+    square = torch.rand(256, 256, generator=gen) < 0.05
     large = torch.rand(1536, 4096, generator=gen) < 0.5  # ~3.1M stored values: 12.6 MB of float32
     cases = [(tall, None, 40, True), (tall, None, 64, False), (tall, 256, 40, False), (taller, None, 64, True),
              (taller, None, 100, False), (square, None, 40, False), (large, None, 40, True), (large, None, 100, False)]
@@ -202,6 +206,25 @@ def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
         xt, gyt = torch.randn(cols, batch, generator=gen), torch.randn(rows, batch, generator=gen)
         # (dxt's entries sum up to 13,000 products of about 1: float32's rounding)
         _check_backward_route(values, s, gyt, xt, csr_sweep, dict(rtol=1e-4, atol=5e-3))
+
+
+def test_small_matrices_keep_the_csr_sweep_in_one_panel_up_to_batch_64():
+    """spmm_grad keeps W's CSR at batches 33-64, W^T's structure given (plain or blocked), where its sweep takes the
+    batch in one 64-column panel (max(rows, columns) x 64 floats within half of L2) and W's columns hold 16 or
+    more values on average; spmm_t alone keeps W^T there. Fewer values, a batch above 64, or 9000 columns (a
+    panel beyond half of any L2 up to 4 MB): W^T for both. Route told by dxt's bits, results against the
+    reference (cases that hold for any L2 of 256 KB to 4 MB)."""
+    gen = torch.Generator().manual_seed(3)
+    square = torch.rand(256, 256, generator=gen) < 0.5  # ~128 values a column
+    few = torch.rand(256, 256, generator=gen) < 0.05  # ~13 a column
+    wide = torch.rand(256, 9000, generator=gen) < 0.1  # ~26 a column, but 9000 columns
+    cases = [(square, None, 40, True), (square, None, 64, True), (square, 64, 48, True), (square, None, 65, False),
+             (few, None, 40, False), (wide, None, 40, False)]
+    for mask, row_block, batch, grad_csr in cases:
+        rows, cols = mask.shape
+        values, s = csr.compress(torch.randn(rows, cols, generator=gen), mask, row_block)
+        xt, gyt = torch.randn(cols, batch, generator=gen), torch.randn(rows, batch, generator=gen)
+        _check_backward_route(values, s, gyt, xt, grad_csr, dict(rtol=1e-4, atol=1e-3), t_csr_sweep=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -670,8 +693,9 @@ def test_blocked_structure_with_int32_row_indices(threads):
 
 def test_tampered_blocked_structure_raises_not_crashes():
     """W^T blocked by W's rows: bad row indices, permutation entries and block pointers are refused by spmm_t and
-    spmm_grad (every batch that takes the blocks, float32 and float64), never read through."""
-    values, s, _, _ = _problem(40, 30, 4, 0.5, torch.float32, "cpu", 5, row_block=8)
+    spmm_grad (every batch that takes the blocks, float32 and float64), never read through. (~12 values a column:
+    with 16 or more, spmm_grad would keep W's CSR up to batch 64, and W^T's entries would not be read.)"""
+    values, s, _, _ = _problem(40, 30, 4, 0.3, torch.float32, "cpu", 5, row_block=8)
     assert s.row_blocks == 5 and s.t_rowptr.numel() == 5 * 30 + 1
     bad_row, bad_perm, bad_ptr = s.t_col.clone(), s.t_perm.clone(), s.t_rowptr.clone()
     bad_row[3], bad_perm[7] = 40, -1

@@ -1833,7 +1833,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // being slow there (4096 x 4096 in 2:4, the op alone, CSR / W^T: batch 48 36.5 / 60.2 ms, 64 34.4 / 58.4, 128
   // 65.9 / 74.0, 256 138 / 104; 1024 x 1024: 1.9 / 2.7, 2.3 / 2.7, 3.2 / 3.2, 6.5 / 5.1). And over a plain W^T,
   // large or tall matrices up to batch 64 (8192 x 8192 at 90%, batch 33: 46 -> 26 ms): csr_over_transposed.
-  const bool csc = transposed && B > kGradCscMinBatch && !csr_over_transposed(rowptr, values, K, nb, B);
+  //
+  // Also (spmm_grad only) where the CSR sweep takes a batch of 33-64 in one 64-column panel (xt's panel and the
+  // accumulators, max(rows, K) x 64 floats each, within half of L2: up to 2048 x 2048 on a 1 MB L2) and W's
+  // columns hold 16 or more stored values on average: one sweep over the structure, against W^T's two 32-column
+  // sweeps and the two passes through the permutation. With fewer values the CSR sweep's fixed cost (its
+  // per-thread accumulators, threads x K x 64 floats zeroed and summed) is the larger. spmm_grad, the op alone,
+  // one process a shape and sparsity alternating W's CSR and the default route, 9 rounds, two processes, per-round
+  // ratio CSR / W^T (Zen 4, 1 MB L2, 2026-12-01), batch 40 / 64, rows x columns at 80 / 90 / 95 / 98 / 99%
+  // (80%: W^T blocked by 256 rows): 512 x 512 0.85-0.88 / 0.82-0.92 / 0.82-0.93 / 1.01-1.11 / 1.20-1.35; 768 x
+  // 768 0.78-0.85 / 0.83-0.91 / 0.84-0.91 / 0.97-1.06 / 0.88-1.17; 1024 x 1024 0.82-0.92 / 0.89-0.95 / 0.88-0.92 /
+  // 0.89-0.92 / 0.93-1.07; 1536 x 1536 0.79-0.89 / 0.88-0.89 / 0.87-1.03 / 0.89-0.94 / 0.90-0.97; 2048 x 2048
+  // 0.86-0.94 / 0.89-0.94 / 0.88-0.97 / 0.91-1.00 / 0.97-1.13; 768 x 2048 0.83-0.93 / 0.92-1.08 / 0.95-1.05 /
+  // 0.89-0.96 / 0.85-1.01. SparseLinear's training step (one process alternating, 11 rounds, two processes) at 90
+  // / 95%, batches 40 and 64: 768 x 768 0.91-0.99 / 0.85-0.95, 1024 x 1024 0.88-0.92 / 0.92-0.95, 1280 x 960
+  // 0.91-0.98 / 0.90-0.92, 1000 x 1280 0.89-1.09 / 0.92-1.01, 2048 x 2048 0.91-1.08 / 0.89-1.01 (3072 x 768 and
+  // 768 x 3072, whose route does not change, measured alongside: 0.92-1.06). spmm_t keeps W^T there (scatter /
+  // W^T 0.94-1.54 at 90-99% on the same square and wide shapes).
+  const int64_t csr_T = panel_width(std::max(rows, K), B, l2_bytes() / 2);
+  const bool csr_one_panel = B <= 64 && csr_T == 64 && nnz >= 16 * K;
+  const bool csc =
+      transposed && B > kGradCscMinBatch && !csr_over_transposed(rowptr, values, K, nb, B) && !csr_one_panel;
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
   // median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 / 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms
@@ -1843,9 +1863,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // batch 256, 90 / 95 / 99% 0.88 / 0.86 / 0.89, batch 64 at 90 / 99% 0.89-0.90 / 0.99-1.01; 4096 x 1024 / 2048
   // at batch 256, 90%, 0.91 / 0.85; with 64-column panels of 256 / 512 KB, 1024 / 2048 x 4096 at batch 256, 90%
   // 0.88 / 0.98, 99% 0.94 / 0.83; the training step at batch 128 / 256, 90-99%, 0.86-0.97 / 0.79-0.94).
-  // Over W's CSR, half of L2: xt's panel and the accumulators.
-  const int64_t T = csc ? std::min(kCscMaxPanel, panel_width(rows, B, l2_bytes()))
-                        : panel_width(std::max(rows, K), B, l2_bytes() / 2);
+  // Over W's CSR, half of L2: xt's panel and the accumulators (csr_T).
+  const int64_t T = csc ? std::min(kCscMaxPanel, panel_width(rows, B, l2_bytes())) : csr_T;
   at::Tensor dvalues = empty_output({nnz}, values.options());
   // Over W^T, with as many panels as threads (or a multiple) and few stored values (their products, 4 bytes
   // each, within one core's L2), the batch is split between threads (grad_csc_tiles), each packing its own panels
