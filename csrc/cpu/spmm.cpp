@@ -1188,7 +1188,8 @@ constexpr int64_t kCscMaxPanel = 32;
 // 98% 0.52 / 0.71, 0.77 / 1.02, 0.83 / 1.00, 16384 x 4096 at 90% (batch 64) 0.45, 4096 x 16384 0.61; 4096 x 1024
 // at 90% 1.02 / 1.08, 1024 x 4096 1.25, 4096 x 4096 at 99% 1.21-1.23: the same rule. W^T blocked by W's rows
 // keeps W^T (spmm_grad, CSR / W^T, batch 33-64: 4096 x 4096 at 50 / 80% 1.13-1.18 / 1.06-1.20, 8192 x 8192 at
-// 80% 1.02-1.37; 1024 x 1024 at 50% 0.83-0.96). rowptr must have been checked.
+// 80% 1.02-1.37; 1024 x 1024 at 50% 0.83-0.96; spmm_grad's own rule for small matrices, csr_one_panel in
+// spmm_grad_cpu, takes W's CSR for those, blocked or not). rowptr must have been checked.
 inline bool csr_over_transposed(const at::Tensor& rowptr, const at::Tensor& values, int64_t K, int64_t nb,
                                 int64_t B) {
   const int64_t rows = rowptr.numel() - 1, nnz = values.numel(), l2 = l2_bytes();
