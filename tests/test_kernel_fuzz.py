@@ -35,7 +35,8 @@ def _structure(kind: str):
         return pysparse.nm_masks(torch.rand(64, 512, generator=gen), 2, 4), None
     if kind == "conv":
         return torch.rand(6, 27, generator=gen) < 0.5, None
-    mask = torch.rand(40, 30, generator=gen) < 0.4
+    # ~12 values a column: with 16 or more, spmm_grad (and spmm_t over blocks) would keep W's CSR at batch 40
+    mask = torch.rand(40, 30, generator=gen) < 0.3
     mask[3] = False  # an empty row
     return mask, (8 if kind == "blocked" else None)
 

@@ -211,20 +211,22 @@ def test_large_or_tall_matrices_take_the_csr_sweep_up_to_batch_64():
 def test_small_matrices_keep_the_csr_sweep_in_one_panel_up_to_batch_64():
     """spmm_grad keeps W's CSR at batches 33-64, W^T's structure given (plain or blocked), where its sweep takes the
     batch in one 64-column panel (max(rows, columns) x 64 floats within half of L2) and W's columns hold 16 or
-    more values on average; spmm_t alone keeps W^T there. Fewer values, a batch above 64, or 9000 columns (a
-    panel beyond half of any L2 up to 4 MB): W^T for both. Route told by dxt's bits, results against the
-    reference (cases that hold for any L2 of 256 KB to 4 MB)."""
+    more values on average; spmm_t alone keeps a plain W^T there but takes its scatter over W's CSR where W^T is
+    blocked by W's rows (below 87.5% sparsity). Fewer values, a batch above 64, or 9000 columns (a panel beyond
+    half of any L2 up to 4 MB): W^T for both. Route told by dxt's bits, results against the reference (cases
+    that hold for any L2 of 256 KB to 4 MB)."""
     gen = torch.Generator().manual_seed(3)
     square = torch.rand(256, 256, generator=gen) < 0.5  # ~128 values a column
     few = torch.rand(256, 256, generator=gen) < 0.05  # ~13 a column
     wide = torch.rand(256, 9000, generator=gen) < 0.1  # ~26 a column, but 9000 columns
-    cases = [(square, None, 40, True), (square, None, 64, True), (square, 64, 48, True), (square, None, 65, False),
-             (few, None, 40, False), (wide, None, 40, False)]
-    for mask, row_block, batch, grad_csr in cases:
+    cases = [(square, None, 40, True, False), (square, None, 64, True, False), (square, 64, 48, True, True),
+             (square, 64, 65, False, False), (few, None, 40, False, False), (few, 64, 40, False, False),
+             (wide, None, 40, False, False), (wide, 64, 40, False, False)]
+    for mask, row_block, batch, grad_csr, t_csr in cases:
         rows, cols = mask.shape
         values, s = csr.compress(torch.randn(rows, cols, generator=gen), mask, row_block)
         xt, gyt = torch.randn(cols, batch, generator=gen), torch.randn(rows, batch, generator=gen)
-        _check_backward_route(values, s, gyt, xt, grad_csr, dict(rtol=1e-4, atol=1e-3), t_csr_sweep=False)
+        _check_backward_route(values, s, gyt, xt, grad_csr, dict(rtol=1e-4, atol=1e-3), t_csr_sweep=t_csr)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1611,10 +1611,23 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // tall matrices at batches up to 64, rows of one aliasing length up to 128), so does spmm_t: 4096 x 4096 in 2:4,
   // one process alternating, scatter / W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms
   // (2026-12-01; the other cases' figures at csr_over_transposed).
+  //
+  // And over W^T blocked by W's rows (below 87.5% sparsity: csr.cpu_row_block) up to batch 64 where the scatter
+  // takes the batch in one 64-column panel (the accumulators, K x 64 floats, within half of L2) and W's columns
+  // hold 16 or more values on average: the scatter's one sweep costs less than the gather into W^T's order and
+  // spmm_t_blocked's sweeps. The op alone, one process a shape and sparsity alternating the scatter and W^T, 9
+  // rounds, two processes, per-round ratio scatter / blocked W^T at batches 40 and 64 (Zen 4, 1 MB L2,
+  // 2026-12-01), rows x columns at 50 / 70 / 80%: 512 x 512 - / - / 0.69-0.96, 768 x 768 0.82-0.96 / 0.88-1.08 /
+  // 0.90-1.02, 1024 x 1024 0.80-0.88 / 0.81-0.96 / 0.86-0.93, 1536 x 1536 - / - / 0.90-0.97, 2048 x 2048
+  // 0.85-0.93 / 0.93-0.98 / 0.89-0.93, 1024 x 2048 0.88-0.93 / 0.91-1.01 / 0.86-0.96, 2048 x 1024 0.86-0.88 /
+  // 0.63-0.91 / 0.65-0.92, 768 x 2048 at 80% 0.95-0.97, 2048 x 768 0.65-0.82. Over a plain W^T (90% and up) W^T
+  // stays: 0.9-1.5 on the same shapes, mostly above 1.
   if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
     const int64_t nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
-    if (!csr_over_transposed(rowptr, values, K, nb, B)) {
+    const bool scatter_one_panel =
+        nb > 1 && B <= 64 && panel_width(K, B, l2_bytes() / 2) == 64 && values.numel() >= 16 * K;
+    if (!csr_over_transposed(rowptr, values, K, nb, B) && !scatter_one_panel) {
       if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
       if (yt.scalar_type() != at::kDouble) return spmm_t_blocked(values, *t_rowptr, nb, *t_col, *t_perm, yt, rows, K);
     }
