@@ -1864,8 +1864,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 1024 0.81-0.89 / 0.82-1.04. SparseLinear's training step (one process alternating, 11 rounds, two processes) at 90
   // / 95%, batches 40 and 64: 768 x 768 0.91-0.99 / 0.85-0.95, 1024 x 1024 0.88-0.92 / 0.92-0.95, 1280 x 960
   // 0.91-0.98 / 0.90-0.92, 1000 x 1280 0.89-1.09 / 0.92-1.01, 2048 x 2048 0.91-1.08 / 0.89-1.01 (3072 x 768 and
-  // 768 x 3072, whose route does not change, measured alongside: 0.92-1.06). spmm_t keeps W^T there (scatter /
-  // W^T 0.94-1.54 at 90-99% on the same square and wide shapes).
+  // 768 x 3072, whose route does not change, measured alongside: 0.92-1.06). spmm_t keeps a plain W^T there
+  // (scatter / W^T 0.94-1.54 at 90-99% on the same square and wide shapes), not a blocked one (spmm_t_cpu).
   const int64_t csr_T = panel_width(std::max(rows, K), B, l2_bytes() / 2);
   const bool csr_one_panel = B <= 64 && csr_T == 64 && nnz >= 16 * K;
   const bool csc =
