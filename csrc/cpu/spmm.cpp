@@ -1165,13 +1165,20 @@ inline bool row_stride_aliases(const int32_t* rowptr, int64_t rows, int64_t elem
 // The widest panel of spmm_grad's sweep over W^T, in columns (figures in spmm_grad_cpu).
 constexpr int64_t kCscMaxPanel = 32;
 
-// Whether spmm_grad and spmm_t, given W^T's structure (nb blocks) at a batch B above their threshold for it (32),
-// still take W's CSR: rows that alias (row_stride_aliases) up to kAliasedCscMinBatch; and, over a plain (unblocked)
-// W^T, large or tall matrices at batches up to 64. There the passes through the permutation (W's values gathered
-// into W^T's order before the sweep, the products scattered back after it, random accesses over all of nnz) and
-// gyt's panel read at random rows (rows x 32 columns, beyond L2 from 8192 rows on a 1 MB L2) cost more than
-// the CSR sweep's scatter into per-thread accumulators. spmm_grad, the op alone, one process alternating the two
-// routes, 9 rounds, per-round ratio CSR / W^T (Zen 4, 1 MB L2, 2026-12-01), rows x columns at 90 / 95 / 98%:
+// The panel width of the sweeps over W's CSR above the narrow batches: spmm_grad's (`grad`: xt's panel and the
+// accumulators, max(rows, K) rows each) or spmm_t's (its accumulators, K rows), within half of L2.
+inline int64_t csr_panel_width(int64_t rows, int64_t K, int64_t B, bool grad) {
+  return panel_width(grad ? std::max(rows, K) : K, B, l2_bytes() / 2);
+}
+
+// Whether spmm_grad (`grad`) and spmm_t, given W^T's structure (nb blocks) at a batch B above their threshold for it
+// (32), still take W's CSR: rows that alias (row_stride_aliases) up to kAliasedCscMinBatch; small matrices up to
+// batch 64 (below); and, over a plain (unblocked) W^T, large or tall matrices at batches up to 64. There the passes
+// through the permutation (W's values gathered into W^T's order before the sweep, the products scattered back
+// after it, random accesses over all of nnz) and gyt's panel read at random rows (rows x 32 columns, beyond L2
+// from 8192 rows on a 1 MB L2) cost more than the CSR sweep's scatter into per-thread accumulators. Large or tall:
+// spmm_grad, the op alone, one process alternating the two routes, 9 rounds, per-round ratio CSR / W^T (Zen 4, 1 MB
+// L2, 2026-12-01), rows x columns at 90 / 95 / 98%:
 //   batch 33-48: 8192 x 8192 0.56 / 0.71-0.75 / 0.82-0.85; 16384 x 4096 0.50 / 0.60-0.63 / 0.75-0.77; 4096 x 16384
 //   0.71 / 0.84 / 0.93-0.95; 8192 x 2048 0.78 / 0.82-0.85 / 0.95; 2048 x 8192 0.86-0.88 / 0.95-0.97 / 0.98-1.04;
 //   4096 x 4096 0.95-0.98 / 1.06-1.07 / 1.11-1.12; 32768 x 1024 at 95% 0.72-0.75; 8192 x 512 at 90% 0.88-0.90,
@@ -1188,14 +1195,43 @@ constexpr int64_t kCscMaxPanel = 32;
 // 98% 0.52 / 0.71, 0.77 / 1.02, 0.83 / 1.00, 16384 x 4096 at 90% (batch 64) 0.45, 4096 x 16384 0.61; 4096 x 1024
 // at 90% 1.02 / 1.08, 1024 x 4096 1.25, 4096 x 4096 at 99% 1.21-1.23: the same rule. W^T blocked by W's rows
 // keeps W^T (spmm_grad, CSR / W^T, batch 33-64: 4096 x 4096 at 50 / 80% 1.13-1.18 / 1.06-1.20, 8192 x 8192 at
-// 80% 1.02-1.37; 1024 x 1024 at 50% 0.83-0.96; spmm_grad's own rule for small matrices, csr_one_panel in
-// spmm_grad_cpu, takes W's CSR for those, blocked or not). rowptr must have been checked.
-inline bool csr_over_transposed(const at::Tensor& rowptr, const at::Tensor& values, int64_t K, int64_t nb,
-                                int64_t B) {
+// 80% 1.02-1.37; 1024 x 1024 at 50% 0.83-0.96), but for small matrices:
+// spmm_grad, over a plain or blocked W^T, where the CSR sweep takes a batch of 33-64 in one 64-column panel (xt's
+// panel and the accumulators, max(rows, K) x 64 floats each, within half of L2: up to 2048 x 2048 on a 1 MB L2)
+// and W's columns hold 16 or more stored values on average: one sweep over the structure, against W^T's two 32-column
+// sweeps and the two passes through the permutation. With fewer values the CSR sweep's fixed cost (its
+// per-thread accumulators, threads x K x 64 floats zeroed and summed) is the larger. spmm_grad, the op alone,
+// one process a shape and sparsity alternating W's CSR and the default route, 9 rounds, two processes, per-round
+// ratio CSR / W^T (Zen 4, 1 MB L2, 2026-12-01), batch 40 / 64, rows x columns at 80 / 90 / 95 / 98 / 99%
+// (80%: W^T blocked by 256 rows): 512 x 512 0.85-0.88 / 0.82-0.92 / 0.82-0.93 / 1.01-1.11 / 1.20-1.35; 768 x
+// 768 0.78-0.85 / 0.83-0.91 / 0.84-0.91 / 0.97-1.06 / 0.88-1.17; 1024 x 1024 0.82-0.92 / 0.89-0.95 / 0.88-0.92 /
+// 0.89-0.92 / 0.93-1.07; 1536 x 1536 0.79-0.89 / 0.88-0.89 / 0.87-1.03 / 0.89-0.94 / 0.90-0.97; 2048 x 2048
+// 0.86-0.94 / 0.89-0.94 / 0.88-0.97 / 0.91-1.00 / 0.97-1.13; 768 x 2048 0.83-0.93 / 0.92-1.08 / 0.95-1.05 /
+// 0.89-0.96 / 0.85-1.01; W^T blocked by 256 rows, new rule / old, at 50 / 70%: 768 x 768 0.91-0.97 / 0.79-0.87,
+// 1024 x 1024 0.76-0.89 / 0.81-0.93, 2048 x 2048 0.88-0.92 / 0.86-0.97, 1024 x 2048 0.93-0.96 / 0.96-1.08, 2048 x
+// 1024 0.81-0.89 / 0.82-1.04. SparseLinear's training step (one process alternating, 11 rounds, two processes) at 90
+// / 95%, batches 40 and 64: 768 x 768 0.91-0.99 / 0.85-0.95, 1024 x 1024 0.88-0.92 / 0.92-0.95, 1280 x 960
+// 0.91-0.98 / 0.90-0.92, 1000 x 1280 0.89-1.09 / 0.92-1.01, 2048 x 2048 0.91-1.08 / 0.89-1.01 (3072 x 768 and
+// 768 x 3072, whose route does not change, measured alongside: 0.92-1.06). spmm_t keeps a plain W^T there
+// (scatter / W^T 0.94-1.54 at 90-99% on the same square and wide shapes), not a blocked one:
+// spmm_t alone, over W^T blocked by W's rows (below 87.5% sparsity: csr.cpu_row_block), up to batch 64 where the
+// scatter takes the batch in one 64-column panel (the accumulators, K x 64 floats, within half of L2) and W's columns
+// hold 16 or more values on average: the scatter's one sweep costs less than the gather into W^T's order and
+// spmm_t_blocked's sweeps. The op alone, one process a shape and sparsity alternating the scatter and W^T, 9
+// rounds, two processes, per-round ratio scatter / blocked W^T at batches 40 and 64 (Zen 4, 1 MB L2,
+// 2026-12-01), rows x columns at 50 / 70 / 80%: 512 x 512 - / - / 0.69-0.96, 768 x 768 0.82-0.96 / 0.88-1.08 /
+// 0.90-1.02, 1024 x 1024 0.80-0.88 / 0.81-0.96 / 0.86-0.93, 1536 x 1536 - / - / 0.90-0.97, 2048 x 2048
+// 0.85-0.93 / 0.93-0.98 / 0.89-0.93, 1024 x 2048 0.88-0.93 / 0.91-1.01 / 0.86-0.96, 2048 x 1024 0.86-0.88 /
+// 0.63-0.91 / 0.65-0.92, 768 x 2048 at 80% 0.95-0.97, 2048 x 768 0.65-0.82. Over a plain W^T (90% and up) W^T
+// stays: 0.9-1.5 on the same shapes, mostly above 1.
+// rowptr must have been checked.
+inline bool csr_over_transposed(const at::Tensor& rowptr, const at::Tensor& values, int64_t K, int64_t nb, int64_t B,
+                                bool grad) {
   const int64_t rows = rowptr.numel() - 1, nnz = values.numel(), l2 = l2_bytes();
   const int64_t fbytes = static_cast<int64_t>(sizeof(float));
   if (nb == 1 && B <= 48 && (nnz * fbytes >= 4 * l2 || rows >= 2 * K)) return true;
   if (nb == 1 && B <= 64 && (rows * kCscMaxPanel * fbytes > l2 || nnz * fbytes >= 16 * l2)) return true;
+  if ((grad || nb > 1) && B <= 64 && csr_panel_width(rows, K, B, grad) == 64 && nnz >= 16 * K) return true;
   return B <= kAliasedCscMinBatch &&
          row_stride_aliases(rowptr.const_data_ptr<int32_t>(), rows, values.element_size());
 }
@@ -1610,24 +1646,12 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
   // float64 through the scatter). Where spmm_grad keeps W's CSR above batch 32 (csr_over_transposed: large or
   // tall matrices at batches up to 64, rows of one aliasing length up to 128), so does spmm_t: 4096 x 4096 in 2:4,
   // one process alternating, scatter / W^T, batch 48 / 64 17.5 / 25.4 and 17.2 / 25.2 ms, 128 34.6 / 35.6 ms
-  // (2026-12-01; the other cases' figures at csr_over_transposed).
-  //
-  // And over W^T blocked by W's rows (below 87.5% sparsity: csr.cpu_row_block) up to batch 64 where the scatter
-  // takes the batch in one 64-column panel (the accumulators, K x 64 floats, within half of L2) and W's columns
-  // hold 16 or more values on average: the scatter's one sweep costs less than the gather into W^T's order and
-  // spmm_t_blocked's sweeps. The op alone, one process a shape and sparsity alternating the scatter and W^T, 9
-  // rounds, two processes, per-round ratio scatter / blocked W^T at batches 40 and 64 (Zen 4, 1 MB L2,
-  // 2026-12-01), rows x columns at 50 / 70 / 80%: 512 x 512 - / - / 0.69-0.96, 768 x 768 0.82-0.96 / 0.88-1.08 /
-  // 0.90-1.02, 1024 x 1024 0.80-0.88 / 0.81-0.96 / 0.86-0.93, 1536 x 1536 - / - / 0.90-0.97, 2048 x 2048
-  // 0.85-0.93 / 0.93-0.98 / 0.89-0.93, 1024 x 2048 0.88-0.93 / 0.91-1.01 / 0.86-0.96, 2048 x 1024 0.86-0.88 /
-  // 0.63-0.91 / 0.65-0.92, 768 x 2048 at 80% 0.95-0.97, 2048 x 768 0.65-0.82. Over a plain W^T (90% and up) W^T
-  // stays: 0.9-1.5 on the same shapes, mostly above 1.
+  // (2026-12-01; the other cases' figures at csr_over_transposed, and its rule for small matrices, which spmm_t
+  // takes over a blocked W^T only).
   if (has_transposed(t_rowptr, t_col, t_perm) && B > 32) {
     const int64_t nb = check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_t", /*blocked=*/true);
     check_rowptr_cpu(*t_rowptr, values.numel(), "spmm_t (transposed structure)");
-    const bool scatter_one_panel =
-        nb > 1 && B <= 64 && panel_width(K, B, l2_bytes() / 2) == 64 && values.numel() >= 16 * K;
-    if (!csr_over_transposed(rowptr, values, K, nb, B) && !scatter_one_panel) {
+    if (!csr_over_transposed(rowptr, values, K, nb, B, /*grad=*/false)) {
       if (nb == 1) return spmm_impl(*t_rowptr, *t_col, values, &*t_perm, yt, at::Tensor());
       if (yt.scalar_type() != at::kDouble) return spmm_t_blocked(values, *t_rowptr, nb, *t_col, *t_perm, yt, rows, K);
     }
@@ -1683,7 +1707,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
         for (int64_t i = 0; i < K * B; ++i) op[i] = static_cast<scalar_t>(acc[i]);
         return;
       }
-      const int64_t T = panel_width(K, B, l2_bytes() / 2);  // the accumulators [K, T] and yt's panel
+      const int64_t T = csr_panel_width(rows, K, B, /*grad=*/false);  // the accumulators [K, T] and yt's panel
       const at::Tensor packed = pack_panels<scalar_t>(y, T, 0);
       const float* pp = packed.const_data_ptr<float>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -1847,29 +1871,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // being slow there (4096 x 4096 in 2:4, the op alone, CSR / W^T: batch 48 36.5 / 60.2 ms, 64 34.4 / 58.4, 128
   // 65.9 / 74.0, 256 138 / 104; 1024 x 1024: 1.9 / 2.7, 2.3 / 2.7, 3.2 / 3.2, 6.5 / 5.1). And over a plain W^T,
   // large or tall matrices up to batch 64 (8192 x 8192 at 90%, batch 33: 46 -> 26 ms): csr_over_transposed.
-  //
-  // Also (spmm_grad only) where the CSR sweep takes a batch of 33-64 in one 64-column panel (xt's panel and the
-  // accumulators, max(rows, K) x 64 floats each, within half of L2: up to 2048 x 2048 on a 1 MB L2) and W's
-  // columns hold 16 or more stored values on average: one sweep over the structure, against W^T's two 32-column
-  // sweeps and the two passes through the permutation. With fewer values the CSR sweep's fixed cost (its
-  // per-thread accumulators, threads x K x 64 floats zeroed and summed) is the larger. spmm_grad, the op alone,
-  // one process a shape and sparsity alternating W's CSR and the default route, 9 rounds, two processes, per-round
-  // ratio CSR / W^T (Zen 4, 1 MB L2, 2026-12-01), batch 40 / 64, rows x columns at 80 / 90 / 95 / 98 / 99%
-  // (80%: W^T blocked by 256 rows): 512 x 512 0.85-0.88 / 0.82-0.92 / 0.82-0.93 / 1.01-1.11 / 1.20-1.35; 768 x
-  // 768 0.78-0.85 / 0.83-0.91 / 0.84-0.91 / 0.97-1.06 / 0.88-1.17; 1024 x 1024 0.82-0.92 / 0.89-0.95 / 0.88-0.92 /
-  // 0.89-0.92 / 0.93-1.07; 1536 x 1536 0.79-0.89 / 0.88-0.89 / 0.87-1.03 / 0.89-0.94 / 0.90-0.97; 2048 x 2048
-  // 0.86-0.94 / 0.89-0.94 / 0.88-0.97 / 0.91-1.00 / 0.97-1.13; 768 x 2048 0.83-0.93 / 0.92-1.08 / 0.95-1.05 /
-  // 0.89-0.96 / 0.85-1.01; W^T blocked by 256 rows, new rule / old, at 50 / 70%: 768 x 768 0.91-0.97 / 0.79-0.87,
-  // 1024 x 1024 0.76-0.89 / 0.81-0.93, 2048 x 2048 0.88-0.92 / 0.86-0.97, 1024 x 2048 0.93-0.96 / 0.96-1.08, 2048 x
-  // 1024 0.81-0.89 / 0.82-1.04. SparseLinear's training step (one process alternating, 11 rounds, two processes) at 90
-  // / 95%, batches 40 and 64: 768 x 768 0.91-0.99 / 0.85-0.95, 1024 x 1024 0.88-0.92 / 0.92-0.95, 1280 x 960
-  // 0.91-0.98 / 0.90-0.92, 1000 x 1280 0.89-1.09 / 0.92-1.01, 2048 x 2048 0.91-1.08 / 0.89-1.01 (3072 x 768 and
-  // 768 x 3072, whose route does not change, measured alongside: 0.92-1.06). spmm_t keeps a plain W^T there
-  // (scatter / W^T 0.94-1.54 at 90-99% on the same square and wide shapes), not a blocked one (spmm_t_cpu).
-  const int64_t csr_T = panel_width(std::max(rows, K), B, l2_bytes() / 2);
-  const bool csr_one_panel = B <= 64 && csr_T == 64 && nnz >= 16 * K;
-  const bool csc =
-      transposed && B > kGradCscMinBatch && !csr_over_transposed(rowptr, values, K, nb, B) && !csr_one_panel;
+  // Also small matrices up to batch 64, whose CSR sweep then takes the batch in one panel (csr_over_transposed).
+  const bool csc = transposed && B > kGradCscMinBatch && !csr_over_transposed(rowptr, values, K, nb, B, /*grad=*/true);
   // Over W^T, gyt's panel read at random rows: all of L2, as spmm's, but at most 32 columns (kCscMaxPanel). On a
   // Zen 3 with 512 KB, all of it, 32 columns instead of 16, in one process alternating the two, ten rounds,
   // median: batch 256 at 90 / 95 / 99% 53.8 / 28.5 / 9.5 -> 45.5 / 24.7 / 8.1 ms, batch 64 at 99% 2.9 -> 2.5 ms
@@ -1879,8 +1882,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // batch 256, 90 / 95 / 99% 0.88 / 0.86 / 0.89, batch 64 at 90 / 99% 0.89-0.90 / 0.99-1.01; 4096 x 1024 / 2048
   // at batch 256, 90%, 0.91 / 0.85; with 64-column panels of 256 / 512 KB, 1024 / 2048 x 4096 at batch 256, 90%
   // 0.88 / 0.98, 99% 0.94 / 0.83; the training step at batch 128 / 256, 90-99%, 0.86-0.97 / 0.79-0.94).
-  // Over W's CSR, half of L2: xt's panel and the accumulators (csr_T).
-  const int64_t T = csc ? std::min(kCscMaxPanel, panel_width(rows, B, l2_bytes())) : csr_T;
+  // Over W's CSR, half of L2: xt's panel and the accumulators.
+  const int64_t T = csc ? std::min(kCscMaxPanel, panel_width(rows, B, l2_bytes())) : csr_panel_width(rows, K, B, true);
   at::Tensor dvalues = empty_output({nnz}, values.options());
   // Over W^T, with as many panels as threads (or a multiple) and few stored values (their products, 4 bytes
   // each, within one core's L2), the batch is split between threads (grad_csc_tiles), each packing its own panels
