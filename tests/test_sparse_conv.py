@@ -32,7 +32,8 @@ def _pair(cfg, density=0.4, dtype=torch.float32, device="cpu", seed=0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch", [1, 4])  # 143 output pixels per channel: im2col at batch 1, direct at 4 (stride 1)
+# 143 output pixels per channel: im2col at batch 1 (grouped ones direct), direct at 4 (stride 1)
+@pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_matches_masked_dense(device, batch, cfg):
     conv, mask, sparse = _pair(cfg, device=device)
@@ -50,6 +51,30 @@ def test_matches_masked_dense(device, batch, cfg):
         torch.testing.assert_close(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
     assert torch.equal(sparse.mask(), mask)
     assert torch.equal(sparse.weight, conv.weight)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_grouped_convolutions_take_the_direct_kernel_at_few_output_pixels(groups, monkeypatch):
+    """im2col would unfold every input channel for every output channel (groups times the columns a group reads):
+    grouped and depthwise convolutions take the direct kernel at any output size; ungrouped ones im2col + spmm
+    below DIRECT_MIN_OUTPUTS."""
+    import pysparse.nn.conv as conv_module
+    calls = []
+    for name in ("layer_sparse_conv2d", "layer_linear"):
+        op = getattr(conv_module.ops, name)
+        monkeypatch.setattr(conv_module.ops, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a))
+    conv, mask, sparse = _pair(dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=groups),
+                               density=0.5)
+    sparse.dense_below = 0.0
+    x = torch.randn(1, 8, 5, 5, requires_grad=True)  # 25 output pixels
+    assert x.shape[0] * 25 < conv_module.DIRECT_MIN_OUTPUTS and 1 - sparse.sparsity > conv_module.DIRECT_MAX_DENSITY
+    y = sparse(x)
+    assert calls == ["layer_linear" if groups == 1 else "layer_sparse_conv2d"]
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    y.backward(torch.ones_like(y))
+    w = conv.weight.detach().requires_grad_()
+    torch.testing.assert_close(sparse.values.grad, torch.autograd.grad(
+        nn.functional.conv2d(x, w, conv.bias, padding=1, groups=groups).sum(), w)[0][mask], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -2,7 +2,8 @@
 
 The forward is a direct sparse convolution (``pysparse.ops.sparse_conv2d``: no im2col buffer; each stored
 weight adds a shifted input plane into its output plane) when there are DIRECT_MIN_OUTPUTS or more output
-pixels per channel over the batch, and im2col (``F.unfold``) + ``pysparse.ops.spmm`` for fewer. Zero padding
+pixels per channel over the batch or the convolution is grouped, and im2col (``F.unfold``) +
+``pysparse.ops.spmm`` otherwise. Zero padding
 the same on both sides goes to the op (or to unfold), which writes the zeros into the layout it copies the input
 into anyway: no padded copy of the input, and an unpadded gradient out of the backward. Other padding (modes
 'reflect', 'replicate', 'circular'; 'same' with an even reach) is applied first with F.pad.
@@ -24,7 +25,11 @@ from ._sparse_weight import SparseWeight, cast_to, initial_mask
 # batch (N * OH * OW) or at most DIRECT_MAX_DENSITY of the weights are kept; otherwise im2col + spmm. Measured
 # on the 2-core CPU at 90%, forward and forward + backward (benchmarks/RESULTS.md): im2col wins for 49 output
 # pixels (ResNet-18 layer4, batch 1: 0.66 against 1.29 ms), direct from 196 (layer3, batch 1) up, and at 99%
-# everywhere.
+# everywhere. A grouped (or depthwise) convolution always takes the direct kernel: im2col unfolds every input
+# channel for every output channel, groups times the columns each reads (2026-12-01, Zen 4, 90%, batch 1, forward
+# / fwd + bwd: MobileNetV3's depthwise 5 x 5 on 576 channels of 7 x 7 0.061 / 0.32 ms direct against 0.57 /
+# 1.96 ms im2col and 0.08 / 0.65 ms nn.Conv2d; 1024 channels in 32 groups on 7 x 7, fwd + bwd 0.75 against 1.62
+# ms; at batch 8, im2col 10-70x slower than direct).
 DIRECT_MIN_OUTPUTS = 128
 DIRECT_MAX_DENSITY = 0.05
 
@@ -148,13 +153,13 @@ class SparseConv2d(SparseWeight):
         # The ops are called directly (the layer owns a checked structure; the kernels check again).
         transposed = (self.t_rowptr, self.t_col, self.t_perm)
         # (torch.export: the direct kernel, whatever the batch, so that one graph serves every batch size)
-        if torch.compiler.is_exporting() or x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or \
+        if torch.compiler.is_exporting() or self.groups > 1 or x.shape[0] * oh * ow >= DIRECT_MIN_OUTPUTS or \
                 1.0 - self.sparsity <= DIRECT_MAX_DENSITY:
             ops._check_input_kernel("sparse_conv2d", x)
             y = ops.layer_sparse_conv2d(self.rowptr, self.col, cast_to(self.effective_values(), cast), x, bias,
                                         list(self.kernel_size), list(self.stride), list(self.dilation), padding,
                                         *transposed)
-        else:  # few output pixels: im2col + spmm does better (see DIRECT_MIN_OUTPUTS)
+        else:  # few output pixels, no groups: im2col + spmm does better (see DIRECT_MIN_OUTPUTS)
             n = x.shape[0]
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=padding,
                             stride=self.stride)  # [N, C*kh*kw, L]
