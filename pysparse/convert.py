@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .nn import SparseConv2d, SparseLinear
-from .nn._sparse_weight import SparseWeight, check_mask, refuse_meta
+from .nn._sparse_weight import SparseWeight, check_mask, reaches_sparsity, refuse_meta
 
 # Below these sparsities a sparse layer is not faster than the dense one, so sparsify leaves it dense. Measured
 # on the 2-core CPU, fp32 (benchmarks/RESULTS.md): SparseLinear beats nn.Linear from 50% at batch 1, 16 and 256
@@ -69,7 +69,8 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
 
     ``masks`` maps parameter names (``"features.0.weight"``) to bool keep-masks of the weight's shape; layers it
     does not name stay dense. ``masks=None`` keeps each layer's non-zero weights. A layer whose mask removes
-    less than ``min_sparsity`` of its weights stays dense (the sparse kernel would be slower); the default is
+    less than ``min_sparsity`` of its weights (to the weight: one pruned to ``round(min_sparsity * n)`` of its n
+    weights or ``int()`` of that counts as reaching it) stays dense (the sparse kernel would be slower); the default is
     the measured crossover of each layer type on the device its weight is on (``DEFAULT_MIN_SPARSITY`` on the
     CPU, ``DEFAULT_MIN_SPARSITY_CUDA`` on CUDA, where convolutions stay dense). Pass 0 to convert every layer
     named (storage then shrinks with the kept weights wherever the layer computes).
@@ -132,8 +133,9 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             continue
         if mask is None:
             mask = module.weight.detach() != 0
-        sparsity = 1.0 - int(mask.sum()) / max(1, math.prod(mask.shape))
-        if sparsity < (_default_min_sparsity(module) if min_sparsity is None else min_sparsity):
+        total = math.prod(mask.shape)
+        if not reaches_sparsity(total - int(mask.sum()), total,
+                                _default_min_sparsity(module) if min_sparsity is None else min_sparsity):
             if masks is not None:
                 _apply_mask(module, mask)
             continue

@@ -129,6 +129,28 @@ def test_sparsify_uses_zeros_and_min_sparsity():
     assert isinstance(model[2], SparseLinear)
 
 
+def test_a_layer_pruned_to_the_crossover_counts_as_reaching_it():
+    """round / int(0.9 * n) weights removed leaves 1 - kept / n a hair below 0.9 when 0.9 * n is not whole
+    (ResNet-18's 128 x 64 x 3 x 3 convolution: 66355 of 73728, 0.899997): sparsify's min_sparsity and a layer's
+    dense_below count such a layer as 0.9 sparse; one weight fewer removed is below."""
+    conv = nn.Conv2d(64, 128, 3, bias=False)
+    n = conv.weight.numel()
+    assert 0.9 * n != round(0.9 * n) and 1 - (n - round(0.9 * n)) / n < 0.9
+    for removed, converts in ((round(0.9 * n), True), (int(0.9 * n), True), (int(0.9 * n) - 1, False)):
+        model = nn.Sequential(copy.deepcopy(conv))
+        with torch.no_grad():
+            model[0].weight.view(-1)[:removed] = 0
+        pysparse.sparsify(model, min_sparsity=0.9)
+        assert isinstance(model[0], SparseConv2d) == converts, removed
+    layer = SparseLinear(7, 13, sparsity=0.3)  # 27 of 91 removed: 0.2967
+    assert layer.nnz == 64
+    layer.dense_below = 0.3
+    assert not layer._computes_dense(batch=64)
+    layer.dense_below = 28 / 91
+    assert layer._computes_dense(batch=64)
+    assert pysparse.sparsify(nn.Sequential(nn.Linear(7, 13)), {"0.weight": layer.mask()}, min_sparsity=0.3)[0].nnz == 64
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparsify_default_follows_the_device(device):
     """Without min_sparsity, a layer's crossover on its own device decides: on the CPU a 95%-sparse conv and a
