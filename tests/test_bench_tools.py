@@ -1,6 +1,7 @@
 """The benchmark tooling that runs where a rerun is expensive (benchmarks/gpu_check.sh on a lent GPU): merging
 the JSON of its benchmark parts and the ratio table; benchmarks/step_ratio.py (step / forward per round) and
-benchmarks/per_round.py (SparseLinear against nn.Linear and torch.sparse.mm per round)."""
+benchmarks/per_round.py (SparseLinear against nn.Linear and torch.sparse.mm per round); benchmarks/models.py (pruned
+torchvision models, sparsified against dense, per round)."""
 import importlib.util
 import json
 import subprocess
@@ -170,3 +171,41 @@ def test_per_round_rejects_bad_input(kwargs, name):
     args = {"batch": 4, "sparsity": 0.5, "features": 64, "rounds": 1, **kwargs}
     with pytest.raises(ValueError, match=name):
         _load("per_round").measure(**args)
+
+
+def test_models_times_a_pruned_model_sparsified_against_its_dense_twin(capsys):
+    module = _load("models")
+    r = module.measure("resnet18", 1, 0.9, rounds=2, calls=1, image=32)
+    assert r["layers"] == 21  # every convolution and the classifier: none left below its crossover
+    assert r["pysparse_ms"] > 0 and r["dense_ms"] > 0 and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+    assert r["file_bytes"] < 0.2 * r["dense_bytes"]  # 10% of the weights, their indices, BatchNorm, the hash
+    step = module.measure("mobilenet_v3_small", 2, 0.95, rounds=1, calls=1, step=True, image=32)
+    assert step["layers"] > 0 and step["speedup_min"] <= step["speedup"] <= step["speedup_max"]
+    module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.95", "--image", "32", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "resnet18             batch   1 sparsity 0.95: 21 sparse layers" in out and "of the dense" in out
+
+
+def test_models_refuses_to_time_models_that_disagree(monkeypatch):
+    module = _load("models")
+    pair = module.pruned_pair
+
+    def wrong(*args, **kwargs):
+        dense, sparse, layers = pair(*args, **kwargs)
+        with torch.no_grad():
+            sparse.fc.values.mul_(2)
+        return dense, sparse, layers
+
+    monkeypatch.setattr(module, "pruned_pair", wrong)
+    for step in (False, True):
+        with pytest.raises(AssertionError):
+            module.measure("resnet18", 2, 0.9, rounds=1, calls=1, step=step, image=32)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"batch": 0}, "batch"),
+                                          ({"image": 0}, "image"), ({"rounds": 0}, "rounds"),
+                                          ({"model": "resnet19"}, "model")])
+def test_models_rejects_bad_input(kwargs, name):
+    args = {"model": "resnet18", "batch": 1, "sparsity": 0.9, "rounds": 1, "calls": 1, "image": 32, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        _load("models").measure(**args)

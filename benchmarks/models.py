@@ -1,0 +1,142 @@
+"""Whole torchvision models, pruned and sparsified the way a user does it, against the same pruned model left
+dense: `pysparse.prune(model, "magnitude", sparsity=s, scope="layer")` (every nn.Linear / nn.Conv2d at s), then
+`pysparse.sparsify(model, masks)` with its default crossovers (layers it leaves dense get their masks applied), and
+the dense twin is the same model with its pruned weights zeroed. Both are timed alternated round by round in one
+process (the median of the per-round speed-ups is reported, with its range): the forward (eval, no_grad) and with
+--step a training step (train mode, forward + backward from gradients of None). Also the saved file's size
+(`pysparse.save`) against the dense model's float32 weights.
+
+    python benchmarks/models.py                                   # ResNet-18, MobileNetV3-small at 90 / 95%, batch 1, 8
+    python benchmarks/models.py --model resnet50 --batch 1 --sparsity 0.9 --step
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import pysparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import check_sizes, steady_malloc  # noqa: E402
+
+IMPLS = ("pysparse", "dense")
+
+
+def pruned_pair(model: str, sparsity: float, seed: int = 0, image: int = 224):
+    """(dense, sparse): a torchvision classification model with random weights pruned layer by layer to
+    ``sparsity`` by magnitude, left dense (pruned weights zero) and sparsified (default crossovers), and the
+    number of sparse layers in the latter. A ValueError names a model torchvision does not have."""
+    import torchvision
+
+    if model not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"model: {model!r} is not a torchvision classification model")
+    torch.manual_seed(seed)
+    net = torchvision.models.get_model(model)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity (as after training)
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    masks = pysparse.prune(net, "magnitude", sparsity=sparsity, scope="layer").masks
+    dense = copy.deepcopy(net)
+    sparse = pysparse.sparsify(net, masks)
+    layers = sum(isinstance(m, (pysparse.SparseLinear, pysparse.SparseConv2d)) for m in sparse.modules())
+    return dense, sparse, layers
+
+
+def file_bytes(model) -> int:
+    """The size of ``pysparse.save(model)``'s file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.safetensors")
+        pysparse.save(model, path)
+        return os.path.getsize(path)
+
+
+def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224, seed=0):
+    """Median time (ms) of the sparsified and the dense pruned model's forward (step=True: forward + backward in
+    train mode, gradients from None) on a batch of ``image`` x ``image`` RGB images, and the median over rounds
+    of dense / pysparse (the speed-up, > 1: pysparse faster) with its range; ``layers``: sparse layers; the saved
+    file's bytes and the dense float32 weights' bytes. Outputs (with step, input gradients) are checked to agree
+    before timing."""
+    check_sizes(sparsity, rounds, calls, batch=batch, image=image)
+    dense, sparse, layers = pruned_pair(model, sparsity, seed)
+    for net in (dense, sparse):
+        net.train(step)
+    x = torch.randn(batch, 3, image, image, requires_grad=step)
+    nets = {"pysparse": sparse, "dense": dense}
+    params = {impl: [x, *net.parameters()] for impl, net in nets.items()}
+
+    def call(impl):
+        if not step:
+            with torch.no_grad():
+                return nets[impl](x)
+        for p in params[impl]:
+            p.grad = None
+        torch.manual_seed(seed)  # the same dropout in both
+        nets[impl](x).sum().backward()
+        return x.grad
+
+    # Checked without dropout: torch draws a dropout mask in the memory order of its input, and a sparse layer's
+    # output is a transposed view (its kernels write [features, batch]), so the same seed drops other elements.
+    # Train-mode BatchNorm updates its running statistics: both start from the same ones, see the same inputs.
+    dropouts = [m for net in nets.values() for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m in dropouts:
+        m.eval()
+    outs = {impl: call(impl) for impl in IMPLS}
+    for m in dropouts:
+        m.train(step)
+    # In norm. Train-mode BatchNorm's backward cancels: ResNet-18's input gradient at batch 8 differs from its
+    # float64 one by 1.6e-3 in norm (the dense model's as the sparse one's), and by 1.2% of its largest element.
+    error = ((outs["pysparse"] - outs["dense"]).norm() / outs["dense"].norm()).item()
+    assert error < (1e-2 if step else 1e-4), f"the sparsified model's {'input gradient' if step else 'output'} " \
+                                              f"differs from the dense one's by {error:.2e} in norm"
+    if calls is None:
+        start = time.perf_counter()
+        call("dense")
+        calls = max(1, int(0.3 / (time.perf_counter() - start)))
+    times = {impl: [] for impl in IMPLS}
+    for r in range(rounds):
+        for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:  # each side first in every other round
+            start = time.perf_counter()
+            for _ in range(calls):
+                call(impl)
+            times[impl].append((time.perf_counter() - start) / calls * 1e3)
+    ratios = [b / a for a, b in zip(times["pysparse"], times["dense"])]
+    dense_bytes = sum(p.numel() * 4 for p in dense.parameters())
+    return {"pysparse_ms": statistics.median(times["pysparse"]), "dense_ms": statistics.median(times["dense"]),
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "layers": layers, "file_bytes": file_bytes(sparse), "dense_bytes": dense_bytes}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", nargs="+", default=["resnet18", "mobilenet_v3_small"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95])
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--step", action="store_true", help="time a training step instead of the forward")
+    args = parser.parse_args(argv)
+    what = "training step" if args.step else "forward"
+    print(f"pruned torchvision models, sparsified against dense, {what}, {args.image} x {args.image}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds, per-round speed-up (dense / pysparse)")
+    for model in args.model:
+        for sparsity in args.sparsity:
+            for batch in args.batch:
+                r = measure(model, batch, sparsity, args.rounds, step=args.step, image=args.image)
+                print(f"{model:20s} batch {batch:3d} sparsity {sparsity:.2f}: {r['layers']} sparse layers, "
+                      f"pysparse {r['pysparse_ms']:.1f} ms, dense {r['dense_ms']:.1f} ms, speed-up "
+                      f"{r['speedup']:.2f}x (rounds {r['speedup_min']:.2f}-{r['speedup_max']:.2f}); file "
+                      f"{r['file_bytes'] / 2**20:.1f} MB = {r['file_bytes'] / r['dense_bytes']:.3f} of the dense "
+                      f"float32 weights", flush=True)
+
+
+if __name__ == "__main__":
+    steady_malloc()  # glibc's thresholds as in the pytest benchmarks (the process's own: not when a test calls main)
+    main()
