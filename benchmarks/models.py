@@ -28,7 +28,7 @@ from _util import check_sizes, steady_malloc  # noqa: E402
 IMPLS = ("pysparse", "dense")
 
 
-def pruned_pair(model: str, sparsity: float, seed: int = 0, image: int = 224):
+def pruned_pair(model: str, sparsity: float, seed: int = 0):
     """(dense, sparse): a torchvision classification model with random weights pruned layer by layer to
     ``sparsity`` by magnitude, left dense (pruned weights zero) and sparsified (default crossovers), and the
     number of sparse layers in the latter. A ValueError names a model torchvision does not have."""
