@@ -77,6 +77,20 @@ def test_grouped_convolutions_take_the_direct_kernel_at_few_output_pixels(groups
         nn.functional.conv2d(x, w, conv.bias, padding=1, groups=groups).sum(), w)[0][mask], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [4, 12])  # 2 x 16 output pixels: im2col + spmm; 2 x 144: the direct kernel
+def test_output_is_contiguous_as_nn_conv2d_s(size):
+    """A CNN flattens a convolution's output with x.view(x.size(0), -1): im2col's output, written [out, batch,
+    ...] by spmm, once came back as a transposed view, which that view refused."""
+    import pysparse.nn.conv as conv_module
+    conv, _, sparse = _pair(dict(in_channels=8, out_channels=16, kernel_size=3, padding=1))
+    sparse.dense_below = 0.0
+    x = torch.randn(2, 8, size, size)
+    assert (2 * size * size < conv_module.DIRECT_MIN_OUTPUTS) == (size == 4)
+    y = sparse(x)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y.view(2, -1), conv(x).view(2, -1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(dtype):
     conv, _, sparse = _pair(CONFIGS[1], dtype=dtype)

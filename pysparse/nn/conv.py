@@ -170,7 +170,10 @@ class SparseConv2d(SparseWeight):
             ops._check_input_kernel("spmm", x)
             yt = ops.layer_linear(self.rowptr, self.col, cast_to(self.effective_values(), cast), xt.t(), bias,
                                   *transposed).t()  # (xt as the batch-major view layer_linear takes)
-            y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1)
+            # contiguous, as nn.Conv2d's output (a CNN's `x.view(x.size(0), -1)` after it failed on the
+            # [O, N, ...]-ordered view, and the ops after it wrote [O, N, ...]-ordered results that the next
+            # convolution copied): a small copy, fewer than DIRECT_MIN_OUTPUTS pixels a channel
+            y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1).contiguous()
         return y[0] if unbatched else y
 
     def extra_repr(self) -> str:
