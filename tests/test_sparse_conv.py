@@ -91,6 +91,28 @@ def test_output_is_contiguous_as_nn_conv2d_s(size):
     torch.testing.assert_close(y.view(2, -1), conv(x).view(2, -1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [1, 5])
+def test_pointwise_convolution_at_few_pixels_reads_its_input_as_im2col(hw, monkeypatch):
+    """A 1 x 1 convolution's im2col is its input: below DIRECT_MIN_OUTPUTS (an SE block's 1 x 1 pixels) the layer
+    hands it to spmm without F.unfold; output and gradients as nn.Conv2d's."""
+    import pysparse.nn.conv as conv_module
+    monkeypatch.setattr(conv_module.F, "unfold", lambda *a, **k: pytest.fail("unfold called"))
+    conv, mask, sparse = _pair(dict(in_channels=12, out_channels=10, kernel_size=1), density=0.3)
+    sparse.dense_below = 0.0
+    x = torch.randn(3, 12, hw, hw)
+    assert 3 * hw * hw < conv_module.DIRECT_MIN_OUTPUTS
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), conv(xd)
+    assert ys.is_contiguous()
+    torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.values.grad, conv.weight.grad[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(dtype):
     conv, _, sparse = _pair(CONFIGS[1], dtype=dtype)
