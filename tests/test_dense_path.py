@@ -25,6 +25,7 @@ def _sparse_path(y: torch.Tensor) -> bool:
         if any(name in fn.name() for name in SPARSE_FNS):
             return True
         if type(fn).__name__ in ("TransposeBackward0", "ViewBackward0", "UnsafeViewBackward0", "SelectBackward0",
+                                 "CloneBackward0",  # .contiguous() of im2col's transposed output
                                  "ReshapeAliasBackward0", "TBackward0"):
             todo.extend(f for f, _ in fn.next_functions)
     return False
