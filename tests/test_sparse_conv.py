@@ -31,16 +31,12 @@ def _pair(cfg, density=0.4, dtype=torch.float32, device="cpu", seed=0):
     return conv, mask, SparseConv2d.from_dense(conv, mask)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-# 143 output pixels per channel: im2col at batch 1 (grouped ones direct), direct at 4 (stride 1)
-@pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_matches_masked_dense(device, batch, cfg):
-    conv, mask, sparse = _pair(cfg, device=device)
-    x = torch.randn(batch, cfg["in_channels"], 13, 11, device=device)
+def _check_against_dense(conv, mask, sparse, x):
+    """sparse(x) equals conv(x) (contiguous, as nn.Conv2d's output), and so do the input, values and bias
+    gradients of one backward."""
     xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
     ys, yd = sparse(xs), conv(xd)
-    assert ys.shape == yd.shape
+    assert ys.shape == yd.shape and ys.is_contiguous()
     torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(yd)
     ys.backward(g)
@@ -49,6 +45,15 @@ def test_matches_masked_dense(device, batch, cfg):
     torch.testing.assert_close(sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4)
     if conv.bias is not None:
         torch.testing.assert_close(sparse.bias.grad, conv.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+# 143 output pixels per channel: im2col at batch 1 (grouped ones direct), direct at 4 (stride 1)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_masked_dense(device, batch, cfg):
+    conv, mask, sparse = _pair(cfg, device=device)
+    _check_against_dense(conv, mask, sparse, torch.randn(batch, cfg["in_channels"], 13, 11, device=device))
     assert torch.equal(sparse.mask(), mask)
     assert torch.equal(sparse.weight, conv.weight)
 
@@ -66,15 +71,9 @@ def test_grouped_convolutions_take_the_direct_kernel_at_few_output_pixels(groups
     conv, mask, sparse = _pair(dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=groups),
                                density=0.5)
     sparse.dense_below = 0.0
-    x = torch.randn(1, 8, 5, 5, requires_grad=True)  # 25 output pixels
-    assert x.shape[0] * 25 < conv_module.DIRECT_MIN_OUTPUTS and 1 - sparse.sparsity > conv_module.DIRECT_MAX_DENSITY
-    y = sparse(x)
+    assert 25 < conv_module.DIRECT_MIN_OUTPUTS and 1 - sparse.sparsity > conv_module.DIRECT_MAX_DENSITY
+    _check_against_dense(conv, mask, sparse, torch.randn(1, 8, 5, 5))  # 25 output pixels
     assert calls == ["layer_linear" if groups == 1 else "layer_sparse_conv2d"]
-    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
-    y.backward(torch.ones_like(y))
-    w = conv.weight.detach().requires_grad_()
-    torch.testing.assert_close(sparse.values.grad, torch.autograd.grad(
-        nn.functional.conv2d(x, w, conv.bias, padding=1, groups=groups).sum(), w)[0][mask], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [4, 12])  # 2 x 16 output pixels: im2col + spmm; 2 x 144: the direct kernel
@@ -99,18 +98,8 @@ def test_pointwise_convolution_at_few_pixels_reads_its_input_as_im2col(hw, monke
     monkeypatch.setattr(conv_module.F, "unfold", lambda *a, **k: pytest.fail("unfold called"))
     conv, mask, sparse = _pair(dict(in_channels=12, out_channels=10, kernel_size=1), density=0.3)
     sparse.dense_below = 0.0
-    x = torch.randn(3, 12, hw, hw)
     assert 3 * hw * hw < conv_module.DIRECT_MIN_OUTPUTS
-    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ys, yd = sparse(xs), conv(xd)
-    assert ys.is_contiguous()
-    torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(yd)
-    ys.backward(g)
-    yd.backward(g)
-    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sparse.values.grad, conv.weight.grad[mask], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sparse.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+    _check_against_dense(conv, mask, sparse, torch.randn(3, 12, hw, hw))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
