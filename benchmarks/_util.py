@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,27 @@ def torchvision_linears(models=("resnet50", "vgg16", "mobilenet_v3_large", "vit_
                 key = f"{model}." + ".".join(name.split(".")[-2:])  # encoder.layers.encoder_layer_0.mlp.0 -> mlp.0
                 shapes[key if key not in shapes else f"{model}.{name}"] = (mod.in_features, mod.out_features)
     return shapes
+
+
+def alternated_times(call, impls, rounds: int, calls) -> dict:
+    """Per-round times (ms a call) of ``call(impl)`` for each of ``impls``, timed in one process: in order in even
+    rounds and reversed in odd ones (each side first in every other round), so that a noisy machine's swings
+    cancel in per-round ratios. ``calls``: calls a round, one count for all or a dict per impl."""
+    counts = calls if isinstance(calls, dict) else dict.fromkeys(impls, calls)
+    times = {impl: [] for impl in impls}
+    for r in range(rounds):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            start = time.perf_counter()
+            for _ in range(counts[impl]):
+                call(impl)
+            times[impl].append((time.perf_counter() - start) / counts[impl] * 1e3)
+    return times
+
+
+def speedup(times: dict, base: str, impl: str) -> tuple[float, float, float]:
+    """The median, min and max over rounds of times[base] / times[impl] (alternated_times' rounds)."""
+    ratios = [b / a for a, b in zip(times[impl], times[base])]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def sync(device: str) -> None:

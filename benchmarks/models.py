@@ -23,7 +23,7 @@ import torch
 import pysparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import check_sizes, steady_malloc  # noqa: E402
+from _util import alternated_times, check_sizes, speedup, steady_malloc  # noqa: E402
 
 IMPLS = ("pysparse", "dense")
 
@@ -100,18 +100,11 @@ def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224,
         start = time.perf_counter()
         call("dense")
         calls = max(1, int(0.3 / (time.perf_counter() - start)))
-    times = {impl: [] for impl in IMPLS}
-    for r in range(rounds):
-        for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:  # each side first in every other round
-            start = time.perf_counter()
-            for _ in range(calls):
-                call(impl)
-            times[impl].append((time.perf_counter() - start) / calls * 1e3)
-    ratios = [b / a for a, b in zip(times["pysparse"], times["dense"])]
-    dense_bytes = sum(p.numel() * 4 for p in dense.parameters())
-    return {"pysparse_ms": statistics.median(times["pysparse"]), "dense_ms": statistics.median(times["dense"]),
-            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-            "layers": layers, "file_bytes": file_bytes(sparse), "dense_bytes": dense_bytes}
+    times = alternated_times(call, IMPLS, rounds, calls)
+    result = {f"{impl}_ms": statistics.median(t) for impl, t in times.items()}
+    result["speedup"], result["speedup_min"], result["speedup_max"] = speedup(times, "dense", "pysparse")
+    return {**result, "layers": layers, "file_bytes": file_bytes(sparse),
+            "dense_bytes": sum(p.numel() * 4 for p in dense.parameters())}
 
 
 def main(argv=None):

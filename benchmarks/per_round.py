@@ -12,7 +12,6 @@ speed swings by up to 2x between minutes, so a ratio of two of its medians can c
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 import pysparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import check_sizes, steady_malloc  # noqa: E402
+from _util import alternated_times, check_sizes, speedup, steady_malloc  # noqa: E402
 
 IMPLS = ("pysparse", "dense", "torch_sparse")
 
@@ -74,22 +73,10 @@ def measure(batch, sparsity, features=4096, rounds=9, calls=None, step=False, se
     if calls is None:  # about the same work per round at every size
         calls = max(2, int(3e7 / (batch * (1 - sparsity) * features * features)))
     n = {"pysparse": calls, "dense": max(1, calls // 10), "torch_sparse": max(1, calls // 3)}
-
-    def timed(impl):
-        start = time.perf_counter()
-        for _ in range(n[impl]):
-            call(impl)
-        return (time.perf_counter() - start) / n[impl] * 1e3
-
-    times = {impl: [] for impl in IMPLS}
-    for r in range(rounds):
-        for impl in IMPLS if r % 2 == 0 else IMPLS[::-1]:  # each side first in every other round
-            times[impl].append(timed(impl))
+    times = alternated_times(call, IMPLS, rounds, n)
     result = {f"{impl}_ms": statistics.median(t) for impl, t in times.items()}
     for impl in IMPLS[1:]:
-        ratios = [b / a for a, b in zip(times["pysparse"], times[impl])]
-        result[f"vs_{impl}"] = statistics.median(ratios)
-        result[f"vs_{impl}_min"], result[f"vs_{impl}_max"] = min(ratios), max(ratios)
+        result[f"vs_{impl}"], result[f"vs_{impl}_min"], result[f"vs_{impl}_max"] = speedup(times, impl, "pysparse")
     return result
 
 
