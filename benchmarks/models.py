@@ -38,11 +38,13 @@ def pruned_pair(model: str, sparsity: float, seed: int = 0):
         raise ValueError(f"model: {model!r} is not a torchvision classification model")
     torch.manual_seed(seed)
     net = torchvision.models.get_model(model)
-    with torch.no_grad():  # BatchNorm statistics that are not the identity (as after training)
+    with torch.no_grad():  # as after training: BatchNorm statistics that are not the identity, no all-zero layer
         for m in net.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.any():
+                torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)  # ViT's head starts at zero
     masks = pysparse.prune(net, "magnitude", sparsity=sparsity, scope="layer").masks
     dense = copy.deepcopy(net)
     sparse = pysparse.sparsify(net, masks)
