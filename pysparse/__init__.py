@@ -12,14 +12,14 @@ from .prune import PruneResult, from_torch_prune, prune, to_torch_prune
 from .sensitivity import SensitivityResult, plot_report, sensitivity
 from .schedule import GradualPruner, cubic_sparsity, iterative_prune, iterative_sparsities
 from .retrain import RetrainResult, accuracy, remember_init, retrain, train
-from .nn import SparseConv2d, SparseLinear
+from .nn import SparseConv2d, SparseLinear, SparseMultiheadAttention
 from .ops import apply_mask_, nm_masks, saliency, sparsity_masks, threshold_masks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops", "reference", "csr", "nn", "data", "models", "gan", "synth",
-    "sparsify", "densify", "save", "load", "SparseLinear", "SparseConv2d",
+    "sparsify", "densify", "save", "load", "SparseLinear", "SparseConv2d", "SparseMultiheadAttention",
     "prune", "PruneResult", "to_torch_prune", "from_torch_prune",
     "GradualPruner", "cubic_sparsity", "iterative_prune", "iterative_sparsities",
     "sensitivity", "SensitivityResult", "plot_report",

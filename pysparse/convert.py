@@ -8,8 +8,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .nn import SparseConv2d, SparseLinear
+from .nn import SparseConv2d, SparseLinear, SparseMultiheadAttention
 from .nn._sparse_weight import SparseWeight, check_mask, reaches_sparsity, refuse_meta
+from .nn.attention import projection_weights
 
 # Below these sparsities a sparse layer is not faster than the dense one, so sparsify leaves it dense. Measured
 # on the 2-core CPU, fp32 (benchmarks/RESULTS.md): SparseLinear beats nn.Linear from 50% at batch 1, 16 and 256
@@ -75,9 +76,13 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     CPU, ``DEFAULT_MIN_SPARSITY_CUDA`` on CUDA, where convolutions stay dense). Pass 0 to convert every layer
     named (storage then shrinks with the kept weights wherever the layer computes).
 
-    Only layers of exactly these types are converted: subclasses (``nn.MultiheadAttention``'s output projection,
-    whose parent reads its weight directly) stay dense, with a warning naming those that ``masks`` names
-    (``pysparse.prune`` scores every nn.Linear / nn.Conv2d); so do layers whose weight is tied to another
+    Every ``nn.MultiheadAttention`` whose projection weights ``masks`` names (``"<attn>.in_proj_weight"`` or
+    ``"<attn>.q_proj_weight"`` ..., and ``"<attn>.out_proj.weight"``; masks None: whose projections hold zeros)
+    becomes a :class:`SparseMultiheadAttention` (its four projections sparse; one that masks does not name keeps
+    its non-zero weights) when the four together reach ``min_sparsity`` (default: nn.Linear's crossover), else has its masks applied.
+
+    Only layers of exactly these types are converted: subclasses (a custom layer's parent may read its weight
+    directly) stay dense, with a warning naming those that ``masks`` names; so do layers whose weight is tied to another
     module's (an embedding and an output layer sharing one tensor), with a warning: a sparse copy would part them.
     Every layer named in ``masks`` that stays dense has its mask applied in place (pruned weights set to zero),
     so that the model computes the masked model. A layer registered under several names (one module used in
@@ -88,29 +93,30 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     if min_sparsity is not None and (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
                                      or not 0 <= min_sparsity <= 1):
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
-    if type(model) in _SPARSE_OF:
-        raise ValueError("sparsify converts the layers inside a model; for a lone layer use "
-                         f"{_SPARSE_OF[type(model)].__name__}.from_dense")
+    lone = {**_SPARSE_OF, nn.MultiheadAttention: SparseMultiheadAttention}.get(type(model))
+    if lone is not None:
+        raise ValueError(f"sparsify converts the layers inside a model; for a lone layer use {lone.__name__}.from_dense")
+    if masks is not None and not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping from parameter names to bool tensors, got {type(masks).__name__}")
+    masks = _sparsify_attention(model, masks, min_sparsity)
     every_name = list(model.named_modules(remove_duplicate=False))  # a shared module under each of its names
     candidates = {f"{name}.weight": module for name, module in every_name if type(module) in _SPARSE_OF}
     subclassed = {f"{name}.weight": module for name, module in every_name
                   if isinstance(module, tuple(_SPARSE_OF)) and type(module) not in _SPARSE_OF}
     named = {}  # id(layer) -> (key, mask) of the entry of masks that names it (by any of its names)
     if masks is not None:
-        if not isinstance(masks, Mapping):
-            raise TypeError(f"masks must be a mapping from parameter names to bool tensors, got {type(masks).__name__}")
         unknown = sorted(set(masks) - set(candidates) - set(subclassed))
         if unknown:
-            raise ValueError(f"masks name parameters that are not the weight of an nn.Linear / nn.Conv2d of the model: "
-                             f"{unknown[:5]}")
+            raise ValueError(f"masks name parameters that are not the weight of an nn.Linear / nn.Conv2d / the "
+                             f"projection of an nn.MultiheadAttention of the model: {unknown[:5]}")
         for key, mask in masks.items():
             layer = candidates.get(key, subclassed.get(key))
             check_mask(mask, layer.weight, name=f"masks[{key!r}]")
             first = named.setdefault(id(layer), (key, mask))
             if first[0] != key and not torch.equal(first[1], mask):
                 raise ValueError(f"masks[{first[0]!r}] and masks[{key!r}] name one shared layer with different masks")
-    if not candidates:
-        raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
+    if not candidates and not any(isinstance(m, SparseMultiheadAttention) for m in model.modules()):
+        raise ValueError("the model has no nn.Linear, nn.Conv2d or nn.MultiheadAttention layer to sparsify")
     for key, module in candidates.items():  # before the masks are counted (no counting on meta)
         refuse_meta(module.weight, f"a sparse layer for {key!r}")
     layers = {}  # id(layer) -> (key, layer), a shared layer once
@@ -153,10 +159,52 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     return model
 
 
+def _sparsify_attention(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]],
+                        min_sparsity: Optional[float]) -> Optional[Mapping[str, torch.Tensor]]:
+    """sparsify's first pass: every nn.MultiheadAttention (exactly that type) whose projection weights
+    (:func:`projection_weights`: in_proj_weight or q/k/v_proj_weight, and out_proj.weight) masks name, or with
+    masks None that hold zeros, becomes a SparseMultiheadAttention when its four projections together reach
+    min_sparsity (default: nn.Linear's crossover), else has its masks applied. Returns masks less the entries it
+    took, for the layer pass."""
+    if masks is not None:
+        masks = dict(masks)
+    places = module_places(model)
+    done = set()
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if type(module) is not nn.MultiheadAttention:
+            continue
+        prefix = f"{name}." if name else ""
+        weights = projection_weights(module)
+        keys = {f"{prefix}{n}": n for n in weights}
+        given = {} if masks is None else {n: masks.pop(k) for k, n in keys.items() if k in masks}
+        if id(module) in done or (masks is not None and not given):
+            continue
+        done.add(id(module))
+        for n, w in weights.items():
+            refuse_meta(w, f"a sparse attention for {prefix}{n!r}")
+            if n in given:
+                check_mask(given[n], w, name=f"masks[{prefix + n!r}]")
+        full = {n: given.get(n, w.detach() != 0) for n, w in weights.items()}
+        total = sum(m.numel() for m in full.values())
+        removed = total - sum(int(m.sum()) for m in full.values())
+        table = DEFAULT_MIN_SPARSITY_CUDA if module.out_proj.weight.is_cuda else DEFAULT_MIN_SPARSITY
+        if not reaches_sparsity(removed, total, table[nn.Linear] if min_sparsity is None else min_sparsity):
+            with torch.no_grad():
+                for n, m in given.items():
+                    weights[n].masked_fill_(~m, 0)
+            continue
+        replace_module(places, module, SparseMultiheadAttention.from_dense(module, full))
+    return masks
+
+
 def densify(model: nn.Module) -> nn.Module:
     """Replace every sparse layer of ``model`` by the equivalent dense one, in place; returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    places = module_places(model)
+    for name, module in list(model.named_modules()):  # attention first: its projections go with it
+        if isinstance(module, SparseMultiheadAttention) and name:
+            replace_module(places, module, module.to_dense())
     places = module_places(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseWeight) and name:

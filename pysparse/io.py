@@ -24,7 +24,8 @@ from torch import nn
 
 from . import csr
 from .convert import module_places, replace_module
-from .nn import SparseConv2d, SparseLinear
+from .nn import SparseConv2d, SparseLinear, SparseMultiheadAttention
+from .nn.attention import projection_weights
 from .nn._sparse_weight import SparseWeight
 
 FORMAT = "pysparse"
@@ -204,6 +205,17 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
             raise ValueError(f"{path}: {key!r} is an alias of {stored!r}, which the file does not hold")
         tensors[key] = tensors[stored]
     places = module_places(model)
+    for name in layers:  # a sparse attention's projections: rebuild the attention first (its layers, then, are)
+        parent, _, leaf = name.rpartition(".")
+        try:
+            attention = model.get_submodule(parent)
+        except AttributeError:
+            continue  # (reported below)
+        if type(attention) is nn.MultiheadAttention and leaf in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sparse = SparseMultiheadAttention.from_dense(attention, {n: torch.ones_like(w, dtype=torch.bool) for n, w
+                                                                     in projection_weights(attention).items()})
+            replace_module(places, attention, sparse)
+            places = module_places(model)
     for name, info in layers.items():
         try:
             module = model.get_submodule(name)

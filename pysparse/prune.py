@@ -1,7 +1,8 @@
 """Pruning: score every prunable weight by a saliency, then choose which to remove.
 
 ``prune(model, method, sparsity=... | threshold=...)`` scores the weights of every ``nn.Linear`` and
-``nn.Conv2d`` (biases and normalisation layers are never pruned) with the fused saliency kernel, selects with
+``nn.Conv2d`` and the in-projection of every ``nn.MultiheadAttention`` (biases and normalisation layers are never
+pruned) with the fused saliency kernel, selects with
 the fused selection kernels, and (by default) zeroes the removed weights in place. Everything is checked before
 the model is touched: a bad argument leaves it as it was.
 """
@@ -27,6 +28,9 @@ DATA_METHODS = ("gradient", "taylor", "hessian", "snip", "wanda")
 SCOPES = ("global", "layer")
 HESSIAN_ESTIMATORS = ("fisher", "hutchinson")
 PRUNABLE = (nn.Linear, nn.Conv2d)
+# nn.MultiheadAttention's in-projection weights (kdim == vdim == embed_dim: q, k, v stacked; else one each)
+ATTENTION_IN_PROJ = ("in_proj_weight",)
+ATTENTION_QKV_PROJ = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 @dataclass
@@ -108,20 +112,29 @@ def nothing_to_prune(model: nn.Module) -> ValueError:
 
 
 def prunable_parameters(model: nn.Module, exclude: Iterable = ()) -> dict[str, tuple[nn.Module, nn.Parameter]]:
-    """The weights pruning considers: of every nn.Linear / nn.Conv2d not excluded (by module type, or by a
+    """The weights pruning considers: of every nn.Linear / nn.Conv2d and the in-projection of every
+    nn.MultiheadAttention (ATTENTION_IN_PROJ or ATTENTION_QKV_PROJ) not excluded (by module type, or by a
     name: a parameter or module name, or a regular expression matched against the parameter name). A weight
     tied between two layers is considered once, under the first layer's name."""
     types = tuple(e for e in exclude if isinstance(e, type))
     names = [e for e in exclude if isinstance(e, str)]
     out, seen = {}, set()
     for mod_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE) or (types and isinstance(module, types)) or id(module.weight) in seen:
+        if types and isinstance(module, types):
             continue
-        pname = f"{mod_name}.weight" if mod_name else "weight"
-        if any(n in (pname, mod_name) or re.fullmatch(n, pname) for n in names):
+        if isinstance(module, PRUNABLE):
+            local = ("weight",)
+        elif isinstance(module, nn.MultiheadAttention):  # its in-projection (its out_proj is an nn.Linear)
+            local = ATTENTION_IN_PROJ if module._qkv_same_embed_dim else ATTENTION_QKV_PROJ
+        else:
             continue
-        seen.add(id(module.weight))
-        out[pname] = (module, module.weight)
+        for attr in local:
+            weight = getattr(module, attr)
+            pname = f"{mod_name}.{attr}" if mod_name else attr
+            if id(weight) in seen or any(n in (pname, mod_name) or re.fullmatch(n, pname) for n in names):
+                continue
+            seen.add(id(weight))
+            out[pname] = (module, weight)
     return out
 
 
@@ -185,17 +198,64 @@ def _hutchinson(model, params, batches, loss_fn, samples: int, generator):
     return {name: a / (len(batches) * samples) for name, a in acc.items()}
 
 
+def _feature_sums(x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """sum of x^2 per input feature (the last dim), or per channel (dim 1) for a convolution's input."""
+    x = x.detach().float()
+    return x.pow(2).transpose(0, 1).reshape(x.shape[1], -1).sum(1) if conv else x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+
+
+def _attention_out_projs(model: nn.Module) -> dict[int, nn.MultiheadAttention]:
+    """id(out_proj) -> its nn.MultiheadAttention, for every attention of ``model``: an out_proj is an nn.Linear
+    that is never called (the attention reads its weight), so hooks on it see nothing."""
+    return {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _attention_values(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
+    """The input of ``mha.out_proj`` in the call ``mha(*args, **kwargs)``: the call again with an identity output
+    projection (dropout off)."""
+    from torch.func import functional_call
+
+    w = mha.out_proj.weight
+    identity = {"out_proj.weight": torch.eye(w.shape[1], dtype=w.dtype, device=w.device),
+                "out_proj.bias": None if mha.out_proj.bias is None else torch.zeros_like(mha.out_proj.bias)}
+    was_training = mha.training
+    mha.eval()
+    try:
+        with torch.no_grad():
+            return functional_call(mha, identity, args, {**kwargs, "need_weights": False})[0]
+    finally:
+        mha.train(was_training)
+
+
 def _input_norms(model, params, batches):
-    """Wanda's ||x_j||_2 per input feature of each layer (per input channel for a convolution)."""
+    """Wanda's ||x_j||_2 per input feature of each layer (per input channel for a convolution). An
+    nn.MultiheadAttention's in_proj_weight gets [3, embed_dim]: the query's, key's and value's norms, each for its
+    block of rows; q/k/v_proj_weight the norms of their own input."""
     sums = {name: None for name in params}
     hooks = []
+    parents = _attention_out_projs(model)
+    busy = set()  # attentions being re-run for their out_proj's input (their hooks skip those calls)
     for name, (module, _) in params.items():
-        def hook(mod, args, _out, name=name):
-            x = args[0].detach().float()
-            per_feature = x.pow(2).transpose(0, 1).reshape(x.shape[1], -1).sum(1) if isinstance(mod, nn.Conv2d) \
-                else x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+        def hook(mod, args, kwargs, _out, name=name):
+            if id(mod) in busy:
+                return
+            if name.endswith("out_proj.weight") and parents.get(id(getattr(mod, "out_proj", None))) is mod:
+                busy.add(id(mod))
+                try:
+                    per_feature = _feature_sums(_attention_values(mod, args, kwargs), False)
+                finally:
+                    busy.discard(id(mod))
+            elif isinstance(mod, nn.MultiheadAttention):
+                qkv = [args[i] if len(args) > i else kwargs[k] for i, k in enumerate(("query", "key", "value"))]
+                attr = name.rpartition(".")[2]
+                per_feature = torch.stack([_feature_sums(t, False) for t in qkv]) if attr in ATTENTION_IN_PROJ \
+                    else _feature_sums(qkv[ATTENTION_QKV_PROJ.index(attr)], False)
+            else:
+                per_feature = _feature_sums(args[0], isinstance(mod, nn.Conv2d))
             sums[name] = per_feature if sums[name] is None else sums[name] + per_feature
-        hooks.append(module.register_forward_hook(hook))
+        # an attention's out_proj is never called (its parent reads the weight): its input is observed there
+        owner = parents.get(id(module), module)
+        hooks.append(owner.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             for inputs, _ in batches:
@@ -230,9 +290,13 @@ def _scores(model, params, method, batches, loss_fn, hessian_estimator, hutchins
             norm = norms[n].sqrt().to(w.device)
             groups = params[n][0].groups if isinstance(params[n][0], nn.Conv2d) else 1
             shape = (1, -1) + (1,) * (w.dim() - 2)
-            per_in = norm.reshape(groups, -1)  # each group of output channels sees its own input channels
-            scale = per_in.repeat_interleave(w.shape[0] // groups, dim=0).reshape(w.shape[0], *shape[1:]) \
-                if groups > 1 else norm.reshape(shape)
+            if norm.dim() == 2:  # an attention's in_proj_weight: q, k, v rows, each block its input's norms
+                scale = norm.repeat_interleave(w.shape[0] // norm.shape[0], dim=0)
+            elif groups > 1:  # each group of output channels sees its own input channels
+                scale = norm.reshape(groups, -1).repeat_interleave(w.shape[0] // groups, dim=0).reshape(
+                    w.shape[0], *shape[1:])
+            else:
+                scale = norm.reshape(shape)
             out[n] = ops.saliency(w, "magnitude") * scale
         return out
     raise AssertionError(method)
@@ -293,7 +357,8 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
           hessian_estimator: str = "fisher", hutchinson_samples: int = 1,
           generator: Optional[torch.Generator] = None, apply: bool = True, compensate: bool = False,
           damp: float = 0.01, progress: bool = False) -> PruneResult:
-    """Score the weights of every nn.Linear / nn.Conv2d of ``model`` and choose which to remove.
+    """Score the weights of every nn.Linear / nn.Conv2d of ``model`` (and every nn.MultiheadAttention's
+    ``in_proj_weight``, or ``q/k/v_proj_weight``; its out_proj is an nn.Linear) and choose which to remove.
 
     ``method``: "magnitude" |w|; "gradient" |dL/dw|; "taylor" |g*w|; "hessian" 0.5*h*w^2 (OBD) with h from
     ``hessian_estimator`` "fisher" (mean squared per-batch gradients) or "hutchinson" (E[z*Hz]); "snip" |g*w|
@@ -311,7 +376,8 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     ``compensate``: after zeroing, refit the kept weights of each layer, in forward order, to reproduce the
     dense model's layer outputs on the ``num_batches`` batches of ``data`` (layer-wise OBS / SparseGPT with the
     chosen mask, ridge ``damp`` x mean diag(X^T X) towards the dense weights; :mod:`pysparse.compensate`). It
-    works with every method and pattern, needs ``data`` (the targets are not used) and ``apply``; give it a few
+    works with every method and pattern, needs ``data`` (the targets are not used) and ``apply`` (an attention's
+    projections, its out_proj too, are masked, not refit); give it a few
     times as many calibration examples as the widest layer has inputs. ``result.reconstruction`` holds each
     layer's relative calibration error, masked and compensated.
     """
@@ -384,8 +450,13 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     scores = _scores(model, params, method, scoring, loss_fn, hessian_estimator, hutchinson_samples, generator)
     masks = _select(scores, pat, scope, sparsity, threshold, layer_sparsity, min_density)
     reconstruction = {}
-    if compensate:
-        reconstruction = _compensate(model, masks, batches, damp=damp, progress=progress)
+    if compensate:  # refits nn.Linear / nn.Conv2d; an attention's projections are masked only
+        out_projs = _attention_out_projs(model)
+        refit = {n: m for n, m in masks.items()
+                 if isinstance(params[n][0], PRUNABLE) and id(params[n][0]) not in out_projs}
+        for name in masks.keys() - refit.keys():
+            ops.apply_mask_(masks[name], params[name][1].data)
+        reconstruction = _compensate(model, refit, batches, damp=damp, progress=progress)
     elif apply:
         for name, (_, p) in params.items():
             ops.apply_mask_(masks[name], p.data)

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import ops
 from .nn._sparse_weight import SparseWeight, check_mask
+from .nn.attention import SparseMultiheadAttention
 from .prune import prune
 
 MODES = ("connectivity", "weight", "network")
@@ -225,6 +226,9 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
     params = dict(model.named_parameters())
     # sparse layers (after pysparse.sparsify): their masks are keyed by "<layer>.weight" too, a view, not a parameter
     sparse = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, SparseWeight)}
+    for n, m in model.named_modules():  # and a sparse attention's in-projection by nn.MultiheadAttention's names
+        if isinstance(m, SparseMultiheadAttention):
+            sparse.update({f"{n}.{k}" if n else k: v for k, v in m.in_projections().items()})
     if not isinstance(masks, Mapping) or not masks:
         raise ValueError("masks must be a non-empty mapping from parameter names to bool masks")
     for name, mask in masks.items():

@@ -17,7 +17,7 @@ torch.backends.cuda.matmul.allow_tf32 = False
 # dense path has its own tests, tests/test_dense_path.py); the end-to-end tests (GAN, pipeline, retraining,
 # pruning) run with the defaults, as users do.
 _SPARSE_KERNELS_ONLY = {"test_sparse_linear", "test_sparse_conv", "test_sparse_training", "test_convert_io",
-                        "test_torch_integration", "test_distributed"}
+                        "test_torch_integration", "test_distributed", "test_attention"}
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 import copy
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -62,26 +63,29 @@ def test_sparsified_mobilenet_v3_trains_like_the_masked_dense():
 
 
 def test_prune_then_sparsify_a_vision_transformer(tmp_path):
-    """pysparse.prune scores every nn.Linear, nn.MultiheadAttention's out_proj (an nn.Linear subclass that its
-    parent reads directly) too; sparsify takes those masks (it raised on them), keeps out_proj dense with the mask
-    applied and warns, converts the rest; the model computes the masked model, saves, loads and trains."""
+    """pysparse.prune scores every nn.Linear and each nn.MultiheadAttention's in_proj_weight and out_proj (an
+    nn.Linear subclass that its parent reads directly); sparsify turns each attention into a
+    SparseMultiheadAttention, converts the rest; the model computes the masked model, saves, loads and trains."""
     torch.manual_seed(0)
     vit = lambda: torchvision.models.VisionTransformer(  # noqa: E731
         image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10).eval()
     model = vit()
     result = pysparse.prune(model, "magnitude", sparsity=0.9)
-    out_proj = [k for k in result.masks if "out_proj" in k]
-    assert len(out_proj) == 2
+    attention = [k for k in result.masks if "self_attention" in k]
+    assert len(attention) == 4 and sum("in_proj_weight" in k for k in attention) == 2
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    with pytest.warns(UserWarning, match="subclasses dense .*out_proj"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         pysparse.sparsify(model, result.masks, min_sparsity=0.0)
-    for key in out_proj:
-        layer = model.get_submodule(key.rsplit(".", 1)[0])
-        assert type(layer) is nn.modules.linear.NonDynamicallyQuantizableLinear
-        assert not layer.weight[~result.masks[key]].any()
-    assert sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules()) == len(result.masks) - 2
+    assert sum(isinstance(m, pysparse.SparseMultiheadAttention) for m in model.modules()) == 2
+    for key in attention:
+        attn_name, _, local = key.partition("self_attention.")
+        attn = model.get_submodule(attn_name + "self_attention")
+        assert torch.equal(attn.masks()[local], result.masks[key])
+    # every other mask a layer; each attention four
+    assert sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules()) == len(result.masks) - 4 + 8
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
     pysparse.save(model, tmp_path / "vit.safetensors")
@@ -91,6 +95,21 @@ def test_prune_then_sparsify_a_vision_transformer(tmp_path):
     loaded.train()
     loaded(x).sum().backward()
     assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
+
+
+def test_sparsify_leaves_subclassed_layers_dense_with_their_masks_applied():
+    """A subclass of nn.Linear (its parent may read the weight directly) stays dense, masked, with a warning."""
+
+    class Projection(nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Projection(16, 4))
+    masks = {n: torch.rand(p.shape) >= 0.9 for n, p in model.named_parameters() if n.endswith("weight")}
+    with pytest.warns(UserWarning, match="subclasses dense .*'1.weight'"):
+        pysparse.sparsify(model, masks)
+    assert type(model[1]) is Projection and not model[1].weight[~masks["1.weight"]].any()
+    assert isinstance(model[0], SparseLinear)
 
 
 def test_sparsify_applies_the_masks_of_layers_it_leaves_dense():
@@ -320,19 +339,23 @@ def test_load_refuses_bad_packed_tensors(tmp_path):
         pysparse.load(write(lambda t: None, packed='[1, 2]'), fresh())
 
 
-def test_sparsify_a_transformer_encoder():
-    """nn.TransformerEncoderLayer: its linear layers become sparse, its attention's out_proj stays dense (a
-    subclass its parent reads directly); the model computes the masked model in training and in inference, where
-    torch's fast path reads linear1 / linear2.weight (the sparse layers' dense copies) unless
-    torch.backends.mha.set_fastpath_enabled(False), which keeps the sparse kernels (as the README says)."""
+@pytest.mark.parametrize("attention", [False, True])
+def test_sparsify_a_transformer_encoder(attention):
+    """nn.TransformerEncoderLayer: its linear layers become sparse, and with its attention pruned too the attention
+    a SparseMultiheadAttention; the model computes the masked model in training and in inference. There torch's
+    fast path reads linear1 / linear2.weight (the sparse layers' dense copies) unless
+    torch.backends.mha.set_fastpath_enabled(False), which keeps the sparse kernels (as the README says); a sparse
+    attention declines the fast path (it reads in_proj_weight), so the layer keeps the sparse kernels either way."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    result = pysparse.prune(model, "magnitude", sparsity=0.9)
+    result = pysparse.prune(model, "magnitude", sparsity=0.9, exclude=[] if attention else [r".*self_attn\..*"])
     ref = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="out_proj"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         pysparse.sparsify(model, result.masks, min_sparsity=0)
     assert isinstance(model.layers[1].linear2, SparseLinear)
+    assert isinstance(model.layers[1].self_attn, pysparse.SparseMultiheadAttention) == attention
     x = torch.randn(3, 7, 32)
     for fast in (True, False):
         torch.backends.mha.set_fastpath_enabled(fast)
@@ -343,7 +366,7 @@ def test_sparsify_a_transformer_encoder():
             torch.backends.mha.set_fastpath_enabled(True)
         with torch.no_grad():
             torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
-        assert ("pysparse::spmm" in called) != fast
+        assert ("pysparse::spmm" in called) == (attention or not fast)
     model.train()
     ref.train()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -472,7 +495,7 @@ def test_load_refuses_edited_metadata(tmp_path):
 
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: pysparse.sparsify("model"), TypeError, "model must be an nn.Module"),
-    (lambda: pysparse.sparsify(nn.Sequential(nn.ReLU())), ValueError, "no nn.Linear or nn.Conv2d"),
+    (lambda: pysparse.sparsify(nn.Sequential(nn.ReLU())), ValueError, "no nn.Linear, nn.Conv2d or nn.MultiheadAttention"),
     (lambda: pysparse.sparsify(nn.Sequential(nn.Linear(2, 2)), {"1.weight": torch.ones(2, 2, dtype=torch.bool)}),
      ValueError, "not the weight of"),
     (lambda: pysparse.sparsify(nn.Sequential(nn.Linear(2, 2)), {"0.weight": torch.ones(3, 2, dtype=torch.bool)}),
