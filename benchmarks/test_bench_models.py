@@ -1,6 +1,6 @@
-"""Whole torchvision models pruned layer by layer by magnitude and sparsified (`pysparse.sparsify`, default
-crossovers) beside the same pruned model left dense, forward at 224 x 224, one run (`models.py` alternates the
-two round by round, for ratios on a noisy machine)."""
+"""Whole torchvision models (ResNet-18, MobileNetV3-small, ViT-B/16) pruned layer by layer by magnitude and
+sparsified (`pysparse.sparsify`, default crossovers) beside the same pruned model left dense, forward at 224 x 224,
+one run (`models.py` alternates the two round by round, for ratios on a noisy machine)."""
 import pytest
 import torch
 
@@ -13,7 +13,7 @@ DEVICES = devices_for("sparse_conv2d", "spmm")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("model", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("model", ["resnet18", "mobilenet_v3_small", "vit_b_16"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("sparsity", [0.9, 0.95])
 @pytest.mark.parametrize("impl", ["pysparse", "dense"])

@@ -96,9 +96,12 @@ def test_layers_block(tmp_path, monkeypatch):
     conv2d = nn.Conv2d(64, 128, 3, padding=1)
     ns = {"torchvision": torchvision, "linear": nn.Linear(784, 300), "mask": torch.rand(300, 784) > 0.9,
           "new_mask": torch.rand(300, 784) > 0.8,
-          "conv2d": conv2d, "conv_mask": torch.rand_like(conv2d.weight) > 0.9, "masks": masks}
+          "conv2d": conv2d, "conv_mask": torch.rand_like(conv2d.weight) > 0.9, "masks": masks,
+          "mha": nn.MultiheadAttention(64, 4), "m1": torch.rand(192, 64) > 0.9, "m2": torch.rand(64, 64) > 0.9}
     ns = run(code, ns, tmp_path, monkeypatch)
     assert torch.equal(ns["layer"].mask(), ns["new_mask"]) and ns["conv"].sparsity > 0.85
+    assert torch.equal(ns["attn"].masks()["in_proj_weight"], ns["m1"])
+    assert torch.equal(ns["attn"].masks()["out_proj.weight"], ns["m2"])
     dense_bytes = sum(p.numel() * 4 for p in resnet.parameters())
     assert (tmp_path / "model.safetensors").stat().st_size < 0.2 * dense_bytes  # layers left dense: packed
     model = ns["model"]  # loaded, then densified: the masked dense ResNet-18
