@@ -344,3 +344,28 @@ def test_compiles_fullgraph():
     _, sparse, _ = _masked_pair(batch_first=True)
     x = torch.randn(2, 5, 16, requires_grad=True)
     assert_compiled_matches_eager(_SelfAttention(sparse), x, torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_sparsify_an_encoder_decoder_transformer(train):
+    """nn.Transformer: self-attention (causal in the decoder) and cross-attention (query from the decoder, key and
+    value from the encoder's memory) all become SparseMultiheadAttention and compute the masked model."""
+    torch.manual_seed(0)
+    model = nn.Transformer(32, 4, 2, 2, 64, dropout=0.0, batch_first=True)
+    masks = pysparse.prune(model, "magnitude", sparsity=0.9, scope="layer").masks
+    dense = copy.deepcopy(model).train(train)
+    pysparse.sparsify(model, masks).train(train)
+    assert sum(isinstance(m, SparseMultiheadAttention) for m in model.modules()) == 6
+    src, tgt = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.set_grad_enabled(train):
+        _close(model(src, tgt, tgt_mask=causal, tgt_is_causal=True), dense(src, tgt, tgt_mask=causal, tgt_is_causal=True))
+
+
+def test_autocast_computes_as_nn_multihead_attention():
+    dense, sparse, _ = _masked_pair(batch_first=True)
+    x = torch.randn(2, 7, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = dense(x, x, x, need_weights=False)[0], sparse(x, x, x, need_weights=False)[0]
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
