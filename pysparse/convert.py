@@ -98,7 +98,7 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
         raise ValueError(f"sparsify converts the layers inside a model; for a lone layer use {lone.__name__}.from_dense")
     if masks is not None and not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a mapping from parameter names to bool tensors, got {type(masks).__name__}")
-    masks = _sparsify_attention(model, masks, min_sparsity)
+    masks, attention = _plan_attention(model, masks, min_sparsity)  # checked here, applied after every check
     every_name = list(model.named_modules(remove_duplicate=False))  # a shared module under each of its names
     candidates = {f"{name}.weight": module for name, module in every_name if type(module) in _SPARSE_OF}
     subclassed = {f"{name}.weight": module for name, module in every_name
@@ -115,10 +115,11 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
             first = named.setdefault(id(layer), (key, mask))
             if first[0] != key and not torch.equal(first[1], mask):
                 raise ValueError(f"masks[{first[0]!r}] and masks[{key!r}] name one shared layer with different masks")
-    if not candidates and not any(isinstance(m, SparseMultiheadAttention) for m in model.modules()):
+    if not candidates and not attention and not any(isinstance(m, SparseMultiheadAttention) for m in model.modules()):
         raise ValueError("the model has no nn.Linear, nn.Conv2d or nn.MultiheadAttention layer to sparsify")
     for key, module in candidates.items():  # before the masks are counted (no counting on meta)
         refuse_meta(module.weight, f"a sparse layer for {key!r}")
+    _apply_attention(model, attention)
     layers = {}  # id(layer) -> (key, layer), a shared layer once
     for key, module in (candidates | subclassed).items():
         layers.setdefault(id(module), (key, module))
@@ -159,27 +160,25 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     return model
 
 
-def _sparsify_attention(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]],
-                        min_sparsity: Optional[float]) -> Optional[Mapping[str, torch.Tensor]]:
-    """sparsify's first pass: every nn.MultiheadAttention (exactly that type) whose projection weights
-    (:func:`projection_weights`: in_proj_weight or q/k/v_proj_weight, and out_proj.weight) masks name, or with
-    masks None that hold zeros, becomes a SparseMultiheadAttention when its four projections together reach
-    min_sparsity (default: nn.Linear's crossover), else has its masks applied. Returns masks less the entries it
-    took, for the layer pass."""
+def _plan_attention(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]], min_sparsity: Optional[float]
+                    ) -> tuple[Optional[dict], list[tuple[nn.MultiheadAttention, dict, bool]]]:
+    """sparsify's plan for attention, every mask checked, the model untouched: every nn.MultiheadAttention (exactly
+    that type) whose projection weights (:func:`projection_weights`: in_proj_weight or q/k/v_proj_weight, and
+    out_proj.weight) masks name, or with masks None that hold zeros, becomes a SparseMultiheadAttention when its
+    four projections together reach min_sparsity (default: nn.Linear's crossover), else has its masks applied.
+    Returns masks less the entries it took (for the layer pass) and [(attention, masks, convert), ...]."""
     if masks is not None:
         masks = dict(masks)
-    places = module_places(model)
-    done = set()
-    for name, module in list(model.named_modules(remove_duplicate=False)):
+    plan, seen = [], set()
+    for name, module in model.named_modules(remove_duplicate=False):
         if type(module) is not nn.MultiheadAttention:
             continue
         prefix = f"{name}." if name else ""
         weights = projection_weights(module)
-        keys = {f"{prefix}{n}": n for n in weights}
-        given = {} if masks is None else {n: masks.pop(k) for k, n in keys.items() if k in masks}
-        if id(module) in done or (masks is not None and not given):
+        given = {} if masks is None else {n: masks.pop(prefix + n) for n in weights if prefix + n in masks}
+        if id(module) in seen or (masks is not None and not given):
             continue
-        done.add(id(module))
+        seen.add(id(module))
         for n, w in weights.items():
             refuse_meta(w, f"a sparse attention for {prefix}{n!r}")
             if n in given:
@@ -188,13 +187,22 @@ def _sparsify_attention(model: nn.Module, masks: Optional[Mapping[str, torch.Ten
         total = sum(m.numel() for m in full.values())
         removed = total - sum(int(m.sum()) for m in full.values())
         table = DEFAULT_MIN_SPARSITY_CUDA if module.out_proj.weight.is_cuda else DEFAULT_MIN_SPARSITY
-        if not reaches_sparsity(removed, total, table[nn.Linear] if min_sparsity is None else min_sparsity):
+        convert = reaches_sparsity(removed, total, table[nn.Linear] if min_sparsity is None else min_sparsity)
+        plan.append((module, full if convert else given, convert))
+    return masks, plan
+
+
+def _apply_attention(model: nn.Module, plan: list[tuple[nn.MultiheadAttention, dict, bool]]) -> None:
+    """Carries out :func:`_plan_attention`'s plan: converts, or applies the given masks in place."""
+    places = module_places(model)
+    for module, masks, convert in plan:
+        if convert:
+            replace_module(places, module, SparseMultiheadAttention.from_dense(module, masks))
+        else:
+            weights = projection_weights(module)
             with torch.no_grad():
-                for n, m in given.items():
+                for n, m in masks.items():
                     weights[n].masked_fill_(~m, 0)
-            continue
-        replace_module(places, module, SparseMultiheadAttention.from_dense(module, full))
-    return masks
 
 
 def densify(model: nn.Module) -> nn.Module:

@@ -369,3 +369,15 @@ def test_autocast_computes_as_nn_multihead_attention():
         want, got = dense(x, x, x, need_weights=False)[0], sparse(x, x, x, need_weights=False)[0]
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_sparsify_checks_every_mask_before_it_converts_an_attention():
+    model = _encoder()
+    masks = pysparse.prune(model, "magnitude", sparsity=0.9, scope="layer").masks
+    masks["0.layers.0.linear1.weight"] = masks["0.layers.0.linear1.weight"][:3]
+    with pytest.raises(ValueError, match=r"masks\['0.layers.0.linear1.weight'\] has shape"):
+        pysparse.sparsify(model, masks)
+    assert not any(isinstance(m, (SparseLinear, SparseMultiheadAttention)) for m in model.modules())
+    bad = {"0.layers.1.self_attn.in_proj_weight": torch.ones(3, 3, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=r"masks\['0.layers.1.self_attn.in_proj_weight'\] has shape"):
+        pysparse.sparsify(model, bad)
