@@ -203,6 +203,18 @@ def _apply_attention(model: nn.Module, plan: list[tuple[nn.MultiheadAttention, d
             with torch.no_grad():
                 for n, m in masks.items():
                     weights[n].masked_fill_(~m, 0)
+    decline_nested_tensors(model)
+
+
+def decline_nested_tensors(model: nn.Module) -> None:
+    """Turns off the nested-tensor inference path of every nn.TransformerEncoder whose layers hold a
+    SparseMultiheadAttention, as its constructor does for such layers (``use_nested_tensor``): that path reads
+    ``self_attn.in_proj_weight`` and hands the layers nested tensors, which only torch's fused dense attention
+    takes. (The same call runs as the plain one; padded positions then hold values, not nested's zeros.)"""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(getattr(layer, "self_attn", None), SparseMultiheadAttention) for layer in module.layers):
+            module.use_nested_tensor = False
 
 
 def densify(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import csr
-from .convert import module_places, replace_module
+from .convert import decline_nested_tensors, module_places, replace_module
 from .nn import SparseConv2d, SparseLinear, SparseMultiheadAttention
 from .nn.attention import projection_weights
 from .nn._sparse_weight import SparseWeight
@@ -216,6 +216,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
                                                                      in projection_weights(attention).items()})
             replace_module(places, attention, sparse)
             places = module_places(model)
+    decline_nested_tensors(model)
     for name, info in layers.items():
         try:
             module = model.get_submodule(name)

@@ -381,3 +381,29 @@ def test_sparsify_checks_every_mask_before_it_converts_an_attention():
     bad = {"0.layers.1.self_attn.in_proj_weight": torch.ones(3, 3, dtype=torch.bool)}
     with pytest.raises(ValueError, match=r"masks\['0.layers.1.self_attn.in_proj_weight'\] has shape"):
         pysparse.sparsify(model, bad)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # (the dense model's nested path)
+def test_a_transformer_encoder_s_nested_tensor_path_is_declined(tmp_path):
+    """nn.TransformerEncoder (enable_nested_tensor, the default) in inference with a padding mask turns its input
+    into a nested tensor and reads self_attn.in_proj_weight: after sparsify (and load) it takes the plain path, as
+    its constructor decides for sparse attention, and gives the dense model's outputs at the positions kept."""
+    torch.manual_seed(0)
+    make = lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),  # noqa: E731
+                                         2).eval()
+    model = make()
+    masks = pysparse.prune(model, "magnitude", sparsity=0.9, scope="layer").masks
+    dense = copy.deepcopy(model)
+    pysparse.sparsify(model, masks)
+    assert model.use_nested_tensor is False
+    x = torch.randn(3, 7, 32)
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    with torch.no_grad():
+        want = dense(x, src_key_padding_mask=kpm)  # nested: zeros at the padded positions
+        _close(model(x, src_key_padding_mask=kpm)[~kpm], want[~kpm])
+    pysparse.save(model, tmp_path / "enc.safetensors")
+    loaded = pysparse.load(tmp_path / "enc.safetensors", make())
+    assert loaded.use_nested_tensor is False
+    with torch.no_grad():
+        _close(loaded(x, src_key_padding_mask=kpm)[~kpm], want[~kpm])
