@@ -169,8 +169,10 @@ def test_construction_and_conversion():
     assert type(back) is nn.MultiheadAttention
     for name, p in dense.named_parameters():
         torch.testing.assert_close(back.get_parameter(name), p)
-    # masks=None keeps the non-zeros
+    # masks=None keeps the non-zeros; a frozen attention stays frozen
     assert SparseMultiheadAttention.from_dense(dense).nnz == sparse.nnz
+    frozen = SparseMultiheadAttention.from_dense(copy.deepcopy(dense).requires_grad_(False))
+    assert not any(p.requires_grad for p in frozen.parameters())
     layer = SparseMultiheadAttention(32, 4, sparsity=0.9, batch_first=True)
     assert layer.sparsity == pytest.approx(0.9, abs=1e-3)
     assert layer(torch.randn(2, 3, 32), torch.randn(2, 3, 32), torch.randn(2, 3, 32))[0].shape == (2, 3, 32)

@@ -117,8 +117,10 @@ class SparseMultiheadAttention(nn.Module):
             dense = nn.Linear(fan_in, E, bias=biases[i] is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 dense.weight.copy_(w)
+                dense.weight.requires_grad_(w.requires_grad)  # (a frozen attention stays frozen)
                 if biases[i] is not None:
                     dense.bias.copy_(biases[i])
+                    dense.bias.requires_grad_(mha.in_proj_bias.requires_grad)
             setattr(self, p, SparseLinear.from_dense(dense, mask))
         self.out_proj = SparseLinear.from_dense(mha.out_proj, full["out_proj.weight"])
         for b in ("bias_k", "bias_v"):
