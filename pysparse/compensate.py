@@ -27,6 +27,7 @@ from torch import nn
 
 from . import ops
 from .nn._sparse_weight import check_mask
+from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, attention_values, out_proj_owners
 
 BLOCK = 128  # columns per lazy block of the OBS sweep
 CHUNK_BYTES = 64 << 20  # bytes of unfolded float64 calibration columns built at once, per input (about)
@@ -43,6 +44,28 @@ class _Stop(Exception):
     """Raised by the capture hook to end a forward pass once the layer's input is seen."""
 
 
+def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, tuple[nn.Module, torch.Tensor, str]]:
+    """Per mask name: (the module whose call shows the weight's input, the weight, its kind): "layer" for an
+    nn.Linear / nn.Conv2d; for an nn.MultiheadAttention's projections the attention itself, with kind
+    "in_proj_weight" (three row blocks: query's, key's, value's), "q_proj_weight" / "k_proj_weight" /
+    "v_proj_weight", or "out_proj" (its input is the heads' output: the out_proj layer itself is never called)."""
+    modules, owners = dict(model.named_modules()), out_proj_owners(model)
+    out = {}
+    for name in masks:
+        prefix, _, attr = name.rpartition(".")
+        mod = modules.get(prefix)
+        if attr == "weight" and isinstance(mod, (nn.Linear, nn.Conv2d)):
+            out[name] = (owners[id(mod)], mod.weight, "out_proj") if id(mod) in owners else (mod, mod.weight, "layer")
+        elif isinstance(mod, nn.MultiheadAttention) and attr in ATTENTION_IN_PROJ + ATTENTION_QKV_PROJ \
+                and getattr(mod, attr) is not None:
+            out[name] = (mod, getattr(mod, attr), attr)
+        else:
+            raise ValueError(f"compensate: {name!r} is not the weight of an nn.Linear / nn.Conv2d or a projection of "
+                             "an nn.MultiheadAttention")
+        check_mask(masks[name], out[name][1], name=f"masks[{name!r}]")
+    return out
+
+
 def _forward_order(model: nn.Module, modules: Mapping[str, nn.Module], inputs) -> list[str]:
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
@@ -56,16 +79,27 @@ def _forward_order(model: nn.Module, modules: Mapping[str, nn.Module], inputs) -
     return order
 
 
-def _layer_input(model: nn.Module, module: nn.Module, inputs, params: Optional[dict] = None) -> torch.Tensor:
+def _layer_input(model: nn.Module, module: nn.Module, inputs, params: Optional[dict] = None, kind: str = "layer"):
     """The input of ``module`` when ``model`` runs on ``inputs`` (with ``params`` swapped in, if given); the
-    forward pass stops there."""
-    seen: list[torch.Tensor] = []
+    forward pass stops there. For an attention's projection (``kind``, see :func:`_targets`) a list, one input
+    per row block of the weight."""
+    seen: list = []
+    busy: list = []  # attention_values calls the attention again: that call passes
 
-    def hook(_mod, args):
-        seen.append(args[0].detach())
+    def hook(mod, args, kwargs):
+        if busy:
+            return None
+        if kind == "layer":
+            seen.append(args[0].detach())
+        elif kind == "out_proj":
+            busy.append(True)
+            seen.append([attention_values(mod, args, kwargs)])
+        else:
+            qkv = [(args[i] if len(args) > i else kwargs[k]).detach() for i, k in enumerate(("query", "key", "value"))]
+            seen.append(qkv if kind in ATTENTION_IN_PROJ else [qkv[ATTENTION_QKV_PROJ.index(kind)]])
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             if params is None:
@@ -103,6 +137,17 @@ def _column_chunks(module: nn.Module, x: torch.Tensor, xd: torch.Tensor):
         yield _columns(module, x[i:i + step]), _columns(module, xd[i:i + step])
 
 
+def _products(module: nn.Module, kind: str, x_in, xd_in):
+    """X^T X, X^T Xd and Xd^T Xd ([groups, d, d], float64) of a calibration batch, in parts. An attention's row
+    blocks each see their own input (query and key may differ in length): one product per block, stacked."""
+    if kind == "layer":
+        for x, xd in _column_chunks(module, x_in, xd_in):
+            yield x.transpose(1, 2) @ x, x.transpose(1, 2) @ xd, xd.transpose(1, 2) @ xd
+        return
+    pairs = [(a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()) for a, b in zip(x_in, xd_in)]
+    yield tuple(torch.stack(t) for t in zip(*((x.t() @ x, x.t() @ xd, xd.t() @ xd) for x, xd in pairs)))
+
+
 def _objective(a, b, h, g, hdd):
     """sum over rows of ||X a^T - Xd b^T||^2 from the accumulated X^T X, X^T Xd and Xd^T Xd."""
     return float(((a @ h) * a).sum() - 2 * ((a @ g) * b).sum() + ((b @ hdd) * b).sum())
@@ -131,24 +176,18 @@ def _sweep(w: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor
 
 def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Iterable, *,
                damp: float = 0.01, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Apply ``masks`` (parameter name -> bool, True = keep) to the nn.Linear / nn.Conv2d weights of the
-    *dense* ``model`` and refit the kept weights layer by layer (see the module docstring). ``batches``: the
+    """Apply ``masks`` (parameter name -> bool, True = keep) to the nn.Linear / nn.Conv2d weights and the
+    nn.MultiheadAttention projections (``in_proj_weight``, ``out_proj.weight``, ...) of the *dense* ``model`` and refit the kept weights layer by layer (see the module docstring). ``batches``: the
     calibration data, a list of (inputs, targets); the targets are not used. Returns, per parameter, the
     calibration reconstruction error relative to the dense layer's output energy, "masked" (plain masking)
     and "compensated". ``progress``: a tqdm bar over the layers."""
     damp = check_damp(damp)
-    modules = dict(model.named_modules())
-    layers = {}
-    for name in masks:
-        mod = modules.get(name[: -len(".weight")] if name.endswith(".weight") else "")
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or not name.endswith(".weight"):
-            raise ValueError(f"compensate: {name!r} is not the weight of an nn.Linear / nn.Conv2d")
-        check_mask(masks[name], mod.weight, name=f"masks[{name!r}]")
-        layers[name] = mod
+    targets = _targets(model, masks)
+    layers = {n: t[0] for n, t in targets.items()}  # the modules whose calls show each weight's input
     batches = list(batches)
     if not batches:
         raise ValueError("compensate: batches yielded no batch")
-    dense = {n: m.weight.detach().clone() for n, m in layers.items()}
+    dense = {n: t[1].detach().clone() for n, t in targets.items()}
     was_training = model.training
     model.eval()
     report: dict[str, dict[str, float]] = {}
@@ -160,18 +199,16 @@ def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Ite
             from tqdm.auto import tqdm
             names = tqdm(names, desc="compensate")
         for name in names:  # layers the forward never reaches: masked only
-            mod = layers[name]
-            weight = mod.weight
+            mod, weight, kind = targets[name]
             if name not in order:
                 ops.apply_mask_(masks[name], weight.data)
                 continue
             h = g = hdd = None
             for inputs, _ in batches:
-                x_in, xd_in = _layer_input(model, mod, inputs), _layer_input(model, mod, inputs, dense)
-                for x, xd in _column_chunks(mod, x_in, xd_in):
-                    h = x.transpose(1, 2) @ x if h is None else h + x.transpose(1, 2) @ x
-                    g = x.transpose(1, 2) @ xd if g is None else g + x.transpose(1, 2) @ xd
-                    hdd = xd.transpose(1, 2) @ xd if hdd is None else hdd + xd.transpose(1, 2) @ xd
+                x_in = _layer_input(model, mod, inputs, kind=kind)
+                xd_in = _layer_input(model, mod, inputs, dense, kind)
+                for xx, xxd, xdxd in _products(mod, kind, x_in, xd_in):
+                    h, g, hdd = (p if acc is None else acc + p for acc, p in ((h, xx), (g, xxd), (hdd, xdxd)))
             if not bool(torch.isfinite(h).all() and torch.isfinite(g).all()):
                 raise ValueError(f"compensate: the calibration inputs of {name} contain NaN or inf")
             groups = h.shape[0]
@@ -194,7 +231,7 @@ def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Ite
     finally:
         if not done:  # a failure part-way (e.g. non-finite calibration inputs) leaves the model as it was
             with torch.no_grad():
-                for n, mod in layers.items():
-                    mod.weight.copy_(dense[n])
+                for n, (_, weight, _) in targets.items():
+                    weight.copy_(dense[n])
         model.train(was_training)
     return report

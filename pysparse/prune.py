@@ -21,6 +21,7 @@ from torch import nn
 from . import ops
 from .compensate import check_damp, compensate as _compensate
 from .nn._sparse_weight import SparseWeight
+from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, attention_values, out_proj_owners
 from .ops import _check_fraction
 
 METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
@@ -28,9 +29,6 @@ DATA_METHODS = ("gradient", "taylor", "hessian", "snip", "wanda")
 SCOPES = ("global", "layer")
 HESSIAN_ESTIMATORS = ("fisher", "hutchinson")
 PRUNABLE = (nn.Linear, nn.Conv2d)
-# nn.MultiheadAttention's in-projection weights (kdim == vdim == embed_dim: q, k, v stacked; else one each)
-ATTENTION_IN_PROJ = ("in_proj_weight",)
-ATTENTION_QKV_PROJ = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 @dataclass
@@ -204,36 +202,13 @@ def _feature_sums(x: torch.Tensor, conv: bool) -> torch.Tensor:
     return x.pow(2).transpose(0, 1).reshape(x.shape[1], -1).sum(1) if conv else x.pow(2).reshape(-1, x.shape[-1]).sum(0)
 
 
-def _attention_out_projs(model: nn.Module) -> dict[int, nn.MultiheadAttention]:
-    """id(out_proj) -> its nn.MultiheadAttention, for every attention of ``model``: an out_proj is an nn.Linear
-    that is never called (the attention reads its weight), so hooks on it see nothing."""
-    return {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-
-
-def _attention_values(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
-    """The input of ``mha.out_proj`` in the call ``mha(*args, **kwargs)``: the call again with an identity output
-    projection (dropout off)."""
-    from torch.func import functional_call
-
-    w = mha.out_proj.weight
-    identity = {"out_proj.weight": torch.eye(w.shape[1], dtype=w.dtype, device=w.device),
-                "out_proj.bias": None if mha.out_proj.bias is None else torch.zeros_like(mha.out_proj.bias)}
-    was_training = mha.training
-    mha.eval()
-    try:
-        with torch.no_grad():
-            return functional_call(mha, identity, args, {**kwargs, "need_weights": False})[0]
-    finally:
-        mha.train(was_training)
-
-
 def _input_norms(model, params, batches):
     """Wanda's ||x_j||_2 per input feature of each layer (per input channel for a convolution). An
     nn.MultiheadAttention's in_proj_weight gets [3, embed_dim]: the query's, key's and value's norms, each for its
     block of rows; q/k/v_proj_weight the norms of their own input."""
     sums = {name: None for name in params}
     hooks = []
-    parents = _attention_out_projs(model)
+    parents = out_proj_owners(model)
     busy = set()  # attentions being re-run for their out_proj's input (their hooks skip those calls)
     for name, (module, _) in params.items():
         def hook(mod, args, kwargs, _out, name=name):
@@ -242,7 +217,7 @@ def _input_norms(model, params, batches):
             if name.endswith("out_proj.weight") and parents.get(id(getattr(mod, "out_proj", None))) is mod:
                 busy.add(id(mod))
                 try:
-                    per_feature = _feature_sums(_attention_values(mod, args, kwargs), False)
+                    per_feature = _feature_sums(attention_values(mod, args, kwargs), False)
                 finally:
                     busy.discard(id(mod))
             elif isinstance(mod, nn.MultiheadAttention):
@@ -376,8 +351,7 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     ``compensate``: after zeroing, refit the kept weights of each layer, in forward order, to reproduce the
     dense model's layer outputs on the ``num_batches`` batches of ``data`` (layer-wise OBS / SparseGPT with the
     chosen mask, ridge ``damp`` x mean diag(X^T X) towards the dense weights; :mod:`pysparse.compensate`). It
-    works with every method and pattern, needs ``data`` (the targets are not used) and ``apply`` (an attention's
-    projections, its out_proj too, are masked, not refit); give it a few
+    works with every method and pattern, needs ``data`` (the targets are not used) and ``apply``; give it a few
     times as many calibration examples as the widest layer has inputs. ``result.reconstruction`` holds each
     layer's relative calibration error, masked and compensated.
     """
@@ -450,13 +424,8 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     scores = _scores(model, params, method, scoring, loss_fn, hessian_estimator, hutchinson_samples, generator)
     masks = _select(scores, pat, scope, sparsity, threshold, layer_sparsity, min_density)
     reconstruction = {}
-    if compensate:  # refits nn.Linear / nn.Conv2d; an attention's projections are masked only
-        out_projs = _attention_out_projs(model)
-        refit = {n: m for n, m in masks.items()
-                 if isinstance(params[n][0], PRUNABLE) and id(params[n][0]) not in out_projs}
-        for name in masks.keys() - refit.keys():
-            ops.apply_mask_(masks[name], params[name][1].data)
-        reconstruction = _compensate(model, refit, batches, damp=damp, progress=progress)
+    if compensate:
+        reconstruction = _compensate(model, masks, batches, damp=damp, progress=progress)
     elif apply:
         for name, (_, p) in params.items():
             ops.apply_mask_(masks[name], p.data)

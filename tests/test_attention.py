@@ -302,13 +302,50 @@ def test_sparsify_leaves_attention_below_the_crossover_dense_with_its_masks_appl
     assert sum(isinstance(m, SparseMultiheadAttention) for m in model.modules()) == 2
 
 
-def test_prune_with_compensate_masks_the_in_projection():
-    model = _encoder()
-    data = [(torch.randn(16, 7, 32), None)]
-    result = pysparse.prune(model, "magnitude", sparsity=0.5, scope="layer", data=data, compensate=True)
-    name = "0.layers.0.self_attn.in_proj_weight"
-    assert not model.get_parameter(name)[~result.masks[name]].any()
-    assert name not in result.reconstruction and "0.layers.0.linear1.weight" in result.reconstruction
+def _heads_output(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The input of attn.out_proj in attn(x, x, x): through a SparseMultiheadAttention of the same weights."""
+    probe = SparseMultiheadAttention.from_dense(attn, {n: torch.ones_like(w, dtype=torch.bool)
+                                                       for n, w in projection_weights(attn).items()}).eval()
+    seen = []
+    probe.out_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        probe(x, x, x, need_weights=False)
+    return seen[0].double()
+
+
+def test_prune_with_compensate_refits_the_attention_projections():
+    """Layer-wise OBS on an attention: the in-projection's three row blocks each refit on their own input (here
+    all the block's input x, the attention comes first), out_proj on the heads' output (the pruned model's
+    against the dense model's); the reported errors are those of the weights written back."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Net().eval()
+    dense = copy.deepcopy(model)
+    x = torch.randn(64, 6, 6) @ torch.randn(6, 16) + 0.1 * torch.randn(64, 6, 16)  # correlated features
+    result = pysparse.prune(model, "magnitude", sparsity=0.5, scope="layer", data=[(x, None)], compensate=True)
+    rec = result.reconstruction
+    assert set(rec) == {"attn.in_proj_weight", "attn.out_proj.weight", "head.weight"}
+    for r in rec.values():
+        assert r["compensated"] < 0.9 * r["masked"]
+    w, wd = model.attn.in_proj_weight.detach().double(), dense.attn.in_proj_weight.detach().double()
+    assert not w[~result.masks["attn.in_proj_weight"]].any()
+    xs = x.reshape(-1, 16).double()
+    error = sum((xs @ (w - wd)[b * 16:(b + 1) * 16].t()).pow(2).sum() for b in range(3)) / (xs @ wd.t()).pow(2).sum()
+    assert float(error) == pytest.approx(rec["attn.in_proj_weight"]["compensated"], rel=1e-6)
+    # out_proj: its input in the model as pruned so far (in_proj refitted) against the dense model's
+    heads, heads_dense = _heads_output(model.attn, x), _heads_output(dense.attn, x)
+    o, od = model.attn.out_proj.weight.detach().double(), dense.attn.out_proj.weight.detach().double()
+    error = (heads @ o.t() - heads_dense @ od.t()).pow(2).sum() / (heads_dense @ od.t()).pow(2).sum()
+    assert float(error) == pytest.approx(rec["attn.out_proj.weight"]["compensated"], rel=1e-4)
 
 
 def test_retrain_takes_prune_s_masks_on_a_sparsified_transformer():
@@ -409,3 +446,30 @@ def test_a_transformer_encoder_s_nested_tensor_path_is_declined(tmp_path):
     assert loaded.use_nested_tensor is False
     with torch.no_grad():
         _close(loaded(x, src_key_padding_mask=kpm)[~kpm], want[~kpm])
+
+
+def test_compensate_handles_cross_attention_and_separate_projections():
+    """The decoder's cross-attention (queries of 5 positions, keys and values of 9) and an attention with
+    kdim / vdim (q_proj_weight, k_proj_weight, v_proj_weight) refit too; the error never grows."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+            self.cross = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+
+        def forward(self, x):
+            y = self.t(x, x[:, :5])
+            return self.cross(y, x[..., :8], x[..., 8:])[0]
+
+    model = Net().eval()
+    x = torch.randn(32, 9, 4) @ torch.randn(4, 16) + 0.1 * torch.randn(32, 9, 16)
+    result = pysparse.prune(model, "magnitude", sparsity=0.5, scope="layer", data=[(x, None)], compensate=True)
+    rec = result.reconstruction
+    for name in ("t.decoder.layers.0.multihead_attn.in_proj_weight", "cross.q_proj_weight", "cross.k_proj_weight",
+                 "cross.v_proj_weight", "cross.out_proj.weight"):
+        assert rec[name]["compensated"] <= rec[name]["masked"] * (1 + 1e-9), name
+    assert set(rec) == set(result.masks)
+    for name, mask in result.masks.items():
+        assert not model.get_parameter(name)[~mask].any()

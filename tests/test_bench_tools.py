@@ -1,7 +1,8 @@
 """The benchmark tooling that runs where a rerun is expensive (benchmarks/gpu_check.sh on a lent GPU): merging
 the JSON of its benchmark parts and the ratio table; benchmarks/step_ratio.py (step / forward per round) and
 benchmarks/per_round.py (SparseLinear against nn.Linear and torch.sparse.mm per round); benchmarks/models.py (pruned
-torchvision models, sparsified against dense, per round)."""
+torchvision models, sparsified against dense, per round); benchmarks/vit_digits.py (a small transformer pruned one-shot,
+with and without compensation)."""
 import importlib.util
 import json
 import subprocess
@@ -88,7 +89,7 @@ def test_step_ratio_measures_a_stack_of_layers(capsys):
 
 def test_step_ratio_measures_sparse_conv2d(capsys):
     module = _load("step_ratio")
-    r = module.measure_conv("layer4", 0.9, batch=1, rounds=2, calls=1)
+    r = module.measure_conv("layer4", 0.9, batch=1, rounds=3, calls=1)  # (3: a median one slow round cannot move)
     assert 0 < r["forward_ms"] < r["step_ms"] and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
     module.main(["--conv", "layer4", "--batch", "1", "--sparsity", "0.95", "--rounds", "1"])
     out = capsys.readouterr().out
@@ -209,3 +210,11 @@ def test_models_rejects_bad_input(kwargs, name):
     args = {"model": "resnet18", "batch": 1, "sparsity": 0.9, "rounds": 1, "calls": 1, "image": 32, **kwargs}
     with pytest.raises(ValueError, match=name):
         _load("models").measure(**args)
+
+
+def test_vit_digits_prunes_a_trained_transformer_with_and_without_compensation(capsys):
+    module = _load("vit_digits")
+    module.main(["--sparsity", "0.5", "--epochs", "2", "--calibration", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith("dense: test accuracy") and out.count("compensate=") == 4
+    assert "(4 attention weights pruned)" in out and "sparsified (2 SparseMultiheadAttention)" in out

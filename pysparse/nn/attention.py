@@ -12,14 +12,41 @@ from .linear import SparseLinear
 from ._sparse_weight import check_mask, random_mask, refuse_meta
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+# nn.MultiheadAttention's in-projection weights (kdim == vdim == embed_dim: q, k, v stacked; else one each)
+ATTENTION_IN_PROJ = ("in_proj_weight",)
+ATTENTION_QKV_PROJ = tuple(f"{p}_weight" for p in _PROJECTIONS)
 
 
 def projection_weights(mha: nn.MultiheadAttention) -> dict[str, torch.Tensor]:
     """An nn.MultiheadAttention's projection weights by parameter name: ``in_proj_weight`` (q, k and v stacked,
     when kdim == vdim == embed_dim) or ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``, then
     ``out_proj.weight``. What ``pysparse.prune`` scores and ``masks`` name."""
-    names = ("in_proj_weight",) if mha._qkv_same_embed_dim else tuple(f"{p}_weight" for p in _PROJECTIONS)
+    names = ATTENTION_IN_PROJ if mha._qkv_same_embed_dim else ATTENTION_QKV_PROJ
     return {**{n: getattr(mha, n) for n in names}, "out_proj.weight": mha.out_proj.weight}
+
+
+def out_proj_owners(model: nn.Module) -> dict[int, nn.MultiheadAttention]:
+    """id(out_proj) -> its nn.MultiheadAttention, for every attention of ``model``: an out_proj is an nn.Linear
+    that is never called (the attention reads its weight), so hooks on it see nothing."""
+    return {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def attention_values(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
+    """The input of ``mha.out_proj`` in the call ``mha(*args, **kwargs)``: the call again with an identity output
+    projection (dropout off)."""
+    from torch.func import functional_call
+
+    w = mha.out_proj.weight
+    identity = {"out_proj.weight": torch.eye(w.shape[1], dtype=w.dtype, device=w.device)}
+    if mha.out_proj.bias is not None:
+        identity["out_proj.bias"] = torch.zeros_like(mha.out_proj.bias)
+    was_training = mha.training
+    mha.eval()
+    try:
+        with torch.no_grad():
+            return functional_call(mha, identity, args, {**kwargs, "need_weights": False})[0]
+    finally:
+        mha.train(was_training)
 
 
 class StackedProjections:
