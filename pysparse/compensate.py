@@ -27,7 +27,7 @@ from torch import nn
 
 from . import ops
 from .nn._sparse_weight import check_mask
-from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, attention_values, out_proj_owners
+from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, out_proj_owners, projection_inputs
 
 BLOCK = 128  # columns per lazy block of the OBS sweep
 CHUNK_BYTES = 64 << 20  # bytes of unfolded float64 calibration columns built at once, per input (about)
@@ -91,12 +91,9 @@ def _layer_input(model: nn.Module, module: nn.Module, inputs, params: Optional[d
             return None
         if kind == "layer":
             seen.append(args[0].detach())
-        elif kind == "out_proj":
-            busy.append(True)
-            seen.append([attention_values(mod, args, kwargs)])
         else:
-            qkv = [(args[i] if len(args) > i else kwargs[k]).detach() for i, k in enumerate(("query", "key", "value"))]
-            seen.append(qkv if kind in ATTENTION_IN_PROJ else [qkv[ATTENTION_QKV_PROJ.index(kind)]])
+            busy.append(True)
+            seen.append(projection_inputs(mod, kind, args, kwargs))
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)

@@ -21,7 +21,7 @@ from torch import nn
 from . import ops
 from .compensate import check_damp, compensate as _compensate
 from .nn._sparse_weight import SparseWeight
-from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, attention_values, out_proj_owners
+from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, out_proj_owners, projection_inputs
 from .ops import _check_fraction
 
 METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
@@ -214,17 +214,15 @@ def _input_norms(model, params, batches):
         def hook(mod, args, kwargs, _out, name=name):
             if id(mod) in busy:
                 return
-            if name.endswith("out_proj.weight") and parents.get(id(getattr(mod, "out_proj", None))) is mod:
+            if isinstance(mod, nn.MultiheadAttention):  # one of its projections (out_proj's hook is here too)
+                kind = "out_proj" if name.endswith("out_proj.weight") else name.rpartition(".")[2]
                 busy.add(id(mod))
                 try:
-                    per_feature = _feature_sums(attention_values(mod, args, kwargs), False)
+                    xs = projection_inputs(mod, kind, args, kwargs)
                 finally:
                     busy.discard(id(mod))
-            elif isinstance(mod, nn.MultiheadAttention):
-                qkv = [args[i] if len(args) > i else kwargs[k] for i, k in enumerate(("query", "key", "value"))]
-                attr = name.rpartition(".")[2]
-                per_feature = torch.stack([_feature_sums(t, False) for t in qkv]) if attr in ATTENTION_IN_PROJ \
-                    else _feature_sums(qkv[ATTENTION_QKV_PROJ.index(attr)], False)
+                per_feature = torch.stack([_feature_sums(t, False) for t in xs]) if kind in ATTENTION_IN_PROJ \
+                    else _feature_sums(xs[0], False)
             else:
                 per_feature = _feature_sums(args[0], isinstance(mod, nn.Conv2d))
             sums[name] = per_feature if sums[name] is None else sums[name] + per_feature

@@ -49,6 +49,17 @@ def attention_values(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
         mha.train(was_training)
 
 
+def projection_inputs(mha: nn.MultiheadAttention, kind: str, args, kwargs) -> list[torch.Tensor]:
+    """The inputs of one of ``mha``'s projections in the call ``mha(*args, **kwargs)``, one per row block of its
+    weight: ``kind`` "in_proj_weight" [query, key, value]; "q_proj_weight" / "k_proj_weight" / "v_proj_weight"
+    [that one]; "out_proj" [the heads' output] (from :func:`attention_values`, which calls ``mha`` again: a hook
+    that calls this must let that call through)."""
+    if kind == "out_proj":
+        return [attention_values(mha, args, kwargs)]
+    qkv = [(args[i] if len(args) > i else kwargs[k]).detach() for i, k in enumerate(("query", "key", "value"))]
+    return qkv if kind in ATTENTION_IN_PROJ else [qkv[ATTENTION_QKV_PROJ.index(kind)]]
+
+
 class StackedProjections:
     """A SparseMultiheadAttention's ``in_proj_weight`` through the sparse layers' mask interface (``weight_shape``,
     ``values``, ``mask()``, ``set_mask()``): q_proj's, k_proj's and v_proj's rows stacked, as nn.MultiheadAttention
