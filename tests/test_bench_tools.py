@@ -218,3 +218,23 @@ def test_vit_digits_prunes_a_trained_transformer_with_and_without_compensation(c
     out = capsys.readouterr().out
     assert out.startswith("dense: test accuracy") and out.count("compensate=") == 4
     assert "(4 attention weights pruned)" in out and "sparsified (2 SparseMultiheadAttention)" in out
+
+
+def test_models_times_a_vision_transformer_whose_head_starts_at_zero(monkeypatch):
+    """torchvision's ViT heads start at zero (the output would be all zeros, and the agreement check 0 / 0): the
+    pair draws such a layer at random; the attention is sparsified with the rest."""
+    import torchvision
+
+    import pysparse
+
+    module = _load("models")
+    small = lambda **kw: torchvision.models.VisionTransformer(  # noqa: E731
+        image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+    assert not small().heads.head.weight.any()
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, **kw: small())
+    dense, sparse, layers = module.pruned_pair("vit_b_16", 0.9)
+    assert dense.heads.head.weight.any()
+    assert any(isinstance(m, pysparse.SparseMultiheadAttention) for m in sparse.modules())
+    r = module.measure("vit_b_16", 2, 0.9, rounds=1, calls=1, image=32)
+    # 10% of the weights at 6 bytes each; the position embedding, norms and biases of a model this small stay whole
+    assert r["pysparse_ms"] > 0 and r["file_bytes"] < 0.35 * r["dense_bytes"]
