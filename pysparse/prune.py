@@ -72,10 +72,14 @@ class PruneResult:
         return 1.0 - self.kept / self.params if self.params else 0.0
 
     def table(self) -> str:
-        rows = [f"{'parameter':<40} {'kind':<7} {'params':>10} {'kept':>10} {'sparsity':>9}"]
-        for r in self.layers:
-            rows.append(f"{r.name:<40} {r.kind:<7} {r.params:>10} {r.kept:>10} {r.sparsity:>9.4f}")
-        rows.append(f"{'total':<40} {'':<7} {self.params:>10} {self.kept:>10} {self.sparsity:>9.4f}")
+        """One row per pruned weight and a total, in columns as wide as their longest entry."""
+        layers = self.layers
+        n = max([40] + [len(r.name) for r in layers])
+        k = max([7] + [len(r.kind) for r in layers])
+        rows = [f"{'parameter':<{n}} {'kind':<{k}} {'params':>10} {'kept':>10} {'sparsity':>9}"]
+        for r in layers:
+            rows.append(f"{r.name:<{n}} {r.kind:<{k}} {r.params:>10} {r.kept:>10} {r.sparsity:>9.4f}")
+        rows.append(f"{'total':<{n}} {'':<{k}} {self.params:>10} {self.kept:>10} {self.sparsity:>9.4f}")
         return "\n".join(rows)
 
     def to_dict(self) -> dict:

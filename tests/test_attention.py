@@ -227,6 +227,8 @@ def test_prune_scores_the_in_projection():
     assert name in result.masks and result.kinds[name] == "MultiheadAttention"
     assert result.masks[name].float().mean().item() == pytest.approx(0.2, abs=1e-3)
     assert not model.get_parameter(name)[~result.masks[name]].any()
+    rows = result.table().splitlines()  # columns as wide as "NonDynamicallyQuantizableLinear" (out_proj's kind)
+    assert len({len(r) for r in rows}) == 1 and "MultiheadAttention" in rows[1]
     excluded = pysparse.prune(_encoder(), "magnitude", sparsity=0.8, exclude=[nn.MultiheadAttention])
     assert not any("in_proj" in n for n in excluded.masks)
 
