@@ -475,3 +475,34 @@ def test_compensate_handles_cross_attention_and_separate_projections():
     assert set(rec) == set(result.masks)
     for name, mask in result.masks.items():
         assert not model.get_parameter(name)[~mask].any()
+
+
+def test_save_load_densify_an_attention_with_kdim_vdim_and_extra_keys(tmp_path):
+    """Separate q / k / v weights (kdim, vdim), add_bias_kv and add_zero_attn survive save, load into a dense
+    model and densify."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(16, 2, kdim=8, vdim=6, add_bias_kv=True, add_zero_attn=True)
+
+        def forward(self, x):
+            return self.a(x, x[..., :8], x[..., :6])[0]
+
+    torch.manual_seed(0)
+    model = Net()
+    masks = pysparse.prune(model, "magnitude", sparsity=0.7, scope="layer").masks
+    assert sorted(masks) == ["a.k_proj_weight", "a.out_proj.weight", "a.q_proj_weight", "a.v_proj_weight"]
+    pysparse.sparsify(model, masks)
+    x = torch.randn(5, 2, 16)
+    with torch.no_grad():
+        want = model(x)
+        pysparse.save(model, tmp_path / "a.safetensors")
+        loaded = pysparse.load(tmp_path / "a.safetensors", Net())
+        assert isinstance(loaded.a, SparseMultiheadAttention)
+        for key, mask in masks.items():
+            assert torch.equal(loaded.a.masks()[key[2:]], mask)
+        _close(loaded(x), want)
+        pysparse.densify(loaded)
+        assert type(loaded.a) is nn.MultiheadAttention
+        _close(loaded(x), want)
