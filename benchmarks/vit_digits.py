@@ -9,17 +9,13 @@ sparsified (`pysparse.sparsify`, SparseMultiheadAttention) with its saved file's
 import argparse
 import copy
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
 import pysparse
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def trained_vit(epochs: int = 60, seed: int = 0):

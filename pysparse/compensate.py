@@ -27,7 +27,7 @@ from torch import nn
 
 from . import ops
 from .nn._sparse_weight import check_mask
-from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, out_proj_owners, projection_inputs
+from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, input_site, out_proj_owners, projection_inputs
 
 BLOCK = 128  # columns per lazy block of the OBS sweep
 CHUNK_BYTES = 64 << 20  # bytes of unfolded float64 calibration columns built at once, per input (about)
@@ -54,15 +54,15 @@ def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, t
     for name in masks:
         prefix, _, attr = name.rpartition(".")
         mod = modules.get(prefix)
-        if attr == "weight" and isinstance(mod, (nn.Linear, nn.Conv2d)):
-            out[name] = (owners[id(mod)], mod.weight, "out_proj") if id(mod) in owners else (mod, mod.weight, "layer")
-        elif isinstance(mod, nn.MultiheadAttention) and attr in ATTENTION_IN_PROJ + ATTENTION_QKV_PROJ \
-                and getattr(mod, attr) is not None:
-            out[name] = (mod, getattr(mod, attr), attr)
-        else:
+        if not ((attr == "weight" and isinstance(mod, (nn.Linear, nn.Conv2d))) or (
+                isinstance(mod, nn.MultiheadAttention) and attr in ATTENTION_IN_PROJ + ATTENTION_QKV_PROJ
+                and getattr(mod, attr) is not None)):
             raise ValueError(f"compensate: {name!r} is not the weight of an nn.Linear / nn.Conv2d or a projection of "
                              "an nn.MultiheadAttention")
-        check_mask(masks[name], out[name][1], name=f"masks[{name!r}]")
+        weight = getattr(mod, attr)
+        check_mask(masks[name], weight, name=f"masks[{name!r}]")
+        site, kind = input_site(mod, attr, owners)
+        out[name] = (site, weight, kind)
     return out
 
 
@@ -174,10 +174,11 @@ def _sweep(w: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor
 def compensate(model: nn.Module, masks: Mapping[str, torch.Tensor], batches: Iterable, *,
                damp: float = 0.01, progress: bool = False) -> dict[str, dict[str, float]]:
     """Apply ``masks`` (parameter name -> bool, True = keep) to the nn.Linear / nn.Conv2d weights and the
-    nn.MultiheadAttention projections (``in_proj_weight``, ``out_proj.weight``, ...) of the *dense* ``model`` and refit the kept weights layer by layer (see the module docstring). ``batches``: the
-    calibration data, a list of (inputs, targets); the targets are not used. Returns, per parameter, the
-    calibration reconstruction error relative to the dense layer's output energy, "masked" (plain masking)
-    and "compensated". ``progress``: a tqdm bar over the layers."""
+    nn.MultiheadAttention projections (``in_proj_weight``, ``out_proj.weight``, ...) of the *dense* ``model`` and
+    refit the kept weights layer by layer (see the module docstring). ``batches``: the calibration data, a list of
+    (inputs, targets); the targets are not used. Returns, per parameter, the calibration reconstruction error
+    relative to the dense layer's output energy, "masked" (plain masking) and "compensated". ``progress``: a tqdm
+    bar over the layers."""
     damp = check_damp(damp)
     targets = _targets(model, masks)
     layers = {n: t[0] for n, t in targets.items()}  # the modules whose calls show each weight's input

@@ -79,11 +79,13 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     Every ``nn.MultiheadAttention`` whose projection weights ``masks`` names (``"<attn>.in_proj_weight"`` or
     ``"<attn>.q_proj_weight"`` ..., and ``"<attn>.out_proj.weight"``; masks None: whose projections hold zeros)
     becomes a :class:`SparseMultiheadAttention` (its four projections sparse; one that masks does not name keeps
-    its non-zero weights) when the four together reach ``min_sparsity`` (default: nn.Linear's crossover), else has its masks applied.
+    its non-zero weights) when the four together reach ``min_sparsity`` (default: nn.Linear's crossover), else
+    has its masks applied.
 
     Only layers of exactly these types are converted: subclasses (a custom layer's parent may read its weight
-    directly) stay dense, with a warning naming those that ``masks`` names; so do layers whose weight is tied to another
-    module's (an embedding and an output layer sharing one tensor), with a warning: a sparse copy would part them.
+    directly) stay dense, with a warning naming those that ``masks`` names; so do layers whose weight is tied to
+    another module's (an embedding and an output layer sharing one tensor), with a warning: a sparse copy would
+    part them.
     Every layer named in ``masks`` that stays dense has its mask applied in place (pruned weights set to zero),
     so that the model computes the masked model. A layer registered under several names (one module used in
     two places) becomes one sparse layer at all of them; ``masks`` may name it by any of them.
@@ -95,7 +97,8 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     lone = {**_SPARSE_OF, nn.MultiheadAttention: SparseMultiheadAttention}.get(type(model))
     if lone is not None:
-        raise ValueError(f"sparsify converts the layers inside a model; for a lone layer use {lone.__name__}.from_dense")
+        raise ValueError("sparsify converts the layers inside a model; for a lone layer use "
+                         f"{lone.__name__}.from_dense")
     if masks is not None and not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a mapping from parameter names to bool tensors, got {type(masks).__name__}")
     masks, attention = _plan_attention(model, masks, min_sparsity)  # checked here, applied after every check

@@ -214,8 +214,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         if type(attention) is nn.MultiheadAttention and leaf in ("q_proj", "k_proj", "v_proj", "out_proj"):
             sparse = SparseMultiheadAttention.from_dense(attention, {n: torch.ones_like(w, dtype=torch.bool) for n, w
                                                                      in projection_weights(attention).items()})
-            replace_module(places, attention, sparse)
-            places = module_places(model)
+            replace_module(places, attention, sparse)  # (the other attentions' places stay as they were)
     decline_nested_tensors(model)
     for name, info in layers.items():
         try:

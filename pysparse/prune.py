@@ -2,8 +2,8 @@
 
 ``prune(model, method, sparsity=... | threshold=...)`` scores the weights of every ``nn.Linear`` and
 ``nn.Conv2d`` and the in-projection of every ``nn.MultiheadAttention`` (biases and normalisation layers are never
-pruned) with the fused saliency kernel, selects with
-the fused selection kernels, and (by default) zeroes the removed weights in place. Everything is checked before
+pruned) with the fused saliency kernel, selects with the fused selection kernels, and (by default) zeroes the
+removed weights in place. Everything is checked before
 the model is touched: a bad argument leaves it as it was.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from . import ops
 from .compensate import check_damp, compensate as _compensate
 from .nn._sparse_weight import SparseWeight
-from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, out_proj_owners, projection_inputs
+from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, input_site, out_proj_owners, projection_inputs
 from .ops import _check_fraction
 
 METHODS = ("magnitude", "gradient", "taylor", "hessian", "snip", "wanda", "random")
@@ -212,14 +212,17 @@ def _input_norms(model, params, batches):
     block of rows; q/k/v_proj_weight the norms of their own input."""
     sums = {name: None for name in params}
     hooks = []
-    parents = out_proj_owners(model)
+    owners = out_proj_owners(model)
     busy = set()  # attentions being re-run for their out_proj's input (their hooks skip those calls)
     for name, (module, _) in params.items():
-        def hook(mod, args, kwargs, _out, name=name):
+        site, kind = input_site(module, name.rpartition(".")[2], owners)
+
+        def hook(mod, args, kwargs, _out, name=name, kind=kind):
             if id(mod) in busy:
                 return
-            if isinstance(mod, nn.MultiheadAttention):  # one of its projections (out_proj's hook is here too)
-                kind = "out_proj" if name.endswith("out_proj.weight") else name.rpartition(".")[2]
+            if kind == "layer":
+                per_feature = _feature_sums(args[0], isinstance(mod, nn.Conv2d))
+            else:  # one of an attention's projections
                 busy.add(id(mod))
                 try:
                     xs = projection_inputs(mod, kind, args, kwargs)
@@ -227,12 +230,8 @@ def _input_norms(model, params, batches):
                     busy.discard(id(mod))
                 per_feature = torch.stack([_feature_sums(t, False) for t in xs]) if kind in ATTENTION_IN_PROJ \
                     else _feature_sums(xs[0], False)
-            else:
-                per_feature = _feature_sums(args[0], isinstance(mod, nn.Conv2d))
             sums[name] = per_feature if sums[name] is None else sums[name] + per_feature
-        # an attention's out_proj is never called (its parent reads the weight): its input is observed there
-        owner = parents.get(id(module), module)
-        hooks.append(owner.register_forward_hook(hook, with_kwargs=True))
+        hooks.append(site.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             for inputs, _ in batches:

@@ -176,7 +176,8 @@ def test_construction_and_conversion():
     layer = SparseMultiheadAttention(32, 4, sparsity=0.9, batch_first=True)
     assert layer.sparsity == pytest.approx(0.9, abs=1e-3)
     assert layer(torch.randn(2, 3, 32), torch.randn(2, 3, 32), torch.randn(2, 3, 32))[0].shape == (2, 3, 32)
-    separate = SparseMultiheadAttention(8, 2, kdim=3, vdim=5, masks={"k_proj_weight": torch.ones(8, 3, dtype=torch.bool)})
+    separate = SparseMultiheadAttention(8, 2, kdim=3, vdim=5,
+                                        masks={"k_proj_weight": torch.ones(8, 3, dtype=torch.bool)})
     assert set(separate.masks()) == {"q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"}
 
 
@@ -400,7 +401,8 @@ def test_sparsify_an_encoder_decoder_transformer(train):
     src, tgt = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
     causal = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.set_grad_enabled(train):
-        _close(model(src, tgt, tgt_mask=causal, tgt_is_causal=True), dense(src, tgt, tgt_mask=causal, tgt_is_causal=True))
+        _close(model(src, tgt, tgt_mask=causal, tgt_is_causal=True),
+               dense(src, tgt, tgt_mask=causal, tgt_is_causal=True))
 
 
 def test_autocast_computes_as_nn_multihead_attention():
@@ -430,8 +432,8 @@ def test_a_transformer_encoder_s_nested_tensor_path_is_declined(tmp_path):
     into a nested tensor and reads self_attn.in_proj_weight: after sparsify (and load) it takes the plain path, as
     its constructor decides for sparse attention, and gives the dense model's outputs at the positions kept."""
     torch.manual_seed(0)
-    make = lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),  # noqa: E731
-                                         2).eval()
+    make = lambda: nn.TransformerEncoder(  # noqa: E731
+        nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2).eval()
     model = make()
     masks = pysparse.prune(model, "magnitude", sparsity=0.9, scope="layer").masks
     dense = copy.deepcopy(model)

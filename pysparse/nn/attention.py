@@ -49,6 +49,18 @@ def attention_values(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
         mha.train(was_training)
 
 
+def input_site(module: nn.Module, attr: str, owners: dict[int, nn.MultiheadAttention]) -> tuple[nn.Module, str]:
+    """Where the input of ``module``'s weight ``attr`` can be observed, and how (``owners``: :func:`out_proj_owners`):
+    (the attention, "out_proj") for an attention's out_proj, which is never called; (the attention, ``attr``) for
+    its in-projection; (``module``, "layer") for an nn.Linear / nn.Conv2d, whose call's first argument it is. The
+    kind is what :func:`projection_inputs` takes."""
+    if id(module) in owners:
+        return owners[id(module)], "out_proj"
+    if isinstance(module, nn.MultiheadAttention):
+        return module, attr
+    return module, "layer"
+
+
 def projection_inputs(mha: nn.MultiheadAttention, kind: str, args, kwargs) -> list[torch.Tensor]:
     """The inputs of one of ``mha``'s projections in the call ``mha(*args, **kwargs)``, one per row block of its
     weight: ``kind`` "in_proj_weight" [query, key, value]; "q_proj_weight" / "k_proj_weight" / "v_proj_weight"
