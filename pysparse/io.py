@@ -3,7 +3,9 @@ stored weights, not with the dense size.
 
 The file holds the model's state dict and, in its metadata, which layers are sparse (and their configuration)
 and a SHA-256 of every tensor; ``load`` rebuilds those sparse layers into a model of the same architecture and
-refuses a file that is not a pysparse file, was changed (tensors or metadata), or does not fit the model. Tied
+refuses a file that is not a pysparse file, was changed (tensors or metadata), or does not fit the model. The
+state dict's own metadata (each module's ``_version``, which some modules' loading reads, e.g. torchvision's
+MNASNet) is kept too, as ``torch.save`` of a state dict keeps it. Tied
 weights (one tensor under two names) are stored once. Other weights with many
 zeros (the masked layers that ``sparsify`` left dense below the speed crossover, a pruned model never
 sparsified) are stored packed, as their non-zero values and CSR indices, and unpacked on load (zeros come back
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Union
 
@@ -29,8 +32,9 @@ from .nn.attention import projection_weights
 from .nn._sparse_weight import SparseWeight
 
 FORMAT = "pysparse"
-VERSION = 2  # 2: weights with many zeros packed, tied weights stored once, the metadata in the checksum
-_READS = ("1", "2")
+VERSION = 3  # 2: weights with many zeros packed, tied weights stored once, the metadata in the checksum;
+#             3: the state dict's metadata (modules' versions)
+_READS = ("1", "2", "3")
 _PACKED = ("::values", "::rowptr", "::col")
 _TYPES = {"SparseLinear": SparseLinear, "SparseConv2d": SparseConv2d}
 
@@ -117,7 +121,17 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
 
 
 def _extra(metadata: dict) -> str:
-    return json.dumps([metadata.get(k, "") for k in ("sparse_layers", "packed", "aliases")])
+    """The metadata the checksum covers (format 2: the layers, packed tensors and aliases; 3: also the state
+    dict's metadata)."""
+    keys = ("sparse_layers", "packed", "aliases") + (("state_metadata",) if metadata.get("version") != "2" else ())
+    return json.dumps([metadata.get(k, "") for k in keys])
+
+
+def _state_metadata(state: dict) -> dict:
+    """A state dict's ``_metadata`` ({module prefix: {"version": n, ...}}) as JSON-able data."""
+    plain = (bool, int, float, str, type(None))
+    return {prefix: {k: v for k, v in entry.items() if isinstance(v, plain)}
+            for prefix, entry in getattr(state, "_metadata", {}).items()}
 
 
 def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -126,13 +140,15 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     # ties found where the tensors live (a copy to the CPU would part them), then one CPU copy of each
-    tensors, aliases = _dedupe({k: v.detach() for k, v in model.state_dict().items()})
+    state = model.state_dict()
+    tensors, aliases = _dedupe({k: v.detach() for k, v in state.items()})
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     layers = {name: {"type": type(m).__name__, "weight_shape": list(m.weight_shape)}
               for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, SparseWeight)}
     packed = _pack(tensors)
     metadata = {"format": FORMAT, "version": str(VERSION), "sparse_layers": json.dumps(layers),
-                "packed": json.dumps(packed), "aliases": json.dumps(aliases)}
+                "packed": json.dumps(packed), "aliases": json.dumps(aliases),
+                "state_metadata": json.dumps(_state_metadata(state), separators=(",", ":"))}
     metadata["sha256"] = _digest(tensors, _extra(metadata))
     write_safetensors(tensors, path, metadata)
 
@@ -195,9 +211,11 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
         layers = json.loads(metadata["sparse_layers"])
         packed = json.loads(metadata.get("packed", "{}"))
         aliases = json.loads(metadata.get("aliases", "{}"))
+        versions = json.loads(metadata["state_metadata"]) if "state_metadata" in metadata else None
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} has unreadable layer metadata: {exc}") from exc
-    if not all(isinstance(m, dict) for m in (layers, packed, aliases)):
+    if not all(isinstance(m, dict) for m in (layers, packed, aliases)) or not (
+            versions is None or isinstance(versions, dict) and all(isinstance(v, dict) for v in versions.values())):
         raise ValueError(f"{path} has unreadable layer metadata")
     _unpack(tensors, packed, path)
     for key, stored in aliases.items():  # tied weights: stored once
@@ -232,5 +250,8 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
                              f"but the model has {type(module).__name__} there")
         sparse = cls.from_dense(module, torch.ones_like(module.weight, dtype=torch.bool))
         replace_module(places, module, sparse)  # (at each name of a shared layer)
-    model.load_state_dict(tensors, strict=True)
+    state = OrderedDict(tensors)
+    # the modules' versions as saved (files before format 3: the model's own, as if saved by this code)
+    state._metadata = OrderedDict(versions.items()) if versions is not None else model.state_dict()._metadata
+    model.load_state_dict(state, strict=True)
     return model

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from . import ops
+from . import layer_inputs, ops
 from .compensate import check_damp, compensate as _compensate
 from .nn._sparse_weight import SparseWeight
 from .nn.attention import ATTENTION_IN_PROJ, ATTENTION_QKV_PROJ, input_site, out_proj_owners, projection_inputs
@@ -209,36 +209,35 @@ def _feature_sums(x: torch.Tensor, conv: bool) -> torch.Tensor:
 def _input_norms(model, params, batches):
     """Wanda's ||x_j||_2 per input feature of each layer (per input channel for a convolution). An
     nn.MultiheadAttention's in_proj_weight gets [3, embed_dim]: the query's, key's and value's norms, each for its
-    block of rows; q/k/v_proj_weight the norms of their own input."""
+    block of rows; q/k/v_proj_weight the norms of their own input. An nn.Linear whose weight its parent passes
+    to F.linear itself (layer_inputs) is seen there."""
     sums = {name: None for name in params}
-    hooks = []
     owners = out_proj_owners(model)
     busy = set()  # attentions being re-run for their out_proj's input (their hooks skip those calls)
-    for name, (module, _) in params.items():
+    sites = {}
+    for name, (module, weight) in params.items():
         site, kind = input_site(module, name.rpartition(".")[2], owners)
+        sites[name] = (site, kind, weight)
 
-        def hook(mod, args, kwargs, _out, name=name, kind=kind):
-            if id(mod) in busy:
-                return
-            if kind == "layer":
-                per_feature = _feature_sums(args[0], isinstance(mod, nn.Conv2d))
-            else:  # one of an attention's projections
-                busy.add(id(mod))
-                try:
-                    xs = projection_inputs(mod, kind, args, kwargs)
-                finally:
-                    busy.discard(id(mod))
-                per_feature = torch.stack([_feature_sums(t, False) for t in xs]) if kind in ATTENTION_IN_PROJ \
-                    else _feature_sums(xs[0], False)
-            sums[name] = per_feature if sums[name] is None else sums[name] + per_feature
-        hooks.append(site.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for inputs, _ in batches:
-                model(inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    def seen(name, mod, args, kwargs):
+        kind = sites[name][1]
+        if id(mod) in busy:
+            return
+        if kind == "layer":
+            per_feature = _feature_sums(args[0], isinstance(mod, nn.Conv2d))
+        else:  # one of an attention's projections
+            busy.add(id(mod))
+            try:
+                xs = projection_inputs(mod, kind, args, kwargs)
+            finally:
+                busy.discard(id(mod))
+            per_feature = torch.stack([_feature_sums(t, False) for t in xs]) if kind in ATTENTION_IN_PROJ \
+                else _feature_sums(xs[0], False)
+        sums[name] = per_feature if sums[name] is None else sums[name] + per_feature
+
+    with torch.no_grad(), layer_inputs.watch(sites, seen):
+        for inputs, _ in batches:
+            model(inputs)
     return sums
 
 
@@ -262,7 +261,8 @@ def _scores(model, params, method, batches, loss_fn, hessian_estimator, hutchins
         out = {}
         for n, w in weights.items():
             if norms[n] is None:
-                raise ValueError(f"wanda: the layer of {n} saw no input in the data")
+                raise ValueError(f"wanda: the layer of {n} saw no input in the data (the model's forward in its "
+                                 "current mode never ran it, e.g. an auxiliary classifier in eval mode: exclude it)")
             norm = norms[n].sqrt().to(w.device)
             groups = params[n][0].groups if isinstance(params[n][0], nn.Conv2d) else 1
             shape = (1, -1) + (1,) * (w.dim() - 2)
@@ -404,8 +404,10 @@ def prune(model: nn.Module, method: str, *, sparsity: Optional[float] = None, th
     if isinstance(pat, tuple):
         bad = [n for n, (_, p) in params.items() if p.shape[1] % pat[1]]
         if bad:
-            raise ValueError(f"pattern {pattern!r}: the input dimension of {bad[:3]} is not divisible by {pat[1]} "
-                             "(exclude those layers)")
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise ValueError(f"pattern {pattern!r}: the input dimension of {bad[:3]}{more} is not divisible by "
+                             f"{pat[1]} (exclude those layers: exclude=[names or regular expressions], depthwise "
+                             "convolutions have one input per group)")
     for name, (_, p) in params.items():
         _check_finite(p.detach(), f"the weight {name}")
     batches = None

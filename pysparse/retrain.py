@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -271,7 +272,9 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
         result.accuracy_before = accuracy(model, eval_data)
     if mode == "network":
         with torch.no_grad():
-            model.load_state_dict({k: v.clone() for k, v in init.items()})
+            state = OrderedDict((k, v.clone()) for k, v in init.items())
+            state._metadata = model.state_dict()._metadata  # modules' versions (torchvision's MNASNet reads its own)
+            model.load_state_dict(state)
     for name in named_sparse:  # a sparse layer stores exactly its kept weights: the mask becomes its structure
         layer = sparse[name]
         if not torch.equal(layer.mask(), masks[name]):

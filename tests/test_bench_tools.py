@@ -238,3 +238,29 @@ def test_models_times_a_vision_transformer_whose_head_starts_at_zero(monkeypatch
     r = module.measure("vit_b_16", 2, 0.9, rounds=1, calls=1, image=32)
     # 10% of the weights at 6 bytes each; the position embedding, norms and biases of a model this small stay whole
     assert r["pysparse_ms"] > 0 and r["file_bytes"] < 0.35 * r["dense_bytes"]
+
+
+def test_zoo_checks_each_model_and_reports_a_failure(monkeypatch, capsys):
+    """zoo.py on a small Swin (its attention reads its layers' weights) and a model that fails to build: one line
+    each, the errors below the tolerance for the first, the failure named for the second, exit status 1."""
+    import torchvision
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    module = _load("zoo")
+
+    def get_model(name, **kw):
+        if name == "broken":
+            raise ValueError("not this one")
+        return SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10)
+
+    monkeypatch.setattr(torchvision.models, "get_model", get_model)
+    monkeypatch.setattr(torchvision.models, "list_models", lambda **kw: ["swin_t", "broken"])
+    monkeypatch.setitem(module.FAMILIES, "swin_t", 32)
+    r = module.check("swin_t", 0.9, image=32)
+    assert set(module.CHECKS) <= set(r) and all(r[c] < module.TOLERANCE for c in module.CHECKS)
+    assert r["layers"] > 0 and 0 < r["file"] < 0.5
+    assert module.main(["--model", "swin_t", "broken"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("swin_t") and out[1].split("(")[0].rstrip().endswith("ok")
+    assert out[2].startswith("broken") and "FAILED: ValueError: not this one" in out[2]
+    assert out[-1] == "1 of 2 models ok"

@@ -48,6 +48,54 @@ def test_linear_matches_the_constrained_least_squares_optimum():
     assert report["0.weight"]["compensated"] < report["0.weight"]["masked"]
 
 
+def test_rows_the_sweep_makes_worse_are_solved_exactly_or_keep_the_masked_weights(monkeypatch):
+    """The OBS sweep (columns fixed in turn) can end a row worse than plain masking; such a row is solved exactly
+    on its kept columns (ridge included) while that is cheap (EXACT_FLOPS), else keeps the masked weights; the
+    other rows keep the sweep's, and the report counts what was written."""
+    from pysparse import compensate as module
+
+    torch.manual_seed(0)
+    mix = torch.randn(20, 20, dtype=torch.double)  # correlated inputs: kept weights can stand in for pruned ones
+    batches = [(torch.randn(50, 20, dtype=torch.double) @ mix, None) for _ in range(3)]
+    x = torch.cat([b[0] for b in batches])
+    w = torch.randn(7, 20, dtype=torch.double)
+    mask = torch.rand(w.shape) > 0.5
+    sweep = module._sweep
+
+    def spoiled(*args):  # the sweep's rows 0 and 3 pushed far off (kept weights only)
+        out = sweep(*args)
+        out[:, [0, 3]] += 10.0 * mask[[0, 3]]
+        return out
+
+    monkeypatch.setattr(module, "_sweep", spoiled)
+    row_err = lambda a: ((x @ a.T - x @ w.T) ** 2).sum(0)  # noqa: E731
+    energy = float(((x @ w.T) ** 2).sum())
+    others = [1, 2, 4, 5, 6]
+    damp = 1e-3
+    lam = damp * float((x * x).sum(0).mean())
+    for budget in (module.EXACT_FLOPS, 0):
+        monkeypatch.setattr(module, "EXACT_FLOPS", budget)
+        model = nn.Sequential(nn.Linear(20, 7, bias=False)).double()
+        with torch.no_grad():
+            model[0].weight.copy_(w)
+        report = compensate(model, {"0.weight": mask}, batches, damp=damp)
+        got = model[0].weight.detach()
+        for r in (0, 3):
+            k = mask[r]
+            if budget:
+                xk = x[:, k]
+                want = torch.linalg.solve(xk.T @ xk + lam * torch.eye(int(k.sum()), dtype=x.dtype),
+                                          xk.T @ (x @ w[r]) + lam * w[r, k])
+                torch.testing.assert_close(got[r, k], want, rtol=1e-6, atol=1e-9)
+                assert row_err(got)[r] < row_err(w * mask)[r]
+            else:
+                assert torch.equal(got[r], (w * mask)[r])
+        assert torch.all(row_err(got)[others] <= row_err(w * mask)[others]) and torch.all(got[~mask] == 0)
+        if budget:  # (without the exact solves, rows the sweep itself left worse are only masked)
+            assert float(row_err(got)[others].sum()) < 0.8 * float(row_err(w * mask)[others].sum())
+        assert report["0.weight"]["compensated"] == pytest.approx(float(row_err(got).sum()) / energy, rel=1e-6)
+
+
 def test_any_mask_lies_between_plain_masking_and_the_per_row_optimum():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(24, 9, bias=False)).double()

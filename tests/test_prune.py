@@ -231,6 +231,31 @@ def test_bad_input_leaves_model_unchanged(kwargs, exc, match):
         assert torch.equal(v, before[k])
 
 
+def test_errors_name_every_layer_they_concern():
+    """2:4 on a model with depthwise convolutions names the layers and how many more; wanda on a model whose
+    forward skips a layer (an auxiliary head in eval mode) names it and says why."""
+    torch.manual_seed(0)
+    convs = nn.Sequential(*[nn.Conv2d(8, 8, 3, groups=8) for _ in range(5)], nn.Conv2d(8, 8, 1))
+    with pytest.raises(ValueError, match=r"\['0.weight', '1.weight', '2.weight'\] and 2 more .*depthwise"):
+        pysparse.prune(convs, "magnitude", pattern="2:4")
+    result = pysparse.prune(convs, "magnitude", pattern="2:4", exclude=[r"[0-4]\.weight"])
+    assert list(result.masks) == ["5.weight"]
+
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.aux = _mlp(), nn.Linear(48, 10)
+
+        def forward(self, x):
+            return self.body(x)  # (aux: only in training, as GoogLeNet's)
+
+    model = WithAux()
+    with pytest.raises(ValueError, match="layer of aux.weight saw no input .* exclude it"):
+        pysparse.prune(model, "wanda", sparsity=0.5, data=_data())
+    result = pysparse.prune(model, "wanda", sparsity=0.5, data=_data(), exclude=["aux"])
+    assert "aux.weight" not in result.masks and len(result.masks) == 3
+
+
 def test_nan_weights_and_gradients_are_refused():
     model = _mlp()
     with torch.no_grad():

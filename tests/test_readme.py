@@ -97,8 +97,11 @@ def test_layers_block(tmp_path, monkeypatch):
     ns = {"torchvision": torchvision, "linear": nn.Linear(784, 300), "mask": torch.rand(300, 784) > 0.9,
           "new_mask": torch.rand(300, 784) > 0.8,
           "conv2d": conv2d, "conv_mask": torch.rand_like(conv2d.weight) > 0.9, "masks": masks,
-          "mha": nn.MultiheadAttention(64, 4), "m1": torch.rand(192, 64) > 0.9, "m2": torch.rand(64, 64) > 0.9}
+          "mha": nn.MultiheadAttention(64, 4), "m1": torch.rand(192, 64) > 0.9, "m2": torch.rand(64, 64) > 0.9,
+          "F": nn.functional, "x": torch.randn(2, 784), "b": torch.randn(300)}
     ns = run(code, ns, tmp_path, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(ns["y"], ns["x"] @ (ns["linear"].weight * ns["mask"]).T + ns["b"])
     assert torch.equal(ns["layer"].mask(), ns["new_mask"]) and ns["conv"].sparsity > 0.85
     assert torch.equal(ns["attn"].masks()["in_proj_weight"], ns["m1"])
     assert torch.equal(ns["attn"].masks()["out_proj.weight"], ns["m2"])

@@ -68,23 +68,81 @@ class SparseLinear(SparseWeight):
         return self._fill_dense(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                           device=self.values.device, dtype=self.values.dtype))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (built from the stored values on each access; differentiable in them; a copy: writing
+        into it changes nothing). It remembers its layer: ``F.linear(x, layer.weight, b)``, as a parent module
+        that reads its child's weight calls it (torchvision's Swin Transformer attention), runs this layer's
+        sparse kernels with the bias ``b``; every other use sees a plain dense tensor (see
+        :class:`SparseLinearWeight`). Under torch.compile / export and torch.func it is a plain tensor."""
+        dense = self.dense_weight()
+        if torch.compiler.is_compiling() or type(dense) is not torch.Tensor or \
+                torch._C._functorch.is_functorch_wrapped_tensor(dense):
+            return dense
+        weight = dense.as_subclass(SparseLinearWeight)  # (the same tensor, still in the autograd graph)
+        weight._pysparse_layer = self
+        return weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.bias)
+
+    def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x @ W.T + bias`` by this layer's kernels (``bias``: the layer's own, or another of its shape)."""
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SparseLinear expects inputs with {self.in_features} features in the last dim, "
                              f"got shape {tuple(x.shape)}")
         x, cast = self._layer_input(x)  # cast: autocast's dtype, or None (x has the layer's dtype)
         # below the crossover: torch's dense kernels (see dense_below and _computes_dense)
         if self._computes_dense(x.numel() // self.in_features if self.in_features else 0):
-            return F.linear(x, cast_to(self._compute_weight(), cast), cast_to(self.bias, cast))
+            return F.linear(x, cast_to(self._compute_weight(), cast), cast_to(bias, cast))
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # a view for contiguous inputs
         # The layer built (or, on load, checked) its own structure, and the kernel checks its arguments again:
         # the op is called directly, without the wrapper's Python checks (~10 us a call on small layers).
         ops._check_input_kernel("spmm", x)
         y = ops.layer_linear(self.rowptr, self.col, cast_to(self.effective_values(), cast), x2,
-                             cast_to(self.bias, cast), self.t_rowptr, self.t_col,
+                             cast_to(bias, cast), self.t_rowptr, self.t_col,
                              self.t_perm)  # the kernel packs the batch through the transposed view's strides
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+
+
+class SparseLinearWeight(torch.Tensor):
+    """What :attr:`SparseLinear.weight` returns: the layer's dense weight, a plain dense tensor to every torch
+    function and method (their results are plain tensors), except ``F.linear(x, weight, bias)``, which runs the
+    layer's sparse kernels (its crossover, autocast rules and gradients; ``bias`` any tensor of the layer's
+    output size, or None). So a module that computes with its child's weight instead of calling the child gets
+    the sparse layer's speed too. Inputs the layer would not take as they are (another feature size, dtype or
+    device, a tensor subclass) go to torch's dense F.linear, with its results or errors."""
+
+    _pysparse_layer: Optional[SparseLinear] = None
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return repr(self.as_subclass(torch.Tensor))  # printed as the dense tensor it is
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is F.linear:
+                out = _sparse_linear(*args, **kwargs)
+                if out is not None:
+                    return out
+            return func(*args, **kwargs)
+
+
+def _sparse_linear(input, weight, bias=None) -> Optional[torch.Tensor]:
+    """F.linear(input, weight, bias) by the sparse layer that ``weight`` came from; None if it does not apply."""
+    layer = weight._pysparse_layer if type(weight) is SparseLinearWeight else None
+    plain = (torch.Tensor, nn.Parameter)
+    if layer is None or type(input) not in plain or input.dim() == 0 or input.shape[-1] != layer.in_features:
+        return None
+    if input.device != weight.device or (input.dtype != weight.dtype and not torch.is_autocast_enabled(
+            input.device.type)):
+        return None
+    if bias is not None and (type(bias) not in plain or bias.shape != (layer.out_features,) or
+                             bias.dtype != weight.dtype or bias.device != weight.device):
+        return None
+    return layer._linear(input, bias).contiguous()  # F.linear's layout (the layer's own is transposed)

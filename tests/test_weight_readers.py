@@ -1,0 +1,171 @@
+"""Modules that compute with a child nn.Linear's weight instead of calling the child: ``F.linear(x,
+self.qkv.weight, bias)``, as torchvision's Swin Transformer attention does. pysparse prunes them with their own
+inputs (wanda, compensate), and once sparsified such a call runs the sparse layer's kernels."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import pysparse
+from pysparse import SparseLinear
+from pysparse.nn import SparseLinearWeight
+from pysparse.testing import ops_called
+
+
+class _Reader(nn.Module):
+    """Reads qkv's and proj's weights itself (qkv's bias changed first, as Swin V2 zeroes the key's part)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv, self.proj, self.out = nn.Linear(8, 16), nn.Linear(16, 48), nn.Linear(16, 16), \
+            nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.inp(x))
+        bias = self.qkv.bias.clone()
+        bias[16:32].zero_()
+        y = F.linear(x, self.qkv.weight, bias)
+        y = F.linear(y[..., :16] * torch.tanh(y[..., 16:32]) + y[..., 32:], self.proj.weight, self.proj.bias)
+        return self.out(y)
+
+
+class _Caller(_Reader):
+    """The same function, calling the layers (qkv's bias changed by an extra term)."""
+
+    def forward(self, x):
+        x = torch.relu(self.inp(x))
+        y = self.qkv(x) - F.pad(self.qkv.bias[16:32], (16, 16))
+        return self.out(self.proj(y[..., :16] * torch.tanh(y[..., 16:32]) + y[..., 32:]))
+
+
+def _pair(cls=_Reader, sparsity=0.8, seed=0):
+    torch.manual_seed(seed)
+    model = cls()
+    masks = pysparse.prune(model, "magnitude", sparsity=sparsity).masks
+    dense = copy.deepcopy(model)
+    pysparse.sparsify(model, masks, min_sparsity=0.0)
+    return dense, model, masks
+
+
+def test_f_linear_on_a_sparse_layers_weight_runs_its_kernels():
+    dense, sparse, masks = _pair()
+    assert all(isinstance(getattr(sparse, n), SparseLinear) for n in ("inp", "qkv", "proj", "out"))
+    x = torch.randn(3, 5, 8)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with ops_called() as called:
+        ys = sparse(xs)
+    assert "pysparse::spmm" in called and not called & {"aten::addmm", "aten::mm", "aten::matmul", "aten::bmm"}
+    yd = dense(xd)
+    torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-6)
+    for name in ("qkv", "proj"):
+        layer, ref = getattr(sparse, name), getattr(dense, name)
+        torch.testing.assert_close(layer.values.grad, ref.weight.grad[masks[f"{name}.weight"]], rtol=1e-5,
+                                   atol=1e-6)
+        torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sparse_layers_weight_is_a_plain_tensor_elsewhere():
+    _, sparse, masks = _pair()
+    w = sparse.qkv.weight
+    assert type(w) is SparseLinearWeight and w.shape == (48, 16) and w.dtype == torch.float32
+    assert torch.equal(w != 0, masks["qkv.weight"] & (w != 0)) and int((w != 0).sum()) <= sparse.qkv.nnz
+    for out in (w * 2, w.t(), w.detach(), torch.mm(torch.ones(2, 16), w.t()), w.sum(), w[0], w.clone()):
+        assert type(out) is torch.Tensor
+    with torch.no_grad():  # printed as the dense tensor
+        assert repr(sparse.qkv.weight) == repr(sparse.qkv.dense_weight())
+    x = torch.randn(4, 16)
+    with ops_called() as called:  # the other F.linear argument orders and keywords route too
+        y = F.linear(input=x, weight=sparse.qkv.weight)
+    assert "pysparse::spmm" in called
+    torch.testing.assert_close(y, x @ sparse.qkv.dense_weight().t())
+    # what the layer would not take as it is goes to torch's dense F.linear, with its results and errors
+    with ops_called() as called:
+        torch.testing.assert_close(F.linear(x.double(), sparse.qkv.weight.double()),
+                                   x.double() @ sparse.qkv.dense_weight().double().t())
+        torch.testing.assert_close(F.linear(x, sparse.qkv.weight, torch.ones(1)),
+                                   x @ sparse.qkv.dense_weight().t() + 1)
+    assert "pysparse::spmm" not in called
+    with pytest.raises(RuntimeError):
+        F.linear(x.double(), sparse.qkv.weight)
+    with pytest.raises(RuntimeError):
+        F.linear(torch.randn(4, 15), sparse.qkv.weight)
+
+
+def test_weight_readers_under_autocast_compile_and_torch_func():
+    dense, sparse, _ = _pair()
+    x = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys, yd = sparse(x), dense(x)
+    assert ys.dtype == yd.dtype == torch.bfloat16
+    torch.testing.assert_close(ys, yd, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(sparse)(x), dense(x), rtol=1e-5, atol=1e-6)
+    params = {k: v.detach() for k, v in sparse.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(sparse, p, (x,)).square().sum())(params)
+    sparse.zero_grad()
+    sparse(x).square().sum().backward()
+    for k, p in sparse.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude+compensate"])
+def test_prune_sees_the_inputs_of_weights_read_by_their_parent(method):
+    """wanda's norms and compensate's refits of qkv and proj come from the F.linear calls that take their
+    weights: the same masks, weights and reconstruction report as for the twin that calls the layers."""
+    torch.manual_seed(0)
+    data = [(torch.randn(64, 8), torch.randint(0, 4, (64,))) for _ in range(2)]
+    reader = _Reader()
+    caller = _Caller()
+    caller.load_state_dict(reader.state_dict())
+    x = data[0][0]
+    torch.testing.assert_close(reader(x), caller(x))
+    kwargs = dict(method="wanda") if method == "wanda" else dict(method="magnitude", compensate=True)
+    results = [pysparse.prune(m, sparsity=0.6, scope="layer", data=data, num_batches=2, **kwargs)
+               for m in (reader, caller)]
+    assert set(results[0].masks) == {"inp.weight", "qkv.weight", "proj.weight", "out.weight"}
+    for name, mask in results[1].masks.items():
+        assert torch.equal(results[0].masks[name], mask), name
+    for (name, a), b in zip(reader.state_dict().items(), caller.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    if method != "wanda":
+        assert results[0].reconstruction.keys() == results[1].reconstruction.keys() == results[0].masks.keys()
+        for name, errors in results[1].reconstruction.items():
+            assert results[0].reconstruction[name] == pytest.approx(errors, rel=1e-6)
+            assert errors["compensated"] < errors["masked"]
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_transformer_prunes_with_wanda_and_its_attention_runs_sparse(v2):
+    """torchvision's Swin Transformer (V1 and V2): its attention passes qkv.weight / proj.weight to F.linear."""
+    from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer, SwinTransformerBlockV2)
+
+    torch.manual_seed(0)
+    extra = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
+    model = SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], num_classes=10, **extra).eval()
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    result = pysparse.prune(model, "wanda", sparsity=0.8, scope="layer", data=data)
+    assert "features.1.0.attn.qkv.weight" in result.masks and "features.3.1.attn.proj.weight" in result.masks
+    ref = copy.deepcopy(model)
+    pysparse.sparsify(model, result.masks, min_sparsity=0.0)
+    attn = model.features[1][0].attn
+    assert isinstance(attn.qkv, SparseLinear) and isinstance(attn.proj, SparseLinear)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), ops_called() as called:
+        y = model(x)
+    assert not called & {"aten::addmm", "aten::mm"}  # every linear layer by the sparse kernels
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_models_that_skip_a_layer_still_say_so():
+    """An nn.Linear neither called nor read still fails wanda clearly (test_prune has the message's text)."""
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False).eval()
+    with pytest.raises(ValueError, match="aux1.conv.conv.weight saw no input"):
+        pysparse.prune(model, "wanda", sparsity=0.5, data=[(torch.randn(1, 3, 64, 64), torch.tensor([0]))])
