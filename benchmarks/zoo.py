@@ -3,11 +3,12 @@ layer by layer and sparsified as `models.py` does it, then, against the same pru
 forward, the input gradient (eval), the train-mode forward (dropout off: a sparse layer's output is a
 transposed view, so the same seed drops other elements), `pysparse.save` / `pysparse.load` into a freshly built
 model (its outputs against the sparse one's), and `pysparse.densify`. One line per model: the largest relative
-error of each check (``max |a - b| / max |b|``), ok under 1e-3, the saved file against the dense float32
+error of each check (``max |a - b| / max |b|``), ok under 1e-3 (the input gradient in norm, against the dense
+model's in float64, beside the dense float32 one's error: ok under twice that), the saved file against the dense float32
 weights; a model that raises is reported with its error and the sweep goes on. Correctness, not speed
 (`models.py` times them).
 
-    python benchmarks/zoo.py                          # one model per family (about 6 minutes on 2 cores)
+    python benchmarks/zoo.py                          # one model per family (about 8 minutes on 2 cores)
     python benchmarks/zoo.py --model mnasnet0_5 swin_v2_t --sparsity 0.95
 """
 import argparse
@@ -60,12 +61,20 @@ def check(model: str, sparsity: float = 0.9, image: int = 64, batch: int = 2, se
     sparse.eval()
     with torch.no_grad():
         out["eval"] = _error(sparse(x), dense(x))
-    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ys, yd = _first(sparse(xs)), _first(dense(xd))
-    g = torch.randn_like(yd)
-    ys.backward(g)
-    yd.backward(g)
-    out["input_grad"] = _error(xs.grad, xd.grad)
+    # The input gradient against the dense model's in float64: a deep network with random weights can have an
+    # input gradient that float32 does not resolve (Inception-v3's: dense float32 off by 1.4x its largest element),
+    # so the sparse model's may miss it by as much as the dense float32 one does, not more than twice that.
+    grads = {}
+    for name, net, dtype in (("sparse", sparse, torch.float32), ("dense", dense, torch.float32),
+                             ("float64", copy.deepcopy(dense).double(), torch.float64)):
+        xx = x.detach().to(dtype).clone().requires_grad_()
+        y = _first(net(xx))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
+        grads[name] = xx.grad.double()
+    # In norm: max-pooling routes the gradient to the largest input, and where two nearly tie float32's rounding
+    # (the dense model's as the sparse one's, each its own) picks either: single elements differ wholly.
+    norm = lambda a: float((a - grads["float64"]).norm() / grads["float64"].norm().clamp_min(1e-300))  # noqa: E731
+    out["input_grad"], out["input_grad_dense"] = norm(grads["sparse"]), norm(grads["dense"])
     for net in (dense, sparse):
         net.train()
         for m in net.modules():
@@ -103,9 +112,11 @@ def main(argv=None) -> int:
             failed += 1
             print(f"{model:20s} FAILED: {type(exc).__name__}: {exc}", flush=True)
             continue
-        bad = [c for c in CHECKS if not r[c] < TOLERANCE]
+        bad = [c for c in CHECKS if not r[c] < (max(TOLERANCE, 2 * r["input_grad_dense"]) if c == "input_grad"
+                                                 else TOLERANCE)]
         failed += bool(bad)
-        errors = " ".join(f"{c} {r[c]:.1e}" for c in CHECKS)
+        errors = " ".join(f"{c} {r[c]:.1e}" for c in CHECKS).replace(
+            "input_grad", "input_grad (float64)").replace(" train", f" (dense {r['input_grad_dense']:.1e}) train")
         print(f"{model:20s} {r['layers']:4d} sparse layers  {errors}  file {r['file']:.3f}  "
               f"{'MISMATCH: ' + ', '.join(bad) if bad else 'ok'} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"{len(args.model) - failed} of {len(args.model)} models ok")
