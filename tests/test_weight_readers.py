@@ -92,6 +92,14 @@ def test_a_sparse_layers_weight_is_a_plain_tensor_elsewhere():
         torch.testing.assert_close(F.linear(x, sparse.qkv.weight, torch.ones(1)),
                                    x @ sparse.qkv.dense_weight().t() + 1)
     assert "pysparse::spmm" not in called
+    with torch.no_grad():  # a weight taken without gradient gives the values none, as a dense one would
+        frozen = sparse.qkv.weight
+    xg = x.clone().requires_grad_()
+    F.linear(xg, frozen).sum().backward()
+    assert sparse.qkv.values.grad is None and xg.grad is not None
+    with torch.no_grad(), ops_called() as called:  # (in inference it is still routed)
+        F.linear(x, sparse.qkv.weight)
+    assert "pysparse::spmm" in called
     with pytest.raises(RuntimeError):
         F.linear(x.double(), sparse.qkv.weight)
     with pytest.raises(RuntimeError):

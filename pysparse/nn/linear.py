@@ -115,7 +115,8 @@ class SparseLinearWeight(torch.Tensor):
     layer's sparse kernels (its crossover, autocast rules and gradients; ``bias`` any tensor of the layer's
     output size, or None). So a module that computes with its child's weight instead of calling the child gets
     the sparse layer's speed too. Inputs the layer would not take as they are (another feature size, dtype or
-    device, a tensor subclass) go to torch's dense F.linear, with its results or errors."""
+    device, a tensor subclass), and a weight taken under no_grad used where gradients are on (it must give the
+    values none), go to torch's dense F.linear, with its results or errors."""
 
     _pysparse_layer: Optional[SparseLinear] = None
 
@@ -145,4 +146,6 @@ def _sparse_linear(input, weight, bias=None) -> Optional[torch.Tensor]:
     if bias is not None and (type(bias) not in plain or bias.shape != (layer.out_features,) or
                              bias.dtype != weight.dtype or bias.device != weight.device):
         return None
+    if torch.is_grad_enabled() and layer.values.requires_grad and not weight.requires_grad:
+        return None  # a weight taken under no_grad gives the values no gradient (the kernels would)
     return layer._linear(input, bias).contiguous()  # F.linear's layout (the layer's own is transposed)
