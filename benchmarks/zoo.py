@@ -80,7 +80,7 @@ def check(model: str, sparsity: float = 0.9, image: int = 64, batch: int = 2, se
         for m in net.modules():
             if isinstance(m, torch.nn.modules.dropout._DropoutNd):
                 m.eval()
-            elif hasattr(m, "p") and "StochasticDepth" in type(m).__name__:
+            elif isinstance(m, torchvision.ops.StochasticDepth):  # (it drops whole samples in training)
                 m.p = 0.0
     out["train"] = _error(sparse(x), dense(x))
     sparse.eval()
