@@ -271,3 +271,19 @@ def test_zoo_checks_each_model_and_reports_a_failure(monkeypatch, capsys):
     assert out[1].startswith("swin_t") and "  ok (" in out[1] and "MISMATCH" not in out[1]
     assert out[2].startswith("broken") and "FAILED: ValueError: not this one" in out[2]
     assert out[-1] == "1 of 2 models ok"
+
+
+def test_weight_reads_times_models_that_read_weight_metadata(capsys, monkeypatch):
+    module = _load("weight_reads")
+    module.main(["--small", "--rounds", "1", "--calls", "1"])
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 2 and "TransformerEncoderLayer" in out and "fc.weight.dtype" in out
+    from pysparse.nn._sparse_weight import SparseWeight
+    assert SparseWeight.weight is module._LAZY  # put back
+    name, sparse, dense, x = module.cases(0.9, small=True)[1]
+    with torch.no_grad():
+        sparse.fc.values.mul_(2)
+    with pytest.raises(AssertionError):  # outputs that disagree are not timed
+        module.measure(sparse, dense, x, rounds=1, calls=1)
+    with pytest.raises(ValueError, match="rounds"):
+        module.measure(sparse, dense, x, rounds=0, calls=1)

@@ -344,7 +344,8 @@ def test_sparsify_a_transformer_encoder(attention):
     """nn.TransformerEncoderLayer: its linear layers become sparse, and with its attention pruned too the attention
     a SparseMultiheadAttention; the model computes the masked model in training and in inference, by the sparse
     kernels: torch's inference fast path would read linear1 / linear2.weight, but a SparseLinear's weight (a
-    SparseLinearWeight, with __torch_function__) makes it decline, as a sparse attention does."""
+    SparseLinearWeight, with __torch_function__) makes it decline, as a sparse attention does, without building
+    the dense weights."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -366,6 +367,7 @@ def test_sparsify_a_transformer_encoder(attention):
         with torch.no_grad():
             torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
         assert "pysparse::spmm" in called and "aten::_transformer_encoder_layer_fwd" not in called
+        assert "pysparse::csr_to_dense" not in called  # (its checks read the weights' metadata only)
     model.train()
     ref.train()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -177,3 +177,91 @@ def test_models_that_skip_a_layer_still_say_so():
     model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False).eval()
     with pytest.raises(ValueError, match="aux1.conv.conv.weight saw no input"):
         pysparse.prune(model, "wanda", sparsity=0.5, data=[(torch.randn(1, 3, 64, 64), torch.tensor([0]))])
+
+
+def _conv_layer():
+    torch.manual_seed(1)
+    return pysparse.SparseConv2d(4, 6, 3, padding=1, sparsity=0.7)
+
+
+@pytest.mark.parametrize("make", [lambda: _pair()[1].qkv, _conv_layer], ids=["linear", "conv"])
+def test_reading_a_sparse_layers_weight_metadata_builds_nothing(make):
+    """Code written for dense layers reads ``layer.weight`` for its metadata on every call (``x.to(fc.weight.dtype)``,
+    nn.TransformerEncoderLayer's fast-path checks): the weight answers from its own metadata; the dense copy is
+    built once, at the first read of its numbers."""
+    layer = make()
+    with ops_called() as called:
+        w = layer.weight
+        meta = (w.shape, w.dtype, w.device, w.requires_grad, w.ndim, w.size(), w.size(0), w.dim(), w.numel(),
+                w.nelement(), w.stride(), w.is_contiguous(), w.element_size(), w.is_floating_point(), w.is_cuda,
+                w.layout, len(w), hash(w), torch.is_tensor(w), torch.numel(w), w.get_device(),
+                torch.overrides.has_torch_function((w,)))
+    assert not called
+    dense = layer.dense_weight()
+    assert meta[:4] == (dense.shape, dense.dtype, dense.device, True)
+    assert meta[5:] == (dense.size(), dense.size(0), dense.dim(), dense.numel(), dense.nelement(), dense.stride(),
+                        True, 4, True, False, torch.strided, dense.shape[0], id(w), True, dense.numel(), -1, True)
+    with ops_called() as called:
+        a, b = w * 1, w.sum()
+    assert "pysparse::csr_to_dense" in called
+    with ops_called() as called:  # built once
+        c = w.abs()
+    assert "pysparse::csr_to_dense" not in called
+    torch.testing.assert_close(a, dense)
+    torch.testing.assert_close(c, dense.abs())
+    assert type(a) is type(b) is torch.Tensor
+
+
+@pytest.mark.parametrize("make", [lambda: _pair()[1].qkv, _conv_layer], ids=["linear", "conv"])
+def test_a_sparse_layers_weight_gradients_copies_and_files(make, tmp_path):
+    layer = make()
+    w = layer.weight
+    with torch.no_grad():
+        layer.values.mul_(2)  # read when first used: the values as they are then, as nn.Linear's weight would
+    dense = layer.dense_weight().detach()
+    (w.square().sum() + w.sum()).backward()  # differentiable in the values
+    torch.testing.assert_close(layer.values.grad, 2 * layer.values.detach() + 1)
+    assert w.grad_fn is not None and not w.is_leaf  # the dense tensor's autograd node
+    snap = layer.weight.clone()
+    with torch.no_grad():
+        layer.values.mul_(2)
+    torch.testing.assert_close(snap.detach(), dense)  # .clone() keeps them as they were
+    with torch.no_grad():
+        frozen = layer.weight
+    assert not frozen.requires_grad and not (frozen * 1).requires_grad
+    # copies, pickles and files get the plain dense tensor
+    for out in (copy.deepcopy(frozen), torch.tensor(frozen.numpy()), torch.tensor(frozen.tolist()), frozen.data):
+        assert type(out) is torch.Tensor
+        torch.testing.assert_close(out, 2 * dense)
+    torch.save({"w": layer.weight}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt", weights_only=True)["w"]
+    assert type(loaded) is torch.Tensor
+    torch.testing.assert_close(loaded, 2 * dense)
+    w = layer.weight
+    layer.double()
+    with pytest.raises(RuntimeError, match="layer that changed since.*read layer.weight again"):
+        w.sum()
+    assert layer.weight.sum().dtype == torch.float64
+
+
+def test_weight_dtype_read_in_every_forward_costs_no_dense_copy():
+    """A module that casts its input to its child's weight dtype on every call, as many models do."""
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.fc(x.to(self.fc.weight.dtype))
+
+    torch.manual_seed(0)
+    model = Casting()
+    ref = copy.deepcopy(model)
+    pysparse.sparsify(model, {"fc.weight": torch.rand(32, 64) > 0.9}, min_sparsity=0)
+    ref.fc.weight.data = model.fc.dense_weight().detach()
+    x = torch.randn(5, 64, dtype=torch.float64)
+    with ops_called() as called:
+        y = model(x)
+    assert "pysparse::spmm" in called and "pysparse::csr_to_dense" not in called
+    torch.testing.assert_close(y, ref(x))

@@ -11,6 +11,7 @@ from torch import nn
 from .. import csr, ops
 from .._extension import has_kernel
 from ..ops import _below_autograd, _check_fraction
+from ._weight_tensor import DenseWeightTensor
 
 # The structure is held in plain tensor attributes, not buffers: DistributedDataParallel broadcasts every
 # buffer, and neither gloo nor NCCL carries int16 (nor should the structure be re-sent every step: ranks agree
@@ -259,12 +260,21 @@ class SparseWeight(nn.Module):
         """The weight as a dense tensor (zeros where pruned); differentiable in ``values``."""
         return self._dense_from(self.values)
 
+    # What ``weight`` returns (SparseLinear's also routes F.linear to its kernels).
+    WEIGHT_TENSOR = DenseWeightTensor
+
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight (built from the stored values on each access; differentiable in them). A copy:
-        writing into it (``layer.weight.data.normal_()``, ``nn.init.*_(layer.weight)``) changes nothing; initialise
-        through ``values`` or :meth:`reset_parameters`."""
-        return self.dense_weight()
+        """The dense weight (zeros where pruned), differentiable in the stored values. A
+        :class:`DenseWeightTensor`: its shape, dtype, device and the like cost nothing; it is built from the values
+        when first read. A copy: writing into it (``layer.weight.data.normal_()``, ``nn.init.*_(layer.weight)``)
+        changes nothing; initialise through ``values`` or :meth:`reset_parameters`. Under torch.compile / export,
+        torch.func's transforms and tracing it is the plain dense tensor, built at once."""
+        values = self._parameters["values"]
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(values) not in (torch.Tensor, nn.Parameter) \
+                or torch._C._functorch.is_functorch_wrapped_tensor(values):
+            return self.dense_weight()
+        return self.WEIGHT_TENSOR(self, values)
 
     def reset_parameters(self) -> None:
         """Re-initialises the stored values and the bias as ``nn.Linear`` / ``nn.Conv2d.reset_parameters`` do

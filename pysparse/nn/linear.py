@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import ops
 from ._sparse_weight import SparseWeight, cast_to, initial_mask
+from ._weight_tensor import SparseLinearWeight
 
 
 class SparseLinear(SparseWeight):
@@ -42,6 +43,8 @@ class SparseLinear(SparseWeight):
     DENSE_BELOW_CUDA = 0.93
     # On the CPU, W^T blocked by W's rows for the backward (csr.cpu_row_block; benchmarks/RESULTS.md).
     BLOCKED_TRANSPOSE = True
+    # What ``weight`` returns: F.linear on it runs this layer's kernels (see SparseLinearWeight).
+    WEIGHT_TENSOR = SparseLinearWeight
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
                  mask: Optional[torch.Tensor] = None, device=None, dtype=None) -> None:
@@ -68,21 +71,6 @@ class SparseLinear(SparseWeight):
         return self._fill_dense(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                           device=self.values.device, dtype=self.values.dtype))
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight (built from the stored values on each access; differentiable in them; a copy: writing
-        into it changes nothing). It remembers its layer: ``F.linear(x, layer.weight, b)``, as a parent module
-        that reads its child's weight calls it (torchvision's Swin Transformer attention), runs this layer's
-        sparse kernels with the bias ``b``; every other use sees a plain dense tensor (see
-        :class:`SparseLinearWeight`). Under torch.compile / export and torch.func it is a plain tensor."""
-        dense = self.dense_weight()
-        if torch.compiler.is_compiling() or type(dense) is not torch.Tensor or \
-                torch._C._functorch.is_functorch_wrapped_tensor(dense):
-            return dense
-        weight = dense.as_subclass(SparseLinearWeight)  # (the same tensor, still in the autograd graph)
-        weight._pysparse_layer = self
-        return weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
 
@@ -107,45 +95,3 @@ class SparseLinear(SparseWeight):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
-
-
-class SparseLinearWeight(torch.Tensor):
-    """What :attr:`SparseLinear.weight` returns: the layer's dense weight, a plain dense tensor to every torch
-    function and method (their results are plain tensors), except ``F.linear(x, weight, bias)``, which runs the
-    layer's sparse kernels (its crossover, autocast rules and gradients; ``bias`` any tensor of the layer's
-    output size, or None). So a module that computes with its child's weight instead of calling the child gets
-    the sparse layer's speed too. Inputs the layer would not take as they are (another feature size, dtype or
-    device, a tensor subclass), and a weight taken under no_grad used where gradients are on (it must give the
-    values none), go to torch's dense F.linear, with its results or errors."""
-
-    _pysparse_layer: Optional[SparseLinear] = None
-
-    def __repr__(self, *, tensor_contents=None) -> str:
-        return repr(self.as_subclass(torch.Tensor))  # printed as the dense tensor it is
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
-            if func is F.linear:
-                out = _sparse_linear(*args, **kwargs)
-                if out is not None:
-                    return out
-            return func(*args, **kwargs)
-
-
-def _sparse_linear(input, weight, bias=None) -> Optional[torch.Tensor]:
-    """F.linear(input, weight, bias) by the sparse layer that ``weight`` came from; None if it does not apply."""
-    layer = weight._pysparse_layer if type(weight) is SparseLinearWeight else None
-    plain = (torch.Tensor, nn.Parameter)
-    if layer is None or type(input) not in plain or input.dim() == 0 or input.shape[-1] != layer.in_features:
-        return None
-    if input.device != weight.device or (input.dtype != weight.dtype and not torch.is_autocast_enabled(
-            input.device.type)):
-        return None
-    if bias is not None and (type(bias) not in plain or bias.shape != (layer.out_features,) or
-                             bias.dtype != weight.dtype or bias.device != weight.device):
-        return None
-    if torch.is_grad_enabled() and layer.values.requires_grad and not weight.requires_grad:
-        return None  # a weight taken under no_grad gives the values no gradient (the kernels would)
-    return layer._linear(input, bias).contiguous()  # F.linear's layout (the layer's own is transposed)
