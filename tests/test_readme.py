@@ -98,8 +98,11 @@ def test_layers_block(tmp_path, monkeypatch):
           "new_mask": torch.rand(300, 784) > 0.8,
           "conv2d": conv2d, "conv_mask": torch.rand_like(conv2d.weight) > 0.9, "masks": masks,
           "mha": nn.MultiheadAttention(64, 4), "m1": torch.rand(192, 64) > 0.9, "m2": torch.rand(64, 64) > 0.9,
-          "F": nn.functional, "x": torch.randn(2, 784), "b": torch.randn(300)}
+          "F": nn.functional, "x": torch.randn(2, 784), "b": torch.randn(300), "torch": torch, "nn": nn}
     ns = run(code, ns, tmp_path, monkeypatch)
+    # xavier_uniform_ into layer.weight set its kept values (bound sqrt(6 / 1084) = 0.074; reset_parameters': 0.036)
+    assert 0.06 < ns["layer"].values.abs().max() <= 0.0744
+    assert (ns["layer"].weight[~ns["layer"].mask()] == 0).all()
     with torch.no_grad():
         torch.testing.assert_close(ns["y"], ns["x"] @ (ns["linear"].weight * ns["mask"]).T + ns["b"])
     assert torch.equal(ns["layer"].mask(), ns["new_mask"]) and ns["conv"].sparsity > 0.85

@@ -230,7 +230,7 @@ def test_a_sparse_layers_weight_gradients_copies_and_files(make, tmp_path):
         frozen = layer.weight
     assert not frozen.requires_grad and not (frozen * 1).requires_grad
     # copies, pickles and files get the plain dense tensor
-    for out in (copy.deepcopy(frozen), torch.tensor(frozen.numpy()), torch.tensor(frozen.tolist()), frozen.data):
+    for out in (copy.deepcopy(frozen), torch.tensor(frozen.numpy()), torch.tensor(frozen.tolist()), frozen.detach()):
         assert type(out) is torch.Tensor
         torch.testing.assert_close(out, 2 * dense)
     torch.save({"w": layer.weight}, tmp_path / "w.pt")
@@ -265,3 +265,45 @@ def test_weight_dtype_read_in_every_forward_costs_no_dense_copy():
         y = model(x)
     assert "pysparse::spmm" in called and "pysparse::csr_to_dense" not in called
     torch.testing.assert_close(y, ref(x))
+
+
+@pytest.mark.parametrize("make", [lambda: _pair()[1].qkv, _conv_layer,
+                                  lambda: pysparse.SparseConv2d(4, 6, 3, groups=2, sparsity=0.5)],
+                         ids=["linear", "conv", "grouped-conv"])
+def test_writes_into_a_sparse_layers_weight_set_its_kept_values(make):
+    """In place, as into an nn.Parameter: initialisers, copy_, item assignment, operators, out=, and .data."""
+    layer = make()
+    mask = layer.mask()
+    n = int(mask.sum())
+    source = torch.randn(layer.weight.shape)
+    writes = [
+        lambda w: nn.init.constant_(w, 3.0), lambda w: w.copy_(source), lambda w: w.__setitem__(mask, 7.0),
+        lambda w: w.mul_(2), lambda w: w.__imul__(-1), lambda w: torch.mul(source, 2, out=w),
+        lambda w: nn.init.kaiming_uniform_(w), lambda w: nn.init.orthogonal_(w),
+    ]
+    for write in writes:
+        before = layer.values.detach().clone()
+        with torch.no_grad():
+            w = layer.weight
+            write(w)
+        expect = w.detach().clone()  # what the write left, zeros where pruned
+        assert torch.equal(expect, layer.dense_weight().detach()) and (expect[~mask] == 0).all()
+        assert layer.values.shape == (n,) and not torch.equal(layer.values.detach(), before)
+    torch.testing.assert_close(layer.dense_weight().detach(), layer.weight.detach())
+    with torch.no_grad():
+        nn.init.constant_(layer.weight, 3.0)
+    assert (layer.values == 3).all() and layer.mask().equal(mask)
+    layer.weight.data.normal_()  # .data: no gradient, no no_grad needed; pruned places stay zero
+    assert layer.values.std() > 0.5 and (layer.weight[~mask] == 0).all()
+    assert type(layer.weight.data) is type(layer.weight) and not layer.weight.data.requires_grad
+    with torch.no_grad():  # writes through other views reach only that copy
+        layer.weight.detach().zero_()
+        layer.weight[0].zero_()
+    assert layer.values.abs().min() > 0
+    with pytest.raises(RuntimeError, match="normal_ writes into a sparse layer's weight, whose values require grad"):
+        layer.weight.normal_()
+    with pytest.raises(RuntimeError, match="changed the shape of a sparse layer's weight"), torch.no_grad():
+        layer.weight.resize_(2)
+    frozen = make().requires_grad_(False)
+    frozen.weight.fill_(1.0)  # values without gradient: as a frozen nn.Parameter, no no_grad needed
+    assert (frozen.values == 1).all()

@@ -167,8 +167,20 @@ class SparseWeight(nn.Module):
         ~10 for the kernel; benchmarks/RESULTS.md)."""
         if self._weight_is_matrix() and has_kernel("csr_to_dense", vals.device.type):
             return ops._call("csr_to_dense", self.rowptr, self.col, vals, self.matrix_shape[1]).view(self.weight_shape)
-        flat = self._weight_positions(csr.row_indices(self.rowptr, self.nnz, self.col.device), self.col.long())
+        flat = self._flat_positions()
         return vals.new_zeros(math.prod(self.weight_shape)).scatter(0, flat, vals).view(self.weight_shape)
+
+    def _values_from(self, dense: torch.Tensor) -> torch.Tensor:
+        """The stored positions of a dense tensor of the weight's shape, one per stored weight (the inverse of
+        :meth:`_dense_from`, and its gradient)."""
+        if self._weight_is_matrix() and has_kernel("csr_gather", dense.device.type):
+            return ops._call("csr_gather", self.rowptr, self.col, dense.reshape(self.matrix_shape))
+        flat = self._flat_positions()
+        return dense.reshape(-1)[flat]
+
+    def _flat_positions(self) -> torch.Tensor:
+        """The stored weights' flat positions in the dense weight (int64)."""
+        return self._weight_positions(csr.row_indices(self.rowptr, self.nnz, self.col.device), self.col.long())
 
     def _weight_positions(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         """Flat positions in the weight tensor of the matrix entries (row, col) (the inverse of _to_matrix's
@@ -267,9 +279,11 @@ class SparseWeight(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight (zeros where pruned), differentiable in the stored values. A
         :class:`DenseWeightTensor`: its shape, dtype, device and the like cost nothing; it is built from the values
-        when first read. A copy: writing into it (``layer.weight.data.normal_()``, ``nn.init.*_(layer.weight)``)
-        changes nothing; initialise through ``values`` or :meth:`reset_parameters`. Under torch.compile / export,
-        torch.func's transforms and tracing it is the plain dense tensor, built at once."""
+        when first read. Writes into it in place (under ``torch.no_grad()`` where the values require grad, as for
+        an nn.Parameter: ``nn.init.*_(layer.weight)``, ``layer.weight.copy_(w)``, ``layer.weight[i] = v``,
+        ``layer.weight.data.normal_()``) set the stored values at the kept places; the mask stays. Under
+        torch.compile / export, torch.func's transforms and tracing it is the plain dense tensor, built at once
+        (a copy there)."""
         values = self._parameters["values"]
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(values) not in (torch.Tensor, nn.Parameter) \
                 or torch._C._functorch.is_functorch_wrapped_tensor(values):

@@ -4,7 +4,8 @@ reads the numbers. Code written for nn.Linear / nn.Conv2d reads ``layer.weight``
 a dense copy for each of those costs more than the sparse layer's own forward (4096 x 4096 at 90%: ~2-4 ms against
 ~0.8 at batch 1). Shape, dtype, device and the other metadata come from the tensor itself; any other use builds
 the dense weight once (differentiable in the values) and runs on it; ``F.linear`` on a SparseLinear's weight runs
-that layer's sparse kernels instead."""
+that layer's sparse kernels instead. Writes into it in place (initialisers, ``copy_``, item assignment, through
+``.data`` too) reach the stored values at the kept places, as writes into an nn.Linear's weight reach it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -25,20 +26,42 @@ _METADATA = frozenset((
 ))
 
 
+# In-place methods that change flags, not the numbers (the rest ending in one "_" write into their first argument,
+# given by position, or as nn.init's ``tensor=`` / torch's ``input=``).
+_NOT_WRITES = frozenset(("requires_grad_", "share_memory_", "detach_", "retain_grad_"))
+_IN_PLACE_OPERATORS = frozenset(("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                                 "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                                 "__irshift__", "__imatmul__"))
+
+
+def _writes(func) -> bool:
+    """Whether ``func`` writes into its first argument (Tensor.normal_, nn.init.uniform_, __setitem__, ...)."""
+    name = getattr(func, "__name__", "")
+    return name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and
+                                           name not in _NOT_WRITES)
+
+
 class DenseWeightTensor(torch.Tensor):
     """A sparse layer's dense weight (zeros where pruned), built from its stored values when first read: shape,
     dtype, device, ``requires_grad`` and the like need no dense copy; every other torch function or method builds
     it once (differentiable in the values, as taken: under ``no_grad`` without gradient) and runs on it, giving
-    plain tensors. A copy: writing into it changes nothing in the layer. It reads the values when first used, so
-    it shows them as they are then (as ``nn.Linear.weight`` would; ``.clone()`` it to keep them as they are now)."""
+    plain tensors. It reads the values when first used, so it shows them as they are then (as ``nn.Linear.weight``
+    would; ``.clone()`` it to keep them as they are now).
+
+    Writes into it in place (``normal_``, ``copy_``, ``nn.init`` functions, ``w[i] = v``, ``w *= 2``, ``out=w``,
+    and through ``w.data``) set the layer's stored values to the result at the kept places; pruned places stay
+    zero. Where the values require grad that needs ``torch.no_grad()``, as for an nn.Parameter. Writes through
+    other views (``w[0].zero_()``, ``w.detach().zero_()``) reach only that copy."""
 
     _pysparse_layer = None
     _pysparse_dense: Optional[torch.Tensor] = None
     _pysparse_grad = False
+    _pysparse_parent: Optional["DenseWeightTensor"] = None  # of a ``.data`` view: the weight it shares with
 
     @staticmethod
-    def __new__(cls, layer, values: torch.Tensor):
-        grad = torch.is_grad_enabled() and values.requires_grad
+    def __new__(cls, layer, values: torch.Tensor, grad: Optional[bool] = None):
+        if grad is None:
+            grad = torch.is_grad_enabled() and values.requires_grad
         w = torch.Tensor._make_wrapper_subclass(cls, layer.weight_shape, dtype=values.dtype, device=values.device,
                                                 requires_grad=grad)
         w._pysparse_layer, w._pysparse_grad = layer, grad
@@ -48,8 +71,11 @@ class DenseWeightTensor(torch.Tensor):
         """The dense weight, built on first use from the layer's values (a plain tensor)."""
         dense = self._pysparse_dense
         if dense is None:
-            with torch.set_grad_enabled(self._pysparse_grad):
-                dense = self._pysparse_layer.dense_weight()
+            if self._pysparse_parent is not None:
+                dense = self._pysparse_parent._dense().detach()
+            else:
+                with torch.set_grad_enabled(self._pysparse_grad):
+                    dense = self._pysparse_layer.dense_weight()
             with torch._C.DisableTorchFunctionSubclass():
                 meta = (self.shape, self.dtype, self.device)
             if (dense.shape, dense.dtype, dense.device) != meta:
@@ -59,6 +85,31 @@ class DenseWeightTensor(torch.Tensor):
                     "layer.weight again")
             self._pysparse_dense = dense
         return dense
+
+    def _data(self) -> "DenseWeightTensor":
+        """``.data``: the same numbers without gradient; writes into it reach the layer too."""
+        with torch._C.DisableTorchFunctionSubclass():
+            layer, values = self._pysparse_layer, self._pysparse_layer._parameters["values"]
+        view = type(self)(layer, values, grad=False)
+        view._pysparse_parent = self
+        return view
+
+    def _before_write(self, func) -> None:
+        if torch.is_grad_enabled() and self._pysparse_grad:
+            raise RuntimeError(
+                f"{getattr(func, '__name__', func)} writes into a sparse layer's weight, whose values require grad: "
+                "write under torch.no_grad(), as into an nn.Parameter (or into layer.weight.data)")
+
+    def _after_write(self, func) -> None:
+        """Sets the layer's stored values to the written weight's at the kept places, and zeroes the rest."""
+        dense, layer = self._dense(), self._pysparse_layer
+        if tuple(dense.shape) != tuple(layer.weight_shape):
+            raise RuntimeError(f"{getattr(func, '__name__', func)} changed the shape of a sparse layer's weight "
+                               f"to {tuple(dense.shape)}; it must stay {tuple(layer.weight_shape)}")
+        with torch.no_grad():
+            values = layer._parameters["values"]
+            values.copy_(layer._values_from(dense.detach()))
+            dense.copy_(layer._dense_from(values))
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return repr(self._dense())  # printed as the dense tensor it is
@@ -71,15 +122,27 @@ class DenseWeightTensor(torch.Tensor):
                          else a for a in args)  # (once built, the dense tensor's own: requires_grad_ may have run)
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        args, kwargs = tree_map_only(DenseWeightTensor, DenseWeightTensor._dense, (args, kwargs))
+        if func == _DATA and isinstance(args[0], DenseWeightTensor):
+            return args[0]._data()
+        target = (args[0] if args else kwargs.get("tensor", kwargs.get("input"))) if _writes(func) else None
+        written = [t for t in (target, kwargs.get("out")) if isinstance(t, DenseWeightTensor)]
+        for t in written:
+            t._before_write(func)
+        unwrapped, kwargs = tree_map_only(DenseWeightTensor, DenseWeightTensor._dense, (args, kwargs))
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*unwrapped, **kwargs)
+        for t in written:
+            t._after_write(func)
+        return out
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # Reached only from C++ paths that skip __torch_function__; the values are right, without gradient.
         args, kwargs = tree_map_only(DenseWeightTensor, lambda w: w._dense().detach(), (args, kwargs or {}))
         return func(*args, **kwargs)
+
+
+_DATA = torch.Tensor.data.__get__
 
 
 class SparseLinearWeight(DenseWeightTensor):
