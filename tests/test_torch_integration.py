@@ -116,3 +116,62 @@ def test_jit_trace_raises_a_clear_error():
     model = nn.Sequential(pysparse.SparseLinear(8, 4, sparsity=0.5), nn.ReLU())
     with pytest.raises(RuntimeError, match="does not support torch.jit.trace .* use torch.export or torch.compile"):
         torch.jit.trace(model, torch.randn(2, 8))
+
+
+def test_fx_symbolic_trace_records_each_sparse_layer_as_one_call():
+    """torch.fx (and torchvision's create_feature_extractor, built on it) records the sparse layers as it records
+    torch's own, one call_module node each (their forwards pick kernels by shape: control flow a symbolic trace
+    refuses); the GraphModule calls the same layer objects and computes what the model does."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = F.relu(self.conv(x)).flatten(2).transpose(1, 2)  # [N, 16 positions, 8 channels]
+            a, _ = self.attn(x, x, x, need_weights=False)
+            return self.fc((x + a).mean(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    masks = pysparse.prune(model, "magnitude", sparsity=0.8).masks
+    dense = copy.deepcopy(model)
+    pysparse.sparsify(model, masks, min_sparsity=0)
+    assert isinstance(model.attn, pysparse.SparseMultiheadAttention) and isinstance(model.fc, pysparse.SparseLinear)
+    graph = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+    assert calls == ["conv", "attn", "fc"]
+    for name in calls:
+        assert graph.get_submodule(name) is model.get_submodule(name)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(graph(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_feature_extractor_on_a_sparsified_model():
+    import copy
+
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    masks = pysparse.prune(model, "magnitude", sparsity=0.9, scope="layer").masks
+    dense = copy.deepcopy(model)
+    pysparse.sparsify(model, masks)
+    nodes = {"layer2": "mid", "fc": "out"}
+    sparse_fe, dense_fe = create_feature_extractor(model, nodes), create_feature_extractor(dense, nodes)
+    assert not sparse_fe.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, want = sparse_fe(x), dense_fe(x)
+    for k in nodes.values():
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fx import traced_call
 from .linear import SparseLinear
 from ._sparse_weight import check_mask, random_mask, refuse_meta
 
@@ -244,6 +245,10 @@ class SparseMultiheadAttention(nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if isinstance(query, torch.fx.Proxy) or isinstance(key, torch.fx.Proxy) or isinstance(value, torch.fx.Proxy):
+            return traced_call(self, (query, key, value), dict(
+                key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights, is_causal=is_causal))
         # The checks and mask rules are nn.MultiheadAttention's (F.multi_head_attention_forward), the same
         # exceptions for the same mistakes; the projections are computed in the inputs' own layout.
         is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ._fx import traced_call
 from ._sparse_weight import SparseWeight, cast_to, initial_mask
 
 # The direct sparse convolution runs when an output channel has at least DIRECT_MIN_OUTPUTS pixels over the
@@ -125,6 +126,8 @@ class SparseConv2d(SparseWeight):
                                           self.padding_mode, device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return traced_call(self, (x,))
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import ops
 from ._sparse_weight import SparseWeight, cast_to, initial_mask
+from ._fx import traced_call
 from ._weight_tensor import SparseLinearWeight
 
 
@@ -72,6 +73,8 @@ class SparseLinear(SparseWeight):
                                           device=self.values.device, dtype=self.values.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return traced_call(self, (x,))
         return self._linear(x, self.bias)
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
