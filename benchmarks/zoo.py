@@ -2,7 +2,8 @@
 layer by layer and sparsified as `models.py` does it, then, against the same pruned model left dense: the eval
 forward, the input gradient (eval), the train-mode forward (dropout off: a sparse layer's output is a
 transposed view, so the same seed drops other elements), `pysparse.save` / `pysparse.load` into a freshly built
-model (its outputs against the sparse one's), and `pysparse.densify`. One line per model: the largest relative
+model (its outputs against the sparse one's), `pysparse.densify`, and torchvision's `create_feature_extractor`
+(torch.fx) on the sparse model. One line per model: the largest relative
 error of each check (``max |a - b| / max |b|``), ok under 1e-3 (the input gradient in norm, against the dense
 model's in float64, beside the dense float32 one's error: ok under twice that), the saved file against the dense float32
 weights; a model that raises is reported with its error and the sweep goes on. Correctness, not speed
@@ -35,7 +36,7 @@ FAMILIES = {
     "wide_resnet50_2": 64, "convnext_tiny": 64, "swin_t": 224, "swin_v2_t": 224, "maxvit_t": 224,
     "vit_b_32": 224, "vgg11_bn": 64,
 }
-CHECKS = ("eval", "input_grad", "train", "load", "densify")
+CHECKS = ("eval", "input_grad", "train", "load", "densify", "fx")
 TOLERANCE = 1e-3
 
 
@@ -93,6 +94,13 @@ def check(model: str, sparsity: float = 0.9, image: int = 64, batch: int = 2, se
         ref = sparse(x)
         out["load"] = _error(loaded(x), ref)
         out["densify"] = _error(pysparse.densify(copy.deepcopy(sparse))(x), ref)
+    # torch.fx, through torchvision's feature extractor: the model's last node, from the traced sparse model
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    last = get_graph_node_names(sparse)[1][-1]
+    extractor = create_feature_extractor(sparse, [last]).eval()
+    with torch.no_grad():
+        out["fx"] = _error(extractor(x)[last], ref)
     return out
 
 

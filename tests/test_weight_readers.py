@@ -307,3 +307,30 @@ def test_writes_into_a_sparse_layers_weight_set_its_kept_values(make):
     frozen = make().requires_grad_(False)
     frozen.weight.fill_(1.0)  # values without gradient: as a frozen nn.Parameter, no no_grad needed
     assert (frozen.values == 1).all()
+
+
+def test_a_kept_weight_follows_the_values_and_is_built_once_per_change():
+    """As an nn.Linear's weight, one taken before an optimizer step (or captured by torch.fx as a constant) shows
+    the values as they are when used; it is rebuilt only after they change."""
+    layer = _pair()[1].qkv
+    w = layer.weight
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for step in range(2):
+        with ops_called() as called:
+            before = w * 1
+            w.sum()
+        assert "pysparse::csr_to_dense" in called  # built (after the step: again)
+        with ops_called() as called:  # unchanged values: the same dense tensor
+            again = w.abs()
+        assert not called & {"pysparse::csr_to_dense"}
+        torch.testing.assert_close(again, before.abs())
+        opt.zero_grad()
+        layer(torch.randn(3, 16)).square().sum().backward()
+        opt.step()
+    assert not torch.equal(w.detach(), before.detach())
+    torch.testing.assert_close(w.detach(), layer.dense_weight().detach())
+    keep = torch.ones(layer.nnz, dtype=torch.bool)
+    keep[::2] = False
+    layer.prune_values_(keep)  # new values, fewer: the weight shows the layer's new structure
+    torch.testing.assert_close(w.detach(), layer.dense_weight().detach())
+    assert int((w != 0).sum()) <= layer.nnz

@@ -44,9 +44,9 @@ def _writes(func) -> bool:
 class DenseWeightTensor(torch.Tensor):
     """A sparse layer's dense weight (zeros where pruned), built from its stored values when first read: shape,
     dtype, device, ``requires_grad`` and the like need no dense copy; every other torch function or method builds
-    it once (differentiable in the values, as taken: under ``no_grad`` without gradient) and runs on it, giving
-    plain tensors. It reads the values when first used, so it shows them as they are then (as ``nn.Linear.weight``
-    would; ``.clone()`` it to keep them as they are now).
+    it (differentiable in the values, as taken: under ``no_grad`` without gradient) and runs on it, giving plain
+    tensors. It shows the values as they are when used, as ``nn.Linear.weight`` does: built once, and again only
+    after they changed (an optimizer step); ``.clone()`` it to keep them as they are now.
 
     Writes into it in place (``normal_``, ``copy_``, ``nn.init`` functions, ``w[i] = v``, ``w *= 2``, ``out=w``,
     and through ``w.data``) set the layer's stored values to the result at the kept places; pruned places stay
@@ -54,7 +54,9 @@ class DenseWeightTensor(torch.Tensor):
     other views (``w[0].zero_()``, ``w.detach().zero_()``) reach only that copy."""
 
     _pysparse_layer = None
-    _pysparse_dense: Optional[torch.Tensor] = None
+    _pysparse_dense: Optional[torch.Tensor] = None  # built from these values, at this (version, data_ptr, ...):
+    _pysparse_values: Optional[torch.Tensor] = None
+    _pysparse_key: tuple = ()
     _pysparse_grad = False
     _pysparse_parent: Optional["DenseWeightTensor"] = None  # of a ``.data`` view: the weight it shares with
 
@@ -68,14 +70,15 @@ class DenseWeightTensor(torch.Tensor):
         return w
 
     def _dense(self) -> torch.Tensor:
-        """The dense weight, built on first use from the layer's values (a plain tensor)."""
+        """The dense weight (a plain tensor): built from the layer's values, and again only after they changed."""
+        if self._pysparse_parent is not None:
+            return self._pysparse_parent._dense().detach()
+        values = self._pysparse_layer._parameters["values"]
+        key = (values._version, values.data_ptr(), values.dtype, values.device)
         dense = self._pysparse_dense
-        if dense is None:
-            if self._pysparse_parent is not None:
-                dense = self._pysparse_parent._dense().detach()
-            else:
-                with torch.set_grad_enabled(self._pysparse_grad):
-                    dense = self._pysparse_layer.dense_weight()
+        if dense is None or self._pysparse_values is not values or self._pysparse_key != key:
+            with torch.set_grad_enabled(self._pysparse_grad):
+                dense = self._pysparse_layer.dense_weight()
             with torch._C.DisableTorchFunctionSubclass():
                 meta = (self.shape, self.dtype, self.device)
             if (dense.shape, dense.dtype, dense.device) != meta:
@@ -83,8 +86,11 @@ class DenseWeightTensor(torch.Tensor):
                     f"this weight was taken from a layer that changed since (it was {tuple(meta[0])}, {meta[1]} on "
                     f"{meta[2]}; the layer's is now {tuple(dense.shape)}, {dense.dtype} on {dense.device}): read "
                     "layer.weight again")
-            self._pysparse_dense = dense
+            self._pysparse_dense, self._pysparse_values, self._pysparse_key = dense, values, key
         return dense
+
+    def _root(self) -> "DenseWeightTensor":
+        return self if self._pysparse_parent is None else self._pysparse_parent
 
     def _data(self) -> "DenseWeightTensor":
         """``.data``: the same numbers without gradient; writes into it reach the layer too."""
@@ -110,6 +116,8 @@ class DenseWeightTensor(torch.Tensor):
             values = layer._parameters["values"]
             values.copy_(layer._values_from(dense.detach()))
             dense.copy_(layer._dense_from(values))
+        root = self._root()  # its dense weight is the values' now
+        root._pysparse_key = (values._version, values.data_ptr(), values.dtype, values.device)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return repr(self._dense())  # printed as the dense tensor it is
@@ -118,8 +126,9 @@ class DenseWeightTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _METADATA:
+            # (a weight's dense tensor once built answers: requires_grad_ may have run on it)
             args = tuple(a._pysparse_dense if isinstance(a, DenseWeightTensor) and a._pysparse_dense is not None
-                         else a for a in args)  # (once built, the dense tensor's own: requires_grad_ may have run)
+                         else a for a in args)
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         if func == _DATA and isinstance(args[0], DenseWeightTensor):
