@@ -296,6 +296,9 @@ def test_writes_into_a_sparse_layers_weight_set_its_kept_values(make):
     layer.weight.data.normal_()  # .data: no gradient, no no_grad needed; pruned places stay zero
     assert layer.values.std() > 0.5 and (layer.weight[~mask] == 0).all()
     assert type(layer.weight.data) is type(layer.weight) and not layer.weight.data.requires_grad
+    w = layer.weight
+    w.data.data.fill_(5.0)  # shares w's dense tensor: w shows it
+    assert (layer.values == 5).all() and torch.equal(w.detach(), 5 * mask.to(w.dtype))
     with torch.no_grad():  # writes through other views reach only that copy
         layer.weight.detach().zero_()
         layer.weight[0].zero_()

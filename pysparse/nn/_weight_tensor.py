@@ -90,13 +90,16 @@ class DenseWeightTensor(torch.Tensor):
         return dense
 
     def _root(self) -> "DenseWeightTensor":
-        return self if self._pysparse_parent is None else self._pysparse_parent
+        """The weight whose dense tensor this one shares (itself, or the one that ``.data`` was taken from)."""
+        root = self
+        while root._pysparse_parent is not None:
+            root = root._pysparse_parent
+        return root
 
     def _data(self) -> "DenseWeightTensor":
         """``.data``: the same numbers without gradient; writes into it reach the layer too."""
-        with torch._C.DisableTorchFunctionSubclass():
-            layer, values = self._pysparse_layer, self._pysparse_layer._parameters["values"]
-        view = type(self)(layer, values, grad=False)
+        layer = self._pysparse_layer
+        view = type(self)(layer, layer._parameters["values"], grad=False)
         view._pysparse_parent = self
         return view
 
