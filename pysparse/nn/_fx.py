@@ -10,10 +10,8 @@ import torch.fx
 from torch import nn
 
 
-def traced_call(module: nn.Module, args: tuple, kwargs: Optional[dict] = None) -> Optional[torch.fx.Proxy]:
-    """``module(*args, **kwargs)`` as one call_module node when an argument is a torch.fx Proxy; else None."""
+def traced_call(module: nn.Module, args: tuple, kwargs: Optional[dict] = None) -> torch.fx.Proxy:
+    """``module(*args, **kwargs)``, with a torch.fx Proxy among the arguments, as one call_module node."""
     kwargs = kwargs or {}
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.fx.Proxy):
-            return a.tracer.create_proxy("call_module", a.tracer.path_of_module(module), args, kwargs)
-    return None
+    proxy = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy))
+    return proxy.tracer.create_proxy("call_module", proxy.tracer.path_of_module(module), args, kwargs)

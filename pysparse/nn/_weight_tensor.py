@@ -41,6 +41,12 @@ def _writes(func) -> bool:
                                            name not in _NOT_WRITES)
 
 
+def _state(values: torch.Tensor) -> tuple:
+    """What a dense weight built from ``values`` depends on besides their identity: an in-place change bumps the
+    version, a move or cast changes the storage, dtype or device."""
+    return values._version, values.data_ptr(), values.dtype, values.device
+
+
 class DenseWeightTensor(torch.Tensor):
     """A sparse layer's dense weight (zeros where pruned), built from its stored values when first read: shape,
     dtype, device, ``requires_grad`` and the like need no dense copy; every other torch function or method builds
@@ -54,7 +60,7 @@ class DenseWeightTensor(torch.Tensor):
     other views (``w[0].zero_()``, ``w.detach().zero_()``) reach only that copy."""
 
     _pysparse_layer = None
-    _pysparse_dense: Optional[torch.Tensor] = None  # built from these values, at this (version, data_ptr, ...):
+    _pysparse_dense: Optional[torch.Tensor] = None  # built from these values, in this _state:
     _pysparse_values: Optional[torch.Tensor] = None
     _pysparse_key: tuple = ()
     _pysparse_grad = False
@@ -74,7 +80,7 @@ class DenseWeightTensor(torch.Tensor):
         if self._pysparse_parent is not None:
             return self._pysparse_parent._dense().detach()
         values = self._pysparse_layer._parameters["values"]
-        key = (values._version, values.data_ptr(), values.dtype, values.device)
+        key = _state(values)
         dense = self._pysparse_dense
         if dense is None or self._pysparse_values is not values or self._pysparse_key != key:
             with torch.set_grad_enabled(self._pysparse_grad):
@@ -120,7 +126,7 @@ class DenseWeightTensor(torch.Tensor):
             values.copy_(layer._values_from(dense.detach()))
             dense.copy_(layer._dense_from(values))
         root = self._root()  # its dense weight is the values' now
-        root._pysparse_key = (values._version, values.data_ptr(), values.dtype, values.device)
+        root._pysparse_key = _state(values)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return repr(self._dense())  # printed as the dense tensor it is
