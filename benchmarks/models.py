@@ -8,6 +8,8 @@ process (the median of the per-round speed-ups is reported, with its range): the
 
     python benchmarks/models.py                                   # ResNet-18, MobileNetV3-small at 90 / 95%, batch 1, 8
     python benchmarks/models.py --model resnet50 --batch 1 --sparsity 0.9 --step
+    python benchmarks/models.py --channels-last                   # both models in torch.channels_last
+    python benchmarks/models.py --formats                         # NCHW and channels-last, the four alternated
 """
 import argparse
 import copy
@@ -60,17 +62,20 @@ def file_bytes(model) -> int:
         return os.path.getsize(path)
 
 
-def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224, seed=0):
+def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224, seed=0, channels_last=False):
     """Median time (ms) of the sparsified and the dense pruned model's forward (step=True: forward + backward in
     train mode, gradients from None) on a batch of ``image`` x ``image`` RGB images, and the median over rounds
     of dense / pysparse (the speed-up, > 1: pysparse faster) with its range; ``layers``: sparse layers; the saved
     file's bytes and the dense float32 weights' bytes. Outputs (with step, input gradients) are checked to agree
-    before timing."""
+    before timing. ``channels_last``: both models and the input in torch.channels_last (the CPU's fast format
+    for torch's pooling and BatchNorm)."""
     check_sizes(sparsity, rounds, calls, batch=batch, image=image)
     dense, sparse, layers = pruned_pair(model, sparsity, seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for net in (dense, sparse):
         net.train(step)
-    x = torch.randn(batch, 3, image, image, requires_grad=step)
+        net.to(memory_format=fmt)
+    x = torch.randn(batch, 3, image, image).contiguous(memory_format=fmt).requires_grad_(step)
     nets = {"pysparse": sparse, "dense": dense}
     params = {impl: [x, *net.parameters()] for impl, net in nets.items()}
 
@@ -109,6 +114,41 @@ def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224,
             "dense_bytes": sum(p.numel() * 4 for p in dense.parameters())}
 
 
+FORMATS = ("pysparse", "pysparse_cl", "dense", "dense_cl")
+
+
+def formats(model, batch, sparsity, rounds=7, calls=None, image=224, seed=0):
+    """The forward of the sparsified and the dense pruned model, each in NCHW and in channels-last (models and
+    input in torch.channels_last), the four alternated round by round in one process: median ms of each, and the
+    per-round speed-ups (median, min, max) of channels-last over NCHW for pysparse (``cl_gain``) and of pysparse
+    channels-last over the dense model channels-last (``speedup_cl``). Outputs are checked to agree first."""
+    check_sizes(sparsity, rounds, calls, batch=batch, image=image)
+    dense, sparse, _ = pruned_pair(model, sparsity, seed)
+    cl = torch.channels_last
+    x = torch.randn(batch, 3, image, image)
+    nets = {"pysparse": (sparse.eval(), x), "dense": (dense.eval(), x),
+            "pysparse_cl": (copy.deepcopy(sparse).to(memory_format=cl), x.contiguous(memory_format=cl)),
+            "dense_cl": (copy.deepcopy(dense).to(memory_format=cl), x.contiguous(memory_format=cl))}
+
+    def call(impl):
+        net, inp = nets[impl]
+        with torch.no_grad():
+            return net(inp)
+
+    want = call("dense")
+    for impl in FORMATS:
+        error = ((call(impl) - want).norm() / want.norm()).item()
+        assert error < 1e-4, f"{impl}'s output differs from the dense model's by {error:.2e} in norm"
+    if calls is None:
+        start = time.perf_counter()
+        call("dense")
+        calls = max(1, int(0.3 / (time.perf_counter() - start)))
+    times = alternated_times(call, FORMATS, rounds, calls)
+    return {**{f"{impl}_ms": statistics.median(t) for impl, t in times.items()},
+            "cl_gain": speedup(times, "pysparse", "pysparse_cl"),
+            "speedup_cl": speedup(times, "dense_cl", "pysparse_cl")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", default=["resnet18", "mobilenet_v3_small"])
@@ -117,14 +157,32 @@ def main(argv=None):
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--step", action="store_true", help="time a training step instead of the forward")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="both models and the input in torch.channels_last")
+    parser.add_argument("--formats", action="store_true",
+                        help="the forward of both models in NCHW and in channels-last, the four alternated")
     args = parser.parse_args(argv)
-    what = "training step" if args.step else "forward"
+    if args.formats:
+        print(f"pruned torchvision models, forward in NCHW and channels-last (both models), {args.image} x "
+              f"{args.image}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-round speed-ups")
+        for model in args.model:
+            for sparsity in args.sparsity:
+                for batch in args.batch:
+                    r = formats(model, batch, sparsity, args.rounds, image=args.image)
+                    g, d = r["cl_gain"], r["speedup_cl"]
+                    print(f"{model:20s} batch {batch:3d} sparsity {sparsity:.2f}: ms pysparse {r['pysparse_ms']:.1f}, "
+                          f"channels-last {r['pysparse_cl_ms']:.1f}; dense {r['dense_ms']:.1f}, channels-last "
+                          f"{r['dense_cl_ms']:.1f}; pysparse channels-last over NCHW {g[0]:.2f}x ({g[1]:.2f}-"
+                          f"{g[2]:.2f}), over dense channels-last {d[0]:.2f}x ({d[1]:.2f}-{d[2]:.2f})", flush=True)
+        return
+    what = ("training step" if args.step else "forward") + (", channels-last" if args.channels_last else "")
     print(f"pruned torchvision models, sparsified against dense, {what}, {args.image} x {args.image}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds, per-round speed-up (dense / pysparse)")
     for model in args.model:
         for sparsity in args.sparsity:
             for batch in args.batch:
-                r = measure(model, batch, sparsity, args.rounds, step=args.step, image=args.image)
+                r = measure(model, batch, sparsity, args.rounds, step=args.step, image=args.image,
+                            channels_last=args.channels_last)
                 print(f"{model:20s} batch {batch:3d} sparsity {sparsity:.2f}: {r['layers']} sparse layers, "
                       f"pysparse {r['pysparse_ms']:.1f} ms, dense {r['dense_ms']:.1f} ms, speed-up "
                       f"{r['speedup']:.2f}x (rounds {r['speedup_min']:.2f}-{r['speedup_max']:.2f}); file "

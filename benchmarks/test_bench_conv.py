@@ -12,10 +12,12 @@ from _util import RESNET18_CONV, run
 
 DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm", "spmm_grad")
 SHAPES = RESNET18_CONV  # name: (in, out, kernel, stride, input size)
+# for the channels-last benchmark, also MobileNetV3-small's pointwise layers (1 x 1: the pixels' rows)
+CL_SHAPES = {**SHAPES, "mbv3-expand-1x1": (16, 72, 1, 1, 56), "mbv3-project-1x1": (576, 96, 1, 1, 7)}
 
 
 def _layers(device, shape, sparsity):
-    cin, cout, k, s, _ = SHAPES[shape]
+    cin, cout, k, s, _ = CL_SHAPES[shape]
     torch.manual_seed(0)
     dense = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2, bias=False).to(device)
     mask = torch.rand(dense.weight.shape, device=device) >= sparsity
@@ -57,6 +59,27 @@ def test_conv_forward_backward(benchmark, device, shape, sparsity, impl):
     g = torch.randn_like(dense(x))
     benchmark.group = f"conv-fwdbwd-{shape}-b8-s{sparsity}-{device}"
     run(benchmark, lambda: layer(x).backward(g), device, rounds=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", list(CL_SHAPES))
+@pytest.mark.parametrize("step", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+def test_conv_channels_last(benchmark, device, shape, step, impl):
+    """Layers and tensors in torch.channels_last (a model after .to(memory_format=torch.channels_last)), batch 8,
+    90%: the forward, or forward + backward; both layers read and write that format."""
+    dense, sparse = _layers(device, shape, 0.9)
+    cin, _, _, _, size = CL_SHAPES[shape]
+    cl = torch.channels_last
+    layer = (sparse if impl == "pysparse" else dense).to(memory_format=cl)
+    x = torch.randn(8, cin, size, size, device=device).contiguous(memory_format=cl).requires_grad_(step)
+    benchmark.group = f"conv-cl-{'fwdbwd' if step else 'fwd'}-{shape}-b8-s0.9-{device}"
+    if step:
+        g = torch.randn_like(dense(x)).contiguous(memory_format=cl)
+        run(benchmark, lambda: layer(x).backward(g), device, rounds=5)
+    else:
+        with torch.no_grad():
+            run(benchmark, lambda: layer(x), device, rounds=10)
 
 
 # The digits GAN's convolutions (width 32, batch 64): G's 3x3 convs on 4x4 and 8x8 planes, D's 4x4 stride-2.

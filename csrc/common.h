@@ -246,6 +246,18 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return options.device().is_cpu() ? cpu::cached_empty(sizes, options) : at::empty(sizes, options);
 }
 
+// Whether a 4-d tensor is channels-last (and not also contiguous): the convolution ops read it in place and
+// give their output in that format too, as nn.Conv2d does (the fakes in pysparse/ops.py follow the same rule).
+inline bool channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// An uninitialised [N, C, H, W] output, channels-last when cl.
+inline at::Tensor empty_output_4d(at::IntArrayRef sizes, const at::TensorOptions& options, bool cl) {
+  if (!cl) return empty_output(sizes, options);
+  return empty_output({sizes[0], sizes[2], sizes[3], sizes[1]}, options).permute({0, 3, 1, 2});
+}
+
 // A [K, B] tensor for the gradient of the input xt [K, B]: in xt's layout when xt is batch-major (stride 1 along
 // K: the transposed view of a [B, K] batch, what the layers pass), so that autograd hands the [B, K] gradient
 // on without a transposing copy; else contiguous. The CPU kernels' rule (CUDA's spmm_grad returns spmm_t's

@@ -639,12 +639,21 @@ def _spmm_t_fake(rowptr, col, values, yt, n_cols, t_rowptr=None, t_col=None, t_p
     return yt.new_empty((n_cols, yt.shape[1]))
 
 
+def _conv_format(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of the convolution ops' output from ``t`` (x for sparse_conv2d, gy for its input
+    gradient): channels-last when ``t`` is channels-last and not also contiguous (csrc/common.h's channels_last),
+    as nn.Conv2d's output follows its input's."""
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 @torch.library.register_fake("pysparse::sparse_conv2d")
 def _sparse_conv2d_fake(rowptr, col, values, x, bias, kernel_size, stride, dilation, padding, t_rowptr=None,
                         t_col=None, t_perm=None):
     oh, ow = _check_sparse_conv2d(rowptr, col, values, x, bias, kernel_size, stride, dilation, padding, t_rowptr, t_col,
                                   t_perm)
-    return x.new_empty((x.shape[0], rowptr.shape[0] - 1, oh, ow))
+    return torch.empty((x.shape[0], rowptr.shape[0] - 1, oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=_conv_format(x))
 
 
 @torch.library.register_fake("pysparse::sparse_conv2d_grad_input")
@@ -652,7 +661,7 @@ def _sparse_conv2d_grad_input_fake(rowptr, col, values, gy, x_size, kernel_size,
                                    t_rowptr=None, t_col=None, t_perm=None):
     _check_conv_grad_input(rowptr, col, values, gy, x_size, kernel_size, stride, dilation, padding, t_rowptr, t_col,
                            t_perm)
-    return gy.new_empty(tuple(x_size))
+    return torch.empty(tuple(x_size), dtype=gy.dtype, device=gy.device, memory_format=_conv_format(gy))
 
 
 @torch.library.register_fake("pysparse::sparse_conv2d_grad_values")
@@ -790,7 +799,7 @@ def _conv_backward(ctx, gy):
     rowptr, col, values, x, t_rowptr, t_col, t_perm = ctx.saved_tensors
     geometry = ctx.geometry  # kernel_size, stride, dilation, padding
     needs = _needs_input_grad(ctx, 12)
-    gy = gy.contiguous()
+    gy = gy.contiguous(memory_format=_conv_format(x))  # x's format, as torch's convolutions (csrc/autograd.cpp)
     dvalues = dx = dbias = None
     with _backward_ops():
         if needs[2]:

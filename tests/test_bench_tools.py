@@ -192,6 +192,18 @@ def test_models_times_a_pruned_model_sparsified_against_its_dense_twin(capsys):
     module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.95", "--image", "32", "--rounds", "1"])
     out = capsys.readouterr().out
     assert "resnet18             batch   1 sparsity 0.95: 21 sparse layers" in out and "of the dense" in out
+    # channels-last: both models in that format (their outputs and input gradients checked to agree inside)
+    cl = module.measure("resnet18", 2, 0.9, rounds=1, calls=1, step=True, image=32, channels_last=True)
+    assert cl["layers"] == 21 and cl["speedup_min"] <= cl["speedup"] <= cl["speedup_max"]
+    module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.9", "--image", "32", "--rounds", "1",
+                 "--channels-last"])
+    assert "forward, channels-last" in capsys.readouterr().out
+    f = module.formats("resnet18", 1, 0.9, rounds=2, calls=1, image=32)
+    assert all(f[f"{impl}_ms"] > 0 for impl in module.FORMATS)
+    assert f["cl_gain"][1] <= f["cl_gain"][0] <= f["cl_gain"][2]
+    module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.9", "--image", "32", "--rounds", "1",
+                 "--formats"])
+    assert "pysparse channels-last over NCHW" in capsys.readouterr().out
 
 
 def test_models_refuses_to_time_models_that_disagree(monkeypatch):

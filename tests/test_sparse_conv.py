@@ -90,6 +90,55 @@ def test_output_is_contiguous_as_nn_conv2d_s(size):
     torch.testing.assert_close(y.view(2, -1), conv(x).view(2, -1), rtol=1e-5, atol=1e-5)
 
 
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 4])  # im2col (ungrouped) at batch 1, the direct kernel at 4
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_channels_last_input_gives_nn_conv2d_s_memory_format(device, batch, cfg):
+    """A channels-last input (model.to(memory_format=torch.channels_last), the CPU's fast format for torch's
+    pooling and BatchNorm) gives the output in nn.Conv2d's format, channels-last where nn.Conv2d's is; the same
+    values and gradients; and a channels-last output gradient gives a channels-last input gradient."""
+    conv, mask, sparse = _pair(cfg, device=device)
+    sparse.dense_below = 0.0
+    x = torch.randn(batch, cfg["in_channels"], 13, 11, device=device).contiguous(memory_format=CL)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), conv(xd)
+    assert ys.is_contiguous(memory_format=CL) == yd.is_contiguous(memory_format=CL)
+    assert ys.is_contiguous() == yd.is_contiguous()
+    torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(yd).contiguous(memory_format=CL)
+    ys.backward(g)
+    yd.backward(g)
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.values.grad, conv.weight.grad[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_model_keeps_channels_last_through_sparse_layers():
+    """A small CNN in channels-last: every sparse layer's output stays channels-last (so torch's max-pool takes
+    its channels-last kernel, ~13x faster than its NCHW one on the CPU here), equal to the dense model's; and
+    under torch.compile."""
+    import pysparse
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    masks = pysparse.prune(dense, "magnitude", sparsity=0.9, scope="layer").masks
+    sparse = pysparse.sparsify(copy.deepcopy(dense), masks, min_sparsity=0.0).to(memory_format=CL)
+    assert sum(isinstance(m, SparseConv2d) for m in sparse.modules()) == 3
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=CL)))
+             for m in sparse.modules() if isinstance(m, SparseConv2d)]
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert seen == [True, True, True]
+    for h in hooks:
+        h.remove()
+    assert_compiled_matches_eager(sparse, x.clone().requires_grad_(), torch.randn(4, 10))
+
+
 @pytest.mark.parametrize("hw", [1, 5])
 def test_pointwise_convolution_at_few_pixels_reads_its_input_as_im2col(hw, monkeypatch):
     """A 1 x 1 convolution's im2col is its input: below DIRECT_MIN_OUTPUTS (an SE block's 1 x 1 pixels) the layer
@@ -189,16 +238,20 @@ def _conv_problem(n, c, o, h, w, kh, kw, density, dtype, device, seed):
        hw=st.tuples(st.integers(3, 12), st.integers(3, 12)), k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), density=st.floats(0, 1),
-       dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(),
+       dtype=st.sampled_from(list(TOL)), use_bias=st.booleans(), channels_last=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
-def test_op_matches_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, use_bias, seed):
+def test_op_matches_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, use_bias,
+                              channels_last, seed):
     h, w = hw
     if h + 2 * padding[0] < dilation[0] * (k[0] - 1) + 1 or w + 2 * padding[1] < dilation[1] * (k[1] - 1) + 1:
         return
     values, s, x, bias = _conv_problem(n, c, o, h, w, *k, density, dtype, device, seed)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
     kw = dict(bias=bias if use_bias else None, kernel_size=k, stride=stride, dilation=dilation, padding=padding)
     got = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, **kw)
     torch.testing.assert_close(got, reference.sparse_conv2d(s.rowptr, s.col, values, x, **kw), **TOL[dtype])
+    assert got.is_contiguous(memory_format=pysparse.ops._conv_format(x))
 
 
 @pytest.mark.parametrize("device", OP_DEVICES)
@@ -219,6 +272,11 @@ def test_op_opcheck(device):
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d.default,
                           (s.rowptr, s.col, values.clone().requires_grad_(), x.clone().requires_grad_(), None,
                            [3, 3], [2, 2], [1, 1], [1, 2], *s.transposed()))
+    # channels-last x: the output's strides (channels-last) as the fake's
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d.default,
+                          (s.rowptr, s.col, values.clone().requires_grad_(),
+                           x.contiguous(memory_format=CL).requires_grad_(), bias, [3, 3], [2, 2], [1, 1], [1, 2],
+                           *s.transposed()))
     # the layer's op: its C++ autograd node (CompositeImplicitAutograd over the op above)
     torch.library.opcheck(torch.ops.pysparse.layer_sparse_conv2d.default,
                           (s.rowptr, s.col, values.clone().requires_grad_(), x.clone().requires_grad_(),
@@ -257,14 +315,19 @@ def test_op_bad_input():
 
 
 # ------------------------------------------------------------------ the direct backward: grad_input, grad_values
-def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed, padding=(0, 0)):
+def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed, padding=(0, 0), x_cl=False,
+                 gy_cl=False):
+    """x_cl / gy_cl: x / gy channels-last (the input gradient then follows gy's format)."""
     values, s, x, _ = _conv_problem(n, c, o, h, w, *k, density, dtype, device, seed)
     geo = dict(kernel_size=k, stride=stride, dilation=dilation, padding=padding)
     y = reference.sparse_conv2d(s.rowptr, s.col, values, x, **geo)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    x = x.contiguous(memory_format=CL) if x_cl else x.contiguous()
+    gy = gy.contiguous(memory_format=CL) if gy_cl else gy.contiguous()
     want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
     dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=s.transposed(), **geo)
     torch.testing.assert_close(dx, want, **TOL[dtype])
+    assert dx.is_contiguous(memory_format=pysparse.ops._conv_format(gy))
     if device == "cpu":  # the CPU kernel also works from the CSR alone (it regroups the weights itself)
         dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
         torch.testing.assert_close(dx, want, **TOL[dtype])
@@ -285,13 +348,15 @@ def _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, see
        hw=st.tuples(st.integers(3, 12), st.integers(3, 12)), k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), density=st.floats(0, 1),
-       dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 2**31 - 1))
-def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, seed):
-    """Both gradients against torch.nn.grad.conv2d_input / conv2d_weight on the dense weight."""
+       dtype=st.sampled_from(list(TOL)), x_cl=st.booleans(), gy_cl=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, padding, density, dtype, x_cl, gy_cl,
+                                  seed):
+    """Both gradients against torch.nn.grad.conv2d_input / conv2d_weight on the dense weight (x and gy in either
+    memory format)."""
     h, w = hw
     if h + 2 * padding[0] < dilation[0] * (k[0] - 1) + 1 or w + 2 * padding[1] < dilation[1] * (k[1] - 1) + 1:
         return
-    _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed, padding)
+    _check_grads(device, n, c, o, h, w, k, stride, dilation, density, dtype, seed, padding, x_cl, gy_cl)
 
 
 # The CPU kernels interleave several images per run when planes are small and weights many (GAN shapes);
@@ -318,14 +383,55 @@ def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, padd
         "large-stride2-padded", "large-padded", "large-stride2-odd", "large-stride32-dilated", "aligned-padded",
         "aligned-partial", "aligned-partial-padded", "aligned-stride2", "unit-blocks", "unit-blocks-stride2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_grad_ops_layouts(device, case, dtype):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_grad_ops_layouts(device, case, dtype, channels_last):
     *geometry, padding = case
-    _check_grads(device, *geometry, dtype, seed=3, padding=padding)
+    _check_grads(device, *geometry, dtype, seed=3, padding=padding, x_cl=channels_last, gy_cl=channels_last)
     # and the forward on the same layouts
     values, s, x, bias = _conv_problem(*geometry[:5], *geometry[5], geometry[8], dtype, device, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
     kw = dict(bias=bias, kernel_size=geometry[5], stride=geometry[6], dilation=geometry[7], padding=padding)
-    torch.testing.assert_close(pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, **kw),
-                               reference.sparse_conv2d(s.rowptr, s.col, values, x, **kw), **TOL[dtype])
+    got = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, **kw)
+    torch.testing.assert_close(got, reference.sparse_conv2d(s.rowptr, s.col, values, x, **kw), **TOL[dtype])
+    assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("n,c,o,h,w", [(3, 37, 21, 5, 7), (1, 16, 16, 4, 4), (2, 5, 40, 3, 11), (1, 70, 3, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_pointwise_channels_last(device, n, c, o, h, w, dtype):
+    """A 1 x 1 convolution (stride 1, no padding) of a channels-last tensor: the CPU computes it on the pixels'
+    [P, C] rows directly (16 pixels and up to 16 channels a block: partial blocks of pixels, input and output
+    channels here). Forward, input gradient (with and without W's transposed structure) and values gradient
+    against the references, outputs channels-last; a column index out of range raises."""
+    values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, 7)
+    x = x.contiguous(memory_format=CL)
+    geo = dict(kernel_size=1)
+    y = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo)
+    assert y.is_contiguous(memory_format=CL) or y.is_contiguous()  # (both: one pixel)
+    torch.testing.assert_close(y, reference.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo), **TOL[dtype])
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(device, dtype)
+    gy = gy.contiguous(memory_format=CL)
+    want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
+    for transposed in ([s.transposed()] + ([None] if device == "cpu" else [])):
+        dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=transposed, **geo)
+        torch.testing.assert_close(dx, want, **TOL[dtype])
+        assert dx.is_contiguous(memory_format=CL) or dx.is_contiguous()
+    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+    tol = TOL[dtype] if dtype not in (torch.float16, torch.bfloat16) else dict(rtol=TOL[dtype]["rtol"] * 2,
+                                                                                atol=TOL[dtype]["atol"] * 4)
+    torch.testing.assert_close(pysparse.ops.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo),
+                               reference.sparse_conv2d_grad_values(s.rowptr, s.col, x.to(ref_dtype),
+                                                                   gy.to(ref_dtype), **geo).to(dtype), **tol)
+    if device == "cpu" and s.col.numel():
+        bad = s.col.clone()
+        bad[-1] = c
+        with pytest.raises(ValueError, match="column index is outside"):
+            torch.ops.pysparse.sparse_conv2d.default(s.rowptr, bad, values, x, None, [1, 1], [1, 1], [1, 1], [0, 0])
+        with pytest.raises(ValueError, match="column index is outside"):
+            torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, bad, values, gy, list(x.shape), [1, 1],
+                                                                [1, 1], [1, 1], [0, 0])
 
 
 @pytest.mark.parametrize("device", OP_DEVICES)
@@ -338,6 +444,13 @@ def test_grad_ops_opcheck(device):
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_values.default,
                           (s.rowptr, s.col, x, gy, [3, 3], [2, 2], [1, 1], [0, 0]))
     gy = torch.randn(3, 5, 5, 4, device=device)  # padding (1, 1)
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_input.default,
+                          (s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [2, 2], [1, 1], [1, 1],
+                           *s.transposed()))
+    torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_values.default,
+                          (s.rowptr, s.col, x, gy, [3, 3], [2, 2], [1, 1], [1, 1]))
+    # channels-last gy: a channels-last input gradient, as the fake says
+    gy, x = gy.contiguous(memory_format=CL), x.contiguous(memory_format=CL)
     torch.library.opcheck(torch.ops.pysparse.sparse_conv2d_grad_input.default,
                           (s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [2, 2], [1, 1], [1, 1],
                            *s.transposed()))

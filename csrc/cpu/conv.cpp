@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -126,12 +127,18 @@ struct Interleave {
   int64_t N, C, H, W, sh, sw, Hp, Wp, nb, NB;
   int64_t lead = 0, pitch_ = 0;
   int64_t ph = 0, pw = 0;
+  bool cl = false;  // the dense tensor is channels-last: (n, c, y, x) at ((n * H0 + y) * W0 + x) * C + c
   int64_t H0() const { return H - 2 * ph; }
   int64_t W0() const { return W - 2 * pw; }
+  // Offset of element (n, c, y, 0) in the dense tensor, and the distance between neighbours in a row.
+  int64_t row_at(int64_t n, int64_t c, int64_t y) const {
+    return cl ? (n * H0() + y) * W0() * C + c : ((n * C + c) * H0() + y) * W0();
+  }
+  int64_t xstep() const { return cl ? C : 1; }
   int64_t plane() const { return sh * sw * Hp * Wp * nb; }
   int64_t pitch() const { return std::max(pitch_, lead + plane()); }
   bool identity() const {
-    return sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H && ph == 0 && pw == 0 && pitch() == plane();
+    return !cl && sh == 1 && sw == 1 && nb == 1 && Wp == W && Hp == H && ph == 0 && pw == 0 && pitch() == plane();
   }
   // The columns j of phase column b that hold elements: [first, second), element column j * sw + b - pw.
   std::pair<int64_t, int64_t> columns(int64_t b) const { return span(b, sw, pw, W0(), Wp); }
@@ -162,7 +169,9 @@ inline Interleave padded_output_of(const Layout& L, int64_t O) {
 // the transpose of its nb images' planes, row by row: interleave and deinterleave move it 16 images x 16
 // elements at a time through an in-register transpose instead of element by element with a stride of nb (a
 // digits GAN's 3x3 layers spent ~16% of a training step there).
-inline bool transposable(const Interleave& I) { return I.sh == 1 && I.sw == 1 && I.Hp == I.H && I.nb % kLanes == 0; }
+inline bool transposable(const Interleave& I) {
+  return !I.cl && I.sh == 1 && I.sw == 1 && I.Hp == I.H && I.nb % kLanes == 0;
+}
 
 // Elements [p0, p0 + n) of a row-major H0 x W0 plane (n <= 16): the offset of each in the working layout's plane
 // of row pitch Wp (lanes nb, padding (ph, pw)), for the 16 x 16 block moves.
@@ -175,10 +184,145 @@ inline void block_offsets(const Interleave& I, int64_t p0, int64_t n, int64_t (&
   }
 }
 
+// Channels a task for the channels-last moves: 16 (a full transposed block), halved while that would leave fewer
+// than two tasks a thread (tasks(g): their number with g channels a task), so that a batch of one still spreads
+// over every core.
+template <typename F>
+int64_t channel_group(F&& tasks) {
+  int64_t g = kLanes;
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+  while (g > 1 && tasks(g) < want) g /= 2;
+  return g;
+}
+
+// Lane masks and masked moves for strided phases: the lanes e < n with e % s == q; v's selected lanes stored
+// side by side at p, and the reverse (p's values into the selected lanes of v, the others kept). With AVX-512 a
+// compress / expand in registers and one masked access (the compiler's code for the element loops was AVX-512
+// scatters, microcoded on Zen 4, or a branch per element).
+inline uint32_t lanes_every(int64_t s, int64_t q, int64_t n) {
+  uint32_t sel = 0;
+  for (int64_t e = q; e < n; e += s) sel |= 1u << e;
+  return sel;
+}
+inline void store_selected(float* p, vfloat v, uint32_t sel) {
+#ifdef __AVX512F__
+  _mm512_mask_storeu_ps(p, cpu::tail_mask(__builtin_popcount(sel)), _mm512_maskz_compress_ps(sel, v));
+#else
+  float t[kLanes];
+  vstore(t, v);
+  for (int64_t e = 0, r = 0; e < kLanes; ++e)
+    if (sel >> e & 1u) p[r++] = t[e];
+#endif
+}
+inline vfloat load_selected(const float* p, vfloat v, uint32_t sel) {
+#ifdef __AVX512F__
+  return _mm512_mask_expand_ps(v, sel, _mm512_maskz_loadu_ps(cpu::tail_mask(__builtin_popcount(sel)), p));
+#else
+  float t[kLanes];
+  vstore(t, v);
+  for (int64_t e = 0, r = 0; e < kLanes; ++e)
+    if (sel >> e & 1u) t[e] = p[r++];
+  return vload(t);
+#endif
+}
+
+// Channels-last tensors and the working layout with one image a unit (nb = 1), float32: element (n, c, y, x)
+// sits in plane (n, c) at row_base(y) plus its column's place, phase column b = (x + pw) % sw at j = (x + pw) /
+// sw (run_offset). Both directions move up to 16 channels x 16 columns of an image row at a time, a contiguous
+// [16 columns, 16 channels] block of the channels-last row transposed in registers; a task is (image, channel
+// group), so that its writes (or reads) stream through that group's planes. Reading a channels-last input
+// channel by channel with a stride of C, as the NCHW path reads its rows, made the forward of ResNet-18's layer1
+// at 90%, batch 8, twice as slow (4.1 -> 8.7 ms, Zen 4).
+struct ChannelsLastRows {
+  const Interleave& I;
+  explicit ChannelsLastRows(const Interleave& I_) : I(I_) {}
+  int64_t row_base(int64_t y) const { return ((y + I.ph) % I.sh) * I.sw * I.Hp * I.Wp + (y + I.ph) / I.sh * I.Wp; }
+  // The columns x0 + q, x0 + q + sw, ... (q < sw) land side by side in one phase (b = (x0 + q + pw) % sw),
+  // from j = (x0 + q + pw) / sw on: the offset of the first from a row's base.
+  int64_t run_offset(int64_t x0, int64_t q) const {
+    const int64_t at = x0 + q + I.pw;
+    return (at % I.sw) * I.Hp * I.Wp + at / I.sw;
+  }
+};
+
+// A channels-last src [N, H0, W0, C] -> dst in the working layout (nb = 1), as float32. A task's planes are
+// zeroed whole first (one fill each: zeroing only the padding's rows and columns took a fill call per row and
+// side, ~14% of the copy's time), then the elements go in, row by row.
+template <typename src_t>
+void interleave_channels_last(const src_t* src, float* dst, const Interleave& I) {
+  const int64_t H0 = I.H0(), W0 = I.W0(), C = I.C, pitch = I.pitch(), lead = I.lead;
+  const int64_t sw = I.sw, pw = I.pw, N = I.N;
+  const int64_t cb = channel_group([&](int64_t g) { return N * ((C + g - 1) / g); }), cblocks = (C + cb - 1) / cb;
+  const ChannelsLastRows R(I);
+  at::parallel_for(0, N * cblocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / cblocks, c0 = (t % cblocks) * cb, nc = std::min(cb, C - c0);
+      float* const first = dst + (n * C + c0) * pitch;  // channel c0's plane, from its lead
+      std::fill(first, first + nc * pitch, 0.f);
+      for (int64_t y = 0; y < H0; ++y) {
+        const src_t* in = src + (n * H0 + y) * W0 * C + c0;
+        float* const row = first + lead + R.row_base(y);  // + k * pitch: channel c0 + k
+        for (int64_t x0 = 0; x0 < W0; x0 += kLanes) {
+          const int64_t nx = std::min(kLanes, W0 - x0);
+          vfloat block[kLanes];
+          if (nx == kLanes && nc == kLanes) {
+            for (int64_t e = 0; e < kLanes; ++e) block[e] = load_lanes(in + (x0 + e) * C, kLanes);
+          } else {
+            for (int64_t e = 0; e < kLanes; ++e) block[e] = e < nx ? load_lanes(in + (x0 + e) * C, nc) : vfloat{};
+          }
+          transpose16(block);  // block[k] = columns x0 .. of channel c0 + k
+          if (sw == 1) {
+            for (int64_t k = 0; k < nc; ++k) store_lanes(row + k * pitch + x0 + pw, block[k], nx);
+            continue;
+          }
+          for (int64_t q = 0; q < std::min(sw, nx); ++q) {
+            float* const p = row + R.run_offset(x0, q);
+            const uint32_t sel = lanes_every(sw, q, nx);
+            for (int64_t k = 0; k < nc; ++k) store_selected(p + k * pitch, block[k], sel);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The inverse for one image: channels c0 .. c0 + nc of image n, whose planes (without lead) start at
+// planes[k * kstride], into a channels-last dst [N, H0, W0, C].
+template <typename dst_t>
+void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst, const ChannelsLastRows& R,
+                                int64_t n, int64_t c0, int64_t nc) {
+  const Interleave& I = R.I;
+  const int64_t H0 = I.H0(), W0 = I.W0();
+  for (int64_t y = 0; y < H0; ++y) {
+    const int64_t base = R.row_base(y);
+    for (int64_t x0 = 0; x0 < W0; x0 += kLanes) {
+      const int64_t nx = std::min(kLanes, W0 - x0);
+      vfloat block[kLanes];
+      for (int64_t k = 0; k < kLanes; ++k) {
+        if (k >= nc) {
+          block[k] = vfloat{};
+        } else if (I.sw == 1) {
+          block[k] = load_lanes(planes + k * kstride + base + x0 + I.pw, nx);
+        } else {
+          block[k] = vfloat{};
+          for (int64_t q = 0; q < std::min(I.sw, nx); ++q)
+            block[k] = load_selected(planes + k * kstride + base + R.run_offset(x0, q), block[k],
+                                     lanes_every(I.sw, q, nx));
+        }
+      }
+      transpose16(block);  // block[e] = channels c0 .. of column x0 + e
+      for (int64_t e = 0; e < nx; ++e) store_lanes(dst + ((n * H0 + y) * W0 + x0 + e) * I.C + c0, block[e], nc);
+    }
+  }
+}
+
 // src [N, C, H0, W0] -> dst in the working layout, converting to dst_t; parallel over (unit, channel), one
 // output row (i, all j, all lanes) at a time (transposable layouts: 16 x 16 blocks).
 template <typename src_t, typename dst_t>
 void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
+  if constexpr (std::is_same_v<dst_t, float>) {
+    if (I.cl && I.nb == 1) return interleave_channels_last(src, dst, I);
+  }
   const int64_t H0 = I.H0(), W0 = I.W0(), hw = H0 * W0, row = I.Wp * I.nb;
   at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -210,7 +354,7 @@ void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
           continue;
         }
       }
-      if (I.nb == 1 && I.sh == 1 && I.sw == 1) {
+      if (!I.cl && I.nb == 1 && I.sh == 1 && I.sw == 1) {
         // Stride 1, one image a plane (a padded copy): the plane zeroed by one fill, then its element rows copied
         // in, instead of the padding zeroed row by row below (three fills a row: on small planes those calls
         // were most of the copy). One process alternating the two, 9 rounds, per-round ratio (Zen 4,
@@ -239,21 +383,24 @@ void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
             std::fill(o, o + j0 * I.nb, dst_t(0));
             if (lanes < I.nb) std::fill(o + j0 * I.nb, o + j1 * I.nb, dst_t(0));
             std::fill(o + j1 * I.nb, o + row, dst_t(0));
-            if (I.nb == 1 && I.sw == 1) {  // a plain row copy (the common stride-1 case), vectorised
+            if (!I.cl && I.nb == 1 && I.sw == 1) {  // a plain row copy (the common stride-1 case), vectorised
               const src_t* r = src + ((u * I.C + c) * H0 + y) * W0;
               for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<dst_t>(r[j - I.pw]);
               continue;
             }
             // every other element of a row, vectorised (two loads, a shuffle; the loop below is scalar): the
             // forward of ResNet-18's stride-2 3 x 3 downsample at 90 / 95%, batch 8, 7.2 / 4.8 -> 6.7 / 4.3 ms
-            if (I.nb == 1 && I.sw == 2) {
+            if (!I.cl && I.nb == 1 && I.sw == 2) {
               const src_t* r = src + ((u * I.C + c) * H0 + y) * W0 + b - I.pw;
               for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<dst_t>(r[2 * j]);
               continue;
             }
+            // (channels-last: a channel's row is every C-th element of the image row)
+            const int64_t xs = I.xstep();
             for (int64_t l = 0; l < lanes; ++l) {
-              const src_t* r = src + (((u * I.nb + l) * I.C + c) * H0 + y) * W0;
-              for (int64_t j = j0; j < j1; ++j) o[j * I.nb + l] = static_cast<dst_t>(r[j * I.sw + b - I.pw]);
+              const src_t* r = src + I.row_at(u * I.nb + l, c, y);
+              for (int64_t j = j0; j < j1; ++j)
+                o[j * I.nb + l] = static_cast<dst_t>(r[(j * I.sw + b - I.pw) * xs]);
             }
           }
         }
@@ -284,7 +431,7 @@ void deinterleave_plane(const src_t* in, dst_t* dst, const Interleave& I, int64_
       return;
     }
   }
-  if (I.nb == 1 && I.sw == 2) {
+  if (!I.cl && I.nb == 1 && I.sw == 2) {
     // Stride 2 across: an element row's even and odd elements come from the rows of two phases, A and B; written
     // as pairs, both phases at once (contiguous stores instead of every other element, twice). The input
     // gradient of the downsample above: 5.6 / 3.7 -> 4.8 / 2.9 ms.
@@ -311,23 +458,26 @@ void deinterleave_plane(const src_t* in, dst_t* dst, const Interleave& I, int64_
         const int64_t y = i * I.sh + a - I.ph;
         if (y < 0 || y >= H0) continue;
         const src_t* p = in + (((a * I.sw + b) * I.Hp + i) * I.Wp) * I.nb;
-        if (I.nb == 1 && I.sw == 1) {  // a plain row copy
+        if (!I.cl && I.nb == 1 && I.sw == 1) {  // a plain row copy
           dst_t* r = dst + ((u * I.C + c) * H0 + y) * W0;
           for (int64_t j = j0; j < j1; ++j) r[j - I.pw] = static_cast<dst_t>(p[j]);
           continue;
         }
+        const int64_t xs = I.xstep();
         for (int64_t l = 0; l < lanes; ++l) {
-          dst_t* r = dst + (((u * I.nb + l) * I.C + c) * H0 + y) * W0;
-          for (int64_t j = j0; j < j1; ++j) r[j * I.sw + b - I.pw] = static_cast<dst_t>(p[j * I.nb + l]);
+          dst_t* r = dst + I.row_at(u * I.nb + l, c, y);
+          for (int64_t j = j0; j < j1; ++j) r[(j * I.sw + b - I.pw) * xs] = static_cast<dst_t>(p[j * I.nb + l]);
         }
       }
     }
 }
 
-// t [N, C, H, W] of scalar_t in the working layout as acc_t: t itself when that is already the layout.
+// t [N, C, H, W] of scalar_t in the working layout as acc_t: t itself when that is already the layout. A
+// channels-last t is read in place (other strides: a contiguous copy first).
 template <typename scalar_t, typename acc_t>
-at::Tensor to_layout(const at::Tensor& t, const Interleave& I) {
-  const at::Tensor tc = t.contiguous();
+at::Tensor to_layout(const at::Tensor& t, Interleave I) {
+  I.cl = channels_last(t);
+  const at::Tensor tc = I.cl ? t : t.contiguous();
   if (I.identity() && std::is_same_v<scalar_t, acc_t>) return tc;
   at::Tensor out = empty_output({I.NB, I.C, I.pitch()}, tc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   interleave<scalar_t, acc_t>(tc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), I);
@@ -340,12 +490,66 @@ inline int64_t unit_block(int64_t units, int64_t per_unit, int64_t budget) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Pointwise (1 x 1, stride 1, no padding) convolutions of channels-last tensors
+// ---------------------------------------------------------------------------------------------------------
+// A channels-last x [N, H, W, K] is a [P, K] matrix of pixels (P = N * H * W), and a 1 x 1 convolution is
+// y [P, R] = x W^T: no working layout, no planes. 16 pixels at a time: their [16, K] rows transposed in registers
+// into a [K, 16] panel (in L1 / L2), then each output row r is a sum of its stored weights times panel rows
+// (one 16-lane multiply-add each), 16 rows at a time transposed back into the pixels' [16, 16] block of y. The
+// forward uses W's rows; the input gradient the same with W^T's (entries by input channel). Through the
+// working layout, both directions of the layout change cost more than the few products of a 1 x 1 layer
+// (MobileNetV3-small's, channels-last: 16 -> 72 on 56 x 56, batch 8, 0.79 ms NCHW against 1.30 ms).
+// ptr [R + 1], idx (a column in [0, K), checked by the caller) and val: the rows' entries.
+template <typename scalar_t>
+void pointwise_channels_last(const int64_t* ptr, const int32_t* idx, const float* val, int64_t R, int64_t K,
+                             const scalar_t* x, const scalar_t* bias, scalar_t* y, int64_t P) {
+  const int64_t tiles = (P + kLanes - 1) / kLanes;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, K + R)), [&](int64_t t0, int64_t t1) {
+    std::vector<float> panel(static_cast<size_t>(K * kLanes));  // [K, 16]: channel k of the tile's pixels
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p0 = t * kLanes, np = std::min(kLanes, P - p0);
+      for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+        const int64_t nk = std::min(kLanes, K - k0);
+        vfloat block[kLanes];
+        for (int64_t e = 0; e < kLanes; ++e) block[e] = e < np ? load_lanes(x + (p0 + e) * K + k0, nk) : vfloat{};
+        transpose16(block);  // block[k] = channel k0 + k of the 16 pixels
+        for (int64_t k = 0; k < nk; ++k) vstore(panel.data() + (k0 + k) * kLanes, block[k]);
+      }
+      for (int64_t r0 = 0; r0 < R; r0 += kLanes) {
+        const int64_t nr = std::min(kLanes, R - r0);
+        vfloat out[kLanes];
+        for (int64_t k = 0; k < kLanes; ++k) {
+          if (k >= nr) {
+            out[k] = vfloat{};
+            continue;
+          }
+          const int64_t r = r0 + k;
+          vfloat acc = vfloat{} + (bias ? static_cast<float>(bias[r]) : 0.f);
+          for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) acc += val[j] * vload(panel.data() + idx[j] * kLanes);
+          out[k] = acc;
+        }
+        transpose16(out);  // out[e] = rows r0 .. of pixel p0 + e
+        for (int64_t e = 0; e < np; ++e) store_lanes(y + (p0 + e) * R + r0, out[e], nr);
+      }
+    }
+  });
+}
+
+// Whether a convolution is pointwise (1 x 1, stride 1, no padding) on a channels-last float32 / half / bfloat16
+// tensor: pointwise_channels_last's case.
+inline bool pointwise_channels_last_case(const at::Tensor& t, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                         at::IntArrayRef padding) {
+  return channels_last(t) && t.scalar_type() != at::kDouble && kernel[0] == 1 && kernel[1] == 1 && stride[0] == 1 &&
+         stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 // A task is (block of units, output channel o); the block's output planes accumulate in acc_t, in cache.
 template <typename index_t, typename scalar_t, typename acc_t>
 void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const acc_t* xp,
-                 const scalar_t* bias, scalar_t* y, const Layout& L, int64_t O, std::atomic<bool>& bad) {
+                 const scalar_t* bias, scalar_t* y, bool y_cl, const Layout& L, int64_t O, std::atomic<bool>& bad) {
   const int64_t K = L.C * L.kh * L.kw, nnz = rowptr[O];
   // Every stored weight's window start inside a unit and its value as acc_t, once per call (tasks of the same
   // row in other unit blocks share them). A column outside [0, K) sets bad (the op then raises) and reads the
@@ -363,30 +567,73 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
     }
     if (local_bad) bad = true;
   });
-  // The block's accumulators within 256 KB and its input within ~512 KB (float32), so that a thread, which
-  // takes consecutive tasks (unit-block major), sweeps every output channel over inputs in L2.
-  const int64_t ublock = std::min(unit_block(L.NB, L.oplane, int64_t{1} << 16),
-                                  unit_block(L.NB, L.C * L.plane, int64_t{1} << 17));
-  const int64_t ublocks = (L.NB + ublock - 1) / ublock;
-  at::parallel_for(0, O * ublocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc(static_cast<size_t>(ublock * L.oplane));
+  // A task is (block of units, group of G output channels): G = 1 for an NCHW y; up to 16 for a channels-last y
+  // (channel_group), whose pixels then take G channels at a time (a 16 x 16 transpose in registers) instead of
+  // every O-th element channel by channel. The block's accumulators within 256 KB and its input within ~512 KB (float32), so that a
+  // thread, which takes consecutive tasks (unit-block major), sweeps every output channel over inputs in L2.
+  const auto blocks = [&](int64_t g) {  // unit blocks with g channels a task
+    const int64_t ublock = std::min(unit_block(L.NB, g * L.oplane, int64_t{1} << 16),
+                                    unit_block(L.NB, L.C * L.plane, int64_t{1} << 17));
+    return std::make_pair(ublock, (L.NB + ublock - 1) / ublock);
+  };
+  const int64_t G = y_cl ? channel_group([&](int64_t g) { return (O + g - 1) / g * blocks(g).second; }) : 1;
+  const int64_t groups = (O + G - 1) / G;
+  const int64_t ublock = blocks(G).first, ublocks = blocks(G).second;  // (no structured bindings: captured below)
+  at::parallel_for(0, groups * ublocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(static_cast<size_t>(G * ublock * L.oplane));  // [channel in group, unit, oplane]
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t o = task % O, u0 = (task / O) * ublock, u1 = std::min(L.NB, u0 + ublock);
-      const acc_t b = bias ? static_cast<acc_t>(bias[o]) : acc_t(0);
-      const int64_t j0 = rowptr[o], n = rowptr[o + 1] - j0;
-      for (int64_t u = u0; u < u1; ++u)
-        cpu::weighted_sum(acc.data() + (u - u0) * L.oplane, b, xp + u * L.C * L.plane, offs.data() + j0,
-                          vals.data() + j0, n, L.len);
-      // Unit planes [OH, Wp, nb] -> y[n, o] [OH, OW].
-      for (int64_t u = u0; u < u1; ++u) {
-        const acc_t* src = acc.data() + (u - u0) * L.oplane;
-        for (int64_t l = 0; l < L.nb && u * L.nb + l < L.N; ++l) {
-          scalar_t* dst = y + ((u * L.nb + l) * O + o) * L.OH * L.OW;
-          for (int64_t r = 0; r < L.OH; ++r)
-            for (int64_t q = 0; q < L.OW; ++q)
-              dst[r * L.OW + q] = static_cast<scalar_t>(src[(r * L.Wp + q) * L.nb + l]);
-        }
+      const int64_t o0 = (task % groups) * G, o1 = std::min(O, o0 + G);
+      const int64_t u0 = (task / groups) * ublock, u1 = std::min(L.NB, u0 + ublock);
+      for (int64_t o = o0; o < o1; ++o) {
+        const acc_t b = bias ? static_cast<acc_t>(bias[o]) : acc_t(0);
+        const int64_t j0 = rowptr[o], n = rowptr[o + 1] - j0;
+        for (int64_t u = u0; u < u1; ++u)
+          cpu::weighted_sum(acc.data() + ((o - o0) * ublock + u - u0) * L.oplane, b, xp + u * L.C * L.plane,
+                            offs.data() + j0, vals.data() + j0, n, L.len);
       }
+      // Unit planes [OH, Wp, nb] -> y[n, o] [OH, OW].
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t l = 0; l < L.nb && u * L.nb + l < L.N; ++l) {
+          const int64_t n = u * L.nb + l;
+          if (!y_cl) {
+            const acc_t* src = acc.data() + (u - u0) * L.oplane;
+            scalar_t* dst = y + (n * O + o0) * L.OH * L.OW;
+            for (int64_t r = 0; r < L.OH; ++r)
+              for (int64_t q = 0; q < L.OW; ++q)
+                dst[r * L.OW + q] = static_cast<scalar_t>(src[(r * L.Wp + q) * L.nb + l]);
+            continue;
+          }
+          // channels-last: y[n] is [OH, OW, O]; pixel p's channels o0 .. o1 are contiguous
+          scalar_t* dst = y + n * L.OH * L.OW * O + o0;
+          const acc_t* src = acc.data() + (u - u0) * L.oplane + l;
+          const int64_t stride = ublock * L.oplane;  // from one channel's plane to the next
+          if constexpr (std::is_same_v<acc_t, float>) {
+            for (int64_t r = 0; r < L.OH; ++r)
+              for (int64_t q0 = 0; q0 < L.OW; q0 += kLanes) {
+                const int64_t nq = std::min(kLanes, L.OW - q0);
+                vfloat block[kLanes];
+                for (int64_t k = 0; k < kLanes; ++k) {
+                  if (k >= o1 - o0) {
+                    block[k] = vfloat{};
+                  } else if (L.nb == 1) {
+                    block[k] = load_lanes(src + k * stride + r * L.Wp + q0, nq);
+                  } else {
+                    float v[kLanes] = {};
+                    for (int64_t e = 0; e < nq; ++e) v[e] = src[k * stride + (r * L.Wp + q0 + e) * L.nb];
+                    block[k] = vload(v);
+                  }
+                }
+                transpose16(block);  // block[e] = channels o0 .. of pixel (r, q0 + e)
+                for (int64_t e = 0; e < nq; ++e) store_lanes(dst + (r * L.OW + q0 + e) * O, block[e], o1 - o0);
+              }
+          } else {
+            for (int64_t r = 0; r < L.OH; ++r)
+              for (int64_t q = 0; q < L.OW; ++q)
+                for (int64_t o = o0; o < o1; ++o)
+                  dst[(r * L.OW + q) * O + o - o0] =
+                      static_cast<scalar_t>(src[(o - o0) * stride + (r * L.Wp + q) * L.nb]);
+          }
+        }
     }
   });
 }
@@ -403,17 +650,44 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const Layout L(x.size(0), x.size(1), x.size(2), x.size(3), kernel, stride, dilation, padding, OH, OW,
                  col.numel());
-  at::Tensor y = empty_output({L.N, O, OH, OW}, x.options());
+  const bool cl = channels_last(x);  // then y too, as nn.Conv2d's
+  at::Tensor y = empty_output_4d({L.N, O, OH, OW}, x.options(), cl);
   if (y.numel() == 0) return y;
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_cpu", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (pointwise_channels_last_case(x, kernel, stride, padding)) {
+          // W's rows as the pointwise kernel reads them: a column outside [0, C) sets bad and reads 0 with value 0
+          const int64_t nnz = col.numel(), C = L.C;
+          const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+          const index_t* cp = col.const_data_ptr<index_t>();
+          const scalar_t* vp = values.const_data_ptr<scalar_t>();
+          std::vector<int64_t> ptr(rp, rp + O + 1);
+          std::vector<int32_t> idx(static_cast<size_t>(nnz));
+          std::vector<float> val(static_cast<size_t>(nnz));
+          at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
+            bool local_bad = false;
+            for (int64_t j = j0; j < j1; ++j) {
+              const bool ok = static_cast<uint64_t>(cp[j]) < static_cast<uint64_t>(C);
+              local_bad |= !ok;
+              idx[j] = ok ? static_cast<int32_t>(cp[j]) : 0;
+              val[j] = ok ? static_cast<float>(vp[j]) : 0.f;
+            }
+            if (local_bad) bad = true;
+          });
+          pointwise_channels_last<scalar_t>(ptr.data(), idx.data(), val.data(), O, C, x.const_data_ptr<scalar_t>(),
+                                            bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
+                                            y.mutable_data_ptr<scalar_t>(), L.N * OH * OW);
+          return;
+        }
+      }
       const at::Tensor xp = to_layout<scalar_t, acc_t>(x, input_of(L));
       conv_kernel<index_t, scalar_t, acc_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
                                             values.const_data_ptr<scalar_t>(), xp.const_data_ptr<acc_t>(),
                                             bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
-                                            y.mutable_data_ptr<scalar_t>(), L, O, bad);
+                                            y.mutable_data_ptr<scalar_t>(), cl, L, O, bad);
     });
   });
   TORCH_CHECK_VALUE(!bad, "sparse_conv2d: a column index is outside [0, C * kh * kw)");
@@ -519,13 +793,25 @@ ByChannel<acc_t> by_channel(const int32_t* rowptr, const index_t* col, const sca
 // summed in the working layout, go straight from there into dx (deinterleave_plane: the padding's positions are
 // dropped).
 template <typename scalar_t, typename acc_t, typename Entries>
-void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, const Layout& L, int64_t O,
+void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, bool dx_cl, const Layout& L, int64_t O,
                             int64_t pitch, std::atomic<bool>& bad) {
-  const Interleave I = input_of(L);
+  Interleave I = input_of(L);
+  I.cl = dx_cl;
   const int64_t P = L.sh * L.sw;
-  const int64_t ublock = std::min(unit_block(L.NB, L.plane, int64_t{1} << 16),
-                                  unit_block(L.NB, O * pitch, int64_t{1} << 17));
-  const int64_t ublocks = (L.NB + ublock - 1) / ublock;
+  // A task is (block of units, group of G input channels): G = 1 for an NCHW dx; up to 16 for a channels-last one
+  // (channel_group), whose pixels then take G channels at a time (deinterleave_channels_last) instead of every
+  // C-th element.
+  const auto blocks = [&](int64_t g) {  // unit blocks with g channels a task
+    const int64_t ublock = std::min(unit_block(L.NB, g * L.plane, int64_t{1} << 16),
+                                    unit_block(L.NB, O * pitch, int64_t{1} << 17));
+    return std::make_pair(ublock, (L.NB + ublock - 1) / ublock);
+  };
+  const int64_t G = dx_cl ? channel_group([&](int64_t g) { return (L.C + g - 1) / g * blocks(g).second; }) : 1;
+  const int64_t groups = (L.C + G - 1) / G;
+  const int64_t ublock = blocks(G).first, ublocks = blocks(G).second;  // (no structured bindings: captured below)
+  const std::optional<ChannelsLastRows> rows = dx_cl && L.nb == 1 && std::is_same_v<acc_t, float>
+                                                   ? std::optional<ChannelsLastRows>(std::in_place, I)
+                                                   : std::nullopt;
   // Per phase, the part of its plane that holds elements of dx (from the first element's position to the last's,
   // rows of Wp): only that part is summed, the padding's rows and columns around it being dropped anyway (the
   // whole phase before: ResNet-18's layer4, 7 x 7 in a 9 x 9 phase, 90 / 95%, batch 8, one process alternating
@@ -564,22 +850,33 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, cons
     at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) build(c, all_offs.data() + c * P, all_vals.data() + c * P);
     });
-  at::parallel_for(0, L.C * ublocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc(static_cast<size_t>(ublock * L.plane));
+  at::parallel_for(0, groups * ublocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(static_cast<size_t>(G * ublock * L.plane));  // [channel in group, unit, plane]
     std::vector<std::vector<int64_t>> task_offs(prebuilt ? 0 : P);  // per phase
     std::vector<std::vector<acc_t>> task_vals(task_offs.size());
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t c = task % L.C, u0 = (task / L.C) * ublock, u1 = std::min(L.NB, u0 + ublock);
-      if (!prebuilt) build(c, task_offs.data(), task_vals.data());
-      const std::vector<int64_t>* co = prebuilt ? all_offs.data() + c * P : task_offs.data();
-      const std::vector<acc_t>* cv = prebuilt ? all_vals.data() + c * P : task_vals.data();
-      for (int64_t u = u0; u < u1; ++u)
-        for (int64_t p = 0; p < P; ++p)
-          cpu::weighted_sum(acc.data() + (u - u0) * L.plane + p * L.phase + start[p], acc_t(0),
-                            g + u * O * pitch + start[p], co[p].data(), cv[p].data(),
-                            static_cast<int64_t>(co[p].size()), len[p]);
-      for (int64_t u = u0; u < u1; ++u)
-        deinterleave_plane<acc_t, scalar_t>(acc.data() + (u - u0) * L.plane, dx, I, u * L.C + c);
+      const int64_t c0 = (task % groups) * G, c1 = std::min(L.C, c0 + G);
+      const int64_t u0 = (task / groups) * ublock, u1 = std::min(L.NB, u0 + ublock);
+      for (int64_t c = c0; c < c1; ++c) {
+        if (!prebuilt) build(c, task_offs.data(), task_vals.data());
+        const std::vector<int64_t>* co = prebuilt ? all_offs.data() + c * P : task_offs.data();
+        const std::vector<acc_t>* cv = prebuilt ? all_vals.data() + c * P : task_vals.data();
+        for (int64_t u = u0; u < u1; ++u)
+          for (int64_t p = 0; p < P; ++p)
+            cpu::weighted_sum(acc.data() + ((c - c0) * ublock + u - u0) * L.plane + p * L.phase + start[p],
+                              acc_t(0), g + u * O * pitch + start[p], co[p].data(), cv[p].data(),
+                              static_cast<int64_t>(co[p].size()), len[p]);
+      }
+      for (int64_t u = u0; u < u1; ++u) {
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (rows) {  // one image a unit
+            deinterleave_channels_last(acc.data() + (u - u0) * L.plane, ublock * L.plane, dx, *rows, u, c0, c1 - c0);
+            continue;
+          }
+        }
+        for (int64_t c = c0; c < c1; ++c)
+          deinterleave_plane<acc_t, scalar_t>(acc.data() + ((c - c0) * ublock + u - u0) * L.plane, dx, I, u * L.C + c);
+      }
     }
   });
 }
@@ -648,11 +945,49 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
     check_transposed(values, *t_rowptr, *t_col, *t_perm, L.C * L.kh * L.kw, op);
     cpu::check_rowptr_cpu(*t_rowptr, nnz, op);
   }
-  if (c10::multiply_integers(x_size) == 0 || gy.numel() == 0) return at::zeros(x_size, gy.options());
-  at::Tensor dx = empty_output(x_size, gy.options());
+  const bool cl = channels_last(gy);  // then dx too
+  if (c10::multiply_integers(x_size) == 0 || gy.numel() == 0)
+    return at::zeros(x_size, gy.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  at::Tensor dx = empty_output_4d(x_size, gy.options(), cl);
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (pointwise_channels_last_case(gy, kernel, stride, padding)) {
+        // dx [P, C] = gy [P, O] W: the pointwise kernel over W^T's rows (the input channels' entries)
+        std::vector<int64_t> ptr(static_cast<size_t>(L.C + 1), 0);
+        std::vector<int32_t> idx;
+        std::vector<float> val;
+        idx.reserve(static_cast<size_t>(nnz));
+        val.reserve(static_cast<size_t>(nnz));
+        const auto gather = [&](const auto& entries) {
+          for (int64_t c = 0; c < L.C; ++c) {
+            if (entries.each(c, [&](int64_t o, int64_t, float v) {
+                  idx.push_back(static_cast<int32_t>(o));
+                  val.push_back(v);
+                }))
+              bad = true;
+            ptr[c + 1] = static_cast<int64_t>(idx.size());
+          }
+        };
+        if (have_transposed) {
+          PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cpu", [&] {
+            gather(Transposed<index_t, scalar_t, acc_t>{t_rowptr->const_data_ptr<int32_t>(),
+                                                        t_col->const_data_ptr<index_t>(),
+                                                        t_perm->const_data_ptr<int32_t>(),
+                                                        values.const_data_ptr<scalar_t>(), O, nnz, L});
+          });
+        } else {
+          PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
+            gather(by_channel<index_t, scalar_t, acc_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                                        values.const_data_ptr<scalar_t>(), O, L, bad));
+          });
+        }
+        pointwise_channels_last<scalar_t>(ptr.data(), idx.data(), val.data(), L.C, O, gy.const_data_ptr<scalar_t>(),
+                                          nullptr, dx.mutable_data_ptr<scalar_t>(), L.N * OH * OW);
+        return;
+      }
+    }
     const Interleave GI = padded_output_of(L, O);
     const at::Tensor g = to_layout<scalar_t, acc_t>(gy, GI);
     if (have_transposed) {
@@ -661,7 +996,7 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
                                                      t_col->const_data_ptr<index_t>(),
                                                      t_perm->const_data_ptr<int32_t>(),
                                                      values.const_data_ptr<scalar_t>(), O, nnz, L};
-        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), L, O,
+        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), cl, L, O,
                                                 GI.pitch(), bad);
       });
     } else {
@@ -669,7 +1004,7 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
         const ByChannel<acc_t> t = by_channel<index_t, scalar_t, acc_t>(
             rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), O, L,
             bad);
-        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), L, O,
+        conv_grad_input_kernel<scalar_t, acc_t>(t, g.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), cl, L, O,
                                                 GI.pitch(), bad);
       });
     }

@@ -82,8 +82,10 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& rowptr, const at::Tensor& col, c
   const at::Tensor xc = padded(x, padding);
   const at::Tensor bs = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), O = rowptr.numel() - 1;
+  // The kernels index NCHW; a channels-last x gives a channels-last y (as the CPU kernel, and nn.Conv2d).
+  const at::MemoryFormat format = channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor y = at::empty({N, O, OH, OW}, xc.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return y.contiguous(format);
   const int64_t nnz = values.numel();
   at::Tensor off = at::empty({nnz}, xc.options().dtype(at::kLong));
   if (nnz > 0) {
@@ -101,7 +103,7 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& rowptr, const at::Tensor& col, c
         y.mutable_data_ptr<scalar_t>(), N, C, H, W, O, OH, OW, stride[0], stride[1], nnz);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return y;
+  return y.contiguous(format);
 }
 
 
@@ -206,8 +208,10 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
   check_transposed(values, *t_rowptr, *t_col, *t_perm, C * kernel[0] * kernel[1], op);
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor g = gy.contiguous();
+  // a channels-last gy gives a channels-last dx (as the CPU kernel)
+  const at::MemoryFormat format = channels_last(gy) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   if (N * C * x_size[2] * x_size[3] == 0 || g.numel() == 0 || values.numel() == 0)
-    return at::zeros({N, C, x_size[2], x_size[3]}, g.options());
+    return at::zeros({N, C, x_size[2], x_size[3]}, g.options().memory_format(format));
   at::Tensor dx = at::empty({N, C, H, W}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cuda", [&] {
@@ -218,8 +222,8 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (padding[0] == 0 && padding[1] == 0) return dx;
-  return dx.narrow(2, padding[0], x_size[2]).narrow(3, padding[1], x_size[3]).contiguous();
+  if (padding[0] == 0 && padding[1] == 0) return dx.contiguous(format);
+  return dx.narrow(2, padding[0], x_size[2]).narrow(3, padding[1], x_size[3]).contiguous(format);
 }
 
 at::Tensor sparse_conv2d_grad_values_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& x,

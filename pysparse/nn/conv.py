@@ -9,6 +9,8 @@ into anyway: no padded copy of the input, and an unpadded gradient out of the ba
 'reflect', 'replicate', 'circular'; 'same' with an even reach) is applied first with F.pad.
 A grouped (or depthwise) weight is stored as one block-diagonal matrix over all input channels: each output
 row's column indices simply start at its group's channels, so every group goes through one kernel call.
+The output's memory format is nn.Conv2d's: channels-last for a channels-last input (the kernels read and write
+that format in place), else contiguous; so is the input gradient's, for a channels-last output gradient.
 """
 from __future__ import annotations
 
@@ -179,10 +181,11 @@ class SparseConv2d(SparseWeight):
             ops._check_input_kernel("spmm", x)
             yt = ops.layer_linear(self.rowptr, self.col, cast_to(self.effective_values(), cast), xt.t(), bias,
                                   *transposed).t()  # (xt as the batch-major view layer_linear takes)
-            # contiguous, as nn.Conv2d's output (a CNN's `x.view(x.size(0), -1)` after it failed on the
-            # [O, N, ...]-ordered view, and the ops after it wrote [O, N, ...]-ordered results that the next
-            # convolution copied): a small copy, fewer than DIRECT_MIN_OUTPUTS pixels a channel
-            y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1).contiguous()
+            # contiguous (channels-last for a channels-last x), as nn.Conv2d's output (a CNN's `x.view(x.size(0),
+            # -1)` after it failed on the [O, N, ...]-ordered view, and the ops after it wrote [O, N, ...]-ordered
+            # results that the next convolution copied): a small copy, fewer than DIRECT_MIN_OUTPUTS pixels a
+            # channel
+            y = yt.reshape(self.out_channels, n, oh, ow).transpose(0, 1).contiguous(memory_format=ops._conv_format(x))
         return y[0] if unbatched else y
 
     def extra_repr(self) -> str:
