@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -535,6 +536,51 @@ void pointwise_channels_last(const int64_t* ptr, const int32_t* idx, const float
   });
 }
 
+// The values gradient of a pointwise layer on channels-last x [P, K] and gy [P, R]: dv[j] = sum over pixels of
+// gy[p, r] x[p, idx[j]] for entry j of row r. A tile of T pixels (a multiple of 16, its two panels within ~64 KB)
+// is transposed into panels x [K, T] and gy [R, T] (16 x 16 register transposes, missing pixels zero), then each
+// entry adds one dot product of two panel rows (cpu::dots). Threads take ranges of tiles and sum into their own
+// [nnz] array, added into dv at the end: the transposes, most of the work, are done once.
+template <typename scalar_t>
+void pointwise_grad_values_channels_last(const int64_t* ptr, const int32_t* idx, int64_t R, int64_t K,
+                                         const scalar_t* x, const scalar_t* gy, int64_t P, float* dv) {
+  const int64_t nnz = ptr[R];
+  const int64_t T = std::clamp<int64_t>((int64_t{1} << 14) / std::max<int64_t>(1, K + R) / kLanes * kLanes, kLanes,
+                                        256);
+  const int64_t tiles = (P + T - 1) / T;
+  std::vector<int64_t> offs(static_cast<size_t>(nnz));
+  for (int64_t j = 0; j < nnz; ++j) offs[j] = idx[j] * T;
+  // [rows, 16 channels] of a [P, width] tensor for pixels p0 .. p0 + T -> panel [width, T]
+  const auto to_panel = [T](const scalar_t* src, int64_t width, int64_t p0, int64_t np, float* panel) {
+    for (int64_t s0 = 0; s0 < T; s0 += kLanes) {
+      const int64_t ns = std::clamp<int64_t>(np - s0, 0, kLanes);
+      for (int64_t k0 = 0; k0 < width; k0 += kLanes) {
+        const int64_t nk = std::min(kLanes, width - k0);
+        vfloat block[kLanes];
+        for (int64_t e = 0; e < kLanes; ++e)
+          block[e] = e < ns ? load_lanes(src + (p0 + s0 + e) * width + k0, nk) : vfloat{};
+        transpose16(block);  // block[k] = channel k0 + k of the 16 pixels
+        for (int64_t k = 0; k < nk; ++k) vstore(panel + (k0 + k) * T + s0, block[k]);
+      }
+    }
+  };
+  std::mutex done;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> xpanel(static_cast<size_t>(K * T)), gpanel(static_cast<size_t>(R * T));
+    std::vector<float> part(static_cast<size_t>(nnz), 0.f);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p0 = t * T, np = std::min(T, P - p0);
+      to_panel(x, K, p0, np, xpanel.data());
+      to_panel(gy, R, p0, np, gpanel.data());
+      for (int64_t r = 0; r < R; ++r)
+        cpu::dots(gpanel.data() + r * T, xpanel.data(), offs.data() + ptr[r], ptr[r + 1] - ptr[r], T,
+                  part.data() + ptr[r]);
+    }
+    const std::lock_guard<std::mutex> lock(done);
+    for (int64_t j = 0; j < nnz; ++j) dv[j] += part[j];
+  });
+}
+
 // Whether a convolution is pointwise (1 x 1, stride 1, no padding) on a channels-last float32 / half / bfloat16
 // tensor: pointwise_channels_last's case.
 inline bool pointwise_channels_last_case(const at::Tensor& t, at::IntArrayRef kernel, at::IntArrayRef stride,
@@ -679,7 +725,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
           });
           pointwise_channels_last<scalar_t>(ptr.data(), idx.data(), val.data(), O, C, x.const_data_ptr<scalar_t>(),
                                             bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
-                                            y.mutable_data_ptr<scalar_t>(), L.N * OH * OW);
+                                            y.mutable_data_ptr<scalar_t>(), L.N * L.OH * L.OW);
           return;
         }
       }
@@ -984,7 +1030,7 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
           });
         }
         pointwise_channels_last<scalar_t>(ptr.data(), idx.data(), val.data(), L.C, O, gy.const_data_ptr<scalar_t>(),
-                                          nullptr, dx.mutable_data_ptr<scalar_t>(), L.N * OH * OW);
+                                          nullptr, dx.mutable_data_ptr<scalar_t>(), L.N * L.OH * L.OW);
         return;
       }
     }
@@ -1031,6 +1077,29 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_conv2d_grad_values_cpu", [&] {
     PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_values_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (pointwise_channels_last_case(x, kernel, stride, padding) && channels_last(gy)) {
+          // entries with a column outside [0, C) set bad and get 0 (their column read as 0 here)
+          const int64_t nnz = col.numel();
+          const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+          const index_t* cp = col.const_data_ptr<index_t>();
+          std::vector<int64_t> ptr(rp, rp + O + 1);
+          std::vector<int32_t> idx(static_cast<size_t>(nnz));
+          std::vector<uint8_t> outside(static_cast<size_t>(nnz), 0);
+          for (int64_t j = 0; j < nnz; ++j) {
+            const bool ok = static_cast<uint64_t>(cp[j]) < static_cast<uint64_t>(L.C);
+            idx[j] = ok ? static_cast<int32_t>(cp[j]) : 0;
+            outside[j] = !ok;
+            if (!ok) bad = true;
+          }
+          std::vector<float> sums(static_cast<size_t>(nnz), 0.f);
+          pointwise_grad_values_channels_last<scalar_t>(ptr.data(), idx.data(), O, L.C, x.const_data_ptr<scalar_t>(),
+                                                        gy.const_data_ptr<scalar_t>(), L.N * L.OH * L.OW, sums.data());
+          scalar_t* out = dv.mutable_data_ptr<scalar_t>();
+          for (int64_t j = 0; j < nnz; ++j) out[j] = outside[j] ? scalar_t(0) : static_cast<scalar_t>(sums[j]);
+          return;
+        }
+      }
       const at::Tensor xp = to_layout<scalar_t, acc_t>(x, input_of(L));
       const at::Tensor g = to_layout<scalar_t, acc_t>(gy, output_of(L, O));
       conv_grad_values_kernel<index_t, scalar_t, acc_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
