@@ -501,6 +501,23 @@ inline int64_t unit_block(int64_t units, int64_t per_unit, int64_t budget) {
 // working layout, both directions of the layout change cost more than the few products of a 1 x 1 layer
 // (MobileNetV3-small's, channels-last: 16 -> 72 on 56 x 56, batch 8, 0.79 ms NCHW against 1.30 ms).
 // ptr [R + 1], idx (a column in [0, K), checked by the caller) and val: the rows' entries.
+// Pixels p0 .. p0 + np (np <= T, T a multiple of 16) of a [P, width] channels-last tensor -> panel [width, T] of
+// float32 (channel k's pixels in row k; missing pixels zero), 16 pixels x 16 channels a register transpose.
+template <typename scalar_t>
+void pixels_to_panel(const scalar_t* src, int64_t width, int64_t p0, int64_t np, int64_t T, float* panel) {
+  for (int64_t s0 = 0; s0 < T; s0 += kLanes) {
+    const int64_t ns = std::clamp<int64_t>(np - s0, 0, kLanes);
+    for (int64_t k0 = 0; k0 < width; k0 += kLanes) {
+      const int64_t nk = std::min(kLanes, width - k0);
+      vfloat block[kLanes];
+      for (int64_t e = 0; e < kLanes; ++e)
+        block[e] = e < ns ? load_lanes(src + (p0 + s0 + e) * width + k0, nk) : vfloat{};
+      transpose16(block);  // block[k] = channel k0 + k of the 16 pixels
+      for (int64_t k = 0; k < nk; ++k) vstore(panel + (k0 + k) * T + s0, block[k]);
+    }
+  }
+}
+
 template <typename scalar_t>
 void pointwise_channels_last(const int64_t* ptr, const int32_t* idx, const float* val, int64_t R, int64_t K,
                              const scalar_t* x, const scalar_t* bias, scalar_t* y, int64_t P) {
@@ -509,13 +526,7 @@ void pointwise_channels_last(const int64_t* ptr, const int32_t* idx, const float
     std::vector<float> panel(static_cast<size_t>(K * kLanes));  // [K, 16]: channel k of the tile's pixels
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p0 = t * kLanes, np = std::min(kLanes, P - p0);
-      for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
-        const int64_t nk = std::min(kLanes, K - k0);
-        vfloat block[kLanes];
-        for (int64_t e = 0; e < kLanes; ++e) block[e] = e < np ? load_lanes(x + (p0 + e) * K + k0, nk) : vfloat{};
-        transpose16(block);  // block[k] = channel k0 + k of the 16 pixels
-        for (int64_t k = 0; k < nk; ++k) vstore(panel.data() + (k0 + k) * kLanes, block[k]);
-      }
+      pixels_to_panel(x, K, p0, np, kLanes, panel.data());
       for (int64_t r0 = 0; r0 < R; r0 += kLanes) {
         const int64_t nr = std::min(kLanes, R - r0);
         vfloat out[kLanes];
@@ -550,28 +561,14 @@ void pointwise_grad_values_channels_last(const int64_t* ptr, const int32_t* idx,
   const int64_t tiles = (P + T - 1) / T;
   std::vector<int64_t> offs(static_cast<size_t>(nnz));
   for (int64_t j = 0; j < nnz; ++j) offs[j] = idx[j] * T;
-  // [rows, 16 channels] of a [P, width] tensor for pixels p0 .. p0 + T -> panel [width, T]
-  const auto to_panel = [T](const scalar_t* src, int64_t width, int64_t p0, int64_t np, float* panel) {
-    for (int64_t s0 = 0; s0 < T; s0 += kLanes) {
-      const int64_t ns = std::clamp<int64_t>(np - s0, 0, kLanes);
-      for (int64_t k0 = 0; k0 < width; k0 += kLanes) {
-        const int64_t nk = std::min(kLanes, width - k0);
-        vfloat block[kLanes];
-        for (int64_t e = 0; e < kLanes; ++e)
-          block[e] = e < ns ? load_lanes(src + (p0 + s0 + e) * width + k0, nk) : vfloat{};
-        transpose16(block);  // block[k] = channel k0 + k of the 16 pixels
-        for (int64_t k = 0; k < nk; ++k) vstore(panel + (k0 + k) * T + s0, block[k]);
-      }
-    }
-  };
   std::mutex done;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> xpanel(static_cast<size_t>(K * T)), gpanel(static_cast<size_t>(R * T));
     std::vector<float> part(static_cast<size_t>(nnz), 0.f);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p0 = t * T, np = std::min(T, P - p0);
-      to_panel(x, K, p0, np, xpanel.data());
-      to_panel(gy, R, p0, np, gpanel.data());
+      pixels_to_panel(x, K, p0, np, T, xpanel.data());
+      pixels_to_panel(gy, R, p0, np, T, gpanel.data());
       for (int64_t r = 0; r < R; ++r)
         cpu::dots(gpanel.data() + r * T, xpanel.data(), offs.data() + ptr[r], ptr[r + 1] - ptr[r], T,
                   part.data() + ptr[r]);
@@ -615,8 +612,9 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   });
   // A task is (block of units, group of G output channels): G = 1 for an NCHW y; up to 16 for a channels-last y
   // (channel_group), whose pixels then take G channels at a time (a 16 x 16 transpose in registers) instead of
-  // every O-th element channel by channel. The block's accumulators within 256 KB and its input within ~512 KB (float32), so that a
-  // thread, which takes consecutive tasks (unit-block major), sweeps every output channel over inputs in L2.
+  // every O-th element channel by channel. The block's accumulators within 256 KB and its input within ~512 KB
+  // (float32), so that a thread, which takes consecutive tasks (unit-block major), sweeps every output channel over
+  // inputs in L2.
   const auto blocks = [&](int64_t g) {  // unit blocks with g channels a task
     const int64_t ublock = std::min(unit_block(L.NB, g * L.oplane, int64_t{1} << 16),
                                     unit_block(L.NB, L.C * L.plane, int64_t{1} << 17));
@@ -993,7 +991,8 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
   }
   const bool cl = channels_last(gy);  // then dx too
   if (c10::multiply_integers(x_size) == 0 || gy.numel() == 0)
-    return at::zeros(x_size, gy.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+    return at::zeros(x_size,
+                     gy.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   at::Tensor dx = empty_output_4d(x_size, gy.options(), cl);
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {
