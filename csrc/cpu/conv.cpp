@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -136,6 +135,11 @@ struct Interleave {
     return cl ? (n * H0() + y) * W0() * C + c : ((n * C + c) * H0() + y) * W0();
   }
   int64_t xstep() const { return cl ? C : 1; }
+  // With one image a unit (nb = 1): where element row y starts inside a plane (phase row (y + ph) % sh, row
+  // (y + ph) / sh), and, from there, where the element columns x0 + q, x0 + q + sw, ... (q < sw) land side by side
+  // (phase column b = (x0 + q + pw) % sw, from j = (x0 + q + pw) / sw on): the channels-last moves' addresses.
+  int64_t row_base(int64_t y) const { return ((y + ph) % sh) * sw * Hp * Wp + (y + ph) / sh * Wp; }
+  int64_t run_offset(int64_t x0, int64_t q) const { return ((x0 + q + pw) % sw) * Hp * Wp + (x0 + q + pw) / sw; }
   int64_t plane() const { return sh * sw * Hp * Wp * nb; }
   int64_t pitch() const { return std::max(pitch_, lead + plane()); }
   bool identity() const {
@@ -227,25 +231,13 @@ inline vfloat load_selected(const float* p, vfloat v, uint32_t sel) {
 #endif
 }
 
-// Channels-last tensors and the working layout with one image a unit (nb = 1), float32: element (n, c, y, x)
-// sits in plane (n, c) at row_base(y) plus its column's place, phase column b = (x + pw) % sw at j = (x + pw) /
-// sw (run_offset). Both directions move up to 16 channels x 16 columns of an image row at a time, a contiguous
-// [16 columns, 16 channels] block of the channels-last row transposed in registers; a task is (image, channel
-// group), so that its writes (or reads) stream through that group's planes. Reading a channels-last input
-// channel by channel with a stride of C, as the NCHW path reads its rows, made the forward of ResNet-18's layer1
-// at 90%, batch 8, twice as slow (4.1 -> 8.7 ms, Zen 4).
-struct ChannelsLastRows {
-  const Interleave& I;
-  explicit ChannelsLastRows(const Interleave& I_) : I(I_) {}
-  int64_t row_base(int64_t y) const { return ((y + I.ph) % I.sh) * I.sw * I.Hp * I.Wp + (y + I.ph) / I.sh * I.Wp; }
-  // The columns x0 + q, x0 + q + sw, ... (q < sw) land side by side in one phase (b = (x0 + q + pw) % sw),
-  // from j = (x0 + q + pw) / sw on: the offset of the first from a row's base.
-  int64_t run_offset(int64_t x0, int64_t q) const {
-    const int64_t at = x0 + q + I.pw;
-    return (at % I.sw) * I.Hp * I.Wp + at / I.sw;
-  }
-};
-
+// Channels-last tensors and the working layout with one image a unit (nb = 1), float32: both directions move up
+// to 16 channels x 16 columns of an image row at a time, a contiguous [16 columns, 16 channels] block of the
+// channels-last row transposed in registers, and a task (image, channel group) streams through that group's
+// planes (Interleave::row_base / run_offset place the columns). Reading a channels-last input channel by channel
+// with a stride of C, as the NCHW path reads its rows, made the forward of ResNet-18's layer1 at 90%, batch 8,
+// twice as slow (4.1 -> 8.7 ms, Zen 4).
+//
 // A channels-last src [N, H0, W0, C] -> dst in the working layout (nb = 1), as float32. A task's planes are
 // zeroed whole first (one fill each: zeroing only the padding's rows and columns took a fill call per row and
 // side, ~14% of the copy's time), then the elements go in, row by row.
@@ -254,7 +246,6 @@ void interleave_channels_last(const src_t* src, float* dst, const Interleave& I)
   const int64_t H0 = I.H0(), W0 = I.W0(), C = I.C, pitch = I.pitch(), lead = I.lead;
   const int64_t sw = I.sw, pw = I.pw, N = I.N;
   const int64_t cb = channel_group([&](int64_t g) { return N * ((C + g - 1) / g); }), cblocks = (C + cb - 1) / cb;
-  const ChannelsLastRows R(I);
   at::parallel_for(0, N * cblocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / cblocks, c0 = (t % cblocks) * cb, nc = std::min(cb, C - c0);
@@ -262,11 +253,11 @@ void interleave_channels_last(const src_t* src, float* dst, const Interleave& I)
       std::fill(first, first + nc * pitch, 0.f);
       for (int64_t y = 0; y < H0; ++y) {
         const src_t* in = src + (n * H0 + y) * W0 * C + c0;
-        float* const row = first + lead + R.row_base(y);  // + k * pitch: channel c0 + k
+        float* const row = first + lead + I.row_base(y);  // + k * pitch: channel c0 + k
         for (int64_t x0 = 0; x0 < W0; x0 += kLanes) {
           const int64_t nx = std::min(kLanes, W0 - x0);
           vfloat block[kLanes];
-          if (nx == kLanes && nc == kLanes) {
+          if (nx == kLanes && nc == kLanes) {  // a full block (most of them): plain loads, no per-column test
             for (int64_t e = 0; e < kLanes; ++e) block[e] = load_lanes(in + (x0 + e) * C, kLanes);
           } else {
             for (int64_t e = 0; e < kLanes; ++e) block[e] = e < nx ? load_lanes(in + (x0 + e) * C, nc) : vfloat{};
@@ -277,7 +268,7 @@ void interleave_channels_last(const src_t* src, float* dst, const Interleave& I)
             continue;
           }
           for (int64_t q = 0; q < std::min(sw, nx); ++q) {
-            float* const p = row + R.run_offset(x0, q);
+            float* const p = row + I.run_offset(x0, q);
             const uint32_t sel = lanes_every(sw, q, nx);
             for (int64_t k = 0; k < nc; ++k) store_selected(p + k * pitch, block[k], sel);
           }
@@ -290,12 +281,11 @@ void interleave_channels_last(const src_t* src, float* dst, const Interleave& I)
 // The inverse for one image: channels c0 .. c0 + nc of image n, whose planes (without lead) start at
 // planes[k * kstride], into a channels-last dst [N, H0, W0, C].
 template <typename dst_t>
-void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst, const ChannelsLastRows& R,
-                                int64_t n, int64_t c0, int64_t nc) {
-  const Interleave& I = R.I;
+void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst, const Interleave& I, int64_t n,
+                                int64_t c0, int64_t nc) {
   const int64_t H0 = I.H0(), W0 = I.W0();
   for (int64_t y = 0; y < H0; ++y) {
-    const int64_t base = R.row_base(y);
+    const int64_t base = I.row_base(y);
     for (int64_t x0 = 0; x0 < W0; x0 += kLanes) {
       const int64_t nx = std::min(kLanes, W0 - x0);
       vfloat block[kLanes];
@@ -307,7 +297,7 @@ void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst
         } else {
           block[k] = vfloat{};
           for (int64_t q = 0; q < std::min(I.sw, nx); ++q)
-            block[k] = load_selected(planes + k * kstride + base + R.run_offset(x0, q), block[k],
+            block[k] = load_selected(planes + k * kstride + base + I.run_offset(x0, q), block[k],
                                      lanes_every(I.sw, q, nx));
         }
       }
@@ -493,14 +483,36 @@ inline int64_t unit_block(int64_t units, int64_t per_unit, int64_t budget) {
 // ---------------------------------------------------------------------------------------------------------
 // Pointwise (1 x 1, stride 1, no padding) convolutions of channels-last tensors
 // ---------------------------------------------------------------------------------------------------------
-// A channels-last x [N, H, W, K] is a [P, K] matrix of pixels (P = N * H * W), and a 1 x 1 convolution is
-// y [P, R] = x W^T: no working layout, no planes. 16 pixels at a time: their [16, K] rows transposed in registers
-// into a [K, 16] panel (in L1 / L2), then each output row r is a sum of its stored weights times panel rows
-// (one 16-lane multiply-add each), 16 rows at a time transposed back into the pixels' [16, 16] block of y. The
-// forward uses W's rows; the input gradient the same with W^T's (entries by input channel). Through the
-// working layout, both directions of the layout change cost more than the few products of a 1 x 1 layer
-// (MobileNetV3-small's, channels-last: 16 -> 72 on 56 x 56, batch 8, 0.79 ms NCHW against 1.30 ms).
-// ptr [R + 1], idx (a column in [0, K), checked by the caller) and val: the rows' entries.
+// W's rows (or W^T's) as the pointwise kernels read them: row pointers, each entry's column (idx) and value as
+// float32; an entry whose column is outside [0, K) is marked in outside, sets bad, and reads column 0 with value 0.
+struct PointwiseRows {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> idx;
+  std::vector<float> val;
+  std::vector<uint8_t> outside;
+};
+
+// From the CSR (values may be null: the values gradient needs only the columns).
+template <typename index_t, typename scalar_t>
+PointwiseRows pointwise_rows(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t R, int64_t K,
+                             std::atomic<bool>& bad) {
+  const int64_t nnz = rowptr[R];
+  PointwiseRows w{std::vector<int64_t>(rowptr, rowptr + R + 1), std::vector<int32_t>(static_cast<size_t>(nnz)),
+                  std::vector<float>(static_cast<size_t>(nnz)), std::vector<uint8_t>(static_cast<size_t>(nnz))};
+  at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
+    bool local_bad = false;
+    for (int64_t j = j0; j < j1; ++j) {
+      const bool ok = static_cast<uint64_t>(col[j]) < static_cast<uint64_t>(K);
+      local_bad |= !ok;
+      w.idx[j] = ok ? static_cast<int32_t>(col[j]) : 0;
+      w.val[j] = ok && values ? static_cast<float>(values[j]) : 0.f;
+      w.outside[j] = !ok;
+    }
+    if (local_bad) bad = true;
+  });
+  return w;
+}
+
 // Pixels p0 .. p0 + np (np <= T, T a multiple of 16) of a [P, width] channels-last tensor -> panel [width, T] of
 // float32 (channel k's pixels in row k; missing pixels zero), 16 pixels x 16 channels a register transpose.
 template <typename scalar_t>
@@ -518,9 +530,20 @@ void pixels_to_panel(const scalar_t* src, int64_t width, int64_t p0, int64_t np,
   }
 }
 
+// A channels-last x [N, H, W, K] is a [P, K] matrix of pixels (P = N * H * W), and a 1 x 1 convolution is
+// y [P, R] = x W^T: no working layout, no planes. 16 pixels at a time: their [16, K] rows transposed in registers
+// into a [K, 16] panel (in L1 / L2), then each output row r is a sum of its stored weights times panel rows
+// (one 16-lane multiply-add each), 16 rows at a time transposed back into the pixels' [16, 16] block of y. The
+// forward uses W's rows; the input gradient the same with W^T's (entries by input channel). Through the
+// working layout, both directions of the layout change cost more than the few products of a 1 x 1 layer
+// (MobileNetV3-small's, channels-last: 16 -> 72 on 56 x 56, batch 8, 0.79 ms NCHW against 1.30 ms).
+// w: the R rows' entries, columns in [0, K).
 template <typename scalar_t>
-void pointwise_channels_last(const int64_t* ptr, const int32_t* idx, const float* val, int64_t R, int64_t K,
-                             const scalar_t* x, const scalar_t* bias, scalar_t* y, int64_t P) {
+void pointwise_channels_last(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias,
+                             scalar_t* y, int64_t P) {
+  const int64_t* ptr = w.ptr.data();
+  const int32_t* idx = w.idx.data();
+  const float* val = w.val.data();
   const int64_t tiles = (P + kLanes - 1) / kLanes;
   at::parallel_for(0, tiles, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, K + R)), [&](int64_t t0, int64_t t1) {
     std::vector<float> panel(static_cast<size_t>(K * kLanes));  // [K, 16]: channel k of the tile's pixels
@@ -553,14 +576,15 @@ void pointwise_channels_last(const int64_t* ptr, const int32_t* idx, const float
 // entry adds one dot product of two panel rows (cpu::dots). Threads take ranges of tiles and sum into their own
 // [nnz] array, added into dv at the end: the transposes, most of the work, are done once.
 template <typename scalar_t>
-void pointwise_grad_values_channels_last(const int64_t* ptr, const int32_t* idx, int64_t R, int64_t K,
-                                         const scalar_t* x, const scalar_t* gy, int64_t P, float* dv) {
+void pointwise_grad_values_channels_last(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x,
+                                         const scalar_t* gy, int64_t P, float* dv) {
+  const int64_t* ptr = w.ptr.data();
   const int64_t nnz = ptr[R];
   const int64_t T = std::clamp<int64_t>((int64_t{1} << 14) / std::max<int64_t>(1, K + R) / kLanes * kLanes, kLanes,
                                         256);
   const int64_t tiles = (P + T - 1) / T;
   std::vector<int64_t> offs(static_cast<size_t>(nnz));
-  for (int64_t j = 0; j < nnz; ++j) offs[j] = idx[j] * T;
+  for (int64_t j = 0; j < nnz; ++j) offs[j] = w.idx[j] * T;
   std::mutex done;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> xpanel(static_cast<size_t>(K * T)), gpanel(static_cast<size_t>(R * T));
@@ -623,6 +647,7 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   const int64_t G = y_cl ? channel_group([&](int64_t g) { return (O + g - 1) / g * blocks(g).second; }) : 1;
   const int64_t groups = (O + G - 1) / G;
   const int64_t ublock = blocks(G).first, ublocks = blocks(G).second;  // (no structured bindings: captured below)
+  const Interleave out = output_of(L, O);  // y's planes in the working layout
   at::parallel_for(0, groups * ublocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(G * ublock * L.oplane));  // [channel in group, unit, oplane]
     for (int64_t task = t0; task < t1; ++task) {
@@ -647,36 +672,21 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
                 dst[r * L.OW + q] = static_cast<scalar_t>(src[(r * L.Wp + q) * L.nb + l]);
             continue;
           }
-          // channels-last: y[n] is [OH, OW, O]; pixel p's channels o0 .. o1 are contiguous
-          scalar_t* dst = y + n * L.OH * L.OW * O + o0;
+          // channels-last: y[n] is [OH, OW, O], pixel p's channels o0 .. o1 side by side
           const acc_t* src = acc.data() + (u - u0) * L.oplane + l;
           const int64_t stride = ublock * L.oplane;  // from one channel's plane to the next
           if constexpr (std::is_same_v<acc_t, float>) {
-            for (int64_t r = 0; r < L.OH; ++r)
-              for (int64_t q0 = 0; q0 < L.OW; q0 += kLanes) {
-                const int64_t nq = std::min(kLanes, L.OW - q0);
-                vfloat block[kLanes];
-                for (int64_t k = 0; k < kLanes; ++k) {
-                  if (k >= o1 - o0) {
-                    block[k] = vfloat{};
-                  } else if (L.nb == 1) {
-                    block[k] = load_lanes(src + k * stride + r * L.Wp + q0, nq);
-                  } else {
-                    float v[kLanes] = {};
-                    for (int64_t e = 0; e < nq; ++e) v[e] = src[k * stride + (r * L.Wp + q0 + e) * L.nb];
-                    block[k] = vload(v);
-                  }
-                }
-                transpose16(block);  // block[e] = channels o0 .. of pixel (r, q0 + e)
-                for (int64_t e = 0; e < nq; ++e) store_lanes(dst + (r * L.OW + q0 + e) * O, block[e], o1 - o0);
-              }
-          } else {
-            for (int64_t r = 0; r < L.OH; ++r)
-              for (int64_t q = 0; q < L.OW; ++q)
-                for (int64_t o = o0; o < o1; ++o)
-                  dst[(r * L.OW + q) * O + o - o0] =
-                      static_cast<scalar_t>(src[(o - o0) * stride + (r * L.Wp + q) * L.nb]);
+            if (L.nb == 1) {
+              deinterleave_channels_last(src, stride, y, out, n, o0, o1 - o0);
+              continue;
+            }
           }
+          scalar_t* dst = y + n * L.OH * L.OW * O + o0;
+          for (int64_t r = 0; r < L.OH; ++r)
+            for (int64_t q = 0; q < L.OW; ++q)
+              for (int64_t o = o0; o < o1; ++o)
+                dst[(r * L.OW + q) * O + o - o0] =
+                    static_cast<scalar_t>(src[(o - o0) * stride + (r * L.Wp + q) * L.nb]);
         }
     }
   });
@@ -703,25 +713,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
       using acc_t = at::opmath_type<scalar_t>;
       if constexpr (std::is_same_v<acc_t, float>) {
         if (pointwise_channels_last_case(x, kernel, stride, padding)) {
-          // W's rows as the pointwise kernel reads them: a column outside [0, C) sets bad and reads 0 with value 0
-          const int64_t nnz = col.numel(), C = L.C;
-          const int32_t* rp = rowptr.const_data_ptr<int32_t>();
-          const index_t* cp = col.const_data_ptr<index_t>();
-          const scalar_t* vp = values.const_data_ptr<scalar_t>();
-          std::vector<int64_t> ptr(rp, rp + O + 1);
-          std::vector<int32_t> idx(static_cast<size_t>(nnz));
-          std::vector<float> val(static_cast<size_t>(nnz));
-          at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
-            bool local_bad = false;
-            for (int64_t j = j0; j < j1; ++j) {
-              const bool ok = static_cast<uint64_t>(cp[j]) < static_cast<uint64_t>(C);
-              local_bad |= !ok;
-              idx[j] = ok ? static_cast<int32_t>(cp[j]) : 0;
-              val[j] = ok ? static_cast<float>(vp[j]) : 0.f;
-            }
-            if (local_bad) bad = true;
-          });
-          pointwise_channels_last<scalar_t>(ptr.data(), idx.data(), val.data(), O, C, x.const_data_ptr<scalar_t>(),
+          const PointwiseRows w = pointwise_rows(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                                 values.const_data_ptr<scalar_t>(), O, L.C, bad);
+          pointwise_channels_last<scalar_t>(w, O, L.C, x.const_data_ptr<scalar_t>(),
                                             bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
                                             y.mutable_data_ptr<scalar_t>(), L.N * L.OH * L.OW);
           return;
@@ -853,9 +847,7 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, bool
   const int64_t G = dx_cl ? channel_group([&](int64_t g) { return (L.C + g - 1) / g * blocks(g).second; }) : 1;
   const int64_t groups = (L.C + G - 1) / G;
   const int64_t ublock = blocks(G).first, ublocks = blocks(G).second;  // (no structured bindings: captured below)
-  const std::optional<ChannelsLastRows> rows = dx_cl && L.nb == 1 && std::is_same_v<acc_t, float>
-                                                   ? std::optional<ChannelsLastRows>(std::in_place, I)
-                                                   : std::nullopt;
+  const bool by_blocks = dx_cl && L.nb == 1;  // deinterleave_channels_last (float32 accumulation)
   // Per phase, the part of its plane that holds elements of dx (from the first element's position to the last's,
   // rows of Wp): only that part is summed, the padding's rows and columns around it being dropped anyway (the
   // whole phase before: ResNet-18's layer4, 7 x 7 in a 9 x 9 phase, 90 / 95%, batch 8, one process alternating
@@ -913,8 +905,8 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, bool
       }
       for (int64_t u = u0; u < u1; ++u) {
         if constexpr (std::is_same_v<acc_t, float>) {
-          if (rows) {  // one image a unit
-            deinterleave_channels_last(acc.data() + (u - u0) * L.plane, ublock * L.plane, dx, *rows, u, c0, c1 - c0);
+          if (by_blocks) {  // one image a unit
+            deinterleave_channels_last(acc.data() + (u - u0) * L.plane, ublock * L.plane, dx, I, u, c0, c1 - c0);
             continue;
           }
         }
@@ -1000,19 +992,18 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
     if constexpr (std::is_same_v<acc_t, float>) {
       if (pointwise_channels_last_case(gy, kernel, stride, padding)) {
         // dx [P, C] = gy [P, O] W: the pointwise kernel over W^T's rows (the input channels' entries)
-        std::vector<int64_t> ptr(static_cast<size_t>(L.C + 1), 0);
-        std::vector<int32_t> idx;
-        std::vector<float> val;
-        idx.reserve(static_cast<size_t>(nnz));
-        val.reserve(static_cast<size_t>(nnz));
+        PointwiseRows w;  // (entries out of range are skipped by each(), which reports them)
+        w.ptr.assign(static_cast<size_t>(L.C + 1), 0);
+        w.idx.reserve(static_cast<size_t>(nnz));
+        w.val.reserve(static_cast<size_t>(nnz));
         const auto gather = [&](const auto& entries) {
           for (int64_t c = 0; c < L.C; ++c) {
             if (entries.each(c, [&](int64_t o, int64_t, float v) {
-                  idx.push_back(static_cast<int32_t>(o));
-                  val.push_back(v);
+                  w.idx.push_back(static_cast<int32_t>(o));
+                  w.val.push_back(v);
                 }))
               bad = true;
-            ptr[c + 1] = static_cast<int64_t>(idx.size());
+            w.ptr[c + 1] = static_cast<int64_t>(w.idx.size());
           }
         };
         if (have_transposed) {
@@ -1028,8 +1019,8 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
                                                         values.const_data_ptr<scalar_t>(), O, L, bad));
           });
         }
-        pointwise_channels_last<scalar_t>(ptr.data(), idx.data(), val.data(), L.C, O, gy.const_data_ptr<scalar_t>(),
-                                          nullptr, dx.mutable_data_ptr<scalar_t>(), L.N * L.OH * L.OW);
+        pointwise_channels_last<scalar_t>(w, L.C, O, gy.const_data_ptr<scalar_t>(), nullptr,
+                                          dx.mutable_data_ptr<scalar_t>(), L.N * L.OH * L.OW);
         return;
       }
     }
@@ -1078,24 +1069,16 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
       using acc_t = at::opmath_type<scalar_t>;
       if constexpr (std::is_same_v<acc_t, float>) {
         if (pointwise_channels_last_case(x, kernel, stride, padding) && channels_last(gy)) {
-          // entries with a column outside [0, C) set bad and get 0 (their column read as 0 here)
+          // entries with a column outside [0, C) get 0 (and the op raises)
           const int64_t nnz = col.numel();
-          const int32_t* rp = rowptr.const_data_ptr<int32_t>();
-          const index_t* cp = col.const_data_ptr<index_t>();
-          std::vector<int64_t> ptr(rp, rp + O + 1);
-          std::vector<int32_t> idx(static_cast<size_t>(nnz));
-          std::vector<uint8_t> outside(static_cast<size_t>(nnz), 0);
-          for (int64_t j = 0; j < nnz; ++j) {
-            const bool ok = static_cast<uint64_t>(cp[j]) < static_cast<uint64_t>(L.C);
-            idx[j] = ok ? static_cast<int32_t>(cp[j]) : 0;
-            outside[j] = !ok;
-            if (!ok) bad = true;
-          }
+          const PointwiseRows w = pointwise_rows(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                                 static_cast<const scalar_t*>(nullptr), O, L.C, bad);
           std::vector<float> sums(static_cast<size_t>(nnz), 0.f);
-          pointwise_grad_values_channels_last<scalar_t>(ptr.data(), idx.data(), O, L.C, x.const_data_ptr<scalar_t>(),
-                                                        gy.const_data_ptr<scalar_t>(), L.N * L.OH * L.OW, sums.data());
+          pointwise_grad_values_channels_last<scalar_t>(w, O, L.C, x.const_data_ptr<scalar_t>(),
+                                                        gy.const_data_ptr<scalar_t>(), L.N * L.OH * L.OW,
+                                                        sums.data());
           scalar_t* out = dv.mutable_data_ptr<scalar_t>();
-          for (int64_t j = 0; j < nnz; ++j) out[j] = outside[j] ? scalar_t(0) : static_cast<scalar_t>(sums[j]);
+          for (int64_t j = 0; j < nnz; ++j) out[j] = w.outside[j] ? scalar_t(0) : static_cast<scalar_t>(sums[j]);
           return;
         }
       }
