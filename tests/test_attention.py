@@ -292,6 +292,41 @@ def test_sparsify_a_transformer_matches_the_masked_dense(train, tmp_path):
         _close(clone(x), ref)
 
 
+@pytest.mark.parametrize("kdim", [None, 12])
+def test_loads_an_nn_multihead_attention_state_dict(kdim):
+    """A dense attention's state dict (in_proj_weight or q/k/v_proj_weight, in_proj_bias, out_proj) loads into
+    a SparseMultiheadAttention at its stored places; a sparsified encoder loads the dense encoder's checkpoint."""
+    dense, sparse, masks = _masked_pair(seed=3, kdim=kdim, vdim=kdim, add_bias_kv=True)
+    fresh = SparseMultiheadAttention(16, 4, kdim=kdim, vdim=kdim, add_bias_kv=True, masks=masks)
+    unmasked = {k: v + 1 for k, v in dense.state_dict().items()}  # non-zeros at the pruned places too
+    fresh.load_state_dict(unmasked)
+    with torch.no_grad():
+        dense.load_state_dict(unmasked)
+        for n, m in masks.items():
+            dense.get_parameter(n).mul_(m)
+    q, k, v = _inputs(True, False, kdim or 16)
+    _close(fresh(q, k, v)[0], dense(q, k, v)[0])
+    bad = dict(unmasked, in_proj_bias=torch.zeros(47))
+    with pytest.raises(RuntimeError, match=r"size mismatch for in_proj_bias: .*\(47,\).*\(48,\)"):
+        fresh.load_state_dict(bad)
+    if kdim is None:
+        with pytest.raises(RuntimeError, match=r"size mismatch for in_proj_weight: .*\(32, 16\).*48 rows"):
+            fresh.load_state_dict(dict(unmasked, in_proj_weight=torch.zeros(32, 16)))
+    model = _encoder()
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = pysparse.prune(model, "magnitude", sparsity=0.9, scope="layer").masks
+    pysparse.sparsify(model, masks)
+    assert sum(isinstance(m, SparseMultiheadAttention) for m in model.modules()) == 2
+    model.load_state_dict(checkpoint)
+    ref = _encoder()
+    ref.load_state_dict(checkpoint)
+    with torch.no_grad():
+        for n, m in masks.items():
+            ref.get_parameter(n).mul_(m)
+    x = torch.randn(3, 7, 32)
+    _close(model(x), ref(x))
+
+
 def test_sparsify_leaves_attention_below_the_crossover_dense_with_its_masks_applied():
     model = _encoder()
     masks = pysparse.prune(model, "magnitude", sparsity=0.3, scope="layer").masks

@@ -41,6 +41,26 @@ def test_sparsify_torchvision_matches_masked_dense(arch):
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_sparsified_model_loads_the_dense_checkpoint():
+    """sparsify fixes the structure; a dense checkpoint (here the unpruned weights) then loads into the sparse
+    model with load_state_dict, strict: the model computes the checkpoint masked by the sparse layers' masks."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {n: torch.rand_like(p) >= 0.9 for n, p in model.named_parameters() if p.dim() in (2, 4)}
+    pysparse.sparsify(model, masks, min_sparsity=0.0)
+    for p in model.parameters():  # (forget the weights: only the load may bring them back)
+        torch.nn.init.normal_(p)
+    model.load_state_dict(checkpoint)
+    ref = torchvision.models.resnet18(num_classes=10).eval()
+    ref.load_state_dict(checkpoint)
+    with torch.no_grad():
+        for n, m in masks.items():
+            ref.get_parameter(n).mul_(m)
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
 def test_sparsified_mobilenet_v3_trains_like_the_masked_dense():
     """Its classifier is Linear -> Hardswish(inplace=True): a training step through the sparse layers gives the
     masked dense model's loss and gradients (BatchNorm in training mode, dropout off)."""

@@ -181,6 +181,21 @@ def test_grouped_state_dict_round_trip_and_set_mask():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4]])
+def test_loads_a_dense_state_dict_at_its_stored_places(cfg):
+    """An nn.Conv2d's state dict (grouped too: a block-diagonal matrix) loads at the stored places."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(**cfg)
+    mask = torch.rand(conv.weight.shape) < 0.3
+    sparse = SparseConv2d.from_dense(nn.Conv2d(**cfg), mask)
+    sparse.load_state_dict(conv.state_dict())
+    assert torch.equal(sparse.mask(), mask) and torch.equal(sparse.weight.detach(), conv.weight.detach() * mask)
+    x = torch.randn(2, cfg["in_channels"], 9, 9)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    torch.testing.assert_close(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
 def test_constructor_sparsity():
     layer = SparseConv2d(16, 32, 3, padding=1, sparsity=0.75)
     assert layer.nnz == 16 * 32 * 9 // 4 and abs(layer.sparsity - 0.75) < 1e-12

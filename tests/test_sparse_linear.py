@@ -405,6 +405,61 @@ def test_state_dict_deepcopy_pickle():
     torch.testing.assert_close(again(x), sparse(x))
 
 
+def test_loads_a_dense_state_dict_at_its_stored_places():
+    """An nn.Linear's state dict (a pretrained dense checkpoint) loads into a SparseLinear: the kept entries of
+    its weight become the values (the same Parameter, so an optimizer built before still holds it), the bias
+    loads, the mask stays; the layer computes the masked dense layer. assign=True takes the checkpoint's dtype."""
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    mask = torch.rand(8, 16) < 0.3
+    sparse = SparseLinear(16, 8, mask=mask)
+    before = sparse.values
+    assert not sparse.load_state_dict(dense.state_dict()).missing_keys
+    assert sparse.values is before and torch.equal(sparse.mask(), mask)
+    assert torch.equal(sparse.values.detach(), dense.weight.detach()[mask]) and torch.equal(sparse.bias, dense.bias)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(sparse(x), F.linear(x, dense.weight * mask, dense.bias))
+    assert torch.equal(sparse.weight.detach(), dense.weight.detach() * mask)  # the weight view follows the load
+    sparse.load_state_dict(dense.double().state_dict(), assign=True)
+    assert sparse.values.dtype == torch.float64 and isinstance(sparse.values, nn.Parameter)
+    assert sparse.values.requires_grad and torch.equal(sparse.mask(), mask)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"bias\""):
+        sparse.load_state_dict({"weight": dense.weight.detach()})
+    sparse.load_state_dict({"weight": torch.zeros(8, 16)}, strict=False)
+    assert not sparse.values.detach().any()
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"weight": torch.zeros(16, 8), "bias": torch.zeros(8)}, r"size mismatch for weight: .*\(16, 8\).*\(8, 16\)"),
+    ({"weight": torch.zeros(8, 16, dtype=torch.int32), "bias": torch.zeros(8)}, "must be floating point"),
+    ({"weight": [0.0] * 128, "bias": torch.zeros(8)}, "expected torch.Tensor"),
+])
+def test_a_bad_dense_state_dict_is_refused(state, match):
+    sparse = SparseLinear(16, 8, sparsity=0.5)
+    values = sparse.values.detach().clone()
+    with pytest.raises(RuntimeError, match=match):
+        sparse.load_state_dict(state)
+    assert torch.equal(sparse.values.detach(), values)
+    with pytest.raises(RuntimeError, match="meta device has no structure"):
+        SparseLinear(16, 8, sparsity=0.5).to("meta").load_state_dict(nn.Linear(16, 8).state_dict(), assign=True)
+
+
+def test_torch_nn_utils_prune_is_refused_with_what_to_do():
+    """torch.nn.utils.prune re-parametrises a weight Parameter; a sparse layer has none: a clear error, and the
+    layer is left as it was."""
+    from torch.nn.utils import prune as torch_prune
+
+    sparse = SparseLinear(16, 8, sparsity=0.5)
+    for call in (lambda: torch_prune.l1_unstructured(sparse, "weight", amount=0.3),
+                 lambda: torch_prune.global_unstructured([(sparse, "weight")], pruning_method=torch_prune.L1Unstructured,
+                                                         amount=0.3)):
+        with pytest.raises(TypeError, match=r"SparseLinear's weight is built from its stored values.*set_mask.*"
+                                            r"pysparse.densify"):
+            call()
+    assert set(dict(sparse.named_parameters())) == {"values", "bias"} and not sparse._forward_pre_hooks
+    assert sparse.nnz == 64
+
+
 def test_state_dict_holds_no_derived_cache():
     _, _, sparse = _pair(16, 8, 0.25, seed=3)
     assert set(sparse.state_dict()) == {"values", "bias", "rowptr", "col"}

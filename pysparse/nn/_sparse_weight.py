@@ -408,8 +408,57 @@ class SparseWeight(nn.Module):
         with torch.no_grad():
             self._store(self.dense_weight().detach().requires_grad_(self.values.requires_grad), mask)
 
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        # torch.nn.utils.prune moves ``weight`` to ``weight_orig`` through this call (and would fail with "cannot
+        # assign 'torch.FloatTensor' object to parameter 'weight_orig'"): say why and what to do instead.
+        if isinstance(param, DenseWeightTensor):
+            raise TypeError(f"{type(self).__name__}'s weight is built from its stored values, not an nn.Parameter: "
+                            f"torch.nn.utils.prune cannot re-parametrise it (registering it as {name!r}). Change "
+                            "which weights are stored with layer.set_mask(mask), or pysparse.densify the model, "
+                            "prune it, then pysparse.sparsify it again")
+        super().register_parameter(name, param)
+
+    def _load_dense_weight(self, state_dict, prefix, local_metadata, error_msgs) -> bool:
+        """A dense state dict's ``weight`` (an nn.Linear's / nn.Conv2d's, no ``values``): its entries at the
+        stored places become the values, as ``layer.weight.copy_(w)`` sets them (the mask stays; entries at
+        pruned places are dropped). Returns whether the state dict holds such a weight."""
+        key = prefix + "weight"
+        if key not in state_dict or prefix + "values" in state_dict:
+            return False
+        w = state_dict[key]
+        if not isinstance(w, torch.Tensor):
+            error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                              f"object from checkpoint but received {type(w)}")
+        elif tuple(w.shape) != self.weight_shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)} from checkpoint, "
+                              f"the dense weight of this {type(self).__name__} has shape {self.weight_shape}.")
+        elif self.col.device.type == "meta":
+            error_msgs.append(f"{key}: a {type(self).__name__} on the meta device has no structure to take a dense "
+                              "weight's kept entries from: load its own state dict (values, rowptr, col) instead")
+        elif not w.is_floating_point():
+            error_msgs.append(f"{key}: a dense weight must be floating point, got {w.dtype}")
+        else:
+            old = self._parameters["values"]
+            with torch.no_grad():
+                if local_metadata.get("assign_to_params_buffers", False):
+                    self.values = nn.Parameter(self._values_from(w.to(old.device)).clone(),
+                                               requires_grad=old.requires_grad)
+                else:
+                    old.copy_(self._values_from(w.to(device=old.device, dtype=old.dtype)))
+        return True
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # A dense layer's state dict (``weight``, no ``values``): load the kept entries, the structure stays.
+        if self._load_dense_weight(state_dict, prefix, local_metadata, error_msgs):
+            # the bias (and any other entries) as nn.Module loads them; values, rowptr and col are not expected
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            for name in ("weight", "values"):
+                for keys in (missing_keys, unexpected_keys):
+                    if prefix + name in keys:
+                        keys.remove(prefix + name)
+            return
         # A stored layer has the saved nnz, not this module's: take the saved values' shape, load, then rebuild
         # the structure (and its transposed cache) from the saved rowptr / col, which also checks them: a
         # tampered structure raises, never reaches a kernel.

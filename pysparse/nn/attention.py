@@ -338,6 +338,41 @@ class SparseMultiheadAttention(nn.Module):
         out = self.out_proj(out)
         return (out if is_batched else out.squeeze(0)), weights
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # An nn.MultiheadAttention's state dict: its in-projection (``in_proj_weight`` / ``q_proj_weight`` ...
+        # and ``in_proj_bias``) handed to the three projections as dense Linear entries, which SparseLinear loads
+        # at its stored places (``out_proj.weight`` / ``.bias`` already are); the keys are renamed in torch's copy
+        # of the state dict, before the children load from it.
+        if not any(prefix + f"{p}.values" in state_dict for p in _PROJECTIONS):
+            E = self.embed_dim
+            weight = prefix + "in_proj_weight"
+            if self.same_embed_dim and isinstance(state_dict.get(weight), torch.Tensor):
+                if state_dict[weight].shape[:1] == (3 * E,):
+                    for p, w in zip(_PROJECTIONS, state_dict.pop(weight).split(E)):
+                        state_dict[prefix + f"{p}.weight"] = w
+                else:
+                    error_msgs.append(f"size mismatch for {weight}: copying a param with shape "
+                                      f"{tuple(state_dict[weight].shape)} from checkpoint, the in-projection of "
+                                      f"this SparseMultiheadAttention has {3 * E} rows.")
+                    state_dict.pop(weight)
+            elif not self.same_embed_dim:
+                for p in _PROJECTIONS:
+                    if prefix + f"{p}_weight" in state_dict:
+                        state_dict[prefix + f"{p}.weight"] = state_dict.pop(prefix + f"{p}_weight")
+            bias = prefix + "in_proj_bias"
+            if isinstance(state_dict.get(bias), torch.Tensor) and self.q_proj.bias is not None:
+                if state_dict[bias].shape == (3 * E,):
+                    for p, b in zip(_PROJECTIONS, state_dict.pop(bias).split(E)):
+                        state_dict[prefix + f"{p}.bias"] = b
+                else:
+                    error_msgs.append(f"size mismatch for {bias}: copying a param with shape "
+                                      f"{tuple(state_dict[bias].shape)} from checkpoint, the in-projection's bias "
+                                      f"of this SparseMultiheadAttention has shape ({3 * E},).")
+                    state_dict.pop(bias)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
                 f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
