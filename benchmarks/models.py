@@ -10,6 +10,7 @@ process (the median of the per-round speed-ups is reported, with its range): the
     python benchmarks/models.py --model resnet50 --batch 1 --sparsity 0.9 --step
     python benchmarks/models.py --channels-last                   # both models in torch.channels_last
     python benchmarks/models.py --formats                         # NCHW and channels-last, the four alternated
+    python benchmarks/models.py --fold-bn --channels-last         # with and without BatchNorm folded, alternated
 """
 import argparse
 import copy
@@ -114,6 +115,26 @@ def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224,
             "dense_bytes": sum(p.numel() * 4 for p in dense.parameters())}
 
 
+def _alternated_forwards(nets: dict, rounds: int, calls) -> dict:
+    """Per-round times of the forwards ``nets`` (name -> (model, input); the first is the reference), alternated
+    round by round in one process, after checking every output against the reference's."""
+    def call(impl):
+        net, inp = nets[impl]
+        with torch.no_grad():
+            return net(inp)
+
+    first = next(iter(nets))
+    want = call(first)
+    for impl in nets:
+        error = ((call(impl) - want).norm() / want.norm()).item()
+        assert error < 1e-4, f"{impl}'s output differs from {first}'s by {error:.2e} in norm"
+    if calls is None:
+        start = time.perf_counter()
+        call(first)
+        calls = max(1, int(0.3 / (time.perf_counter() - start)))
+    return alternated_times(call, tuple(nets), rounds, calls)
+
+
 FORMATS = ("pysparse", "pysparse_cl", "dense", "dense_cl")
 
 
@@ -126,27 +147,32 @@ def formats(model, batch, sparsity, rounds=7, calls=None, image=224, seed=0):
     dense, sparse, _ = pruned_pair(model, sparsity, seed)
     cl = torch.channels_last
     x = torch.randn(batch, 3, image, image)
-    nets = {"pysparse": (sparse.eval(), x), "dense": (dense.eval(), x),
+    nets = {"dense": (dense.eval(), x), "pysparse": (sparse.eval(), x),
             "pysparse_cl": (copy.deepcopy(sparse).to(memory_format=cl), x.contiguous(memory_format=cl)),
             "dense_cl": (copy.deepcopy(dense).to(memory_format=cl), x.contiguous(memory_format=cl))}
-
-    def call(impl):
-        net, inp = nets[impl]
-        with torch.no_grad():
-            return net(inp)
-
-    want = call("dense")
-    for impl in FORMATS:
-        error = ((call(impl) - want).norm() / want.norm()).item()
-        assert error < 1e-4, f"{impl}'s output differs from the dense model's by {error:.2e} in norm"
-    if calls is None:
-        start = time.perf_counter()
-        call("dense")
-        calls = max(1, int(0.3 / (time.perf_counter() - start)))
-    times = alternated_times(call, FORMATS, rounds, calls)
+    times = _alternated_forwards(nets, rounds, calls)
     return {**{f"{impl}_ms": statistics.median(t) for impl, t in times.items()},
             "cl_gain": speedup(times, "pysparse", "pysparse_cl"),
             "speedup_cl": speedup(times, "dense_cl", "pysparse_cl")}
+
+
+def folds(model, batch, sparsity, rounds=7, calls=None, image=224, seed=0, channels_last=False):
+    """The forward of the sparsified and the dense pruned model, each as it is and with its BatchNorms folded
+    (``pysparse.fold_batchnorm``), the four alternated round by round in one process: median ms of each, the
+    per-round speed-ups of folding for pysparse (``fold_gain``) and of pysparse folded over the dense model
+    folded (``speedup_folded``). Outputs are checked to agree first."""
+    check_sizes(sparsity, rounds, calls, batch=batch, image=image)
+    dense, sparse, _ = pruned_pair(model, sparsity, seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, image, image).contiguous(memory_format=fmt)
+    dense, sparse = dense.eval().to(memory_format=fmt), sparse.eval().to(memory_format=fmt)
+    nets = {"dense": (dense, x), "pysparse": (sparse, x),
+            "pysparse_folded": (pysparse.fold_batchnorm(copy.deepcopy(sparse)), x),
+            "dense_folded": (pysparse.fold_batchnorm(copy.deepcopy(dense)), x)}
+    times = _alternated_forwards(nets, rounds, calls)
+    return {**{f"{impl}_ms": statistics.median(t) for impl, t in times.items()},
+            "fold_gain": speedup(times, "pysparse", "pysparse_folded"),
+            "speedup_folded": speedup(times, "dense_folded", "pysparse_folded")}
 
 
 def main(argv=None):
@@ -161,7 +187,24 @@ def main(argv=None):
                         help="both models and the input in torch.channels_last")
     parser.add_argument("--formats", action="store_true",
                         help="the forward of both models in NCHW and in channels-last, the four alternated")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="the forward of both models as they are and with their BatchNorms folded, alternated")
     args = parser.parse_args(argv)
+    if args.fold_bn:
+        fmt = "channels-last" if args.channels_last else "NCHW"
+        print(f"pruned torchvision models, forward with and without BatchNorm folded (both models, {fmt}), "
+              f"{args.image} x {args.image}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-round "
+              "speed-ups")
+        for model in args.model:
+            for sparsity in args.sparsity:
+                for batch in args.batch:
+                    r = folds(model, batch, sparsity, args.rounds, image=args.image, channels_last=args.channels_last)
+                    g, d = r["fold_gain"], r["speedup_folded"]
+                    print(f"{model:20s} batch {batch:3d} sparsity {sparsity:.2f}: ms pysparse {r['pysparse_ms']:.1f}, "
+                          f"folded {r['pysparse_folded_ms']:.1f}; dense {r['dense_ms']:.1f}, folded "
+                          f"{r['dense_folded_ms']:.1f}; pysparse folded over as it is {g[0]:.2f}x ({g[1]:.2f}-"
+                          f"{g[2]:.2f}), over dense folded {d[0]:.2f}x ({d[1]:.2f}-{d[2]:.2f})", flush=True)
+        return
     if args.formats:
         print(f"pruned torchvision models, forward in NCHW and channels-last (both models), {args.image} x "
               f"{args.image}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-round speed-ups")

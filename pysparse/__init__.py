@@ -7,6 +7,7 @@ from ._extension import cuda_built, cuda_usable
 from . import csr, nn, ops, reference
 from . import data, gan, models, synth
 from .convert import densify, sparsify
+from .fold import fold_batchnorm
 from .io import load, save
 from .prune import PruneResult, from_torch_prune, prune, to_torch_prune
 from .sensitivity import SensitivityResult, plot_report, sensitivity
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops", "reference", "csr", "nn", "data", "models", "gan", "synth",
-    "sparsify", "densify", "save", "load", "SparseLinear", "SparseConv2d", "SparseMultiheadAttention",
+    "sparsify", "densify", "fold_batchnorm", "save", "load", "SparseLinear", "SparseConv2d", "SparseMultiheadAttention",
     "prune", "PruneResult", "to_torch_prune", "from_torch_prune",
     "GradualPruner", "cubic_sparsity", "iterative_prune", "iterative_sparsities",
     "sensitivity", "SensitivityResult", "plot_report",

@@ -204,6 +204,12 @@ def test_models_times_a_pruned_model_sparsified_against_its_dense_twin(capsys):
     module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.9", "--image", "32", "--rounds", "1",
                  "--formats"])
     assert "pysparse channels-last over NCHW" in capsys.readouterr().out
+    b = module.folds("resnet18", 1, 0.9, rounds=2, calls=1, image=32, channels_last=True)
+    assert all(b[f"{impl}_ms"] > 0 for impl in ("pysparse", "pysparse_folded", "dense", "dense_folded"))
+    assert b["fold_gain"][1] <= b["fold_gain"][0] <= b["fold_gain"][2]
+    module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.9", "--image", "32", "--rounds", "1",
+                 "--fold-bn"])
+    assert "pysparse folded over as it is" in capsys.readouterr().out
 
 
 def test_models_refuses_to_time_models_that_disagree(monkeypatch):
@@ -220,6 +226,9 @@ def test_models_refuses_to_time_models_that_disagree(monkeypatch):
     for step in (False, True):
         with pytest.raises(AssertionError):
             module.measure("resnet18", 2, 0.9, rounds=1, calls=1, step=step, image=32)
+    for compare in (module.formats, module.folds):
+        with pytest.raises(AssertionError, match="differs from dense's"):
+            compare("resnet18", 2, 0.9, rounds=1, calls=1, image=32)
 
 
 @pytest.mark.parametrize("kwargs, name", [({"sparsity": 1.0}, "sparsity"), ({"batch": 0}, "batch"),
@@ -227,8 +236,10 @@ def test_models_refuses_to_time_models_that_disagree(monkeypatch):
                                           ({"model": "resnet19"}, "model")])
 def test_models_rejects_bad_input(kwargs, name):
     args = {"model": "resnet18", "batch": 1, "sparsity": 0.9, "rounds": 1, "calls": 1, "image": 32, **kwargs}
-    with pytest.raises(ValueError, match=name):
-        _load("models").measure(**args)
+    module = _load("models")
+    for compare in (module.measure, module.formats, module.folds):
+        with pytest.raises(ValueError, match=name):
+            compare(**args)
 
 
 def test_vit_digits_prunes_a_trained_transformer_with_and_without_compensation(capsys):

@@ -110,8 +110,9 @@ def test_layers_block(tmp_path, monkeypatch):
     assert torch.equal(ns["attn"].masks()["out_proj.weight"], ns["m2"])
     dense_bytes = sum(p.numel() * 4 for p in resnet.parameters())
     assert (tmp_path / "model.safetensors").stat().st_size < 0.2 * dense_bytes  # layers left dense: packed
-    model = ns["model"]  # loaded, then densified: the masked dense ResNet-18
+    model = ns["model"]  # loaded, then densified: the masked dense ResNet-18, its BatchNorms folded
     assert not any(isinstance(m, (pysparse.SparseLinear, pysparse.SparseConv2d)) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and model.conv1.bias is not None
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in masks:

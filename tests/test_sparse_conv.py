@@ -196,6 +196,23 @@ def test_loads_a_dense_state_dict_at_its_stored_places(cfg):
     torch.testing.assert_close(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4]])
+def test_torch_fuse_conv_bn_eval_keeps_the_layer_sparse(cfg):
+    """torch's fuse_conv_bn_eval assigns the folded weight and bias: the result is still sparse, same mask."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv, mask, sparse = _pair(cfg, seed=4)
+    bn = nn.BatchNorm2d(cfg["out_channels"]).eval()
+    with torch.no_grad():
+        for t in (bn.running_mean, bn.weight, bn.bias):
+            t.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    fused = fuse_conv_bn_eval(sparse.eval(), bn)
+    assert isinstance(fused, SparseConv2d) and torch.equal(fused.mask(), mask) and fused.bias is not None
+    x = torch.randn(2, cfg["in_channels"], 9, 9)
+    torch.testing.assert_close(fused(x), bn(sparse(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_constructor_sparsity():
     layer = SparseConv2d(16, 32, 3, padding=1, sparsity=0.75)
     assert layer.nnz == 16 * 32 * 9 // 4 and abs(layer.sparsity - 0.75) < 1e-12

@@ -444,6 +444,44 @@ def test_a_bad_dense_state_dict_is_refused(state, match):
         SparseLinear(16, 8, sparsity=0.5).to("meta").load_state_dict(nn.Linear(16, 8).state_dict(), assign=True)
 
 
+def test_assigning_a_weight_parameter_sets_the_kept_values():
+    """``layer.weight = nn.Parameter(w)`` (what torch's fuse_linear_bn_eval does) stores w at the kept places in a
+    new values Parameter of w's dtype and requires_grad; anything else is refused naming the weight."""
+    torch.manual_seed(0)
+    mask = torch.rand(8, 16) < 0.3
+    sparse = SparseLinear(16, 8, mask=mask)
+    w = torch.randn(8, 16, dtype=torch.float64)
+    sparse.weight = nn.Parameter(w, requires_grad=False)
+    assert isinstance(sparse.values, nn.Parameter) and not sparse.values.requires_grad
+    assert sparse.values.dtype == torch.float64 and torch.equal(sparse.values, w[mask])
+    assert torch.equal(sparse.mask(), mask) and set(dict(sparse.named_parameters())) == {"values", "bias"}
+    for value, exc, match in [(nn.Parameter(torch.zeros(16, 8)), ValueError, r"weight: .*\(16, 8\).*\(8, 16\)"),
+                              (nn.Parameter(torch.zeros(8, 16, dtype=torch.int32), requires_grad=False), TypeError,
+                               "weight: assigned a torch.int32"),
+                              (nn.Parameter(torch.zeros(8, 16, device="meta")), ValueError, "on meta"),
+                              (torch.zeros(8, 16), TypeError, "cannot assign Tensor as SparseLinear.weight"),
+                              (None, TypeError, "cannot assign NoneType")]:
+        with pytest.raises(exc, match=match):
+            sparse.weight = value
+    assert torch.equal(sparse.values, w[mask])
+
+
+def test_torch_fuse_linear_bn_eval_keeps_the_layer_sparse():
+    from torch.nn.utils.fusion import fuse_linear_bn_eval
+
+    torch.manual_seed(0)
+    _, mask, sparse = _pair(16, 8, 0.3)
+    bn = nn.BatchNorm1d(8).eval()
+    with torch.no_grad():
+        for t in (bn.running_mean, bn.weight, bn.bias):
+            t.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    fused = fuse_linear_bn_eval(sparse.eval(), bn)
+    assert isinstance(fused, SparseLinear) and torch.equal(fused.mask(), mask)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fused(x), bn(sparse(x)))
+
+
 def test_torch_nn_utils_prune_is_refused_with_what_to_do():
     """torch.nn.utils.prune re-parametrises a weight Parameter; a sparse layer has none: a clear error, and the
     layer is left as it was."""

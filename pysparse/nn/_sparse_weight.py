@@ -290,6 +290,12 @@ class SparseWeight(nn.Module):
             return self.dense_weight()
         return self.WEIGHT_TENSOR(self, values)
 
+    @weight.setter
+    def weight(self, value) -> None:  # (an nn.Parameter goes to register_parameter, as in any nn.Module)
+        raise TypeError(f"cannot assign {type(value).__name__} as {type(self).__name__}.weight: assign an "
+                        "nn.Parameter of the weight's shape (its entries at the kept places become the stored "
+                        "values), or write into layer.weight in place under torch.no_grad()")
+
     def reset_parameters(self) -> None:
         """Re-initialises the stored values and the bias as ``nn.Linear`` / ``nn.Conv2d.reset_parameters`` do
         (uniform in +-1/sqrt(fan_in), fan_in of the dense weight: in_features, or in_channels / groups * kh * kw);
@@ -409,6 +415,12 @@ class SparseWeight(nn.Module):
             self._store(self.dense_weight().detach().requires_grad_(self.values.requires_grad), mask)
 
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        # ``layer.weight = nn.Parameter(w)`` comes here (nn.Module.__setattr__ registers a Parameter under any
+        # name, past the ``weight`` property): the stored values become w's entries at the kept places, as torch's
+        # fuse_conv_bn_eval / fuse_linear_bn_eval set a folded weight.
+        if name == "weight" and isinstance(param, nn.Parameter):
+            self._assign_weight(param)
+            return
         # torch.nn.utils.prune moves ``weight`` to ``weight_orig`` through this call (and would fail with "cannot
         # assign 'torch.FloatTensor' object to parameter 'weight_orig'"): say why and what to do instead.
         if isinstance(param, DenseWeightTensor):
@@ -417,6 +429,21 @@ class SparseWeight(nn.Module):
                             "which weights are stored with layer.set_mask(mask), or pysparse.densify the model, "
                             "prune it, then pysparse.sparsify it again")
         super().register_parameter(name, param)
+
+    def _assign_weight(self, w: nn.Parameter) -> None:
+        """``layer.weight = w``: a new ``values`` Parameter holding w's entries at the kept places (w's dtype and
+        requires_grad, as assigning an nn.Linear's weight replaces its Parameter); the structure stays."""
+        if tuple(w.shape) != self.weight_shape:
+            raise ValueError(f"weight: assigned a tensor of shape {tuple(w.shape)}, the dense weight of this "
+                             f"{type(self).__name__} has shape {self.weight_shape}")
+        if w.dtype not in _FLOATS:
+            raise TypeError(f"weight: assigned a {w.dtype} tensor; the stored values must be float32, float16, "
+                            "bfloat16 or float64")
+        if w.device != self.col.device:
+            raise ValueError(f"weight: assigned a tensor on {w.device}, the layer's structure is on {self.col.device}")
+        with torch.no_grad():
+            values = self._values_from(w.detach()).clone()
+        self.values = nn.Parameter(values, requires_grad=w.requires_grad)
 
     def _load_dense_weight(self, state_dict, prefix, local_metadata, error_msgs) -> bool:
         """A dense state dict's ``weight`` (an nn.Linear's / nn.Conv2d's, no ``values``): its entries at the
