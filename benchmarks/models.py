@@ -159,7 +159,7 @@ def formats(model, batch, sparsity, rounds=7, calls=None, image=224, seed=0):
 def folds(model, batch, sparsity, rounds=7, calls=None, image=224, seed=0, channels_last=False):
     """The forward of the sparsified and the dense pruned model, each as it is and with its BatchNorms folded
     (``pysparse.fold_batchnorm``), the four alternated round by round in one process: median ms of each, the
-    per-round speed-ups of folding for pysparse (``fold_gain``) and of pysparse folded over the dense model
+    per-round speed-ups of folding for pysparse (``folded_gain``) and of pysparse folded over the dense model
     folded (``speedup_folded``). Outputs are checked to agree first."""
     check_sizes(sparsity, rounds, calls, batch=batch, image=image)
     dense, sparse, _ = pruned_pair(model, sparsity, seed)
@@ -171,8 +171,24 @@ def folds(model, batch, sparsity, rounds=7, calls=None, image=224, seed=0, chann
             "dense_folded": (pysparse.fold_batchnorm(copy.deepcopy(dense)), x)}
     times = _alternated_forwards(nets, rounds, calls)
     return {**{f"{impl}_ms": statistics.median(t) for impl, t in times.items()},
-            "fold_gain": speedup(times, "pysparse", "pysparse_folded"),
+            "folded_gain": speedup(times, "pysparse", "pysparse_folded"),
             "speedup_folded": speedup(times, "dense_folded", "pysparse_folded")}
+
+
+def _report_variants(args, what: str, suffix: str, name: str, base: str, run) -> None:
+    """Prints ``run(model, batch, sparsity)`` (formats' / folds' results: each model as it is and as the variant
+    ``suffix``) for every model, sparsity and batch of ``args``."""
+    print(f"pruned torchvision models, forward {what}, {args.image} x {args.image}, {torch.get_num_threads()} "
+          f"threads, {args.rounds} rounds, per-round speed-ups")
+    for model in args.model:
+        for sparsity in args.sparsity:
+            for batch in args.batch:
+                r = run(model, batch, sparsity)
+                g, d = r[f"{suffix}_gain"], r[f"speedup_{suffix}"]
+                print(f"{model:20s} batch {batch:3d} sparsity {sparsity:.2f}: ms pysparse {r['pysparse_ms']:.1f}, "
+                      f"{name} {r[f'pysparse_{suffix}_ms']:.1f}; dense {r['dense_ms']:.1f}, {name} "
+                      f"{r[f'dense_{suffix}_ms']:.1f}; pysparse {name} over {base} {g[0]:.2f}x ({g[1]:.2f}-"
+                      f"{g[2]:.2f}), over dense {name} {d[0]:.2f}x ({d[1]:.2f}-{d[2]:.2f})", flush=True)
 
 
 def main(argv=None):
@@ -192,31 +208,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.fold_bn:
         fmt = "channels-last" if args.channels_last else "NCHW"
-        print(f"pruned torchvision models, forward with and without BatchNorm folded (both models, {fmt}), "
-              f"{args.image} x {args.image}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-round "
-              "speed-ups")
-        for model in args.model:
-            for sparsity in args.sparsity:
-                for batch in args.batch:
-                    r = folds(model, batch, sparsity, args.rounds, image=args.image, channels_last=args.channels_last)
-                    g, d = r["fold_gain"], r["speedup_folded"]
-                    print(f"{model:20s} batch {batch:3d} sparsity {sparsity:.2f}: ms pysparse {r['pysparse_ms']:.1f}, "
-                          f"folded {r['pysparse_folded_ms']:.1f}; dense {r['dense_ms']:.1f}, folded "
-                          f"{r['dense_folded_ms']:.1f}; pysparse folded over as it is {g[0]:.2f}x ({g[1]:.2f}-"
-                          f"{g[2]:.2f}), over dense folded {d[0]:.2f}x ({d[1]:.2f}-{d[2]:.2f})", flush=True)
+        _report_variants(args, f"with and without BatchNorm folded (both models, {fmt})", "folded", "folded",
+                         "as it is", lambda *a: folds(*a, args.rounds, image=args.image,
+                                                      channels_last=args.channels_last))
         return
     if args.formats:
-        print(f"pruned torchvision models, forward in NCHW and channels-last (both models), {args.image} x "
-              f"{args.image}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-round speed-ups")
-        for model in args.model:
-            for sparsity in args.sparsity:
-                for batch in args.batch:
-                    r = formats(model, batch, sparsity, args.rounds, image=args.image)
-                    g, d = r["cl_gain"], r["speedup_cl"]
-                    print(f"{model:20s} batch {batch:3d} sparsity {sparsity:.2f}: ms pysparse {r['pysparse_ms']:.1f}, "
-                          f"channels-last {r['pysparse_cl_ms']:.1f}; dense {r['dense_ms']:.1f}, channels-last "
-                          f"{r['dense_cl_ms']:.1f}; pysparse channels-last over NCHW {g[0]:.2f}x ({g[1]:.2f}-"
-                          f"{g[2]:.2f}), over dense channels-last {d[0]:.2f}x ({d[1]:.2f}-{d[2]:.2f})", flush=True)
+        _report_variants(args, "in NCHW and channels-last (both models)", "cl", "channels-last", "NCHW",
+                         lambda *a: formats(*a, args.rounds, image=args.image))
         return
     what = ("training step" if args.step else "forward") + (", channels-last" if args.channels_last else "")
     print(f"pruned torchvision models, sparsified against dense, {what}, {args.image} x {args.image}, "

@@ -206,7 +206,7 @@ def test_models_times_a_pruned_model_sparsified_against_its_dense_twin(capsys):
     assert "pysparse channels-last over NCHW" in capsys.readouterr().out
     b = module.folds("resnet18", 1, 0.9, rounds=2, calls=1, image=32, channels_last=True)
     assert all(b[f"{impl}_ms"] > 0 for impl in ("pysparse", "pysparse_folded", "dense", "dense_folded"))
-    assert b["fold_gain"][1] <= b["fold_gain"][0] <= b["fold_gain"][2]
+    assert b["folded_gain"][1] <= b["folded_gain"][0] <= b["folded_gain"][2]
     module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.9", "--image", "32", "--rounds", "1",
                  "--fold-bn"])
     assert "pysparse folded over as it is" in capsys.readouterr().out

@@ -338,6 +338,17 @@ class SparseMultiheadAttention(nn.Module):
         out = self.out_proj(out)
         return (out if is_batched else out.squeeze(0)), weights
 
+    def _split_in_projection(self, state_dict, prefix: str, key: str, part: str, error_msgs: list) -> None:
+        """``state_dict[key]`` (q, k and v stacked in 3 x embed_dim rows) handed to the three projections as their
+        ``part`` ("weight" / "bias"); any other number of rows is a size mismatch."""
+        t, E = state_dict.pop(key), self.embed_dim
+        if t.shape[:1] != (3 * E,):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(t.shape)} from checkpoint, "
+                              f"the in-projection's {part} of this SparseMultiheadAttention has {3 * E} rows.")
+            return
+        for p, chunk in zip(_PROJECTIONS, t.split(E)):
+            state_dict[prefix + f"{p}.{part}"] = chunk
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # An nn.MultiheadAttention's state dict: its in-projection (``in_proj_weight`` / ``q_proj_weight`` ...
@@ -345,31 +356,15 @@ class SparseMultiheadAttention(nn.Module):
         # at its stored places (``out_proj.weight`` / ``.bias`` already are); the keys are renamed in torch's copy
         # of the state dict, before the children load from it.
         if not any(prefix + f"{p}.values" in state_dict for p in _PROJECTIONS):
-            E = self.embed_dim
-            weight = prefix + "in_proj_weight"
+            weight, bias = prefix + "in_proj_weight", prefix + "in_proj_bias"
             if self.same_embed_dim and isinstance(state_dict.get(weight), torch.Tensor):
-                if state_dict[weight].shape[:1] == (3 * E,):
-                    for p, w in zip(_PROJECTIONS, state_dict.pop(weight).split(E)):
-                        state_dict[prefix + f"{p}.weight"] = w
-                else:
-                    error_msgs.append(f"size mismatch for {weight}: copying a param with shape "
-                                      f"{tuple(state_dict[weight].shape)} from checkpoint, the in-projection of "
-                                      f"this SparseMultiheadAttention has {3 * E} rows.")
-                    state_dict.pop(weight)
+                self._split_in_projection(state_dict, prefix, weight, "weight", error_msgs)
             elif not self.same_embed_dim:
                 for p in _PROJECTIONS:
                     if prefix + f"{p}_weight" in state_dict:
                         state_dict[prefix + f"{p}.weight"] = state_dict.pop(prefix + f"{p}_weight")
-            bias = prefix + "in_proj_bias"
             if isinstance(state_dict.get(bias), torch.Tensor) and self.q_proj.bias is not None:
-                if state_dict[bias].shape == (3 * E,):
-                    for p, b in zip(_PROJECTIONS, state_dict.pop(bias).split(E)):
-                        state_dict[prefix + f"{p}.bias"] = b
-                else:
-                    error_msgs.append(f"size mismatch for {bias}: copying a param with shape "
-                                      f"{tuple(state_dict[bias].shape)} from checkpoint, the in-projection's bias "
-                                      f"of this SparseMultiheadAttention has shape ({3 * E},).")
-                    state_dict.pop(bias)
+                self._split_in_projection(state_dict, prefix, bias, "bias", error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
