@@ -440,8 +440,14 @@ def test_a_bad_dense_state_dict_is_refused(state, match):
     with pytest.raises(RuntimeError, match=match):
         sparse.load_state_dict(state)
     assert torch.equal(sparse.values.detach(), values)
-    with pytest.raises(RuntimeError, match="meta device has no structure"):
+    with pytest.raises(RuntimeError, match="meta device .*has no structure"):
         SparseLinear(16, 8, sparsity=0.5).to("meta").load_state_dict(nn.Linear(16, 8).state_dict(), assign=True)
+    emptied = SparseLinear(16, 8, sparsity=0.5).to("meta").to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match="moved off it by to_empty.*load its own state dict"):
+        emptied.load_state_dict(nn.Linear(16, 8).state_dict())
+    emptied.load_state_dict(sparse.state_dict())  # its own: the structure is set, a dense one loads again after
+    emptied.load_state_dict(nn.Linear(16, 8).state_dict())
+    assert torch.equal(emptied.mask(), sparse.mask())
 
 
 def test_assigning_a_weight_parameter_sets_the_kept_values():

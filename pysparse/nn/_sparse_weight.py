@@ -228,6 +228,7 @@ class SparseWeight(nn.Module):
     def _set_structure(self, s: csr.Structure) -> None:
         for name in _STRUCTURE:
             object.__setattr__(self, name, getattr(s, name))
+        self.__dict__.pop("_structure_unset", None)
 
     def _apply(self, fn, recurse=True):
         before = self.col.device
@@ -239,6 +240,8 @@ class SparseWeight(nn.Module):
         # to_empty's structure is garbage until a state dict is loaded, which rebuilds it)
         if before.type != after.type and "meta" not in (before.type, after.type):
             self._retranspose()
+        if before.type == "meta" and after.type != "meta":  # (to_empty: uninitialised until a state dict loads)
+            self.__dict__["_structure_unset"] = True
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -459,9 +462,10 @@ class SparseWeight(nn.Module):
         elif tuple(w.shape) != self.weight_shape:
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)} from checkpoint, "
                               f"the dense weight of this {type(self).__name__} has shape {self.weight_shape}.")
-        elif self.col.device.type == "meta":
-            error_msgs.append(f"{key}: a {type(self).__name__} on the meta device has no structure to take a dense "
-                              "weight's kept entries from: load its own state dict (values, rowptr, col) instead")
+        elif self.col.device.type == "meta" or "_structure_unset" in self.__dict__:
+            error_msgs.append(f"{key}: a {type(self).__name__} on the meta device (or moved off it by to_empty) has "
+                              "no structure to take a dense weight's kept entries from: load its own state dict "
+                              "(values, rowptr, col) instead")
         elif not w.is_floating_point():
             error_msgs.append(f"{key}: a dense weight must be floating point, got {w.dtype}")
         else:
