@@ -539,3 +539,60 @@ def test_grad_ops_bad_input():
     with pytest.raises(ValueError, match="gy has shape"):  # padding changes the output shape gy must have
         torch.ops.pysparse.sparse_conv2d_grad_input.default(s.rowptr, s.col, values, gy, list(x.shape), [3, 3], [1, 1],
                                                             [1, 1], [1, 1], s.t_rowptr, s.t_col, s.t_perm)
+
+
+@pytest.mark.parametrize("c,kernel,stride,dilation,padding,hw,density", [
+    (16, 3, 1, 1, 1, (9, 11), 0.9), (48, 3, 2, 1, 1, (12, 13), 0.9), (37, 3, 2, 1, 0, (8, 9), 0.5),
+    (16, 5, 1, 1, 2, (7, 7), 0.9), (32, (3, 5), (2, 1), (1, 2), (1, 3), (10, 9), 0.9),
+    (16, 3, 1, 2, 3, (2, 3), 0.9),   # padding beyond the image: no column reads every tap
+    (5, 3, 1, 1, 1, (6, 6), 0.4), (240, 5, 1, 1, 2, (6, 6), 0.1),   # small / sparse: the working layout
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, bias", [(1, True), (3, False)])
+def test_depthwise_channels_last(c, kernel, stride, dilation, padding, hw, density, dtype, batch, bias):
+    """A depthwise layer on a channels-last input: the CPU computes 16 channels of a pixel as one vector, reading
+    x in place (or, where its blocks hold too many taps for the stored weights, through the working layout):
+    partial channel blocks, strides, dilations, padding wider than the image, every dtype, against nn.Conv2d
+    with the masked weight. Its input and values gradients too."""
+    torch.manual_seed(11)
+    conv = nn.Conv2d(c, c, kernel, stride, padding, dilation, groups=c, bias=bias)
+    mask = torch.rand(conv.weight.shape) < density
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(conv, mask).to(dtype)
+    conv = conv.to(dtype)
+    x = torch.randn(batch, c, *hw).to(dtype).contiguous(memory_format=CL)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), conv(xd)
+    assert ys.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(ys, yd, **TOL[dtype])
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=TOL[dtype]["rtol"] * 2, atol=TOL[dtype]["atol"] * 4)
+    torch.testing.assert_close(xs.grad, xd.grad, **tol)
+    torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, **tol)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_channels_last_ungrouped_layer_whose_rows_read_their_own_channel(diagonal):
+    """An ungrouped C -> C layer whose row o keeps only taps of input channel o is a depthwise one: the kernel
+    may take it as one (and must not when a row reads another channel)."""
+    torch.manual_seed(12)
+    conv = nn.Conv2d(20, 20, 3, padding=1)
+    mask = torch.zeros(conv.weight.shape, dtype=torch.bool)
+    for o in range(20):
+        mask[o, o] = torch.rand(3, 3) < 0.7
+    if not diagonal:
+        mask[3, 7, 1, 1] = True
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(conv, mask)
+    sparse.dense_below = 0.0
+    x = torch.randn(2, 20, 6, 7).contiguous(memory_format=CL)
+    torch.testing.assert_close(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
+    bad = sparse.col.clone()
+    bad[-1] = 20 * 9
+    with pytest.raises(ValueError, match="column index is outside"):
+        torch.ops.pysparse.sparse_conv2d.default(sparse.rowptr, bad, sparse.values, x, None, [3, 3], [1, 1], [1, 1],
+                                                 [1, 1])

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -611,6 +612,216 @@ inline bool pointwise_channels_last_case(const at::Tensor& t, at::IntArrayRef ke
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Depthwise convolutions (each output channel reads its own input channel only) of channels-last tensors
+// ---------------------------------------------------------------------------------------------------------
+// A depthwise layer (groups = C = O) stores a block-diagonal matrix: row c's entries are taps of input channel c.
+// On a channels-last x each pixel's channels lie side by side, so 16 output channels of a pixel are one vector:
+// the sum over taps of a vector of the 16 channels' weights for that tap (zero where not stored) times the
+// input pixel the tap reaches, read in place. No working layout: through it, the transposes into and out of the
+// planes cost several times the few products (MobileNetV3-small's 3 x 3 stride-2 layer on 72 channels of 56 x 56,
+// batch 8, 90%: 1.54 ms, against 0.93 NCHW and nn.Conv2d's 0.49 channels-last).
+// taps: [kh * kw, Cp] (Cp: C rounded up to 16), tap t's weight of each channel as float32; any[t * blocks + b]:
+// whether tap t holds a stored weight in channel block b (a tap without one is skipped there).
+struct DepthwiseTaps {
+  int64_t Cp, blocks;
+  std::vector<float> w;
+  std::vector<uint8_t> any;
+};
+
+// The taps of W when it is depthwise (O == C, every entry of row o a tap of input channel o, columns in range);
+// otherwise nothing (the general kernel then takes it, and reports bad columns). values may be null (the values
+// gradient needs only which taps are stored: weights 0).
+template <typename index_t, typename scalar_t>
+std::optional<DepthwiseTaps> depthwise_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values,
+                                            int64_t O, int64_t C, int64_t taps) {
+  if (O != C) return std::nullopt;
+  const int64_t blocks = (C + kLanes - 1) / kLanes;
+  DepthwiseTaps d{blocks * kLanes, blocks, std::vector<float>(static_cast<size_t>(taps * blocks * kLanes), 0.f),
+                  std::vector<uint8_t>(static_cast<size_t>(taps * blocks), 0)};
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
+      const int64_t k = static_cast<int64_t>(col[j]) - o * taps;  // the tap, when column col[j] is channel o's
+      if (k < 0 || k >= taps) return std::nullopt;
+      d.w[k * d.Cp + o] = values ? static_cast<float>(values[j]) : 0.f;
+      d.any[k * blocks + o / kLanes] = 1;
+    }
+  return d;
+}
+
+// Whether the direct kernel beats the working layout, by a count of 16-lane multiply-adds per output pixel: here
+// one per (channel block, tap with a stored weight in the block); through the working layout one per 16 stored
+// weights (runs of pixels), plus the two transposes, ~4 per 16 channels of each input and output pixel
+// (fitted to MobileNetV3-small's depthwise layers at 90%, batch 1 and 8, 2026-12-02, Zen 4: 3 x 3 layers go
+// direct (72 channels of 56 x 56 at stride 2, batch 8: 1.54 -> 0.28 ms), 5 x 5 stride-1 ones, whose blocks hold
+// most taps while each channel holds 2-3, keep the working layout (240 channels of 14 x 14, batch 8: 0.28 ms
+// there, 0.43 direct)).
+inline bool depthwise_direct_pays(const DepthwiseTaps& d, int64_t nnz, int64_t C, int64_t in_pixels,
+                                  int64_t out_pixels) {
+  int64_t used = 0;
+  for (const uint8_t a : d.any) used += a;
+  return 16 * used * out_pixels <= nnz * out_pixels + 4 * C * (in_pixels + out_pixels);
+}
+
+// y [N, OH, OW, C] (channels-last) from x [N, H, W, C]; tasks are output rows (image, oy). Per output pixel and
+// block of 16 channels: the bias, plus each tap's weights times the input pixel it reaches (skipped outside the
+// image: the zero padding).
+template <typename scalar_t>
+void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const scalar_t* bias, scalar_t* y,
+                             int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                             at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
+                             at::IntArrayRef padding) {
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
+  const int64_t ph = padding[0], pw = padding[1];
+  std::vector<float> b(static_cast<size_t>(d.Cp), 0.f);
+  for (int64_t c = 0; c < C && bias; ++c) b[c] = static_cast<float>(bias[c]);
+  const int64_t per_row = std::max<int64_t>(1, OW * d.blocks * kh * kw);
+  // Output columns [lo, hi) read every tap's input column inside the image (ox * sw - pw + kj * dw in [0, W) for
+  // every kj): no checks there.
+  const int64_t reach = W + pw - (kw - 1) * dw;  // ox * sw < reach
+  const int64_t lo = std::min(OW, (pw + sw - 1) / sw);
+  const int64_t hi = std::max(lo, std::min(OW, reach > 0 ? (reach + sw - 1) / sw : 0));
+  at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
+    // this row and block's taps: weight vector, input offset of output column 0, and the tap's column shift
+    std::vector<const float*> wt(static_cast<size_t>(kh * kw));
+    std::vector<int64_t> src(static_cast<size_t>(kh * kw)), shift(static_cast<size_t>(kh * kw));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / OH, oy = r % OH;
+      for (int64_t cb = 0; cb < d.blocks; ++cb) {
+        const int64_t c0 = cb * kLanes, nc = std::min(kLanes, C - c0);
+        int64_t nt = 0;  // the taps with a stored weight in this block whose input row is inside the image
+        for (int64_t ki = 0; ki < kh; ++ki) {
+          const int64_t iy = oy * sh - ph + ki * dh;
+          if (iy < 0 || iy >= H) continue;
+          for (int64_t kj = 0; kj < kw; ++kj)
+            if (d.any[(ki * kw + kj) * d.blocks + cb]) {
+              wt[nt] = d.w.data() + (ki * kw + kj) * d.Cp + c0;
+              shift[nt] = kj * dw - pw;
+              src[nt++] = ((n * H + iy) * W + kj * dw - pw) * C + c0;
+            }
+        }
+        const vfloat bv = vload(b.data() + c0);
+        scalar_t* out = y + (n * OH + oy) * OW * C + c0;
+        const auto column = [&](int64_t ox, bool inside) {
+          vfloat acc = bv;
+          for (int64_t e = 0; e < nt; ++e) {
+            const int64_t ix = ox * sw + shift[e];
+            if (inside || (ix >= 0 && ix < W)) acc += vload(wt[e]) * load_lanes(x + src[e] + ox * sw * C, nc);
+          }
+          store_lanes(out + ox * C, acc, nc);
+        };
+        for (int64_t ox = 0; ox < lo; ++ox) column(ox, false);
+        for (int64_t ox = lo; ox < hi; ++ox) column(ox, true);
+        for (int64_t ox = hi; ox < OW; ++ox) column(ox, false);
+      }
+    }
+  });
+}
+
+// The input gradient of a depthwise layer on channels-last gy [N, OH, OW, C] -> dx [N, H, W, C]: each input
+// pixel gathers, per block of 16 channels, each tap's weights times the output pixel that read it through that
+// tap (oy * sh - ph + ki * dh = iy, ox * sw - pw + kj * dw = ix). Tasks are input rows. Along a row the input
+// columns of one phase (ix mod sw) meet the same taps, at output columns one apart: per phase, each tap's first
+// output column, and the range of steps where every tap's output column is inside [0, OW) (no checks there).
+template <typename scalar_t>
+void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* gy, scalar_t* dx, int64_t N,
+                                        int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                                        at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
+                                        at::IntArrayRef padding) {
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
+  const int64_t ph = padding[0], pw = padding[1];
+  const int64_t per_row = std::max<int64_t>(1, W * d.blocks * kh * kw / std::max<int64_t>(1, sh * sw));
+  at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
+    const size_t taps = static_cast<size_t>(kh * kw);
+    std::vector<const float*> wt(taps);
+    std::vector<int64_t> src(taps), first(taps);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / H, iy = r % H;
+      scalar_t* out = dx + r * W * C;
+      for (int64_t cb = 0; cb < d.blocks; ++cb) {
+        const int64_t c0 = cb * kLanes, nc = std::min(kLanes, C - c0);
+        for (int64_t ph0 = 0; ph0 < std::min(sw, W); ++ph0) {  // input columns ph0, ph0 + sw, ...
+          int64_t nt = 0, jlo = 0, jhi = (W - 1 - ph0) / sw + 1;  // steps j: ix = ph0 + j * sw
+          const int64_t steps = jhi;
+          for (int64_t ki = 0; ki < kh; ++ki) {
+            const int64_t ty = iy + ph - ki * dh;  // = oy * sh
+            if (ty < 0 || ty % sh || ty / sh >= OH) continue;
+            for (int64_t kj = 0; kj < kw; ++kj) {
+              const int64_t tx = ph0 + pw - kj * dw;  // = ox * sw at step 0
+              if (!d.any[(ki * kw + kj) * d.blocks + cb] || ((tx % sw) + sw) % sw) continue;
+              const int64_t ox0 = tx >= 0 ? tx / sw : -((-tx) / sw);  // (exact)
+              wt[nt] = d.w.data() + (ki * kw + kj) * d.Cp + c0;
+              first[nt] = ox0;
+              src[nt++] = ((n * OH + ty / sh) * OW + ox0) * C + c0;
+              jlo = std::max(jlo, -ox0);
+              jhi = std::min(jhi, OW - ox0);
+            }
+          }
+          const auto column = [&](int64_t j, bool inside) {
+            vfloat acc = vfloat{};
+            for (int64_t e = 0; e < nt; ++e)
+              if (inside || (first[e] + j >= 0 && first[e] + j < OW))
+                acc += vload(wt[e]) * load_lanes(gy + src[e] + j * C, nc);
+            store_lanes(out + (ph0 + j * sw) * C + c0, acc, nc);
+          };
+          jhi = std::max(jlo, std::min(jhi, steps));
+          jlo = std::min(jlo, steps);
+          for (int64_t j = 0; j < jlo; ++j) column(j, false);
+          for (int64_t j = jlo; j < jhi; ++j) column(j, true);
+          for (int64_t j = jhi; j < steps; ++j) column(j, false);
+        }
+      }
+    }
+  });
+}
+
+// The values gradient of a depthwise layer on channels-last x and gy: per tap t and channel c, the sum over
+// output pixels of gy[p, c] times x at the pixel tap t reads (one 16-lane multiply-add per output pixel, block
+// and stored tap; each tap's range of output columns inside the image, no checks). Threads sum their output rows
+// into their own [taps, Cp] table, added together at the end; the stored entries then read the table.
+template <typename index_t, typename scalar_t>
+void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* rowptr, const index_t* col,
+                                         const scalar_t* x, const scalar_t* gy, scalar_t* dv, int64_t N, int64_t C,
+                                         int64_t H, int64_t W, int64_t OH, int64_t OW, at::IntArrayRef kernel,
+                                         at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding) {
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
+  const int64_t ph = padding[0], pw = padding[1], taps = kh * kw;
+  std::vector<float> table(static_cast<size_t>(taps * d.Cp), 0.f);
+  std::mutex done;
+  const int64_t per_row = std::max<int64_t>(1, OW * d.blocks * taps);
+  at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
+    std::vector<float> part(static_cast<size_t>(taps * d.Cp), 0.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / OH, oy = r % OH;
+      const scalar_t* g = gy + r * OW * C;
+      for (int64_t ki = 0; ki < kh; ++ki) {
+        const int64_t iy = oy * sh - ph + ki * dh;
+        if (iy < 0 || iy >= H) continue;
+        for (int64_t kj = 0; kj < kw; ++kj) {
+          const int64_t shift = kj * dw - pw;  // ix = ox * sw + shift, inside [0, W) for ox in [lo, hi)
+          const int64_t lo = std::min(OW, shift >= 0 ? 0 : (-shift + sw - 1) / sw);
+          const int64_t hi = std::max(lo, std::min(OW, W - shift > 0 ? (W - shift + sw - 1) / sw : 0));
+          const scalar_t* xr = x + (n * H + iy) * W * C;
+          for (int64_t cb = 0; cb < d.blocks; ++cb) {
+            if (!d.any[(ki * kw + kj) * d.blocks + cb]) continue;
+            const int64_t c0 = cb * kLanes, nc = std::min(kLanes, C - c0);
+            vfloat acc = vfloat{};
+            for (int64_t ox = lo; ox < hi; ++ox)
+              acc += load_lanes(g + ox * C + c0, nc) * load_lanes(xr + (ox * sw + shift) * C + c0, nc);
+            float* t = part.data() + (ki * kw + kj) * d.Cp + c0;
+            vstore(t, vload(t) + acc);
+          }
+        }
+      }
+    }
+    const std::lock_guard<std::mutex> lock(done);
+    for (size_t i = 0; i < part.size(); ++i) table[i] += part[i];
+  });
+  for (int64_t o = 0; o < C; ++o)
+    for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j)
+      dv[j] = static_cast<scalar_t>(table[(static_cast<int64_t>(col[j]) - o * taps) * d.Cp + o]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 // A task is (block of units, output channel o); the block's output planes accumulate in acc_t, in cache.
@@ -719,6 +930,19 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
                                             bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
                                             y.mutable_data_ptr<scalar_t>(), L.N * L.OH * L.OW);
           return;
+        }
+      }
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (cl) {  // (float32, half, bfloat16)
+          const auto taps = depthwise_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                           values.const_data_ptr<scalar_t>(), O, L.C, L.kh * L.kw);
+          if (taps && depthwise_direct_pays(*taps, col.numel(), L.C, L.N * x.size(2) * x.size(3), L.N * OH * OW)) {
+            depthwise_channels_last<scalar_t>(*taps, x.const_data_ptr<scalar_t>(),
+                                              bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
+                                              y.mutable_data_ptr<scalar_t>(), L.N, L.C, x.size(2), x.size(3), OH,
+                                              OW, kernel, stride, dilation, padding);
+            return;
+          }
         }
       }
       const at::Tensor xp = to_layout<scalar_t, acc_t>(x, input_of(L));
@@ -1024,6 +1248,21 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
         return;
       }
     }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (cl) {  // (float32, half, bfloat16)
+        std::optional<DepthwiseTaps> taps;
+        PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
+          taps = depthwise_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                values.const_data_ptr<scalar_t>(), O, L.C, L.kh * L.kw);
+        });
+        if (taps && depthwise_direct_pays(*taps, nnz, L.C, L.N * x_size[2] * x_size[3], L.N * OH * OW)) {
+          depthwise_grad_input_channels_last<scalar_t>(*taps, gy.const_data_ptr<scalar_t>(),
+                                                       dx.mutable_data_ptr<scalar_t>(), L.N, L.C, x_size[2],
+                                                       x_size[3], OH, OW, kernel, stride, dilation, padding);
+          return;
+        }
+      }
+    }
     const Interleave GI = padded_output_of(L, O);
     const at::Tensor g = to_layout<scalar_t, acc_t>(gy, GI);
     if (have_transposed) {
@@ -1080,6 +1319,19 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
           scalar_t* out = dv.mutable_data_ptr<scalar_t>();
           for (int64_t j = 0; j < nnz; ++j) out[j] = w.outside[j] ? scalar_t(0) : static_cast<scalar_t>(sums[j]);
           return;
+        }
+      }
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (channels_last(x) && channels_last(gy)) {  // (float32, half, bfloat16)
+          const auto taps = depthwise_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                           static_cast<const scalar_t*>(nullptr), O, L.C, L.kh * L.kw);
+          if (taps && depthwise_direct_pays(*taps, col.numel(), L.C, L.N * x.size(2) * x.size(3), L.N * OH * OW)) {
+            depthwise_grad_values_channels_last<index_t, scalar_t>(
+                *taps, rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), x.const_data_ptr<scalar_t>(),
+                gy.const_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), L.N, L.C, x.size(2), x.size(3), OH, OW,
+                kernel, stride, dilation, padding);
+            return;
+          }
         }
       }
       const at::Tensor xp = to_layout<scalar_t, acc_t>(x, input_of(L));
