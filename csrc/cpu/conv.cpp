@@ -619,7 +619,7 @@ inline bool pointwise_channels_last_case(const at::Tensor& t, at::IntArrayRef ke
 // the sum over taps of a vector of the 16 channels' weights for that tap (zero where not stored) times the
 // input pixel the tap reaches, read in place. No working layout: through it, the transposes into and out of the
 // planes cost several times the few products (MobileNetV3-small's 3 x 3 stride-2 layer on 72 channels of 56 x 56,
-// batch 8, 90%: 1.54 ms, against 0.93 NCHW and nn.Conv2d's 0.49 channels-last).
+// batch 8, 90%: 2.17 ms that way, nn.Conv2d's 0.69 channels-last; benchmarks/RESULTS.md).
 // taps: [kh * kw, Cp] (Cp: C rounded up to 16), tap t's weight of each channel as float32; any[t * blocks + b]:
 // whether tap t holds a stored weight in channel block b (a tap without one is skipped there).
 struct DepthwiseTaps {
@@ -652,7 +652,7 @@ std::optional<DepthwiseTaps> depthwise_taps(const int32_t* rowptr, const index_t
 // one per (channel block, tap with a stored weight in the block); through the working layout one per 16 stored
 // weights (runs of pixels), plus the two transposes, ~4 per 16 channels of each input and output pixel
 // (fitted to MobileNetV3-small's depthwise layers at 90%, batch 1 and 8, 2026-12-02, Zen 4: 3 x 3 layers go
-// direct (72 channels of 56 x 56 at stride 2, batch 8: 1.54 -> 0.28 ms), 5 x 5 stride-1 ones, whose blocks hold
+// direct (72 channels of 56 x 56 at stride 2, batch 8: 2.17 -> 0.28 ms), 5 x 5 stride-1 ones, whose blocks hold
 // most taps while each channel holds 2-3, keep the working layout (240 channels of 14 x 14, batch 8: 0.28 ms
 // there, 0.43 direct)).
 inline bool depthwise_direct_pays(const DepthwiseTaps& d, int64_t nnz, int64_t C, int64_t in_pixels,
