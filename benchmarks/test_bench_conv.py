@@ -12,14 +12,19 @@ from _util import RESNET18_CONV, run
 
 DEVICES = devices_for("sparse_conv2d", "spmm", "spmm_t", "sddmm", "spmm_grad")
 SHAPES = RESNET18_CONV  # name: (in, out, kernel, stride, input size)
-# for the channels-last benchmark, also MobileNetV3-small's pointwise layers (1 x 1: the pixels' rows)
-CL_SHAPES = {**SHAPES, "mbv3-expand-1x1": (16, 72, 1, 1, 56), "mbv3-project-1x1": (576, 96, 1, 1, 7)}
+# for the channels-last benchmark, also MobileNetV3-small's pointwise layers (1 x 1: the pixels' rows) and
+# depthwise ones (a sixth entry: groups; 3 x 3 and strided: the in-place depthwise kernels, 5 x 5 stride 1: the
+# working layout)
+CL_SHAPES = {**SHAPES, "mbv3-expand-1x1": (16, 72, 1, 1, 56), "mbv3-project-1x1": (576, 96, 1, 1, 7),
+             "mbv3-dw-3x3-s2": (72, 72, 3, 2, 56, 72), "mbv3-dw-5x5-s2": (96, 96, 5, 2, 28, 96),
+             "mbv3-dw-5x5-s1": (240, 240, 5, 1, 14, 240)}
 
 
 def _layers(device, shape, sparsity):
-    cin, cout, k, s, _ = CL_SHAPES[shape]
+    cin, cout, k, s, _, *groups = CL_SHAPES[shape]
     torch.manual_seed(0)
-    dense = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2, bias=False).to(device)
+    dense = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2, groups=groups[0] if groups else 1,
+                      bias=False).to(device)
     mask = torch.rand(dense.weight.shape, device=device) >= sparsity
     with torch.no_grad():
         dense.weight.mul_(mask)
@@ -69,7 +74,7 @@ def test_conv_channels_last(benchmark, device, shape, step, impl):
     """Layers and tensors in torch.channels_last (a model after .to(memory_format=torch.channels_last)), batch 8,
     90%: the forward, or forward + backward; both layers read and write that format."""
     dense, sparse = _layers(device, shape, 0.9)
-    cin, _, _, _, size = CL_SHAPES[shape]
+    cin, _, _, _, size = CL_SHAPES[shape][:5]
     cl = torch.channels_last
     layer = (sparse if impl == "pysparse" else dense).to(memory_format=cl)
     x = torch.randn(8, cin, size, size, device=device).contiguous(memory_format=cl).requires_grad_(step)

@@ -619,7 +619,7 @@ inline bool pointwise_channels_last_case(const at::Tensor& t, at::IntArrayRef ke
 // the sum over taps of a vector of the 16 channels' weights for that tap (zero where not stored) times the
 // input pixel the tap reaches, read in place. No working layout: through it, the transposes into and out of the
 // planes cost several times the few products (MobileNetV3-small's 3 x 3 stride-2 layer on 72 channels of 56 x 56,
-// batch 8, 90%: 2.17 ms that way, nn.Conv2d's 0.69 channels-last; benchmarks/RESULTS.md).
+// batch 8, 90%: 2.17 ms that way, 0.18 here, nn.Conv2d's 0.17 channels-last; benchmarks/RESULTS.md).
 // taps: [kh * kw, Cp] (Cp: C rounded up to 16), tap t's weight of each channel as float32; any[t * blocks + b]:
 // whether tap t holds a stored weight in channel block b (a tap without one is skipped there).
 struct DepthwiseTaps {
@@ -652,7 +652,7 @@ std::optional<DepthwiseTaps> depthwise_taps(const int32_t* rowptr, const index_t
 // one per (channel block, tap with a stored weight in the block); through the working layout one per 16 stored
 // weights (runs of pixels), plus the two transposes, ~4 per 16 channels of each input and output pixel
 // (fitted to MobileNetV3-small's depthwise layers at 90%, batch 1 and 8, 2026-12-02, Zen 4: 3 x 3 layers go
-// direct (72 channels of 56 x 56 at stride 2, batch 8: 2.17 -> 0.28 ms), 5 x 5 stride-1 ones, whose blocks hold
+// direct (72 channels of 56 x 56 at stride 2, batch 8: 2.17 -> 0.18 ms), 5 x 5 stride-1 ones, whose blocks hold
 // most taps while each channel holds 2-3, keep the working layout (240 channels of 14 x 14, batch 8: 0.28 ms
 // there, 0.43 direct)).
 inline bool depthwise_direct_pays(const DepthwiseTaps& d, int64_t nnz, int64_t C, int64_t in_pixels,
@@ -681,38 +681,44 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
   const int64_t lo = std::min(OW, (pw + sw - 1) / sw);
   const int64_t hi = std::max(lo, std::min(OW, reach > 0 ? (reach + sw - 1) / sw : 0));
   at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
-    // this row and block's taps: weight vector, input offset of output column 0, and the tap's column shift
-    std::vector<const float*> wt(static_cast<size_t>(kh * kw));
-    std::vector<int64_t> src(static_cast<size_t>(kh * kw)), shift(static_cast<size_t>(kh * kw));
+    // this row's taps, block by block (block cb's from first[cb] to first[cb + 1]): weight vector, input offset
+    // of output column 0, and the tap's column shift. Then output pixel by pixel, each pixel's blocks in turn, so
+    // that x and y are read and written along their rows.
+    const size_t most = static_cast<size_t>(kh * kw * d.blocks);
+    std::vector<const float*> wt(most);
+    std::vector<int64_t> src(most), shift(most), first(static_cast<size_t>(d.blocks + 1));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / OH, oy = r % OH;
+      int64_t nt = 0;  // taps with a stored weight in the block whose input row is inside the image
       for (int64_t cb = 0; cb < d.blocks; ++cb) {
-        const int64_t c0 = cb * kLanes, nc = std::min(kLanes, C - c0);
-        int64_t nt = 0;  // the taps with a stored weight in this block whose input row is inside the image
+        first[cb] = nt;
         for (int64_t ki = 0; ki < kh; ++ki) {
           const int64_t iy = oy * sh - ph + ki * dh;
           if (iy < 0 || iy >= H) continue;
           for (int64_t kj = 0; kj < kw; ++kj)
             if (d.any[(ki * kw + kj) * d.blocks + cb]) {
-              wt[nt] = d.w.data() + (ki * kw + kj) * d.Cp + c0;
+              wt[nt] = d.w.data() + (ki * kw + kj) * d.Cp + cb * kLanes;
               shift[nt] = kj * dw - pw;
-              src[nt++] = ((n * H + iy) * W + kj * dw - pw) * C + c0;
+              src[nt++] = ((n * H + iy) * W + kj * dw - pw) * C + cb * kLanes;
             }
         }
-        const vfloat bv = vload(b.data() + c0);
-        scalar_t* out = y + (n * OH + oy) * OW * C + c0;
-        const auto column = [&](int64_t ox, bool inside) {
-          vfloat acc = bv;
-          for (int64_t e = 0; e < nt; ++e) {
+      }
+      first[d.blocks] = nt;
+      scalar_t* out = y + (n * OH + oy) * OW * C;
+      const auto column = [&](int64_t ox, bool inside) {
+        for (int64_t cb = 0; cb < d.blocks; ++cb) {
+          const int64_t nc = std::min(kLanes, C - cb * kLanes);
+          vfloat acc = vload(b.data() + cb * kLanes);
+          for (int64_t e = first[cb]; e < first[cb + 1]; ++e) {
             const int64_t ix = ox * sw + shift[e];
             if (inside || (ix >= 0 && ix < W)) acc += vload(wt[e]) * load_lanes(x + src[e] + ox * sw * C, nc);
           }
-          store_lanes(out + ox * C, acc, nc);
-        };
-        for (int64_t ox = 0; ox < lo; ++ox) column(ox, false);
-        for (int64_t ox = lo; ox < hi; ++ox) column(ox, true);
-        for (int64_t ox = hi; ox < OW; ++ox) column(ox, false);
-      }
+          store_lanes(out + ox * C + cb * kLanes, acc, nc);
+        }
+      };
+      for (int64_t ox = 0; ox < lo; ++ox) column(ox, false);
+      for (int64_t ox = lo; ox < hi; ++ox) column(ox, true);
+      for (int64_t ox = hi; ox < OW; ++ox) column(ox, false);
     }
   });
 }
