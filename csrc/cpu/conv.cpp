@@ -648,18 +648,24 @@ std::optional<DepthwiseTaps> depthwise_taps(const int32_t* rowptr, const index_t
   return d;
 }
 
-// Whether the direct kernel beats the working layout, by a count of 16-lane multiply-adds per output pixel: here
-// one per (channel block, tap with a stored weight in the block); through the working layout one per 16 stored
-// weights (runs of pixels), plus the two transposes, ~4 per 16 channels of each input and output pixel
-// (fitted to MobileNetV3-small's depthwise layers at 90%, batch 1 and 8, 2026-12-02, Zen 4: 3 x 3 layers go
-// direct (72 channels of 56 x 56 at stride 2, batch 8: 2.17 -> 0.18 ms), 5 x 5 stride-1 ones, whose blocks hold
-// most taps while each channel holds 2-3, keep the working layout (240 channels of 14 x 14, batch 8: 0.28 ms
-// there, 0.43 direct)).
-inline bool depthwise_direct_pays(const DepthwiseTaps& d, int64_t nnz, int64_t C, int64_t in_pixels,
-                                  int64_t out_pixels) {
+// The taps of W when a channels-last layer of layout L is depthwise and the direct kernels beat the working
+// layout there; otherwise nothing (the working layout takes it). The route, by a count of 16-lane multiply-adds
+// per output pixel: direct, one per (channel block, tap with a stored weight in the block); through the working
+// layout one per 16 stored weights (runs of pixels), plus the two transposes, ~4 per 16 channels of each input
+// and output pixel (fitted to MobileNetV3-small's depthwise layers at 90%, batch 1 and 8, 2026-12-02, Zen 4:
+// 3 x 3 layers go direct (72 channels of 56 x 56 at stride 2, batch 8: 2.17 -> 0.18 ms), 5 x 5 stride-1 ones,
+// whose blocks hold most taps while each channel holds 2-3, keep the working layout (240 channels of 14 x 14,
+// batch 8: 0.28 ms there, 0.43 direct)). rowptr is checked (rowptr[O] = nnz).
+template <typename index_t, typename scalar_t>
+std::optional<DepthwiseTaps> direct_depthwise(const int32_t* rowptr, const index_t* col, const scalar_t* values,
+                                              int64_t O, const Layout& L) {
+  std::optional<DepthwiseTaps> d = depthwise_taps(rowptr, col, values, O, L.C, L.kh * L.kw);
+  if (!d) return d;
   int64_t used = 0;
-  for (const uint8_t a : d.any) used += a;
-  return 16 * used * out_pixels <= nnz * out_pixels + 4 * C * (in_pixels + out_pixels);
+  for (const uint8_t a : d->any) used += a;
+  const int64_t in_pixels = L.N * (L.H - 2 * L.ph) * (L.W - 2 * L.pw), out_pixels = L.N * L.OH * L.OW;
+  if (16 * used * out_pixels > rowptr[O] * out_pixels + 4 * L.C * (in_pixels + out_pixels)) return std::nullopt;
+  return d;
 }
 
 // y [N, OH, OW, C] (channels-last) from x [N, H, W, C]; tasks are output rows (image, oy). Per output pixel and
@@ -667,11 +673,9 @@ inline bool depthwise_direct_pays(const DepthwiseTaps& d, int64_t nnz, int64_t C
 // image: the zero padding).
 template <typename scalar_t>
 void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const scalar_t* bias, scalar_t* y,
-                             int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
-                             at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
-                             at::IntArrayRef padding) {
-  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
-  const int64_t ph = padding[0], pw = padding[1];
+                             const Layout& L) {
+  const int64_t N = L.N, C = L.C, H = L.H - 2 * L.ph, W = L.W - 2 * L.pw, OH = L.OH, OW = L.OW;  // (H, W unpadded)
+  const int64_t kh = L.kh, kw = L.kw, sh = L.sh, sw = L.sw, dh = L.dh, dw = L.dw, ph = L.ph, pw = L.pw;
   std::vector<float> b(static_cast<size_t>(d.Cp), 0.f);
   for (int64_t c = 0; c < C && bias; ++c) b[c] = static_cast<float>(bias[c]);
   const int64_t per_row = std::max<int64_t>(1, OW * d.blocks * kh * kw);
@@ -729,12 +733,9 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
 // columns of one phase (ix mod sw) meet the same taps, at output columns one apart: per phase, each tap's first
 // output column, and the range of steps where every tap's output column is inside [0, OW) (no checks there).
 template <typename scalar_t>
-void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* gy, scalar_t* dx, int64_t N,
-                                        int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
-                                        at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation,
-                                        at::IntArrayRef padding) {
-  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
-  const int64_t ph = padding[0], pw = padding[1];
+void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* gy, scalar_t* dx, const Layout& L) {
+  const int64_t N = L.N, C = L.C, H = L.H - 2 * L.ph, W = L.W - 2 * L.pw, OH = L.OH, OW = L.OW;  // (H, W unpadded)
+  const int64_t kh = L.kh, kw = L.kw, sh = L.sh, sw = L.sw, dh = L.dh, dw = L.dw, ph = L.ph, pw = L.pw;
   const int64_t per_row = std::max<int64_t>(1, W * d.blocks * kh * kw / std::max<int64_t>(1, sh * sw));
   at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     const size_t taps = static_cast<size_t>(kh * kw);
@@ -786,11 +787,10 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
 // into their own [taps, Cp] table, added together at the end; the stored entries then read the table.
 template <typename index_t, typename scalar_t>
 void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* rowptr, const index_t* col,
-                                         const scalar_t* x, const scalar_t* gy, scalar_t* dv, int64_t N, int64_t C,
-                                         int64_t H, int64_t W, int64_t OH, int64_t OW, at::IntArrayRef kernel,
-                                         at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding) {
-  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
-  const int64_t ph = padding[0], pw = padding[1], taps = kh * kw;
+                                         const scalar_t* x, const scalar_t* gy, scalar_t* dv, const Layout& L) {
+  const int64_t N = L.N, C = L.C, H = L.H - 2 * L.ph, W = L.W - 2 * L.pw, OH = L.OH, OW = L.OW;  // (H, W unpadded)
+  const int64_t kh = L.kh, kw = L.kw, sh = L.sh, sw = L.sw, dh = L.dh, dw = L.dw, ph = L.ph, pw = L.pw;
+  const int64_t taps = kh * kw;
   std::vector<float> table(static_cast<size_t>(taps * d.Cp), 0.f);
   std::mutex done;
   const int64_t per_row = std::max<int64_t>(1, OW * d.blocks * taps);
@@ -940,13 +940,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
       }
       if constexpr (std::is_same_v<acc_t, float>) {
         if (cl) {  // (float32, half, bfloat16)
-          const auto taps = depthwise_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                           values.const_data_ptr<scalar_t>(), O, L.C, L.kh * L.kw);
-          if (taps && depthwise_direct_pays(*taps, col.numel(), L.C, L.N * x.size(2) * x.size(3), L.N * OH * OW)) {
+          if (const auto taps = direct_depthwise(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                                 values.const_data_ptr<scalar_t>(), O, L)) {
             depthwise_channels_last<scalar_t>(*taps, x.const_data_ptr<scalar_t>(),
                                               bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
-                                              y.mutable_data_ptr<scalar_t>(), L.N, L.C, x.size(2), x.size(3), OH,
-                                              OW, kernel, stride, dilation, padding);
+                                              y.mutable_data_ptr<scalar_t>(), L);
             return;
           }
         }
@@ -1258,13 +1256,12 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
       if (cl) {  // (float32, half, bfloat16)
         std::optional<DepthwiseTaps> taps;
         PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
-          taps = depthwise_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                values.const_data_ptr<scalar_t>(), O, L.C, L.kh * L.kw);
+          taps = direct_depthwise(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                  values.const_data_ptr<scalar_t>(), O, L);
         });
-        if (taps && depthwise_direct_pays(*taps, nnz, L.C, L.N * x_size[2] * x_size[3], L.N * OH * OW)) {
+        if (taps) {
           depthwise_grad_input_channels_last<scalar_t>(*taps, gy.const_data_ptr<scalar_t>(),
-                                                       dx.mutable_data_ptr<scalar_t>(), L.N, L.C, x_size[2],
-                                                       x_size[3], OH, OW, kernel, stride, dilation, padding);
+                                                       dx.mutable_data_ptr<scalar_t>(), L);
           return;
         }
       }
@@ -1329,13 +1326,13 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
       }
       if constexpr (std::is_same_v<acc_t, float>) {
         if (channels_last(x) && channels_last(gy)) {  // (float32, half, bfloat16)
-          const auto taps = depthwise_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                           static_cast<const scalar_t*>(nullptr), O, L.C, L.kh * L.kw);
-          if (taps && depthwise_direct_pays(*taps, col.numel(), L.C, L.N * x.size(2) * x.size(3), L.N * OH * OW)) {
-            depthwise_grad_values_channels_last<index_t, scalar_t>(
-                *taps, rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), x.const_data_ptr<scalar_t>(),
-                gy.const_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), L.N, L.C, x.size(2), x.size(3), OH, OW,
-                kernel, stride, dilation, padding);
+          if (const auto taps = direct_depthwise(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                                 static_cast<const scalar_t*>(nullptr), O, L)) {
+            depthwise_grad_values_channels_last<index_t, scalar_t>(*taps, rowptr.const_data_ptr<int32_t>(),
+                                                                   col.const_data_ptr<index_t>(),
+                                                                   x.const_data_ptr<scalar_t>(),
+                                                                   gy.const_data_ptr<scalar_t>(),
+                                                                   dv.mutable_data_ptr<scalar_t>(), L);
             return;
           }
         }

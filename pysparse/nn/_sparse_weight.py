@@ -444,9 +444,13 @@ class SparseWeight(nn.Module):
                             "bfloat16 or float64")
         if w.device != self.col.device:
             raise ValueError(f"weight: assigned a tensor on {w.device}, the layer's structure is on {self.col.device}")
+        self._take_values_of(w, w.requires_grad)
+
+    def _take_values_of(self, w: torch.Tensor, requires_grad: bool) -> None:
+        """``values`` becomes a new Parameter holding the dense ``w``'s entries at the kept places, in w's dtype."""
         with torch.no_grad():
             values = self._values_from(w.detach()).clone()
-        self.values = nn.Parameter(values, requires_grad=w.requires_grad)
+        self.values = nn.Parameter(values, requires_grad=requires_grad)
 
     def _load_dense_weight(self, state_dict, prefix, local_metadata, error_msgs) -> bool:
         """A dense state dict's ``weight`` (an nn.Linear's / nn.Conv2d's, no ``values``): its entries at the
@@ -470,11 +474,10 @@ class SparseWeight(nn.Module):
             error_msgs.append(f"{key}: a dense weight must be floating point, got {w.dtype}")
         else:
             old = self._parameters["values"]
-            with torch.no_grad():
-                if local_metadata.get("assign_to_params_buffers", False):
-                    self.values = nn.Parameter(self._values_from(w.to(old.device)).clone(),
-                                               requires_grad=old.requires_grad)
-                else:
+            if local_metadata.get("assign_to_params_buffers", False):
+                self._take_values_of(w.to(old.device), old.requires_grad)
+            else:
+                with torch.no_grad():
                     old.copy_(self._values_from(w.to(device=old.device, dtype=old.dtype)))
         return True
 
