@@ -128,23 +128,44 @@ inline void store_lanes(scalar_t* p, vfloat v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(tmp[i]);
 }
 
-// In-register transpose of a 16 x 16 block (r[i] = row i). With AVX-512: four rounds of interleaving row j with
-// row j + 8. Elsewhere the same rounds transpose each part-wide square block (log2 of the part's lanes rounds),
+// In-register transpose of a 16 x 16 block (r[i] = row i). With AVX-512: unpacks and lane shuffles (below).
+// Elsewhere rounds of interleaving row j with row j + half transpose each part-wide square block (log2 of the part's lanes rounds),
 // and the blocks trade places.
 #ifdef __AVX512F__
+// In-lane unpacks first (pairs of rows, then pairs of pairs: r[4i + j]'s 128-bit lane l holds column 4l + j of
+// rows 4i .. 4i + 3), then two rounds of 128-bit lane shuffles put those lanes in place. Against four rounds of
+// two-source permutes (vpermt2ps): the same 64 instructions, but the unpacks are in-lane single-cycle ones; on
+// Zen 4, a [8, 56, 56, 64] channels-last tensor moved into padded planes 16 x 16 at a time, 0.41-0.56 -> 0.24 ms
+// (a plain copy: 0.08; without the transposes: 0.11; two threads, L3-resident, 2026-12-02).
 inline void transpose16(vfloat (&r)[kLanes]) {
-  typedef int32_t vint __attribute__((vector_size(64)));
-  const vint lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-  const vint hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  for (int round = 0; round < 4; ++round) {
-    vfloat t[kLanes];
+  __m512 a[kLanes], b[kLanes];
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      t[2 * j] = __builtin_shuffle(r[j], r[j + 8], lo);
-      t[2 * j + 1] = __builtin_shuffle(r[j], r[j + 8], hi);
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_ps(__m512(r[2 * i]), __m512(r[2 * i + 1]));
+    a[2 * i + 1] = _mm512_unpackhi_ps(__m512(r[2 * i]), __m512(r[2 * i + 1]));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a0 = _mm512_castps_pd(a[4 * i]), a1 = _mm512_castps_pd(a[4 * i + 1]),
+                  a2 = _mm512_castps_pd(a[4 * i + 2]), a3 = _mm512_castps_pd(a[4 * i + 3]);
+    b[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+    b[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+    b[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+    b[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+  }
+  // lanes (0, 2) of each of a pair of row groups, and lanes (1, 3): a[8i + j] holds columns j and 8 + j, a[8i +
+  // 4 + j] columns 4 + j and 12 + j, of rows 8i .. 8i + 7
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      a[8 * i + j] = _mm512_shuffle_f32x4(b[8 * i + j], b[8 * i + 4 + j], 0x88);
+      a[8 * i + 4 + j] = _mm512_shuffle_f32x4(b[8 * i + j], b[8 * i + 4 + j], 0xdd);
     }
-#pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) r[j] = t[j];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    r[j] = vfloat(_mm512_shuffle_f32x4(a[j], a[8 + j], 0x88));
+    r[8 + j] = vfloat(_mm512_shuffle_f32x4(a[j], a[8 + j], 0xdd));
   }
 }
 #else
