@@ -312,6 +312,44 @@ def test_writes_into_a_sparse_layers_weight_set_its_kept_values(make):
     assert (frozen.values == 1).all()
 
 
+_INITS = {
+    "normal_": lambda w: nn.init.normal_(w, 0.5, 2.0), "uniform_": lambda w: nn.init.uniform_(w, -3.0, 1.0),
+    "constant_": lambda w: nn.init.constant_(w, 0.25), "ones_": nn.init.ones_, "zeros_": nn.init.zeros_,
+    "xavier_uniform_": nn.init.xavier_uniform_, "xavier_normal_": lambda w: nn.init.xavier_normal_(w, gain=2.0),
+    "kaiming_uniform_": lambda w: nn.init.kaiming_uniform_(w, a=5 ** 0.5),
+    "kaiming_normal_": lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"),
+    "trunc_normal_": lambda w: nn.init.trunc_normal_(w, std=0.02), "orthogonal_": nn.init.orthogonal_,
+    "sparse_": lambda w: nn.init.sparse_(w.view(w.shape[0], -1) if w.dim() > 2 else w, 0.3),
+    "eye_": nn.init.eye_, "dirac_": nn.init.dirac_,
+}
+
+
+@pytest.mark.parametrize("init", list(_INITS))
+@pytest.mark.parametrize("make", [lambda: _pair()[1].qkv, _conv_layer], ids=["linear", "conv"])
+def test_nn_init_on_a_sparse_layers_weight_needs_no_no_grad(make, init):
+    """torch.nn.init's functions write under no_grad themselves: on an nn.Parameter they need no torch.no_grad(),
+    and on a sparse layer's weight neither. The kept values are those the function gives a dense weight of the same
+    shape from the same random state; pruned places stay zero and the layer still trains."""
+    layer = make()
+    if (init == "eye_") != (layer.weight.dim() == 2) and init in ("eye_", "dirac_"):
+        pytest.skip(f"{init} takes a {'2' if init == 'eye_' else '3-5'}-d tensor")
+    if init == "sparse_" and layer.weight.dim() > 2:
+        pytest.skip("sparse_ takes a 2-d tensor (a view of the weight reaches only that copy)")
+    mask = layer.mask()
+    dense = torch.zeros(layer.weight.shape)
+    torch.manual_seed(3)
+    _INITS[init](dense)
+    torch.manual_seed(3)
+    assert torch.is_grad_enabled() and layer.values.requires_grad
+    out = _INITS[init](layer.weight)
+    assert out is not None
+    torch.testing.assert_close(layer.dense_weight().detach(), dense * mask)
+    assert layer.mask().equal(mask) and layer.values.requires_grad and layer.values.grad_fn is None
+    x = torch.randn(2, layer.weight.shape[1], *((5, 5) if layer.weight.dim() == 4 else ()))
+    layer(x).sum().backward()
+    assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape
+
+
 def test_a_kept_weight_follows_the_values_and_is_built_once_per_change():
     """As an nn.Linear's weight, one taken before an optimizer step (or captured by torch.fx as a constant) shows
     the values as they are when used; it is rebuilt only after they change."""

@@ -56,7 +56,8 @@ class DenseWeightTensor(torch.Tensor):
 
     Writes into it in place (``normal_``, ``copy_``, ``nn.init`` functions, ``w[i] = v``, ``w *= 2``, ``out=w``,
     and through ``w.data``) set the layer's stored values to the result at the kept places; pruned places stay
-    zero. Where the values require grad that needs ``torch.no_grad()``, as for an nn.Parameter. Writes through
+    zero. Where the values require grad that needs ``torch.no_grad()``, as for an nn.Parameter (``nn.init``'s
+    functions, which write under no_grad themselves, need none, as on an nn.Parameter). Writes through
     other views (``w[0].zero_()``, ``w.detach().zero_()``) reach only that copy."""
 
     _pysparse_layer = None
@@ -144,8 +145,9 @@ class DenseWeightTensor(torch.Tensor):
             return args[0]._data()
         target = (args[0] if args else kwargs.get("tensor", kwargs.get("input"))) if _writes(func) else None
         written = [t for t in (target, kwargs.get("out")) if isinstance(t, DenseWeightTensor)]
-        for t in written:
-            t._before_write(func)
+        if getattr(func, "__module__", None) != "torch.nn.init":  # (those write under no_grad themselves)
+            for t in written:
+                t._before_write(func)
         unwrapped, kwargs = tree_map_only(DenseWeightTensor, DenseWeightTensor._dense, (args, kwargs))
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*unwrapped, **kwargs)
