@@ -2,6 +2,7 @@
 self.qkv.weight, bias)``, as torchvision's Swin Transformer attention does. pysparse prunes them with their own
 inputs (wanda, compensate), and once sparsified such a call runs the sparse layer's kernels."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -348,6 +349,41 @@ def test_nn_init_on_a_sparse_layers_weight_needs_no_no_grad(make, init):
     x = torch.randn(2, layer.weight.shape[1], *((5, 5) if layer.weight.dim() == 4 else ()))
     layer(x).sum().backward()
     assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_sparse_layers_weight_grad_is_the_masked_dense_gradient(kind):
+    """Code written for nn.Linear reads ``layer.weight.grad`` after a backward (logging, gradient saliency): it is
+    the values' gradient at the kept places, equal to the masked dense layer's; assigning it sets the values'."""
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 5) if kind == "linear" else nn.Conv2d(4, 6, 3, padding=1)
+    mask = torch.rand(dense.weight.shape) > 0.6
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    layer = (pysparse.SparseLinear if kind == "linear" else pysparse.SparseConv2d).from_dense(dense, mask)
+    layer.dense_below = 0.0
+    assert layer.weight.grad is None  # before any backward, as nn.Linear's
+    x = torch.randn(3, 12) if kind == "linear" else torch.randn(2, 4, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "non-leaf tensor's .grad" warning)
+        layer(x).square().sum().backward()
+        dense(x).square().sum().backward()
+        g = layer.weight.grad
+    assert type(g) is torch.Tensor and g.shape == dense.weight.shape
+    torch.testing.assert_close(g, dense.weight.grad * mask)
+    g.zero_()  # a copy: the values' gradient stays
+    assert layer.values.grad.abs().sum() > 0
+    new = torch.randn(dense.weight.shape, dtype=torch.float64)
+    layer.weight.grad = new  # its kept entries, in the values' dtype
+    assert layer.values.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.weight.grad, (new * mask).float())
+    before = layer.values.detach().clone()
+    torch.optim.SGD(layer.parameters(), lr=1.0).step()
+    torch.testing.assert_close(layer.values.detach(), before - layer.values.grad)
+    layer.weight.grad = None
+    assert layer.values.grad is None and layer.weight.grad is None
+    with pytest.raises(RuntimeError, match="weight.grad must be a tensor of the weight's shape"):
+        layer.weight.grad = torch.zeros(3)
 
 
 def test_a_kept_weight_follows_the_values_and_is_built_once_per_change():

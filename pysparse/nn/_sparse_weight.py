@@ -282,9 +282,10 @@ class SparseWeight(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight (zeros where pruned), differentiable in the stored values. A
         :class:`DenseWeightTensor`: its shape, dtype, device and the like cost nothing; it is built from the values
-        when first read. Writes into it in place (under ``torch.no_grad()`` where the values require grad, as for
-        an nn.Parameter: ``nn.init.*_(layer.weight)``, ``layer.weight.copy_(w)``, ``layer.weight[i] = v``,
-        ``layer.weight.data.normal_()``) set the stored values at the kept places; the mask stays. Under
+        when first read. Writes into it in place (``nn.init.*_(layer.weight)``; under ``torch.no_grad()`` where the
+        values require grad, as for an nn.Parameter: ``layer.weight.copy_(w)``, ``layer.weight[i] = v``;
+        ``layer.weight.data.normal_()``) set the stored values at the kept places; the mask stays.
+        ``layer.weight.grad`` is the values' gradient at the kept places (a dense copy; None before a backward). Under
         torch.compile / export, torch.func's transforms and tracing it is the plain dense tensor, built at once
         (a copy there)."""
         values = self._parameters["values"]

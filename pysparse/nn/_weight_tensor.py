@@ -58,7 +58,8 @@ class DenseWeightTensor(torch.Tensor):
     and through ``w.data``) set the layer's stored values to the result at the kept places; pruned places stay
     zero. Where the values require grad that needs ``torch.no_grad()``, as for an nn.Parameter (``nn.init``'s
     functions, which write under no_grad themselves, need none, as on an nn.Parameter). Writes through
-    other views (``w[0].zero_()``, ``w.detach().zero_()``) reach only that copy."""
+    other views (``w[0].zero_()``, ``w.detach().zero_()``) reach only that copy. ``w.grad`` is the values'
+    gradient at the kept places (zeros elsewhere; a copy), as ``nn.Linear.weight.grad`` reads after a backward."""
 
     _pysparse_layer = None
     _pysparse_dense: Optional[torch.Tensor] = None  # built from these values, in this _state:
@@ -110,6 +111,24 @@ class DenseWeightTensor(torch.Tensor):
         view._pysparse_parent = self
         return view
 
+    def _grad(self, *new) -> Optional[torch.Tensor]:
+        """``.grad``: the values' gradient as a dense tensor of the weight's shape (zeros where pruned; a copy, as
+        the weight is one: writes into it do not reach the values' gradient), or None before any backward. Setting
+        it sets the values' gradient to its entries at the kept places (None: to None)."""
+        layer = self._pysparse_layer
+        values = layer._parameters["values"]
+        with torch.no_grad():
+            if not new:
+                return None if values.grad is None else layer._dense_from(values.grad)
+            grad = new[0]
+            if grad is not None:
+                if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != tuple(layer.weight_shape):
+                    raise RuntimeError(f"a sparse layer's weight.grad must be a tensor of the weight's shape "
+                                       f"{tuple(layer.weight_shape)}, got "
+                                       f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
+                grad = layer._values_from(grad.to(values.dtype).to(values.device)).clone()
+            values.grad = grad
+
     def _before_write(self, func) -> None:
         if torch.is_grad_enabled() and self._pysparse_grad:
             raise RuntimeError(
@@ -143,6 +162,8 @@ class DenseWeightTensor(torch.Tensor):
                 return func(*args, **kwargs)
         if func == _DATA and isinstance(args[0], DenseWeightTensor):
             return args[0]._data()
+        if func in (_GRAD, _SET_GRAD) and isinstance(args[0], DenseWeightTensor):
+            return args[0]._grad(*args[1:])
         target = (args[0] if args else kwargs.get("tensor", kwargs.get("input"))) if _writes(func) else None
         written = [t for t in (target, kwargs.get("out")) if isinstance(t, DenseWeightTensor)]
         if getattr(func, "__module__", None) != "torch.nn.init":  # (those write under no_grad themselves)
@@ -163,6 +184,7 @@ class DenseWeightTensor(torch.Tensor):
 
 
 _DATA = torch.Tensor.data.__get__
+_GRAD, _SET_GRAD = torch.Tensor.grad.__get__, torch.Tensor.grad.__set__
 
 
 class SparseLinearWeight(DenseWeightTensor):
