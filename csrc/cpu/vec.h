@@ -169,30 +169,50 @@ inline void transpose16(vfloat (&r)[kLanes]) {
   }
 }
 #else
+#ifdef __AVX__
+// An 8 x 8 block: unpacks of row pairs, shuffles of pair pairs, then 128-bit halves exchanged (24 instructions;
+// two-source shuffles by __builtin_shuffle took 48: GCC builds each from an unpack and a half move). Blocks moved
+// through it, Zen 4 running the AVX2 build: 0.32 -> 0.26 ms a million floats (2026-12-02).
+inline void transpose_part(vpart (&b)[kPartLanes]) {
+  __m256 t[8], u[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(__m256(b[2 * i]), __m256(b[2 * i + 1]));
+    t[2 * i + 1] = _mm256_unpackhi_ps(__m256(b[2 * i]), __m256(b[2 * i + 1]));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // u[4i + j]: column j of rows 4i .. 4i + 3 in the low half, 4 + j in the high
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    b[j] = vpart(_mm256_permute2f128_ps(u[j], u[4 + j], 0x20));
+    b[4 + j] = vpart(_mm256_permute2f128_ps(u[j], u[4 + j], 0x31));
+  }
+}
+#else
 inline void transpose_part(vpart (&b)[kPartLanes]) {
   typedef int32_t vint __attribute__((vector_size(sizeof(vpart))));
-#ifdef __AVX__
-  const vint lo = {0, 8, 1, 9, 2, 10, 3, 11};
-  const vint hi = {4, 12, 5, 13, 6, 14, 7, 15};
-  constexpr int rounds = 3;
-#else
   const vint lo = {0, 4, 1, 5};
   const vint hi = {2, 6, 3, 7};
   constexpr int rounds = 2;
-#endif
   constexpr int half = kPartLanes / 2;
-#pragma GCC unroll 3
+#pragma GCC unroll 2
   for (int round = 0; round < rounds; ++round) {
     vpart t[kPartLanes];
-#pragma GCC unroll 4
+#pragma GCC unroll 2
     for (int j = 0; j < half; ++j) {
       t[2 * j] = __builtin_shuffle(b[j], b[j + half], lo);
       t[2 * j + 1] = __builtin_shuffle(b[j], b[j + half], hi);
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int j = 0; j < kPartLanes; ++j) b[j] = t[j];
   }
 }
+#endif
 
 inline void transpose16(vfloat (&r)[kLanes]) {
   vfloat out[kLanes];
