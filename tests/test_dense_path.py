@@ -221,3 +221,33 @@ def test_compiled_dense_path_matches_eager(kind):
     torch.testing.assert_close(torch.compile(fresh, fullgraph=True)(x), layer(x))
     assert not _sparse_path(layer(x))
     assert_compiled_matches_eager(layer, x, grad)
+
+
+@pytest.mark.parametrize("case", ["rgb-3x3-s2", "rgb-4x4-s4", "rgb-7x7-s2", "pointwise", "grouped", "nchw",
+                                  "set-dense-below"])
+def test_few_channel_layers_on_channels_last_inputs_compute_dense(case):
+    """On the CPU, an ungrouped layer (not 1 x 1) with fewer than SMALL_CL_COLUMNS weights per output channel
+    (the 3 x 3 stems on RGB images, ConvNeXt's 4 x 4 patchify) computes dense on a channels-last input at any
+    sparsity, where torch's kernels beat the sparse ones (moving a 3-channel channels-last input into their
+    working layout costs more than the few products); wider stems (ResNet's 7 x 7), 1 x 1 and grouped layers, NCHW
+    inputs and a dense_below set on the layer keep the kernels. Either way: nn.Conv2d's results, gradients and
+    memory format."""
+    torch.manual_seed(0)
+    cin, cout, k, s, groups = {"rgb-3x3-s2": (3, 16, 3, 2, 1), "rgb-4x4-s4": (3, 8, 4, 4, 1),
+                               "rgb-7x7-s2": (3, 8, 7, 2, 1), "pointwise": (16, 8, 1, 1, 1),
+                               "grouped": (6, 6, 3, 1, 3)}.get(case, (3, 16, 3, 2, 1))
+    dense = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2, groups=groups)
+    mask = _masked(dense, 0.9)
+    layer = pysparse.SparseConv2d.from_dense(dense, mask)
+    if case == "set-dense-below":
+        layer.dense_below = 0.7  # the class default, but set: obeyed as set
+    fmt = torch.contiguous_format if case == "nchw" else torch.channels_last
+    x = torch.randn(2, cin, 16, 16).contiguous(memory_format=fmt)
+    y = layer(x)
+    assert _sparse_path(y) == (case not in ("rgb-3x3-s2", "rgb-4x4-s4"))  # 27 and 48 weights per output: dense
+    assert y.is_contiguous(memory_format=fmt)
+    dense = dense.to(memory_format=fmt)
+    _check_step(layer, dense, mask, x)
+    x1 = x.clone().requires_grad_()
+    layer(x1).sum().backward()
+    assert x1.grad.is_contiguous(memory_format=fmt)

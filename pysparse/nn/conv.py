@@ -35,6 +35,14 @@ from ._sparse_weight import SparseWeight, cast_to, initial_mask
 # ms; at batch 8, im2col 10-70x slower than direct).
 DIRECT_MIN_OUTPUTS = 128
 DIRECT_MAX_DENSITY = 0.05
+# Channels-last inputs on the CPU: an ungrouped layer (not 1 x 1) with fewer weights than this per output channel
+# computes dense by default at any sparsity (SparseConv2d._small_channels_last). Measured at 90%, batch 8, 224 x 224
+# RGB input, channels-last, the sparse kernels against nn.Conv2d (2026-12-02, Zen 4, one run, per round): 3 x 3
+# stride 2 to 16 / 24 / 32 channels (27 weights per output) forward 0.52 / 0.76 / 0.62x, forward + backward 0.49
+# / 0.63 / 0.72x; ConvNeXt's 4 x 4 stride 4 to 96 (48) 0.76x / 0.68x; but 5 x 5 stride 2 to 64 (75) 1.32x / 1.26x
+# and ResNet's 7 x 7 stride 2 to 64 (147) 1.96x / 1.78x. On NCHW inputs the sparse kernels take 0.86-2.7x on
+# these (3 x 3 to 16: 0.86x / 0.98x, to 24: 1.74x / 1.71x), and keep them (benchmarks/RESULTS.md).
+SMALL_CL_COLUMNS = 64
 
 _CONFIG = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
            "_reversed_padding_repeated_twice")
@@ -103,14 +111,27 @@ class SparseConv2d(SparseWeight):
         blocks = [m[g * out_g:(g + 1) * out_g, g * cols_g:(g + 1) * cols_g] for g in range(self.groups)]
         return torch.cat(blocks).reshape(self.weight_shape)
 
-    def _computes_dense(self) -> bool:
+    def _computes_dense(self, x: Optional[torch.Tensor] = None) -> bool:
         # Grouped and depthwise convolutions keep the sparse kernels at every sparsity: torch's CPU grouped
         # convolution was slower than them even at 30% (depthwise, 512 channels, 14 x 14, batch 8: nn.Conv2d
         # forward 17 ms, the kernels 2.7 ms; 128 channels in 32 groups, fwd + bwd, 46 against 24 ms). With torch
         # 2.14 on a Zen 4 (2026-12-01) that holds with autograd on (the same depthwise layer: nn.Conv2d forward
         # 1.8 ms, forward + backward 10.5 ms); under no_grad torch takes mkldnn (0.39 ms), faster than the sparse
         # kernel at batch 8 on some depthwise layers (MobileNetV3-small at 90%: 0.25-0.98x): left as it is.
-        return self.groups == 1 and super()._computes_dense()
+        if self.groups != 1:
+            return False
+        return super()._computes_dense() or (x is not None and self._small_channels_last(x))
+
+    def _small_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether the default switch sends this forward to the dense path at any sparsity: on the CPU, an
+        ungrouped layer that is not 1 x 1 with fewer than SMALL_CL_COLUMNS weights per output channel
+        (in_channels x kh x kw) on a channels-last input. Such a layer (the 3 x 3 stems on RGB images of MobileNet,
+        EfficientNet, RegNet, ShuffleNet; ConvNeXt's and Swin's 4 x 4 patchify) does a few multiply-adds per output
+        pixel, and the sparse kernel's moves of a few-channel channels-last input into its working layout cost
+        more (see SMALL_CL_COLUMNS)."""
+        kh, kw = self.kernel_size
+        return ("_dense_below" not in self.__dict__ and x.device.type == "cpu" and (kh, kw) != (1, 1) and
+                self.in_channels * kh * kw < SMALL_CL_COLUMNS and ops._conv_format(x) == torch.channels_last)
 
     def _weight_is_matrix(self) -> bool:
         return self.groups == 1
@@ -144,7 +165,7 @@ class SparseConv2d(SparseWeight):
         oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         if oh <= 0 or ow <= 0:
             raise ValueError(f"input of spatial size {(h, w)} (after padding) is smaller than the kernel's reach")
-        if self._computes_dense():  # below the crossover: torch's dense kernels (see dense_below), as nn.Conv2d
+        if self._computes_dense(x):  # below the crossover: torch's dense kernels (see dense_below), as nn.Conv2d
             weight = cast_to(self._compute_weight(), cast)
             if self.padding_mode != "zeros":
                 y = F.conv2d(F.pad(x, (left, right, top, bottom), mode=self.padding_mode), weight, bias, self.stride,
