@@ -37,7 +37,7 @@ DIRECT_MIN_OUTPUTS = 128
 DIRECT_MAX_DENSITY = 0.05
 # Channels-last inputs on the CPU: an ungrouped layer (not 1 x 1) with fewer weights than this per output channel
 # computes dense by default at any sparsity (SparseConv2d._small_channels_last). Measured at 90%, batch 8, 224 x 224
-# RGB input, channels-last, the sparse kernels against nn.Conv2d (2026-12-02, Zen 4, one run, per round): 3 x 3
+# RGB input, channels-last, the sparse kernels against nn.Conv2d (2026-12-02, Zen 4, one run each): 3 x 3
 # stride 2 to 16 / 24 / 32 channels (27 weights per output) forward 0.52 / 0.76 / 0.62x, forward + backward 0.49
 # / 0.63 / 0.72x; ConvNeXt's 4 x 4 stride 4 to 96 (48) 0.76x / 0.68x; but 5 x 5 stride 2 to 64 (75) 1.32x / 1.26x
 # and ResNet's 7 x 7 stride 2 to 64 (147) 1.96x / 1.78x. On NCHW inputs the sparse kernels take 0.86-2.7x on
