@@ -709,40 +709,39 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
       }
       first[d.blocks] = nt;
       scalar_t* out = y + (n * OH + oy) * OW * C;
-      const auto column = [&](int64_t ox, bool inside) {
+      // P output pixels from ox, every channel block; INSIDE: every tap reads inside the image (no checks). Inside,
+      // four pixels at a time: four independent sums per tap's weight vector (one pixel's sum is a chain of
+      // dependent multiply-adds, one per tap). Against one pixel at a time (old / new extension in alternate
+      // processes, three each, 2026-12-02, Zen 4, 90%, forward over nn.Conv2d channels-last): 32 channels of
+      // 112 x 112, 3 x 3, batch 1 / 8, 0.66 / 0.77x -> 0.98 / 0.90x; MobileNetV3-small's 3 x 3 and strided 5 x 5
+      // layers 0.64-0.92x -> 0.70-1.11x at batch 8, 1.27-1.53x -> 1.42-1.89x at batch 1.
+      const auto pixels = [&](auto P, auto INSIDE, int64_t ox) {
+        constexpr int np = decltype(P)::value;
         for (int64_t cb = 0; cb < d.blocks; ++cb) {
           const int64_t nc = std::min(kLanes, C - cb * kLanes);
-          vfloat acc = vload(b.data() + cb * kLanes);
-          for (int64_t e = first[cb]; e < first[cb + 1]; ++e) {
-            const int64_t ix = ox * sw + shift[e];
-            if (inside || (ix >= 0 && ix < W)) acc += vload(wt[e]) * load_lanes(x + src[e] + ox * sw * C, nc);
-          }
-          store_lanes(out + ox * C + cb * kLanes, acc, nc);
-        }
-      };
-      // Inside, four output pixels at a time: four independent sums per tap's weight vector (one pixel's sum is
-      // a chain of dependent multiply-adds, one per tap). Against one pixel at a time (old / new extension in
-      // alternate processes, three each, 2026-12-02, Zen 4, 90%, forward over nn.Conv2d channels-last): 32
-      // channels of 112 x 112, 3 x 3, batch 1 / 8, 0.66 / 0.77x -> 0.98 / 0.90x; MobileNetV3-small's 3 x 3 and
-      // strided 5 x 5 layers 0.64-0.92x -> 0.70-1.11x at batch 8, 1.27-1.53x -> 1.42-1.89x at batch 1.
-      const auto columns4 = [&](int64_t ox) {
-        for (int64_t cb = 0; cb < d.blocks; ++cb) {
-          const int64_t nc = std::min(kLanes, C - cb * kLanes);
-          vfloat acc[4];
-          for (int u = 0; u < 4; ++u) acc[u] = vload(b.data() + cb * kLanes);
+          vfloat acc[np];
+          for (int u = 0; u < np; ++u) acc[u] = vload(b.data() + cb * kLanes);
           for (int64_t e = first[cb]; e < first[cb + 1]; ++e) {
             const vfloat w = vload(wt[e]);
             const scalar_t* p = x + src[e] + ox * sw * C;
-            for (int u = 0; u < 4; ++u) acc[u] += w * load_lanes(p + u * sw * C, nc);
+            for (int u = 0; u < np; ++u) {
+              if constexpr (!decltype(INSIDE)::value) {
+                const int64_t ix = (ox + u) * sw + shift[e];
+                if (ix < 0 || ix >= W) continue;
+              }
+              acc[u] += w * load_lanes(p + u * sw * C, nc);
+            }
           }
-          for (int u = 0; u < 4; ++u) store_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
+          for (int u = 0; u < np; ++u) store_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
         }
       };
+      using one = std::integral_constant<int, 1>;
+      using four = std::integral_constant<int, 4>;
       int64_t ox = 0;
-      for (; ox < lo; ++ox) column(ox, false);
-      for (; ox + 4 <= hi; ox += 4) columns4(ox);
-      for (; ox < hi; ++ox) column(ox, true);
-      for (; ox < OW; ++ox) column(ox, false);
+      for (; ox < lo; ++ox) pixels(one{}, std::false_type{}, ox);
+      for (; ox + 4 <= hi; ox += 4) pixels(four{}, std::true_type{}, ox);
+      for (; ox < hi; ++ox) pixels(one{}, std::true_type{}, ox);
+      for (; ox < OW; ++ox) pixels(one{}, std::false_type{}, ox);
     }
   });
 }

@@ -129,8 +129,8 @@ inline void store_lanes(scalar_t* p, vfloat v, int64_t n) {
 }
 
 // In-register transpose of a 16 x 16 block (r[i] = row i). With AVX-512: unpacks and lane shuffles (below).
-// Elsewhere rounds of interleaving row j with row j + half transpose each part-wide square block (log2 of the part's lanes rounds),
-// and the blocks trade places.
+// Elsewhere each part-wide square block is transposed in registers (transpose_part: unpacks and shuffles with AVX,
+// rounds of interleaving row j with row j + 2 with SSE), and the blocks trade places.
 #ifdef __AVX512F__
 // In-lane unpacks first (pairs of rows, then pairs of pairs: r[4i + j]'s 128-bit lane l holds column 4l + j of
 // rows 4i .. 4i + 3), then two rounds of 128-bit lane shuffles put those lanes in place. Against four rounds of
