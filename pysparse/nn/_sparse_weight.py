@@ -148,8 +148,12 @@ class SparseWeight(nn.Module):
         total = math.prod(self.weight_shape)
         if reaches_sparsity(total - self.nnz, total, self.dense_below) if total else self.dense_below == 0:
             return False
-        default_cpu_switch = "_dense_below" not in self.__dict__ and not self._parameters["values"].is_cuda
-        return not default_cpu_switch or batch is None or batch >= type(self).DENSE_MIN_BATCH
+        return not self._default_cpu_switch() or batch is None or batch >= type(self).DENSE_MIN_BATCH
+
+    def _default_cpu_switch(self) -> bool:
+        """Whether the layer's route follows the measured CPU defaults: no dense_below set on it, values not on
+        CUDA (the layer types' own rules then also apply: a minimum batch, SparseConv2d's few-channel layers)."""
+        return "_dense_below" not in self.__dict__ and not self._parameters["values"].is_cuda
 
     def _compute_weight(self) -> torch.Tensor:
         """The dense weight of the dense path: the effective values (spectral norm included) in place."""

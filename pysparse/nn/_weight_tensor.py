@@ -126,7 +126,7 @@ class DenseWeightTensor(torch.Tensor):
                     raise RuntimeError(f"a sparse layer's weight.grad must be a tensor of the weight's shape "
                                        f"{tuple(layer.weight_shape)}, got "
                                        f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
-                grad = layer._values_from(grad.to(values.dtype).to(values.device)).clone()
+                grad = layer._values_from(grad.to(device=values.device, dtype=values.dtype)).clone()
             values.grad = grad
 
     def _before_write(self, func) -> None:

@@ -130,7 +130,7 @@ class SparseConv2d(SparseWeight):
         pixel, and the sparse kernel's moves of a few-channel channels-last input into its working layout cost
         more (see SMALL_CL_COLUMNS)."""
         kh, kw = self.kernel_size
-        return ("_dense_below" not in self.__dict__ and x.device.type == "cpu" and (kh, kw) != (1, 1) and
+        return (self._default_cpu_switch() and x.device.type == "cpu" and (kh, kw) != (1, 1) and
                 self.in_channels * kh * kw < SMALL_CL_COLUMNS and ops._conv_format(x) == torch.channels_last)
 
     def _weight_is_matrix(self) -> bool:
