@@ -684,55 +684,96 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
   const int64_t reach = W + pw - (kw - 1) * dw;  // ox * sw < reach
   const int64_t lo = std::min(OW, (pw + sw - 1) / sw);
   const int64_t hi = std::max(lo, std::min(OW, reach > 0 ? (reach + sw - 1) / sw : 0));
-  at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
-    // this row's taps, block by block (block cb's from first[cb] to first[cb + 1]): weight vector, input offset
-    // of output column 0, and the tap's column shift. Then output pixel by pixel, each pixel's blocks in turn, so
-    // that x and y are read and written along their rows.
-    const size_t most = static_cast<size_t>(kh * kw * d.blocks);
-    std::vector<const float*> wt(most);
-    std::vector<int64_t> src(most), shift(most), first(static_cast<size_t>(d.blocks + 1));
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / OH, oy = r % OH;
-      int64_t nt = 0;  // taps with a stored weight in the block whose input row is inside the image
-      for (int64_t cb = 0; cb < d.blocks; ++cb) {
-        first[cb] = nt;
-        for (int64_t ki = 0; ki < kh; ++ki) {
-          const int64_t iy = oy * sh - ph + ki * dh;
-          if (iy < 0 || iy >= H) continue;
-          for (int64_t kj = 0; kj < kw; ++kj)
-            if (d.any[(ki * kw + kj) * d.blocks + cb]) {
-              wt[nt] = d.w.data() + (ki * kw + kj) * d.Cp + cb * kLanes;
-              shift[nt] = kj * dw - pw;
-              src[nt++] = ((n * H + iy) * W + kj * dw - pw) * C + cb * kLanes;
-            }
-        }
+  // A row's taps, block by block (block cb's from first[cb] to first[cb + 1]): weight vector, input offset of
+  // output column 0 and the tap's column shift, for the taps with a stored weight in the block. An output row
+  // whose taps all read inside the image (an interior row) takes the one list built here, its offsets from the
+  // row's first input row; a row at the top or bottom edge builds its own, without the taps whose input row is
+  // outside (the zero padding), offsets from the image's first row. (Built for every row, the lists cost a
+  // quarter of MobileNetV3's 5 x 5 layers on 7 x 7 outputs.)
+  struct Taps {
+    std::vector<const float*> wt;
+    std::vector<int64_t> src, shift, first;
+  };
+  const size_t most = static_cast<size_t>(kh * kw * d.blocks);
+  const auto build = [&](Taps& t, int64_t iy0, bool edge) {  // iy0: the row's first input row (oy * sh - ph)
+    t.wt.resize(most);
+    t.src.resize(most);
+    t.shift.resize(most);
+    t.first.resize(static_cast<size_t>(d.blocks + 1));
+    int64_t nt = 0;
+    for (int64_t cb = 0; cb < d.blocks; ++cb) {
+      t.first[cb] = nt;
+      for (int64_t ki = 0; ki < kh; ++ki) {
+        const int64_t iy = iy0 + ki * dh;
+        if (edge && (iy < 0 || iy >= H)) continue;
+        for (int64_t kj = 0; kj < kw; ++kj)
+          if (d.any[(ki * kw + kj) * d.blocks + cb]) {
+            t.wt[nt] = d.w.data() + (ki * kw + kj) * d.Cp + cb * kLanes;
+            t.shift[nt] = kj * dw - pw;
+            t.src[nt++] = (iy * W + kj * dw - pw) * C + cb * kLanes;
+          }
       }
-      first[d.blocks] = nt;
+    }
+    t.first[d.blocks] = nt;
+  };
+  Taps interior;
+  build(interior, 0, false);
+  at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
+    // Output pixel by pixel, each pixel's blocks in turn, so that x and y are read and written along their rows.
+    Taps edge;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / OH, oy = r % OH, iy0 = oy * sh - ph;
+      const bool inside_rows = iy0 >= 0 && iy0 + (kh - 1) * dh < H;
+      if (!inside_rows) build(edge, iy0, true);
+      const Taps& t = inside_rows ? interior : edge;
+      const int64_t *first = t.first.data(), *src = t.src.data(), *shift = t.shift.data();
+      const float* const* wt = t.wt.data();
+      const scalar_t* xr = x + (n * H + (inside_rows ? iy0 : 0)) * W * C;
       scalar_t* out = y + (n * OH + oy) * OW * C;
-      // P output pixels from ox, every channel block; INSIDE: every tap reads inside the image (no checks). Inside,
-      // four pixels at a time: four independent sums per tap's weight vector (one pixel's sum is a chain of
-      // dependent multiply-adds, one per tap). Against one pixel at a time (old / new extension in alternate
-      // processes, three each, 2026-12-02, Zen 4, 90%, forward over nn.Conv2d channels-last): 32 channels of
-      // 112 x 112, 3 x 3, batch 1 / 8, 0.66 / 0.77x -> 0.98 / 0.90x; MobileNetV3-small's 3 x 3 and strided 5 x 5
-      // layers 0.64-0.92x -> 0.70-1.11x at batch 8, 1.27-1.53x -> 1.42-1.89x at batch 1.
+      // P output pixels from ox, every channel block; INSIDE: every tap reads inside the image (no checks). Each
+      // pixel's sum is a chain of dependent multiply-adds, one per tap: four pixels at a time inside the image
+      // (four independent sums per weight vector), and one pixel's taps split between four sums. Against one
+      // pixel at a time, one sum (old / new extension in alternate processes, three each, 2026-12-02, Zen 4, 90%,
+      // forward over nn.Conv2d channels-last): 32 channels of 112 x 112, 3 x 3, batch 1 / 8, 0.66 / 0.77x ->
+      // 0.98 / 0.90x; MobileNetV3-small's 3 x 3 and strided 5 x 5 layers 0.64-0.92x -> 0.70-1.11x at batch 8.
       const auto pixels = [&](auto P, auto INSIDE, int64_t ox) {
         constexpr int np = decltype(P)::value;
         for (int64_t cb = 0; cb < d.blocks; ++cb) {
           const int64_t nc = std::min(kLanes, C - cb * kLanes);
-          vfloat acc[np];
-          for (int u = 0; u < np; ++u) acc[u] = vload(b.data() + cb * kLanes);
-          for (int64_t e = first[cb]; e < first[cb + 1]; ++e) {
-            const vfloat w = vload(wt[e]);
-            const scalar_t* p = x + src[e] + ox * sw * C;
-            for (int u = 0; u < np; ++u) {
+          if constexpr (np == 1) {
+            const auto add = [&](vfloat& a, int64_t e) {
               if constexpr (!decltype(INSIDE)::value) {
-                const int64_t ix = (ox + u) * sw + shift[e];
-                if (ix < 0 || ix >= W) continue;
+                const int64_t ix = ox * sw + shift[e];
+                if (ix < 0 || ix >= W) return;
               }
-              acc[u] += w * load_lanes(p + u * sw * C, nc);
+              a += vload(wt[e]) * load_lanes(xr + src[e] + ox * sw * C, nc);
+            };
+            vfloat a0 = vload(b.data() + cb * kLanes), a1{}, a2{}, a3{};
+            int64_t e = first[cb];
+            for (; e + 4 <= first[cb + 1]; e += 4) {
+              add(a0, e);
+              add(a1, e + 1);
+              add(a2, e + 2);
+              add(a3, e + 3);
             }
+            for (; e < first[cb + 1]; ++e) add(a0, e);
+            store_lanes(out + ox * C + cb * kLanes, (a0 + a1) + (a2 + a3), nc);
+          } else {
+            vfloat acc[np];
+            for (int u = 0; u < np; ++u) acc[u] = vload(b.data() + cb * kLanes);
+            for (int64_t e = first[cb]; e < first[cb + 1]; ++e) {
+              const vfloat w = vload(wt[e]);
+              const scalar_t* p = xr + src[e] + ox * sw * C;
+              for (int u = 0; u < np; ++u) {
+                if constexpr (!decltype(INSIDE)::value) {
+                  const int64_t ix = (ox + u) * sw + shift[e];
+                  if (ix < 0 || ix >= W) continue;
+                }
+                acc[u] += w * load_lanes(p + u * sw * C, nc);
+              }
+            }
+            for (int u = 0; u < np; ++u) store_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
           }
-          for (int u = 0; u < np; ++u) store_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
         }
       };
       using one = std::integral_constant<int, 1>;
