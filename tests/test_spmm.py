@@ -98,6 +98,34 @@ def test_spmm_matches_reference(device, rows, cols, batch, density, dtype, use_b
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("cols", [100, 40000])  # int16 / int32 indices
+def test_batch_one_every_row_length_and_dtype(dtype, cols):
+    # Batch 1 sweeps each row in vector steps of 32 stored values (gathers of x, float16 / bfloat16 values converted
+    # as they load, x converted to float32 first), the rest one by one: rows of every length from 0 to 99 (so
+    # every split between the steps and the rest), with and without bias, against the reference in float64; a
+    # bad index inside a vector step or in the rest still raises.
+    gen = torch.Generator().manual_seed(11)
+    lengths = torch.arange(100)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    col = torch.cat([torch.randperm(cols, generator=gen)[:n].sort().values for n in lengths.tolist()])
+    col = col.to(torch.int16 if cols == 100 else torch.int32)
+    values = torch.randn(int(rowptr[-1]), generator=gen).to(dtype)
+    xt = torch.randn(cols, 1, generator=gen).to(dtype)
+    bias = torch.randn(100, generator=gen).to(dtype)
+    for b in (None, bias):
+        got = pysparse.ops.spmm(rowptr, col, values, xt, bias=b)
+        want = reference.spmm(rowptr, col, values.double(), xt.double(), bias=None if b is None else b.double())
+        assert got.dtype == dtype and got.shape == (100, 1)
+        torch.testing.assert_close(got.double(), want, **TOL[dtype])
+    row = 70  # 70 stored values: two vector steps and 6 more
+    for pos in (int(rowptr[row]) + 3, int(rowptr[row]) + 40, int(rowptr[row + 1]) - 1):
+        c = col.clone()
+        c[pos] = cols
+        with pytest.raises(ValueError, match="spmm: a column index is outside"):
+            pysparse.ops.spmm(rowptr, c, values, xt)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
 def test_transposed_batch_packing_edges(dtype):
     """The layers' layout (xt = the [K, B] view of a contiguous [B, K] batch) is packed 16 x 16 blocks at a time
     on the CPU: every K and B remainder against the reference, sizes alternating so that each call reuses the

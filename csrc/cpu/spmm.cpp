@@ -158,6 +158,19 @@ inline __m256i load_index8(const int16_t* p) {
 }
 inline __m256i load_index8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// 8 stored values as float32 lanes: float16 through F16C's conversion, bfloat16 by its bits moved up 16 (a
+// bfloat16 is a float32's upper half; exact).
+inline __m256 load_values8(const float* p) { return _mm256_loadu_ps(p); }
+#ifdef __F16C__
+inline __m256 load_values8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+inline __m256 load_values8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 // in_range8's bound for K columns (K beyond int32 admits every int32 index).
 inline __m256i index_bound8(int64_t K) {
   return _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
@@ -373,14 +386,24 @@ inline __m512i load_index16(const int16_t* p) {
 }
 inline __m512i load_index16(const int32_t* p) { return _mm512_loadu_si512(p); }
 
-// sum_j values[j] * x[col[j]] over [j0, j1) for float32, 16 lanes at a time with masked gathers: indices
-// outside [0, K) are not loaded, and counted in `outside`. Returns the partial sum of the full blocks and
-// advances j0 past them. Against rows checked first and x's lanes loaded one by one into the same vectors (the
-// same bits; Zen 4, 2026-12-01, one process alternating, 11 rounds, per-round ratio, two runs): 4096 x 4096 at
-// 90 / 95 / 99% 0.82-0.87 / 0.85-0.87 / 0.91-0.98, but at 50% 1.09-1.19 and 16384 columns at 90% 1.12-1.23 (x
-// beyond L1): the gathers stay.
-template <typename index_t>
-inline float spmv_row_avx512(const index_t* col, const float* values, const float* x, int64_t& j0, int64_t j1,
+// 16 stored values as float32 lanes (load_values8's AVX-512 twin).
+inline __m512 load_values16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_values16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load_values16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// sum_j values[j] * x[col[j]] over [j0, j1) for a float32 x (the values float32, or float16 / bfloat16 converted as
+// they load), 16 lanes at a time with masked gathers: indices outside [0, K) are not loaded, and counted in `outside`.
+// Returns the partial sum of the full blocks and advances j0 past them. Against rows checked first and x's lanes loaded
+// one by one into the same vectors (the same bits; Zen 4, 2026-12-01, one process alternating, 11 rounds, per-round
+// ratio, two runs): 4096 x 4096 at 90 / 95 / 99% 0.82-0.87 / 0.85-0.87 / 0.91-0.98, but at 50% 1.09-1.19 and 16384
+// columns at 90% 1.12-1.23 (x beyond L1): the gathers stay.
+template <typename index_t, typename value_t>
+inline float spmv_row_avx512(const index_t* col, const value_t* values, const float* x, int64_t& j0, int64_t j1,
                              int64_t K, int64_t& outside) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m512i bound = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(K, INT32_MAX)));
@@ -391,8 +414,8 @@ inline float spmv_row_avx512(const index_t* col, const float* values, const floa
     outside += 32 - __builtin_popcount(ok0) - __builtin_popcount(ok1);
     const __m512 x0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok0, i0, x, 4);
     const __m512 x1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok1, i1, x, 4);
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + j), x0, acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + j + 16), x1, acc1);
+    acc0 = _mm512_fmadd_ps(load_values16(values + j), x0, acc0);
+    acc1 = _mm512_fmadd_ps(load_values16(values + j + 16), x1, acc1);
   }
   j0 = j;
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
@@ -402,8 +425,8 @@ inline float spmv_row_avx512(const index_t* col, const float* values, const floa
 // of the gather (not loaded) and counted in `outside`. Zen 3, batch 1, against the scalar loop (one process
 // alternating the two, ten rounds, median): 4096 x 4096 at 50 / 90 / 99% 5.8 / 1.18 / 0.20 -> 3.3 / 0.61 /
 // 0.15 ms on two threads, 10.3 / 2.08 / 0.29 -> 5.2 / 1.07 / 0.20 ms on one (2026-11-29).
-template <typename index_t>
-inline float spmv_row_avx2(const index_t* col, const float* values, const float* x, int64_t& j0, int64_t j1,
+template <typename index_t, typename value_t>
+inline float spmv_row_avx2(const index_t* col, const value_t* values, const float* x, int64_t& j0, int64_t j1,
                            int64_t K, int64_t& outside) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   const __m256i bound = index_bound8(K);
@@ -415,8 +438,8 @@ inline float spmv_row_avx2(const index_t* col, const float* values, const float*
     outside += 16 - __builtin_popcount(m0) - __builtin_popcount(m1);
     const __m256 x0 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i0, _mm256_castsi256_ps(ok0), 4);
     const __m256 x1 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i1, _mm256_castsi256_ps(ok1), 4);
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), x0, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 8), x1, acc1);
+    acc0 = _mm256_fmadd_ps(load_values8(values + j), x0, acc0);
+    acc1 = _mm256_fmadd_ps(load_values8(values + j + 8), x1, acc1);
   }
   j0 = j;
   const __m256 sum8 = _mm256_add_ps(acc0, acc1);
@@ -427,11 +450,30 @@ inline float spmv_row_avx2(const index_t* col, const float* values, const float*
 }
 #endif
 
-// B == 1, a sparse matrix-vector product: per row, a vectorised gather-multiply-reduce.
+// B == 1, a sparse matrix-vector product: per row, a vectorised gather-multiply-reduce. float16 / bfloat16: x
+// converted to float32 first (K floats), the stored values converted as they load. (Scalar, those types took
+// 1.6-2x float32's time at batch 1 while reading less: 4096 x 4096 at 90%, Zen 4, 2026-12-02.)
 template <typename index_t, typename scalar_t>
 void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* x,
                  const scalar_t* bias, scalar_t* y, int64_t rows, int64_t K, std::atomic<bool>& bad) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool half = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+  constexpr bool vector = std::is_same_v<scalar_t, float> || half;
+#elif defined(__AVX2__)
+  constexpr bool vector = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+  constexpr bool vector = false;
+#endif
+  std::vector<float> x32;
+  const float* xf = nullptr;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    xf = x;
+  } else if constexpr (vector) {
+    x32.resize(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) x32[k] = static_cast<float>(x[k]);
+    xf = x32.data();
+  }
   for_row_parts(rowptr, rows, bad, [&](int64_t, int64_t r0, int64_t r1) {
     int64_t outside = 0;
     for (int64_t r = r0; r < r1; ++r) {
@@ -440,9 +482,9 @@ void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
       int64_t j = rowptr[r];
       const int64_t j1 = rowptr[r + 1];
 #ifdef __AVX512F__
-      if constexpr (std::is_same_v<scalar_t, float>) acc[1] = spmv_row_avx512(col, values, x, j, j1, K, outside);
+      if constexpr (vector) acc[1] = spmv_row_avx512(col, values, xf, j, j1, K, outside);
 #elif defined(__AVX2__)
-      if constexpr (std::is_same_v<scalar_t, float>) acc[1] = spmv_row_avx2(col, values, x, j, j1, K, outside);
+      if constexpr (vector) acc[1] = spmv_row_avx2(col, values, xf, j, j1, K, outside);
 #endif
       for (; j + 4 <= j1; j += 4) {
 #pragma GCC unroll 4
