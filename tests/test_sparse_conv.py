@@ -574,6 +574,45 @@ def test_depthwise_channels_last(c, kernel, stride, dilation, padding, hw, densi
     torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pointwise", [False, True], ids=["depthwise", "pointwise"])
+def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):
+    """The channels-last kernels load and store float16 / bfloat16 a vector at a time (16 channels, and a partial
+    block of 4): a layer whose only stored weights are 1 at the centre tap of channel o's own input computes
+    y = x + bias in float32 and rounds it once, to the same bits as torch's conversion of x.float() + bias.float()
+    (round to nearest even; ties, values that overflow to inf, inf, and NaN among the inputs)."""
+    c = 20
+    if pointwise:
+        conv = nn.Conv2d(c, c, 1)
+        mask = torch.eye(c, dtype=torch.bool)[:, :, None, None]
+    else:
+        conv = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        mask = torch.zeros(c, 1, 3, 3, dtype=torch.bool)
+        mask[:, 0, 1, 1] = True
+    gen = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        conv.weight.copy_(mask.float())
+        conv.bias.copy_(torch.randn(c, generator=gen))
+    sparse = SparseConv2d.from_dense(conv, mask).to(dtype)
+    sparse.dense_below = 0.0
+    x = torch.randn(2, c, 12, 12, generator=gen).to(dtype)
+    big = torch.finfo(dtype).max
+    x[0, :, 0, 0] = torch.tensor([float("nan"), float("inf"), -float("inf"), big, -big] * 4, dtype=dtype)
+    x = x.contiguous(memory_format=CL)
+    bias = sparse.bias.detach()
+    # ties: bias + x exactly halfway between two representable values (x = one ulp of the bias / 2, both signs)
+    ulp = bias.float().abs() * torch.finfo(dtype).eps
+    x[1, :, 2, 3] = (ulp / 2 * torch.tensor([1.0, -1.0] * 10)).to(dtype)
+    x[1, :, 2, 4] = (ulp * 1.5).to(dtype)
+    with torch.no_grad():
+        y = sparse(x)
+    want = (x.float() + bias.float()[:, None, None]).to(dtype)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    nan = want.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 @pytest.mark.parametrize("diagonal", [True, False])
 def test_channels_last_ungrouped_layer_whose_rows_read_their_own_channel(diagonal):
     """An ungrouped C -> C layer whose row o keeps only taps of input channel o is a depthwise one: the kernel
