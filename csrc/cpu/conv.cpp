@@ -731,11 +731,12 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
       const scalar_t* xr = x + (n * H + (inside_rows ? iy0 : 0)) * W * C;
       scalar_t* out = y + (n * OH + oy) * OW * C;
       // P output pixels from ox, every channel block; INSIDE: every tap reads inside the image (no checks). Each
-      // pixel's sum is a chain of dependent multiply-adds, one per tap: four pixels at a time inside the image
-      // (four independent sums per weight vector), and one pixel's taps split between four sums. Against one
-      // pixel at a time, one sum (old / new extension in alternate processes, three each, 2026-12-02, Zen 4, 90%,
-      // forward over nn.Conv2d channels-last): 32 channels of 112 x 112, 3 x 3, batch 1 / 8, 0.66 / 0.77x ->
-      // 0.98 / 0.90x; MobileNetV3-small's 3 x 3 and strided 5 x 5 layers 0.64-0.92x -> 0.70-1.11x at batch 8.
+      // pixel's sum is a chain of dependent multiply-adds, one per tap: so four pixels at a time inside the image
+      // (four independent sums per weight vector; against one pixel at a time, old / new extension in alternate
+      // processes, 2026-12-02, Zen 4, 90%, forward over nn.Conv2d channels-last: 32 channels of 112 x 112, 3 x 3,
+      // batch 1 / 8, 0.66 / 0.77x -> 0.98 / 0.90x), and a single pixel's taps split between four sums (with the
+      // shared interior list: the kernel alone 1.03-1.37x faster on MobileNetV3-small's depthwise shapes, where
+      // rows of 7-28 pixels leave many single pixels; benchmarks/RESULTS.md, thirty-fourth session).
       const auto pixels = [&](auto P, auto INSIDE, int64_t ox) {
         constexpr int np = decltype(P)::value;
         for (int64_t cb = 0; cb < d.blocks; ++cb) {
