@@ -4,6 +4,7 @@ benchmarks/per_round.py (SparseLinear against nn.Linear and torch.sparse.mm per 
 torchvision models, sparsified against dense, per round); benchmarks/vit_digits.py (a small transformer pruned one-shot,
 with and without compensation)."""
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -210,6 +211,15 @@ def test_models_times_a_pruned_model_sparsified_against_its_dense_twin(capsys):
     module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.9", "--image", "32", "--rounds", "1",
                  "--fold-bn"])
     assert "pysparse folded over as it is" in capsys.readouterr().out
+    # bfloat16: both models and the input in it (outputs and input gradients checked within its rounding)
+    for step in (False, True):
+        h = module.measure("resnet18", 2, 0.9, rounds=1, calls=1, step=step, image=32, channels_last=True,
+                           dtype="bfloat16")
+        assert h["layers"] == 21 and h["speedup_min"] <= h["speedup"] <= h["speedup_max"]
+        assert h["file_bytes"] < 0.12 * h["dense_bytes"]  # values stored in bfloat16
+    module.main(["--model", "resnet18", "--batch", "1", "--sparsity", "0.9", "--image", "32", "--rounds", "1",
+                 "--dtype", "bfloat16"])
+    assert "forward, bfloat16" in capsys.readouterr().out
 
 
 def test_models_refuses_to_time_models_that_disagree(monkeypatch):
@@ -223,9 +233,9 @@ def test_models_refuses_to_time_models_that_disagree(monkeypatch):
         return dense, sparse, layers
 
     monkeypatch.setattr(module, "pruned_pair", wrong)
-    for step in (False, True):
+    for step, dtype in itertools.product((False, True), ("float32", "bfloat16")):
         with pytest.raises(AssertionError):
-            module.measure("resnet18", 2, 0.9, rounds=1, calls=1, step=step, image=32)
+            module.measure("resnet18", 2, 0.9, rounds=1, calls=1, step=step, image=32, dtype=dtype)
     for compare in (module.formats, module.folds):
         with pytest.raises(AssertionError, match="differs from dense's"):
             compare("resnet18", 2, 0.9, rounds=1, calls=1, image=32)
@@ -240,6 +250,9 @@ def test_models_rejects_bad_input(kwargs, name):
     for compare in (module.measure, module.formats, module.folds):
         with pytest.raises(ValueError, match=name):
             compare(**args)
+    if name == "model":
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+            module.measure("resnet18", 1, 0.9, rounds=1, calls=1, image=32, dtype="int8")
 
 
 def test_vit_digits_prunes_a_trained_transformer_with_and_without_compensation(capsys):
