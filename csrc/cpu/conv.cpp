@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <type_traits>
@@ -798,28 +799,42 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
   const int64_t N = L.N, C = L.C, H = L.H - 2 * L.ph, W = L.W - 2 * L.pw, OH = L.OH, OW = L.OW;  // (H, W unpadded)
   const int64_t kh = L.kh, kw = L.kw, sh = L.sh, sw = L.sw, dh = L.dh, dw = L.dw, ph = L.ph, pw = L.pw;
   const int64_t per_row = std::max<int64_t>(1, W * d.blocks * kh * kw / std::max<int64_t>(1, sh * sw));
+  // The output column each tap column kj meets at step 0 of phase ph0 (kMiss where it meets none: tx not a
+  // multiple of sw), and below per input row each tap row ki's output row: worked out once instead of per block
+  // and phase (their divisions were a quarter of the kernel at 7 x 7 outputs, 2026-12-02).
+  constexpr int64_t kMiss = std::numeric_limits<int64_t>::min();
+  const int64_t phases = std::min(sw, W);
+  std::vector<int64_t> column0(static_cast<size_t>(std::max<int64_t>(0, phases) * kw));
+  for (int64_t ph0 = 0; ph0 < phases; ++ph0)
+    for (int64_t kj = 0; kj < kw; ++kj) {
+      const int64_t tx = ph0 + pw - kj * dw;  // = ox * sw at step 0
+      column0[ph0 * kw + kj] = ((tx % sw) + sw) % sw ? kMiss : (tx >= 0 ? tx / sw : -((-tx) / sw));  // (exact)
+    }
   at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     const size_t taps = static_cast<size_t>(kh * kw);
     std::vector<const float*> wt(taps);
-    std::vector<int64_t> src(taps), first(taps);
+    std::vector<int64_t> src(taps), first(taps), row0(static_cast<size_t>(kh));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / H, iy = r % H;
       scalar_t* out = dx + r * W * C;
+      for (int64_t ki = 0; ki < kh; ++ki) {
+        const int64_t ty = iy + ph - ki * dh;  // = oy * sh
+        row0[ki] = ty < 0 || ty % sh || ty / sh >= OH ? kMiss : ty / sh;
+      }
       for (int64_t cb = 0; cb < d.blocks; ++cb) {
         const int64_t c0 = cb * kLanes, nc = std::min(kLanes, C - c0);
         for (int64_t ph0 = 0; ph0 < std::min(sw, W); ++ph0) {  // input columns ph0, ph0 + sw, ...
           int64_t nt = 0, jlo = 0, jhi = (W - 1 - ph0) / sw + 1;  // steps j: ix = ph0 + j * sw
           const int64_t steps = jhi;
           for (int64_t ki = 0; ki < kh; ++ki) {
-            const int64_t ty = iy + ph - ki * dh;  // = oy * sh
-            if (ty < 0 || ty % sh || ty / sh >= OH) continue;
+            const int64_t oy = row0[ki];
+            if (oy == kMiss) continue;
             for (int64_t kj = 0; kj < kw; ++kj) {
-              const int64_t tx = ph0 + pw - kj * dw;  // = ox * sw at step 0
-              if (!d.any[(ki * kw + kj) * d.blocks + cb] || ((tx % sw) + sw) % sw) continue;
-              const int64_t ox0 = tx >= 0 ? tx / sw : -((-tx) / sw);  // (exact)
+              const int64_t ox0 = column0[ph0 * kw + kj];
+              if (ox0 == kMiss || !d.any[(ki * kw + kj) * d.blocks + cb]) continue;
               wt[nt] = d.w.data() + (ki * kw + kj) * d.Cp + c0;
               first[nt] = ox0;
-              src[nt++] = ((n * OH + ty / sh) * OW + ox0) * C + c0;
+              src[nt++] = ((n * OH + oy) * OW + ox0) * C + c0;
               jlo = std::max(jlo, -ox0);
               jhi = std::min(jhi, OW - ox0);
             }
