@@ -804,7 +804,7 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
   // and phase (their divisions were a quarter of the kernel at 7 x 7 outputs, 2026-12-02).
   constexpr int64_t kMiss = std::numeric_limits<int64_t>::min();
   const int64_t phases = std::min(sw, W);
-  std::vector<int64_t> column0(static_cast<size_t>(std::max<int64_t>(0, phases) * kw));
+  std::vector<int64_t> column0(static_cast<size_t>(phases * kw));
   for (int64_t ph0 = 0; ph0 < phases; ++ph0)
     for (int64_t kj = 0; kj < kw; ++kj) {
       const int64_t tx = ph0 + pw - kj * dw;  // = ox * sw at step 0
@@ -823,7 +823,7 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
       }
       for (int64_t cb = 0; cb < d.blocks; ++cb) {
         const int64_t c0 = cb * kLanes, nc = std::min(kLanes, C - c0);
-        for (int64_t ph0 = 0; ph0 < std::min(sw, W); ++ph0) {  // input columns ph0, ph0 + sw, ...
+        for (int64_t ph0 = 0; ph0 < phases; ++ph0) {  // input columns ph0, ph0 + sw, ...
           int64_t nt = 0, jlo = 0, jhi = (W - 1 - ph0) / sw + 1;  // steps j: ix = ph0 + j * sw
           const int64_t steps = jhi;
           for (int64_t ki = 0; ki < kh; ++ki) {

@@ -33,6 +33,7 @@ namespace {
 
 using cpu::check_rowptr_cpu;
 using cpu::for_row_parts;
+using cpu::is_half_v;
 using cpu::kLanes;
 using cpu::load_lanes;
 using cpu::row_parts;
@@ -157,19 +158,6 @@ inline __m256i load_index8(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline __m256i load_index8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
-// 8 stored values as float32 lanes: float16 through F16C's conversion, bfloat16 by its bits moved up 16 (a
-// bfloat16 is a float32's upper half; exact).
-inline __m256 load_values8(const float* p) { return _mm256_loadu_ps(p); }
-#ifdef __F16C__
-inline __m256 load_values8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-#endif
-inline __m256 load_values8(const c10::BFloat16* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
 
 // in_range8's bound for K columns (K beyond int32 admits every int32 index).
 inline __m256i index_bound8(int64_t K) {
@@ -386,16 +374,6 @@ inline __m512i load_index16(const int16_t* p) {
 }
 inline __m512i load_index16(const int32_t* p) { return _mm512_loadu_si512(p); }
 
-// 16 stored values as float32 lanes (load_values8's AVX-512 twin).
-inline __m512 load_values16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_values16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load_values16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
 // sum_j values[j] * x[col[j]] over [j0, j1) for a float32 x (the values float32, or float16 / bfloat16 converted as
 // they load), 16 lanes at a time with masked gathers: indices outside [0, K) are not loaded, and counted in `outside`.
 // Returns the partial sum of the full blocks and advances j0 past them. Against rows checked first and x's lanes loaded
@@ -414,8 +392,8 @@ inline float spmv_row_avx512(const index_t* col, const value_t* values, const fl
     outside += 32 - __builtin_popcount(ok0) - __builtin_popcount(ok1);
     const __m512 x0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok0, i0, x, 4);
     const __m512 x1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok1, i1, x, 4);
-    acc0 = _mm512_fmadd_ps(load_values16(values + j), x0, acc0);
-    acc1 = _mm512_fmadd_ps(load_values16(values + j + 16), x1, acc1);
+    acc0 = _mm512_fmadd_ps(load_lanes(values + j, kLanes), x0, acc0);  // (float16 / bfloat16 widened: vec.h)
+    acc1 = _mm512_fmadd_ps(load_lanes(values + j + 16, kLanes), x1, acc1);
   }
   j0 = j;
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
@@ -438,8 +416,9 @@ inline float spmv_row_avx2(const index_t* col, const value_t* values, const floa
     outside += 16 - __builtin_popcount(m0) - __builtin_popcount(m1);
     const __m256 x0 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i0, _mm256_castsi256_ps(ok0), 4);
     const __m256 x1 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i1, _mm256_castsi256_ps(ok1), 4);
-    acc0 = _mm256_fmadd_ps(load_values8(values + j), x0, acc0);
-    acc1 = _mm256_fmadd_ps(load_values8(values + j + 8), x1, acc1);
+    const vfloat v = load_lanes(values + j, kLanes);  // 16 values, float16 / bfloat16 widened (vec.h)
+    acc0 = _mm256_fmadd_ps(v.p[0], x0, acc0);
+    acc1 = _mm256_fmadd_ps(v.p[1], x1, acc1);
   }
   j0 = j;
   const __m256 sum8 = _mm256_add_ps(acc0, acc1);
@@ -457,11 +436,8 @@ template <typename index_t, typename scalar_t>
 void spmv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* x,
                  const scalar_t* bias, scalar_t* y, int64_t rows, int64_t K, std::atomic<bool>& bad) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool half = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
-  constexpr bool vector = std::is_same_v<scalar_t, float> || half;
-#elif defined(__AVX2__)
-  constexpr bool vector = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr bool vector = std::is_same_v<scalar_t, float> || is_half_v<scalar_t>;  // the gather steps below
 #else
   constexpr bool vector = false;
 #endif
