@@ -431,12 +431,14 @@ def test_grad_ops_layouts(device, case, dtype, channels_last):
 
 @pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("n,c,o,h,w", [(3, 37, 21, 5, 7), (1, 16, 16, 4, 4), (2, 5, 40, 3, 11), (1, 70, 3, 1, 1),
-                                       (4, 16, 16, 12, 12), (2, 300, 200, 6, 5)])
+                                       (4, 16, 16, 12, 12), (2, 300, 200, 6, 5), (2, 20, 36, 9, 17),
+                                       (3, 24, 20, 13, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_pointwise_channels_last(device, n, c, o, h, w, dtype):
     """A 1 x 1 convolution (stride 1, no padding) of a channels-last tensor: the CPU computes it on the pixels'
     [P, C] rows directly (16 pixels and up to 16 channels a block: partial blocks of pixels, input and output
-    channels here). Forward, input gradient (with and without W's transposed structure) and values gradient (a
+    channels here; tiles of 16, 32 and 64 pixels by P and the thread count: 306 and 663 pixels end in partial
+    tiles of 32 / 64 on two threads). Forward, input gradient (with and without W's transposed structure) and values gradient (a
     tile of pixels' panels: one partial tile, and 576 pixels in tiles of 256, 60 in tiles of 32) against the
     references, outputs channels-last; a column index out of range raises."""
     values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, 7)
@@ -580,7 +582,9 @@ def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):
     """The channels-last kernels load and store float16 / bfloat16 a vector at a time (16 channels, and a partial
     block of 4): a layer whose only stored weights are 1 at the centre tap of channel o's own input computes
     y = x + bias in float32 and rounds it once, to the same bits as torch's conversion of x.float() + bias.float()
-    (round to nearest even; ties, values that overflow to inf, inf, and NaN among the inputs)."""
+    (round to nearest even; ties, values that overflow to inf, inf, NaN and subnormals among the inputs; with
+    AVX512-BF16 a bfloat16 block without NaN or subnormals takes one conversion instruction, the others the
+    integer rounding)."""
     c = 20
     if pointwise:
         conv = nn.Conv2d(c, c, 1)
@@ -593,6 +597,7 @@ def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):
     with torch.no_grad():
         conv.weight.copy_(mask.float())
         conv.bias.copy_(torch.randn(c, generator=gen))
+        conv.bias[[2, 17]] = 0.0  # subnormal outputs in a full and in a partial block of channels
     sparse = SparseConv2d.from_dense(conv, mask).to(dtype)
     sparse.dense_below = 0.0
     x = torch.randn(2, c, 12, 12, generator=gen).to(dtype)
@@ -604,6 +609,9 @@ def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):
     ulp = bias.float().abs() * torch.finfo(dtype).eps
     x[1, :, 2, 3] = (ulp / 2 * torch.tensor([1.0, -1.0] * 10)).to(dtype)
     x[1, :, 2, 4] = (ulp * 1.5).to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    x[1, [2, 17], 7, 7] = torch.tensor([tiny / 4, -tiny * 3 / 8], dtype=dtype)
+    assert (x[1, [2, 17], 7, 7] != 0).all()
     with torch.no_grad():
         y = sparse(x)
     want = (x.float() + bias.float()[:, None, None]).to(dtype)

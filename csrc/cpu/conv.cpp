@@ -532,44 +532,68 @@ void pixels_to_panel(const scalar_t* src, int64_t width, int64_t p0, int64_t np,
   }
 }
 
-// A channels-last x [N, H, W, K] is a [P, K] matrix of pixels (P = N * H * W), and a 1 x 1 convolution is
-// y [P, R] = x W^T: no working layout, no planes. 16 pixels at a time: their [16, K] rows transposed in registers
-// into a [K, 16] panel (in L1 / L2), then each output row r is a sum of its stored weights times panel rows
-// (one 16-lane multiply-add each), 16 rows at a time transposed back into the pixels' [16, 16] block of y. The
-// forward uses W's rows; the input gradient the same with W^T's (entries by input channel). Through the
-// working layout, both directions of the layout change cost more than the few products of a 1 x 1 layer
-// (MobileNetV3-small's, channels-last: 16 -> 72 on 56 x 56, batch 8, 0.79 ms NCHW against 1.30 ms).
-// w: the R rows' entries, columns in [0, K).
-template <typename scalar_t>
-void pointwise_channels_last(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias,
-                             scalar_t* y, int64_t P) {
+// pointwise_channels_last's kernel for tiles of T = 16 V pixels (below).
+template <int V, typename scalar_t>
+void pointwise_tiles(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias, scalar_t* y,
+                     int64_t P) {
+  constexpr int64_t T = V * kLanes;
   const int64_t* ptr = w.ptr.data();
   const int32_t* idx = w.idx.data();
   const float* val = w.val.data();
-  const int64_t tiles = (P + kLanes - 1) / kLanes;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, K + R)), [&](int64_t t0, int64_t t1) {
-    std::vector<float> panel(static_cast<size_t>(K * kLanes));  // [K, 16]: channel k of the tile's pixels
+  const int64_t tiles = (P + T - 1) / T;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, 2048 / V / std::max<int64_t>(1, K + R)), [&](int64_t t0, int64_t t1) {
+    std::vector<float> panel(static_cast<size_t>(K * T));  // [K, T]: channel k of the tile's pixels
+    vfloat out[V][kLanes];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p0 = t * kLanes, np = std::min(kLanes, P - p0);
-      pixels_to_panel(x, K, p0, np, kLanes, panel.data());
+      const int64_t p0 = t * T, np = std::min(T, P - p0);
+      pixels_to_panel(x, K, p0, np, T, panel.data());
       for (int64_t r0 = 0; r0 < R; r0 += kLanes) {
         const int64_t nr = std::min(kLanes, R - r0);
-        vfloat out[kLanes];
         for (int64_t k = 0; k < kLanes; ++k) {
-          if (k >= nr) {
-            out[k] = vfloat{};
-            continue;
+          vfloat acc[V];
+          const float b = k < nr && bias ? static_cast<float>(bias[r0 + k]) : 0.f;
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[v] = vfloat{} + b;
+          const int64_t j1 = k < nr ? ptr[r0 + k + 1] : 0;
+          for (int64_t j = k < nr ? ptr[r0 + k] : 0; j < j1; ++j) {
+            const float* src = panel.data() + idx[j] * T;
+            const float wv = val[j];
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) acc[v] += wv * vload(src + v * kLanes);
           }
-          const int64_t r = r0 + k;
-          vfloat acc = vfloat{} + (bias ? static_cast<float>(bias[r]) : 0.f);
-          for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) acc += val[j] * vload(panel.data() + idx[j] * kLanes);
-          out[k] = acc;
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) out[v][k] = acc[v];
         }
-        transpose16(out);  // out[e] = rows r0 .. of pixel p0 + e
-        for (int64_t e = 0; e < np; ++e) store_lanes(y + (p0 + e) * R + r0, out[e], nr);
+        for (int64_t v = 0; v * kLanes < np; ++v) {
+          transpose16(out[v]);  // out[v][e] = rows r0 .. of pixel p0 + v * 16 + e
+          const int64_t ne = std::min(kLanes, np - v * kLanes);
+          for (int64_t e = 0; e < ne; ++e) store_lanes(y + (p0 + v * kLanes + e) * R + r0, out[v][e], nr);
+        }
       }
     }
   });
+}
+
+// A channels-last x [N, H, W, K] is a [P, K] matrix of pixels (P = N * H * W), and a 1 x 1 convolution is
+// y [P, R] = x W^T: no working layout, no planes. A tile of T = 16 V pixels at a time: their [T, K] rows
+// transposed in registers (16 x 16 blocks) into a [K, T] panel (in L1 / L2), then each output row r is a sum of
+// its stored weights times panel rows (V 16-lane multiply-adds each), 16 rows at a time transposed back into the
+// pixels' [16, 16] blocks of y. The forward uses W's rows; the input gradient the same with W^T's (entries by
+// input channel). Through the working layout, both directions of the layout change cost more than the few
+// products of a 1 x 1 layer (MobileNetV3-small's, channels-last: 16 -> 72 on 56 x 56, batch 8, 0.79 ms NCHW
+// against 1.30 ms). V = 4 where there are tiles enough for every thread: per row, its entries' loop (a branch
+// the predictor misses at a row's end: rows of 90% sparse 16 -> 72 hold 0-5 entries) and the pointer loads are
+// shared by 64 pixels instead of 16, and the four sums are independent. w: the R rows' entries, columns in [0, K).
+template <typename scalar_t>
+void pointwise_channels_last(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias,
+                             scalar_t* y, int64_t P) {
+  const int64_t threads = at::get_num_threads();
+  if (P >= 4 * 64 * threads)
+    pointwise_tiles<4>(w, R, K, x, bias, y, P);
+  else if (P >= 4 * 32 * threads)
+    pointwise_tiles<2>(w, R, K, x, bias, y, P);
+  else
+    pointwise_tiles<1>(w, R, K, x, bias, y, P);
 }
 
 // The values gradient of a pointwise layer on channels-last x [P, K] and gy [P, R]: dv[j] = sum over pixels of

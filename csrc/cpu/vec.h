@@ -117,6 +117,11 @@ inline __m256i narrow16(vfloat v, c10::Half) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline __m256i narrow16(vfloat v, c10::BFloat16) {
+#ifdef __AVX512BF16__
+  // One instruction where no lane is a NaN or a float32 subnormal (it rounds to nearest even as c10 does, but
+  // flushes subnormals to zero and keeps a NaN's payload); those blocks take the integer rounding below.
+  if (_mm512_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80) == 0) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#endif
   const __m512i b = _mm512_castps_si512(v);
   const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
                                         _mm512_set1_epi32(0x7FFF));
