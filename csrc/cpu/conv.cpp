@@ -532,6 +532,14 @@ void pixels_to_panel(const scalar_t* src, int64_t width, int64_t p0, int64_t np,
   }
 }
 
+// Lanes [0, nr) of block[e] into dst + e * R, for the ne <= 16 pixels e. (Its own function: the stores go through
+// may-alias vector types, after which the caller's lambda would load whatever it reaches through its captures
+// again, per store.)
+template <typename scalar_t>
+inline void store_pixels(scalar_t* dst, int64_t R, const vfloat (&block)[kLanes], int64_t ne, int64_t nr) {
+  for (int64_t e = 0; e < ne; ++e) store_lanes(dst + e * R, block[e], nr);
+}
+
 // pointwise_channels_last's kernel for tiles of T = 16 V pixels (below).
 template <int V, typename scalar_t>
 void pointwise_tiles(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias, scalar_t* y,
@@ -567,7 +575,7 @@ void pointwise_tiles(const PointwiseRows& w, int64_t R, int64_t K, const scalar_
         for (int64_t v = 0; v * kLanes < np; ++v) {
           transpose16(out[v]);  // out[v][e] = rows r0 .. of pixel p0 + v * 16 + e
           const int64_t ne = std::min(kLanes, np - v * kLanes);
-          for (int64_t e = 0; e < ne; ++e) store_lanes(y + (p0 + v * kLanes + e) * R + r0, out[v][e], nr);
+          store_pixels(y + (p0 + v * kLanes) * R + r0, R, out[v], ne, nr);
         }
       }
     }
