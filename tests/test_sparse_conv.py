@@ -438,9 +438,9 @@ def test_pointwise_channels_last(device, n, c, o, h, w, dtype):
     """A 1 x 1 convolution (stride 1, no padding) of a channels-last tensor: the CPU computes it on the pixels'
     [P, C] rows directly (16 pixels and up to 16 channels a block: partial blocks of pixels, input and output
     channels here; tiles of 16, 32 and 64 pixels by P and the thread count: 306 and 663 pixels end in partial
-    tiles of 32 / 64 on two threads). Forward, input gradient (with and without W's transposed structure) and values gradient (a
-    tile of pixels' panels: one partial tile, and 576 pixels in tiles of 256, 60 in tiles of 32) against the
-    references, outputs channels-last; a column index out of range raises."""
+    tiles of 32 / 64 on two threads). Forward, input gradient (with and without W's transposed structure) and
+    values gradient (a tile of pixels' panels: one partial tile, and 576 pixels in tiles of 256, 60 in tiles of 32)
+    against the references, outputs channels-last; a column index out of range raises."""
     values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, 7)
     x = x.contiguous(memory_format=CL)
     geo = dict(kernel_size=1)

@@ -233,13 +233,6 @@ inline vfloat load_selected(const float* p, vfloat v, uint32_t sel) {
 #endif
 }
 
-// Channels-last tensors and the working layout with one image a unit (nb = 1), float32: both directions move up
-// to 16 channels x 16 columns of an image row at a time, a contiguous [16 columns, 16 channels] block of the
-// channels-last row transposed in registers, and a task (image, channel group) streams through that group's
-// planes (Interleave::row_base / run_offset place the columns). Reading a channels-last input channel by channel
-// with a stride of C, as the NCHW path reads its rows, made the forward of ResNet-18's layer1 at 90%, batch 8,
-// twice as slow (4.1 -> 8.7 ms, Zen 4).
-//
 // Lanes [0, lanes) of block[e] into dst + e * stride, for e < count (<= 16). Its own function: the stores go
 // through may-alias vector types, after which a caller's lambda would load whatever it reaches through its
 // captures (the strides, the destination) again, at every store (bfloat16 1 x 1 16 -> 72 channels-last, batch 8:
@@ -249,6 +242,13 @@ inline void store_block(scalar_t* dst, int64_t stride, const vfloat (&block)[kLa
   for (int64_t e = 0; e < count; ++e) store_lanes(dst + e * stride, block[e], lanes);
 }
 
+// Channels-last tensors and the working layout with one image a unit (nb = 1), float32: both directions move up
+// to 16 channels x 16 columns of an image row at a time, a contiguous [16 columns, 16 channels] block of the
+// channels-last row transposed in registers, and a task (image, channel group) streams through that group's
+// planes (Interleave::row_base / run_offset place the columns). Reading a channels-last input channel by channel
+// with a stride of C, as the NCHW path reads its rows, made the forward of ResNet-18's layer1 at 90%, batch 8,
+// twice as slow (4.1 -> 8.7 ms, Zen 4).
+//
 // A channels-last src [N, H0, W0, C] -> dst in the working layout (nb = 1), as float32. A task's planes are
 // zeroed whole first (one fill each: zeroing only the padding's rows and columns took a fill call per row and
 // side, ~14% of the copy's time), then the elements go in, row by row.
