@@ -50,4 +50,5 @@ def test_gan_train_step(benchmark, device, shape, sparsity, impl):
     t = _trainer(device, *shape, impl, sparsity)
     benchmark.group = f"gan-step-{shape[0]}x{shape[0]}x{shape[1]}-s{sparsity}-{device}"
     run(benchmark, t.train_step, device, rounds=10 if shape[0] == 8 else 3)
-    benchmark.extra_info["images_per_s"] = 2 * BATCH / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # (None under --benchmark-disable, a smoke run of the benchmarks)
+        benchmark.extra_info["images_per_s"] = 2 * BATCH / benchmark.stats.stats.median
