@@ -108,6 +108,17 @@ inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) 
 // float32 time: Zen 4, 2026-12-02.)
 template <typename T>
 constexpr bool is_half_v = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+// c10's float32 -> bfloat16 rounding, lane by lane, for both ISAs' narrowing below: F a GCC vector of floats, U
+// the same width of uint32_t. To nearest even (the upper half plus 0x7FFF and the kept half's lowest bit); a NaN
+// becomes 0x7FC0. The bfloat16 in each lane's low 16 bits.
+template <typename U, typename F>
+inline U bf16_bits(F v) {
+  const U b = reinterpret_cast<U>(v);
+  const U rounded = (b + (((b >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return v != v ? U{} + 0x7FC0u : rounded;  // (v != v: the NaN lanes)
+}
+#endif
 #ifdef __AVX512F__
 inline vfloat widen16(__m256i h, c10::Half) { return _mm512_cvtph_ps(h); }
 inline vfloat widen16(__m256i h, c10::BFloat16) {
@@ -122,12 +133,9 @@ inline __m256i narrow16(vfloat v, c10::BFloat16) {
   // flushes subnormals to zero and keeps a NaN's payload); those blocks take the integer rounding below.
   if (_mm512_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80) == 0) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
 #endif
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
-                                        _mm512_set1_epi32(0x7FFF));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, bias), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
+  using U = uint32_t __attribute__((vector_size(64)));
+  using F = float __attribute__((vector_size(64)));
+  return _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(bf16_bits<U>(reinterpret_cast<F>(v))));
 }
 #elif defined(__AVX2__) && defined(__F16C__)
 #define PYSPARSE_HALF_LANES 1
@@ -139,11 +147,9 @@ inline __m128i narrow8(vpart v, c10::Half) {
   return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline __m128i narrow8(vpart v, c10::BFloat16) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1)),
-                                        _mm256_set1_epi32(0x7FFF));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, bias), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  using U = uint32_t __attribute__((vector_size(32)));
+  using F = float __attribute__((vector_size(32)));
+  const __m256i r = reinterpret_cast<__m256i>(bf16_bits<U>(reinterpret_cast<F>(v)));
   // 8 words from the 32-bit lanes (each < 2^16): pack within 128-bit lanes, then the two quads in order
   const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   return _mm256_castsi256_si128(w);
