@@ -66,6 +66,11 @@ def file_bytes(model) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in norm, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224, seed=0, channels_last=False,
             dtype="float32"):
     """Median time (ms) of the sparsified and the dense pruned model's forward (step=True: forward + backward in
@@ -104,16 +109,26 @@ def measure(model, batch, sparsity, rounds=7, calls=None, step=False, image=224,
     for m in dropouts:
         m.eval()
     outs = {impl: call(impl) for impl in IMPLS}
-    for m in dropouts:
-        m.train(step)
     # In norm. Train-mode BatchNorm's backward cancels: ResNet-18's input gradient at batch 8 differs from its
     # float64 one by 1.6e-3 in norm (the dense model's as the sparse one's), and by 1.2% of its largest element.
     # In a half type each layer's output is rounded to 8 (bfloat16) or 11 (float16) bits, its sums in another
     # order: the two models' outputs differ by about 1e-2 in norm in bfloat16.
-    error = ((outs["pysparse"] - outs["dense"]).float().norm() / outs["dense"].float().norm()).item()
+    error, against = _relative(outs["pysparse"], outs["dense"]), "dense one's"
     bound = (1e-2 if step else 1e-4) if dtype == "float32" else (2e-1 if step else 5e-2)
+    if step and dtype == "float32" and error >= bound:
+        # Deeper models cancel more: ResNet-50's float32 input gradient at batch 8 is 1.3e-2 (NCHW) and 5.4e-2
+        # (channels-last) from its float64 one, the dense model's as the sparse one's, so the two float32 models
+        # differ by about that much. Then the sparse model must be as close to the float64 gradient as the dense.
+        exact = copy.deepcopy(dense).double()
+        x64 = x.detach().double().contiguous(memory_format=fmt).requires_grad_(True)
+        torch.manual_seed(seed)
+        exact(x64).sum().backward()
+        dense_error, error = _relative(outs["dense"], x64.grad), _relative(outs["pysparse"], x64.grad)
+        bound, against = max(1e-2, 1.5 * dense_error), f"float64 dense one's (float32 dense: {dense_error:.2e})"
+    for m in dropouts:
+        m.train(step)
     assert error < bound, f"the sparsified model's {'input gradient' if step else 'output'} " \
-                          f"differs from the dense one's by {error:.2e} in norm"
+                          f"differs from the {against} by {error:.2e} in norm"
     if calls is None:
         start = time.perf_counter()
         call("dense")

@@ -432,14 +432,15 @@ def test_grad_ops_layouts(device, case, dtype, channels_last):
 @pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("n,c,o,h,w", [(3, 37, 21, 5, 7), (1, 16, 16, 4, 4), (2, 5, 40, 3, 11), (1, 70, 3, 1, 1),
                                        (4, 16, 16, 12, 12), (2, 300, 200, 6, 5), (2, 20, 36, 9, 17),
-                                       (3, 24, 20, 13, 17)])
+                                       (3, 24, 20, 13, 17), (2, 400, 300, 9, 11)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_pointwise_channels_last(device, n, c, o, h, w, dtype):
     """A 1 x 1 convolution (stride 1, no padding) of a channels-last tensor: the CPU computes it on the pixels'
     [P, C] rows directly (16 pixels and up to 16 channels a block: partial blocks of pixels, input and output
     channels here; tiles of 16, 32 and 64 pixels by P and the thread count: 306 and 663 pixels end in partial
     tiles of 32 / 64 on two threads). Forward, input gradient (with and without W's transposed structure) and
-    values gradient (a tile of pixels' panels: one partial tile, and 576 pixels in tiles of 256, 60 in tiles of 32)
+    values gradient (a tile of pixels' panels: one partial tile, 576 pixels in tiles of 256, 60 in tiles of 32 (a
+    thread's share), 198 of 700 channels in tiles of 64, the floor, the last one partial)
     against the references, outputs channels-last; a column index out of range raises."""
     values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, 7)
     x = x.contiguous(memory_format=CL)

@@ -606,17 +606,23 @@ void pointwise_channels_last(const PointwiseRows& w, int64_t R, int64_t K, const
 }
 
 // The values gradient of a pointwise layer on channels-last x [P, K] and gy [P, R]: dv[j] = sum over pixels of
-// gy[p, r] x[p, idx[j]] for entry j of row r. A tile of T pixels (a multiple of 16, its two panels within ~64 KB)
-// is transposed into panels x [K, T] and gy [R, T] (16 x 16 register transposes, missing pixels zero), then each
-// entry adds one dot product of two panel rows (cpu::dots). Threads take ranges of tiles and sum into their own
-// [nnz] array, added into dv at the end: the transposes, most of the work, are done once.
+// gy[p, r] x[p, idx[j]] for entry j of row r. A tile of T pixels (a multiple of 16) is transposed into panels
+// x [K, T] and gy [R, T] (16 x 16 register transposes, missing pixels zero), then each entry adds one dot product
+// of two panel rows (cpu::dots). Threads take ranges of tiles and sum into their own [nnz] array, added into dv at
+// the end: the transposes, most of the work, are done once. T: the two panels within ~64 KB, but at least 64
+// pixels (or a thread's share of P, rounded up to 16, where that is less): each dot product ends in a horizontal
+// sum and a scalar add, which 16-pixel tiles (K + R > 682) paid for every single multiply-add. On ResNet-50's and
+// MobileNetV3's wider 1 x 1 layers 64-pixel tiles take 0.54-0.81 of the time (benchmarks/RESULTS.md), although
+// their panels outgrow L1.
 template <typename scalar_t>
 void pointwise_grad_values_channels_last(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x,
                                          const scalar_t* gy, int64_t P, float* dv) {
   const int64_t* ptr = w.ptr.data();
   const int64_t nnz = ptr[R];
-  const int64_t T = std::clamp<int64_t>((int64_t{1} << 14) / std::max<int64_t>(1, K + R) / kLanes * kLanes, kLanes,
-                                        256);
+  const int64_t threads = at::get_num_threads();
+  const int64_t T = std::min(std::clamp<int64_t>((int64_t{1} << 14) / std::max<int64_t>(1, K + R) / kLanes * kLanes,
+                                                 64, 256),
+                             std::max<int64_t>(kLanes, ((P + threads - 1) / threads + kLanes - 1) / kLanes * kLanes));
   const int64_t tiles = (P + T - 1) / T;
   std::vector<int64_t> offs(static_cast<size_t>(nnz));
   for (int64_t j = 0; j < nnz; ++j) offs[j] = w.idx[j] * T;
