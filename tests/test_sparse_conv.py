@@ -474,6 +474,39 @@ def test_pointwise_channels_last(device, n, c, o, h, w, dtype):
 
 
 @pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("n,c,o,h,w,stride", [(2, 37, 21, 9, 11, (2, 2)), (1, 16, 40, 7, 7, (2, 2)),
+                                              (3, 24, 20, 13, 17, (1, 2)), (2, 20, 36, 10, 9, (3, 2)),
+                                              (2, 400, 300, 14, 14, (2, 2)), (4, 8, 16, 40, 40, (2, 2))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_strided_channels_last(device, n, c, o, h, w, stride, dtype):
+    """A strided 1 x 1 convolution of a channels-last tensor (ResNet's downsampling shortcuts): the CPU computes it
+    on the pixels it reads (odd sizes, whose last rows and columns it skips, one and two strides, tiles of 16, 32
+    and 64 output pixels ending partial). Forward, input gradient (zero at the pixels not read) and values
+    gradient against the references, outputs channels-last."""
+    values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, 9)
+    x = x.contiguous(memory_format=CL)
+    geo = dict(kernel_size=1, stride=stride)
+    y = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo)
+    assert y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y, reference.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo), **TOL[dtype])
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(10)).to(device, dtype)
+    gy = gy.contiguous(memory_format=CL)
+    want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
+    for transposed in ([s.transposed()] + ([None] if device == "cpu" else [])):
+        dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=transposed, **geo)
+        torch.testing.assert_close(dx, want, **TOL[dtype])
+        assert dx.is_contiguous(memory_format=CL)
+        read = torch.zeros(h, w, dtype=torch.bool)
+        read[::stride[0], ::stride[1]] = True
+        assert not dx[:, :, ~read].any()
+    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=TOL[dtype]["rtol"] * 2, atol=TOL[dtype]["atol"] * 4)
+    torch.testing.assert_close(pysparse.ops.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo),
+                               reference.sparse_conv2d_grad_values(s.rowptr, s.col, x.to(ref_dtype),
+                                                                   gy.to(ref_dtype), **geo).to(dtype), **tol)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
 def test_grad_ops_opcheck(device):
     values, s, x, _ = _conv_problem(3, 4, 5, 9, 8, 3, 3, 0.5, torch.float32, device, 4)
     gy = torch.randn(3, 5, 4, 3, device=device)
