@@ -629,9 +629,9 @@ void pointwise_tiles(const PointwiseRows& w, int64_t R, int64_t K, const scalar_
 // the predictor misses at a row's end: rows of 90% sparse 16 -> 72 hold 0-5 entries) and the pointer loads are
 // shared by 64 pixels instead of 16, and the four sums are independent. w: the R rows' entries, columns in [0, K).
 // A strided layer (ResNet's downsampling shortcuts) is the same over the pixels it reads: x_map gives the forward's
-// input rows by output pixel, y_map the input gradient's output rows (the caller zeroes the others). Through the
-// working layout ResNet-50's 256 -> 512 stride-2 shortcut on 56 x 56, batch 8, 90%, took 8.2 ms forward and 18.7
-// ms backward, 1.07x / 1.10x nn.Conv2d; this way 2.7 / 7.3 ms (benchmarks/RESULTS.md).
+// input rows by output pixel, y_map the input gradient's output rows (the caller zeroes the others; one map at
+// most). Through the working layout ResNet-50's 256 -> 512 stride-2 shortcut on 56 x 56, batch 8, 90%, took 8.2 ms
+// forward and 18.7 ms backward, 1.07x / 1.10x nn.Conv2d; this way 2.7 / 7.3 ms (benchmarks/RESULTS.md).
 template <typename scalar_t>
 void pointwise_channels_last(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias,
                              scalar_t* y, int64_t P, const PixelMap* x_map = nullptr, const PixelMap* y_map = nullptr) {
