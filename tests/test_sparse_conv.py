@@ -411,9 +411,12 @@ def test_grad_ops_match_reference(device, n, c, o, hw, k, stride, dilation, padd
     (64, 6, 5, 10, 10, (4, 4), (2, 2), (1, 1), 0.6, (0, 0)),  # stride 2: 27 per run rounded up to 32
     (3, 4, 16, 64, 64, (3, 3), (1, 1), (1, 1), 0.5, (1, 1)),   # gy of one image > 256 KB: unit blocks of one
     (3, 4, 128, 64, 64, (3, 3), (2, 2), (1, 1), 0.5, (1, 1)),  # the same with stride 2 (four phases)
+    (40, 40, 24, 10, 10, (3, 3), (2, 2), (1, 1), 0.3, (1, 1)),  # 18 images per run: channels-last moves of 16
+    # channels x 16 images, three channel blocks (the last partial), 16 + 2 images a run
 ], ids=["interleaved-padded", "interleaved-stride2", "interleaved-stride2-padded", "odd-padded", "sparse",
         "large-stride2-padded", "large-padded", "large-stride2-odd", "large-stride32-dilated", "aligned-padded",
-        "aligned-partial", "aligned-partial-padded", "aligned-stride2", "unit-blocks", "unit-blocks-stride2"])
+        "aligned-partial", "aligned-partial-padded", "aligned-stride2", "unit-blocks", "unit-blocks-stride2",
+        "channel-blocks-stride2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_grad_ops_layouts(device, case, dtype, channels_last):

@@ -296,6 +296,49 @@ void interleave_channels_last(const src_t* src, float* dst, const Interleave& I)
   });
 }
 
+// The same with nb > 1 images a unit (lanes), the layout of small planes: a task is a unit's 16 channels, and each
+// element (one pixel of the unit's images) moves as a [images, 16 channels] block of the channels-last rows, its
+// rows one pixel of an image each, transposed in registers into 16 channels' runs of lanes. Element by element with
+// a stride of C (the generic loop), a 3 x 3 stride-2 layer's copy of 256 channels of 28 x 28 (batch 8, 3 lanes)
+// read each 64-byte line once per channel: a quarter of its forward, which took 1.5x its NCHW time. This way
+// (one process switching per call, 7 rounds, per-round ratio, 90%): its forward 0.65 and values gradient 0.75 of
+// the time, 512 ch 14 x 14 stride 2 0.72 / 0.71, 3 x 3 stride 1 on 256 ch 14 x 14 and 512 ch 7 x 7 0.95-0.97 /
+// 0.85 (benchmarks/RESULTS.md).
+template <typename src_t>
+void interleave_channels_last_lanes(const src_t* src, float* dst, const Interleave& I) {
+  const int64_t C = I.C, nb = I.nb, pitch = I.pitch(), sw = I.sw, image = I.H0() * I.W0() * C;
+  const int64_t cblocks = (C + kLanes - 1) / kLanes;
+  at::parallel_for(0, I.NB * cblocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u = t / cblocks, c0 = (t % cblocks) * kLanes, nc = std::min(kLanes, C - c0);
+      const int64_t lanes = std::min(nb, I.N - u * nb);
+      float* const first = dst + (u * C + c0) * pitch + I.lead;  // channel c0's plane (+ k * pitch: c0 + k)
+      std::fill(first - I.lead, first - I.lead + nc * pitch, 0.f);
+      for (int64_t a = 0; a < I.sh; ++a)
+        for (int64_t b = 0; b < sw; ++b) {
+          const auto [j0, j1] = I.columns(b);
+          const auto [i0, i1] = I.rows(a);
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t y = i * I.sh + a - I.ph;  // the element row
+            float* const o = first + (((a * sw + b) * I.Hp + i) * I.Wp) * nb;
+            for (int64_t l0 = 0; l0 < lanes; l0 += kLanes) {
+              const int64_t nl = std::min(kLanes, lanes - l0);
+              const src_t* in = src + I.row_at(u * nb + l0, c0, y);  // + l * image: image l0 + l
+              for (int64_t j = j0; j < j1; ++j) {
+                const src_t* px = in + (j * sw + b - I.pw) * C;
+                vfloat block[kLanes];
+                for (int64_t l = 0; l < kLanes; ++l)
+                  block[l] = l < nl ? load_lanes(px + l * image, nc) : vfloat{};
+                transpose16(block);  // block[k] = images l0 .. of channel c0 + k
+                store_block(o + j * nb + l0, pitch, block, nc, nl);
+              }
+            }
+          }
+        }
+    }
+  });
+}
+
 // The inverse for one image: channels c0 .. c0 + nc of image n, whose planes (without lead) start at
 // planes[k * kstride], into a channels-last dst [N, H0, W0, C].
 template <typename dst_t>
@@ -330,7 +373,7 @@ void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst
 template <typename src_t, typename dst_t>
 void interleave(const src_t* src, dst_t* dst, const Interleave& I) {
   if constexpr (std::is_same_v<dst_t, float>) {
-    if (I.cl && I.nb == 1) return interleave_channels_last(src, dst, I);
+    if (I.cl) return I.nb == 1 ? interleave_channels_last(src, dst, I) : interleave_channels_last_lanes(src, dst, I);
   }
   const int64_t H0 = I.H0(), W0 = I.W0(), hw = H0 * W0, row = I.Wp * I.nb;
   at::parallel_for(0, I.NB * I.C, 1, [&](int64_t t0, int64_t t1) {
@@ -499,7 +542,7 @@ inline int64_t unit_block(int64_t units, int64_t per_unit, int64_t budget) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Pointwise (1 x 1, stride 1, no padding) convolutions of channels-last tensors
+// Pointwise (1 x 1, no padding, any stride) convolutions of channels-last tensors
 // ---------------------------------------------------------------------------------------------------------
 // W's rows (or W^T's) as the pointwise kernels read them: row pointers, each entry's column (idx) and value as
 // float32; an entry whose column is outside [0, K) is marked in outside, sets bad, and reads column 0 with value 0.
