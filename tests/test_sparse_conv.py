@@ -432,6 +432,32 @@ def test_grad_ops_layouts(device, case, dtype, channels_last):
     assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
 
 
+def _check_pointwise_channels_last(n, c, o, h, w, stride, dtype, device, seed):
+    """A 1 x 1 convolution (no padding) of a channels-last input: forward, input gradient (with and without W's
+    transposed structure) and values gradient against the references, outputs channels-last. Returns (values,
+    structure, x, gy)."""
+    values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, seed)
+    x = x.contiguous(memory_format=CL)
+    geo = dict(kernel_size=1, stride=stride)
+    y = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo)
+    assert y.is_contiguous(memory_format=CL) or y.is_contiguous()  # (both: one pixel)
+    torch.testing.assert_close(y, reference.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo), **TOL[dtype])
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    gy = gy.contiguous(memory_format=CL)
+    want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
+    for transposed in ([s.transposed()] + ([None] if device == "cpu" else [])):
+        dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=transposed, **geo)
+        torch.testing.assert_close(dx, want, **TOL[dtype])
+        assert dx.is_contiguous(memory_format=CL) or dx.is_contiguous()
+    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+    tol = TOL[dtype] if dtype not in (torch.float16, torch.bfloat16) else dict(rtol=TOL[dtype]["rtol"] * 2,
+                                                                                atol=TOL[dtype]["atol"] * 4)
+    torch.testing.assert_close(pysparse.ops.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo),
+                               reference.sparse_conv2d_grad_values(s.rowptr, s.col, x.to(ref_dtype),
+                                                                   gy.to(ref_dtype), **geo).to(dtype), **tol)
+    return values, s, x, gy
+
+
 @pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("n,c,o,h,w", [(3, 37, 21, 5, 7), (1, 16, 16, 4, 4), (2, 5, 40, 3, 11), (1, 70, 3, 1, 1),
                                        (4, 16, 16, 12, 12), (2, 300, 200, 6, 5), (2, 20, 36, 9, 17),
@@ -445,25 +471,7 @@ def test_pointwise_channels_last(device, n, c, o, h, w, dtype):
     values gradient (a tile of pixels' panels: one partial tile, 576 pixels in tiles of 256, 60 in tiles of 32 (a
     thread's share), 198 of 700 channels in tiles of 64, the floor, the last one partial)
     against the references, outputs channels-last; a column index out of range raises."""
-    values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, 7)
-    x = x.contiguous(memory_format=CL)
-    geo = dict(kernel_size=1)
-    y = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo)
-    assert y.is_contiguous(memory_format=CL) or y.is_contiguous()  # (both: one pixel)
-    torch.testing.assert_close(y, reference.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo), **TOL[dtype])
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(device, dtype)
-    gy = gy.contiguous(memory_format=CL)
-    want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
-    for transposed in ([s.transposed()] + ([None] if device == "cpu" else [])):
-        dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=transposed, **geo)
-        torch.testing.assert_close(dx, want, **TOL[dtype])
-        assert dx.is_contiguous(memory_format=CL) or dx.is_contiguous()
-    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
-    tol = TOL[dtype] if dtype not in (torch.float16, torch.bfloat16) else dict(rtol=TOL[dtype]["rtol"] * 2,
-                                                                                atol=TOL[dtype]["atol"] * 4)
-    torch.testing.assert_close(pysparse.ops.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo),
-                               reference.sparse_conv2d_grad_values(s.rowptr, s.col, x.to(ref_dtype),
-                                                                   gy.to(ref_dtype), **geo).to(dtype), **tol)
+    values, s, x, gy = _check_pointwise_channels_last(n, c, o, h, w, (1, 1), dtype, device, 7)
     if device == "cpu" and s.col.numel():
         bad = s.col.clone()
         bad[-1] = c
@@ -486,27 +494,13 @@ def test_pointwise_strided_channels_last(device, n, c, o, h, w, stride, dtype):
     on the pixels it reads (odd sizes, whose last rows and columns it skips, one and two strides, tiles of 16, 32
     and 64 output pixels ending partial). Forward, input gradient (zero at the pixels not read) and values
     gradient against the references, outputs channels-last."""
-    values, s, x, bias = _conv_problem(n, c, o, h, w, 1, 1, 0.4, dtype, device, 9)
-    x = x.contiguous(memory_format=CL)
-    geo = dict(kernel_size=1, stride=stride)
-    y = pysparse.ops.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo)
-    assert y.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(y, reference.sparse_conv2d(s.rowptr, s.col, values, x, bias=bias, **geo), **TOL[dtype])
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(10)).to(device, dtype)
-    gy = gy.contiguous(memory_format=CL)
-    want = reference.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, **geo)
+    values, s, x, gy = _check_pointwise_channels_last(n, c, o, h, w, stride, dtype, device, 9)
+    read = torch.zeros(h, w, dtype=torch.bool)
+    read[::stride[0], ::stride[1]] = True
     for transposed in ([s.transposed()] + ([None] if device == "cpu" else [])):
-        dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=transposed, **geo)
-        torch.testing.assert_close(dx, want, **TOL[dtype])
-        assert dx.is_contiguous(memory_format=CL)
-        read = torch.zeros(h, w, dtype=torch.bool)
-        read[::stride[0], ::stride[1]] = True
+        dx = pysparse.ops.sparse_conv2d_grad_input(s.rowptr, s.col, values, gy, x.shape, transposed=transposed,
+                                                   kernel_size=1, stride=stride)
         assert not dx[:, :, ~read].any()
-    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
-    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=TOL[dtype]["rtol"] * 2, atol=TOL[dtype]["atol"] * 4)
-    torch.testing.assert_close(pysparse.ops.sparse_conv2d_grad_values(s.rowptr, s.col, x, gy, **geo),
-                               reference.sparse_conv2d_grad_values(s.rowptr, s.col, x.to(ref_dtype),
-                                                                   gy.to(ref_dtype), **geo).to(dtype), **tol)
 
 
 @pytest.mark.parametrize("device", OP_DEVICES)
