@@ -607,6 +607,46 @@ def test_depthwise_channels_last(c, kernel, stride, dilation, padding, hw, densi
     torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, **tol)
 
 
+@pytest.mark.parametrize("c,kernel,stride,dilation,padding,hw,density", [
+    (16, 3, 1, 1, 1, (9, 11), 0.1), (48, 5, 2, 1, 2, (14, 14), 0.1), (37, 3, 2, 1, 0, (8, 9), 0.5),
+    (16, 5, 1, 1, 2, (7, 7), 0.9), (8, (3, 5), (2, 1), (1, 2), (1, 3), (10, 9), 0.5),
+    (6, 3, 3, 1, 1, (20, 19), 0.5), (5, 3, 1, 2, 2, (40, 33), 1.0),   # stride 3 (any stride); 3 chunks a row
+    (6, 3, 2, 1, 1, (20, 37), 0.5),   # stride 2, 19 output columns: a full chunk (both halves of 32 inputs) and 3
+    (4, 3, 1, 1, 3, (9, 9), 0.5), (4, 3, 1, 2, 3, (2, 3), 0.9),   # padding beyond the kernel's reach / the image
+    (4, (3, 5), 1, (2, 1), (1, 0), (9, 11), 0.5), (7, 3, 1, 1, 1, (1, 1), 0.5), (3, 5, 2, 1, 4, (4, 4), 0.5),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch, bias", [(1, True), (3, False)])
+def test_depthwise_nchw(c, kernel, stride, dilation, padding, hw, density, dtype, batch, bias):
+    """A depthwise layer on an NCHW input: the CPU computes each (image, channel) plane from a zero-padded copy,
+    16 output columns at a time, one multiply-add per stored tap (stride 2 through a permute, other strides lane by
+    lane); the input gradient as the flipped stencil over gy at stride 1 (padding within the kernel's reach),
+    else scattered; the values gradient per channel over every image. Partial and several 16-column chunks a
+    row, strides 1-3, dilations, padding beyond the kernel's reach and beyond the image, channels without a
+    stored tap, every dtype, against nn.Conv2d with the masked weight."""
+    torch.manual_seed(14)
+    conv = nn.Conv2d(c, c, kernel, stride, padding, dilation, groups=c, bias=bias)
+    mask = torch.rand(conv.weight.shape) < density
+    mask[0] = False  # a channel without a stored tap
+    mask[-1].view(-1)[0] = True  # and one with
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(conv, mask).to(dtype)
+    conv = conv.to(dtype)
+    x = torch.randn(batch, c, *hw).to(dtype)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), conv(xd)
+    assert ys.is_contiguous()
+    torch.testing.assert_close(ys, yd, **TOL[dtype])
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=TOL[dtype]["rtol"] * 2, atol=TOL[dtype]["atol"] * 4)
+    assert xs.grad.is_contiguous()
+    torch.testing.assert_close(xs.grad, xd.grad, **tol)
+    torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pointwise", [False, True], ids=["depthwise", "pointwise"])
 def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):
@@ -652,10 +692,11 @@ def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):
     assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("diagonal", [True, False])
-def test_channels_last_ungrouped_layer_whose_rows_read_their_own_channel(diagonal):
-    """An ungrouped C -> C layer whose row o keeps only taps of input channel o is a depthwise one: the kernel
-    may take it as one (and must not when a row reads another channel)."""
+def test_ungrouped_layer_whose_rows_read_their_own_channel(diagonal, layout):
+    """An ungrouped C -> C layer whose row o keeps only taps of input channel o is a depthwise one: the kernels
+    (channels-last and NCHW) may take it as one (and must not when a row reads another channel)."""
     torch.manual_seed(12)
     conv = nn.Conv2d(20, 20, 3, padding=1)
     mask = torch.zeros(conv.weight.shape, dtype=torch.bool)
@@ -667,7 +708,9 @@ def test_channels_last_ungrouped_layer_whose_rows_read_their_own_channel(diagona
         conv.weight.mul_(mask)
     sparse = SparseConv2d.from_dense(conv, mask)
     sparse.dense_below = 0.0
-    x = torch.randn(2, 20, 6, 7).contiguous(memory_format=CL)
+    x = torch.randn(2, 20, 6, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
     torch.testing.assert_close(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
     bad = sparse.col.clone()
     bad[-1] = 20 * 9

@@ -1067,6 +1067,328 @@ void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* 
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Depthwise convolutions of NCHW tensors
+// ---------------------------------------------------------------------------------------------------------
+// Each (image, channel) plane is its own small stencil: the output plane is the bias plus, for each stored tap of
+// the channel (2-3 of 25 at 90%), the weight times the input plane shifted by the tap. Planes are independent
+// and contiguous, so a plane is copied once into a zero-padded float32 plane of the padded layout (L.H x L.W)
+// and each output row takes 16 columns at a time: one multiply-add per stored tap, the tap's input read at
+// stride sw from the padded row, no checks. A channel without a stored tap costs its bias fill. Through the
+// working layout instead (the channel blocks interleaved, then the output planes back), the layout moves cost
+// several times the few products: EfficientNet-B0's 5 x 5 stride-2 layer on 672 channels of 14 x 14 at 90%,
+// batch 8, took 1.9-2.2 ms there against nn.Conv2d's 1.0; 0.24-0.51 ms here. Over EfficientNet-B0's and
+// MobileNetV3's depthwise shapes at 90%, batch 8 (one process switching per call, 9 rounds, median per-round
+// ratio, Zen 4, 2026-12-03): forward 0.16-0.54, input gradient 0.24-0.57, values gradient 0.20-0.90 of the
+// working layout's time (benchmarks/RESULTS.md).
+// The taps of a depthwise W (O == C, every entry j of row c a tap of channel c): off[j], the tap's offset in a
+// padded plane (ki * dh * L.W + kj * dw); w[j], its weight as float32 (0 without values). Nothing when W is not
+// depthwise (the general kernel then takes it, and reports bad columns).
+struct PlaneTaps {
+  std::vector<int64_t> off;
+  std::vector<float> w;
+};
+
+template <typename index_t, typename scalar_t>
+std::optional<PlaneTaps> plane_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t O,
+                                    const Layout& L) {
+  if (O != L.C) return std::nullopt;
+  const int64_t taps = L.kh * L.kw, nnz = rowptr[O];
+  PlaneTaps t{std::vector<int64_t>(static_cast<size_t>(nnz)), std::vector<float>(static_cast<size_t>(nnz))};
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
+      const int64_t k = static_cast<int64_t>(col[j]) - o * taps;
+      if (k < 0 || k >= taps) return std::nullopt;
+      t.off[j] = (k / L.kw) * L.dh * L.W + (k % L.kw) * L.dw;
+      t.w[j] = values ? static_cast<float>(values[j]) : 0.f;
+    }
+  return t;
+}
+
+// Lanes l < n of p[l * s] (the rest zero). Stride 2 with AVX-512: two masked loads (only the elements read) and
+// the even lanes picked by one permute.
+inline vfloat load_strided(const float* p, int64_t s, int64_t n) {
+  if (s == 1) return load_lanes(p, n);
+#ifdef __AVX512F__
+  if (s == 2) {
+    const int64_t m = 2 * n - 1;  // elements 0 .. 2 (n - 1)
+    const __m512 a = _mm512_maskz_loadu_ps(cpu::tail_mask(std::min<int64_t>(kLanes, m)), p);
+    const __m512 b = _mm512_maskz_loadu_ps(cpu::tail_mask(std::max<int64_t>(0, m - kLanes)), p + kLanes);
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_permutex2var_ps(a, even, b);
+  }
+#endif
+  float t[kLanes] = {};
+  for (int64_t l = 0; l < n; ++l) t[l] = p[l * s];
+  return vload(t);
+}
+
+// p[l * s] += lanes l < n of v. Stride 2 with AVX-512: v spread over the even lanes of two vectors (zeros
+// between), added to the two masked loads and stored back under the same masks.
+inline void add_strided(float* p, int64_t s, vfloat v, int64_t n) {
+  if (s == 1) return store_lanes(p, load_lanes(p, n) + v, n);
+#ifdef __AVX512F__
+  if (s == 2) {
+    const int64_t m = 2 * n - 1;
+    const __mmask16 ma = cpu::tail_mask(std::min<int64_t>(kLanes, m));
+    const __mmask16 mb = cpu::tail_mask(std::max<int64_t>(0, m - kLanes));
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set_epi32(16, 7, 16, 6, 16, 5, 16, 4, 16, 3, 16, 2, 16, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(16, 15, 16, 14, 16, 13, 16, 12, 16, 11, 16, 10, 16, 9, 16, 8);
+    _mm512_mask_storeu_ps(p, ma, _mm512_add_ps(_mm512_maskz_loadu_ps(ma, p), _mm512_permutex2var_ps(v, lo, zero)));
+    _mm512_mask_storeu_ps(p + kLanes, mb,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(mb, p + kLanes), _mm512_permutex2var_ps(v, hi, zero)));
+    return;
+  }
+#endif
+  float t[kLanes];
+  vstore(t, v);
+  for (int64_t l = 0; l < n; ++l) p[l * s] += t[l];
+}
+
+// The sizes the NCHW kernels' inner functions take by value: their masked stores may alias anything, so values
+// read through a reference or a lambda's captures would be loaded again after each one.
+struct PlaneShape {
+  int64_t H0, W0, ph, pw, pitch, padded, OH, OW, sh, sw;
+  explicit PlaneShape(const Layout& L)
+      : H0(L.H - 2 * L.ph), W0(L.W - 2 * L.pw), ph(L.ph), pw(L.pw), pitch(L.W), padded(L.H * L.W), OH(L.OH),
+        OW(L.OW), sh(L.sh), sw(L.sw) {}
+};
+
+// Plane (H0 x W0 of src) into the interior of pad (the padded plane, its border zero and left alone), as float32.
+template <typename scalar_t>
+void pad_plane(const scalar_t* src, float* pad, const PlaneShape S) {
+  for (int64_t y = 0; y < S.H0; ++y) {
+    const scalar_t* s = src + y * S.W0;
+    float* d = pad + (y + S.ph) * S.pitch + S.pw;
+    for (int64_t j = 0; j < S.W0; j += kLanes) {
+      const int64_t n = std::min(kLanes, S.W0 - j);
+      store_lanes(d + j, load_lanes(s + j, n), n);
+    }
+  }
+}
+
+// The interior of the padded plane pad into out (H0 x W0), converted to scalar_t.
+template <typename scalar_t>
+void unpad_plane(const float* pad, scalar_t* out, const PlaneShape S) {
+  for (int64_t y = 0; y < S.H0; ++y) {
+    const float* s = pad + (y + S.ph) * S.pitch + S.pw;
+    for (int64_t j = 0; j < S.W0; j += kLanes) {
+      const int64_t n = std::min(kLanes, S.W0 - j);
+      store_lanes(out + y * S.W0 + j, load_lanes(s + j, n), n);
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, SW>{}) with SW = sw for strides 1 and 2, else 0 (any stride, read from
+// the shape): the inner loops take the stride as a constant.
+template <typename F>
+void with_column_stride(int64_t sw, F&& f) {
+  if (sw == 1) return f(std::integral_constant<int64_t, 1>{});
+  if (sw == 2) return f(std::integral_constant<int64_t, 2>{});
+  f(std::integral_constant<int64_t, 0>{});
+}
+
+// One output plane: out = b + the sum over taps [j0, j1) of w[j] times the padded plane from off[j], read every
+// SW-th column (SW 0: S.sw).
+template <int64_t SW, typename scalar_t>
+void stencil_plane(const float* pad, const int64_t* off, const float* w, int64_t j0, int64_t j1, float b,
+                   scalar_t* out, const PlaneShape S) {
+  const int64_t sw = SW ? SW : S.sw, step = S.sh * S.pitch;
+  for (int64_t oy = 0; oy < S.OH; ++oy) {
+    const float* row = pad + oy * step;
+    for (int64_t ox = 0; ox < S.OW; ox += kLanes) {
+      const int64_t n = std::min(kLanes, S.OW - ox);
+      const float* r = row + ox * sw;
+      vfloat a0 = vfloat{} + b, a1{};
+      int64_t j = j0;
+      for (; j + 2 <= j1; j += 2) {
+        a0 += w[j] * load_strided(r + off[j], sw, n);
+        a1 += w[j + 1] * load_strided(r + off[j + 1], sw, n);
+      }
+      if (j < j1) a0 += w[j] * load_strided(r + off[j], sw, n);
+      store_lanes(out + oy * S.OW + ox, a0 + a1, n);
+    }
+  }
+}
+
+// One input-gradient plane: pad (zeroed, padded) += each tap's w[j] times the output-gradient plane g, written
+// every SW-th column from off[j] (SW 0: S.sw). Tap by tap: the taps of one row chunk in turn would each load what
+// the last one stored, at an offset that store cannot forward to (at 50%, 5 x 5 stride 2, 1.4-1.6x the time).
+template <int64_t SW, typename scalar_t>
+void scatter_plane(const scalar_t* g, const int64_t* off, const float* w, int64_t j0, int64_t j1, float* pad,
+                   const PlaneShape S) {
+  const int64_t sw = SW ? SW : S.sw, step = S.sh * S.pitch;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float wj = w[j];
+    for (int64_t oy = 0; oy < S.OH; ++oy) {
+      float* row = pad + oy * step + off[j];
+      for (int64_t ox = 0; ox < S.OW; ox += kLanes) {
+        const int64_t n = std::min(kLanes, S.OW - ox);
+        add_strided(row + ox * sw, sw, wj * load_lanes(g + oy * S.OW + ox, n), n);
+      }
+    }
+  }
+}
+
+// acc[j - j0] += lanes of g times the padded plane from off[j], every SW-th column, for taps [j0, j1).
+template <int64_t SW, typename scalar_t>
+void dots_plane(const float* pad, const scalar_t* g, const int64_t* off, int64_t j0, int64_t j1, vfloat* acc,
+                const PlaneShape S) {
+  const int64_t sw = SW ? SW : S.sw, step = S.sh * S.pitch;
+  for (int64_t oy = 0; oy < S.OH; ++oy) {
+    const float* row = pad + oy * step;
+    for (int64_t ox = 0; ox < S.OW; ox += kLanes) {
+      const int64_t n = std::min(kLanes, S.OW - ox);
+      const vfloat v = load_lanes(g + oy * S.OW + ox, n);
+      const float* r = row + ox * sw;
+      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += v * load_strided(r + off[j], sw, n);
+    }
+  }
+}
+
+// Padded planes copied together before any is read, up to 32 KB of them: a plane's loads right after the copy's
+// stores, at other offsets, would wait for those stores (no forwarding).
+inline int64_t plane_group(const PlaneShape& S) {
+  return std::max<int64_t>(1, std::min<int64_t>(64, 8192 / std::max<int64_t>(1, S.padded)));
+}
+
+// Planes per task: about 16K elements of input and output a task.
+inline int64_t plane_grain(const PlaneShape& S) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S.padded + S.OH * S.OW));
+}
+
+// y [N, C, OH, OW] from x [N, C, H0, W0] (both contiguous); tasks are planes.
+template <typename scalar_t>
+void depthwise_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* x, const scalar_t* bias, scalar_t* y,
+                    const Layout& L) {
+  const PlaneShape S(L);
+  const int64_t C = L.C, in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW, group = plane_group(S);
+  const int64_t* off = t.off.data();
+  const float* w = t.w.data();
+  at::parallel_for(0, L.N * C, plane_grain(S), [&](int64_t p0, int64_t p1) {
+    std::vector<float> pad(static_cast<size_t>(group * S.padded), 0.f);
+    with_column_stride(S.sw, [&](auto SW) {
+      for (int64_t g0 = p0; g0 < p1; g0 += group) {
+        const int64_t g1 = std::min(p1, g0 + group), c0 = g0 % C;
+        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1)
+          if (rowptr[c] < rowptr[c + 1]) pad_plane(x + p * in_plane, pad.data() + (p - g0) * S.padded, S);
+        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1) {
+          const float b = bias ? static_cast<float>(bias[c]) : 0.f;
+          scalar_t* out = y + p * out_plane;
+          if (rowptr[c] == rowptr[c + 1])
+            std::fill(out, out + out_plane, static_cast<scalar_t>(b));
+          else
+            stencil_plane<decltype(SW)::value>(pad.data() + (p - g0) * S.padded, off, w, rowptr[c], rowptr[c + 1],
+                                               b, out, S);
+        }
+      }
+    });
+  });
+}
+
+// dx [N, C, H0, W0] from gy [N, C, OH, OW] (both contiguous). Stride 1 (with padding within the kernel's reach):
+// the forward's stencil over gy's plane padded by the kernel's reach less the padding, the taps flipped: each dx
+// row takes its taps' sum in registers (no store to load). Otherwise each plane's taps scatter w * gy's rows into
+// a zeroed padded float32 plane (at stride sw), whose interior is then dx's plane. The stencil against that scatter
+// at stride 1 (one process switching per call, 9 rounds, median per-round ratio, Zen 4, 2026-12-03, batch 8):
+// EfficientNet-B0's and MobileNetV3's depthwise shapes 0.40-0.97 of the time at 90%, 0.19-0.72 at 50% (576 or
+// 1152 channels of 7 x 7, 5 x 5: 0.40-0.49 / 0.19-0.21). Tasks are planes.
+template <typename scalar_t>
+void depthwise_grad_input_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* gy, scalar_t* dx,
+                               const Layout& L) {
+  const PlaneShape S(L);
+  const int64_t C = L.C, in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW;
+  const int64_t* off = t.off.data();
+  const float* w = t.w.data();
+  const int64_t reach_h = (L.kh - 1) * L.dh, reach_w = (L.kw - 1) * L.dw;
+  if (L.sh == 1 && L.sw == 1 && L.ph <= reach_h && L.pw <= reach_w) {
+    // The transposed problem: gy's plane (OH x OW) padded by reach - padding, dx's plane its output.
+    PlaneShape G = S;
+    G.H0 = S.OH;
+    G.W0 = S.OW;
+    G.ph = reach_h - L.ph;
+    G.pw = reach_w - L.pw;
+    G.pitch = S.OW + 2 * G.pw;
+    G.padded = (S.OH + 2 * G.ph) * G.pitch;
+    G.OH = S.H0;
+    G.OW = S.W0;
+    std::vector<int64_t> flipped(t.off.size());
+    for (size_t j = 0; j < flipped.size(); ++j)  // off = ki * dh * L.W + kj * dw, with kj * dw < L.W
+      flipped[j] = (reach_h - off[j] / L.W) * G.pitch + (reach_w - off[j] % L.W);
+    const int64_t group = plane_group(G);
+    at::parallel_for(0, L.N * C, plane_grain(G), [&](int64_t p0, int64_t p1) {
+      std::vector<float> pad(static_cast<size_t>(group * G.padded), 0.f);
+      for (int64_t g0 = p0; g0 < p1; g0 += group) {
+        const int64_t g1 = std::min(p1, g0 + group), c0 = g0 % C;
+        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1)
+          if (rowptr[c] < rowptr[c + 1]) pad_plane(gy + p * out_plane, pad.data() + (p - g0) * G.padded, G);
+        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1) {
+          scalar_t* out = dx + p * in_plane;
+          if (rowptr[c] == rowptr[c + 1])
+            std::fill(out, out + in_plane, scalar_t(0));
+          else
+            stencil_plane<1>(pad.data() + (p - g0) * G.padded, flipped.data(), w, rowptr[c], rowptr[c + 1], 0.f,
+                             out, G);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, L.N * C, plane_grain(S), [&](int64_t p0, int64_t p1) {
+    std::vector<float> pad(static_cast<size_t>(S.padded));
+    with_column_stride(S.sw, [&](auto SW) {
+      for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
+        scalar_t* out = dx + p * in_plane;
+        if (rowptr[c] == rowptr[c + 1]) {
+          std::fill(out, out + in_plane, scalar_t(0));
+          continue;
+        }
+        std::fill(pad.begin(), pad.end(), 0.f);
+        scatter_plane<decltype(SW)::value>(gy + p * out_plane, off, w, rowptr[c], rowptr[c + 1], pad.data(), S);
+        unpad_plane(pad.data(), out, S);
+      }
+    });
+  });
+}
+
+// dv[j] (CSR order) = the sum over images and output pixels of gy times x at the pixel tap j reads (x and gy
+// contiguous NCHW). Tasks are channels, each over every image: a stored tap's sum is one thread's, no reduction.
+template <typename scalar_t>
+void depthwise_grad_values_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* x, const scalar_t* gy,
+                                scalar_t* dv, const Layout& L) {
+  const PlaneShape S(L);
+  const int64_t C = L.C, N = L.N, in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW;
+  const int64_t* off = t.off.data();
+  at::parallel_for(0, C, std::max<int64_t>(1, plane_grain(S) / std::max<int64_t>(1, N)), [&](int64_t c0, int64_t c1) {
+    const int64_t group = std::min(N, plane_group(S));
+    std::vector<float> pad(static_cast<size_t>(group * S.padded), 0.f);
+    std::vector<vfloat> acc;
+    with_column_stride(S.sw, [&](auto SW) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = rowptr[c], j1 = rowptr[c + 1];
+        if (j0 == j1) continue;
+        acc.assign(static_cast<size_t>(j1 - j0), vfloat{});
+        for (int64_t n0 = 0; n0 < N; n0 += group) {
+          const int64_t n1 = std::min(N, n0 + group);
+          for (int64_t n = n0; n < n1; ++n)
+            pad_plane(x + (n * C + c) * in_plane, pad.data() + (n - n0) * S.padded, S);
+          for (int64_t n = n0; n < n1; ++n)
+            dots_plane<decltype(SW)::value>(pad.data() + (n - n0) * S.padded, gy + (n * C + c) * out_plane, off, j0,
+                                            j1, acc.data(), S);
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          float lanes[kLanes];
+          vstore(lanes, acc[j - j0]);
+          float sum = 0.f;
+          for (const float f : lanes) sum += f;
+          dv[j] = static_cast<scalar_t>(sum);
+        }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 // A task is (block of units, output channel o); the block's output planes accumulate in acc_t, in cache.
@@ -1186,6 +1508,14 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
             depthwise_channels_last<scalar_t>(*taps, x.const_data_ptr<scalar_t>(),
                                               bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
                                               y.mutable_data_ptr<scalar_t>(), L);
+            return;
+          }
+        } else if (x.is_contiguous()) {
+          if (const auto t = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                        values.const_data_ptr<scalar_t>(), O, L)) {
+            depthwise_nchw<scalar_t>(rowptr.const_data_ptr<int32_t>(), *t, x.const_data_ptr<scalar_t>(),
+                                     bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
+                                     y.mutable_data_ptr<scalar_t>(), L);
             return;
           }
         }
@@ -1513,6 +1843,17 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
                                                        dx.mutable_data_ptr<scalar_t>(), L);
           return;
         }
+      } else if (gy.is_contiguous()) {
+        std::optional<PlaneTaps> taps;
+        PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
+          taps = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                            values.const_data_ptr<scalar_t>(), O, L);
+        });
+        if (taps) {
+          depthwise_grad_input_nchw<scalar_t>(rowptr.const_data_ptr<int32_t>(), *taps, gy.const_data_ptr<scalar_t>(),
+                                              dx.mutable_data_ptr<scalar_t>(), L);
+          return;
+        }
       }
     }
     const Interleave GI = padded_output_of(L, O);
@@ -1583,6 +1924,13 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
                                                                    x.const_data_ptr<scalar_t>(),
                                                                    gy.const_data_ptr<scalar_t>(),
                                                                    dv.mutable_data_ptr<scalar_t>(), L);
+            return;
+          }
+        } else if (!channels_last(x) && !channels_last(gy) && x.is_contiguous() && gy.is_contiguous()) {
+          if (const auto t = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                        static_cast<const scalar_t*>(nullptr), O, L)) {
+            depthwise_grad_values_nchw<scalar_t>(rowptr.const_data_ptr<int32_t>(), *t, x.const_data_ptr<scalar_t>(),
+                                                 gy.const_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), L);
             return;
           }
         }
