@@ -21,7 +21,7 @@ CL_SHAPES = {**SHAPES, "mbv3-expand-1x1": (16, 72, 1, 1, 56), "mbv3-project-1x1"
 
 
 def _layers(device, shape, sparsity):
-    cin, cout, k, s, _, *groups = CL_SHAPES[shape]
+    cin, cout, k, s, _, *groups = {**CL_SHAPES, **DW_SHAPES}[shape]
     torch.manual_seed(0)
     dense = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2, groups=groups[0] if groups else 1,
                       bias=False).to(device)
@@ -81,6 +81,32 @@ def test_conv_channels_last(benchmark, device, shape, step, impl):
     benchmark.group = f"conv-cl-{'fwdbwd' if step else 'fwd'}-{shape}-b8-s0.9-{device}"
     if step:
         g = torch.randn_like(dense(x)).contiguous(memory_format=cl)
+        run(benchmark, lambda: layer(x).backward(g), device, rounds=5)
+    else:
+        with torch.no_grad():
+            run(benchmark, lambda: layer(x), device, rounds=10)
+
+
+# Depthwise layers of EfficientNet-B0 and MobileNetV3 on NCHW tensors (the plane-by-plane kernels): entries as
+# CL_SHAPES' depthwise ones.
+DW_SHAPES = {"effnet-dw-5x5-s2-14": (672, 672, 5, 2, 14, 672), "effnet-dw-3x3-7": (1152, 1152, 3, 1, 7, 1152),
+             "mbv3-dw-5x5-s1-7": (576, 576, 5, 1, 7, 576), "mbv3-dw-3x3-s2": (72, 72, 3, 2, 56, 72)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", list(DW_SHAPES))
+@pytest.mark.parametrize("step", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+def test_conv_depthwise_nchw(benchmark, device, shape, step, impl):
+    """Depthwise layers on NCHW tensors, batch 8, 90%: the forward (no_grad, where torch takes mkldnn), or forward
+    + backward."""
+    dense, sparse = _layers(device, shape, 0.9)
+    cin, _, _, _, size = DW_SHAPES[shape][:5]
+    layer = sparse if impl == "pysparse" else dense
+    x = torch.randn(8, cin, size, size, device=device).requires_grad_(step)
+    benchmark.group = f"conv-dw-nchw-{'fwdbwd' if step else 'fwd'}-{shape}-b8-s0.9-{device}"
+    if step:
+        g = torch.randn_like(dense(x))
         run(benchmark, lambda: layer(x).backward(g), device, rounds=5)
     else:
         with torch.no_grad():

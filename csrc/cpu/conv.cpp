@@ -23,6 +23,10 @@
 //   batch of dot(gy run of o, shifted window of x[c]) (cpu::dots).
 // Both gradients read gy through an acc_t copy with rows zero-padded to Wp columns. Accumulation is float32
 // (float64 for float64).
+//
+// Routes around that layout, taken first where they apply: 1 x 1 channels-last layers (the pixels' rows, the
+// pointwise kernels), depthwise channels-last layers (16 channels of a pixel a vector, read in place) and
+// depthwise NCHW layers (plane by plane from a zero-padded copy), float32 / float16 / bfloat16.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

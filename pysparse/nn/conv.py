@@ -116,8 +116,10 @@ class SparseConv2d(SparseWeight):
         # convolution was slower than them even at 30% (depthwise, 512 channels, 14 x 14, batch 8: nn.Conv2d
         # forward 17 ms, the kernels 2.7 ms; 128 channels in 32 groups, fwd + bwd, 46 against 24 ms). With torch
         # 2.14 on a Zen 4 (2026-12-01) that holds with autograd on (the same depthwise layer: nn.Conv2d forward
-        # 1.8 ms, forward + backward 10.5 ms); under no_grad torch takes mkldnn (0.39 ms), faster than the sparse
-        # kernel at batch 8 on some depthwise layers (MobileNetV3-small at 90%: 0.25-0.98x): left as it is.
+        # 1.8 ms, forward + backward 10.5 ms); under no_grad torch takes mkldnn (0.39 ms), which was faster than
+        # the sparse kernel at batch 8 on some depthwise layers (MobileNetV3-small at 90%: 0.25-0.98x) until the NCHW
+        # depthwise kernels computed plane by plane (2026-12-03: 1.06-9.8x on EfficientNet-B0's and MobileNetV3's
+        # shapes at 90%; 0.74-0.84x at 50% on 7 x 7 planes; benchmarks/RESULTS.md): left as it is.
         if self.groups != 1:
             return False
         return super()._computes_dense() or (x is not None and self._small_channels_last(x))
