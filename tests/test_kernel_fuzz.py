@@ -29,12 +29,17 @@ PARTS = ("rowptr", "col", "t_rowptr", "t_col", "t_perm")
 def _structure(kind: str):
     """(mask, row_block) of the base problems: a random matrix with W^T plain or blocked by W's rows, rows of one
     length spanning 1 KB (2:4 on 512 columns: the route that keeps W's CSR up to batch 128), and a convolution's
-    [out channels, in channels x 3 x 3]."""
+    [out channels, in channels x 3 x 3], ungrouped or depthwise."""
     gen = torch.Generator().manual_seed(0)
     if kind == "aliased":
         return pysparse.nm_masks(torch.rand(64, 512, generator=gen), 2, 4), None
     if kind == "conv":
         return torch.rand(6, 27, generator=gen) < 0.5, None
+    if kind == "depthwise":  # [6 channels, 6 x 3 x 3]: row o's taps in channel o only (the depthwise kernels)
+        mask = torch.zeros(6, 54, dtype=torch.bool)
+        for o in range(1, 6):  # channel 0 without a stored tap
+            mask[o, o * 9:(o + 1) * 9] = torch.rand(9, generator=gen) < 0.5
+        return mask, None
     # ~12 values a column: with 16 or more, spmm_grad (and spmm_t over blocks) would keep W's CSR at batch 40
     mask = torch.rand(40, 30, generator=gen) < 0.3
     mask[3] = False  # an empty row
@@ -90,8 +95,8 @@ def _calls(s: dict, shape, values: torch.Tensor, batch: int, conv: bool):
         # the spmm of spmm_t's route over W^T: W^T's structure as a CSR, W's values through t_perm
         lambda: OPS.spmm(s["t_rowptr"], s["t_col"], values, gyt, None, None, None, None),
     ]
-    if conv and batch <= 4:  # images: batch x 3 x 5 x 5 -> 6 channels, 3 x 3 kernel, padding 1, stride 1 / 2
-        x = rnd(batch, 3, 5, 5)
+    if conv and batch <= 4:  # images: batch x C x 5 x 5 -> 6 channels, 3 x 3 kernel, padding 1, stride 1 / 2
+        x = rnd(batch, cols // 9, 5, 5)
         for stride in (1, 2):
             geo = ([3, 3], [stride, stride], [1, 1], [1, 1])
             out = (5 - 1) // stride + 1
@@ -106,7 +111,7 @@ def _calls(s: dict, shape, values: torch.Tensor, batch: int, conv: bool):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["plain", "blocked", "aliased", "conv"])
+@pytest.mark.parametrize("kind", ["plain", "blocked", "aliased", "conv", "depthwise"])
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(part=st.sampled_from(PARTS), how=st.sampled_from(["set", "set", "set", "swap", "short", "long"]),
        where=st.floats(0, 1, exclude_max=True),
@@ -122,7 +127,7 @@ def test_corrupted_structure_never_crashes(device, kind, part, how, where, value
     try:
         for dtype, batch in itertools.product((torch.float32, torch.bfloat16, torch.float64), BATCHES):
             values = values32.to(device, dtype)
-            for call in _calls(s, tuple(mask.shape), values, batch, kind == "conv"):
+            for call in _calls(s, tuple(mask.shape), values, batch, kind in ("conv", "depthwise")):
                 try:
                     call()
                 except REFUSED as e:
@@ -133,7 +138,7 @@ def test_corrupted_structure_never_crashes(device, kind, part, how, where, value
         faulthandler.cancel_dump_traceback_later()
 
 
-@pytest.mark.parametrize("kind", ["plain", "blocked", "aliased", "conv"])
+@pytest.mark.parametrize("kind", ["plain", "blocked", "aliased", "conv", "depthwise"])
 def test_uncorrupted_structure_is_accepted(kind):
     """On the CPU the base problems themselves go through every call without an error: the refusals above are the
     corruptions' doing, and every route the fuzzing aims at runs. (CUDA refuses some by design: W^T blocked by
@@ -141,5 +146,5 @@ def test_uncorrupted_structure_is_accepted(kind):
     mask, base, s = _base(kind, "cpu")
     values = torch.randn(base.col.numel(), generator=torch.Generator().manual_seed(1))
     for batch in BATCHES:
-        for call in _calls(s, tuple(mask.shape), values, batch, kind == "conv"):
+        for call in _calls(s, tuple(mask.shape), values, batch, kind in ("conv", "depthwise")):
             call()
