@@ -796,23 +796,34 @@ struct DepthwiseTaps {
   std::vector<uint8_t> any;
 };
 
-// The taps of W when it is depthwise (O == C, every entry of row o a tap of input channel o, columns in range);
-// otherwise nothing (the general kernel then takes it, and reports bad columns). values may be null (the values
-// gradient needs only which taps are stored: weights 0).
-template <typename index_t, typename scalar_t>
-std::optional<DepthwiseTaps> depthwise_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values,
-                                            int64_t O, int64_t C, int64_t taps) {
-  if (O != C) return std::nullopt;
-  const int64_t blocks = (C + kLanes - 1) / kLanes;
-  DepthwiseTaps d{blocks * kLanes, blocks, std::vector<float>(static_cast<size_t>(taps * blocks * kLanes), 0.f),
-                  std::vector<uint8_t>(static_cast<size_t>(taps * blocks), 0)};
+// Whether W is depthwise (O == C, every entry j of row o a tap k in [0, taps) of input channel o: column
+// o * taps + k); f(o, j, k) for each entry, in CSR order, until one is not. The callers ask first with a no-op f
+// (an ungrouped layer fails within its first row), then allocate and fill.
+template <typename index_t, typename F>
+bool each_depthwise_tap(const int32_t* rowptr, const index_t* col, int64_t O, int64_t C, int64_t taps, F&& f) {
+  if (O != C) return false;
   for (int64_t o = 0; o < O; ++o)
     for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
       const int64_t k = static_cast<int64_t>(col[j]) - o * taps;  // the tap, when column col[j] is channel o's
-      if (k < 0 || k >= taps) return std::nullopt;
-      d.w[k * d.Cp + o] = values ? static_cast<float>(values[j]) : 0.f;
-      d.any[k * blocks + o / kLanes] = 1;
+      if (k < 0 || k >= taps) return false;
+      f(o, j, k);
     }
+  return true;
+}
+
+// The taps of W when it is depthwise (each_depthwise_tap); otherwise nothing (the general kernel then takes it,
+// and reports bad columns). values may be null (the values gradient needs only which taps are stored: weights 0).
+template <typename index_t, typename scalar_t>
+std::optional<DepthwiseTaps> depthwise_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values,
+                                            int64_t O, int64_t C, int64_t taps) {
+  if (!each_depthwise_tap(rowptr, col, O, C, taps, [](int64_t, int64_t, int64_t) {})) return std::nullopt;
+  const int64_t blocks = (C + kLanes - 1) / kLanes;
+  DepthwiseTaps d{blocks * kLanes, blocks, std::vector<float>(static_cast<size_t>(taps * blocks * kLanes), 0.f),
+                  std::vector<uint8_t>(static_cast<size_t>(taps * blocks), 0)};
+  each_depthwise_tap(rowptr, col, O, C, taps, [&](int64_t o, int64_t j, int64_t k) {
+    d.w[k * d.Cp + o] = values ? static_cast<float>(values[j]) : 0.f;
+    d.any[k * blocks + o / kLanes] = 1;
+  });
   return d;
 }
 
@@ -1084,9 +1095,9 @@ void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* 
 // MobileNetV3's depthwise shapes at 90%, batch 8 (one process switching per call, 9 rounds, median per-round
 // ratio, Zen 4, 2026-12-03): forward 0.16-0.54, input gradient 0.24-0.57, values gradient 0.20-0.90 of the
 // working layout's time (benchmarks/RESULTS.md).
-// The taps of a depthwise W (O == C, every entry j of row c a tap of channel c): off[j], the tap's offset in a
-// padded plane (ki * dh * L.W + kj * dw); w[j], its weight as float32 (0 without values). Nothing when W is not
-// depthwise (the general kernel then takes it, and reports bad columns).
+// The taps of a depthwise W (each_depthwise_tap): off[j], the tap's offset in a padded plane (ki * dh * L.W + kj *
+// dw); w[j], its weight as float32 (0 without values). Nothing when W is not depthwise (the general kernel then
+// takes it, and reports bad columns).
 struct PlaneTaps {
   std::vector<int64_t> off;
   std::vector<float> w;
@@ -1095,16 +1106,13 @@ struct PlaneTaps {
 template <typename index_t, typename scalar_t>
 std::optional<PlaneTaps> plane_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t O,
                                     const Layout& L) {
-  if (O != L.C) return std::nullopt;
   const int64_t taps = L.kh * L.kw, nnz = rowptr[O];
+  if (!each_depthwise_tap(rowptr, col, O, L.C, taps, [](int64_t, int64_t, int64_t) {})) return std::nullopt;
   PlaneTaps t{std::vector<int64_t>(static_cast<size_t>(nnz)), std::vector<float>(static_cast<size_t>(nnz))};
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
-      const int64_t k = static_cast<int64_t>(col[j]) - o * taps;
-      if (k < 0 || k >= taps) return std::nullopt;
-      t.off[j] = (k / L.kw) * L.dh * L.W + (k % L.kw) * L.dw;
-      t.w[j] = values ? static_cast<float>(values[j]) : 0.f;
-    }
+  each_depthwise_tap(rowptr, col, O, L.C, taps, [&](int64_t, int64_t j, int64_t k) {
+    t.off[j] = (k / L.kw) * L.dh * L.W + (k % L.kw) * L.dw;
+    t.w[j] = values ? static_cast<float>(values[j]) : 0.f;
+  });
   return t;
 }
 
@@ -1158,29 +1166,26 @@ struct PlaneShape {
         OW(L.OW), sh(L.sh), sw(L.sw) {}
 };
 
+// dst[0 .. n) = src[0 .. n), float32 <-> scalar_t, 16 lanes at a time (a function of its own: its stores may alias
+// anything, and the caller's loop bounds then stay in registers).
+template <typename src_t, typename dst_t>
+void copy_row(const src_t* src, dst_t* dst, int64_t n) {
+  for (int64_t q = 0; q < n; q += kLanes) {
+    const int64_t m = std::min(kLanes, n - q);
+    store_lanes(dst + q, load_lanes(src + q, m), m);
+  }
+}
+
 // Plane (H0 x W0 of src) into the interior of pad (the padded plane, its border zero and left alone), as float32.
 template <typename scalar_t>
 void pad_plane(const scalar_t* src, float* pad, const PlaneShape S) {
-  for (int64_t y = 0; y < S.H0; ++y) {
-    const scalar_t* s = src + y * S.W0;
-    float* d = pad + (y + S.ph) * S.pitch + S.pw;
-    for (int64_t j = 0; j < S.W0; j += kLanes) {
-      const int64_t n = std::min(kLanes, S.W0 - j);
-      store_lanes(d + j, load_lanes(s + j, n), n);
-    }
-  }
+  for (int64_t y = 0; y < S.H0; ++y) copy_row(src + y * S.W0, pad + (y + S.ph) * S.pitch + S.pw, S.W0);
 }
 
 // The interior of the padded plane pad into out (H0 x W0), converted to scalar_t.
 template <typename scalar_t>
 void unpad_plane(const float* pad, scalar_t* out, const PlaneShape S) {
-  for (int64_t y = 0; y < S.H0; ++y) {
-    const float* s = pad + (y + S.ph) * S.pitch + S.pw;
-    for (int64_t j = 0; j < S.W0; j += kLanes) {
-      const int64_t n = std::min(kLanes, S.W0 - j);
-      store_lanes(out + y * S.W0 + j, load_lanes(s + j, n), n);
-    }
-  }
+  for (int64_t y = 0; y < S.H0; ++y) copy_row(pad + (y + S.ph) * S.pitch + S.pw, out + y * S.W0, S.W0);
 }
 
 // Calls f(std::integral_constant<int64_t, SW>{}) with SW = sw for strides 1 and 2, else 0 (any stride, read from
@@ -1261,24 +1266,24 @@ inline int64_t plane_grain(const PlaneShape& S) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S.padded + S.OH * S.OW));
 }
 
-// y [N, C, OH, OW] from x [N, C, H0, W0] (both contiguous); tasks are planes.
+// dst [N, C] planes (OH x OW of S) from src [N, C] planes (H0 x W0 of S), both contiguous: each plane copied into a
+// padded plane (plane_group of them together), then stencil_plane with its channel's taps (off, w) and bias (0
+// without); a channel without a stored tap gets its bias. Tasks are planes. The forward, and the input gradient at
+// stride 1 (the flipped taps over gy).
 template <typename scalar_t>
-void depthwise_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* x, const scalar_t* bias, scalar_t* y,
-                    const Layout& L) {
-  const PlaneShape S(L);
-  const int64_t C = L.C, in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW, group = plane_group(S);
-  const int64_t* off = t.off.data();
-  const float* w = t.w.data();
-  at::parallel_for(0, L.N * C, plane_grain(S), [&](int64_t p0, int64_t p1) {
+void stencil_planes(const int32_t* rowptr, const int64_t* off, const float* w, const scalar_t* src,
+                    const scalar_t* bias, scalar_t* dst, int64_t N, int64_t C, const PlaneShape S) {
+  const int64_t in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW, group = plane_group(S);
+  at::parallel_for(0, N * C, plane_grain(S), [&](int64_t p0, int64_t p1) {
     std::vector<float> pad(static_cast<size_t>(group * S.padded), 0.f);
     with_column_stride(S.sw, [&](auto SW) {
       for (int64_t g0 = p0; g0 < p1; g0 += group) {
         const int64_t g1 = std::min(p1, g0 + group), c0 = g0 % C;
         for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1)
-          if (rowptr[c] < rowptr[c + 1]) pad_plane(x + p * in_plane, pad.data() + (p - g0) * S.padded, S);
+          if (rowptr[c] < rowptr[c + 1]) pad_plane(src + p * in_plane, pad.data() + (p - g0) * S.padded, S);
         for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1) {
           const float b = bias ? static_cast<float>(bias[c]) : 0.f;
-          scalar_t* out = y + p * out_plane;
+          scalar_t* out = dst + p * out_plane;
           if (rowptr[c] == rowptr[c + 1])
             std::fill(out, out + out_plane, static_cast<scalar_t>(b));
           else
@@ -1288,6 +1293,13 @@ void depthwise_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* x
       }
     });
   });
+}
+
+// y [N, C, OH, OW] from x [N, C, H0, W0] (both contiguous).
+template <typename scalar_t>
+void depthwise_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* x, const scalar_t* bias, scalar_t* y,
+                    const Layout& L) {
+  stencil_planes(rowptr, t.off.data(), t.w.data(), x, bias, y, L.N, L.C, PlaneShape(L));
 }
 
 // dx [N, C, H0, W0] from gy [N, C, OH, OW] (both contiguous). Stride 1 (with padding within the kernel's reach):
@@ -1319,23 +1331,7 @@ void depthwise_grad_input_nchw(const int32_t* rowptr, const PlaneTaps& t, const 
     std::vector<int64_t> flipped(t.off.size());
     for (size_t j = 0; j < flipped.size(); ++j)  // off = ki * dh * L.W + kj * dw, with kj * dw < L.W
       flipped[j] = (reach_h - off[j] / L.W) * G.pitch + (reach_w - off[j] % L.W);
-    const int64_t group = plane_group(G);
-    at::parallel_for(0, L.N * C, plane_grain(G), [&](int64_t p0, int64_t p1) {
-      std::vector<float> pad(static_cast<size_t>(group * G.padded), 0.f);
-      for (int64_t g0 = p0; g0 < p1; g0 += group) {
-        const int64_t g1 = std::min(p1, g0 + group), c0 = g0 % C;
-        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1)
-          if (rowptr[c] < rowptr[c + 1]) pad_plane(gy + p * out_plane, pad.data() + (p - g0) * G.padded, G);
-        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1) {
-          scalar_t* out = dx + p * in_plane;
-          if (rowptr[c] == rowptr[c + 1])
-            std::fill(out, out + in_plane, scalar_t(0));
-          else
-            stencil_plane<1>(pad.data() + (p - g0) * G.padded, flipped.data(), w, rowptr[c], rowptr[c + 1], 0.f,
-                             out, G);
-        }
-      }
-    });
+    stencil_planes(rowptr, flipped.data(), w, gy, static_cast<const scalar_t*>(nullptr), dx, L.N, C, G);
     return;
   }
   at::parallel_for(0, L.N * C, plane_grain(S), [&](int64_t p0, int64_t p1) {
@@ -1395,16 +1391,6 @@ void depthwise_grad_values_nchw(const int32_t* rowptr, const PlaneTaps& t, const
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
-// dst[0 .. n) = src[0 .. n), float32 to scalar_t, 16 lanes at a time (a function of its own: its stores may alias
-// anything, and the caller's loop bounds then stay in registers).
-template <typename scalar_t>
-void store_row(const float* src, scalar_t* dst, int64_t n) {
-  for (int64_t q = 0; q < n; q += kLanes) {
-    const int64_t m = std::min(kLanes, n - q);
-    store_lanes(dst + q, load_lanes(src + q, m), m);
-  }
-}
-
 // A task is (block of units, output channel o); the block's output planes accumulate in acc_t, in cache.
 template <typename index_t, typename scalar_t, typename acc_t>
 void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* values, const acc_t* xp,
@@ -1465,7 +1451,7 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
               // on 28 x 28 at 90%, one process switching per call, 11 rounds, per-round ratio, Zen 4, 2026-12-03:
               // batch 8 / 1 0.71 / 0.78 of the time, 16 -> 72 on 56 x 56 0.84 / 0.78; 3 x 3 layers 0.94-1.03).
               if (L.nb == 1) {
-                for (int64_t r = 0; r < L.OH; ++r) store_row(src + r * L.Wp, dst + r * L.OW, L.OW);
+                for (int64_t r = 0; r < L.OH; ++r) copy_row(src + r * L.Wp, dst + r * L.OW, L.OW);
                 continue;
               }
             }
