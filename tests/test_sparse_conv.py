@@ -647,6 +647,78 @@ def test_depthwise_nchw(c, kernel, stride, dilation, padding, hw, density, dtype
     torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, **tol)
 
 
+@pytest.mark.parametrize("cin,cout,groups,kernel,stride,dilation,padding,hw,density", [
+    (8, 8, 2, 3, 1, 1, 1, (9, 11), 0.3), (12, 24, 3, 3, 2, 1, 1, (13, 12), 0.5),   # several channels a group
+    (16, 8, 4, 5, 1, 1, 2, (7, 7), 0.5), (6, 12, 6, 3, 2, 1, 1, (10, 9), 0.7),       # depthwise with multiplier 2
+    (8, 8, 4, (3, 5), (2, 1), (1, 2), (1, 3), (10, 9), 0.5), (6, 9, 3, 3, 3, 1, 1, (20, 19), 0.5),  # any stride
+    (8, 4, 2, 3, 1, 2, 4, (5, 6), 0.5),   # padding beyond the kernel's reach (the input gradient scatters)
+    (32, 32, 8, 3, 1, 1, 1, (14, 14), 0.1), (8, 8, 2, 3, 2, 1, 1, (40, 40), 0.3),   # several units a task / range
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, bias", [(1, True), (3, False)])
+def test_grouped_nchw(cin, cout, groups, kernel, stride, dilation, padding, hw, density, dtype, batch, bias):
+    """A grouped layer on an NCHW input: the CPU computes each image's group from its input planes, zero-padded
+    side by side (a stored weight's offset names plane and tap), 16 output columns at a time; the input gradient
+    as the flipped stencil over the group's gy planes at stride 1, else scattered; the values gradient group by
+    group over the images, in ranges summed at the end. Output channels and whole groups without a stored weight,
+    input channels none reads, depthwise multipliers, strides 1-3, dilations, against nn.Conv2d with the masked
+    weight."""
+    torch.manual_seed(15)
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups=groups, bias=bias)
+    mask = torch.rand(conv.weight.shape) < density
+    mask[0] = False  # an output channel without a stored weight
+    mask[-(cout // groups):] = False  # a whole group without one
+    mask[-(cout // groups) - 1].view(-1)[0] = True
+    mask[:, -1] = False  # the last input channel of every group unread
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(conv, mask).to(dtype)
+    conv = conv.to(dtype)
+    x = torch.randn(batch, cin, *hw).to(dtype)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), conv(xd)
+    assert ys.is_contiguous()
+    torch.testing.assert_close(ys, yd, **TOL[dtype])
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=TOL[dtype]["rtol"] * 2, atol=TOL[dtype]["atol"] * 4)
+    assert xs.grad.is_contiguous()
+    torch.testing.assert_close(xs.grad, xd.grad, **tol)
+    torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, **tol)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4, 5])
+def test_ungrouped_layer_masked_block_diagonal(blocks):
+    """An ungrouped layer whose mask keeps only the blocks of G groups computes as a grouped one on NCHW inputs
+    (the kernels find the largest such G from the stored columns; 1 block: none); a single weight outside the
+    blocks makes it ungrouped again. Both against nn.Conv2d, gradients too."""
+    torch.manual_seed(16)
+    conv = nn.Conv2d(20, 20, 3, padding=1)
+    mask = torch.zeros(conv.weight.shape, dtype=torch.bool)
+    for b in range(blocks):
+        o, c = slice(b * 20 // blocks, (b + 1) * 20 // blocks), slice(b * 20 // blocks, (b + 1) * 20 // blocks)
+        mask[o, c] = torch.rand(mask[o, c].shape) < 0.5
+    for outside in (False, True):
+        if outside:
+            mask[3, 19, 1, 1] = True
+        with torch.no_grad():
+            conv.weight.mul_(mask)
+        sparse = SparseConv2d.from_dense(conv, mask)
+        sparse.dense_below = 0.0
+        x = torch.randn(2, 20, 6, 7)
+        xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yd = sparse(xs), conv(xd)
+        torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(yd)
+        ys.backward(g)
+        yd.backward(g)
+        torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, rtol=1e-5,
+                                   atol=1e-5)
+        conv.weight.grad = None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pointwise", [False, True], ids=["depthwise", "pointwise"])
 def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):

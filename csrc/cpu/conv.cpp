@@ -34,7 +34,9 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <memory>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -1082,38 +1084,80 @@ void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Depthwise convolutions of NCHW tensors
+// Grouped convolutions of NCHW tensors (depthwise ones included)
 // ---------------------------------------------------------------------------------------------------------
-// Each (image, channel) plane is its own small stencil: the output plane is the bias plus, for each stored tap of
-// the channel (2-3 of 25 at 90%), the weight times the input plane shifted by the tap. Planes are independent
-// and contiguous, so a plane is copied once into a zero-padded float32 plane of the padded layout (L.H x L.W)
-// and each output row takes 16 columns at a time: one multiply-add per stored tap, the tap's input read at
-// stride sw from the padded row, no checks. A channel without a stored tap costs its bias fill. Through the
-// working layout instead (the channel blocks interleaved, then the output planes back), the layout moves cost
-// several times the few products: EfficientNet-B0's 5 x 5 stride-2 layer on 672 channels of 14 x 14 at 90%,
-// batch 8, took 1.9-2.2 ms there against nn.Conv2d's 1.0; 0.24-0.51 ms here. Over EfficientNet-B0's and
-// MobileNetV3's depthwise shapes at 90%, batch 8 (one process switching per call, 9 rounds, median per-round
-// ratio, Zen 4, 2026-12-03): forward 0.16-0.54, input gradient 0.24-0.57, values gradient 0.20-0.90 of the
-// working layout's time (benchmarks/RESULTS.md).
-// The taps of a depthwise W (each_depthwise_tap): off[j], the tap's offset in a padded plane (ki * dh * L.W + kj *
-// dw); w[j], its weight as float32 (0 without values). Nothing when W is not depthwise (the general kernel then
-// takes it, and reports bad columns).
+// A layer in G groups computes each image's group (a "unit") from that group's C / G input planes alone. Each
+// output plane is its own stencil: the bias plus, for each stored weight of the channel (a tap (ki, kj) of one
+// of the group's input planes: 2-3 of 25 at 90% depthwise), the weight times that input plane shifted by the
+// tap. Planes are contiguous, so a unit's input planes are copied once into zero-padded float32 planes of the
+// padded layout (L.H x L.W), side by side, and each output row takes 16 columns at a time: one multiply-add per
+// stored weight, its input read at stride sw from the padded row at an offset that names plane and tap, no
+// checks (four chunks of 16 a pass, so that each weight's offset and value are loaded once for four; rows
+// narrower than 16 at stride 1 as one run, PlaneShape::ext). A channel without a stored weight costs its bias
+// fill. Through the working layout instead (channel blocks interleaved, then the output planes back), the layout
+// moves cost several times the few products: EfficientNet-B0's 5 x 5 stride-2 depthwise layer on 672 channels of
+// 14 x 14 at 90%, batch 8, took 1.9-2.2 ms there against nn.Conv2d's 1.0; 0.24-0.51 ms here. Over EfficientNet-B0's
+// and MobileNetV3's depthwise shapes at 90%, batch 8 (one process switching per call, 9 rounds, median per-round
+// ratio, Zen 4, 2026-12-03): forward 0.16-0.54, input gradient 0.24-0.57, values gradient 0.20-0.90 of the working
+// layout's time. Grouped layers with several channels a group (ResNeXt, RegNet) where plane_route takes them:
+// forward (no_grad, batch 8, 90%) against nn.Conv2d 0.58-2.26x before, 1.13-3.10x after (benchmarks/RESULTS.md).
+// Which layers are grouped is read from the CSR (block_groups): the op has no groups argument.
+
+// The groups of W as these kernels take them: the largest G > 1 dividing O and C such that every entry of row o
+// reads an input channel of group o / (O / G) (columns [g Cg taps, (g + 1) Cg taps), Cg = C / G): a grouped layer's
+// block-diagonal matrix (depthwise: G = C), or an ungrouped one masked that way. 1 when there is none, or when a
+// column is outside [0, C * taps) (the general kernel then reports it). Candidates are tried from the largest; one
+// fails at its first row outside its blocks (an ungrouped layer's first row rules them all out), and the first
+// that holds reads every entry once. (A layer in G groups is in every divisor of G too: the first that holds is
+// the largest.)
+template <typename index_t>
+int64_t block_groups(const int32_t* rowptr, const index_t* col, int64_t O, int64_t C, int64_t taps) {
+  const int64_t cols = C * taps;
+  for (int64_t d = std::gcd(O, C); d > 1; --d) {
+    if (O % d != 0 || C % d != 0) continue;
+    const int64_t out_g = O / d, width = cols / d;
+    bool holds = true;
+    for (int64_t g = 0; g < d && holds; ++g) {
+      const int64_t lo = g * width, hi = lo + width;
+      for (int64_t j = rowptr[g * out_g]; j < rowptr[(g + 1) * out_g]; ++j) {
+        const int64_t k = static_cast<int64_t>(col[j]);
+        if (k < lo || k >= hi) {
+          if (k < 0 || k >= cols) return 1;
+          holds = false;
+          break;
+        }
+      }
+    }
+    if (holds) return d;
+  }
+  return 1;
+}
+
+// A stencil over units: destination plane r's taps are [ptr[r], ptr[r + 1]), each an offset into its unit's padded
+// source planes (plane * padded + row * pitch + column) and a weight as float32 (0 without values). The forward's
+// (and the values gradient's, the scattered input gradient's) in CSR order, from source = input channels to
+// destination = output channels; the stride-1 input gradient's the other way (flipped_plane_taps). Built in
+// parallel, group by group (a group's entries are one range of the CSR, and of its transpose), uninitialized first.
 struct PlaneTaps {
-  std::vector<int64_t> off;
-  std::vector<float> w;
+  int64_t G, in_g, out_g;  // groups; source and destination planes of a unit
+  std::vector<int32_t> ptr;  // by destination channel
+  std::unique_ptr<int64_t[]> off;
+  std::unique_ptr<float[]> w;
+  std::vector<uint8_t> used;  // by source channel: whether a tap reads it
+  PlaneTaps(int64_t G_, int64_t in_g_, int64_t out_g_, int64_t nnz)
+      : G(G_), in_g(in_g_), out_g(out_g_), ptr(static_cast<size_t>(G_ * out_g_ + 1), 0),
+        off(new int64_t[static_cast<size_t>(std::max<int64_t>(1, nnz))]),
+        w(new float[static_cast<size_t>(std::max<int64_t>(1, nnz))]), used(static_cast<size_t>(G_ * in_g_), 0) {}
 };
 
-template <typename index_t, typename scalar_t>
-std::optional<PlaneTaps> plane_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t O,
-                                    const Layout& L) {
-  const int64_t taps = L.kh * L.kw, nnz = rowptr[O];
-  if (!each_depthwise_tap(rowptr, col, O, L.C, taps, [](int64_t, int64_t, int64_t) {})) return std::nullopt;
-  PlaneTaps t{std::vector<int64_t>(static_cast<size_t>(nnz)), std::vector<float>(static_cast<size_t>(nnz))};
-  each_depthwise_tap(rowptr, col, O, L.C, taps, [&](int64_t, int64_t j, int64_t k) {
-    t.off[j] = (k / L.kw) * L.dh * L.W + (k % L.kw) * L.dw;
-    t.w[j] = values ? static_cast<float>(values[j]) : 0.f;
+// Calls f(g, e0, e1) for ranges of groups in parallel; e0, e1: the group's entries in the CSR ([rowptr[g out_g],
+// rowptr[(g + 1) out_g])).
+template <typename F>
+void each_group(const int32_t* rowptr, int64_t G, int64_t out_g, F&& f) {
+  const int64_t nnz = rowptr[G * out_g];
+  at::parallel_for(0, G, std::max<int64_t>(1, G * 4096 / std::max<int64_t>(1, nnz)), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) f(g, rowptr[g * out_g], rowptr[(g + 1) * out_g]);
   });
-  return t;
 }
 
 // Lanes l < n of p[l * s] (the rest zero). Stride 2 with AVX-512: two masked loads (only the elements read) and
@@ -1164,7 +1208,117 @@ struct PlaneShape {
   explicit PlaneShape(const Layout& L)
       : H0(L.H - 2 * L.ph), W0(L.W - 2 * L.pw), ph(L.ph), pw(L.pw), pitch(L.W), padded(L.H * L.W), OH(L.OH),
         OW(L.OW), sh(L.sh), sw(L.sw) {}
+  // Whether a plane's output rows are one run of extended() = (OH - 1) * pitch + OW elements (the pitch - OW
+  // columns between rows computed and dropped, or read as zeros): at stride 1, where that takes fewer 16-lane
+  // vectors than row by row (rows narrower than 16 columns: a 7 x 7 plane 4 instead of 7), within kExtMax.
+  int64_t extended() const { return (OH - 1) * pitch + OW; }
+  bool ext() const {
+    return sh == 1 && sw == 1 && extended() <= kExtMax &&
+           (extended() + kLanes - 1) / kLanes < OH * ((OW + kLanes - 1) / kLanes);
+  }
+  static constexpr int64_t kExtMax = 2048;
 };
+
+// Whether a layer of layout L in G groups, with nnz stored weights over O output channels, takes the NCHW plane
+// kernels for op (else the working layout). Measured with each forced in turn per call (one process, 9 rounds,
+// median per-round ratio, Zen 4, 2026-12-03) on the grouped 3 x 3 layers of ResNeXt-50 / -101, RegNetY- and
+// RegNetX-400MF (4-64 channels a group), batch 1 and 8, 90% and 50%, as a fraction of the working layout's time:
+// - depthwise layers (G = C, with a channel multiplier too) always: 0.45-0.92 even unpruned (7 x 7, 5 x 5);
+// - the scattered input gradient (stride > 1) of a grouped layer only with at most 4 stored weights an input
+//   channel: with 7 (8 channels a group, 90%) 0.80-1.05 at batch 8 and 0.95-1.7 at batch 1, with 14-58 1.15-2.5;
+// - at stride > 1, or with at most 20 stored weights a destination plane: forward 0.39-0.94, values gradient
+//   0.43-1.02, stride-1 input gradient 0.46-0.95 (batch 8, 90%); with more at stride 2 (50%) 0.47-0.83;
+// - more at stride 1 (50% with 8 or more channels a group; 90% with 32 or more): the forward 1.25-1.54 on 7 x 7
+//   and 28 x 28 planes (0.99 on 14 x 14), so not; the gradients on planes of 100 pixels or more 0.61-0.78, on
+//   smaller ones 0.99-1.39.
+enum class PlaneOp { forward, grad_input, grad_values };
+
+// Whether the stride-1 input gradient's stencil applies (flipped_plane_taps): padding within the kernel's reach.
+inline bool flipped_case(const Layout& L) {
+  return L.sh == 1 && L.sw == 1 && L.ph <= (L.kh - 1) * L.dh && L.pw <= (L.kw - 1) * L.dw;
+}
+
+inline bool plane_route(const Layout& L, int64_t O, int64_t nnz, PlaneOp op, int64_t G) {
+  if (G == L.C) return true;  // depthwise (also with a channel multiplier)
+  const double per_out = static_cast<double>(nnz) / std::max<int64_t>(1, O);
+  const double per_in = static_cast<double>(nnz) / std::max<int64_t>(1, L.C);
+  if (op == PlaneOp::grad_input && !flipped_case(L)) return per_in <= 4;  // the scatter
+  if (L.sh > 1 || L.sw > 1 || (op == PlaneOp::grad_input ? per_in : per_out) <= 20) return true;
+  return op != PlaneOp::forward && L.OH * L.OW >= 100;
+}
+
+// The groups the NCHW plane kernels take W in for op (block_groups), or 0 where they do not (W is not grouped, or
+// the working layout is faster there: plane_route).
+template <typename index_t>
+int64_t plane_groups(const int32_t* rowptr, const index_t* col, int64_t O, const Layout& L, PlaneOp op) {
+  const int64_t G = block_groups(rowptr, col, O, L.C, L.kh * L.kw);
+  return G > 1 && plane_route(L, O, rowptr[O], op, G) ? G : 0;
+}
+
+// W's taps in G groups (plane_groups) for the forward, the values gradient and the scattered input gradient: offsets
+// into the unit's input planes padded as L (values may be null: weights 0).
+template <typename index_t, typename scalar_t>
+PlaneTaps plane_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t O, const Layout& L,
+                     int64_t G) {
+  const int64_t taps = L.kh * L.kw, in_g = L.C / G, out_g = O / G, padded = L.H * L.W;
+  PlaneTaps t(G, in_g, out_g, rowptr[O]);
+  std::copy(rowptr, rowptr + O + 1, t.ptr.begin());
+  std::vector<int64_t> at(static_cast<size_t>(in_g * taps));  // a group's column -> its offset, its channel
+  std::vector<int32_t> chan(static_cast<size_t>(in_g * taps));
+  for (int64_t k = 0; k < in_g * taps; ++k) {
+    const int64_t l = k / taps, q = k % taps;
+    at[k] = l * padded + (q / L.kw) * L.dh * L.W + (q % L.kw) * L.dw;
+    chan[k] = static_cast<int32_t>(l);
+  }
+  each_group(rowptr, G, out_g, [&](int64_t g, int64_t e0, int64_t e1) {
+    const int64_t base = g * in_g * taps;
+    uint8_t* used = t.used.data() + g * in_g;
+    for (int64_t j = e0; j < e1; ++j) {
+      const int64_t k = static_cast<int64_t>(col[j]) - base;
+      t.off[j] = at[k];
+      t.w[j] = values ? static_cast<float>(values[j]) : 0.f;
+      used[chan[k]] = 1;
+    }
+  });
+  return t;
+}
+
+// The stride-1 input gradient's taps (G groups): destination planes are the input channels, each the sum over its
+// group's output channels o and stored taps of w times gy's plane o padded to shape P (by the kernel's reach less
+// the padding), read at the flipped tap ((kh - 1) dh - ki dh, (kw - 1) dw - kj dw). A counting sort of each group's
+// entries by input channel (rows ascending).
+template <typename index_t, typename scalar_t>
+PlaneTaps flipped_plane_taps(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t O,
+                             const Layout& L, int64_t G, const PlaneShape& P) {
+  const int64_t taps = L.kh * L.kw, out_g = O / G, in_g = L.C / G;
+  const int64_t reach_h = (L.kh - 1) * L.dh, reach_w = (L.kw - 1) * L.dw;
+  PlaneTaps t(G, out_g, in_g, rowptr[O]);
+  t.ptr.assign(static_cast<size_t>(L.C + 1), 0);
+  t.used.assign(static_cast<size_t>(O), 0);
+  std::vector<int64_t> flip(static_cast<size_t>(taps));  // tap -> its flipped offset in a padded gy plane
+  for (int64_t q = 0; q < taps; ++q) flip[q] = (reach_h - (q / L.kw) * L.dh) * P.pitch + reach_w - (q % L.kw) * L.dw;
+  each_group(rowptr, G, out_g, [&](int64_t g, int64_t e0, int64_t e1) {
+    const int64_t base = g * in_g * taps;
+    int32_t* ptr = t.ptr.data() + g * in_g;  // this group's channels: ptr[1 .. in_g]
+    for (int64_t j = e0; j < e1; ++j) ++ptr[(static_cast<int64_t>(col[j]) - base) / taps + 1];
+    std::vector<int32_t> next(static_cast<size_t>(in_g));
+    int32_t run = static_cast<int32_t>(e0);
+    for (int64_t l = 0; l < in_g; ++l) {
+      next[l] = run;
+      run += ptr[l + 1];
+    }
+    for (int64_t o = g * out_g; o < (g + 1) * out_g; ++o) {
+      if (rowptr[o] < rowptr[o + 1]) t.used[o] = 1;
+      for (int64_t j = rowptr[o]; j < rowptr[o + 1]; ++j) {
+        const int64_t k = static_cast<int64_t>(col[j]) - base, q = next[k / taps]++;
+        t.off[q] = (o - g * out_g) * P.padded + flip[k % taps];
+        t.w[q] = static_cast<float>(values[j]);
+      }
+    }
+  });
+  for (int64_t c = 0; c < L.C; ++c) t.ptr[c + 1] += t.ptr[c];  // counts -> offsets (each group's start is e0)
+  return t;
+}
 
 // dst[0 .. n) = src[0 .. n), float32 <-> scalar_t, 16 lanes at a time (a function of its own: its stores may alias
 // anything, and the caller's loop bounds then stay in registers).
@@ -1197,27 +1351,100 @@ void with_column_stride(int64_t sw, F&& f) {
   f(std::integral_constant<int64_t, 0>{});
 }
 
+// A plane's output in chunks of 16 columns (fewer at a row's end): row by row, or, where S.ext(), the extended rows
+// 16 elements at a time. Chunk c's first input in the padded plane (before a tap's offset), its lanes, and where
+// it goes in the output plane (row-major OH x OW, or the extended rows).
+struct PlaneChunks {
+  int64_t count, per_row, step, sw, E;
+  bool ext;
+  explicit PlaneChunks(const PlaneShape& S, bool ext_)
+      : per_row((S.OW + kLanes - 1) / kLanes), step(S.sh * S.pitch), sw(S.sw), E(S.extended()), ext(ext_) {
+    count = ext ? (E + kLanes - 1) / kLanes : S.OH * per_row;
+  }
+  void at(int64_t c, const PlaneShape& S, int64_t& in, int64_t& n, int64_t& out) const {
+    if (ext) {
+      in = out = c * kLanes;
+      n = std::min(kLanes, E - in);
+      return;
+    }
+    const int64_t oy = c / per_row, ox = (c - oy * per_row) * kLanes;
+    in = oy * step + ox * sw;
+    n = std::min(kLanes, S.OW - ox);
+    out = oy * S.OW + ox;
+  }
+};
+
+// A chunk's load (n lanes, every s-th element) with its masks computed once, before the loops over taps reuse it.
+template <int64_t SW>
+struct ChunkLoad {
+  int64_t s = 1, n = 0;
+#ifdef __AVX512F__
+  __mmask16 a = 0, b = 0;
+#endif
+  void set(int64_t s_, int64_t n_) {
+    s = s_;
+    n = n_;
+#ifdef __AVX512F__
+    const int64_t m = s == 2 ? 2 * n - 1 : n;  // stride 2: elements 0 .. 2 (n - 1), as load_strided
+    a = cpu::tail_mask(std::min<int64_t>(kLanes, m));
+    b = cpu::tail_mask(std::clamp<int64_t>(m - kLanes, 0, kLanes));
+#endif
+  }
+  vfloat operator()(const float* p) const {
+#ifdef __AVX512F__
+    if constexpr (SW == 1) return _mm512_maskz_loadu_ps(a, p);
+    if constexpr (SW == 2) {
+      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(a, p), even, _mm512_maskz_loadu_ps(b, p + kLanes));
+    }
+#endif
+    return load_strided(p, SW ? SW : s, n);
+  }
+};
+
+// M chunks of an output plane (in[i], n[i] as PlaneChunks gives them), each b + the sum over taps [j0, j1) of w[j]
+// times the padded plane from off[j] + in[i], read every SW-th column (SW 0: sw), in registers; stored at dst +
+// at[i]. Several chunks a pass load each tap's offset and weight once for all (1024 channels of 7 x 7 in 32 groups
+// at 90%: ~29 taps an output plane).
+template <int M, int64_t SW, typename dst_t>
+inline void stencil_chunks(const float* pad, const int64_t* off, const float* w, int64_t j0, int64_t j1, float b,
+                           const int64_t* in, const int64_t* n, int64_t sw, dst_t* dst, const int64_t* at) {
+  ChunkLoad<SW> ld[M];
+  vfloat a[M];
+  for (int i = 0; i < M; ++i) {
+    ld[i].set(SW ? SW : sw, n[i]);
+    a[i] = vfloat{} + b;
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float wj = w[j];
+    const float* p = pad + off[j];
+    for (int i = 0; i < M; ++i) a[i] += wj * ld[i](p + in[i]);
+  }
+  for (int i = 0; i < M; ++i) store_lanes(dst + at[i], a[i], n[i]);
+}
+
 // One output plane: out = b + the sum over taps [j0, j1) of w[j] times the padded plane from off[j], read every
-// SW-th column (SW 0: S.sw).
+// SW-th column (SW 0: S.sw); four chunks a pass. Extended rows go through a buffer, then each row's OW columns
+// into out.
 template <int64_t SW, typename scalar_t>
 void stencil_plane(const float* pad, const int64_t* off, const float* w, int64_t j0, int64_t j1, float b,
                    scalar_t* out, const PlaneShape S) {
-  const int64_t sw = SW ? SW : S.sw, step = S.sh * S.pitch;
-  for (int64_t oy = 0; oy < S.OH; ++oy) {
-    const float* row = pad + oy * step;
-    for (int64_t ox = 0; ox < S.OW; ox += kLanes) {
-      const int64_t n = std::min(kLanes, S.OW - ox);
-      const float* r = row + ox * sw;
-      vfloat a0 = vfloat{} + b, a1{};
-      int64_t j = j0;
-      for (; j + 2 <= j1; j += 2) {
-        a0 += w[j] * load_strided(r + off[j], sw, n);
-        a1 += w[j + 1] * load_strided(r + off[j + 1], sw, n);
-      }
-      if (j < j1) a0 += w[j] * load_strided(r + off[j], sw, n);
-      store_lanes(out + oy * S.OW + ox, a0 + a1, n);
-    }
-  }
+  const PlaneChunks P(S, SW == 1 && S.ext());
+  float buf[PlaneShape::kExtMax];
+  const auto pass = [&](auto m, int64_t c0) {
+    constexpr int M = decltype(m)::value;
+    int64_t in[M], n[M], at[M];
+    for (int i = 0; i < M; ++i) P.at(c0 + i, S, in[i], n[i], at[i]);
+    if (P.ext)
+      stencil_chunks<M, SW>(pad, off, w, j0, j1, b, in, n, S.sw, buf, at);
+    else
+      stencil_chunks<M, SW>(pad, off, w, j0, j1, b, in, n, S.sw, out, at);
+  };
+  int64_t c = 0;
+  for (; c + 4 <= P.count; c += 4) pass(std::integral_constant<int, 4>{}, c);
+  for (; c < P.count; ++c) pass(std::integral_constant<int, 1>{}, c);
+  if (P.ext)
+    for (int64_t oy = 0; oy < S.OH; ++oy) copy_row(buf + oy * S.pitch, out + oy * S.OW, S.OW);
 }
 
 // One input-gradient plane: pad (zeroed, padded) += each tap's w[j] times the output-gradient plane g, written
@@ -1239,20 +1466,40 @@ void scatter_plane(const scalar_t* g, const int64_t* off, const float* w, int64_
   }
 }
 
-// acc[j - j0] += lanes of g times the padded plane from off[j], every SW-th column, for taps [j0, j1).
+// acc[j - j0] += lanes of g times the padded plane from off[j], every SW-th column, for taps [j0, j1): four chunks
+// of g a pass, each tap's sum added to its vector once a pass. Where S.ext(), g goes into extended rows first
+// (zeros between the rows).
 template <int64_t SW, typename scalar_t>
 void dots_plane(const float* pad, const scalar_t* g, const int64_t* off, int64_t j0, int64_t j1, vfloat* acc,
                 const PlaneShape S) {
-  const int64_t sw = SW ? SW : S.sw, step = S.sh * S.pitch;
-  for (int64_t oy = 0; oy < S.OH; ++oy) {
-    const float* row = pad + oy * step;
-    for (int64_t ox = 0; ox < S.OW; ox += kLanes) {
-      const int64_t n = std::min(kLanes, S.OW - ox);
-      const vfloat v = load_lanes(g + oy * S.OW + ox, n);
-      const float* r = row + ox * sw;
-      for (int64_t j = j0; j < j1; ++j) acc[j - j0] += v * load_strided(r + off[j], sw, n);
+  const PlaneChunks P(S, SW == 1 && S.ext());
+  const int64_t s = SW ? SW : S.sw;
+  float buf[PlaneShape::kExtMax];
+  if (P.ext)
+    for (int64_t oy = 0; oy < S.OH; ++oy) {
+      copy_row(g + oy * S.OW, buf + oy * S.pitch, S.OW);
+      if (oy + 1 < S.OH) std::fill(buf + oy * S.pitch + S.OW, buf + (oy + 1) * S.pitch, 0.f);
     }
-  }
+  const auto pass = [&](auto m, int64_t c0) {
+    constexpr int M = decltype(m)::value;
+    int64_t in[M], n[M], at[M];
+    vfloat v[M];
+    ChunkLoad<SW> ld[M];
+    for (int i = 0; i < M; ++i) {
+      P.at(c0 + i, S, in[i], n[i], at[i]);
+      v[i] = P.ext ? load_lanes(buf + at[i], n[i]) : load_lanes(g + at[i], n[i]);
+      ld[i].set(s, n[i]);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* p = pad + off[j];
+      vfloat t = v[0] * ld[0](p + in[0]);
+      for (int i = 1; i < M; ++i) t += v[i] * ld[i](p + in[i]);
+      acc[j - j0] += t;
+    }
+  };
+  int64_t c = 0;
+  for (; c + 4 <= P.count; c += 4) pass(std::integral_constant<int, 4>{}, c);
+  for (; c < P.count; ++c) pass(std::integral_constant<int, 1>{}, c);
 }
 
 // Padded planes copied together before any is read, up to 32 KB of them: a plane's loads right after the copy's
@@ -1261,130 +1508,195 @@ inline int64_t plane_group(const PlaneShape& S) {
   return std::max<int64_t>(1, std::min<int64_t>(64, 8192 / std::max<int64_t>(1, S.padded)));
 }
 
-// Planes per task: about 16K elements of input and output a task.
-inline int64_t plane_grain(const PlaneShape& S) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S.padded + S.OH * S.OW));
+// Units per task: about 16K elements of input and output a task.
+inline int64_t unit_grain(const PlaneShape& S, const PlaneTaps& t) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, t.in_g * S.padded + t.out_g * S.OH * S.OW));
 }
 
-// dst [N, C] planes (OH x OW of S) from src [N, C] planes (H0 x W0 of S), both contiguous: each plane copied into a
-// padded plane (plane_group of them together), then stencil_plane with its channel's taps (off, w) and bias (0
-// without); a channel without a stored tap gets its bias. Tasks are planes. The forward, and the input gradient at
-// stride 1 (the flipped taps over gy).
+// dst's planes (OH x OW of S) from src's (H0 x W0 of S), both contiguous, a unit (an image's group: t.in_g source
+// planes, t.out_g destination planes) at a time: the unit's source planes that a tap reads copied into padded
+// planes (those of several units together, up to plane_group planes), then each destination plane r (of all
+// channels: g * out_g + l) is stencil_plane over its taps plus its bias (0 without); one without a tap gets its
+// bias. Tasks are units. The forward, and the input gradient at stride 1 (flipped_plane_taps over gy).
 template <typename scalar_t>
-void stencil_planes(const int32_t* rowptr, const int64_t* off, const float* w, const scalar_t* src,
-                    const scalar_t* bias, scalar_t* dst, int64_t N, int64_t C, const PlaneShape S) {
-  const int64_t in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW, group = plane_group(S);
-  at::parallel_for(0, N * C, plane_grain(S), [&](int64_t p0, int64_t p1) {
-    std::vector<float> pad(static_cast<size_t>(group * S.padded), 0.f);
+void stencil_units(const PlaneTaps& t, const scalar_t* src, const scalar_t* bias, scalar_t* dst, int64_t N,
+                   const PlaneShape S) {
+  const int64_t in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW, G = t.G, in_g = t.in_g, out_g = t.out_g;
+  const int64_t batch = std::max<int64_t>(1, plane_group(S) / in_g);  // units copied together
+  const int32_t* ptr = t.ptr.data();
+  const int64_t* off = t.off.get();
+  const float* w = t.w.get();
+  const uint8_t* used = t.used.data();
+  at::parallel_for(0, N * G, unit_grain(S, t), [&](int64_t u0, int64_t u1) {
+    std::vector<float> pad(static_cast<size_t>(std::min(batch, u1 - u0) * in_g * S.padded), 0.f);
     with_column_stride(S.sw, [&](auto SW) {
-      for (int64_t g0 = p0; g0 < p1; g0 += group) {
-        const int64_t g1 = std::min(p1, g0 + group), c0 = g0 % C;
-        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1)
-          if (rowptr[c] < rowptr[c + 1]) pad_plane(src + p * in_plane, pad.data() + (p - g0) * S.padded, S);
-        for (int64_t p = g0, c = c0; p < g1; ++p, c = c + 1 == C ? 0 : c + 1) {
-          const float b = bias ? static_cast<float>(bias[c]) : 0.f;
-          scalar_t* out = dst + p * out_plane;
-          if (rowptr[c] == rowptr[c + 1])
-            std::fill(out, out + out_plane, static_cast<scalar_t>(b));
-          else
-            stencil_plane<decltype(SW)::value>(pad.data() + (p - g0) * S.padded, off, w, rowptr[c], rowptr[c + 1],
-                                               b, out, S);
+      for (int64_t b0 = u0; b0 < u1; b0 += batch) {
+        const int64_t b1 = std::min(u1, b0 + batch);
+        for (int64_t u = b0; u < b1; ++u) {
+          const int64_t c0 = (u % G) * in_g;
+          for (int64_t l = 0; l < in_g; ++l)
+            if (used[c0 + l])
+              pad_plane(src + (u * in_g + l) * in_plane, pad.data() + ((u - b0) * in_g + l) * S.padded, S);
+        }
+        for (int64_t u = b0; u < b1; ++u) {
+          const float* planes = pad.data() + (u - b0) * in_g * S.padded;
+          const int64_t r0 = (u % G) * out_g;
+          for (int64_t l = 0; l < out_g; ++l) {
+            const int64_t r = r0 + l;
+            const float b = bias ? static_cast<float>(bias[r]) : 0.f;
+            scalar_t* out = dst + (u * out_g + l) * out_plane;
+            if (ptr[r] == ptr[r + 1])
+              std::fill(out, out + out_plane, static_cast<scalar_t>(b));
+            else
+              stencil_plane<decltype(SW)::value>(planes, off, w, ptr[r], ptr[r + 1], b, out, S);
+          }
         }
       }
     });
   });
 }
 
-// y [N, C, OH, OW] from x [N, C, H0, W0] (both contiguous).
+// y [N, O, OH, OW] from x [N, C, H0, W0] (both contiguous).
 template <typename scalar_t>
-void depthwise_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* x, const scalar_t* bias, scalar_t* y,
-                    const Layout& L) {
-  stencil_planes(rowptr, t.off.data(), t.w.data(), x, bias, y, L.N, L.C, PlaneShape(L));
+void grouped_nchw(const PlaneTaps& t, const scalar_t* x, const scalar_t* bias, scalar_t* y, const Layout& L) {
+  stencil_units(t, x, bias, y, L.N, PlaneShape(L));
 }
 
-// dx [N, C, H0, W0] from gy [N, C, OH, OW] (both contiguous). Stride 1 (with padding within the kernel's reach):
-// the forward's stencil over gy's plane padded by the kernel's reach less the padding, the taps flipped: each dx
-// row takes its taps' sum in registers (no store to load). Otherwise each plane's taps scatter w * gy's rows into
-// a zeroed padded float32 plane (at stride sw), whose interior is then dx's plane. The stencil against that scatter
-// at stride 1 (one process switching per call, 9 rounds, median per-round ratio, Zen 4, 2026-12-03, batch 8):
-// EfficientNet-B0's and MobileNetV3's depthwise shapes 0.40-0.97 of the time at 90%, 0.19-0.72 at 50% (576 or
-// 1152 channels of 7 x 7, 5 x 5: 0.40-0.49 / 0.19-0.21). Tasks are planes.
-template <typename scalar_t>
-void depthwise_grad_input_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* gy, scalar_t* dx,
-                               const Layout& L) {
+// dx [N, C, H0, W0] from gy [N, O, OH, OW] (both contiguous); t: W's taps (plane_taps). Stride 1 (with padding
+// within the kernel's reach): the forward's stencil over gy's planes padded by the kernel's reach less the
+// padding, the taps flipped and by input channel (flipped_plane_taps): each dx row takes its taps' sum in
+// registers (no store to load). Otherwise a unit's output planes scatter w * gy's rows into its zeroed padded
+// float32 input planes (at stride sw), whose interiors are then dx's planes. The stencil against that scatter at
+// stride 1 (depthwise layers, one process switching per call, 9 rounds, median per-round ratio, Zen 4, 2026-12-03,
+// batch 8): EfficientNet-B0's and MobileNetV3's shapes 0.40-0.97 of the time at 90%, 0.19-0.72 at 50% (576 or 1152
+// channels of 7 x 7, 5 x 5: 0.40-0.49 / 0.19-0.21). Tasks are units.
+template <typename index_t, typename scalar_t>
+void grouped_grad_input_nchw(const int32_t* rowptr, const index_t* col, const scalar_t* values, int64_t O,
+                             int64_t G, const scalar_t* gy, scalar_t* dx, const Layout& L) {
   const PlaneShape S(L);
-  const int64_t C = L.C, in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW;
-  const int64_t* off = t.off.data();
-  const float* w = t.w.data();
   const int64_t reach_h = (L.kh - 1) * L.dh, reach_w = (L.kw - 1) * L.dw;
-  if (L.sh == 1 && L.sw == 1 && L.ph <= reach_h && L.pw <= reach_w) {
-    // The transposed problem: gy's plane (OH x OW) padded by reach - padding, dx's plane its output.
-    PlaneShape G = S;
-    G.H0 = S.OH;
-    G.W0 = S.OW;
-    G.ph = reach_h - L.ph;
-    G.pw = reach_w - L.pw;
-    G.pitch = S.OW + 2 * G.pw;
-    G.padded = (S.OH + 2 * G.ph) * G.pitch;
-    G.OH = S.H0;
-    G.OW = S.W0;
-    std::vector<int64_t> flipped(t.off.size());
-    for (size_t j = 0; j < flipped.size(); ++j)  // off = ki * dh * L.W + kj * dw, with kj * dw < L.W
-      flipped[j] = (reach_h - off[j] / L.W) * G.pitch + (reach_w - off[j] % L.W);
-    stencil_planes(rowptr, flipped.data(), w, gy, static_cast<const scalar_t*>(nullptr), dx, L.N, C, G);
+  if (flipped_case(L)) {
+    // The transposed problem: gy's planes (OH x OW) padded by reach - padding, dx's planes its output.
+    PlaneShape P = S;
+    P.H0 = S.OH;
+    P.W0 = S.OW;
+    P.ph = reach_h - L.ph;
+    P.pw = reach_w - L.pw;
+    P.pitch = S.OW + 2 * P.pw;
+    P.padded = (S.OH + 2 * P.ph) * P.pitch;
+    P.OH = S.H0;
+    P.OW = S.W0;
+    const PlaneTaps f = flipped_plane_taps(rowptr, col, values, O, L, G, P);
+    stencil_units(f, gy, static_cast<const scalar_t*>(nullptr), dx, L.N, P);
     return;
   }
-  at::parallel_for(0, L.N * C, plane_grain(S), [&](int64_t p0, int64_t p1) {
-    std::vector<float> pad(static_cast<size_t>(S.padded));
+  const PlaneTaps t = plane_taps(rowptr, col, values, O, L, G);
+  const int64_t in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW, in_g = t.in_g, out_g = t.out_g;
+  const int32_t* ptr = t.ptr.data();
+  const int64_t* off = t.off.get();
+  const float* w = t.w.get();
+  const uint8_t* used = t.used.data();
+  at::parallel_for(0, L.N * G, unit_grain(S, t), [&](int64_t u0, int64_t u1) {
+    std::vector<float> pad(static_cast<size_t>(in_g * S.padded));
     with_column_stride(S.sw, [&](auto SW) {
-      for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
-        scalar_t* out = dx + p * in_plane;
-        if (rowptr[c] == rowptr[c + 1]) {
-          std::fill(out, out + in_plane, scalar_t(0));
-          continue;
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t c0 = (u % G) * in_g, r0 = (u % G) * out_g;
+        for (int64_t l = 0; l < in_g; ++l)
+          if (used[c0 + l]) std::fill(pad.begin() + l * S.padded, pad.begin() + (l + 1) * S.padded, 0.f);
+        for (int64_t l = 0; l < out_g; ++l)
+          scatter_plane<decltype(SW)::value>(gy + (u * out_g + l) * out_plane, off, w, ptr[r0 + l], ptr[r0 + l + 1],
+                                             pad.data(), S);
+        for (int64_t l = 0; l < in_g; ++l) {
+          scalar_t* out = dx + (u * in_g + l) * in_plane;
+          if (used[c0 + l])
+            unpad_plane(pad.data() + l * S.padded, out, S);
+          else
+            std::fill(out, out + in_plane, scalar_t(0));
         }
-        std::fill(pad.begin(), pad.end(), 0.f);
-        scatter_plane<decltype(SW)::value>(gy + p * out_plane, off, w, rowptr[c], rowptr[c + 1], pad.data(), S);
-        unpad_plane(pad.data(), out, S);
       }
     });
   });
 }
 
-// dv[j] (CSR order) = the sum over images and output pixels of gy times x at the pixel tap j reads (x and gy
-// contiguous NCHW). Tasks are channels, each over every image: a stored tap's sum is one thread's, no reduction.
+// The sum of v's 16 lanes, as a tree (a chain of 16 scalar adds a stored weight took as long as its dot products
+// on 7 x 7 planes at batch 1).
+inline float lane_sum(vfloat v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps(v);
+#else
+  float l[kLanes];
+  vstore(l, v);
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t i = 0; i < w; ++i) l[i] += l[i + w];
+  return l[0];
+#endif
+}
+
+// dv[j] (CSR order) = the sum over images and output pixels of gy times x at the pixel entry j reads (x and gy
+// contiguous NCHW). The units, group by group (all images of group 0, then of group 1, ...), are split into one
+// range a thread; a range sums each group's entries in vectors over its images (the group's input planes padded,
+// plane_group of them together, then each output plane's dot products). With at least four groups a range,
+// the ranges split at group boundaries and each writes its groups' sums into dv; otherwise (a group's images over
+// several ranges) each range sums into its own [nnz] array, added together at the end.
 template <typename scalar_t>
-void depthwise_grad_values_nchw(const int32_t* rowptr, const PlaneTaps& t, const scalar_t* x, const scalar_t* gy,
-                                scalar_t* dv, const Layout& L) {
+void grouped_grad_values_nchw(const PlaneTaps& t, const scalar_t* x, const scalar_t* gy, scalar_t* dv,
+                              const Layout& L) {
   const PlaneShape S(L);
-  const int64_t C = L.C, N = L.N, in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW;
-  const int64_t* off = t.off.data();
-  at::parallel_for(0, C, std::max<int64_t>(1, plane_grain(S) / std::max<int64_t>(1, N)), [&](int64_t c0, int64_t c1) {
-    const int64_t group = std::min(N, plane_group(S));
-    std::vector<float> pad(static_cast<size_t>(group * S.padded), 0.f);
-    std::vector<vfloat> acc;
-    with_column_stride(S.sw, [&](auto SW) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j0 = rowptr[c], j1 = rowptr[c + 1];
-        if (j0 == j1) continue;
-        acc.assign(static_cast<size_t>(j1 - j0), vfloat{});
-        for (int64_t n0 = 0; n0 < N; n0 += group) {
-          const int64_t n1 = std::min(N, n0 + group);
-          for (int64_t n = n0; n < n1; ++n)
-            pad_plane(x + (n * C + c) * in_plane, pad.data() + (n - n0) * S.padded, S);
-          for (int64_t n = n0; n < n1; ++n)
-            dots_plane<decltype(SW)::value>(pad.data() + (n - n0) * S.padded, gy + (n * C + c) * out_plane, off, j0,
-                                            j1, acc.data(), S);
-        }
-        for (int64_t j = j0; j < j1; ++j) {
-          float lanes[kLanes];
-          vstore(lanes, acc[j - j0]);
-          float sum = 0.f;
-          for (const float f : lanes) sum += f;
-          dv[j] = static_cast<scalar_t>(sum);
-        }
+  const int64_t N = L.N, G = t.G, in_g = t.in_g, out_g = t.out_g, units = N * G;
+  const int64_t C = L.C, O = G * out_g, nnz = t.ptr[O], in_plane = S.H0 * S.W0, out_plane = S.OH * S.OW;
+  const int64_t batch = std::max<int64_t>(1, plane_group(S) / in_g);  // images of a group padded together
+  const int64_t ranges = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), units / std::max<int64_t>(1, unit_grain(S, t))));
+  const bool whole = G >= 4 * ranges;  // ranges of whole groups (each within a group of the others' share)
+  const int32_t* ptr = t.ptr.data();
+  const int64_t* off = t.off.get();
+  const uint8_t* used = t.used.data();
+  std::vector<std::vector<float>> parts(whole ? 0 : static_cast<size_t>(ranges));
+  at::parallel_for(0, ranges, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      float* part = nullptr;
+      if (!whole) {
+        parts[q].assign(static_cast<size_t>(nnz), 0.f);
+        part = parts[q].data();
       }
-    });
+      std::vector<float> pad(static_cast<size_t>(std::min(batch, N) * in_g * S.padded), 0.f);
+      std::vector<vfloat> acc;
+      const int64_t v0 = whole ? G * q / ranges * N : units * q / ranges;
+      const int64_t v1 = whole ? G * (q + 1) / ranges * N : units * (q + 1) / ranges;
+      with_column_stride(S.sw, [&](auto SW) {
+        for (int64_t v = v0; v < v1;) {  // group g = v / N, images [n0, n1) of it
+          const int64_t g = v / N, n0 = v % N, n1 = std::min(N, n0 + (v1 - v)), e0 = ptr[g * out_g];
+          const int64_t e1 = ptr[(g + 1) * out_g];
+          v += n1 - n0;
+          if (e0 == e1) continue;
+          acc.assign(static_cast<size_t>(e1 - e0), vfloat{});
+          for (int64_t b0 = n0; b0 < n1; b0 += batch) {
+            const int64_t b1 = std::min(n1, b0 + batch);
+            for (int64_t n = b0; n < b1; ++n)
+              for (int64_t l = 0; l < in_g; ++l)
+                if (used[g * in_g + l])
+                  pad_plane(x + (n * C + g * in_g + l) * in_plane, pad.data() + ((n - b0) * in_g + l) * S.padded, S);
+            for (int64_t n = b0; n < b1; ++n)
+              for (int64_t o = g * out_g; o < (g + 1) * out_g; ++o)
+                if (ptr[o] < ptr[o + 1])
+                  dots_plane<decltype(SW)::value>(pad.data() + (n - b0) * in_g * S.padded, gy + (n * O + o) * out_plane,
+                                                  off, ptr[o], ptr[o + 1], acc.data() + (ptr[o] - e0), S);
+          }
+          if (part)
+            for (int64_t j = e0; j < e1; ++j) part[j] += lane_sum(acc[j - e0]);
+          else
+            for (int64_t j = e0; j < e1; ++j) dv[j] = static_cast<scalar_t>(lane_sum(acc[j - e0]));
+        }
+      });
+    }
+  });
+  if (whole) return;
+  at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      float s = 0.f;
+      for (const auto& part : parts) s += part[j];
+      dv[j] = static_cast<scalar_t>(s);
+    }
   });
 }
 
@@ -1521,11 +1833,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& rowptr, const at::Tensor& col, co
             return;
           }
         } else if (x.is_contiguous()) {
-          if (const auto t = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                        values.const_data_ptr<scalar_t>(), O, L)) {
-            depthwise_nchw<scalar_t>(rowptr.const_data_ptr<int32_t>(), *t, x.const_data_ptr<scalar_t>(),
-                                     bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
-                                     y.mutable_data_ptr<scalar_t>(), L);
+          if (const int64_t G = plane_groups(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), O, L,
+                                             PlaneOp::forward)) {
+            const PlaneTaps t = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                           values.const_data_ptr<scalar_t>(), O, L, G);
+            grouped_nchw<scalar_t>(t, x.const_data_ptr<scalar_t>(),
+                                   bs.defined() ? bs.const_data_ptr<scalar_t>() : nullptr,
+                                   y.mutable_data_ptr<scalar_t>(), L);
             return;
           }
         }
@@ -1854,16 +2168,18 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
           return;
         }
       } else if (gy.is_contiguous()) {
-        std::optional<PlaneTaps> taps;
+        bool done = false;
         PYSPARSE_DISPATCH_INDEX(col, "sparse_conv2d_grad_input_cpu", [&] {
-          taps = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                            values.const_data_ptr<scalar_t>(), O, L);
+          const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+          const index_t* cp = col.const_data_ptr<index_t>();
+          const scalar_t* vp = values.const_data_ptr<scalar_t>();
+          if (const int64_t G = plane_groups(rp, cp, O, L, PlaneOp::grad_input)) {
+            grouped_grad_input_nchw<index_t, scalar_t>(rp, cp, vp, O, G, gy.const_data_ptr<scalar_t>(),
+                                                       dx.mutable_data_ptr<scalar_t>(), L);
+            done = true;
+          }
         });
-        if (taps) {
-          depthwise_grad_input_nchw<scalar_t>(rowptr.const_data_ptr<int32_t>(), *taps, gy.const_data_ptr<scalar_t>(),
-                                              dx.mutable_data_ptr<scalar_t>(), L);
-          return;
-        }
+        if (done) return;
       }
     }
     const Interleave GI = padded_output_of(L, O);
@@ -1937,10 +2253,12 @@ at::Tensor sparse_conv2d_grad_values_cpu(const at::Tensor& rowptr, const at::Ten
             return;
           }
         } else if (!channels_last(x) && !channels_last(gy) && x.is_contiguous() && gy.is_contiguous()) {
-          if (const auto t = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
-                                        static_cast<const scalar_t*>(nullptr), O, L)) {
-            depthwise_grad_values_nchw<scalar_t>(rowptr.const_data_ptr<int32_t>(), *t, x.const_data_ptr<scalar_t>(),
-                                                 gy.const_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), L);
+          if (const int64_t G = plane_groups(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), O, L,
+                                             PlaneOp::grad_values)) {
+            const PlaneTaps t = plane_taps(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                           static_cast<const scalar_t*>(nullptr), O, L, G);
+            grouped_grad_values_nchw<scalar_t>(t, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(),
+                                               dv.mutable_data_ptr<scalar_t>(), L);
             return;
           }
         }
