@@ -621,7 +621,7 @@ def test_depthwise_nchw(c, kernel, stride, dilation, padding, hw, density, dtype
     """A depthwise layer on an NCHW input: the CPU computes each (image, channel) plane from a zero-padded copy,
     16 output columns at a time, one multiply-add per stored tap (stride 2 through a permute, other strides lane by
     lane); the input gradient as the flipped stencil over gy at stride 1 (padding within the kernel's reach),
-    else scattered; the values gradient per channel over every image. Partial and several 16-column chunks a
+    else scattered (few taps a channel) or phase by phase; the values gradient per channel over every image. Partial and several 16-column chunks a
     row, strides 1-3, dilations, padding beyond the kernel's reach and beyond the image, channels without a
     stored tap, every dtype, against nn.Conv2d with the masked weight."""
     torch.manual_seed(14)
@@ -653,14 +653,18 @@ def test_depthwise_nchw(c, kernel, stride, dilation, padding, hw, density, dtype
     (8, 8, 4, (3, 5), (2, 1), (1, 2), (1, 3), (10, 9), 0.5), (6, 9, 3, 3, 3, 1, 1, (20, 19), 0.5),  # any stride
     (8, 4, 2, 3, 1, 2, 4, (5, 6), 0.5),   # padding beyond the kernel's reach (the input gradient scatters)
     (32, 32, 8, 3, 1, 1, 1, (14, 14), 0.1), (8, 8, 2, 3, 2, 1, 1, (40, 40), 0.3),   # several units a task / range
+    (16, 16, 4, 3, 2, 1, 1, (12, 12), 0.1),   # few weights an input channel: the strided input gradient scatters
+    (64, 64, 2, 3, 1, 1, 1, (7, 7), 0.5),     # many weights a small plane: the working layout
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, bias", [(1, True), (3, False)])
 def test_grouped_nchw(cin, cout, groups, kernel, stride, dilation, padding, hw, density, dtype, batch, bias):
     """A grouped layer on an NCHW input: the CPU computes each image's group from its input planes, zero-padded
     side by side (a stored weight's offset names plane and tap), 16 output columns at a time; the input gradient
-    as the flipped stencil over the group's gy planes at stride 1, else scattered; the values gradient group by
-    group over the images, in ranges summed at the end. Output channels and whole groups without a stored weight,
+    as the flipped stencil over the group's gy planes at stride 1, else phase by phase (or scattered, with few
+    weights an input channel); the values gradient group by group over the images, in ranges of whole groups or
+    summed at the end; many weights on a small plane through the working layout. Output channels and whole groups
+    without a stored weight,
     input channels none reads, depthwise multipliers, strides 1-3, dilations, against nn.Conv2d with the masked
     weight."""
     torch.manual_seed(15)
