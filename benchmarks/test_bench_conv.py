@@ -21,7 +21,7 @@ CL_SHAPES = {**SHAPES, "mbv3-expand-1x1": (16, 72, 1, 1, 56), "mbv3-project-1x1"
 
 
 def _layers(device, shape, sparsity):
-    cin, cout, k, s, _, *groups = {**CL_SHAPES, **DW_SHAPES}[shape]
+    cin, cout, k, s, _, *groups = {**CL_SHAPES, **DW_SHAPES, **GROUPED_SHAPES}[shape]
     torch.manual_seed(0)
     dense = nn.Conv2d(cin, cout, k, stride=s, padding=k // 2, groups=groups[0] if groups else 1,
                       bias=False).to(device)
@@ -100,11 +100,31 @@ DW_SHAPES = {"effnet-dw-5x5-s2-14": (672, 672, 5, 2, 14, 672), "effnet-dw-3x3-7"
 def test_conv_depthwise_nchw(benchmark, device, shape, step, impl):
     """Depthwise layers on NCHW tensors, batch 8, 90%: the forward (no_grad, where torch takes mkldnn), or forward
     + backward."""
+    _grouped_nchw(benchmark, device, shape, DW_SHAPES[shape], "dw", step, impl)
+
+
+# Grouped layers with several channels a group (ResNeXt-50 32x4d, RegNetY / X-400MF): name -> (in, out, kernel,
+# stride, input size, groups)
+GROUPED_SHAPES = {"resnext-g32-s2-28": (512, 512, 3, 2, 28, 32), "resnext-g32-7": (1024, 1024, 3, 1, 7, 32),
+                  "regnety-g55-s2-14": (440, 440, 3, 2, 14, 55), "regnetx-g4-28": (64, 64, 3, 1, 28, 4)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", list(GROUPED_SHAPES))
+@pytest.mark.parametrize("step", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("impl", ["pysparse", "dense"])
+def test_conv_grouped_nchw(benchmark, device, shape, step, impl):
+    """Grouped layers with several channels a group on NCHW tensors, batch 8, 90%: the forward (no_grad), or
+    forward + backward."""
+    _grouped_nchw(benchmark, device, shape, GROUPED_SHAPES[shape], "grouped", step, impl)
+
+
+def _grouped_nchw(benchmark, device, shape, spec, kind, step, impl):
     dense, sparse = _layers(device, shape, 0.9)
-    cin, _, _, _, size = DW_SHAPES[shape][:5]
+    cin, _, _, _, size = spec[:5]
     layer = sparse if impl == "pysparse" else dense
     x = torch.randn(8, cin, size, size, device=device).requires_grad_(step)
-    benchmark.group = f"conv-dw-nchw-{'fwdbwd' if step else 'fwd'}-{shape}-b8-s0.9-{device}"
+    benchmark.group = f"conv-{kind}-nchw-{'fwdbwd' if step else 'fwd'}-{shape}-b8-s0.9-{device}"
     if step:
         g = torch.randn_like(dense(x))
         run(benchmark, lambda: layer(x).backward(g), device, rounds=5)

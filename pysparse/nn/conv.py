@@ -119,7 +119,8 @@ class SparseConv2d(SparseWeight):
         # 1.8 ms, forward + backward 10.5 ms); under no_grad torch takes mkldnn (0.39 ms), which was faster than
         # the sparse kernel at batch 8 on some depthwise layers (MobileNetV3-small at 90%: 0.25-0.98x) until the NCHW
         # depthwise kernels computed plane by plane (2026-12-03: 1.06-9.8x on EfficientNet-B0's and MobileNetV3's
-        # shapes at 90%; 0.74-0.84x at 50% on 7 x 7 planes; benchmarks/RESULTS.md): left as it is.
+        # shapes at 90%; 0.74-0.84x at 50% on 7 x 7 planes; benchmarks/RESULTS.md), and the grouped ones with several
+        # channels a group too (ResNeXt-50, RegNetY / X-400MF at 90%, batch 8: 0.58-2.26x -> 1.05-3.69x): left as it is.
         if self.groups != 1:
             return False
         return super()._computes_dense() or (x is not None and self._small_channels_last(x))
