@@ -629,11 +629,18 @@ def test_depthwise_nchw(c, kernel, stride, dilation, padding, hw, density, dtype
     mask = torch.rand(conv.weight.shape) < density
     mask[0] = False  # a channel without a stored tap
     mask[-1].view(-1)[0] = True  # and one with
+    _check_nchw(conv, mask, torch.randn(batch, c, *hw), dtype)
+
+
+def _check_nchw(conv, mask, x, dtype):
+    """conv's weight masked, as a SparseConv2d in dtype computing with its kernels at any sparsity, against conv on
+    the NCHW input x: the output, the input gradient (both contiguous) and the values gradient."""
     with torch.no_grad():
         conv.weight.mul_(mask)
     sparse = SparseConv2d.from_dense(conv, mask).to(dtype)
+    sparse.dense_below = 0.0
     conv = conv.to(dtype)
-    x = torch.randn(batch, c, *hw).to(dtype)
+    x = x.to(dtype)
     xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
     ys, yd = sparse(xs), conv(xd)
     assert ys.is_contiguous()
@@ -664,9 +671,8 @@ def test_grouped_nchw(cin, cout, groups, kernel, stride, dilation, padding, hw, 
     as the flipped stencil over the group's gy planes at stride 1, else phase by phase (or scattered, with few
     weights an input channel); the values gradient group by group over the images, in ranges of whole groups or
     summed at the end; many weights on a small plane through the working layout. Output channels and whole groups
-    without a stored weight,
-    input channels none reads, depthwise multipliers, strides 1-3, dilations, against nn.Conv2d with the masked
-    weight."""
+    without a stored weight, input channels none reads, depthwise multipliers, strides 1-3, dilations, against
+    nn.Conv2d with the masked weight."""
     torch.manual_seed(15)
     conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups=groups, bias=bias)
     mask = torch.rand(conv.weight.shape) < density
@@ -674,22 +680,7 @@ def test_grouped_nchw(cin, cout, groups, kernel, stride, dilation, padding, hw, 
     mask[-(cout // groups):] = False  # a whole group without one
     mask[-(cout // groups) - 1].view(-1)[0] = True
     mask[:, -1] = False  # the last input channel of every group unread
-    with torch.no_grad():
-        conv.weight.mul_(mask)
-    sparse = SparseConv2d.from_dense(conv, mask).to(dtype)
-    conv = conv.to(dtype)
-    x = torch.randn(batch, cin, *hw).to(dtype)
-    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ys, yd = sparse(xs), conv(xd)
-    assert ys.is_contiguous()
-    torch.testing.assert_close(ys, yd, **TOL[dtype])
-    g = torch.randn_like(yd)
-    ys.backward(g)
-    yd.backward(g)
-    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=TOL[dtype]["rtol"] * 2, atol=TOL[dtype]["atol"] * 4)
-    assert xs.grad.is_contiguous()
-    torch.testing.assert_close(xs.grad, xd.grad, **tol)
-    torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, **tol)
+    _check_nchw(conv, mask, torch.randn(batch, cin, *hw), dtype)
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 4, 5])
@@ -706,21 +697,7 @@ def test_ungrouped_layer_masked_block_diagonal(blocks):
     for outside in (False, True):
         if outside:
             mask[3, 19, 1, 1] = True
-        with torch.no_grad():
-            conv.weight.mul_(mask)
-        sparse = SparseConv2d.from_dense(conv, mask)
-        sparse.dense_below = 0.0
-        x = torch.randn(2, 20, 6, 7)
-        xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ys, yd = sparse(xs), conv(xd)
-        torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(yd)
-        ys.backward(g)
-        yd.backward(g)
-        torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, rtol=1e-5,
-                                   atol=1e-5)
-        conv.weight.grad = None
+        _check_nchw(copy.deepcopy(conv), mask, torch.randn(2, 20, 6, 7), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
