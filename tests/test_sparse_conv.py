@@ -662,6 +662,7 @@ def _check_nchw(conv, mask, x, dtype):
     (32, 32, 8, 3, 1, 1, 1, (14, 14), 0.1), (8, 8, 2, 3, 2, 1, 1, (40, 40), 0.3),   # several units a task / range
     (16, 16, 4, 3, 2, 1, 1, (12, 12), 0.1),   # few weights an input channel: the strided input gradient scatters
     (64, 64, 2, 3, 1, 1, 1, (7, 7), 0.5),     # many weights a small plane: the working layout
+    (8, 8, 2, 3, 2, 1, 1, (21, 45), 0.9), (6, 6, 6, 3, 2, 1, 2, (9, 70), 0.9),   # stride 2 by phase, several chunks a row
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, bias", [(1, True), (3, False)])
