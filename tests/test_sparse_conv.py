@@ -660,7 +660,7 @@ def _check_nchw(conv, mask, x, dtype):
     (8, 8, 4, (3, 5), (2, 1), (1, 2), (1, 3), (10, 9), 0.5), (6, 9, 3, 3, 3, 1, 1, (20, 19), 0.5),  # any stride
     (8, 4, 2, 3, 1, 2, 4, (5, 6), 0.5),   # padding beyond the kernel's reach (the input gradient scatters)
     (32, 32, 8, 3, 1, 1, 1, (14, 14), 0.1), (8, 8, 2, 3, 2, 1, 1, (40, 40), 0.3),   # several units a task / range
-    (16, 16, 4, 3, 2, 1, 1, (12, 12), 0.1),   # few weights an input channel: the strided input gradient scatters
+    (16, 16, 4, 3, 2, 1, 1, (12, 12), 0.02),  # under one weight an input channel: the strided input gradient scatters
     (64, 64, 2, 3, 1, 1, 1, (7, 7), 0.5),     # many weights a small plane: the working layout
     (8, 8, 2, 3, 2, 1, 1, (21, 45), 0.9), (6, 6, 6, 3, 2, 1, 2, (9, 70), 0.9),   # stride 2 by phase, several chunks a row
 ])

@@ -1245,10 +1245,15 @@ struct PlaneShape {
 // this many stored weights an input channel, else gathers phase by phase (grouped_grad_input_nchw): the phases
 // store every element of dx once, even where few taps reach it. The two forced in turn per call (one process, 9
 // rounds, median per-round ratio, Zen 4, 2026-12-03), stride-2 depthwise and grouped layers of EfficientNet-B0 /
-// MobileNetV3 / ResNeXt-50 / RegNet: with 0.9-2.5 weights an input channel the phases took 1.14-1.57x the scatter's
-// time (batch 8, 90%), 1.23-1.53x (batch 1); with 7-15, 0.46-0.90x (batch 8) and 0.61-1.01x (batch 1); at 50% with
-// 4.3-4.5, 0.95-1.09x, with 12.5, 0.55-0.69x.
-constexpr int64_t kScatterPerInput = 4;
+// MobileNetV3 / ResNeXt-50 / RegNet: phases one by one (as without AVX-512) against the scatter, with 0.9-2.5
+// weights an input channel 1.14-1.57 (batch 8, 90%) and 1.23-1.53 (batch 1); with 7-15, 0.46-0.90 / 0.61-1.01; at
+// 50% with 4.3-4.5, 0.95-1.09, with 12.5, 0.55-0.69. With the column phases paired (AVX-512): 0.9-1.0 weights
+// 0.76-1.04 (batch 8) and 0.87-1.08 (batch 1), 2.4-2.5 weights 0.70-1.05 / 0.90-1.07, 7-15 weights 0.34-0.57.
+#ifdef __AVX512F__
+constexpr double kScatterPerInput = 1;
+#else
+constexpr double kScatterPerInput = 4;
+#endif
 
 // Whether a layer of layout L in G groups, with nnz stored weights over O output channels, takes the NCHW plane
 // kernels for op (else the working layout): always, but for the few weights that would fill a small plane's
