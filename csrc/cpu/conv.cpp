@@ -1265,8 +1265,8 @@ constexpr double kScatterPerInput = 4;
 // - depthwise layers (G = C, with a channel multiplier too): 0.23-0.76 at 90% (EfficientNet-B0's, MobileNetV3's),
 //   0.45-0.92 unpruned (7 x 7, 5 x 5);
 // - grouped, batch 8, 90%: forward 0.42-0.91, values gradient 0.17-0.93, input gradient 0.29-0.75 (stride 1) and
-//   0.57-1.00 (stride 2, phases); batch 1: forward 0.65-1.20, values gradient 0.67-1.10, strided input gradient
-//   0.78-1.38 (the larger on 112 x 112 and 56 x 56 planes);
+//   0.57-1.00 (stride 2, phases one by one; paired since, about a quarter less); batch 1: forward 0.65-1.20, values
+//   gradient 0.67-1.10, strided input gradient 0.78-1.38 (the larger on 112 x 112 and 56 x 56 planes; before pairing);
 // - 50% (t = 36-144), batch 8: stride 2 0.76-0.94; stride 1 on 14 x 14 and 28 x 28 planes 0.66-1.01, on 7 x 7
 //   1.02-1.16: those take the working layout.
 enum class PlaneOp { forward, grad_input, grad_values };
