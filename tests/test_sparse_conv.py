@@ -701,6 +701,37 @@ def test_ungrouped_layer_masked_block_diagonal(blocks):
         _check_nchw(copy.deepcopy(conv), mask, torch.randn(2, 20, 6, 7), torch.float32)
 
 
+@pytest.mark.parametrize("cin,cout,kernel,stride,groups,density", [
+    (64, 64, 1, 1, 1, 0.3),    # pointwise: output and input gradient 16 MB
+    (64, 64, 1, 2, 1, 0.3),    # strided pointwise: the input gradient's rows by output pixel, the others zero
+    (64, 64, 3, 1, 64, 0.1),   # depthwise, 16 channels of a pixel as one vector (forward and input gradient)
+    (32, 64, 3, 1, 1, 0.1),    # through the working layout, back into channels-last
+    (64, 48, 3, 2, 1, 0.1),    # the same at stride 2, 48 output channels
+])
+def test_channels_last_large_outputs(cin, cout, kernel, stride, groups, density):
+    """Channels-last float32 outputs and input gradients larger than the threads' L2 caches together are written
+    by streaming (non-temporal) stores, in 16-channel blocks (here 8-16 MB tensors: above that size on this
+    project's machines). Forward and both gradients against nn.Conv2d with the masked weight."""
+    torch.manual_seed(21)
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
+    mask = torch.rand(conv.weight.shape) < density
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(conv, mask)
+    sparse.dense_below = 0.0  # (the kernels at any sparsity)
+    x = torch.randn(4, cin, 128, 128).contiguous(memory_format=CL)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), conv(xd)
+    assert ys.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(ys, yd, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    assert xs.grad.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sparse._dense_from(sparse.values.grad), conv.weight.grad * mask, rtol=1e-4, atol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pointwise", [False, True], ids=["depthwise", "pointwise"])
 def test_half_channels_last_kernels_round_as_torch(dtype, pointwise):

@@ -30,9 +30,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -51,6 +55,8 @@ namespace {
 using cpu::kLanes;
 using cpu::load_lanes;
 using cpu::store_lanes;
+using cpu::stream_fence;
+using cpu::stream_lanes;
 using cpu::transpose16;
 using cpu::vfloat;
 using cpu::vload;
@@ -243,16 +249,49 @@ inline vfloat load_selected(const float* p, vfloat v, uint32_t sel) {
 // through may-alias vector types, after which a caller's lambda would load whatever it reaches through its
 // captures (the strides, the destination) again, at every store (bfloat16 1 x 1 16 -> 72 channels-last, batch 8:
 // 0.61-0.65x -> 0.77x nn.Conv2d bfloat16 with this).
+// stream: by streaming stores (stream_output).
 template <typename scalar_t>
-inline void store_block(scalar_t* dst, int64_t stride, const vfloat (&block)[kLanes], int64_t count, int64_t lanes) {
-  for (int64_t e = 0; e < count; ++e) store_lanes(dst + e * stride, block[e], lanes);
+inline void store_block(scalar_t* dst, int64_t stride, const vfloat (&block)[kLanes], int64_t count, int64_t lanes,
+                        bool stream = false) {
+  if (stream)
+    for (int64_t e = 0; e < count; ++e) stream_lanes(dst + e * stride, block[e], lanes);
+  else
+    for (int64_t e = 0; e < count; ++e) store_lanes(dst + e * stride, block[e], lanes);
 }
 
 // The same to rows rows[0 .. count) of a [*, width] dst.
 template <typename scalar_t>
 inline void store_rows(scalar_t* dst, int64_t width, const int64_t* rows, const vfloat (&block)[kLanes], int64_t count,
-                       int64_t lanes) {
-  for (int64_t e = 0; e < count; ++e) store_lanes(dst + rows[e] * width, block[e], lanes);
+                       int64_t lanes, bool stream = false) {
+  if (stream)
+    for (int64_t e = 0; e < count; ++e) stream_lanes(dst + rows[e] * width, block[e], lanes);
+  else
+    for (int64_t e = 0; e < count; ++e) store_lanes(dst + rows[e] * width, block[e], lanes);
+}
+
+// Whether a channels-last output (or input gradient) y of `elements` elements, C channels a pixel, is written by
+// streaming stores (vec.h's stream_lanes; its 16-channel blocks then 64-byte aligned: float32, y aligned, C a
+// multiple of 16): where it is larger than the threads' L2 caches together, so that the next layer would not find
+// it there anyway. Written through the caches, each line of such an output is first read from memory, then
+// written back when evicted, and it pushes the layer's input out of L3. A 1 x 1 layer's forward, 24 -> 144
+// channels of 56 x 56 at 90%, batch 8 (14.5 MB out): 1.03-1.25 -> 0.64-0.70 ms; 16 -> 96 on 112 x 112 (38.5 MB):
+// 3.7-5.3 -> 1.9-2.0 ms. Whole channels-last models, which then read those outputs from memory: forward 0.87-0.96
+// of the time, training step 0.92-1.01 (benchmarks/RESULTS.md, thirty-ninth session).
+inline int64_t stream_bytes() {
+  static const int64_t l2 = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (b > 0) return static_cast<int64_t>(b);
+#endif
+    return int64_t{1} << 20;
+  }();
+  return l2 * at::get_num_threads();
+}
+
+template <typename scalar_t>
+inline bool stream_output(const scalar_t* y, int64_t C, int64_t elements) {
+  return std::is_same_v<scalar_t, float> && C % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 &&
+         elements * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
 }
 
 // Channels-last tensors and the working layout with one image a unit (nb = 1), float32: both directions move up
@@ -349,7 +388,8 @@ void interleave_channels_last_lanes(const src_t* src, float* dst, const Interlea
 // planes[k * kstride], into a channels-last dst [N, H0, W0, C].
 template <typename dst_t>
 void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst, const Interleave& I, int64_t n,
-                                int64_t c0, int64_t nc) {
+                                int64_t c0, int64_t nc, bool stream = false) {
+  stream = stream && c0 % kLanes == 0;  // (aligned blocks)
   const int64_t H0 = I.H0(), W0 = I.W0();
   for (int64_t y = 0; y < H0; ++y) {
     const int64_t base = I.row_base(y);
@@ -369,7 +409,7 @@ void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst
         }
       }
       transpose16(block);  // block[e] = channels c0 .. of column x0 + e
-      store_block(dst + ((n * H0 + y) * W0 + x0) * I.C + c0, I.C, block, nx, nc);
+      store_block(dst + ((n * H0 + y) * W0 + x0) * I.C + c0, I.C, block, nx, nc, stream);
     }
   }
 }
@@ -380,7 +420,8 @@ void deinterleave_channels_last(const float* planes, int64_t kstride, dst_t* dst
 // C: ~40% of its time; this way 0.68 of it, 512 channels of 14 x 14 0.65, stride 1 on 14 x 14 / 7 x 7 0.93-0.95).
 template <typename dst_t>
 void deinterleave_channels_last_lanes(const float* planes, int64_t kstride, dst_t* dst, const Interleave& I,
-                                      int64_t u, int64_t c0, int64_t nc) {
+                                      int64_t u, int64_t c0, int64_t nc, bool stream = false) {
+  stream = stream && c0 % kLanes == 0;
   const int64_t nb = I.nb, lanes = std::min(nb, I.N - u * nb), image = I.H0() * I.W0() * I.C;
   for (int64_t a = 0; a < I.sh; ++a)
     for (int64_t b = 0; b < I.sw; ++b) {
@@ -397,7 +438,7 @@ void deinterleave_channels_last_lanes(const float* planes, int64_t kstride, dst_
             for (int64_t k = 0; k < kLanes; ++k)
               block[k] = k < nc ? load_lanes(p + k * kstride + j * nb + l0, nl) : vfloat{};
             transpose16(block);  // block[l] = channels c0 .. of image l0 + l
-            store_block(out + (j * I.sw + b - I.pw) * I.C, image, block, nl, nc);
+            store_block(out + (j * I.sw + b - I.pw) * I.C, image, block, nl, nc, stream);
           }
         }
       }
@@ -650,6 +691,7 @@ template <int V, typename scalar_t>
 void pointwise_tiles(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias, scalar_t* y,
                      int64_t P, const PixelMap* x_map, const PixelMap* y_map) {
   constexpr int64_t T = V * kLanes;
+  const bool stream = stream_output(y, R, (y_map ? y_map->H * y_map->W * (P / (y_map->OH * y_map->OW)) : P) * R);
   const int64_t* ptr = w.ptr.data();
   const int32_t* idx = w.idx.data();
   const float* val = w.val.data();
@@ -688,12 +730,13 @@ void pointwise_tiles(const PointwiseRows& w, int64_t R, int64_t K, const scalar_
           transpose16(out[v]);  // out[v][e] = rows r0 .. of pixel p0 + v * 16 + e
           const int64_t ne = std::min(kLanes, np - v * kLanes);
           if (y_map)
-            store_rows(y + r0, R, rows + v * kLanes, out[v], ne, nr);
+            store_rows(y + r0, R, rows + v * kLanes, out[v], ne, nr, stream);
           else
-            store_block(y + (p0 + v * kLanes) * R + r0, R, out[v], ne, nr);
+            store_block(y + (p0 + v * kLanes) * R + r0, R, out[v], ne, nr, stream);
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -899,6 +942,7 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
   };
   Taps interior;
   build(interior, 0, false);
+  const bool stream = stream_output(y, C, N * OH * OW * C);
   at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     // Output pixel by pixel, each pixel's blocks in turn, so that x and y are read and written along their rows.
     Taps edge;
@@ -939,7 +983,10 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
               add(a3, e + 3);
             }
             for (; e < first[cb + 1]; ++e) add(a0, e);
-            store_lanes(out + ox * C + cb * kLanes, (a0 + a1) + (a2 + a3), nc);
+            if (stream)
+              stream_lanes(out + ox * C + cb * kLanes, (a0 + a1) + (a2 + a3), nc);
+            else
+              store_lanes(out + ox * C + cb * kLanes, (a0 + a1) + (a2 + a3), nc);
           } else {
             vfloat acc[np];
             for (int u = 0; u < np; ++u) acc[u] = vload(b.data() + cb * kLanes);
@@ -954,7 +1001,10 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
                 acc[u] += w * load_lanes(p + u * sw * C, nc);
               }
             }
-            for (int u = 0; u < np; ++u) store_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
+            if (stream)
+              for (int u = 0; u < np; ++u) stream_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
+            else
+              for (int u = 0; u < np; ++u) store_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
           }
         }
       };
@@ -966,6 +1016,7 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
       for (; ox < hi; ++ox) pixels(one{}, std::true_type{}, ox);
       for (; ox < OW; ++ox) pixels(one{}, std::false_type{}, ox);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -990,6 +1041,7 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
       const int64_t tx = ph0 + pw - kj * dw;  // = ox * sw at step 0
       column0[ph0 * kw + kj] = ((tx % sw) + sw) % sw ? kMiss : (tx >= 0 ? tx / sw : -((-tx) / sw));  // (exact)
     }
+  const bool stream = stream_output(dx, C, N * H * W * C);
   at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     const size_t taps = static_cast<size_t>(kh * kw);
     std::vector<const float*> wt(taps);
@@ -1024,7 +1076,10 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
             for (int64_t e = 0; e < nt; ++e)
               if (inside || (first[e] + j >= 0 && first[e] + j < OW))
                 acc += vload(wt[e]) * load_lanes(gy + src[e] + j * C, nc);
-            store_lanes(out + (ph0 + j * sw) * C + c0, acc, nc);
+            if (stream)
+              stream_lanes(out + (ph0 + j * sw) * C + c0, acc, nc);
+            else
+              store_lanes(out + (ph0 + j * sw) * C + c0, acc, nc);
           };
           jhi = std::max(jlo, std::min(jhi, steps));
           jlo = std::min(jlo, steps);
@@ -1034,6 +1089,7 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -1960,6 +2016,7 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
   const int64_t groups = (O + G - 1) / G;
   const int64_t ublock = blocks(G).first, ublocks = blocks(G).second;  // (no structured bindings: captured below)
   const Interleave out = output_of(L, O);  // y's planes in the working layout
+  const bool stream = y_cl && stream_output(y, O, L.N * L.OH * L.OW * O);
   at::parallel_for(0, groups * ublocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(static_cast<size_t>(G * ublock * L.oplane));  // [channel in group, unit, oplane]
     for (int64_t task = t0; task < t1; ++task) {
@@ -1999,7 +2056,7 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
           const int64_t stride = ublock * L.oplane;  // from one channel's plane to the next
           if constexpr (std::is_same_v<acc_t, float>) {
             if (L.nb == 1) {
-              deinterleave_channels_last(src, stride, y, out, n, o0, o1 - o0);
+              deinterleave_channels_last(src, stride, y, out, n, o0, o1 - o0, stream);
               continue;
             }
           }
@@ -2011,6 +2068,7 @@ void conv_kernel(const int32_t* rowptr, const index_t* col, const scalar_t* valu
                     static_cast<scalar_t>(src[(o - o0) * stride + (r * L.Wp + q) * L.nb]);
         }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -2193,6 +2251,7 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, bool
   const int64_t groups = (L.C + G - 1) / G;
   const int64_t ublock = blocks(G).first, ublocks = blocks(G).second;  // (no structured bindings: captured below)
   const bool by_blocks = dx_cl;  // deinterleave_channels_last[_lanes] (float32 accumulation)
+  const bool stream = dx_cl && stream_output(dx, L.C, L.N * (L.H - 2 * L.ph) * (L.W - 2 * L.pw) * L.C);
   // Per phase, the part of its plane that holds elements of dx (from the first element's position to the last's,
   // rows of Wp): only that part is summed, the padding's rows and columns around it being dropped anyway (the
   // whole phase before: ResNet-18's layer4, 7 x 7 in a 9 x 9 phase, 90 / 95%, batch 8, one process alternating
@@ -2252,10 +2311,11 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, bool
         if constexpr (std::is_same_v<acc_t, float>) {
           if (by_blocks) {  // G <= 16 channels
             if (L.nb == 1)
-              deinterleave_channels_last(acc.data() + (u - u0) * L.plane, ublock * L.plane, dx, I, u, c0, c1 - c0);
+              deinterleave_channels_last(acc.data() + (u - u0) * L.plane, ublock * L.plane, dx, I, u, c0, c1 - c0,
+                                         stream);
             else
               deinterleave_channels_last_lanes(acc.data() + (u - u0) * L.plane, ublock * L.plane, dx, I, u, c0,
-                                               c1 - c0);
+                                               c1 - c0, stream);
             continue;
           }
         }
@@ -2263,6 +2323,7 @@ void conv_grad_input_kernel(const Entries& t, const acc_t* g, scalar_t* dx, bool
           deinterleave_plane<acc_t, scalar_t>(acc.data() + ((c - c0) * ublock + u - u0) * L.plane, dx, I, u * L.C + c);
       }
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -218,6 +218,31 @@ inline void store_lanes(scalar_t* p, vfloat v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(tmp[i]);
 }
 
+// The same as a non-temporal ("streaming") store where that is a full float32 vector: the line goes to memory
+// without being read first or kept in the caches. p must then be 64-byte aligned (with AVX: two 32-byte halves,
+// 32-byte aligned). Streaming stores are weakly ordered: a writer calls stream_fence() before other threads read.
+template <typename scalar_t>
+inline void stream_lanes(scalar_t* p, vfloat v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (n == kLanes) {
+#ifdef __AVX512F__
+      return _mm512_stream_ps(p, v);
+#elif defined(__AVX__)
+      _mm256_stream_ps(p, static_cast<__m256>(v.p[0]));
+      _mm256_stream_ps(p + 8, static_cast<__m256>(v.p[1]));
+      return;
+#endif
+    }
+  }
+  store_lanes(p, v, n);
+}
+
+inline void stream_fence() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
+}
+
 // In-register transpose of a 16 x 16 block (r[i] = row i). With AVX-512: unpacks and lane shuffles (below).
 // Elsewhere each part-wide square block is transposed in registers (transpose_part: unpacks and shuffles with AVX,
 // rounds of interleaving row j with row j + 2 with SSE), and the blocks trade places.
