@@ -251,22 +251,24 @@ inline vfloat load_selected(const float* p, vfloat v, uint32_t sel) {
 // 0.61-0.65x -> 0.77x nn.Conv2d bfloat16 with this).
 // stream: by streaming stores (stream_output).
 template <typename scalar_t>
+inline void put_lanes(scalar_t* p, vfloat v, int64_t n, bool stream) {
+  if (stream)
+    stream_lanes(p, v, n);
+  else
+    store_lanes(p, v, n);
+}
+
+template <typename scalar_t>
 inline void store_block(scalar_t* dst, int64_t stride, const vfloat (&block)[kLanes], int64_t count, int64_t lanes,
                         bool stream = false) {
-  if (stream)
-    for (int64_t e = 0; e < count; ++e) stream_lanes(dst + e * stride, block[e], lanes);
-  else
-    for (int64_t e = 0; e < count; ++e) store_lanes(dst + e * stride, block[e], lanes);
+  for (int64_t e = 0; e < count; ++e) put_lanes(dst + e * stride, block[e], lanes, stream);
 }
 
 // The same to rows rows[0 .. count) of a [*, width] dst.
 template <typename scalar_t>
 inline void store_rows(scalar_t* dst, int64_t width, const int64_t* rows, const vfloat (&block)[kLanes], int64_t count,
                        int64_t lanes, bool stream = false) {
-  if (stream)
-    for (int64_t e = 0; e < count; ++e) stream_lanes(dst + rows[e] * width, block[e], lanes);
-  else
-    for (int64_t e = 0; e < count; ++e) store_lanes(dst + rows[e] * width, block[e], lanes);
+  for (int64_t e = 0; e < count; ++e) put_lanes(dst + rows[e] * width, block[e], lanes, stream);
 }
 
 // Whether a channels-last output (or input gradient) y of `elements` elements, C channels a pixel, is written by
@@ -983,10 +985,7 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
               add(a3, e + 3);
             }
             for (; e < first[cb + 1]; ++e) add(a0, e);
-            if (stream)
-              stream_lanes(out + ox * C + cb * kLanes, (a0 + a1) + (a2 + a3), nc);
-            else
-              store_lanes(out + ox * C + cb * kLanes, (a0 + a1) + (a2 + a3), nc);
+            put_lanes(out + ox * C + cb * kLanes, (a0 + a1) + (a2 + a3), nc, stream);
           } else {
             vfloat acc[np];
             for (int u = 0; u < np; ++u) acc[u] = vload(b.data() + cb * kLanes);
@@ -1001,10 +1000,7 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
                 acc[u] += w * load_lanes(p + u * sw * C, nc);
               }
             }
-            if (stream)
-              for (int u = 0; u < np; ++u) stream_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
-            else
-              for (int u = 0; u < np; ++u) store_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc);
+            for (int u = 0; u < np; ++u) put_lanes(out + (ox + u) * C + cb * kLanes, acc[u], nc, stream);
           }
         }
       };
@@ -1076,10 +1072,7 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
             for (int64_t e = 0; e < nt; ++e)
               if (inside || (first[e] + j >= 0 && first[e] + j < OW))
                 acc += vload(wt[e]) * load_lanes(gy + src[e] + j * C, nc);
-            if (stream)
-              stream_lanes(out + (ph0 + j * sw) * C + c0, acc, nc);
-            else
-              store_lanes(out + (ph0 + j * sw) * C + c0, acc, nc);
+            put_lanes(out + (ph0 + j * sw) * C + c0, acc, nc, stream);
           };
           jhi = std::max(jlo, std::min(jhi, steps));
           jlo = std::min(jlo, steps);
