@@ -705,13 +705,15 @@ def test_ungrouped_layer_masked_block_diagonal(blocks):
     (64, 64, 1, 1, 1, 0.3),    # pointwise: output and input gradient 16 MB
     (64, 64, 1, 2, 1, 0.3),    # strided pointwise: the input gradient's rows by output pixel, the others zero
     (64, 64, 3, 1, 64, 0.1),   # depthwise, 16 channels of a pixel as one vector (forward and input gradient)
+    (64, 64, 3, 2, 64, 0.1),   # the same at stride 2 (two new input rows a row, read ahead)
     (32, 64, 3, 1, 1, 0.1),    # through the working layout, back into channels-last
     (64, 48, 3, 2, 1, 0.1),    # the same at stride 2, 48 output channels
 ])
 def test_channels_last_large_outputs(cin, cout, kernel, stride, groups, density):
     """Channels-last float32 outputs and input gradients larger than the threads' L2 caches together are written
     by streaming (non-temporal) stores, in 16-channel blocks (here 8-16 MB tensors: above that size on this
-    project's machines). Forward and both gradients against nn.Conv2d with the masked weight."""
+    project's machines), and the depthwise kernels prefetch the rows they read next. Forward and both gradients
+    against nn.Conv2d with the masked weight."""
     torch.manual_seed(21)
     conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
     mask = torch.rand(conv.weight.shape) < density

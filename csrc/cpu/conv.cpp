@@ -43,6 +43,7 @@
 #include <numeric>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -294,6 +295,43 @@ template <typename scalar_t>
 inline bool stream_output(const scalar_t* y, int64_t C, int64_t elements) {
   return std::is_same_v<scalar_t, float> && C % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 &&
          elements * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
+}
+
+// The rows a task row of a channels-last depthwise kernel reads next, prefetched into L2 (software prefetch) in
+// steps spread over the current row's work, so that their reads from memory overlap its arithmetic. Those kernels
+// read each input pixel's 16-channel blocks far apart in time (block by block, C floats apart), which the hardware
+// prefetchers do not follow: the rows came from memory at 8-12 GB/s, against 27-30 GB/s for a plain read of the
+// tensor, and a layer whose input was not in L3 ran 2-3x slower than one whose input was (96 channels of
+// 112 x 112, stride 2, batch 8, 90%: 3.2 -> 1.4 ms; prefetching the whole next row at once: 2.7 ms, its reads
+// then no longer overlapping the arithmetic; benchmarks/RESULTS.md, fortieth session). Only for tensors larger
+// than the threads' L2 caches (stream_bytes()): smaller ones are likely in cache, where the prefetches cost 0-8%.
+struct Prefetch {
+  const char* p = nullptr;
+  int64_t bytes = 0, done = 0;
+  // the next range: `elements` elements from q (none: elements 0)
+  template <typename scalar_t>
+  void start(const scalar_t* q, int64_t elements) {
+    p = reinterpret_cast<const char*>(q);
+    bytes = elements * static_cast<int64_t>(sizeof(scalar_t));
+    done = 0;
+  }
+  // prefetch the range up to its fraction i / n
+  void to(int64_t i, int64_t n) {
+    for (const int64_t until = bytes * i / n; done < until; done += 64) __builtin_prefetch(p + done, 0, 2);
+  }
+};
+
+// The input rows that output row r + 1 of a channels-last layer of layout L reads (through its first to its last
+// tap row) and output row r does not, as elements of x [N, H, W, C]: the offset of their first and their number
+// (0: none).
+inline std::pair<int64_t, int64_t> next_input_rows(const Layout& L, int64_t r) {
+  const int64_t H = L.H - 2 * L.ph, W = L.W - 2 * L.pw, span = (L.kh - 1) * L.dh;  // (H, W unpadded)
+  const int64_t n = (r + 1) / L.OH, top = (r + 1) % L.OH * L.sh - L.ph;
+  int64_t lo = std::max<int64_t>(0, top);
+  if (r / L.OH == n) lo = std::max(lo, r % L.OH * L.sh - L.ph + span + 1);
+  const int64_t hi = std::min(top + span, H - 1);
+  if (hi < lo) return {0, 0};
+  return {(n * H + lo) * W * L.C, (hi - lo + 1) * W * L.C};
 }
 
 // Channels-last tensors and the working layout with one image a unit (nb = 1), float32: both directions move up
@@ -945,11 +983,15 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
   Taps interior;
   build(interior, 0, false);
   const bool stream = stream_output(y, C, N * OH * OW * C);
+  const bool ahead = N * H * W * C * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
   at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     // Output pixel by pixel, each pixel's blocks in turn, so that x and y are read and written along their rows.
     Taps edge;
+    Prefetch next;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / OH, oy = r % OH, iy0 = oy * sh - ph;
+      const auto [from, count] = ahead && r + 1 < r1 ? next_input_rows(L, r) : std::pair<int64_t, int64_t>{0, 0};
+      next.start(x + from, count);
       const bool inside_rows = iy0 >= 0 && iy0 + (kh - 1) * dh < H;
       if (!inside_rows) build(edge, iy0, true);
       const Taps& t = inside_rows ? interior : edge;
@@ -1007,10 +1049,10 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
       using one = std::integral_constant<int, 1>;
       using four = std::integral_constant<int, 4>;
       int64_t ox = 0;
-      for (; ox < lo; ++ox) pixels(one{}, std::false_type{}, ox);
-      for (; ox + 4 <= hi; ox += 4) pixels(four{}, std::true_type{}, ox);
-      for (; ox < hi; ++ox) pixels(one{}, std::true_type{}, ox);
-      for (; ox < OW; ++ox) pixels(one{}, std::false_type{}, ox);
+      for (; ox < lo; ++ox) pixels(one{}, std::false_type{}, ox), next.to(ox + 1, OW);
+      for (; ox + 4 <= hi; ox += 4) pixels(four{}, std::true_type{}, ox), next.to(ox + 4, OW);
+      for (; ox < hi; ++ox) pixels(one{}, std::true_type{}, ox), next.to(ox + 1, OW);
+      for (; ox < OW; ++ox) pixels(one{}, std::false_type{}, ox), next.to(ox + 1, OW);
     }
     if (stream) stream_fence();
   });
@@ -1038,13 +1080,18 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
       column0[ph0 * kw + kj] = ((tx % sw) + sw) % sw ? kMiss : (tx >= 0 ? tx / sw : -((-tx) / sw));  // (exact)
     }
   const bool stream = stream_output(dx, C, N * H * W * C);
+  const bool ahead = N * OH * OW * C * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
   at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     const size_t taps = static_cast<size_t>(kh * kw);
     std::vector<const float*> wt(taps);
     std::vector<int64_t> src(taps), first(taps), row0(static_cast<size_t>(kh));
+    Prefetch next;  // the gy row input row r + 1 meets through tap row 0, which row r does not (dilation 1)
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / H, iy = r % H;
       scalar_t* out = dx + r * W * C;
+      const int64_t ty = (r + 1) % H + ph;  // = oy * sh of that row
+      const bool new_row = ahead && r + 1 < r1 && ty % sh == 0 && ty / sh < OH;
+      next.start(new_row ? gy + ((r + 1) / H * OH + ty / sh) * OW * C : gy, new_row ? OW * C : 0);
       for (int64_t ki = 0; ki < kh; ++ki) {
         const int64_t ty = iy + ph - ki * dh;  // = oy * sh
         row0[ki] = ty < 0 || ty % sh || ty / sh >= OH ? kMiss : ty / sh;
@@ -1080,6 +1127,7 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
           for (int64_t j = jlo; j < jhi; ++j) column(j, true);
           for (int64_t j = jhi; j < steps; ++j) column(j, false);
         }
+        next.to(cb + 1, d.blocks);
       }
     }
     if (stream) stream_fence();
@@ -1099,12 +1147,19 @@ void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* 
   std::vector<float> table(static_cast<size_t>(taps * d.Cp), 0.f);
   std::mutex done;
   const int64_t per_row = std::max<int64_t>(1, OW * d.blocks * taps);
+  const bool ahead = N * H * W * C * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
   at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     std::vector<float> part(static_cast<size_t>(taps * d.Cp), 0.f);
+    Prefetch next_x, next_gy;  // the input rows output row r + 1 reads and row r does not, and its gy row
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / OH, oy = r % OH;
       const scalar_t* g = gy + r * OW * C;
+      const auto [from, count] = ahead && r + 1 < r1 ? next_input_rows(L, r) : std::pair<int64_t, int64_t>{0, 0};
+      next_x.start(x + from, count);
+      next_gy.start(g + OW * C, ahead && r + 1 < r1 ? OW * C : 0);
       for (int64_t ki = 0; ki < kh; ++ki) {
+        next_x.to(ki + 1, kh);
+        next_gy.to(ki + 1, kh);
         const int64_t iy = oy * sh - ph + ki * dh;
         if (iy < 0 || iy >= H) continue;
         for (int64_t kj = 0; kj < kw; ++kj) {
