@@ -1089,9 +1089,9 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / H, iy = r % H;
       scalar_t* out = dx + r * W * C;
-      const int64_t ty = (r + 1) % H + ph;  // = oy * sh of that row
-      const bool new_row = ahead && r + 1 < r1 && ty % sh == 0 && ty / sh < OH;
-      next.start(new_row ? gy + ((r + 1) / H * OH + ty / sh) * OW * C : gy, new_row ? OW * C : 0);
+      const int64_t ty1 = (r + 1) % H + ph;  // = oy * sh of that row
+      const bool new_row = ahead && r + 1 < r1 && ty1 % sh == 0 && ty1 / sh < OH;
+      next.start(new_row ? gy + ((r + 1) / H * OH + ty1 / sh) * OW * C : gy, new_row ? OW * C : 0);
       for (int64_t ki = 0; ki < kh; ++ki) {
         const int64_t ty = iy + ph - ki * dh;  // = oy * sh
         row0[ki] = ty < 0 || ty % sh || ty / sh >= OH ? kMiss : ty / sh;
