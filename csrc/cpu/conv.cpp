@@ -304,7 +304,7 @@ inline bool stream_output(const scalar_t* y, int64_t C, int64_t elements) {
 // tensor, and a layer whose input was not in L3 ran 2-3x slower than one whose input was (96 channels of
 // 112 x 112, stride 2, batch 8, 90%: 3.2 -> 1.4 ms; prefetching the whole next row at once: 2.7 ms, its reads
 // then no longer overlapping the arithmetic; benchmarks/RESULTS.md, fortieth session). Only for tensors larger
-// than the threads' L2 caches (stream_bytes()): smaller ones are likely in cache, where the prefetches cost 0-8%.
+// than the threads' L2 caches (stream_bytes()): smaller ones are likely in cache, where the prefetches cost 0-12%.
 struct Prefetch {
   const char* p = nullptr;
   int64_t bytes = 0, done = 0;
