@@ -291,10 +291,16 @@ inline int64_t stream_bytes() {
   return l2 * at::get_num_threads();
 }
 
+// Whether a tensor of `elements` elements is larger than the threads' L2 caches together.
+template <typename scalar_t>
+inline bool beyond_caches(int64_t elements) {
+  return elements * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
+}
+
 template <typename scalar_t>
 inline bool stream_output(const scalar_t* y, int64_t C, int64_t elements) {
   return std::is_same_v<scalar_t, float> && C % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 &&
-         elements * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
+         beyond_caches<scalar_t>(elements);
 }
 
 // The rows a task row of a channels-last depthwise kernel reads next, prefetched into L2 (software prefetch) in
@@ -304,7 +310,7 @@ inline bool stream_output(const scalar_t* y, int64_t C, int64_t elements) {
 // tensor, and a layer whose input was not in L3 ran 2-3x slower than one whose input was (96 channels of
 // 112 x 112, stride 2, batch 8, 90%: 3.2 -> 1.4 ms; prefetching the whole next row at once: 2.7 ms, its reads
 // then no longer overlapping the arithmetic; benchmarks/RESULTS.md, fortieth session). Only for tensors larger
-// than the threads' L2 caches (stream_bytes()): smaller ones are likely in cache, where the prefetches cost 0-12%.
+// than the threads' L2 caches (beyond_caches): smaller ones are likely in cache, where the prefetches cost 0-12%.
 struct Prefetch {
   const char* p = nullptr;
   int64_t bytes = 0, done = 0;
@@ -983,7 +989,7 @@ void depthwise_channels_last(const DepthwiseTaps& d, const scalar_t* x, const sc
   Taps interior;
   build(interior, 0, false);
   const bool stream = stream_output(y, C, N * OH * OW * C);
-  const bool ahead = N * H * W * C * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
+  const bool ahead = beyond_caches<scalar_t>(N * H * W * C);
   at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     // Output pixel by pixel, each pixel's blocks in turn, so that x and y are read and written along their rows.
     Taps edge;
@@ -1080,7 +1086,7 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
       column0[ph0 * kw + kj] = ((tx % sw) + sw) % sw ? kMiss : (tx >= 0 ? tx / sw : -((-tx) / sw));  // (exact)
     }
   const bool stream = stream_output(dx, C, N * H * W * C);
-  const bool ahead = N * OH * OW * C * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
+  const bool ahead = beyond_caches<scalar_t>(N * OH * OW * C);
   at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     const size_t taps = static_cast<size_t>(kh * kw);
     std::vector<const float*> wt(taps);
@@ -1114,32 +1120,32 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
               jhi = std::min(jhi, OW - ox0);
             }
           }
-          const auto column = [&](int64_t j, bool inside) {
-            vfloat acc = vfloat{};
-            for (int64_t e = 0; e < nt; ++e)
-              if (inside || (first[e] + j >= 0 && first[e] + j < OW))
-                acc += vload(wt[e]) * load_lanes(gy + src[e] + j * C, nc);
-            put_lanes(out + (ph0 + j * sw) * C + c0, acc, nc, stream);
-          };
-          jhi = std::max(jlo, std::min(jhi, steps));
-          jlo = std::min(jlo, steps);
-          for (int64_t j = 0; j < jlo; ++j) column(j, false);
-          // Inside, four columns at a time: each tap's weights loaded once for them, four independent sums (the
-          // same sums as column's, in the same order). One process switching per round, 90%, channels-last: 0.65-0.89
-          // of the time on MobileNetV2's depthwise layers at batch 8, 0.71-0.82 at batch 1 (benchmarks/RESULTS.md,
-          // fortieth session).
-          int64_t j = jlo;
-          for (; j + 4 <= jhi; j += 4) {
-            vfloat acc[4] = {};
+          // P columns from step j (INSIDE: every tap's output column inside [0, OW), no checks; only P = 1 is used
+          // outside). Inside, four columns at a time: each tap's weights loaded once for them, four independent sums
+          // (the same sums in the same order as one at a time). One process switching per round, 90%,
+          // channels-last: 0.65-0.89 of the time on MobileNetV2's depthwise layers at batch 8, 0.71-0.82 at batch 1
+          // (benchmarks/RESULTS.md, fortieth session).
+          const auto columns = [&](auto P, auto INSIDE, int64_t j) {
+            constexpr int np = decltype(P)::value;
+            vfloat acc[np] = {};
             for (int64_t e = 0; e < nt; ++e) {
+              if constexpr (!decltype(INSIDE)::value)
+                if (first[e] + j < 0 || first[e] + j >= OW) continue;
               const vfloat w = vload(wt[e]);
               const scalar_t* p = gy + src[e] + j * C;
-              for (int u = 0; u < 4; ++u) acc[u] += w * load_lanes(p + u * C, nc);
+              for (int u = 0; u < np; ++u) acc[u] += w * load_lanes(p + u * C, nc);
             }
-            for (int u = 0; u < 4; ++u) put_lanes(out + (ph0 + (j + u) * sw) * C + c0, acc[u], nc, stream);
-          }
-          for (; j < jhi; ++j) column(j, true);
-          for (int64_t j = jhi; j < steps; ++j) column(j, false);
+            for (int u = 0; u < np; ++u) put_lanes(out + (ph0 + (j + u) * sw) * C + c0, acc[u], nc, stream);
+          };
+          using one = std::integral_constant<int, 1>;
+          using four = std::integral_constant<int, 4>;
+          jhi = std::max(jlo, std::min(jhi, steps));
+          jlo = std::min(jlo, steps);
+          int64_t j = 0;
+          for (; j < jlo; ++j) columns(one{}, std::false_type{}, j);
+          for (; j + 4 <= jhi; j += 4) columns(four{}, std::true_type{}, j);
+          for (; j < jhi; ++j) columns(one{}, std::true_type{}, j);
+          for (; j < steps; ++j) columns(one{}, std::false_type{}, j);
         }
         next.to(cb + 1, d.blocks);
       }
@@ -1161,7 +1167,7 @@ void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* 
   std::vector<float> table(static_cast<size_t>(taps * d.Cp), 0.f);
   std::mutex done;
   const int64_t per_row = std::max<int64_t>(1, OW * d.blocks * taps);
-  const bool ahead = N * H * W * C * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
+  const bool ahead = beyond_caches<scalar_t>(N * H * W * C);
   at::parallel_for(0, N * OH, std::max<int64_t>(1, 4096 / per_row), [&](int64_t r0, int64_t r1) {
     std::vector<float> part(static_cast<size_t>(taps * d.Cp), 0.f);
     Prefetch next_x, next_gy;  // the input rows output row r + 1 reads and row r does not, and its gy row
