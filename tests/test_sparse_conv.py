@@ -576,6 +576,7 @@ def test_grad_ops_bad_input():
 
 @pytest.mark.parametrize("c,kernel,stride,dilation,padding,hw,density", [
     (16, 3, 1, 1, 1, (9, 11), 0.9), (48, 3, 2, 1, 1, (12, 13), 0.9), (37, 3, 2, 1, 0, (8, 9), 0.5),
+    (24, 3, 1, 1, 1, (9, 11), 0.9),   # a pair of channel blocks, the second partial
     (16, 5, 1, 1, 2, (7, 7), 0.9), (32, (3, 5), (2, 1), (1, 2), (1, 3), (10, 9), 0.9),
     (16, 3, 1, 2, 3, (2, 3), 0.9),   # padding beyond the image: no column reads every tap
     (5, 3, 1, 1, 1, (6, 6), 0.4), (240, 5, 1, 1, 2, (6, 6), 0.1),   # small / sparse: the working layout

@@ -323,6 +323,7 @@ struct Prefetch {
   }
   // prefetch the range up to its fraction i / n
   void to(int64_t i, int64_t n) {
+    if (done >= bytes) return;
     for (const int64_t until = bytes * i / n; done < until; done += 64) __builtin_prefetch(p + done, 0, 2);
   }
 };
@@ -1154,16 +1155,75 @@ void depthwise_grad_input_channels_last(const DepthwiseTaps& d, const scalar_t* 
   });
 }
 
+// The values gradient's sums for M taps of one tap row (m...) and NB (1 or 2) blocks of 16 channels from c0:
+// out[i] (a [taps, Cp] table's entries, NB x 16 from c0) += the sum over output columns ox in [lo[i], hi[i]) of gy
+// pixel ox (g: gy's output row at c0) times x pixel ox * sw + shift[i] (xr: x's input row at c0); nc channels from
+// c0 are real (the rest read as zeros). Each sum is one chain in ascending ox, the order a tap at a time would take
+// (same bits); where all M taps reach (columns [LO, HI)) they share each gy load, and the two blocks' chains and
+// the taps' run side by side.
+template <int NB, typename scalar_t, size_t... m>
+inline void tap_dots(const scalar_t* g, const scalar_t* xr, int64_t C, int64_t nc, int64_t sw, const int64_t* shift,
+                     const int64_t* lo, const int64_t* hi, float* const* out, std::index_sequence<m...>) {
+  constexpr size_t M = sizeof...(m);
+  vfloat acc[NB][M] = {};
+  const int64_t n0 = NB == 2 ? kLanes : nc, n1 = nc - kLanes;  // (n1: the second block's, when there is one)
+  // gv: gy pixel ox's blocks
+  const auto gy_at = [&](int64_t ox, vfloat* gv) {
+    gv[0] = load_lanes(g + ox * C, n0);
+    if constexpr (NB == 2) gv[1] = load_lanes(g + ox * C + kLanes, n1);
+  };
+  const auto add = [&](auto tap, int64_t ox, const vfloat* gv) {
+    constexpr size_t i = decltype(tap)::value;
+    const scalar_t* xo = xr + (ox * sw + shift[i]) * C;
+    acc[0][i] += gv[0] * load_lanes(xo, n0);
+    if constexpr (NB == 2) acc[1][i] += gv[1] * load_lanes(xo + kLanes, n1);
+  };
+  // tap i alone over columns [a, b)
+  const auto alone = [&](auto tap, int64_t a, int64_t b) {
+    vfloat gv[NB];
+    for (int64_t ox = a; ox < b; ++ox) {
+      gy_at(ox, gv);
+      add(tap, ox, gv);
+    }
+  };
+  const int64_t LO = std::max({lo[m]...}), HI = std::min({hi[m]...});
+  if (HI <= LO) {
+    (alone(std::integral_constant<size_t, m>{}, lo[m], hi[m]), ...);
+  } else {
+    (alone(std::integral_constant<size_t, m>{}, lo[m], LO), ...);
+    vfloat gv[NB];
+    for (int64_t ox = LO; ox < HI; ++ox) {
+      gy_at(ox, gv);
+      (add(std::integral_constant<size_t, m>{}, ox, gv), ...);
+    }
+    (alone(std::integral_constant<size_t, m>{}, HI, hi[m]), ...);
+  }
+  for (int b = 0; b < NB; ++b) ((vstore(out[m] + b * kLanes, vload(out[m] + b * kLanes) + acc[b][m])), ...);
+}
+
 // The values gradient of a depthwise layer on channels-last x and gy: per tap t and channel c, the sum over
 // output pixels of gy[p, c] times x at the pixel tap t reads (one 16-lane multiply-add per output pixel, block
 // and stored tap; each tap's range of output columns inside the image, no checks). Threads sum their output rows
 // into their own [taps, Cp] table, added together at the end; the stored entries then read the table.
+// An output row goes two channel blocks at a time (the last alone when their number is odd), and for each, tap
+// row by tap row, up to four of the row's taps with a stored weight in either block at once (tap_dots): the two
+// blocks' gy columns and x rows (2 x 64 bytes a pixel, ~(kh + 1) x OW x 128 bytes) stay in L1 while every tap
+// reads them. Taking each tap across all blocks in turn read the whole gy row again for each tap, from L2, with
+// one chain of multiply-adds at a time: 1.3-1.8x the time on MobileNetV2's and EfficientNet-B0's depthwise shapes
+// (benchmarks/RESULTS.md, forty-first session).
 template <typename index_t, typename scalar_t>
 void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* rowptr, const index_t* col,
                                          const scalar_t* x, const scalar_t* gy, scalar_t* dv, const Layout& L) {
   const int64_t N = L.N, C = L.C, H = L.H - 2 * L.ph, W = L.W - 2 * L.pw, OH = L.OH, OW = L.OW;  // (H, W unpadded)
   const int64_t kh = L.kh, kw = L.kw, sh = L.sh, sw = L.sw, dh = L.dh, dw = L.dw, ph = L.ph, pw = L.pw;
   const int64_t taps = kh * kw;
+  // tap column kj reads x column ox * sw + shift[kj], inside [0, W) for ox in [lo[kj], hi[kj])
+  std::vector<int64_t> shift(kw), lo(kw), hi(kw);
+  for (int64_t kj = 0; kj < kw; ++kj) {
+    shift[kj] = kj * dw - pw;
+    lo[kj] = std::min(OW, shift[kj] >= 0 ? 0 : (-shift[kj] + sw - 1) / sw);
+    hi[kj] = std::max(lo[kj], std::min(OW, W - shift[kj] > 0 ? (W - shift[kj] + sw - 1) / sw : 0));
+  }
   std::vector<float> table(static_cast<size_t>(taps * d.Cp), 0.f);
   std::mutex done;
   const int64_t per_row = std::max<int64_t>(1, OW * d.blocks * taps);
@@ -1177,25 +1237,41 @@ void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* 
       const auto [from, count] = ahead && r + 1 < r1 ? next_input_rows(L, r) : std::pair<int64_t, int64_t>{0, 0};
       next_x.start(x + from, count);
       next_gy.start(g + OW * C, ahead && r + 1 < r1 ? OW * C : 0);
-      for (int64_t ki = 0; ki < kh; ++ki) {
-        next_x.to(ki + 1, kh);
-        next_gy.to(ki + 1, kh);
-        const int64_t iy = oy * sh - ph + ki * dh;
-        if (iy < 0 || iy >= H) continue;
-        for (int64_t kj = 0; kj < kw; ++kj) {
-          const int64_t shift = kj * dw - pw;  // ix = ox * sw + shift, inside [0, W) for ox in [lo, hi)
-          const int64_t lo = std::min(OW, shift >= 0 ? 0 : (-shift + sw - 1) / sw);
-          const int64_t hi = std::max(lo, std::min(OW, W - shift > 0 ? (W - shift + sw - 1) / sw : 0));
-          const scalar_t* xr = x + (n * H + iy) * W * C;
-          for (int64_t cb = 0; cb < d.blocks; ++cb) {
-            if (!d.any[(ki * kw + kj) * d.blocks + cb]) continue;
-            const int64_t c0 = cb * kLanes, nc = std::min(kLanes, C - c0);
-            vfloat acc = vfloat{};
-            for (int64_t ox = lo; ox < hi; ++ox)
-              acc += load_lanes(g + ox * C + c0, nc) * load_lanes(xr + (ox * sw + shift) * C + c0, nc);
-            float* t = part.data() + (ki * kw + kj) * d.Cp + c0;
-            vstore(t, vload(t) + acc);
+      for (int64_t cb = 0; cb < d.blocks; cb += 2) {
+        next_x.to(cb + 1, d.blocks);
+        next_gy.to(cb + 1, d.blocks);
+        const bool pair = cb + 1 < d.blocks;
+        const int64_t c0 = cb * kLanes, nc = std::min((pair ? 2 : 1) * kLanes, C - c0);
+        for (int64_t ki = 0; ki < kh; ++ki) {
+          const int64_t iy = oy * sh - ph + ki * dh;
+          if (iy < 0 || iy >= H) continue;
+          const scalar_t* xr = x + (n * H + iy) * W * C + c0;
+          int64_t at_shift[4], at_lo[4], at_hi[4];
+          float* out[4];
+          int m = 0;  // taps gathered
+          const auto run = [&](auto seq) {
+            if (pair) tap_dots<2>(g + c0, xr, C, nc, sw, at_shift, at_lo, at_hi, out, seq);
+            else tap_dots<1>(g + c0, xr, C, nc, sw, at_shift, at_lo, at_hi, out, seq);
+          };
+          const auto flush = [&] {
+            switch (m) {
+              case 1: run(std::make_index_sequence<1>{}); break;
+              case 2: run(std::make_index_sequence<2>{}); break;
+              case 3: run(std::make_index_sequence<3>{}); break;
+              case 4: run(std::make_index_sequence<4>{}); break;
+            }
+            m = 0;
+          };
+          for (int64_t kj = 0; kj < kw; ++kj) {
+            const uint8_t* any = d.any.data() + (ki * kw + kj) * d.blocks + cb;
+            if (!any[0] && !(pair && any[1])) continue;
+            at_shift[m] = shift[kj];
+            at_lo[m] = lo[kj];
+            at_hi[m] = hi[kj];
+            out[m] = part.data() + (ki * kw + kj) * d.Cp + c0;
+            if (++m == 4) flush();
           }
+          flush();
         }
       }
     }
