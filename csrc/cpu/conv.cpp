@@ -713,6 +713,8 @@ struct PixelMap {
       }
     }
   }
+  // the pixels of the H x W images behind P output pixels (whole images)
+  int64_t input_pixels(int64_t P) const { return P / (OH * OW) * H * W; }
 };
 
 // Pixels row(0) .. row(np - 1) (np <= T, T a multiple of 16) of a [P, width] channels-last tensor -> panel
@@ -738,7 +740,7 @@ template <int V, typename scalar_t>
 void pointwise_tiles(const PointwiseRows& w, int64_t R, int64_t K, const scalar_t* x, const scalar_t* bias, scalar_t* y,
                      int64_t P, const PixelMap* x_map, const PixelMap* y_map) {
   constexpr int64_t T = V * kLanes;
-  const bool stream = stream_output(y, R, (y_map ? y_map->H * y_map->W * (P / (y_map->OH * y_map->OW)) : P) * R);
+  const bool stream = stream_output(y, R, (y_map ? y_map->input_pixels(P) : P) * R);
   const int64_t* ptr = w.ptr.data();
   const int32_t* idx = w.idx.data();
   const float* val = w.val.data();
@@ -1209,8 +1211,8 @@ inline void tap_dots(const scalar_t* g, const scalar_t* xr, int64_t C, int64_t n
 // row by tap row, up to four of the row's taps with a stored weight in either block at once (tap_dots): the two
 // blocks' gy columns and x rows (2 x 64 bytes a pixel, ~(kh + 1) x OW x 128 bytes) stay in L1 while every tap
 // reads them. Taking each tap across all blocks in turn read the whole gy row again for each tap, from L2, with
-// one chain of multiply-adds at a time: 1.3-1.8x the time on MobileNetV2's and EfficientNet-B0's depthwise shapes
-// (benchmarks/RESULTS.md, forty-first session).
+// one chain of multiply-adds at a time: 1.2-1.8x the time on MobileNetV2's and EfficientNet-B0's depthwise layers
+// with 14 or more output columns, about the same on those with 7 (benchmarks/RESULTS.md, forty-first session).
 template <typename index_t, typename scalar_t>
 void depthwise_grad_values_channels_last(const DepthwiseTaps& d, const int32_t* rowptr, const index_t* col,
                                          const scalar_t* x, const scalar_t* gy, scalar_t* dv, const Layout& L) {
