@@ -113,13 +113,44 @@ def nothing_to_prune(model: nn.Module) -> ValueError:
     return ValueError(f"the model has nothing to prune: no nn.Linear / nn.Conv2d weight (after exclude){hint}")
 
 
+def _exclude_entries(model: nn.Module, exclude) -> tuple[tuple[type, ...], list[str]]:
+    """``exclude`` checked and split into module types and names: a lone type or string is one entry; a name
+    that is no module's or parameter's name and that no such name fully matches as a regular expression is a
+    typo that would silently exclude nothing, and raises."""
+    if isinstance(exclude, (str, type)):
+        exclude = [exclude]
+    try:
+        entries = list(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a list of module types and names, got {type(exclude).__name__}") from None
+    types, names = [], []
+    for e in entries:
+        if isinstance(e, type) and issubclass(e, nn.Module):
+            types.append(e)
+        elif isinstance(e, str):
+            names.append(e)
+        else:
+            raise TypeError(f"exclude entries must be nn.Module subclasses or names, got {e!r}")
+    if names:
+        known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+        for e in names:
+            try:
+                pattern = re.compile(e)
+            except re.error as err:
+                raise ValueError(f"exclude entry {e!r} is neither a name of the model nor a valid regular "
+                                 f"expression ({err})") from None
+            if e not in known and not any(pattern.fullmatch(n) for n in known):
+                raise ValueError(f"exclude entry {e!r} matches no module or parameter name of the model "
+                                 f"(names look like {sorted(known - {''})[:4]})")
+    return tuple(types), names
+
+
 def prunable_parameters(model: nn.Module, exclude: Iterable = ()) -> dict[str, tuple[nn.Module, nn.Parameter]]:
     """The weights pruning considers: of every nn.Linear / nn.Conv2d and the in-projection of every
     nn.MultiheadAttention (ATTENTION_IN_PROJ or ATTENTION_QKV_PROJ) not excluded (by module type, or by a
     name: a parameter or module name, or a regular expression matched against the parameter name). A weight
     tied between two layers is considered once, under the first layer's name."""
-    types = tuple(e for e in exclude if isinstance(e, type))
-    names = [e for e in exclude if isinstance(e, str)]
+    types, names = _exclude_entries(model, exclude)
     out, seen = {}, set()
     for mod_name, module in model.named_modules():
         if types and isinstance(module, types):

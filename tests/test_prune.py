@@ -168,6 +168,10 @@ def test_exclude_by_type_name_and_pattern():
         {"6.weight"}
     assert set(pysparse.prune(copy.deepcopy(model), "magnitude", sparsity=0.5, exclude=[r"[03]\.weight"]).masks) == \
         {"6.weight"}
+    # a lone name or type is one entry (a string was once iterated as its characters, excluding nothing)
+    assert set(pysparse.prune(copy.deepcopy(model), "magnitude", sparsity=0.5, exclude="6").masks) == \
+        {"0.weight", "3.weight"}
+    assert set(pysparse.prune(copy.deepcopy(model), "magnitude", sparsity=0.5, exclude=nn.Conv2d).masks) == {"6.weight"}
 
 
 @pytest.mark.parametrize("method, compensate", [("magnitude", False), ("taylor", False), ("hessian", True)])
@@ -218,6 +222,11 @@ def test_masks_feed_sparsify():
     (dict(method="hessian", sparsity=0.5, hessian_estimator="exact"), ValueError, "hessian_estimator"),
     (dict(method="magnitude", sparsity=0.5, layer_sparsity={"9.weight": 0.5}), ValueError, "not prunable"),
     (dict(method="magnitude", sparsity=0.5, exclude=[nn.Linear]), ValueError, "nothing to prune"),
+    (dict(method="magnitude", sparsity=0.5, exclude=["fc"]), ValueError, "exclude entry 'fc' matches no module"),
+    (dict(method="magnitude", sparsity=0.5, exclude=["0.weigth"]), ValueError, "matches no module or parameter"),
+    (dict(method="magnitude", sparsity=0.5, exclude=["0["]), ValueError, "nor a valid regular expression"),
+    (dict(method="magnitude", sparsity=0.5, exclude=[int]), TypeError, "nn.Module subclasses or names"),
+    (dict(method="magnitude", sparsity=0.5, exclude=3), TypeError, "exclude must be a list"),
     (dict(method="magnitude", threshold=0.1, scope="layer"), ValueError, "no scope='layer'"),
     (dict(method="magnitude", sparsity=0.99, min_density=0.5), ValueError, "more weights than min_density"),
     (dict(method="magnitude", sparsity=0.5, num_batches=0), ValueError, "num_batches"),
