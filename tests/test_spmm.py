@@ -331,6 +331,35 @@ def test_spmm_grad_matches_reference(device, rows, cols, batch, density, dtype, 
                 torch.testing.assert_close(got[2], want_bias, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols, row_block", [(50, 70, None), (300, 9000, None), (300, 600, 64)])
+def test_batches_in_runs_of_narrower_panels(dtype, rows, cols, row_block):
+    """A batch that is not a multiple of the widest panel goes in runs (panel_runs): full panels, then the rest
+    in one narrower panel (40 columns as one of 48, 65 as 64 + 16, 100 as 64 + 48; W^T's sweep, whose panels
+    are at most 32 columns: 33 as 32 + 16), each run packed on its own, its outputs written into its columns
+    and its products (and bias sums) added to the earlier runs'. Every op against the reference at the runs'
+    edges, in both layouts, through W's CSR (one sweep or two: 9000 columns) and through W^T (plain or
+    blocked)."""
+    # sums of up to ~2700 products of about 1 (outputs up to ~150): the dtype's rounding of such sums
+    tol = {torch.float32: dict(rtol=1e-4, atol=2e-3), torch.float16: dict(rtol=2e-3, atol=5e-2),
+           torch.bfloat16: dict(rtol=2e-2, atol=3e-1)}[dtype]
+    for batch in (17, 33, 40, 48, 49, 63, 65, 80, 97, 100, 113):
+        values, s, xt, bias = _problem(rows, cols, batch, 0.3, dtype, "cpu", batch, row_block=row_block)
+        gyt = torch.randn(rows, batch, generator=torch.Generator().manual_seed(batch + 1)).to(dtype)
+        want_y = reference.spmm(s.rowptr, s.col, values, xt, bias=bias)
+        want = reference.spmm_grad(s.rowptr, s.col, values, gyt, xt, bias=True)
+        for layout in ("contiguous", "transposed"):
+            x, g = _strided(xt, layout), _strided(gyt, layout)
+            torch.testing.assert_close(pysparse.ops.spmm(s.rowptr, s.col, values, x, bias=bias), want_y, **tol)
+            torch.testing.assert_close(pysparse.ops.sddmm(s.rowptr, s.col, g, x), want[0], **tol)
+            for transposed in (s.transposed(), None):
+                torch.testing.assert_close(pysparse.ops.spmm_t(s.rowptr, s.col, values, g, cols, transposed=transposed),
+                                           want[1], **tol)
+                got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, g, x, transposed=transposed, bias=True)
+                for name, a, b in zip(("dvalues", "dxt", "dbias"), got, want):
+                    torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}, batch {batch}, {layout}: {m}")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_spmm_grad_batch_split_between_threads(threads, dtype):

@@ -93,9 +93,11 @@ void pack_tile(const scalar_t* src, int64_t sk, int64_t sb, int64_t K, int64_t B
 // at a time across the thread's columns: 16 sequential streams, which the prefetchers follow (the 16-column
 // blocks of all T rows of a panel first, T streams: 4 MB at 99% in a training step 160-250 -> 110-125 us).
 // With `rowsum` (round_up(K, 16) floats), the same pass also sums each row: rowsum[k] = sum over b of xt[k, b]
-// in float32 (spmm_grad's bias gradient, without a pass of its own over gyt).
+// in float32 (spmm_grad's bias gradient, without a pass of its own over gyt); with `accumulate`, adds to it (a
+// later run of the batch: panel_runs).
 template <typename scalar_t>
-at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot, float* rowsum = nullptr) {
+at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot, float* rowsum = nullptr,
+                       bool accumulate = false) {
   const int64_t K = xt.size(0), B = xt.size(1), ntiles = (B + T - 1) / T;
   const int64_t sk = xt.stride(0), sb = xt.stride(1);
   at::Tensor packed = cpu::scratch(slot, ntiles * K * T);
@@ -106,7 +108,8 @@ at::Tensor pack_panels(const at::Tensor& xt, int64_t T, int64_t slot, float* row
   const int64_t blocks = (K + grain - 1) / grain;
   at::parallel_for(0, blocks, grain == 1 ? 256 : 16, [&](int64_t q0, int64_t q1) {
     for (int64_t t = 0; t < ntiles; ++t)
-      pack_tile(src, sk, sb, K, B, T, t, q0 * grain, std::min(K, q1 * grain), dst + t * K * T, rowsum, t == 0);
+      pack_tile(src, sk, sb, K, B, T, t, q0 * grain, std::min(K, q1 * grain), dst + t * K * T, rowsum,
+                t == 0 && !accumulate);
   });
   return packed;
 }
@@ -123,7 +126,7 @@ inline int64_t l2_bytes() {
   return bytes;
 }
 
-// Panel width, 16, 32 or 64 columns (the widths spmm_panels is built for): as wide as the batch needs (more
+// Panel width, 16, 32 or 64 columns (a batch's last panel may also be 48: panel_runs): as wide as the batch needs (more
 // work per stored weight and fewer passes over the structure), narrowed while a panel of K rows would take more
 // than `budget` bytes (the kernels size it from l2_bytes(): the panels they read at random rows stay in L2).
 inline int64_t panel_width(int64_t K, int64_t B, int64_t budget) {
@@ -132,9 +135,44 @@ inline int64_t panel_width(int64_t K, int64_t B, int64_t budget) {
   return T;
 }
 
-// Calls f(std::integral_constant<int, V>{}) for the panel width T = 16 V that panel_width chose (16, 32 or 64):
-// the kernels take V as a template argument. A caller whose widths stop below 64 says so in MaxT, and the wider
-// kernels are not instantiated.
+// The batch's panels as runs: full panels of T columns over [0, full), then the rest in one panel of the fewest
+// 16-column groups that hold it (16, 32 or 48 columns) rather than in one more panel of T, mostly zero-padded.
+// Each run is one call of a panel kernel over the batch entries [b0, b0 + bt) (its own packed panels, its own
+// columns of the outputs, its products added to the earlier runs'). The kernels' cost goes with the padded
+// width, about the same per column at 16, 32, 48 and 64: 4096 x 4096 at 90%, spmm at batch 33 had taken as long
+// as at 64, and 65 as long as 128. One process alternating the runs and one padded panel, 9 rounds, per-round
+// ratio (Zen 4, 2026-12-04): spmm at 90% batch 33 / 40 / 48 0.73-0.78 (one panel of 48), 65 / 80 0.65 / 0.70
+// (64 + 16), 100 0.88 (64 + 48), 128 0.98 (unchanged); at 99% 0.74-0.86; the training step at 90% 0.78-0.87 at
+// batches 33-48, 0.81 / 0.84 / 0.92 at 65 / 80 / 100 (95%: 0.83-0.92).
+struct PanelRun {
+  int64_t b0, bt, T;
+};
+struct PanelRuns {
+  PanelRun run[3];
+  int n = 0;
+  int64_t panels = 0;  // panels in all the runs: more than one and the structure is swept more than once
+  void add(int64_t b0, int64_t bt, int64_t T) {
+    run[n++] = {b0, bt, T};
+    panels += (bt + T - 1) / T;
+  }
+  static PanelRuns one(int64_t B, int64_t T) {  // the whole batch in panels of T (the last one padded)
+    PanelRuns runs;
+    runs.add(0, B, T);
+    return runs;
+  }
+};
+inline PanelRuns panel_runs(int64_t B, int64_t T) {
+  PanelRuns runs;
+  const int64_t full = B / T * T;
+  if (full > 0) runs.add(0, full, T);
+  int64_t b0 = full, rest = B - full;
+  if (rest > 0) runs.add(b0, rest, std::min(T, (rest + kLanes - 1) / kLanes * kLanes));
+  return runs;
+}
+
+// Calls f(std::integral_constant<int, V>{}) for the panel width T = 16 V that panel_width or panel_runs chose (16,
+// 32, 48 or 64): the kernels take V as a template argument. A caller whose widths stop below 64 says so in MaxT,
+// and the wider kernels are not instantiated.
 template <int64_t MaxT = 64, typename F>
 inline void with_panel_width(int64_t T, const char* op, F&& f) {
   switch (T) {
@@ -142,6 +180,9 @@ inline void with_panel_width(int64_t T, const char* op, F&& f) {
       return f(std::integral_constant<int, 1>{});
     case 32:
       if constexpr (MaxT >= 32) return f(std::integral_constant<int, 2>{});
+      break;
+    case 48:
+      if constexpr (MaxT >= 64) return f(std::integral_constant<int, 3>{});
       break;
     case 64:
       if constexpr (MaxT >= 64) return f(std::integral_constant<int, 4>{});
@@ -261,11 +302,12 @@ __attribute__((always_inline)) inline void sweep_row(const index_t* col, const i
 // checked (indices_in_range): with several panels each stored position is read once per panel, and one check
 // pass costs less than a check at every read (a single panel checks each row before its sweep: row_in_range, and
 // a failing row as it reads). With PERM, the value of stored position j is values[perm[j]] (W^T's structure
-// reading W's values in place: spmm_t); perm entries outside [0, nnz) count as bad and contribute nothing.
+// reading W's values in place: spmm_t); perm entries outside [0, nnz) count as bad and contribute nothing. The
+// output's row r is yt + r * ldy (B entries: a run of a wider batch writes its own columns of the output).
 template <int V, bool PERM, bool CHECK, typename index_t, typename scalar_t>
 void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const int32_t* perm,
-                 const float* packed, const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B,
-                 std::atomic<bool>& bad) {
+                 const float* packed, const scalar_t* bias, scalar_t* yt, int64_t ldy, int64_t rows, int64_t K,
+                 int64_t B, std::atomic<bool>& bad) {
   const int64_t nnz = rowptr[rows];
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
@@ -329,7 +371,7 @@ void spmm_panels(const int32_t* rowptr, const index_t* col, const scalar_t* valu
             for (int v = 0; v < V; ++v) acc[0][v] += acc[u][v];
           float out[T];
           __builtin_memcpy(out, acc[0], sizeof(out));
-          scalar_t* y = yt + r * B + b0;
+          scalar_t* y = yt + r * ldy + b0;
           for (int64_t b = 0; b < bt; ++b) y[b] = static_cast<scalar_t>(out[b]);
         };
         if constexpr (CHECK)
@@ -818,10 +860,11 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
   if (rows == 0 || B == 0) return yt;
   std::atomic<bool> bad{false};
   at::Tensor vals = values;
-  // Permuted values are read in place by a single panel pass; with several panels (B > T) every pass would
-  // repeat the random reads, so they are gathered into order once first (batch 256 at 90%: 24 -> 13 ms).
+  // Permuted values are read in place by a single panel pass; with several panels (runs.panels > 1) every pass
+  // would repeat the random reads, so they are gathered into order once first (batch 256 at 90%: 24 -> 13 ms).
   const int64_t T = panels ? panel_width(K, B, l2_bytes()) : 0;  // the one panel read at random rows: all of L2
-  const bool gather_first = perm != nullptr && (!panels || B > T);
+  const PanelRuns runs = panel_runs(B, panels ? T : 1);
+  const bool gather_first = perm != nullptr && (!panels || runs.panels > 1);
   // several panels read col unchecked: the gather's pass checks it (else a pass of its own below)
   const bool check_in_gather = gather_first && panels;
   if (gather_first) {
@@ -853,21 +896,25 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
       } else if (std::is_same_v<scalar_t, double>) {
         spmm_plain<index_t, scalar_t>(rp, cp, vp, x.const_data_ptr<scalar_t>(), bp, yp, rows, K, B, bad);
       } else {
-        const bool one_panel = B <= T;  // several: col checked once (here or in the gather), read unchecked
+        const bool one_panel = runs.panels == 1;  // several: col checked once (here or in the gather), read unchecked
         if (!one_panel && !check_in_gather)  // W's own CSR (spmm): permuted values always take the gather here
           TORCH_CHECK_VALUE(cpu::indices_in_range(cp, col.numel(), K), "spmm: a column index is outside [0, ", K, ")");
-        const at::Tensor packed = pack_panels<scalar_t>(x, T, 0);
-        const float* pp = packed.const_data_ptr<float>();
-        auto run = [&](auto v_tag) {
-          constexpr int V = decltype(v_tag)::value;
-          if (pm != nullptr)  // in place: a single panel
-            spmm_panels<V, true, true, index_t, scalar_t>(rp, cp, vp, pm, pp, bp, yp, rows, K, B, bad);
-          else if (one_panel)
-            spmm_panels<V, false, true, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, yp, rows, K, B, bad);
-          else
-            spmm_panels<V, false, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, yp, rows, K, B, bad);
-        };
-        with_panel_width(T, "spmm", run);
+        for (int i = 0; i < runs.n; ++i) {
+          const PanelRun& s = runs.run[i];
+          const at::Tensor packed = pack_panels<scalar_t>(x.narrow(1, s.b0, s.bt), s.T, 0);
+          const float* pp = packed.const_data_ptr<float>();
+          scalar_t* y = yp + s.b0;
+          auto run = [&](auto v_tag) {
+            constexpr int V = decltype(v_tag)::value;
+            if (pm != nullptr)  // in place: a single panel
+              spmm_panels<V, true, true, index_t, scalar_t>(rp, cp, vp, pm, pp, bp, y, B, rows, K, s.bt, bad);
+            else if (one_panel)
+              spmm_panels<V, false, true, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, y, B, rows, K, s.bt, bad);
+            else
+              spmm_panels<V, false, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, y, B, rows, K, s.bt, bad);
+          };
+          with_panel_width(s.T, "spmm", run);
+        }
       }
     });
   });
@@ -1095,10 +1142,11 @@ __attribute__((always_inline)) inline void store_dots(float* out, int64_t m, boo
 
 // float32 / float16 / bfloat16: a and b packed into the same panels as spmm; per panel, the row's panel of a
 // stays in registers and each stored position costs V multiply-adds and its share of a horizontal sum (16 stored
-// positions' sums are reduced together, dots16). Partial sums over panels accumulate in float32.
+// positions' sums are reduced together, dots16). Partial sums over panels accumulate in float32 (with `add`, onto
+// what out holds: a later run of the batch).
 template <int V, typename index_t>
 void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, const float* pb, float* out, int64_t rows,
-                  int64_t K, int64_t B, std::atomic<bool>& bad) {
+                  int64_t K, int64_t B, std::atomic<bool>& bad, bool add = false) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
   for_row_parts(rowptr, rows, bad, [&](int64_t, int64_t r0, int64_t r1) {
@@ -1126,7 +1174,7 @@ void sddmm_panels(const int32_t* rowptr, const index_t* col, const float* pa, co
             return ok ? sum : vfloat{};
           };
           for (int64_t j = j0; j < j1; j += 16)
-            store_dots(out + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return dot(j + u); });
+            store_dots(out + j, std::min<int64_t>(16, j1 - j), add || t > 0, [&](int u) { return dot(j + u); });
         };
         sweep_row(col, nullptr, j0, j1, K, 0, row);
       }
@@ -1362,12 +1410,13 @@ void csc_sweep(const int32_t* trowptr, int64_t nb, const index_t* trow, const fl
 }
 
 // The sweep with W^T's columns split between threads by stored count, each thread over every panel of gyt
-// (packed before, pg [ntiles, rows, T]; xt's too when blocked, px [ntiles, K, T]; dacc [K, T]).
+// (packed before, pg [ntiles, rows, T]; xt's too when blocked, px [ntiles, K, T]; dacc [K, T]); the products
+// added to what dv holds with `add` (a later run of the batch: panel_runs).
 template <int V, bool DOTS, typename index_t, typename scalar_t>
 void grad_csc_panels(const int32_t* trowptr, int64_t nb, const index_t* trow, const float* vals, float* dv,
                      const float* pg, const scalar_t* xt, int64_t xsk, int64_t xsb, const float* px, float* dacc,
                      scalar_t* dxt, int64_t dsk, int64_t dsb, int64_t rows, int64_t K, int64_t B,
-                     std::atomic<bool>& bad) {
+                     std::atomic<bool>& bad, bool add = false) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
   // the threads' column ranges by stored count over all blocks: column k's count is the sum of its blocks'
@@ -1382,7 +1431,7 @@ void grad_csc_panels(const int32_t* trowptr, int64_t nb, const index_t* trow, co
   }
   for_row_parts(split, K, bad, [&](int64_t, int64_t k0, int64_t k1) {
     for (int64_t t = 0; t < ntiles; ++t)
-      csc_sweep<V, DOTS, index_t, scalar_t>(trowptr, nb, trow, vals, dv, t > 0, pg + t * rows * T, xt, xsk, xsb,
+      csc_sweep<V, DOTS, index_t, scalar_t>(trowptr, nb, trow, vals, dv, add || t > 0, pg + t * rows * T, xt, xsk, xsb,
                                             px != nullptr ? px + t * K * T : nullptr, dacc, dxt, dsk, dsb, K, t * T,
                                             std::min(T, B - t * T), k0, k1);
     return false;
@@ -1429,7 +1478,7 @@ void grad_csc_tiles(const int32_t* trowptr, int64_t nb, const index_t* trow, con
 template <int V, bool DOTS, typename index_t, typename scalar_t>
 void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* values, const float* pg,
                     const float* px, float* acc_buf, float* dv, scalar_t* dxt, int64_t dsk, int64_t dsb,
-                    int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad) {
+                    int64_t rows, int64_t K, int64_t B, std::atomic<bool>& bad, bool add = false) {
   constexpr int64_t T = V * kLanes;
   const int64_t ntiles = (B + T - 1) / T;
   const int64_t parts = std::max<int64_t>(1, row_parts(rows));
@@ -1474,7 +1523,7 @@ void scatter_panels(const int32_t* rowptr, const index_t* col, const scalar_t* v
             return;
           }
           for (int64_t j = j0; j < j1; j += 16)
-            store_dots(dv + j, std::min<int64_t>(16, j1 - j), t > 0, [&](int u) { return step(j + u); });
+            store_dots(dv + j, std::min<int64_t>(16, j1 - j), add || t > 0, [&](int u) { return step(j + u); });
         };
         sweep_row(col, nullptr, j0, j1, K, 0, row);
       }
@@ -1629,15 +1678,19 @@ at::Tensor spmm_t_blocked(const at::Tensor& values, const at::Tensor& t_rowptr, 
       const index_t* tcp = t_col.const_data_ptr<index_t>();
       const at::Tensor vals = gather_values<scalar_t, float, index_t>(values, t_perm, bad, tcp, rows);
       if (bad) return;
-      const at::Tensor pg = pack_panels<scalar_t>(yt, T, 0);
       float* dacc = cpu::scratch(4, K * T).mutable_data_ptr<float>();
-      with_panel_width(T, "spmm_t", [&](auto v_tag) {
-        constexpr int V = decltype(v_tag)::value;
-        grad_csc_panels<V, false, index_t, scalar_t>(t_rowptr.const_data_ptr<int32_t>(), nb, tcp,
-                                                     vals.const_data_ptr<float>(), nullptr, pg.const_data_ptr<float>(),
-                                                     nullptr, 0, 0, nullptr, dacc, out.mutable_data_ptr<scalar_t>(),
-                                                     out.stride(0), out.stride(1), rows, K, B, bad);
-      });
+      const PanelRuns runs = panel_runs(B, T);
+      for (int i = 0; i < runs.n; ++i) {
+        const PanelRun& s = runs.run[i];
+        const at::Tensor pg = pack_panels<scalar_t>(yt.narrow(1, s.b0, s.bt), s.T, 0);
+        with_panel_width(s.T, "spmm_t", [&](auto v_tag) {
+          grad_csc_panels<decltype(v_tag)::value, false, index_t, scalar_t>(
+              t_rowptr.const_data_ptr<int32_t>(), nb, tcp, vals.const_data_ptr<float>(), nullptr,
+              pg.const_data_ptr<float>(), nullptr, 0, 0, nullptr, dacc,
+              out.mutable_data_ptr<scalar_t>() + s.b0 * out.stride(1), out.stride(0), out.stride(1), rows, K, s.bt,
+              bad);
+        });
+      }
     });
   });
   TORCH_CHECK_VALUE(!bad, "spmm_t: a row index or t_perm entry of the transposed structure is out of range");
@@ -1726,15 +1779,18 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
         return;
       }
       const int64_t T = csr_panel_width(rows, K, B, /*grad=*/false);  // the accumulators [K, T] and yt's panel
-      const at::Tensor packed = pack_panels<scalar_t>(y, T, 0);
-      const float* pp = packed.const_data_ptr<float>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       // per-thread accumulators (slot 1: the packed panels are in slot 0)
       float* acc = cpu::scratch(1, std::max<int64_t>(1, row_parts(rows)) * K * T).mutable_data_ptr<float>();
-      with_panel_width(T, "spmm_t", [&](auto v_tag) {
-        scatter_panels<decltype(v_tag)::value, false, index_t, scalar_t>(rp, cp, vp, pp, nullptr, acc, nullptr, op,
-                                                                          B, 1, rows, K, B, bad);
-      });
+      const PanelRuns runs = panel_runs(B, T);
+      for (int i = 0; i < runs.n; ++i) {
+        const PanelRun& s = runs.run[i];
+        const at::Tensor packed = pack_panels<scalar_t>(y.narrow(1, s.b0, s.bt), s.T, 0);
+        with_panel_width(s.T, "spmm_t", [&](auto v_tag) {
+          scatter_panels<decltype(v_tag)::value, false, index_t, scalar_t>(
+              rp, cp, vp, packed.const_data_ptr<float>(), nullptr, acc, nullptr, op + s.b0, B, 1, rows, K, s.bt, bad);
+        });
+      }
     });
   });
   TORCH_CHECK_VALUE(!bad, "spmm_t: a column index is outside [0, ", K, ")");
@@ -1794,14 +1850,19 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
         return;
       }
       const int64_t T = panel_width(std::max(rows, K), B, l2_bytes() / 2);  // a's and b's panels
-      const at::Tensor pa = pack_panels<scalar_t>(ac, T, 0), pb = pack_panels<scalar_t>(bc, T, 1);
       at::Tensor out_f =
           out.scalar_type() == at::kFloat ? out : at::empty({col.numel()}, a.options().dtype(at::kFloat));
       float* op = out_f.mutable_data_ptr<float>();
-      with_panel_width(T, "sddmm", [&](auto v_tag) {
-        sddmm_panels<decltype(v_tag)::value, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(),
-                                                      op, rows, K, B, bad);
-      });
+      const PanelRuns runs = panel_runs(B, T);
+      for (int i = 0; i < runs.n; ++i) {
+        const PanelRun& s = runs.run[i];
+        const at::Tensor pa = pack_panels<scalar_t>(ac.narrow(1, s.b0, s.bt), s.T, 0);
+        const at::Tensor pb = pack_panels<scalar_t>(bc.narrow(1, s.b0, s.bt), s.T, 1);
+        with_panel_width(s.T, "sddmm", [&](auto v_tag) {
+          sddmm_panels<decltype(v_tag)::value, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(),
+                                                        op, rows, K, s.bt, bad, /*add=*/i > 0);
+        });
+      }
       if (!out_f.is_same(out)) out.copy_(out_f);
     });
   });
@@ -1912,6 +1973,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 97% 3.6-3.9 -> 4.3-4.4 ms, 90% 11.0 -> 12.2 ms.
   const int64_t ntiles = (B + T - 1) / T, threads = at::get_num_threads();
   const int64_t parts = csc && threads > 1 && ntiles % threads == 0 && nnz * 4 <= l2_bytes() ? threads : 1;
+  // the batch in runs of panels (panel_runs; the threads' own panels take it whole)
+  const PanelRuns runs = parts > 1 ? PanelRuns::one(B, T) : panel_runs(B, T);
   // the bias gradient's float32 sums (padded to whole 16-row blocks; one row of them per part), converted to
   // values' dtype at the end
   const int64_t padded_rows = bias_grad ? (rows + kLanes - 1) / kLanes * kLanes : 0;
@@ -1919,9 +1982,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   float* dbp = bias_grad ? dbias.mutable_data_ptr<float>() : nullptr;
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_grad_cpu", [&] {
-    // packed here unless the threads pack their own panels
-    const at::Tensor pg = parts > 1 ? cpu::scratch(0, parts * rows * T) : pack_panels<scalar_t>(gyt, T, 0, dbp);
+    // each run's panels of gyt (with the bias gradient's sums) and of xt, packed in slots 0 and 1 as it comes
+    // (unless the threads pack their own)
+    auto pack_run = [&](const PanelRun& s, int i, bool with_x) {
+      return std::make_pair(pack_panels<scalar_t>(gyt.narrow(1, s.b0, s.bt), s.T, 0, dbp, i > 0),
+                            with_x ? pack_panels<scalar_t>(xt.narrow(1, s.b0, s.bt), s.T, 1) : at::Tensor());
+    };
     scalar_t* dxp = dxt.mutable_data_ptr<scalar_t>();
+    const int64_t dsk = dxt.stride(0), dsb = dxt.stride(1);
     scalar_t* dvp = dvalues.mutable_data_ptr<scalar_t>();
     if (csc) {
       // W's values in W^T's order as float32 (slot 2), the products in that order (slot 3, a row per part),
@@ -1929,39 +1997,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
       // (slot 4, [parts, K, T])
       const at::Tensor dv = cpu::scratch(3, parts * nnz);
       const bool blocked = nb > 1;
-      const at::Tensor px = !blocked ? at::Tensor()
-                            : parts > 1 ? cpu::scratch(1, parts * K * T)
-                                        : pack_panels<scalar_t>(xt, T, 1);
       float* dacc = blocked ? cpu::scratch(4, parts * K * T).mutable_data_ptr<float>() : nullptr;
-      float* pxp = blocked ? px.mutable_data_ptr<float>() : nullptr;
       PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cpu", [&] {
         // the same pass checks the row indices, which the sweep reads unchecked (once per panel)
         const at::Tensor vals = gather_values<scalar_t, float, index_t>(values, *t_perm, bad,
                                                                         t_col->const_data_ptr<index_t>(), rows);
         TORCH_CHECK_VALUE(!bad, "spmm_grad: a row index or t_perm entry of the transposed structure is out of range");
-        with_panel_width<kCscMaxPanel>(T, "spmm_grad", [&](auto v_tag) {
-          constexpr int V = decltype(v_tag)::value;
-          const int32_t* trp = t_rowptr->const_data_ptr<int32_t>();
-          const index_t* tcp = t_col->const_data_ptr<index_t>();
-          if (parts > 1)
-            grad_csc_tiles<V, index_t, scalar_t>(trp, nb, tcp, vals.const_data_ptr<float>(),
-                                                 dv.mutable_data_ptr<float>(), pg.mutable_data_ptr<float>(), pxp, dacc,
-                                                 dbp, padded_rows, gyt.const_data_ptr<scalar_t>(), gyt.stride(0),
-                                                 gyt.stride(1), xt.const_data_ptr<scalar_t>(), xt.stride(0),
-                                                 xt.stride(1), dxp, dxt.stride(0), dxt.stride(1), rows, K, B, parts);
-          else
-            grad_csc_panels<V, true, index_t, scalar_t>(trp, nb, tcp, vals.const_data_ptr<float>(),
-                                                        dv.mutable_data_ptr<float>(), pg.const_data_ptr<float>(),
-                                                        xt.const_data_ptr<scalar_t>(), xt.stride(0), xt.stride(1),
-                                                        pxp, dacc, dxp, dxt.stride(0), dxt.stride(1), rows, K, B, bad);
-        });
+        const int32_t* trp = t_rowptr->const_data_ptr<int32_t>();
+        const index_t* tcp = t_col->const_data_ptr<index_t>();
+        if (parts > 1) {
+          float* pxp = blocked ? cpu::scratch(1, parts * K * T).mutable_data_ptr<float>() : nullptr;
+          with_panel_width<kCscMaxPanel>(T, "spmm_grad", [&](auto v_tag) {
+            grad_csc_tiles<decltype(v_tag)::value, index_t, scalar_t>(
+                trp, nb, tcp, vals.const_data_ptr<float>(), dv.mutable_data_ptr<float>(),
+                cpu::scratch(0, parts * rows * T).mutable_data_ptr<float>(), pxp, dacc, dbp, padded_rows,
+                gyt.const_data_ptr<scalar_t>(), gyt.stride(0), gyt.stride(1), xt.const_data_ptr<scalar_t>(),
+                xt.stride(0), xt.stride(1), dxp, dsk, dsb, rows, K, B, parts);
+          });
+        } else {
+          for (int i = 0; i < runs.n; ++i) {
+            const PanelRun& s = runs.run[i];
+            const auto panels = pack_run(s, i, blocked);
+            const at::Tensor &pg = panels.first, &px = panels.second;
+            const at::Tensor xs = xt.narrow(1, s.b0, s.bt);
+            with_panel_width<kCscMaxPanel>(s.T, "spmm_grad", [&](auto v_tag) {
+              grad_csc_panels<decltype(v_tag)::value, true, index_t, scalar_t>(
+                  trp, nb, tcp, vals.const_data_ptr<float>(), dv.mutable_data_ptr<float>(), pg.const_data_ptr<float>(),
+                  xs.const_data_ptr<scalar_t>(), xs.stride(0), xs.stride(1),
+                  blocked ? px.const_data_ptr<float>() : nullptr, dacc, dxp + s.b0 * dsb, dsk, dsb, rows, K, s.bt, bad,
+                  /*add=*/i > 0);
+            });
+          }
+        }
       });
       scatter_values<scalar_t>(dv.const_data_ptr<float>(), t_perm->const_data_ptr<int32_t>(), dvp, nnz, parts);
     } else {
-      const float* pgp = pg.const_data_ptr<float>();
       // products straight into dvalues when it is float32, else through float32 scratch (slot 3)
-      const at::Tensor px = pack_panels<scalar_t>(xt, T, 1);  // xt's rows are read in the order of W's columns
-      const float* pxp = px.const_data_ptr<float>();
       const at::Tensor acc = cpu::scratch(2, std::max<int64_t>(1, row_parts(rows)) * K * T);
       at::Tensor dv = values.scalar_type() == at::kFloat ? dvalues : cpu::scratch(3, nnz);
       float* dvf = dv.mutable_data_ptr<float>();
@@ -1976,23 +2047,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
       // K = 768 at 90% 1.06 / 0.99. (Batches 1-8 keep their one sweep, vec_sweep and sweep_narrow: two measured
       // 1.19-1.30 times slower on the Zen 3; at batch 1 with grad_span, 0.92-1.09 on the Zen 4: no gain either.)
       // The outputs were the same bits either way in every case measured.
-      const bool two_sweeps = 2 * K * T * static_cast<int64_t>(sizeof(float)) >= l2_bytes() / 4;
       PYSPARSE_DISPATCH_INDEX(col, "spmm_grad_cpu", [&] {
-        with_panel_width(T, "spmm_grad", [&](auto v_tag) {
-          constexpr int V = decltype(v_tag)::value;
-          const int32_t* rp = rowptr.const_data_ptr<int32_t>();
-          const index_t* cp = col.const_data_ptr<index_t>();
-          const scalar_t* vp = values.const_data_ptr<scalar_t>();
-          float* ap = acc.mutable_data_ptr<float>();
-          if (two_sweeps) {
-            sddmm_panels<V, index_t>(rp, cp, pgp, pxp, dvf, rows, K, B, bad);
-            scatter_panels<V, false, index_t, scalar_t>(rp, cp, vp, pgp, nullptr, ap, nullptr, dxp, dxt.stride(0),
-                                                        dxt.stride(1), rows, K, B, bad);
-          } else {
-            scatter_panels<V, true, index_t, scalar_t>(rp, cp, vp, pgp, pxp, ap, dvf, dxp, dxt.stride(0), dxt.stride(1),
-                                                       rows, K, B, bad);
-          }
-        });
+        const int32_t* rp = rowptr.const_data_ptr<int32_t>();
+        const index_t* cp = col.const_data_ptr<index_t>();
+        const scalar_t* vp = values.const_data_ptr<scalar_t>();
+        float* ap = acc.mutable_data_ptr<float>();
+        for (int i = 0; i < runs.n; ++i) {
+          const PanelRun& s = runs.run[i];
+          const auto panels = pack_run(s, i, true);  // xt's rows are read in the order of W's columns
+          const float* pgp = panels.first.const_data_ptr<float>();
+          const float* pxp = panels.second.const_data_ptr<float>();
+          const bool two_sweeps = 2 * K * s.T * static_cast<int64_t>(sizeof(float)) >= l2_bytes() / 4;
+          with_panel_width(s.T, "spmm_grad", [&](auto v_tag) {
+            constexpr int V = decltype(v_tag)::value;
+            if (two_sweeps) {
+              sddmm_panels<V, index_t>(rp, cp, pgp, pxp, dvf, rows, K, s.bt, bad, /*add=*/i > 0);
+              scatter_panels<V, false, index_t, scalar_t>(rp, cp, vp, pgp, nullptr, ap, nullptr, dxp + s.b0 * dsb, dsk,
+                                                          dsb, rows, K, s.bt, bad);
+            } else {
+              scatter_panels<V, true, index_t, scalar_t>(rp, cp, vp, pgp, pxp, ap, dvf, dxp + s.b0 * dsb, dsk, dsb,
+                                                         rows, K, s.bt, bad, /*add=*/i > 0);
+            }
+          });
+        }
       });
       TORCH_CHECK_VALUE(!bad, "spmm_grad: a column index is outside [0, ", K, ")");
       if (!dv.is_same(dvalues)) dvalues.copy_(dv);
