@@ -193,6 +193,14 @@ inline void with_panel_width(int64_t T, const char* op, F&& f) {
   TORCH_CHECK(false, op, ": internal error, panel width ", T);
 }
 
+// f(run, i, std::integral_constant<int, V>{}) for each run of `runs` in turn (its index i; V its panel width / 16,
+// dispatched as with_panel_width does, MaxT as there).
+template <int64_t MaxT = 64, typename F>
+inline void for_each_run(const PanelRuns& runs, const char* op, F&& f) {
+  for (int i = 0; i < runs.n; ++i)
+    with_panel_width<MaxT>(runs.run[i].T, op, [&](auto v_tag) { f(runs.run[i], i, v_tag); });
+}
+
 #ifdef __AVX2__
 // 8 column indices as int32 lanes (also on AVX-512 builds).
 inline __m256i load_index8(const int16_t* p) {
@@ -899,22 +907,18 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
         const bool one_panel = runs.panels == 1;  // several: col checked once (here or in the gather), read unchecked
         if (!one_panel && !check_in_gather)  // W's own CSR (spmm): permuted values always take the gather here
           TORCH_CHECK_VALUE(cpu::indices_in_range(cp, col.numel(), K), "spmm: a column index is outside [0, ", K, ")");
-        for (int i = 0; i < runs.n; ++i) {
-          const PanelRun& s = runs.run[i];
+        for_each_run(runs, "spmm", [&](const PanelRun& s, int, auto v_tag) {
+          constexpr int V = decltype(v_tag)::value;
           const at::Tensor packed = pack_panels<scalar_t>(x.narrow(1, s.b0, s.bt), s.T, 0);
           const float* pp = packed.const_data_ptr<float>();
           scalar_t* y = yp + s.b0;
-          auto run = [&](auto v_tag) {
-            constexpr int V = decltype(v_tag)::value;
-            if (pm != nullptr)  // in place: a single panel
-              spmm_panels<V, true, true, index_t, scalar_t>(rp, cp, vp, pm, pp, bp, y, B, rows, K, s.bt, bad);
-            else if (one_panel)
-              spmm_panels<V, false, true, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, y, B, rows, K, s.bt, bad);
-            else
-              spmm_panels<V, false, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, y, B, rows, K, s.bt, bad);
-          };
-          with_panel_width(s.T, "spmm", run);
-        }
+          if (pm != nullptr)  // in place: a single panel
+            spmm_panels<V, true, true, index_t, scalar_t>(rp, cp, vp, pm, pp, bp, y, B, rows, K, s.bt, bad);
+          else if (one_panel)
+            spmm_panels<V, false, true, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, y, B, rows, K, s.bt, bad);
+          else
+            spmm_panels<V, false, false, index_t, scalar_t>(rp, cp, vp, nullptr, pp, bp, y, B, rows, K, s.bt, bad);
+        });
       }
     });
   });
@@ -1679,18 +1683,13 @@ at::Tensor spmm_t_blocked(const at::Tensor& values, const at::Tensor& t_rowptr, 
       const at::Tensor vals = gather_values<scalar_t, float, index_t>(values, t_perm, bad, tcp, rows);
       if (bad) return;
       float* dacc = cpu::scratch(4, K * T).mutable_data_ptr<float>();
-      const PanelRuns runs = panel_runs(B, T);
-      for (int i = 0; i < runs.n; ++i) {
-        const PanelRun& s = runs.run[i];
+      for_each_run(panel_runs(B, T), "spmm_t", [&](const PanelRun& s, int, auto v_tag) {
         const at::Tensor pg = pack_panels<scalar_t>(yt.narrow(1, s.b0, s.bt), s.T, 0);
-        with_panel_width(s.T, "spmm_t", [&](auto v_tag) {
-          grad_csc_panels<decltype(v_tag)::value, false, index_t, scalar_t>(
-              t_rowptr.const_data_ptr<int32_t>(), nb, tcp, vals.const_data_ptr<float>(), nullptr,
-              pg.const_data_ptr<float>(), nullptr, 0, 0, nullptr, dacc,
-              out.mutable_data_ptr<scalar_t>() + s.b0 * out.stride(1), out.stride(0), out.stride(1), rows, K, s.bt,
-              bad);
-        });
-      }
+        grad_csc_panels<decltype(v_tag)::value, false, index_t, scalar_t>(
+            t_rowptr.const_data_ptr<int32_t>(), nb, tcp, vals.const_data_ptr<float>(), nullptr,
+            pg.const_data_ptr<float>(), nullptr, 0, 0, nullptr, dacc,
+            out.mutable_data_ptr<scalar_t>() + s.b0 * out.stride(1), out.stride(0), out.stride(1), rows, K, s.bt, bad);
+      });
     });
   });
   TORCH_CHECK_VALUE(!bad, "spmm_t: a row index or t_perm entry of the transposed structure is out of range");
@@ -1782,15 +1781,11 @@ at::Tensor spmm_t_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at:
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       // per-thread accumulators (slot 1: the packed panels are in slot 0)
       float* acc = cpu::scratch(1, std::max<int64_t>(1, row_parts(rows)) * K * T).mutable_data_ptr<float>();
-      const PanelRuns runs = panel_runs(B, T);
-      for (int i = 0; i < runs.n; ++i) {
-        const PanelRun& s = runs.run[i];
+      for_each_run(panel_runs(B, T), "spmm_t", [&](const PanelRun& s, int, auto v_tag) {
         const at::Tensor packed = pack_panels<scalar_t>(y.narrow(1, s.b0, s.bt), s.T, 0);
-        with_panel_width(s.T, "spmm_t", [&](auto v_tag) {
-          scatter_panels<decltype(v_tag)::value, false, index_t, scalar_t>(
-              rp, cp, vp, packed.const_data_ptr<float>(), nullptr, acc, nullptr, op + s.b0, B, 1, rows, K, s.bt, bad);
-        });
-      }
+        scatter_panels<decltype(v_tag)::value, false, index_t, scalar_t>(
+            rp, cp, vp, packed.const_data_ptr<float>(), nullptr, acc, nullptr, op + s.b0, B, 1, rows, K, s.bt, bad);
+      });
     });
   });
   TORCH_CHECK_VALUE(!bad, "spmm_t: a column index is outside [0, ", K, ")");
@@ -1853,16 +1848,12 @@ at::Tensor sddmm_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::
       at::Tensor out_f =
           out.scalar_type() == at::kFloat ? out : at::empty({col.numel()}, a.options().dtype(at::kFloat));
       float* op = out_f.mutable_data_ptr<float>();
-      const PanelRuns runs = panel_runs(B, T);
-      for (int i = 0; i < runs.n; ++i) {
-        const PanelRun& s = runs.run[i];
+      for_each_run(panel_runs(B, T), "sddmm", [&](const PanelRun& s, int i, auto v_tag) {
         const at::Tensor pa = pack_panels<scalar_t>(ac.narrow(1, s.b0, s.bt), s.T, 0);
         const at::Tensor pb = pack_panels<scalar_t>(bc.narrow(1, s.b0, s.bt), s.T, 1);
-        with_panel_width(s.T, "sddmm", [&](auto v_tag) {
-          sddmm_panels<decltype(v_tag)::value, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(),
-                                                        op, rows, K, s.bt, bad, /*add=*/i > 0);
-        });
-      }
+        sddmm_panels<decltype(v_tag)::value, index_t>(rp, cp, pa.const_data_ptr<float>(), pb.const_data_ptr<float>(),
+                                                      op, rows, K, s.bt, bad, /*add=*/i > 0);
+      });
       if (!out_f.is_same(out)) out.copy_(out_f);
     });
   });
@@ -2015,19 +2006,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
                 xt.stride(0), xt.stride(1), dxp, dsk, dsb, rows, K, B, parts);
           });
         } else {
-          for (int i = 0; i < runs.n; ++i) {
-            const PanelRun& s = runs.run[i];
+          for_each_run<kCscMaxPanel>(runs, "spmm_grad", [&](const PanelRun& s, int i, auto v_tag) {
             const auto panels = pack_run(s, i, blocked);
             const at::Tensor &pg = panels.first, &px = panels.second;
             const at::Tensor xs = xt.narrow(1, s.b0, s.bt);
-            with_panel_width<kCscMaxPanel>(s.T, "spmm_grad", [&](auto v_tag) {
-              grad_csc_panels<decltype(v_tag)::value, true, index_t, scalar_t>(
-                  trp, nb, tcp, vals.const_data_ptr<float>(), dv.mutable_data_ptr<float>(), pg.const_data_ptr<float>(),
-                  xs.const_data_ptr<scalar_t>(), xs.stride(0), xs.stride(1),
-                  blocked ? px.const_data_ptr<float>() : nullptr, dacc, dxp + s.b0 * dsb, dsk, dsb, rows, K, s.bt, bad,
-                  /*add=*/i > 0);
-            });
-          }
+            grad_csc_panels<decltype(v_tag)::value, true, index_t, scalar_t>(
+                trp, nb, tcp, vals.const_data_ptr<float>(), dv.mutable_data_ptr<float>(), pg.const_data_ptr<float>(),
+                xs.const_data_ptr<scalar_t>(), xs.stride(0), xs.stride(1),
+                blocked ? px.const_data_ptr<float>() : nullptr, dacc, dxp + s.b0 * dsb, dsk, dsb, rows, K, s.bt, bad,
+                /*add=*/i > 0);
+          });
         }
       });
       scatter_values<scalar_t>(dv.const_data_ptr<float>(), t_perm->const_data_ptr<int32_t>(), dvp, nnz, parts);
@@ -2052,24 +2040,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
         const index_t* cp = col.const_data_ptr<index_t>();
         const scalar_t* vp = values.const_data_ptr<scalar_t>();
         float* ap = acc.mutable_data_ptr<float>();
-        for (int i = 0; i < runs.n; ++i) {
-          const PanelRun& s = runs.run[i];
+        for_each_run(runs, "spmm_grad", [&](const PanelRun& s, int i, auto v_tag) {
+          constexpr int V = decltype(v_tag)::value;
           const auto panels = pack_run(s, i, true);  // xt's rows are read in the order of W's columns
           const float* pgp = panels.first.const_data_ptr<float>();
           const float* pxp = panels.second.const_data_ptr<float>();
-          const bool two_sweeps = 2 * K * s.T * static_cast<int64_t>(sizeof(float)) >= l2_bytes() / 4;
-          with_panel_width(s.T, "spmm_grad", [&](auto v_tag) {
-            constexpr int V = decltype(v_tag)::value;
-            if (two_sweeps) {
-              sddmm_panels<V, index_t>(rp, cp, pgp, pxp, dvf, rows, K, s.bt, bad, /*add=*/i > 0);
-              scatter_panels<V, false, index_t, scalar_t>(rp, cp, vp, pgp, nullptr, ap, nullptr, dxp + s.b0 * dsb, dsk,
-                                                          dsb, rows, K, s.bt, bad);
-            } else {
-              scatter_panels<V, true, index_t, scalar_t>(rp, cp, vp, pgp, pxp, ap, dvf, dxp + s.b0 * dsb, dsk, dsb,
-                                                         rows, K, s.bt, bad, /*add=*/i > 0);
-            }
-          });
-        }
+          if (2 * K * s.T * static_cast<int64_t>(sizeof(float)) >= l2_bytes() / 4) {  // two sweeps
+            sddmm_panels<V, index_t>(rp, cp, pgp, pxp, dvf, rows, K, s.bt, bad, /*add=*/i > 0);
+            scatter_panels<V, false, index_t, scalar_t>(rp, cp, vp, pgp, nullptr, ap, nullptr, dxp + s.b0 * dsb, dsk,
+                                                        dsb, rows, K, s.bt, bad);
+          } else {
+            scatter_panels<V, true, index_t, scalar_t>(rp, cp, vp, pgp, pxp, ap, dvf, dxp + s.b0 * dsb, dsk, dsb, rows,
+                                                       K, s.bt, bad, /*add=*/i > 0);
+          }
+        });
       });
       TORCH_CHECK_VALUE(!bad, "spmm_grad: a column index is outside [0, ", K, ")");
       if (!dv.is_same(dvalues)) dvalues.copy_(dv);
