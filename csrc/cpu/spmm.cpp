@@ -148,17 +148,12 @@ struct PanelRun {
   int64_t b0, bt, T;
 };
 struct PanelRuns {
-  PanelRun run[3];
+  PanelRun run[2];
   int n = 0;
   int64_t panels = 0;  // panels in all the runs: more than one and the structure is swept more than once
   void add(int64_t b0, int64_t bt, int64_t T) {
     run[n++] = {b0, bt, T};
     panels += (bt + T - 1) / T;
-  }
-  static PanelRuns one(int64_t B, int64_t T) {  // the whole batch in panels of T (the last one padded)
-    PanelRuns runs;
-    runs.add(0, B, T);
-    return runs;
   }
 };
 inline PanelRuns panel_runs(int64_t B, int64_t T) {
@@ -871,7 +866,7 @@ at::Tensor spmm_impl(const at::Tensor& rowptr, const at::Tensor& col, const at::
   // Permuted values are read in place by a single panel pass; with several panels (runs.panels > 1) every pass
   // would repeat the random reads, so they are gathered into order once first (batch 256 at 90%: 24 -> 13 ms).
   const int64_t T = panels ? panel_width(K, B, l2_bytes()) : 0;  // the one panel read at random rows: all of L2
-  const PanelRuns runs = panel_runs(B, panels ? T : 1);
+  const PanelRuns runs = panels ? panel_runs(B, T) : PanelRuns{};
   const bool gather_first = perm != nullptr && (!panels || runs.panels > 1);
   // several panels read col unchecked: the gather's pass checks it (else a pass of its own below)
   const bool check_in_gather = gather_first && panels;
@@ -1964,8 +1959,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cpu(
   // 97% 3.6-3.9 -> 4.3-4.4 ms, 90% 11.0 -> 12.2 ms.
   const int64_t ntiles = (B + T - 1) / T, threads = at::get_num_threads();
   const int64_t parts = csc && threads > 1 && ntiles % threads == 0 && nnz * 4 <= l2_bytes() ? threads : 1;
-  // the batch in runs of panels (panel_runs; the threads' own panels take it whole)
-  const PanelRuns runs = parts > 1 ? PanelRuns::one(B, T) : panel_runs(B, T);
+  // the batch in runs of panels (panel_runs), except where the threads pack their own (grad_csc_tiles: whole)
+  const PanelRuns runs = panel_runs(B, T);
   // the bias gradient's float32 sums (padded to whole 16-row blocks; one row of them per part), converted to
   // values' dtype at the end
   const int64_t padded_rows = bias_grad ? (rows + kLanes - 1) / kLanes * kLanes : 0;

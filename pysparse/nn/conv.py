@@ -89,12 +89,11 @@ class SparseConv2d(SparseWeight):
 
     def _init_from(self, conv: nn.Conv2d, mask: torch.Tensor) -> None:
         # nn.Conv2d builds with any of these and fails (or divides by zero) only at its first forward: say which
-        # argument is wrong when the layer is made
-        for name, least in (("kernel_size", 1), ("stride", 1), ("dilation", 1)):
-            if any(v < least for v in getattr(conv, name)):
-                raise ValueError(f"SparseConv2d: {name} must be >= {least}, got {getattr(conv, name)}")
-        if not isinstance(conv.padding, str) and any(p < 0 for p in conv.padding):
-            raise ValueError(f"SparseConv2d: padding must be >= 0, got {conv.padding}")
+        # argument is wrong when the layer is made (the ops' own check of their geometry)
+        for name in ("kernel_size", "stride", "dilation"):
+            ops._pair2(getattr(conv, name), name, "SparseConv2d")
+        if not isinstance(conv.padding, str):  # 'same' / 'valid'
+            ops._pair2(conv.padding, "padding", "SparseConv2d", least=0)
         for name in _CONFIG:
             setattr(self, name, getattr(conv, name))
         self._store(conv.weight, mask)
