@@ -12,6 +12,9 @@
 #                  so the script ends, with what it measured, before a lease does; a step cut short counts FAIL
 #   T_TESTS, T_SANITIZER  caps in seconds for the CUDA tests (default 900) and the sanitizer run (default 600)
 #   BENCH_K        extra pytest -k expression ANDed to "cuda" for the benchmarks (default: all of them)
+#   BENCH_ARGS     extra pytest arguments for the benchmarks (say --benchmark-max-time=0.2 to fit a short lease)
+#   T_WORKERS      run the CUDA tests in this many processes sharing the GPU (pytest-xdist's -n, where it is
+#                  installed; default 1: one process)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -50,6 +53,7 @@ fi
 step "CUDA tests"
 per_test=()  # a hung kernel fails its test rather than eating the budget, where pytest-timeout is installed
 "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+[ "${T_WORKERS:-1}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && per_test+=(-n "$T_WORKERS")
 timeout "$(limit "${T_TESTS:-900}")" "$PY" -m pytest tests -q -m cuda -p no:cacheprovider "${per_test[@]}" \
   > "$OUT_DIR/tests.log" 2>&1
 rc=$?
@@ -84,7 +88,8 @@ for part in "${parts[@]}"; do
   [ -n "$sel" ] && k="cuda and ($sel)"
   [ -n "${BENCH_K:-}" ] && k="$k and ($BENCH_K)"
   step "GPU benchmarks: $file -k '$k'"
-  timeout "$(limit 1800)" "$PY" -m pytest "benchmarks/$file" -q -k "$k" -p no:cacheprovider \
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  timeout "$(limit 1800)" "$PY" -m pytest "benchmarks/$file" -q -k "$k" -p no:cacheprovider ${BENCH_ARGS:-} \
     --benchmark-json="$tmp/part$i.json" 2>&1 | tail -3
   rc=${PIPESTATUS[0]}
   if [ "$rc" = 5 ]; then  # pytest: nothing selected (BENCH_K left this part out)
