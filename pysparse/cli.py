@@ -47,6 +47,17 @@ def _at_least(lo: int):
     return parse
 
 
+def _seed(text: str) -> int:
+    """A seed: an int in [0, 2**32) (what pysparse.data.load takes: scikit-learn's range)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {v}")
+    return v
+
+
 def _data_args(p) -> None:
     p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
     p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
@@ -85,7 +96,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--num-batches", type=_at_least(1), default=8,
                    help="batches used to score data-driven saliencies (and to calibrate --compensate)")
     p.add_argument("--checkpoint", default=None, help="a dense.safetensors to start from instead of training")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     _output_args(p)
 
 
@@ -113,7 +124,7 @@ def _gan_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--eval-epochs", type=int, default=30, help="epochs of the metric classifiers (0: no metrics)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from (same settings)")
     _output_args(p, unless="--overwrite or --resume")
@@ -140,7 +151,7 @@ def _compress_args(p, *, demo: bool) -> None:
         p.add_argument("--eval-seeds", type=_at_least(1), default=3, help="seeds of the synthetic-set evaluation")
         p.add_argument("--eval-epochs", type=_at_least(0), default=300)
         p.add_argument("--eval-width", type=_at_least(1), default=128, help="channels of the evaluation ConvNet")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
     _output_args(p, default="runs/demo" if demo else None)
 
 

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .ops import _check_number
+
 NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 
 
@@ -25,9 +27,12 @@ def load(name: str, *, root: Optional[str] = None, test_size: float = 0.2, seed:
     (``random_state=seed``). The others read ``root`` (torchvision's layout) and never download."""
     if name not in NAMES:
         raise ValueError(f"data set must be one of {', '.join(NAMES)}, got {name!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    _check_number(test_size, "test_size")
+    if not 0.0 < test_size < 1.0:  # NaN fails too
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
     if name == "digits":
-        if not 0.0 < test_size < 1.0:
-            raise ValueError(f"test_size must be in (0, 1), got {test_size}")
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 

@@ -80,6 +80,9 @@ def test_refuses_existing_out_and_leaves_nothing_on_error(tmp_path, capsys):
     (["gan", "--steps", "2.5"], "argument --steps: must be an int >= 1, got '2.5'"),
     (["gan", "--width", "0"], "argument --width: must be an int >= 1, got 0"),  # the models' own bounds
     (["gan", "--latent-dim", "-4"], "argument --latent-dim: must be an int >= 1, got -4"),
+    (["prune", "--sparsity", "0.5", "--seed", "-1"], "argument --seed: must be an int in [0, 2**32), got -1"),
+    (["compress", "--seed", "4294967296"], "argument --seed: must be an int in [0, 2**32), got 4294967296"),
+    (["gan", "--seed", "x"], "argument --seed: must be an int in [0, 2**32), got 'x'"),
 ])
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys, argv, message):
     # a bad value is refused by argparse (exit status 2, the argument named) before data is loaded or a model
