@@ -58,6 +58,22 @@ def _seed(text: str) -> int:
     return v
 
 
+def _device(text: str) -> str:
+    """cpu, or cuda[:N] where this machine has that GPU."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def _data_args(p) -> None:
     p.add_argument("--data", default="digits", help="digits (bundled) | mnist | fashion-mnist | cifar10")
     p.add_argument("--root", default=None, help="folder holding the data set's files (not needed for digits)")
@@ -121,11 +137,11 @@ def _gan_parser(sub) -> None:
     p.add_argument("--width", type=_at_least(1), default=32, help="channels of G's last and D's first hidden layer")
     p.add_argument("--latent-dim", type=_at_least(1), default=64)
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of G and D")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--sample-every", type=int, default=500)
-    p.add_argument("--eval-epochs", type=int, default=30, help="epochs of the metric classifiers (0: no metrics)")
+    p.add_argument("--checkpoint-every", type=_at_least(1), default=500)
+    p.add_argument("--sample-every", type=_at_least(1), default=500)
+    p.add_argument("--eval-epochs", type=_at_least(0), default=30, help="epochs of the metric classifiers (0: no metrics)")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from (same settings)")
     _output_args(p, unless="--overwrite or --resume")
 

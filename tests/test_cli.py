@@ -83,6 +83,11 @@ def test_refuses_existing_out_and_leaves_nothing_on_error(tmp_path, capsys):
     (["prune", "--sparsity", "0.5", "--seed", "-1"], "argument --seed: must be an int in [0, 2**32), got -1"),
     (["compress", "--seed", "4294967296"], "argument --seed: must be an int in [0, 2**32), got 4294967296"),
     (["gan", "--seed", "x"], "argument --seed: must be an int in [0, 2**32), got 'x'"),
+    (["gan", "--device", "tpu"], "argument --device: must be cpu or cuda[:N], got 'tpu'"),
+    (["gan", "--device", "meta"], "argument --device: must be cpu or cuda[:N], got 'meta'"),
+    (["gan", "--eval-epochs", "-1"], "argument --eval-epochs: must be an int >= 0, got -1"),
+    (["gan", "--checkpoint-every", "0"], "argument --checkpoint-every: must be an int >= 1, got 0"),
+    (["gan", "--sample-every", "-2"], "argument --sample-every: must be an int >= 1, got -2"),
 ])
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys, argv, message):
     # a bad value is refused by argparse (exit status 2, the argument named) before data is loaded or a model
@@ -106,3 +111,17 @@ def test_argument_bounds_are_the_librarys():
     for argv in (["prune", "--epochs", "-1"], ["compress", "--eval-epochs", "-1"], ["gan", "--n-critic", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args([*argv, "--out", "x"])
+
+
+def test_gan_device_must_exist(tmp_path, capsys):
+    # a CUDA device the machine does not have is refused by argparse, before data or models are made
+    import torch
+
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(["gan", "--device", missing, "--out", str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device:" in err and repr(missing) in err
+    assert not out.exists()
