@@ -220,6 +220,14 @@ def test_checkpoint_bad_files(tmp_path):
     bad.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable"):
         _trainer(steps=2).load_checkpoint(bad)
+    bad.write_bytes(b"hi\n")  # not a torch file: torch.load's KeyError, named
+    with pytest.raises(ValueError, match="not a readable.*KeyError"):
+        _trainer(steps=2).load_checkpoint(bad)
+    import argparse
+    torch.save({"format": "something else", "args": argparse.Namespace(a=1)}, bad)  # pickled objects: refused,
+    with pytest.raises(ValueError, match="without running pickled code refused it") as err:  # never run
+        _trainer(steps=2).load_checkpoint(bad)
+    assert "weights_only" not in str(err.value)  # torch's advice to load again running the pickled code: left out
     torch.save({"format": "something else"}, bad)
     with pytest.raises(ValueError, match="not a pysparse GAN checkpoint"):
         _trainer(steps=2).load_checkpoint(bad)

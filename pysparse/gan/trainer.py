@@ -457,6 +457,18 @@ class GANTrainer:
         return self
 
 
+def _load_error(exc: Exception) -> str:
+    """torch.load's reason in a line. A weights-only refusal comes as a page of advice, which includes loading
+    again with weights_only=False (running the file's pickled code: never for a file that fails here): only
+    the refusal's own reason is kept."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+        return "loading it without running pickled code refused it: " + " ".join(reason.split())
+    return f"{type(exc).__name__}: {' '.join(text.split())}" if text.strip() else type(exc).__name__
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
     """Load a GAN checkpoint without running pickled code (``weights_only=True``); ValueError if it is not one."""
     path = Path(path)
@@ -465,7 +477,8 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupted, or not a torch file at all
-        raise ValueError(f"{path} is not a readable pysparse GAN checkpoint (corrupted or foreign): {exc}") from None
+        raise ValueError(f"{path} is not a readable pysparse GAN checkpoint (corrupted or foreign): "
+                         f"{_load_error(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pysparse GAN checkpoint")
     if state.get("version") != VERSION:
