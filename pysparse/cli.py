@@ -358,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runner = {"prune": run_prune, "gan": run_gan}[args.command]
     try:
         report = runner(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: one line naming it, exit status 2
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError) as exc:  # bad input: one line, status 2
         print(f"pysparse {args.command}: {exc}", file=sys.stderr)
         return 2
     if args.command == "prune":

@@ -139,6 +139,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     same way) to ``path``, atomically."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    as_path(path)  # before any work
     # ties found where the tensors live (a copy to the CPU would part them), then one CPU copy of each
     state = model.state_dict()
     tensors, aliases = _dedupe({k: v.detach() for k, v in state.items()})
@@ -153,10 +154,30 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     write_safetensors(tensors, path, metadata)
 
 
+def as_path(path, name: str = "path") -> Path:
+    """``path`` as a Path; TypeError naming ``name`` unless it is a str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
+def readable_file(path, name: str = "path") -> Path:
+    """``path`` as a Path to an existing regular file: FileNotFoundError (or IsADirectoryError) otherwise."""
+    path = as_path(path, name)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
     """``write(tmp)`` into a temp file beside ``path``, then fsync, ordinary permissions and rename: readers see
-    the old file or the whole new one, and nothing is left behind if anything fails (Ctrl-C included)."""
-    path = Path(path)
+    the old file or the whole new one, and nothing is left behind if anything fails (Ctrl-C included). Missing
+    parent folders are made; a ``path`` that is a folder is refused before anything is written."""
+    path = as_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -196,9 +217,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     were sparse are rebuilt as sparse layers, then every weight is loaded. Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    path = readable_file(path)
     tensors, metadata = read_safetensors(path, "a safetensors file written by pysparse.save")
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pysparse file (metadata format {metadata.get('format')!r})")

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -125,6 +126,24 @@ def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs:
     return losses
 
 
+def check_labeled(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
+    """A labeled image set for a classifier: x a float tensor of finite values, y int64 labels in [0,
+    num_classes), one per image; ValueError / TypeError naming what is wrong."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    ops._check_int(num_classes, "num_classes", 1)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a float tensor, got {x.dtype}")
+    if y.dtype != torch.long or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must be int64 labels, one per image of x ({x.shape[0]}), got {y.dtype} "
+                         f"{tuple(y.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds NaN or inf")
+    if y.numel() and not (0 <= int(y.min()) and int(y.max()) < num_classes):
+        raise ValueError(f"y must be in [0, {num_classes}) (num_classes = {num_classes}), got labels in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
 def fit_tensors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
                 seed: int, schedule: str = "step") -> nn.Module:
     """The classifier recipe of the evaluation code (synthetic-set evaluation, GAN metrics): SGD (momentum 0.9,
@@ -137,6 +156,8 @@ def fit_tensors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
     ops._check_int(batch_size, "batch_size", 1)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
     cosine = None

@@ -16,6 +16,8 @@ def cubic_sparsity(step: int, *, final: float, begin: int, end: int, initial: fl
     """Zhu & Gupta's target at ``step``: s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3, flat outside
     [begin, end]."""
     final, initial = _check_fraction(final, "final"), _check_fraction(initial, "initial")
+    if initial > final:  # the schedule only prunes: pruned weights do not grow back
+        raise ValueError(f"initial must be <= final, got initial={initial}, final={final}")
     if not (isinstance(begin, int) and isinstance(end, int)) or end <= begin or begin < 0:
         raise ValueError(f"need integers 0 <= begin < end, got begin={begin!r}, end={end!r}")
     t = min(max(step, begin), end)
@@ -57,6 +59,8 @@ class GradualPruner:
                  optimizer: Optional[torch.optim.Optimizer] = None, **prune_kwargs) -> None:
         _check_fraction(final_sparsity, "final_sparsity")  # named as the caller wrote it, then the rest
         _check_fraction(initial_sparsity, "initial_sparsity")
+        if initial_sparsity > final_sparsity:
+            raise ValueError(f"initial_sparsity must be <= final_sparsity, got {initial_sparsity} > {final_sparsity}")
         cubic_sparsity(begin, final=final_sparsity, begin=begin, end=end, initial=initial_sparsity)  # validates
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
             raise ValueError(f"frequency must be an int >= 1, got {frequency!r}")

@@ -35,9 +35,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from . import models
-from .retrain import fit_tensors
+from .retrain import check_labeled, fit_tensors
 from .gan.metrics import sample_like, test_accuracy
-from .io import _digest, read_safetensors, write_safetensors
+from .io import _digest, as_path, read_safetensors, readable_file, write_safetensors
 from .ops import _check_int
 
 METHODS = ("sample", "select", "match")
@@ -83,7 +83,7 @@ class SyntheticSet:
     def save(self, path: Union[str, os.PathLike], *, grid: bool = True) -> None:
         """Write ``path`` (safetensors: ``images``, ``labels`` and a checksum in the metadata), atomically, and
         a PNG grid beside it (same name, .png; one row per class)."""
-        path = Path(path)
+        path = as_path(path)
         tensors = {"images": self.images.contiguous(), "labels": self.labels.contiguous()}
         meta = {"format": FORMAT, "num_classes": str(self.num_classes),
                 "image_shape": json.dumps(list(self.image_shape)), "sha256": _digest(tensors)}
@@ -107,9 +107,7 @@ class SyntheticSet:
              ) -> "SyntheticSet":
         """Read a file written by :meth:`save`; ValueError if it is corrupt, not a synthetic set, or (with
         ``image_shape``) of another image size."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such synthetic-set file: {path}")
+        path = readable_file(path)
         tensors, meta = read_safetensors(path, "a readable synthetic-set file")
         if meta.get("format") != FORMAT or set(tensors) != {"images", "labels"}:
             raise ValueError(f"{path} is not a pysparse synthetic-set file")
@@ -336,6 +334,7 @@ def train_convnet(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epochs:
                   width: int = 128, batch_size: int = 256, lr: float = 0.01) -> nn.Module:
     """A fresh ConvNet trained only on (x, y) by the DC / DM recipe: SGD(lr, momentum 0.9, wd 5e-4), batch 256,
     lr x0.1 at half the epochs."""
+    check_labeled(x, y, num_classes)
     torch.manual_seed(seed)
     net = models.convnet(x.shape[1], num_classes, x.shape[-1], width=width)
     return fit_tensors(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule="step")
@@ -344,6 +343,8 @@ def train_convnet(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epochs:
 def random_subset(train: tuple[torch.Tensor, torch.Tensor], ipc: int, num_classes: int, seed: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ipc`` random real images of each class."""
+    _check_ipc(ipc)
+    _check_int(num_classes, "num_classes", 1)
     x, y = train
     g = torch.Generator().manual_seed(seed)
     idx = []

@@ -270,6 +270,23 @@ def test_load_refuses_bad_files(tmp_path):
         pysparse.load(good, nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)))
     with pytest.raises(FileNotFoundError):
         pysparse.load(tmp_path / "missing.safetensors", fresh())
+    with pytest.raises(IsADirectoryError, match="is a directory, not a file"):
+        pysparse.load(tmp_path, fresh())
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
+        pysparse.load(None, fresh())
+
+
+def test_save_refuses_bad_paths(tmp_path):
+    model = pysparse.sparsify(nn.Sequential(nn.Linear(8, 6)), {"0.weight": torch.rand(6, 8) > 0.5},
+                              min_sparsity=0.0)
+    before = sorted(tmp_path.parent.iterdir())
+    with pytest.raises(IsADirectoryError, match="is a directory: give a file name"):
+        pysparse.save(model, tmp_path)  # was os.replace's error about a temp file made beside the folder
+    assert sorted(tmp_path.parent.iterdir()) == before and not any(tmp_path.iterdir())
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
+        pysparse.save(model, None)
+    pysparse.save(model, tmp_path / "new" / "folder" / "m.safetensors")  # missing parent folders are made
+    assert (tmp_path / "new" / "folder" / "m.safetensors").is_file()
 
 
 def _file_bytes(tensors: dict) -> int:

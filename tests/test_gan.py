@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import pysparse.synth
 from pysparse.gan import Discriminator, GANTrainer, Generator, d_loss, g_loss, metrics, models_from_checkpoint
 from pysparse.gan.models import plan
 from pysparse.shrink import model_sparsity, sparse_layers
@@ -281,6 +282,26 @@ def test_frechet_distance_matches_the_scipy_formula():
     assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="feature sets"):
         metrics.frechet_distance(a, b[:, :3])
+    with pytest.raises(ValueError, match="feature set b holds NaN or inf"):  # was linalg.eigh's convergence error
+        metrics.frechet_distance(a, torch.where(b > 2, float("nan"), b))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, y: metrics.train_classifier(x, y + 10, num_classes=10, epochs=1),
+     r"y must be in \[0, 10\) \(num_classes = 10\), got labels in \[10, 19\]"),  # was cross_entropy's IndexError
+    (lambda x, y: metrics.train_classifier(x * float("nan"), y, num_classes=10, epochs=1), "x holds NaN or inf"),
+    (lambda x, y: metrics.train_classifier(x, y.float(), num_classes=10, epochs=1), "y must be int64 labels"),
+    (lambda x, y: metrics.train_classifier(x, y[:5], num_classes=10, epochs=1), "one per image of x"),
+    (lambda x, y: metrics.train_classifier(x, y, num_classes=10, epochs=1, lr=float("nan")), "lr must be"),
+    (lambda x, y: pysparse.synth.train_convnet(x, y, num_classes=5, epochs=1, seed=0), r"y must be in \[0, 5\)"),
+    (lambda x, y: pysparse.synth.random_subset((x, y), 0, 10, 0), "ipc .* must be an int >= 1, got 0"),
+    (lambda x, y: metrics.class_accuracy(None, Generator(8, 1, num_classes=10, width=8, latent_dim=8), per_class=0),
+     "per_class must be an int >= 1, got 0"),
+])
+def test_metric_inputs_are_checked(call, match):
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 10
+    with pytest.raises(ValueError, match=match):
+        call(x, y)
 
 
 class _RealImages(torch.nn.Module):

@@ -20,6 +20,10 @@ def test_cubic_schedule_values():
         pysparse.cubic_sparsity(0, final=0.9, begin=10, end=10)
     with pytest.raises(ValueError, match=r"final must be in \[0, 1\)"):
         pysparse.cubic_sparsity(0, final=1.0, begin=0, end=10)
+    with pytest.raises(ValueError, match="initial must be <= final"):  # the schedule only prunes
+        pysparse.cubic_sparsity(0, final=0.5, initial=0.8, begin=0, end=10)
+    with pytest.raises(ValueError, match="initial_sparsity must be <= final_sparsity"):
+        pysparse.GradualPruner(_mlp(), "magnitude", final_sparsity=0.5, initial_sparsity=0.8, begin=0, end=10)
     for kwargs, name in ((dict(final_sparsity=1.5), "final_sparsity"),
                          (dict(final_sparsity=0.5, initial_sparsity=-0.1), "initial_sparsity")):
         with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\)"):  # the caller's argument names

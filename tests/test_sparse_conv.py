@@ -222,6 +222,9 @@ def test_constructor_sparsity():
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: SparseConv2d(4, 4, 3), ValueError, "needs sparsity="),
     (lambda: SparseConv2d(4, 4, 3, sparsity=1.0), ValueError, r"sparsity must be in \[0, 1\)"),
+    (lambda: SparseConv2d(-1, 4, 3, sparsity=0.5), ValueError, "in_channels must be an int >= 0, got -1"),
+    (lambda: SparseConv2d(4, True, 3, sparsity=0.5), ValueError, "out_channels must be an int >= 0, got True"),
+    (lambda: SparseConv2d(4, 4, 3, groups=0, sparsity=0.5), ValueError, "groups must be an int >= 1, got 0"),
     (lambda: SparseConv2d(4, 6, 3, groups=4, sparsity=0.5), ValueError, "divisible by groups"),
     (lambda: SparseConv2d(4, 4, 3, padding_mode="mirror", sparsity=0.5), ValueError, "padding_mode"),
     (lambda: SparseConv2d(4, 4, 3, mask=torch.ones(4, 4, 3, dtype=torch.bool)), ValueError, "mask has shape"),

@@ -532,6 +532,8 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: SparseLinear(4, 3), ValueError, "needs sparsity= .* or mask="),
     (lambda: SparseLinear(4, 3, sparsity=1.0), ValueError, r"sparsity must be in \[0, 1\)"),
+    (lambda: SparseLinear(-1, 3, sparsity=0.5), ValueError, "in_features must be an int >= 0, got -1"),
+    (lambda: SparseLinear(4, 2.5, sparsity=0.5), ValueError, "out_features must be an int >= 0, got 2.5"),
     (lambda: SparseLinear(4, 3, sparsity=-0.5), ValueError, r"sparsity must be in \[0, 1\)"),
     (lambda: SparseLinear(4, 3, sparsity="a lot"), TypeError, "sparsity must be a real number"),
     (lambda: SparseLinear(4, 3, sparsity=0.5, mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "not both"),

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import models
-from ..retrain import fit_tensors
+from .. import models, ops
+from ..retrain import check_labeled, fit_tensors
 
 
 class ClassifierFeatures(nn.Module):
@@ -45,6 +45,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epoc
     """pysparse.models.cnn trained with SGD (momentum 0.9, cosine lr) on images in [0, 1]."""
     if x.shape[0] == 0:
         raise ValueError("cannot train a classifier on an empty set")
+    check_labeled(x, y, num_classes)
     torch.manual_seed(seed)
     net = model if model is not None else models.cnn(x.shape[1], num_classes, x.shape[-1])
     return fit_tensors(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule="cosine")
@@ -61,6 +62,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
         raise ValueError(f"need two feature sets [N, d] and [M, d] with N, M >= 2, got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
+    for name, t in (("a", a), ("b", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"frechet_distance: feature set {name} holds NaN or inf")
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
@@ -83,6 +87,7 @@ def class_accuracy(extractor: ClassifierFeatures, generator: nn.Module, *, per_c
     k = getattr(generator, "num_classes", None)
     if not k:
         raise ValueError("class_accuracy needs a class-conditional generator (num_classes set)")
+    ops._check_int(per_class, "per_class", 1)
     y = torch.arange(k).repeat_interleave(per_class)
     images = generator.sample(y.numel(), y, generator=torch.Generator().manual_seed(seed))
     hit = (extractor.predict(images) == y).float()

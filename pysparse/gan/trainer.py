@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from ..io import atomic_write
+from ..io import atomic_write, readable_file
 from ..ops import _check_fraction
 from ..ops import _check_int as _int
 from ..schedule import cubic_sparsity
@@ -471,9 +471,7 @@ def _load_error(exc: Exception) -> str:
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
     """Load a GAN checkpoint without running pickled code (``weights_only=True``); ValueError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
+    path = readable_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupted, or not a torch file at all

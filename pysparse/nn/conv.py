@@ -73,6 +73,9 @@ class SparseConv2d(SparseWeight):
                  sparsity: Optional[float] = None, mask: Optional[torch.Tensor] = None, device=None,
                  dtype=None) -> None:
         super().__init__()
+        ops._check_int(in_channels, "in_channels")
+        ops._check_int(out_channels, "out_channels")
+        ops._check_int(groups, "groups", 1)
         dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
         self._init_from(dense, initial_mask("SparseConv2d", dense.weight, sparsity, mask))

@@ -50,6 +50,8 @@ class SparseLinear(SparseWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sparsity: Optional[float] = None,
                  mask: Optional[torch.Tensor] = None, device=None, dtype=None) -> None:
         super().__init__()
+        ops._check_int(in_features, "in_features")
+        ops._check_int(out_features, "out_features")
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
         self._store(dense.weight, initial_mask("SparseLinear", dense.weight, sparsity, mask))
