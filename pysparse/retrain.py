@@ -48,6 +48,12 @@ class RetrainResult:
     changed: Optional[int] = None                            # weight mode: connections whose mask flipped
 
 
+def _check_inputs(inputs, what: str) -> None:
+    """ValueError if a floating-point input batch holds NaN or inf."""
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise ValueError(f"{what} holds NaN or inf")
+
+
 def accuracy(model: nn.Module, data: Iterable) -> float:
     """Top-1 accuracy of ``model`` on (inputs, targets) batches."""
     was_training = model.training
@@ -55,7 +61,11 @@ def accuracy(model: nn.Module, data: Iterable) -> float:
     correct = total = 0
     with torch.no_grad():
         for inputs, targets in data:
-            correct += int((model(inputs).argmax(-1) == targets).sum())
+            _check_inputs(inputs, "the evaluation data")
+            outputs = model(inputs)
+            if bool(torch.isnan(outputs).any()):  # argmax would pick a class and count it
+                raise ValueError("the model's outputs hold NaN: no accuracy to measure")
+            correct += int((outputs.argmax(-1) == targets).sum())
             total += targets.numel()
     model.train(was_training)
     if total == 0:
@@ -107,6 +117,7 @@ def fit(model: nn.Module, data: Iterable, opt: torch.optim.Optimizer, *, epochs:
                 loss = distillation_loss(model(inputs), soft, targets, temperature=temperature, alpha=alpha,
                                          loss_fn=loss_fn)
             if not torch.isfinite(loss):
+                _check_inputs(inputs, "the training data")  # the data's fault, not the learning rate's
                 raise ValueError("the training loss became NaN or inf: lower lr")
             loss.backward()
             if masks:

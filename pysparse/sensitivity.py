@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
+import torch
 from torch import nn
 
 from .ops import _check_fraction
@@ -103,7 +106,15 @@ def sensitivity(model: nn.Module, data: Iterable, *, method: str = "magnitude",
     params = prunable_parameters(model, exclude)
     if not params:
         raise nothing_to_prune(model)
-    baseline = metric(model, data)
+    def measure(m) -> float:  # the metric's value, a finite real number (a NaN would plot as a gap, unnoticed)
+        v = metric(m, data)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"metric must return a finite real number, got {v!r}")
+        return float(v)
+
+    baseline = measure(model)
     curves = {}
     for name in params:
         others = [n for n in params if n != name]
@@ -113,6 +124,6 @@ def sensitivity(model: nn.Module, data: Iterable, *, method: str = "magnitude",
             prune(trial, method, sparsity=s, scope="layer", exclude=list(exclude) + [re.escape(n) for n in others],
                   data=(prune_data if prune_data is not None else data) if method in DATA_METHODS else None,
                   loss_fn=loss_fn, min_density=0.0, **prune_kwargs)
-            values.append(metric(trial, data))
+            values.append(measure(trial))
         curves[name] = values
     return SensitivityResult(baseline=baseline, sparsities=sparsities, curves=curves, method=method)

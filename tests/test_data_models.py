@@ -39,6 +39,13 @@ def test_models_shapes():
     (lambda: pysparse.train(nn.Linear(2, 2), [], epochs=1, lr=-1.0), ValueError, "lr must be"),
     (lambda: pysparse.train(nn.Linear(2, 2), [], epochs=-1, lr=0.1), ValueError, "epochs must be"),
     (lambda: pysparse.train(nn.Linear(2, 2), [], epochs=1, lr=0.1), ValueError, "data yielded no batch"),
+    (lambda: pysparse.train(nn.Linear(2, 2), [(torch.tensor([[0.0, float("nan")]]), torch.tensor([1]))], epochs=1,
+                            lr=0.1), ValueError, "the training data holds NaN or inf"),  # was "lower lr"
+    (lambda: pysparse.accuracy(nn.Linear(2, 2), [(torch.tensor([[float("inf"), 0.0]]), torch.tensor([1]))]),
+     ValueError, "the evaluation data holds NaN or inf"),  # was an accuracy from argmax over NaN logits
+    (lambda: pysparse.accuracy(nn.Linear(2, 2).requires_grad_(False).apply(
+        lambda m: m.weight.fill_(float("nan")) if isinstance(m, nn.Linear) else None),
+        [(torch.ones(1, 2), torch.tensor([1]))]), ValueError, "the model's outputs hold NaN"),
     (lambda: pysparse.accuracy(nn.Linear(2, 2), []), ValueError, "yielded no example"),
 ])
 def test_bad_input(call, exc, match):

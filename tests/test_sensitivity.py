@@ -52,6 +52,8 @@ def test_report_plot_and_data_driven_sensitivity(tmp_path):
     (dict(sparsities=(1.5,)), ValueError, r"must be in \[0, 1\)"),
     (dict(data=[]), ValueError, "no batch"),
     (dict(exclude=[nn.Linear]), ValueError, "nothing to prune"),
+    (dict(metric=lambda m, d: float("nan")), ValueError, "metric must return a finite real number, got nan"),
+    (dict(metric=lambda m, d: "good"), ValueError, "metric must return a finite real number, got 'good'"),
 ])
 def test_bad_input(kwargs, exc, match):
     model, data = _trained()
@@ -59,3 +61,10 @@ def test_bad_input(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         pysparse.sensitivity(model, args.pop("data"), **args)
+
+
+def test_metric_may_return_a_one_element_tensor():
+    model, data = _trained()
+    result = pysparse.sensitivity(model, data, sparsities=(0.5,),
+                                  metric=lambda m, d: torch.tensor(pysparse.accuracy(m, d)))
+    assert isinstance(result.baseline, float) and result.baseline == pysparse.accuracy(model, data)
