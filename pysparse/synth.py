@@ -167,13 +167,19 @@ def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=No
     if real is None:
         raise ValueError("method 'match' needs real=(images, labels) to match")
     _check_int(iterations, "iterations", 1)
+    _check_int(real_batch, "real_batch", 1)
+    _check_int(width, "width", 1)
+    pixel_lr = lr / 5 if pixel_lr is None else pixel_lr
+    for name, v in (("lr", lr), ("pixel_lr", pixel_lr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
     if not 0.0 < pixel_share < 1.0:
         raise ValueError(f"pixel_share must be in (0, 1), got {pixel_share!r}")
     for name, v in (("variance", variance), ("mmd", mmd)):
         check_weight(name, v)
     if not isinstance(augment, bool):
         raise TypeError(f"augment must be a bool, got {type(augment).__name__}")
-    return _match(generator, ipc, k, _real(real, k), iterations, pixels, lr, lr / 5 if pixel_lr is None else pixel_lr,
+    return _match(generator, ipc, k, _real(real, k), iterations, pixels, lr, pixel_lr,
                   pixel_share, real_batch, width, float(variance), float(mmd), augment, seed, progress)
 
 

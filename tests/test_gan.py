@@ -265,6 +265,13 @@ def test_trainer_bad_input():
         GANTrainer(G, D, _data(), steps=1, saliency="hessian")
     with pytest.raises(TypeError, match="Generator"):
         GANTrainer(torch.nn.Linear(2, 2), D, _data(), steps=1)
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"images must be in \[0, 1\] \(the generator's range\)"):
+        GANTrainer(G, D, ((x - 0.5) / 0.25, y), steps=1)  # normalised data: the generator draws in [0, 1]
+    with pytest.raises(TypeError, match=r"must be a Dataset of \(image, label\) pairs"):
+        GANTrainer(G, D, [1, 2, 3], steps=1)  # was torch.cat's RuntimeError
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
+        G.sample(0, torch.zeros(0, dtype=torch.long))
 
 
 # ---- metrics ----

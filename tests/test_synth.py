@@ -191,6 +191,15 @@ def test_synthesize_bad_input():
         synth.synthesize(G, 1, method="match", real=_real(), pixel_share=1.0)
     with pytest.raises(ValueError, match="iterations"):
         synth.synthesize(G, 1, method="match", real=_real(), iterations=0)
+    for kwargs, match in ((dict(real_batch=0), "real_batch must be an int >= 1"),  # was "images contain NaN"
+                          (dict(width=0), "width must be an int >= 1"),  # was a ZeroDivisionError
+                          (dict(lr=float("nan")), "lr must be a positive finite number"),
+                          (dict(pixel_lr=-1.0), "pixel_lr must be a positive finite number")):
+        with pytest.raises(ValueError, match=match):
+            synth.synthesize(G, 1, method="match", real=_real(), **kwargs)
+    x, y = _real()
+    with pytest.raises(ValueError, match=r"real: images must be in \[0, 1\]"):
+        synth.synthesize(G, 1, method="match", real=(x * 5, y))
     with pytest.raises(ValueError, match="larger than class"):
         synth.random_subset(_real(), 50, 10, seed=0)
 

@@ -129,6 +129,7 @@ class Generator(nn.Module):
     def sample(self, n: int, y: Optional[torch.Tensor] = None, *, generator: Optional[torch.Generator] = None
                ) -> torch.Tensor:
         """``n`` images in [0, 1] (eval mode, no gradient); conditional G needs labels ``y``."""
+        _check_int(n, "n", 1)
         z = torch.randn(n, self.latent_dim, generator=generator).to(next(self.parameters()).device)
         was = self.training
         self.eval()

@@ -58,9 +58,13 @@ def tensors_of(data: Union[Dataset, tuple], *, name: str = "data") -> tuple[torc
                             f"{type(data).__name__}") from None
         if n == 0:
             raise ValueError(f"{name} is empty")
-        loader = torch.utils.data.DataLoader(data, batch_size=1024)
-        xs, ys = zip(*[(b[0], b[1]) for b in loader])
-        x, y = torch.cat(xs), torch.cat(ys)
+        try:
+            loader = torch.utils.data.DataLoader(data, batch_size=1024)
+            xs, ys = zip(*[(b[0], b[1]) for b in loader])
+            x, y = torch.cat(xs), torch.as_tensor(torch.cat(ys))
+        except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as exc:
+            raise TypeError(f"{name} must be a Dataset of (image, label) pairs or a tuple (images, labels): "
+                            f"reading it failed ({type(exc).__name__}: {exc})") from None
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     if x.dim() != 4 or not x.is_floating_point():
@@ -70,6 +74,9 @@ def tensors_of(data: Union[Dataset, tuple], *, name: str = "data") -> tuple[torc
         raise ValueError(f"{name}: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: images contain NaN or infinity")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:  # the generator draws in [0, 1]: normalised data would be matched against the wrong range
+        raise ValueError(f"{name}: images must be in [0, 1] (the generator's range), got values in [{lo:.4g}, {hi:.4g}]")
     return x.float(), y
 
 
