@@ -75,6 +75,13 @@ def _check_int(x, name: str, lo: int = 0, *, none_ok: bool = False):
     return x
 
 
+def _check_positive(x, name: str) -> float:
+    """A positive finite int or float (learning rates); ValueError naming ``name`` otherwise."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
+    return float(x)
+
+
 def _check_fraction(x, name: str, *, upper_inclusive: bool = False) -> float:
     """A real number in [0, 1) (or [0, 1]): sparsities, densities."""
     _check_number(x, name)

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -167,8 +166,7 @@ def fit_tensors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int
     ops._check_int(batch_size, "batch_size", 1)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    ops._check_positive(lr, "lr")
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
     cosine = None

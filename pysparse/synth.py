@@ -38,7 +38,7 @@ from . import models
 from .retrain import check_labeled, fit_tensors
 from .gan.metrics import sample_like, test_accuracy
 from .io import _digest, as_path, read_safetensors, readable_file, write_safetensors
-from .ops import _check_int
+from .ops import _check_int, _check_positive
 
 METHODS = ("sample", "select", "match")
 FORMAT = "pysparse-synthetic-set"
@@ -170,9 +170,8 @@ def synthesize(generator: nn.Module, ipc: int, *, method: str = "match", real=No
     _check_int(real_batch, "real_batch", 1)
     _check_int(width, "width", 1)
     pixel_lr = lr / 5 if pixel_lr is None else pixel_lr
-    for name, v in (("lr", lr), ("pixel_lr", pixel_lr)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    _check_positive(lr, "lr")
+    _check_positive(pixel_lr, "pixel_lr")
     if not 0.0 < pixel_share < 1.0:
         raise ValueError(f"pixel_share must be in (0, 1), got {pixel_share!r}")
     for name, v in (("variance", variance), ("mmd", mmd)):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..io import atomic_write, readable_file
-from ..ops import _check_fraction
+from ..ops import _check_fraction, _check_positive
 from ..ops import _check_int as _int
 from ..schedule import cubic_sparsity
 from ..shrink import METHODS as SALIENCIES, model_sparsity, shrink, sparse_layers
@@ -133,9 +132,8 @@ class GANTrainer:
         if order not in ORDERS:
             raise ValueError(f"order must be 'gd' (G step first) or 'dg', got {order!r}")
         self.order, self.n_critic = order, _int(n_critic, "n_critic", 1)
-        for name, v in (("lr_g", lr_g), ("lr_d", lr_d)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        _check_positive(lr_g, "lr_g")
+        _check_positive(lr_d, "lr_d")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.ema_decay = _check_fraction(ema_decay, "ema_decay")
