@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import check_seed
 from .gan.losses import LOSSES
 from .io import _umask
 from .prune import METHODS
@@ -53,9 +54,10 @@ def _seed(text: str) -> int:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text!r}") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {v}")
-    return v
+    try:
+        return check_seed(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {v}") from None
 
 
 def _device(text: str) -> str:

@@ -22,13 +22,22 @@ class Split:
     image_shape: tuple[int, int, int]
 
 
+SEED_LIMIT = 2**32  # scikit-learn's random_state range, [0, 2**32)
+
+
+def check_seed(seed) -> int:
+    """A data seed: an int in [0, 2**32); ValueError naming ``seed`` otherwise (the CLI's --seed uses it too)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return seed
+
+
 def load(name: str, *, root: Optional[str] = None, test_size: float = 0.2, seed: int = 0) -> Split:
     """``digits``: 1797 images [1, 8, 8] in [0, 1], a stratified split with ``test_size`` of them held out
     (``random_state=seed``). The others read ``root`` (torchvision's layout) and never download."""
     if name not in NAMES:
         raise ValueError(f"data set must be one of {', '.join(NAMES)}, got {name!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    check_seed(seed)
     _check_number(test_size, "test_size")
     if not 0.0 < test_size < 1.0:  # NaN fails too
         raise ValueError(f"test_size must be in (0, 1), got {test_size}")

@@ -217,8 +217,7 @@ def train(model: nn.Module, data: Iterable, *, epochs: int, lr: float, optimizer
     """Train a (dense) model; returns the mean loss per epoch."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    ops._check_positive(lr, "lr")
     opt = _optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     return fit(model, data, opt, epochs=epochs, loss_fn=loss_fn, progress=progress)
 
@@ -252,8 +251,7 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    ops._check_positive(lr, "lr")
     params = dict(model.named_parameters())
     # sparse layers (after pysparse.sparsify): their masks are keyed by "<layer>.weight" too, a view, not a parameter
     sparse = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, SparseWeight)}
@@ -292,8 +290,7 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
         if teacher is model:
             raise ValueError("teacher must be another model (e.g. a copy of the dense model), not the one retrained")
         ops._check_fraction(alpha, "alpha", upper_inclusive=True)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        ops._check_positive(temperature, "temperature")
         teacher.eval()
     data = _as_batches(data)
 

@@ -37,6 +37,8 @@ def test_models_shapes():
     (lambda: pysparse.GradualPruner(nn.Linear(2, 2), "magnitude", final_sparsity=0.5, begin=0, end=10, frequency=0),
      ValueError, "frequency must be"),
     (lambda: pysparse.train(nn.Linear(2, 2), [], epochs=1, lr=-1.0), ValueError, "lr must be"),
+    (lambda: pysparse.train(nn.Linear(2, 2), [], epochs=1, lr=float("inf")), ValueError,
+     "lr must be a positive finite number"),  # inf was taken, and every weight became NaN
     (lambda: pysparse.train(nn.Linear(2, 2), [], epochs=-1, lr=0.1), ValueError, "epochs must be"),
     (lambda: pysparse.train(nn.Linear(2, 2), [], epochs=1, lr=0.1), ValueError, "data yielded no batch"),
     (lambda: pysparse.train(nn.Linear(2, 2), [(torch.tensor([[0.0, float("nan")]]), torch.tensor([1]))], epochs=1,

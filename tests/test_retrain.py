@@ -116,6 +116,9 @@ def test_network_mode_rewinds_a_module_that_reads_its_version():
     (dict(mode="magic"), ValueError, "mode must be one of"),
     (dict(mode="connectivity", epochs=-1), ValueError, "epochs must be"),
     (dict(mode="connectivity", lr=0), ValueError, "lr must be"),
+    (dict(mode="connectivity", lr=float("inf")), ValueError, "lr must be a positive finite number"),  # was taken
+    (dict(mode="connectivity", teacher=torch.nn.Linear(10, 32), temperature=float("inf")), ValueError,
+     "temperature must be a positive finite number"),
     (dict(mode="connectivity", masks={"9.weight": torch.ones(1, dtype=torch.bool)}), ValueError, "names no parameter"),
     (dict(mode="connectivity", masks={"0.weight": torch.ones(10, 32, dtype=torch.bool)}), ValueError, "has shape"),
     (dict(mode="connectivity", masks={}), ValueError, "non-empty mapping"),
