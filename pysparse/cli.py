@@ -179,7 +179,7 @@ def _compress_parser(sub) -> None:
                                    "synthesize a compact set, retrain the pruned model on it with distillation, "
                                    "evaluate everything; writes DIR/report.{md,json} and PNGs.")
     _compress_args(p, demo=False)
-    d = sub.add_parser("demo", help="`pysparse compress` on digits with the defaults (about 2 minutes on 2 cores)")
+    d = sub.add_parser("demo", help="`pysparse compress` on digits with the defaults (about 3 minutes on 2 cores)")
     _compress_args(d, demo=True)
 
 

@@ -209,8 +209,13 @@ def test_make_targets_exist():
     assert "make test" in (ROOT / ".ci/run").read_text()
 
 
+# The pages the README sends users to for the details: held to the same standard.
+DOCS = [ROOT / "docs" / "layers.md", ROOT / "benchmarks" / "README.md"]
+
+
 def test_named_api_exists():
-    names = set(re.findall(r"(?<![\w.])pysparse(?:\.[A-Za-z_]\w*)+", README))
+    text = "\n".join([README, *(p.read_text() for p in DOCS)])
+    names = set(re.findall(r"(?<![\w.])pysparse(?:\.[A-Za-z_]\w*)+", text))
     assert len(names) > 30
     missing = []
     for name in sorted(names):  # as a user reaches them after `import pysparse`
@@ -220,4 +225,35 @@ def test_named_api_exists():
                 missing.append(name)
                 break
             obj = getattr(obj, attr)
-    assert not missing, f"README names what `import pysparse` does not give: {missing}"
+    assert not missing, f"README or its pages name what `import pysparse` does not give: {missing}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_resolve():
+    """Every relative link of the README and its pages names a file that exists (and a heading it has)."""
+    broken = []
+    for page in [ROOT / "README.md", *DOCS]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and anchor not in {_anchor(h) for h in re.findall(r"^#+ (.*)$", dest.read_text(), re.M)}:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_benchmark_scripts_exist():
+    """benchmarks/README.md describes scripts that are there, and every script there is described."""
+    text = DOCS[1].read_text()
+    named = set(re.findall(r"(?<![\w.])(\w+\.(?:py|sh))\b", text))
+    here = {p.name for p in (ROOT / "benchmarks").iterdir() if p.suffix in (".py", ".sh")}
+    assert named - here == set(), named - here
+    helpers = {"conftest.py", "_util.py", "_baselines.py"}
+    assert here - named - helpers == set(), f"benchmarks without a word in benchmarks/README.md: {here - named - helpers}"
