@@ -215,8 +215,7 @@ def train(model: nn.Module, data: Iterable, *, epochs: int, lr: float, optimizer
           loss_fn: Callable = F.cross_entropy, momentum: float = 0.9, weight_decay: float = 0.0,
           progress: bool = False) -> list[float]:
     """Train a (dense) model; returns the mean loss per epoch."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    ops._check_int(epochs, "epochs")
     ops._check_positive(lr, "lr")
     opt = _optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     return fit(model, data, opt, epochs=epochs, loss_fn=loss_fn, progress=progress)
@@ -249,8 +248,7 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str, data
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    ops._check_int(epochs, "epochs")
     ops._check_positive(lr, "lr")
     params = dict(model.named_parameters())
     # sparse layers (after pysparse.sparsify): their masks are keyed by "<layer>.weight" too, a view, not a parameter

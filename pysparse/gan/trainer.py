@@ -60,7 +60,7 @@ def tensors_of(data: Union[Dataset, tuple], *, name: str = "data") -> tuple[torc
         try:
             loader = torch.utils.data.DataLoader(data, batch_size=1024)
             xs, ys = zip(*[(b[0], b[1]) for b in loader])
-            x, y = torch.cat(xs), torch.as_tensor(torch.cat(ys))
+            x, y = torch.cat(xs), torch.cat(ys)
         except (RuntimeError, TypeError, IndexError, KeyError, ValueError) as exc:
             raise TypeError(f"{name} must be a Dataset of (image, label) pairs or a tuple (images, labels): "
                             f"reading it failed ({type(exc).__name__}: {exc})") from None
