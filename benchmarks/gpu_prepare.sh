@@ -35,7 +35,7 @@ fi
 
 mkdir -p "$WORK"
 rm -rf "$WORK/csrc" "$WORK/pysparse"
-cp -r setup.py pyproject.toml csrc pysparse "$WORK"/
+cp -rp setup.py pyproject.toml csrc pysparse "$WORK"/  # -p: times kept, so ninja rebuilds only what changed
 rm -f "$WORK"/pysparse/_C*.so
 (cd "$WORK" && TORCH_CUDA_ARCH_LIST=${ARCH:-9.0} FORCE_CUDA=1 PYSPARSE_PORTABLE=1 \
   "$VENV/bin/python" setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1) \

@@ -858,7 +858,9 @@ torch.library.register_autograd("pysparse::csr_gather", _csr_gather_backward, se
 # Higher derivatives: the backward ops are differentiable too, so a gradient of a gradient through the sparse
 # layers (a gradient penalty, a Hessian-vector product; backward(create_graph=True)) is exact. Each op is
 # bilinear: its gradients are the other ops of the family. Where a CUDA kernel needs W's transposed structure
-# and the op's arguments do not carry it, it is rebuilt from the CSR (CPU kernels do without).
+# and the op's arguments do not carry it, it is rebuilt from the CSR (CPU kernels do without). A formula passes
+# it to every op it calls, the forward ops too: their own backward (a third derivative, or the second of a
+# backward op) needs it on CUDA (tests/test_higher_order.py holds the formulas to that on CPU).
 # ---------------------------------------------------------------------------------------------------------
 def _transposed_for(rowptr, col, n_cols: int) -> tuple:
     if not rowptr.is_cuda:
@@ -868,14 +870,14 @@ def _transposed_for(rowptr, col, n_cols: int) -> tuple:
 
 def _spmm_t_setup_context(ctx, inputs, output):
     rowptr, col, values, yt, n_cols, t_rowptr, t_col, t_perm = inputs
-    ctx.save_for_backward(rowptr, col, values, yt)
+    ctx.save_for_backward(rowptr, col, values, yt, t_rowptr, t_col, t_perm)
 
 
 def _spmm_t_backward(ctx, g):  # dxt = W^T yt
-    rowptr, col, values, yt = ctx.saved_tensors
+    rowptr, col, values, yt, *t = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 8)
     dvalues = _call("sddmm", rowptr, col, yt, g) if needs[2] else None
-    dyt = _call("spmm", rowptr, col, values, g) if needs[3] else None
+    dyt = _call("spmm", rowptr, col, values, g, None, *t) if needs[3] else None
     return None, None, dvalues, dyt, None, None, None, None
 
 
@@ -886,9 +888,9 @@ def _sddmm_setup_context(ctx, inputs, output):
 def _sddmm_backward(ctx, g):  # out[j] = a[row(j)] . b[col(j)]
     rowptr, col, a, b = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 4)
-    da = _call("spmm", rowptr, col, g, b) if needs[2] else None
-    db = _call("spmm_t", rowptr, col, g, a, b.shape[0], *_transposed_for(rowptr, col, b.shape[0])) \
-        if needs[3] else None
+    t = _transposed_for(rowptr, col, b.shape[0]) if needs[2] or needs[3] else ()
+    da = _call("spmm", rowptr, col, g, b, None, *t) if needs[2] else None
+    db = _call("spmm_t", rowptr, col, g, a, b.shape[0], *t) if needs[3] else None
     return None, None, da, db
 
 
@@ -905,8 +907,9 @@ def _spmm_grad_backward(ctx, g_values, g_xt, g_bias):  # (sddmm(gyt, xt), W^T gy
     if needs[2] and g_xt is not None:
         dvalues = _call("sddmm", rowptr, col, gyt, g_xt)
     if needs[3]:
-        terms = [_call("spmm", rowptr, col, g_values, xt) if g_values is not None else None,
-                 _call("spmm", rowptr, col, values, g_xt) if g_xt is not None else None,
+        t = (t_rowptr, t_col, t_perm)
+        terms = [_call("spmm", rowptr, col, g_values, xt, None, *t) if g_values is not None else None,
+                 _call("spmm", rowptr, col, values, g_xt, None, *t) if g_xt is not None else None,
                  g_bias[:, None].expand_as(gyt) if g_bias is not None and g_bias.numel() else None]
         terms = [t for t in terms if t is not None]
         dgyt = sum(terms[1:], terms[0]) if terms else None
@@ -940,12 +943,12 @@ def _conv_grad_values_backward(ctx, g):  # out[j] = <gy, A_{e_j} x>
     rowptr, col, x, gy = ctx.saved_tensors
     needs = _needs_input_grad(ctx, 8)
     dx = dgy = None
+    k = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]
+    t = _transposed_for(rowptr, col, k) if needs[2] or needs[3] else ()
     if needs[2]:
-        k = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]
-        dx = _call("sparse_conv2d_grad_input", rowptr, col, g, gy, list(x.shape), *ctx.geometry,
-                   *_transposed_for(rowptr, col, k))
+        dx = _call("sparse_conv2d_grad_input", rowptr, col, g, gy, list(x.shape), *ctx.geometry, *t)
     if needs[3]:
-        dgy = _call("sparse_conv2d", rowptr, col, g, x, None, *ctx.geometry)
+        dgy = _call("sparse_conv2d", rowptr, col, g, x, None, *ctx.geometry, *t)
     return None, None, dx, dgy, None, None, None, None
 
 

@@ -27,14 +27,14 @@ def _r(*shape, device, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(device).requires_grad_()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_linear_ops_gradgradcheck(device):
+def _linear_cases(device) -> dict:
+    """name -> (function of the differentiable inputs, those inputs) for each linear op."""
     s = _structure(7, 9, 0.4, device, 0)
     nnz, t = s.nnz, s.transposed()
     values, xt, yt = _r(nnz, device=device, seed=1), _r(9, 5, device=device, seed=2), _r(7, 5, device=device, seed=3)
     bias = _r(7, device=device, seed=4)
     ops = torch.ops.pysparse
-    cases = {
+    return {
         "spmm": (lambda v, x, b: ops.spmm.default(s.rowptr, s.col, v, x, b, *t), (values, xt, bias)),
         "spmm_t": (lambda v, y: ops.spmm_t.default(s.rowptr, s.col, v, y, 9, *t), (values, yt)),
         "sddmm": (lambda a, b: ops.sddmm.default(s.rowptr, s.col, a, b), (yt, xt)),
@@ -42,14 +42,12 @@ def test_linear_ops_gradgradcheck(device):
         "spmm_grad no bias": (lambda v, g, x: ops.spmm_grad.default(s.rowptr, s.col, v, g, x, *t)[:2],
                               (values, yt, xt)),
     }
-    for name, (fn, inputs) in cases.items():
-        assert torch.autograd.gradcheck(fn, inputs), name
-        assert torch.autograd.gradgradcheck(fn, inputs), name
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
-def test_conv_ops_gradgradcheck(device, stride, padding, dilation):
+CONV_GEOMETRIES = [(1, 1, 1), (2, 0, 1), (1, 2, 2)]  # stride, padding, dilation
+
+
+def _conv_cases(device, stride, padding, dilation) -> dict:
     c, o, k = 3, 4, 3
     s = _structure(o, c * k * k, 0.4, device, 5)
     geometry = ([k, k], [stride] * 2, [dilation] * 2, [padding] * 2)
@@ -57,7 +55,7 @@ def test_conv_ops_gradgradcheck(device, stride, padding, dilation):
     ops = torch.ops.pysparse
     gy = ops.sparse_conv2d.default(s.rowptr, s.col, values.detach(), x.detach(), None, *geometry)
     gy = _r(*gy.shape, device=device, seed=8)
-    cases = {
+    return {
         "sparse_conv2d": (lambda v, x: ops.sparse_conv2d.default(s.rowptr, s.col, v, x, None, *geometry,
                                                                  *s.transposed()), (values, x)),
         "grad_input": (lambda v, g: ops.sparse_conv2d_grad_input.default(s.rowptr, s.col, v, g, list(x.shape),
@@ -65,9 +63,48 @@ def test_conv_ops_gradgradcheck(device, stride, padding, dilation):
         "grad_values": (lambda x, g: ops.sparse_conv2d_grad_values.default(s.rowptr, s.col, x, g, *geometry),
                         (x, gy)),
     }
+
+
+def _check_cases(cases: dict) -> None:
     for name, (fn, inputs) in cases.items():
         assert torch.autograd.gradcheck(fn, inputs), name
         assert torch.autograd.gradgradcheck(fn, inputs), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_ops_gradgradcheck(device):
+    _check_cases(_linear_cases(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride, padding, dilation", CONV_GEOMETRIES)
+def test_conv_ops_gradgradcheck(device, stride, padding, dilation):
+    _check_cases(_conv_cases(device, stride, padding, dilation))
+
+
+# the ops whose CUDA kernels need W's transposed structure (t_rowptr, t_col, t_perm): the index of t_rowptr
+NEEDS_TRANSPOSED = {"spmm_t": 5, "spmm_grad": 5, "sparse_conv2d_grad_input": 9}
+
+
+@pytest.mark.parametrize("geometry", [None] + CONV_GEOMETRIES)
+def test_backward_formulas_pass_the_transposed_structure(geometry, monkeypatch):
+    """The CUDA kernels of spmm_t, spmm_grad and sparse_conv2d_grad_input need W's transposed structure; the CPU
+    kernels do without, so on CPU a formula that drops it (an op recorded without it in a backward, whose own
+    backward then calls one of these) passes unseen. Here, on CPU, every call a formula makes must carry it, as
+    on CUDA (where the CSR alone is at hand, _transposed_for builds it on CPU too)."""
+    def transposed_for(rowptr, col, n_cols):
+        return csr.from_compressed(rowptr, col, (rowptr.numel() - 1, n_cols)).transposed()
+
+    def strict_call(name, *args):
+        at = NEEDS_TRANSPOSED.get(name)
+        if at is not None and (len(args) <= at or args[at] is None):
+            raise AssertionError(f"{name} called without W's transposed structure")
+        return call(name, *args)
+
+    call = pysparse.ops._call
+    monkeypatch.setattr(pysparse.ops, "_call", strict_call)
+    monkeypatch.setattr(pysparse.ops, "_transposed_for", transposed_for)
+    _check_cases(_linear_cases("cpu") if geometry is None else _conv_cases("cpu", *geometry))
 
 
 def _pair(sparse_model: nn.Module, masks: dict) -> nn.Module:

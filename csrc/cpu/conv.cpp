@@ -2539,8 +2539,7 @@ at::Tensor sparse_conv2d_grad_input_cpu(const at::Tensor& rowptr, const at::Tens
   }
   const bool cl = channels_last(gy);  // then dx too
   if (c10::multiply_integers(x_size) == 0 || gy.numel() == 0)
-    return at::zeros(x_size,
-                     gy.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+    return empty_output_4d(x_size, gy.options(), cl).zero_();  // (at::zeros would drop the memory format)
   at::Tensor dx = empty_output_4d(x_size, gy.options(), cl);
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cpu", [&] {

@@ -211,7 +211,8 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
   // a channels-last gy gives a channels-last dx (as the CPU kernel)
   const at::MemoryFormat format = channels_last(gy) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   if (N * C * x_size[2] * x_size[3] == 0 || g.numel() == 0 || values.numel() == 0)
-    return at::zeros({N, C, x_size[2], x_size[3]}, g.options().memory_format(format));
+    return empty_output_4d({N, C, x_size[2], x_size[3]}, g.options(), channels_last(gy)).zero_();  // (at::zeros
+                                                                     // would drop the memory format)
   at::Tensor dx = at::empty({N, C, H, W}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cuda", [&] {
