@@ -2,7 +2,7 @@
 the JSON of its benchmark parts and the ratio table; benchmarks/step_ratio.py (step / forward per round) and
 benchmarks/per_round.py (SparseLinear against nn.Linear and torch.sparse.mm per round); benchmarks/models.py (pruned
 torchvision models, sparsified against dense, per round); benchmarks/vit_digits.py (a small transformer pruned one-shot,
-with and without compensation)."""
+with and without compensation); benchmarks/gpu_profile.py (a step's time by kernel / op)."""
 import importlib.util
 import itertools
 import json
@@ -67,6 +67,26 @@ def test_merge_command_writes_the_file_and_the_table_reads_it(tmp_path):
 @pytest.mark.parametrize("script", ["gpu_check.sh", "asan_check.sh"])
 def test_check_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(SUMMARIZE.parent / script)]).returncode == 0
+
+
+def test_gpu_profile_splits_the_step_by_kernel(capsys):
+    module = _load("gpu_profile")
+    layer = SparseLinear(128, 64, sparsity=0.9)
+    layer.dense_below = 0.0
+    x = torch.randn(8, 128, requires_grad=True)
+    wall, busy, rows = module.profile_step(layer, x, torch.randn(8, 64), steps=2, top=50)
+    names = [r[0] for r in rows]
+    # the step's own ops, each once a step, their times adding up to the total reported
+    assert "pysparse::spmm" in names and "pysparse::spmm_grad" in names
+    assert all(calls == 1 for name, calls, _ in rows if name.startswith("pysparse::spmm"))
+    assert wall > 0 and busy > 0 and all(us > 0 for *_, us in rows)
+    assert [us for *_, us in rows] == sorted((us for *_, us in rows), reverse=True)
+    module.main(["--device", "cpu", "--features", "64", "--batch", "4", "--sparsity", "0.5", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "batch 4, nn.Linear: step" in out and "batch 4, SparseLinear 0.5: step" in out and "pysparse::spmm" in out
+    with pytest.raises(SystemExit):
+        module.main(["--device", "cpu", "--sparsity", "1.0"])
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_step_ratio_measures_the_step_against_its_own_forward(capsys, monkeypatch):
