@@ -1,7 +1,8 @@
-// The sparse layers' autograd as C++ nodes: layer_linear (SparseLinear, and SparseConv2d's im2col path) and
-// layer_sparse_conv2d record one node each, whose backward calls the same ops as pysparse/ops.py's registered
-// formulas (spmm_grad for values and input together, sddmm or spmm_t alone, the bias gradient from spmm_grad or
-// a sum; sparse_conv2d_grad_values / _grad_input), and only for the inputs the running backward asks for
+// The sparse layers' autograd as C++ nodes: layer_linear (SparseLinear, and SparseConv2d's im2col path),
+// layer_sparse_conv2d and layer_csr_to_dense (the dense path's weight) record one node each, whose backward calls
+// the same ops as pysparse/ops.py's registered formulas (spmm_grad for values and input together, sddmm or
+// spmm_t alone, the bias gradient from spmm_grad or a sum; sparse_conv2d_grad_values / _grad_input; csr_gather),
+// and only for the inputs the running backward asks for
 // (autograd.grad(y, x) computes no values gradient). One kernel for every device: the nodes call the device
 // kernels through the dispatcher, below the Autograd key (where torch.library's Python wrapper of the ops'
 // formulas would otherwise run on every call), except in a backward that builds a graph (create_graph=True),
@@ -72,6 +73,16 @@ const auto& conv_grad_input_op() {
 
 const auto& conv_grad_values_op() {
   static const auto op = find_op<at::Tensor(T, T, T, T, Ints, Ints, Ints, Ints)>("pysparse::sparse_conv2d_grad_values");
+  return op;
+}
+
+const auto& csr_to_dense_op() {
+  static const auto op = find_op<at::Tensor(T, T, T, int64_t)>("pysparse::csr_to_dense");
+  return op;
+}
+
+const auto& csr_gather_op() {
+  static const auto op = find_op<at::Tensor(T, T, T)>("pysparse::csr_gather");
   return op;
 }
 
@@ -205,6 +216,27 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   }
 };
 
+// The dense path's weight: W [rows, n_cols] written out from its stored values; the gradient of the values is the
+// weight's gradient read at the stored positions.
+struct DenseWeightFunction : public torch::autograd::Function<DenseWeightFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& rowptr, const at::Tensor& col,
+                            const at::Tensor& values, int64_t n_cols) {
+    ctx->save_for_backward({rowptr, col});
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return csr_to_dense_op().call(rowptr, col, values, n_cols);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor dvalues;
+    if (ctx->needs_input_grad(2)) {
+      const auto saved = ctx->get_saved_variables();
+      const BelowAutogradUnlessRecording below;
+      dvalues = csr_gather_op().call(saved[0], saved[1], grads[0]);  // (the kernel reads any strides)
+    }
+    return {at::Tensor(), at::Tensor(), dvalues, at::Tensor()};
+  }
+};
+
 namespace {
 
 // y [B, N] = x [B, K] @ W^T + bias: spmm on x's transposed view, returned as its result's transposed view.
@@ -227,11 +259,18 @@ at::Tensor layer_sparse_conv2d(const at::Tensor& rowptr, const at::Tensor& col, 
                                t_perm);
 }
 
+// csr_to_dense, recorded as one DenseWeightFunction node.
+at::Tensor layer_csr_to_dense(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
+                              int64_t n_cols) {
+  return DenseWeightFunction::apply(rowptr, col, values, n_cols);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pysparse, CompositeImplicitAutograd, m) {
   m.impl("layer_linear", &layer_linear);
   m.impl("layer_sparse_conv2d", &layer_sparse_conv2d);
+  m.impl("layer_csr_to_dense", &layer_csr_to_dense);
 }
 
 }  // namespace pysparse

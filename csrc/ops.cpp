@@ -90,6 +90,9 @@ TORCH_LIBRARY(pysparse, m) {
         "Tensor? t_col, Tensor? t_perm) -> Tensor");
   m.def("layer_sparse_conv2d(Tensor rowptr, Tensor col, Tensor values, Tensor x, Tensor? bias, int[2] kernel_size, "
         "int[2] stride, int[2] dilation, int[2] padding, Tensor? t_rowptr, Tensor? t_col, Tensor? t_perm) -> Tensor");
+  // The dense path's weight (a layer below its crossover computes through torch's dense kernels): csr_to_dense
+  // recorded as one C++ node, its backward csr_gather of the weight's gradient. Differentiable in values.
+  m.def("layer_csr_to_dense(Tensor rowptr, Tensor col, Tensor values, int n_cols) -> Tensor");
   // Frees the CPU kernels' scratch buffers held by the calling thread (csrc/cpu/scratch.h); returns the bytes
   // released. No tensors: one kernel for every device.
   m.def("release_scratch() -> int", [] { return pysparse::cpu::release_scratch(); });

@@ -1168,12 +1168,13 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
 
 
 # What the layers call, with the op's arguments in schema order: layer_linear (SparseLinear, batch-major x; also
-# SparseConv2d's im2col path) and layer_sparse_conv2d. Each records one C++ autograd node (csrc/autograd.cpp),
-# also under torch.compile (it traces through the node into the ops) and torch.no_grad (the same call, nothing
-# recorded; cheaper than calling the op from Python). A/B per round, 7 rounds, one process (2026-11-30, Zen 3)
-# against the Python autograd.Functions these replaced: training steps 64 x 64 batch 1 0.83, 256 x 256 batch 8
-# 0.89, 300 -> 100 batch 64 0.82, 1024 x 1024 batch 16 0.91, 4096 x 4096 batch 16 at 99% 1.05 and batch 256 0.98
-# (noise: kernel-bound); the digits GAN's convolutions 0.85-0.90; a no-grad forward 0.75-0.78. Under torch.func
+# SparseConv2d's im2col path), layer_sparse_conv2d and layer_csr_to_dense (the dense path's weight). Each records one
+# C++ autograd node (csrc/autograd.cpp), also under torch.compile (it traces through the node into the ops) and
+# torch.no_grad (the same call, nothing recorded; cheaper than calling the op from Python). A/B per round, 7
+# rounds, one process (2026-11-30, Zen 3) against the Python autograd.Functions these replaced: training steps
+# 64 x 64 batch 1 0.83, 256 x 256 batch 8 0.89, 300 -> 100 batch 64 0.82, 1024 x 1024 batch 16 0.91, 4096 x 4096
+# batch 16 at 99% 1.05 and batch 256 0.98 (noise: kernel-bound); the digits GAN's convolutions 0.85-0.90; a
+# no-grad forward 0.75-0.78. Under torch.func
 # or forward-mode AD (which a C++ autograd node does not support) the Functions of _FUNC_FUNCTIONS.
 def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     """W @ x^T + bias as [B, N] for a batch-major x [B, K]: the transposed view of spmm's result."""
@@ -1186,3 +1187,11 @@ def layer_sparse_conv2d(*args):
     if _func_mode():
         return _call("sparse_conv2d", *args)
     return torch.ops.pysparse.layer_sparse_conv2d.default(*args)
+
+
+def layer_csr_to_dense(rowptr, col, values, n_cols: int):
+    """The dense path's weight [rows, n_cols] from its stored values, recorded as one C++ node (its backward
+    csr_gather) instead of csr_to_dense's Python formula."""
+    if _func_mode():
+        return _call("csr_to_dense", rowptr, col, values, n_cols)
+    return torch.ops.pysparse.layer_csr_to_dense.default(rowptr, col, values, n_cols)

@@ -107,6 +107,44 @@ def test_opcheck_and_torch_func(device):
     torch._dynamo.reset()
 
 
+def _nodes(fn):
+    """The names of the autograd nodes reachable from fn."""
+    seen, todo = [], [fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f.name() not in seen:
+            seen.append(f.name())
+            todo.extend(g for g, _ in f.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_op(device):
+    """The layers' dense path builds its weight with layer_csr_to_dense, one C++ autograd node (its backward
+    csr_gather): torch.library's checks (schema, autograd registration, fake tensors, AOT dispatch), gradcheck and
+    gradgradcheck in float64 (the second derivative through the ops' formulas), a strided weight gradient,
+    torch.func (the ops' formulas), and the layers record the node."""
+    rowptr, col, _ = _structure(7, 9, 0.4, 6, device)
+    values = torch.randn(col.numel(), device=device, dtype=torch.float64, requires_grad=True)
+    op = torch.ops.pysparse.layer_csr_to_dense.default
+    torch.library.opcheck(op, (rowptr, col, values, 9))
+    assert torch.autograd.gradcheck(lambda v: op(rowptr, col, v, 9), (values,))
+    assert torch.autograd.gradgradcheck(lambda v: op(rowptr, col, v, 9), (values,))
+    w = op(rowptr, col, values, 9)
+    torch.testing.assert_close(w, reference.csr_to_dense(rowptr, col, values.detach(), 9))
+    assert any("DenseWeightFunction" in n for n in _nodes(w.grad_fn))
+    g = torch.randn(9, 7, device=device, dtype=torch.float64).t()  # the transposed view of a weight gradient
+    w.backward(g)
+    torch.testing.assert_close(values.grad, reference.csr_gather(rowptr, col, g))
+    v = values.detach()
+    torch.testing.assert_close(grad(lambda v: ops.layer_csr_to_dense(rowptr, col, v, 9).pow(2).sum())(v), 2 * v)
+    with torch.no_grad():
+        assert op(rowptr, col, values, 9).grad_fn is None
+    for layer in (pysparse.SparseLinear(30, 20, sparsity=0.2), pysparse.SparseConv2d(4, 6, 3, sparsity=0.2)):
+        layer.to(device).dense_below = 1.0
+        assert any("DenseWeightFunction" in n for n in _nodes(layer.dense_weight().grad_fn)), type(layer).__name__
+
+
 def test_bad_input():
     rowptr, col, _ = _structure(4, 5, 0.5, 5, "cpu")
     values = torch.randn(col.numel())

@@ -170,7 +170,7 @@ class SparseWeight(nn.Module):
         dense path once used that for every layer: ~50 ms for a 4096 x 4096 weight at 20% on 2 cores, against
         ~10 for the kernel; benchmarks/RESULTS.md)."""
         if self._weight_is_matrix() and has_kernel("csr_to_dense", vals.device.type):
-            return ops._call("csr_to_dense", self.rowptr, self.col, vals, self.matrix_shape[1]).view(self.weight_shape)
+            return ops.layer_csr_to_dense(self.rowptr, self.col, vals, self.matrix_shape[1]).view(self.weight_shape)
         flat = self._flat_positions()
         return vals.new_zeros(math.prod(self.weight_shape)).scatter(0, flat, vals).view(self.weight_shape)
 
