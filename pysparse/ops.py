@@ -907,9 +907,9 @@ def _spmm_grad_backward(ctx, g_values, g_xt, g_bias):  # (sddmm(gyt, xt), W^T gy
     if needs[2] and g_xt is not None:
         dvalues = _call("sddmm", rowptr, col, gyt, g_xt)
     if needs[3]:
-        t = (t_rowptr, t_col, t_perm)
-        terms = [_call("spmm", rowptr, col, g_values, xt, None, *t) if g_values is not None else None,
-                 _call("spmm", rowptr, col, values, g_xt, None, *t) if g_xt is not None else None,
+        tr = (t_rowptr, t_col, t_perm)
+        terms = [_call("spmm", rowptr, col, g_values, xt, None, *tr) if g_values is not None else None,
+                 _call("spmm", rowptr, col, values, g_xt, None, *tr) if g_xt is not None else None,
                  g_bias[:, None].expand_as(gyt) if g_bias is not None and g_bias.numel() else None]
         terms = [t for t in terms if t is not None]
         dgyt = sum(terms[1:], terms[0]) if terms else None
@@ -1174,8 +1174,8 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
 # rounds, one process (2026-11-30, Zen 3) against the Python autograd.Functions these replaced: training steps
 # 64 x 64 batch 1 0.83, 256 x 256 batch 8 0.89, 300 -> 100 batch 64 0.82, 1024 x 1024 batch 16 0.91, 4096 x 4096
 # batch 16 at 99% 1.05 and batch 256 0.98 (noise: kernel-bound); the digits GAN's convolutions 0.85-0.90; a
-# no-grad forward 0.75-0.78. Under torch.func
-# or forward-mode AD (which a C++ autograd node does not support) the Functions of _FUNC_FUNCTIONS.
+# no-grad forward 0.75-0.78 (layer_csr_to_dense: benchmarks/RESULTS.md, forty-sixth session). Under torch.func or
+# forward-mode AD (which a C++ autograd node does not support) the Functions of _FUNC_FUNCTIONS.
 def layer_linear(rowptr, col, values, x, bias, t_rowptr, t_col, t_perm):
     """W @ x^T + bias as [B, N] for a batch-major x [B, K]: the transposed view of spmm's result."""
     if _func_mode():
