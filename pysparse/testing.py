@@ -1,6 +1,7 @@
 """Test and benchmark helpers: the devices and dtypes every kernel test iterates over, and tensor builders.
 Needs pytest (a test dependency)."""
 import contextlib
+from typing import Collection, Optional
 
 import pytest
 import torch
@@ -75,3 +76,18 @@ def ops_called():
     names: set = set()
     with _OpsCalled(names):
         yield names
+
+
+def autograd_nodes(t: torch.Tensor, through: Optional[Collection[str]] = None) -> list:
+    """The names of the autograd nodes behind ``t``: its grad_fn and the nodes it reaches. With ``through`` (node
+    type names, views say), the walk goes on only past nodes of those types and stops at the first of another."""
+    names, seen, todo = [], set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        if through is None or type(fn).__name__ in through:
+            todo.extend(f for f, _ in fn.next_functions)
+    return names

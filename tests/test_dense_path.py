@@ -9,26 +9,19 @@ import torch
 from torch import nn
 
 import pysparse
-from pysparse.testing import DEVICES, assert_compiled_matches_eager
+from pysparse.testing import DEVICES, assert_compiled_matches_eager, autograd_nodes
 
 SPARSE_FNS = ("pysparse::LinearFunction", "pysparse::Conv2dFunction")  # the layers' C++ autograd nodes
 
 
+VIEWS = ("TransposeBackward0", "ViewBackward0", "UnsafeViewBackward0", "SelectBackward0",
+         "CloneBackward0",  # .contiguous() of im2col's transposed output
+         "ReshapeAliasBackward0", "TBackward0")
+
+
 def _sparse_path(y: torch.Tensor) -> bool:
     """Whether y came out of the sparse kernels (their autograd nodes, possibly behind views)."""
-    seen, todo = set(), [y.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if any(name in fn.name() for name in SPARSE_FNS):
-            return True
-        if type(fn).__name__ in ("TransposeBackward0", "ViewBackward0", "UnsafeViewBackward0", "SelectBackward0",
-                                 "CloneBackward0",  # .contiguous() of im2col's transposed output
-                                 "ReshapeAliasBackward0", "TBackward0"):
-            todo.extend(f for f, _ in fn.next_functions)
-    return False
+    return any(name in node for node in autograd_nodes(y, through=VIEWS) for name in SPARSE_FNS)
 
 
 def _masked(dense: nn.Module, sparsity: float, seed: int = 0) -> torch.Tensor:

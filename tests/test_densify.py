@@ -8,7 +8,7 @@ from torch.func import grad, jvp, vmap
 
 import pysparse
 from pysparse import csr, ops, reference
-from pysparse.testing import devices_for
+from pysparse.testing import autograd_nodes, devices_for
 
 DEVICES = devices_for("csr_to_dense", "csr_gather")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -107,17 +107,6 @@ def test_opcheck_and_torch_func(device):
     torch._dynamo.reset()
 
 
-def _nodes(fn):
-    """The names of the autograd nodes reachable from fn."""
-    seen, todo = [], [fn]
-    while todo:
-        f = todo.pop()
-        if f is not None and f.name() not in seen:
-            seen.append(f.name())
-            todo.extend(g for g, _ in f.next_functions)
-    return seen
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_op(device):
     """The layers' dense path builds its weight with layer_csr_to_dense, one C++ autograd node (its backward
@@ -132,7 +121,7 @@ def test_layer_op(device):
     assert torch.autograd.gradgradcheck(lambda v: op(rowptr, col, v, 9), (values,))
     w = op(rowptr, col, values, 9)
     torch.testing.assert_close(w, reference.csr_to_dense(rowptr, col, values.detach(), 9))
-    assert any("DenseWeightFunction" in n for n in _nodes(w.grad_fn))
+    assert any("DenseWeightFunction" in n for n in autograd_nodes(w))
     g = torch.randn(9, 7, device=device, dtype=torch.float64).t()  # the transposed view of a weight gradient
     w.backward(g)
     torch.testing.assert_close(values.grad, reference.csr_gather(rowptr, col, g))
@@ -142,7 +131,7 @@ def test_layer_op(device):
         assert op(rowptr, col, values, 9).grad_fn is None
     for layer in (pysparse.SparseLinear(30, 20, sparsity=0.2), pysparse.SparseConv2d(4, 6, 3, sparsity=0.2)):
         layer.to(device).dense_below = 1.0
-        assert any("DenseWeightFunction" in n for n in _nodes(layer.dense_weight().grad_fn)), type(layer).__name__
+        assert any("DenseWeightFunction" in n for n in autograd_nodes(layer.dense_weight())), type(layer).__name__
 
 
 def test_bad_input():

@@ -209,10 +209,10 @@ at::Tensor sparse_conv2d_grad_input_cuda(const at::Tensor& rowptr, const at::Ten
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor g = gy.contiguous();
   // a channels-last gy gives a channels-last dx (as the CPU kernel)
-  const at::MemoryFormat format = channels_last(gy) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  if (N * C * x_size[2] * x_size[3] == 0 || g.numel() == 0 || values.numel() == 0)
-    return empty_output_4d({N, C, x_size[2], x_size[3]}, g.options(), channels_last(gy)).zero_();  // (at::zeros
-                                                                     // would drop the memory format)
+  const bool cl = channels_last(gy);
+  const at::MemoryFormat format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (N * C * x_size[2] * x_size[3] == 0 || g.numel() == 0 || values.numel() == 0)  // (at::zeros would drop the
+    return empty_output_4d({N, C, x_size[2], x_size[3]}, g.options(), cl).zero_();   // memory format)
   at::Tensor dx = at::empty({N, C, H, W}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_conv2d_grad_input_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(*t_col, "sparse_conv2d_grad_input_cuda", [&] {
