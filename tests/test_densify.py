@@ -129,6 +129,11 @@ def test_layer_op(device):
     torch.testing.assert_close(grad(lambda v: ops.layer_csr_to_dense(rowptr, col, v, 9).pow(2).sum())(v), 2 * v)
     with torch.no_grad():
         assert op(rowptr, col, values, 9).grad_fn is None
+    for args, exc, match in [((rowptr, col, v, -1), ValueError, "n_cols must be >= 0"),
+                             ((rowptr, col, v.int(), 9), TypeError, "values must be float32"),
+                             ((rowptr, col, v[:-1], 9), ValueError, "one entry per column index")]:
+        with pytest.raises(exc, match=match):  # the kernel's checks, named after the op it calls
+            ops.layer_csr_to_dense(*args)
     for layer in (pysparse.SparseLinear(30, 20, sparsity=0.2), pysparse.SparseConv2d(4, 6, 3, sparsity=0.2)):
         layer.to(device).dense_below = 1.0
         assert any("DenseWeightFunction" in n for n in autograd_nodes(layer.dense_weight())), type(layer).__name__
