@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pysparse
 from pysparse import csr, reference
@@ -840,3 +840,146 @@ def test_row_indices_and_bad_rowptr():
     assert torch.equal(csr.row_indices(s.rowptr, values.numel()), want)
     with pytest.raises(ValueError, match="rowptr must be a non-empty 1-D int32"):
         csr.row_indices(s.rowptr.float(), values.numel())
+
+
+# ------------------------------------------------------------------------ the CUDA forward's column-tiled kernel
+TILED = ["rows4", "rows8"]
+CUDA = DEVICES[1:]  # the CUDA case alone, with its marks (skipped without a usable device)
+
+
+@pytest.fixture
+def tiling():
+    """pysparse.ops.set_cuda_spmm_tiling, the kernel choice put back after the test."""
+    previous = pysparse.ops.set_cuda_spmm_tiling("off")
+    yield pysparse.ops.set_cuda_spmm_tiling
+    pysparse.ops.set_cuda_spmm_tiling(previous)
+
+
+def test_set_cuda_spmm_tiling(tiling):
+    """The setting returns the previous mode, refuses unknown ones by name, and leaves the CPU kernels alone."""
+    values, s, xt, bias = _problem(30, 40, 64, 0.3, torch.float32, "cpu", 4)
+    before = pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias)
+    assert tiling("rows4") == "off" and tiling("auto") == "rows4" and tiling("rows8") == "auto"
+    assert torch.equal(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias), before)
+    with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be one of"):
+        tiling("on")
+    with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be 0, 1, 2 or 3, got 7"):
+        torch.ops.pysparse.set_cuda_spmm_tiling.default(7)
+    assert tiling("off") == "rows8"
+
+
+def _tiled_and_warp(tiling, mode, op, *args, **kwargs):
+    """op's result (pysparse.ops.spmm or sddmm) with the tiled kernel (mode) and with the warp-per-row kernel."""
+    tiling(mode)
+    got = op(*args, **kwargs)
+    tiling("off")
+    return got, op(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("mode", TILED)
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.sampled_from([1, 7, 37, 100]), cols=st.sampled_from([1, 31, 33, 100, 40000]),
+       batch=st.sampled_from([8, 16, 128, 136, 256, 264]), density=st.sampled_from([0.0, 0.03, 0.3, 1.0]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), use_bias=st.booleans(),
+       empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_tiled_spmm_matches_reference(device, tiling, mode, rows, cols, batch, density, dtype, use_bias, empty_rows, seed):
+    """spmm and sddmm: every chunk edge (K below, at and past a chunk of 16 or 32 rows; int16 and int32 indices),
+    partial batch tiles, batches of one or two vectors a lane (sddmm; float32 batch 264 is past them, the warp
+    kernel's), rows past the last block's end, rows of 0 to 40000 stored values (windows of 32 refilled), empty
+    rows."""
+    if cols == 40000 and density > 0.03:
+        density = 0.03
+    values, s, xt, bias = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
+    bias = bias if use_bias else None
+    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.spmm, s.rowptr, s.col, values, xt, bias=bias)
+    torch.testing.assert_close(got, reference.spmm(s.rowptr, s.col, values, xt, bias=bias), **TOL[dtype])
+    torch.testing.assert_close(got, warp, **TOL[dtype])
+    a = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.sddmm, s.rowptr, s.col, a, xt)
+    torch.testing.assert_close(got, reference.sddmm(s.rowptr, s.col, a, xt), **TOL[dtype])
+    torch.testing.assert_close(got, warp, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("mode", TILED)
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_tiled_spmm_any_order_and_bad_indices(device, tiling, mode, index_dtype):
+    """Rows in any column order, and negative or out-of-range column indices anywhere in a row (CUDA checks
+    nothing on the host: such entries are skipped): the tiled kernels give the warp kernels' results, which are
+    the product over the in-range entries (spmm) and 0 at the out-of-range ones (sddmm)."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols, batch = 70, 300, 256
+    lengths = torch.randint(0, 120, (rows,), generator=gen)
+    lengths[:4] = torch.tensor([0, 31, 32, 33])
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    col = torch.cat([torch.randperm(cols, generator=gen)[:n] for n in lengths.tolist()])  # unsorted rows
+    for j in torch.randint(0, len(col), (40,), generator=gen).tolist():
+        col[j] = [-1, cols, cols + 7, 32767, -32768][j % 5]
+    col[int(rowptr[2]) + 31] = cols  # the last of a full window
+    col[int(rowptr[3]) + 32] = -1  # the first of the second window
+    values = torch.randn(len(col), generator=gen)
+    xt = torch.randn(cols, batch, generator=gen)
+    ok = (col >= 0) & (col < cols)
+    r = torch.repeat_interleave(torch.arange(rows), lengths)
+    want = torch.zeros(rows, cols).index_put_((r[ok], col[ok].long()), values[ok], accumulate=True) @ xt
+    rowptr, col_d, values, xt_d = (t.to(device) for t in (rowptr, col.to(index_dtype), values, xt))
+    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.spmm, rowptr, col_d, values, xt_d)
+    torch.cuda.synchronize()  # an illegal address raises here
+    torch.testing.assert_close(warp.cpu(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, warp, rtol=1e-5, atol=1e-4)
+    a = torch.randn(rows, batch, generator=gen)
+    want = torch.where(ok, (a[r] * xt[col.clamp(0, cols - 1)]).sum(1), torch.zeros(()))
+    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.sddmm, rowptr, col_d, a.to(device), xt_d)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(warp.cpu(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, warp, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("mode", TILED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_layer_step_matches_the_warp_kernel(device, tiling, mode, dtype):
+    """A SparseLinear training step (spmm forward; spmm_t, which runs the forward's kernel on W^T, for the input
+    gradient; sddmm for the values gradient): output and gradients equal the warp kernels'."""
+    torch.manual_seed(0)
+    layer = pysparse.SparseLinear(300, 200, sparsity=0.8).to(device, dtype)
+    layer.dense_below = 0.0
+    x = torch.randn(256, 300, device=device, dtype=dtype)
+    g = torch.randn(256, 200, device=device, dtype=dtype)
+    results = []
+    for m in (mode, "off"):
+        tiling(m)
+        xr = x.clone().requires_grad_()
+        layer.zero_grad()
+        y = layer(xr)
+        y.backward(g)
+        results.append((y.detach(), xr.grad, layer.values.grad.clone(), layer.bias.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", CUDA)
+def test_auto_tiles_wide_batches_of_denser_weights(device, tiling):
+    """"auto" runs the tiled kernels for batches of 64 and more where at least 1 weight in 32 is stored, the warp
+    kernels elsewhere; "off" never runs them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(density, batch):  # the kernels of a backward: spmm_t's (the forward's) and sddmm's
+        values, s, xt, _ = _problem(256, 256, batch, density, torch.float32, device, 1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pysparse.ops.spmm_grad(s.rowptr, s.col, values, torch.randn_like(xt), xt, transposed=s.transposed())
+            torch.cuda.synchronize()
+        return " ".join(e.key for e in prof.key_averages())
+
+    tiling("auto")
+    both = kernels(0.1, 256)
+    assert "spmm_tiled_kernel" in both and "sddmm_tiled_kernel" in both
+    both = kernels(0.05, 64)
+    assert "spmm_tiled_kernel" in both and "sddmm_tiled_kernel" in both
+    assert "tiled" not in kernels(0.1, 32) and "spmm_kernel" in kernels(0.1, 32)
+    assert "tiled" not in kernels(0.01, 256)
+    wide = kernels(0.1, 512)  # float32 sddmm's tiled kernel takes at most 256 columns
+    assert "spmm_tiled_kernel" in wide and "sddmm_tiled_kernel" not in wide and "sddmm_kernel" in wide
+    tiling("off")
+    assert "tiled" not in kernels(0.1, 256)

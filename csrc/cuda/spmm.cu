@@ -9,7 +9,9 @@
 // Safety without host syncs: row ranges are clamped to [0, nnz], and a column index (or t_perm entry) outside
 // its range is skipped, never read. Structures are validated where they are built or loaded (pysparse.csr).
 #include <ATen/OpMathType.h>
+#include <climits>
 #include <cstdint>
+#include <cuda_pipeline.h>
 #include <initializer_list>
 #include <type_traits>
 #include <torch/library.h>
@@ -111,6 +113,281 @@ __global__ void spmm_kernel(const int32_t* __restrict__ rowptr, const index_t* _
   *reinterpret_cast<vec_t*>(yt + r * B + b0) = out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Column-tiled kernels for the denser structures at wider batches (spmm_tiled_kernel, sddmm_tiled_kernel).
+// spmm_kernel and sddmm_kernel read a 16-byte vector of the dense operand's row col[j] per stored value and
+// lane, from L2 (L1 where warps on one SM happen to share rows): at 90% sparsity, 4096 x 4096, batch 256, 1.7 GB
+// of reads per call, and the H200 ran the forward in 179 us and sddmm in 227, about L2's bandwidth. Here a block
+// of kTiledWarps warps owns R = kTiledWarps * RPW consecutive rows of W (RPW per warp) and walks K in chunks of
+// KC rows of the dense operand: each chunk is copied once into shared memory (double-buffered, asynchronous
+// copies: the next chunk loads while this one is used), and every stored value of the block's rows in that
+// chunk reads its vectors from there. Per R rows, L2 serves the operand once instead of one vector per stored
+// value: R x density times fewer reads (3.2x at 90% sparsity, R = 32).
+//
+// Each warp walks its rows' stored positions through a window of 32 (ChunkWalk: lane l holds the column index,
+// and for spmm the value, of the window's l-th position, read coalesced; __shfl_sync hands each position to the
+// whole warp) and, per chunk, takes positions until one's column lies past the chunk. Order within a row is not
+// assumed: a position whose column lies before the chunk (an unsorted row) reads the operand from global memory;
+// a negative column index is skipped; one at or past K (out of range) stops the row's chunk walk, and the
+// positions after it are taken by a last pass over the row that reads from global memory and skips every
+// out-of-range index: each kernel's result equals its warp-per-row twin's for any structure. float32 / float16 /
+// bfloat16 with the batch a multiple of V and 16-byte-aligned rows (the launchers check); accumulation in float32.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int kTiledWarps = 8;
+
+// The stored positions of rows r0 .. r0 + RPW - 1 (rows at or past `rows` are empty), walked by one warp.
+template <typename index_t, typename acc_t, int RPW, bool VALUES>
+struct ChunkWalk {
+  static constexpr int kEnd = 0x7fffffff;  // the window's column past a row's last position
+  int64_t base[RPW] = {}, end[RPW] = {};  // per row: its window's first position and the row's end
+  int pos[RPW] = {}, wc[RPW] = {};        // the next position within the window; this lane's window column
+  acc_t wv[RPW] = {};                     // this lane's window value (VALUES)
+
+  template <typename scalar_t>
+  __device__ __forceinline__ void fill(int i, const index_t* __restrict__ col, const scalar_t* __restrict__ values,
+                                       int lane) {
+    const int64_t j = base[i] + lane;
+    wc[i] = j < end[i] ? static_cast<int>(col[j]) : kEnd;
+    if constexpr (VALUES) wv[i] = j < end[i] ? static_cast<acc_t>(values[j]) : acc_t(0);
+    pos[i] = 0;
+  }
+
+  template <typename scalar_t>
+  __device__ __forceinline__ ChunkWalk(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
+                                       const scalar_t* __restrict__ values, int64_t r0, int64_t rows, int64_t nnz,
+                                       int lane) {
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+      if (r0 + i < rows) cuda::row_bounds(rowptr, r0 + i, nnz, base[i], end[i]);
+      fill(i, col, values, lane);
+    }
+  }
+
+  // Row i's next position (warp-uniform): its index j, column c and value v, the window refilled as needed.
+  template <typename scalar_t>
+  __device__ __forceinline__ void next(int i, const index_t* __restrict__ col, const scalar_t* __restrict__ values,
+                                       int lane, int64_t& j, int& c, acc_t& v) {
+    if (pos[i] == kWarp) {
+      base[i] += kWarp;
+      fill(i, col, values, lane);
+    }
+    j = base[i] + pos[i];
+    c = __shfl_sync(0xffffffffu, wc[i], pos[i]);
+    if constexpr (VALUES) v = __shfl_sync(0xffffffffu, wv[i], pos[i]);
+  }
+
+  // f(j, c, v) for row i's positions up to the first whose column is c1 or more (c1 <= K), skipping negative
+  // column indices.
+  template <typename scalar_t, typename F>
+  __device__ __forceinline__ void chunk(int i, int64_t c1, const index_t* __restrict__ col,
+                                        const scalar_t* __restrict__ values, int lane, F&& f) {
+    while (true) {
+      int64_t j;
+      int c;
+      acc_t v = 0;
+      next(i, col, values, lane, j, c, v);
+      if (c >= c1) return;  // past this chunk (or the row's end, or an index at or past K: the last pass's)
+      ++pos[i];
+      if (c >= 0) f(j, c, v);
+    }
+  }
+
+  // f(j, c, v) for row i's remaining positions with c in [0, K): those after an out-of-range index.
+  template <typename scalar_t, typename F>
+  __device__ __forceinline__ void rest(int i, int64_t K, const index_t* __restrict__ col,
+                                       const scalar_t* __restrict__ values, int lane, F&& f) {
+    while (base[i] + pos[i] < end[i]) {
+      int64_t j;
+      int c;
+      acc_t v = 0;
+      next(i, col, values, lane, j, c, v);
+      ++pos[i];
+      if (c >= 0 && c < K) f(j, c, v);
+    }
+  }
+};
+
+// Copies rows chunk * KC .. (at most KC, below K) of the dense operand d [K, B], vectors first_vec .. first_vec +
+// NVEC - 1 of each (V elements each; those at or past B are left alone), into tile [KC][NVEC], asynchronously, and
+// commits them as one batch of this thread's copies.
+template <typename scalar_t, int V, int KC, int NVEC>
+__device__ __forceinline__ void load_chunk(Vec<scalar_t, V> (&tile)[KC][NVEC], const scalar_t* __restrict__ d,
+                                           int64_t chunk, int64_t first_vec, int64_t K, int64_t B, int tid) {
+  for (int e = tid; e < KC * NVEC; e += kWarp * kTiledWarps) {
+    const int kr = e / NVEC, vl = e % NVEC;
+    const int64_t c = chunk * KC + kr, b = (first_vec + vl) * V;
+    if (c < K && b < B) __pipeline_memcpy_async(&tile[kr][vl], d + c * B + b, sizeof(Vec<scalar_t, V>));
+  }
+  __pipeline_commit();
+}
+
+// Waits for this thread's copies of the chunk to use (all but the one batch committed after it when `more`), then
+// for every thread's.
+__device__ __forceinline__ void chunk_ready(bool more) {
+  if (more)
+    __pipeline_wait_prior(1);
+  else
+    __pipeline_wait_prior(0);
+  __syncthreads();
+}
+
+// yt = W @ xt (+ bias): a block owns R rows and one batch tile of 32 vectors (a lane owns V columns). Chunks of
+// 32 rows of xt: 2 x 32 x 32 vectors of 16 bytes, 32 KiB of shared memory. Grid (ceil(rows / R), ceil(B / 32V)),
+// block (32, kTiledWarps).
+template <typename index_t, typename scalar_t, int V, int RPW>
+__global__ void __launch_bounds__(kWarp * kTiledWarps)
+    spmm_tiled_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
+                      const scalar_t* __restrict__ values, const scalar_t* __restrict__ xt,
+                      const scalar_t* __restrict__ bias, scalar_t* __restrict__ yt, int64_t rows, int64_t K,
+                      int64_t B, int64_t nnz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = Vec<scalar_t, V>;
+  constexpr int KC = 32;
+  __shared__ vec_t tile[2][KC][kWarp];
+  const int lane = threadIdx.x, tid = threadIdx.y * kWarp + lane;
+  const int64_t first_vec = static_cast<int64_t>(blockIdx.y) * kWarp, b0 = (first_vec + lane) * V;
+  const bool active = b0 < B;  // B % V == 0: a lane's columns are all inside or all outside
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kTiledWarps + threadIdx.y) * RPW;
+  ChunkWalk<index_t, acc_t, RPW, true> walk(rowptr, col, values, r0, rows, nnz, lane);
+  acc_t acc[RPW][V] = {};
+  const auto add = [&](int i, acc_t v, const vec_t& x) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[i][k] += v * static_cast<acc_t>(x.v[k]);
+  };
+  const auto global = [&](int c) -> const vec_t& { return *reinterpret_cast<const vec_t*>(xt + c * B + b0); };
+
+  const int64_t chunks = (K + KC - 1) / KC;
+  load_chunk<scalar_t, V, KC, kWarp>(tile[0], xt, 0, first_vec, K, B, tid);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int buf = static_cast<int>(chunk & 1);
+    if (chunk + 1 < chunks) load_chunk<scalar_t, V, KC, kWarp>(tile[buf ^ 1], xt, chunk + 1, first_vec, K, B, tid);
+    chunk_ready(chunk + 1 < chunks);
+    const int64_t c0 = chunk * KC, c1 = c0 + KC < K ? c0 + KC : K;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i)
+      walk.chunk(i, c1, col, values, lane, [&](int64_t, int c, acc_t v) {
+        if (active) add(i, v, c >= c0 ? tile[buf][c - c0][lane] : global(c));  // before c0: an unsorted row
+      });
+    __syncthreads();  // every warp is done with buf before the next iteration's copies overwrite it
+  }
+#pragma unroll
+  for (int i = 0; i < RPW; ++i)
+    walk.rest(i, K, col, values, lane, [&](int64_t, int c, acc_t v) {
+      if (active) add(i, v, global(c));
+    });
+  if (!active) return;
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    const int64_t r = r0 + i;
+    if (r >= rows) break;
+    const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
+    vec_t out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = static_cast<scalar_t>(acc[i][k] + b);
+    *reinterpret_cast<vec_t*>(yt + r * B + b0) = out;
+  }
+}
+
+// out[j] = dot(a[row(j), :], b[col[j], :]) over the whole batch (B <= 32 * NV * V): a lane keeps its NV vectors of
+// each of its warp's rows of a in registers (vectors lane, lane + 32, ...), reads the same vectors of b's row from
+// the chunk, and the warp's partial sums are added by shuffles. Chunks of 32 / NV rows of b: 32 KiB of shared
+// memory. Positions no row covers keep what out holds (zeros). Grid ceil(rows / R), block (32, kTiledWarps).
+template <typename index_t, typename scalar_t, int V, int NV, int RPW>
+__global__ void __launch_bounds__(kWarp * kTiledWarps)
+    sddmm_tiled_kernel(const int32_t* __restrict__ rowptr, const index_t* __restrict__ col,
+                       const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, scalar_t* __restrict__ out,
+                       int64_t rows, int64_t K, int64_t B, int64_t nnz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = Vec<scalar_t, V>;
+  constexpr int KC = 32 / NV, NVEC = kWarp * NV;
+  __shared__ vec_t tile[2][KC][NVEC];
+  const int lane = threadIdx.x, tid = threadIdx.y * kWarp + lane;
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kTiledWarps + threadIdx.y) * RPW;
+  ChunkWalk<index_t, acc_t, RPW, false> walk(rowptr, col, static_cast<const scalar_t*>(nullptr), r0, rows, nnz,
+                                             lane);
+  const scalar_t* const no_values = nullptr;
+  bool on[NV];
+  acc_t ar[RPW][NV][V];
+#pragma unroll
+  for (int t = 0; t < NV; ++t) on[t] = static_cast<int64_t>(t * kWarp + lane) * V < B;
+#pragma unroll
+  for (int i = 0; i < RPW; ++i)
+#pragma unroll
+    for (int t = 0; t < NV; ++t) {
+      vec_t v{};
+      if (r0 + i < rows && on[t]) v = *reinterpret_cast<const vec_t*>(a + (r0 + i) * B + (t * kWarp + lane) * V);
+#pragma unroll
+      for (int k = 0; k < V; ++k) ar[i][t][k] = static_cast<acc_t>(v.v[k]);
+    }
+  // this lane's share of row i's dot product with a row of b, as vectors: the chunk's copy or b's own (B % V == 0
+  // and b 16-byte aligned, so b's rows are vector arrays too)
+  const auto dot = [&](int i, const vec_t* row) -> acc_t {
+    acc_t s = 0;
+#pragma unroll
+    for (int t = 0; t < NV; ++t) {
+      if (!on[t]) continue;
+      const vec_t x = row[t * kWarp + lane];
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += ar[i][t][k] * static_cast<acc_t>(x.v[k]);
+    }
+    return s;
+  };
+  const auto put = [&](int64_t j, acc_t s) {
+    s = warp_sum(s);
+    if (lane == 0) out[j] = static_cast<scalar_t>(s);
+  };
+  const auto global = [&](int c) { return reinterpret_cast<const vec_t*>(b + c * B); };
+
+  const int64_t chunks = (K + KC - 1) / KC;
+  load_chunk<scalar_t, V, KC, NVEC>(tile[0], b, 0, 0, K, B, tid);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int buf = static_cast<int>(chunk & 1);
+    if (chunk + 1 < chunks) load_chunk<scalar_t, V, KC, NVEC>(tile[buf ^ 1], b, chunk + 1, 0, K, B, tid);
+    chunk_ready(chunk + 1 < chunks);
+    const int64_t c0 = chunk * KC, c1 = c0 + KC < K ? c0 + KC : K;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i)
+      walk.chunk(i, c1, col, no_values, lane, [&](int64_t j, int c, acc_t) {
+        put(j, dot(i, c >= c0 ? tile[buf][c - c0] : global(c)));  // before c0: an unsorted row
+      });
+    __syncthreads();  // every warp is done with buf before the next iteration's copies overwrite it
+  }
+#pragma unroll
+  for (int i = 0; i < RPW; ++i)
+    walk.rest(i, K, col, no_values, lane, [&](int64_t j, int c, acc_t) { put(j, dot(i, global(c))); });
+}
+
+// Rows per warp of the tiled kernels (spmm_tiled_kernel, sddmm_tiled_kernel) for this call, or 0 for the
+// warp-per-row ones. `eligible`: float32 / float16 / bfloat16 with vector-aligned rows (and for sddmm a batch of
+// at most 64 vectors). cuda_spmm_tiling() (csrc/ops.cpp, pysparse.ops.set_cuda_spmm_tiling): 0 (the default)
+// never; 1 where they should pay: batches of 64 and more (half a tile's lanes or more at work) and at least one
+// stored value in 32 (each chunk's copy then serves R x density >= 1 reads per element at R = 32); 2 / 3
+// wherever eligible, with 4 / 8 rows per warp (tests, and the benchmarks that compare them).
+inline int tiled_rows_per_warp(int64_t rows, int64_t K, int64_t B, int64_t nnz, bool eligible) {
+  const int mode = cuda_spmm_tiling();
+  if (mode == 0 || !eligible || rows == 0 || K >= INT_MAX) return 0;
+  if (mode == 2) return 4;
+  if (mode == 3) return 8;
+  return B >= 64 && nnz * 32 >= rows * K ? 4 : 0;
+}
+
+template <typename index_t, typename scalar_t>
+void launch_spmm_tiled(const int32_t* rowptr, const index_t* col, const scalar_t* values, const scalar_t* xt,
+                       const scalar_t* bias, scalar_t* yt, int64_t rows, int64_t K, int64_t B, int64_t nnz, int rpw) {
+  constexpr int V = vec_width<scalar_t>();
+  const int64_t tiles = (B + kWarp * V - 1) / (kWarp * V);
+  TORCH_CHECK_VALUE(tiles <= 65535, "spmm: batch ", B, " is larger than the CUDA kernel supports");
+  const int64_t per_block = static_cast<int64_t>(kTiledWarps) * rpw;
+  const dim3 grid(static_cast<unsigned int>((rows + per_block - 1) / per_block), static_cast<unsigned int>(tiles));
+  const dim3 block(kWarp, kTiledWarps);
+  if (rpw == 8)
+    spmm_tiled_kernel<index_t, scalar_t, V, 8>
+        <<<grid, block, 0, cuda::stream()>>>(rowptr, col, values, xt, bias, yt, rows, K, B, nnz);
+  else
+    spmm_tiled_kernel<index_t, scalar_t, V, 4>
+        <<<grid, block, 0, cuda::stream()>>>(rowptr, col, values, xt, bias, yt, rows, K, B, nnz);
+}
+
 void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& x,
                  const at::Tensor& bias, at::Tensor& yt) {
   const int64_t rows = rowptr.numel() - 1, K = x.size(0), B = x.size(1), nnz = values.numel();
@@ -133,7 +410,17 @@ void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tens
             rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), values.const_data_ptr<scalar_t>(), xp,
             bp, yp, rows, K, B, nnz, LP);
       };
-      if (vectorizable<scalar_t>(B, {xp, yp}))
+      const bool vec = vectorizable<scalar_t>(B, {xp, yp});
+      const int rpw = tiled_rows_per_warp(rows, K, B, nnz, vec && !std::is_same_v<scalar_t, double>);
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (rpw > 0) {
+          launch_spmm_tiled<index_t, scalar_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
+                                               values.const_data_ptr<scalar_t>(), xp, bp, yp, rows, K, B, nnz, rpw);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+      if (vec)
         go(std::integral_constant<int, vec_width<scalar_t>()>{});
       else
         go(std::integral_constant<int, 1>{});
@@ -300,6 +587,27 @@ void launch_sddmm(const int32_t* rowptr, const index_t* col, const scalar_t* a, 
     go(std::integral_constant<int, 0>{});
 }
 
+template <typename index_t, typename scalar_t>
+void launch_sddmm_tiled(const int32_t* rowptr, const index_t* col, const scalar_t* a, const scalar_t* b, scalar_t* out,
+                        int64_t rows, int64_t K, int64_t B, int64_t nnz, int rpw) {
+  constexpr int V = vec_width<scalar_t>();
+  const int64_t per_block = static_cast<int64_t>(kTiledWarps) * rpw;
+  const dim3 grid(static_cast<unsigned int>((rows + per_block - 1) / per_block));
+  const dim3 block(kWarp, kTiledWarps);
+  const auto go = [&](auto nv, auto r) {
+    sddmm_tiled_kernel<index_t, scalar_t, V, decltype(nv)::value, decltype(r)::value>
+        <<<grid, block, 0, cuda::stream()>>>(rowptr, col, a, b, out, rows, K, B, nnz);
+  };
+  using one = std::integral_constant<int, 1>;
+  using two = std::integral_constant<int, 2>;
+  using four = std::integral_constant<int, 4>;
+  using eight = std::integral_constant<int, 8>;
+  if (B <= kWarp * V)
+    rpw == 8 ? go(one{}, eight{}) : go(one{}, four{});
+  else
+    rpw == 8 ? go(two{}, eight{}) : go(two{}, four{});
+}
+
 at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a, const at::Tensor& b) {
   check_csr_structure(rowptr, col, "sddmm");
   TORCH_CHECK_VALUE(a.defined() && a.is_cuda(), "sddmm: a must be on a CUDA device for the CUDA kernel");
@@ -321,8 +629,18 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at:
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       const int32_t* rp = rowptr.const_data_ptr<int32_t>();
       const index_t* cp = col.const_data_ptr<index_t>();
-      if (vectorizable<scalar_t>(B, {ap, bp}))
-        launch_sddmm<index_t, scalar_t, vec_width<scalar_t>()>(rp, cp, ap, bp, op, rows, K, B, nnz);
+      constexpr int V = vec_width<scalar_t>();
+      const bool vec = vectorizable<scalar_t>(B, {ap, bp});
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        const int rpw = tiled_rows_per_warp(rows, K, B, nnz, vec && B <= 2 * kWarp * V);
+        if (rpw > 0) {
+          launch_sddmm_tiled<index_t, scalar_t>(rp, cp, ap, bp, op, rows, K, B, nnz, rpw);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+      if (vec)
+        launch_sddmm<index_t, scalar_t, V>(rp, cp, ap, bp, op, rows, K, B, nnz);
       else
         launch_sddmm<index_t, scalar_t, 1>(rp, cp, ap, bp, op, rows, K, B, nnz);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
