@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Verifies pysparse's CUDA side on a machine with an NVIDIA GPU, in one go: builds the CUDA kernels for the
-# visible GPU, runs the CUDA tests, one small case of every kernel under compute-sanitizer memcheck, and the
-# GPU benchmarks, then prints a summary. Installs nothing: uses $PYTHON (default .venv/bin/python if present,
-# else python3) with the torch, pytest, pytest-benchmark and hypothesis it already has.
+# visible GPU, runs the CUDA tests, one small case of every kernel under compute-sanitizer memcheck (and of the
+# shared-memory kernels under racecheck), and the GPU benchmarks, then prints a summary. Installs nothing: uses
+# $PYTHON (default .venv/bin/python if present, else python3) with the torch, pytest, pytest-benchmark and
+# hypothesis it already has.
 #
 # Environment:
 #   OUT            where the logs, gpu.json and gpu_summary.md go (default benchmarks/out)
@@ -71,6 +72,17 @@ if [ "$rc" != 0 ] && grep -q "Device not supported" "$OUT_DIR/sanitizer.log"; th
   results+=("SKIP  compute-sanitizer memcheck (the sanitizer does not support this device/runtime)")
 else
   record "compute-sanitizer memcheck" "$rc"
+fi
+
+step "compute-sanitizer racecheck (the kernels with shared memory: the column-tiled ones)"
+timeout "$(limit "${T_SANITIZER:-600}")" "$sanitizer" --tool racecheck --error-exitcode 1 \
+  "$PY" benchmarks/sanitizer_case.py --tiled > "$OUT_DIR/racecheck.log" 2>&1
+rc=$?
+tail -5 "$OUT_DIR/racecheck.log"
+if [ "$rc" != 0 ] && grep -q "Device not supported" "$OUT_DIR/racecheck.log"; then
+  results+=("SKIP  compute-sanitizer racecheck (the sanitizer does not support this device/runtime)")
+else
+  record "compute-sanitizer racecheck" "$rc"
 fi
 
 # The benchmarks in parts, most wanted first, each with its own JSON: a part cut short by the deadline loses

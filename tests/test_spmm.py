@@ -883,7 +883,8 @@ def _tiled_and_warp(tiling, mode, op, *args, **kwargs):
        batch=st.sampled_from([8, 16, 128, 136, 256, 264]), density=st.sampled_from([0.0, 0.03, 0.3, 1.0]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), use_bias=st.booleans(),
        empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_tiled_spmm_matches_reference(device, tiling, mode, rows, cols, batch, density, dtype, use_bias, empty_rows, seed):
+def test_tiled_spmm_matches_reference(device, tiling, mode, rows, cols, batch, density, dtype, use_bias, empty_rows,
+                                      seed):
     """spmm and sddmm: every chunk edge (K below, at and past a chunk of 16 or 32 rows; int16 and int32 indices),
     partial batch tiles, batches of one or two vectors a lane (sddmm; float32 batch 264 is past them, the warp
     kernel's), rows past the last block's end, rows of 0 to 40000 stored values (windows of 32 refilled), empty

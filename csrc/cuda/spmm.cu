@@ -250,11 +250,11 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
   const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kTiledWarps + threadIdx.y) * RPW;
   ChunkWalk<index_t, acc_t, RPW, true> walk(rowptr, col, values, r0, rows, nnz, lane);
   acc_t acc[RPW][V] = {};
-  const auto add = [&](int i, acc_t v, const vec_t& x) {
+  const auto add = [&](int i, acc_t v, const vec_t x) {  // x by value: one vector load
 #pragma unroll
     for (int k = 0; k < V; ++k) acc[i][k] += v * static_cast<acc_t>(x.v[k]);
   };
-  const auto global = [&](int c) -> const vec_t& { return *reinterpret_cast<const vec_t*>(xt + c * B + b0); };
+  const auto global = [&](int c) -> vec_t { return *reinterpret_cast<const vec_t*>(xt + c * B + b0); };
 
   const int64_t chunks = (K + KC - 1) / KC;
   load_chunk<scalar_t, V, KC, kWarp>(tile[0], xt, 0, first_vec, K, B, tid);
@@ -266,7 +266,11 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
 #pragma unroll
     for (int i = 0; i < RPW; ++i)
       walk.chunk(i, c1, col, values, lane, [&](int64_t, int c, acc_t v) {
-        if (active) add(i, v, c >= c0 ? tile[buf][c - c0][lane] : global(c));  // before c0: an unsorted row
+        if (!active) return;
+        if (c >= c0)  // two branches, not one pointer: shared-memory loads stay shared-memory loads
+          add(i, v, tile[buf][c - c0][lane]);
+        else  // an unsorted row: this column's chunk has gone
+          add(i, v, global(c));
       });
     __syncthreads();  // every warp is done with buf before the next iteration's copies overwrite it
   }
@@ -279,12 +283,13 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
 #pragma unroll
   for (int i = 0; i < RPW; ++i) {
     const int64_t r = r0 + i;
-    if (r >= rows) break;
-    const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
-    vec_t out;
+    if (r < rows) {
+      const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
+      vec_t out;
 #pragma unroll
-    for (int k = 0; k < V; ++k) out.v[k] = static_cast<scalar_t>(acc[i][k] + b);
-    *reinterpret_cast<vec_t*>(yt + r * B + b0) = out;
+      for (int k = 0; k < V; ++k) out.v[k] = static_cast<scalar_t>(acc[i][k] + b);
+      *reinterpret_cast<vec_t*>(yt + r * B + b0) = out;  // V scalar stores in the PTX: once a row, not a value
+    }
   }
 }
 
@@ -348,7 +353,10 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
 #pragma unroll
     for (int i = 0; i < RPW; ++i)
       walk.chunk(i, c1, col, no_values, lane, [&](int64_t j, int c, acc_t) {
-        put(j, dot(i, c >= c0 ? tile[buf][c - c0] : global(c)));  // before c0: an unsorted row
+        if (c >= c0)  // two branches, not one pointer: shared-memory loads stay shared-memory loads
+          put(j, dot(i, tile[buf][c - c0]));
+        else  // an unsorted row: this column's chunk has gone
+          put(j, dot(i, global(c)));
       });
     __syncthreads();  // every warp is done with buf before the next iteration's copies overwrite it
   }
