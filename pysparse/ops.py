@@ -597,7 +597,7 @@ def set_cuda_spmm_tiling(mode: str) -> str:
     at least one weight in 32 is stored, ``"rows4"`` / ``"rows8"`` the tiled kernels wherever they apply (float32 /
     float16 / bfloat16, 16-byte-aligned rows; sddmm's up to 64 vectors of 16 bytes a row, 256 float32 columns),
     with 4 or 8 rows a warp. Process-wide; returns the previous mode. The CPU kernels are not affected."""
-    if mode not in CUDA_SPMM_TILING:
+    if not isinstance(mode, str) or mode not in CUDA_SPMM_TILING:
         raise ValueError(f"set_cuda_spmm_tiling: mode must be one of {sorted(CUDA_SPMM_TILING)}, got {mode!r}")
     previous = int(torch.ops.pysparse.set_cuda_spmm_tiling.default(CUDA_SPMM_TILING[mode]))
     return next(name for name, code in CUDA_SPMM_TILING.items() if code == previous)

@@ -861,8 +861,9 @@ def test_set_cuda_spmm_tiling(tiling):
     before = pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias)
     assert tiling("rows4") == "off" and tiling("auto") == "rows4" and tiling("rows8") == "auto"
     assert torch.equal(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias), before)
-    with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be one of"):
-        tiling("on")
+    for bad in ("on", 1, ["auto"]):
+        with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be one of"):
+            tiling(bad)
     with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be 0, 1, 2 or 3, got 7"):
         torch.ops.pysparse.set_cuda_spmm_tiling.default(7)
     assert tiling("off") == "rows8"

@@ -4,7 +4,8 @@
 //
 // A warp owns one row (spmm_kernel below: lanes split the batch into vectors and, for small batches, the row's
 // stored values), and reads of an xt row are coalesced vector loads where alignment allows. Accumulation is
-// float32 (float64 for float64).
+// float32 (float64 for float64). The column-tiled kernels further down (spmm_tiled_kernel, sddmm_tiled_kernel:
+// blocks of rows read the dense operand from shared memory) run only where set_cuda_spmm_tiling asks for them.
 //
 // Safety without host syncs: row ranges are clamped to [0, nnz], and a column index (or t_perm entry) outside
 // its range is skipped, never read. Structures are validated where they are built or loaded (pysparse.csr).
