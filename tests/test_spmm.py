@@ -963,12 +963,12 @@ def test_tiled_layer_step_matches_the_warp_kernel(device, tiling, mode, dtype):
 
 @pytest.mark.parametrize("device", CUDA)
 def test_auto_tiles_wide_batches_of_denser_weights(device, tiling):
-    """"auto" runs the tiled kernels for batches of 64 and more where at least 1 weight in 32 is stored, the warp
-    kernels elsewhere; "off" never runs them."""
+    """"auto" runs the tiled kernels for batches of 64 and more (128 in bfloat16: half a warp's lanes at work) where
+    at least 1 weight in 32 is stored, the warp kernels elsewhere; "off" never runs them."""
     from torch.profiler import ProfilerActivity, profile
 
-    def kernels(density, batch):  # the kernels of a backward: spmm_t's (the forward's) and sddmm's
-        values, s, xt, _ = _problem(256, 256, batch, density, torch.float32, device, 1)
+    def kernels(density, batch, dtype=torch.float32):  # the kernels of a backward: spmm_t's (the forward's), sddmm's
+        values, s, xt, _ = _problem(256, 256, batch, density, dtype, device, 1)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             pysparse.ops.spmm_grad(s.rowptr, s.col, values, torch.randn_like(xt), xt, transposed=s.transposed())
             torch.cuda.synchronize()
@@ -981,6 +981,7 @@ def test_auto_tiles_wide_batches_of_denser_weights(device, tiling):
     assert "spmm_tiled_kernel" in both and "sddmm_tiled_kernel" in both
     assert "tiled" not in kernels(0.1, 32) and "spmm_kernel" in kernels(0.1, 32)
     assert "tiled" not in kernels(0.01, 256)
+    assert "tiled" not in kernels(0.1, 64, torch.bfloat16) and "tiled" in kernels(0.1, 128, torch.bfloat16)
     wide = kernels(0.1, 512)  # float32 sddmm's tiled kernel takes at most 256 columns
     assert "spmm_tiled_kernel" in wide and "sddmm_tiled_kernel" not in wide and "sddmm_kernel" in wide
     tiling("off")

@@ -381,16 +381,17 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
 
 // Rows per warp of the tiled kernels (spmm_tiled_kernel, sddmm_tiled_kernel) for this call, or 0 for the
 // warp-per-row ones. `eligible`: float32 / float16 / bfloat16 with vector-aligned rows (and for sddmm a batch of
-// at most 64 vectors). cuda_spmm_tiling() (csrc/ops.cpp, pysparse.ops.set_cuda_spmm_tiling): 0 (the default)
-// never; 1 where they should pay: batches of 64 and more (half a tile's lanes or more at work) and at least one
-// stored value in 32 (each chunk's copy then serves R x density >= 1 reads per element at R = 32); 2 / 3
-// wherever eligible, with 4 / 8 rows per warp (tests, and the benchmarks that compare them).
-inline int tiled_rows_per_warp(int64_t rows, int64_t K, int64_t B, int64_t nnz, bool eligible) {
+// at most 64 vectors); V: elements per 16-byte vector. cuda_spmm_tiling() (csrc/ops.cpp,
+// pysparse.ops.set_cuda_spmm_tiling): 0 (the default) never; 1 where they should pay: batches of 16 vectors and
+// more (half a warp's lanes or more at work: 64 float32 columns, 128 float16 / bfloat16) and at least one stored
+// value in 32 (each chunk's copy then serves R x density >= 1 reads per element at R = 32); 2 / 3 wherever
+// eligible, with 4 / 8 rows per warp (tests, and the benchmarks that compare them).
+inline int tiled_rows_per_warp(int64_t rows, int64_t K, int64_t B, int64_t nnz, int V, bool eligible) {
   const int mode = cuda_spmm_tiling();
   if (mode == 0 || !eligible || rows == 0 || K >= INT_MAX) return 0;
   if (mode == 2) return 4;
   if (mode == 3) return 8;
-  return B >= 64 && nnz * 32 >= rows * K ? 4 : 0;
+  return B >= kWarp / 2 * V && nnz * 32 >= rows * K ? 4 : 0;
 }
 
 template <typename index_t, typename scalar_t>
@@ -433,7 +434,8 @@ void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tens
             bp, yp, rows, K, B, nnz, LP);
       };
       const bool vec = vectorizable<scalar_t>(B, {xp, yp});
-      const int rpw = tiled_rows_per_warp(rows, K, B, nnz, vec && !std::is_same_v<scalar_t, double>);
+      const int rpw =
+          tiled_rows_per_warp(rows, K, B, nnz, vec_width<scalar_t>(), vec && !std::is_same_v<scalar_t, double>);
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (rpw > 0) {
           launch_spmm_tiled<index_t, scalar_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
@@ -654,7 +656,7 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at:
       constexpr int V = vec_width<scalar_t>();
       const bool vec = vectorizable<scalar_t>(B, {ap, bp});
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        const int rpw = tiled_rows_per_warp(rows, K, B, nnz, vec && B <= 2 * kWarp * V);
+        const int rpw = tiled_rows_per_warp(rows, K, B, nnz, V, vec && B <= 2 * kWarp * V);
         if (rpw > 0) {
           launch_sddmm_tiled<index_t, scalar_t>(rp, cp, ap, bp, op, rows, K, B, nnz, rpw);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
