@@ -969,7 +969,7 @@ def test_auto_tiles_wide_batches_of_denser_weights(device, tiling):
 
     def kernels(density, batch, dtype=torch.float32):  # the kernels of a backward: spmm_t's (the forward's), sddmm's
         values, s, xt, _ = _problem(256, 256, batch, density, dtype, device, 1)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             pysparse.ops.spmm_grad(s.rowptr, s.col, values, torch.randn_like(xt), xt, transposed=s.transposed())
             torch.cuda.synchronize()
         return " ".join(e.key for e in prof.key_averages())
