@@ -61,29 +61,29 @@ rc=$?
 tail -15 "$OUT_DIR/tests.log"
 record "CUDA tests" "$rc"
 
-step "compute-sanitizer memcheck (one small case of every kernel)"
 sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-timeout "$(limit "${T_SANITIZER:-600}")" "$sanitizer" --tool memcheck --error-exitcode 1 \
-  "$PY" benchmarks/sanitizer_case.py > "$OUT_DIR/sanitizer.log" 2>&1
-rc=$?
-tail -15 "$OUT_DIR/sanitizer.log"
-if [ "$rc" != 0 ] && grep -q "Device not supported" "$OUT_DIR/sanitizer.log"; then
-  # some sandboxed runtimes (gVisor) refuse the sanitizer itself: say so rather than blame the kernels
-  results+=("SKIP  compute-sanitizer memcheck (the sanitizer does not support this device/runtime)")
-else
-  record "compute-sanitizer memcheck" "$rc"
-fi
+# sanitize TOOL LOG LINES ARGS...: sanitizer_case.py ARGS under compute-sanitizer's TOOL, its log in LOG, the last
+# LINES lines shown
+sanitize() {
+  local tool=$1 log=$2 lines=$3
+  shift 3
+  timeout "$(limit "${T_SANITIZER:-600}")" "$sanitizer" --tool "$tool" --error-exitcode 1 \
+    "$PY" benchmarks/sanitizer_case.py "$@" > "$log" 2>&1
+  local rc=$?
+  tail -"$lines" "$log"
+  if [ "$rc" != 0 ] && grep -q "Device not supported" "$log"; then
+    # some sandboxed runtimes (gVisor) refuse the sanitizer itself: say so rather than blame the kernels
+    results+=("SKIP  compute-sanitizer $tool (the sanitizer does not support this device/runtime)")
+  else
+    record "compute-sanitizer $tool" "$rc"
+  fi
+}
+
+step "compute-sanitizer memcheck (one small case of every kernel)"
+sanitize memcheck "$OUT_DIR/sanitizer.log" 15
 
 step "compute-sanitizer racecheck (the kernels with shared memory: the column-tiled ones)"
-timeout "$(limit "${T_SANITIZER:-600}")" "$sanitizer" --tool racecheck --error-exitcode 1 \
-  "$PY" benchmarks/sanitizer_case.py --tiled > "$OUT_DIR/racecheck.log" 2>&1
-rc=$?
-tail -5 "$OUT_DIR/racecheck.log"
-if [ "$rc" != 0 ] && grep -q "Device not supported" "$OUT_DIR/racecheck.log"; then
-  results+=("SKIP  compute-sanitizer racecheck (the sanitizer does not support this device/runtime)")
-else
-  record "compute-sanitizer racecheck" "$rc"
-fi
+sanitize racecheck "$OUT_DIR/racecheck.log" 5 --tiled
 
 # The benchmarks in parts, most wanted first, each with its own JSON: a part cut short by the deadline loses
 # only its own figures. Merged into gpu.json at the end.

@@ -136,6 +136,30 @@ __global__ void spmm_kernel(const int32_t* __restrict__ rowptr, const index_t* _
 // ---------------------------------------------------------------------------------------------------------
 constexpr int kTiledWarps = 8;
 
+// Copies rows chunk * KC .. (at most KC, below K) of the dense operand d [K, B], vectors first_vec .. first_vec +
+// NVEC - 1 of each (V elements each; those at or past B are left alone), into tile [KC][NVEC], asynchronously, and
+// commits them as one batch of this thread's copies.
+template <typename scalar_t, int V, int KC, int NVEC>
+__device__ __forceinline__ void load_chunk(Vec<scalar_t, V> (&tile)[KC][NVEC], const scalar_t* __restrict__ d,
+                                           int64_t chunk, int64_t first_vec, int64_t K, int64_t B, int tid) {
+  for (int e = tid; e < KC * NVEC; e += kWarp * kTiledWarps) {
+    const int kr = e / NVEC, vl = e % NVEC;
+    const int64_t c = chunk * KC + kr, b = (first_vec + vl) * V;
+    if (c < K && b < B) __pipeline_memcpy_async(&tile[kr][vl], d + c * B + b, sizeof(Vec<scalar_t, V>));
+  }
+  __pipeline_commit();
+}
+
+// Waits for this thread's copies of the chunk to use (all but the one batch committed after it when `more`), then
+// for every thread's.
+__device__ __forceinline__ void chunk_ready(bool more) {
+  if (more)
+    __pipeline_wait_prior(1);
+  else
+    __pipeline_wait_prior(0);
+  __syncthreads();
+}
+
 // The stored positions of rows r0 .. r0 + RPW - 1 (rows at or past `rows` are empty), walked by one warp. The
 // window after the current one is loaded as soon as the current one is taken up, so that moving on to it waits on
 // no load (a row's windows come from DRAM, ~0.5 us away, once per 32 positions).
@@ -206,6 +230,39 @@ struct ChunkWalk {
     }
   }
 
+  // Every position of the warp's rows with a column in [0, K), chunk by chunk: the block copies the rows of d [K,
+  // B] KC at a time (vectors first_vec .. first_vec + NVEC - 1 of each) into tile, double-buffered, and
+  // in_tile(i, j, c, v, row) takes each position whose column lies in the chunk, row = the chunk's copy of d's row
+  // c; in_global(i, j, c, v) takes the others, whose column lies before their chunk (an unsorted row) or comes
+  // after an out-of-range index (the last pass), and reads d itself. Two callbacks, not one pointer to either
+  // memory: shared-memory loads stay shared-memory loads. Every thread of the block calls it (it synchronises).
+  template <int KC, int NVEC, typename scalar_t, int V, typename InTile, typename InGlobal>
+  __device__ __forceinline__ void all(Vec<scalar_t, V> (&tile)[2][KC][NVEC], const scalar_t* __restrict__ d,
+                                      int64_t first_vec, int64_t K, int64_t B, const index_t* __restrict__ col,
+                                      const scalar_t* __restrict__ values, int lane, int tid, InTile&& in_tile,
+                                      InGlobal&& in_global) {
+    const int64_t chunks = (K + KC - 1) / KC;
+    load_chunk<scalar_t, V, KC, NVEC>(tile[0], d, 0, first_vec, K, B, tid);
+    for (int64_t n = 0; n < chunks; ++n) {
+      const int buf = static_cast<int>(n & 1);
+      if (n + 1 < chunks) load_chunk<scalar_t, V, KC, NVEC>(tile[buf ^ 1], d, n + 1, first_vec, K, B, tid);
+      chunk_ready(n + 1 < chunks);
+      const int64_t c0 = n * KC, c1 = c0 + KC < K ? c0 + KC : K;
+#pragma unroll
+      for (int i = 0; i < RPW; ++i)
+        chunk(i, c1, col, values, lane, [&](int64_t j, int c, acc_t v) {
+          if (c >= c0)
+            in_tile(i, j, c, v, tile[buf][c - c0]);
+          else
+            in_global(i, j, c, v);
+        });
+      __syncthreads();  // every warp is done with buf before the next iteration's copies overwrite it
+    }
+#pragma unroll
+    for (int i = 0; i < RPW; ++i)
+      rest(i, K, col, values, lane, [&](int64_t j, int c, acc_t v) { in_global(i, j, c, v); });
+  }
+
   // f(j, c, v) for row i's remaining positions with c in [0, K): those after an out-of-range index.
   template <typename scalar_t, typename F>
   __device__ __forceinline__ void rest(int i, int64_t K, const index_t* __restrict__ col,
@@ -220,30 +277,6 @@ struct ChunkWalk {
     }
   }
 };
-
-// Copies rows chunk * KC .. (at most KC, below K) of the dense operand d [K, B], vectors first_vec .. first_vec +
-// NVEC - 1 of each (V elements each; those at or past B are left alone), into tile [KC][NVEC], asynchronously, and
-// commits them as one batch of this thread's copies.
-template <typename scalar_t, int V, int KC, int NVEC>
-__device__ __forceinline__ void load_chunk(Vec<scalar_t, V> (&tile)[KC][NVEC], const scalar_t* __restrict__ d,
-                                           int64_t chunk, int64_t first_vec, int64_t K, int64_t B, int tid) {
-  for (int e = tid; e < KC * NVEC; e += kWarp * kTiledWarps) {
-    const int kr = e / NVEC, vl = e % NVEC;
-    const int64_t c = chunk * KC + kr, b = (first_vec + vl) * V;
-    if (c < K && b < B) __pipeline_memcpy_async(&tile[kr][vl], d + c * B + b, sizeof(Vec<scalar_t, V>));
-  }
-  __pipeline_commit();
-}
-
-// Waits for this thread's copies of the chunk to use (all but the one batch committed after it when `more`), then
-// for every thread's.
-__device__ __forceinline__ void chunk_ready(bool more) {
-  if (more)
-    __pipeline_wait_prior(1);
-  else
-    __pipeline_wait_prior(0);
-  __syncthreads();
-}
 
 // yt = W @ xt (+ bias): a block owns R rows and one batch tile of 32 vectors (a lane owns V columns). Chunks of
 // 32 rows of xt: 2 x 32 x 32 vectors of 16 bytes, 32 KiB of shared memory. Grid (ceil(rows / R), ceil(B / 32V)),
@@ -268,31 +301,14 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
 #pragma unroll
     for (int k = 0; k < V; ++k) acc[i][k] += v * static_cast<acc_t>(x.v[k]);
   };
-  const auto global = [&](int c) -> vec_t { return *reinterpret_cast<const vec_t*>(xt + c * B + b0); };
-
-  const int64_t chunks = (K + KC - 1) / KC;
-  load_chunk<scalar_t, V, KC, kWarp>(tile[0], xt, 0, first_vec, K, B, tid);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int buf = static_cast<int>(chunk & 1);
-    if (chunk + 1 < chunks) load_chunk<scalar_t, V, KC, kWarp>(tile[buf ^ 1], xt, chunk + 1, first_vec, K, B, tid);
-    chunk_ready(chunk + 1 < chunks);
-    const int64_t c0 = chunk * KC, c1 = c0 + KC < K ? c0 + KC : K;
-#pragma unroll
-    for (int i = 0; i < RPW; ++i)
-      walk.chunk(i, c1, col, values, lane, [&](int64_t, int c, acc_t v) {
-        if (!active) return;
-        if (c >= c0)  // two branches, not one pointer: shared-memory loads stay shared-memory loads
-          add(i, v, tile[buf][c - c0][lane]);
-        else  // an unsorted row: this column's chunk has gone
-          add(i, v, global(c));
+  walk.all(
+      tile, xt, first_vec, K, B, col, values, lane, tid,
+      [&](int i, int64_t, int, acc_t v, const vec_t(&row)[kWarp]) {
+        if (active) add(i, v, row[lane]);
+      },
+      [&](int i, int64_t, int c, acc_t v) {
+        if (active) add(i, v, *reinterpret_cast<const vec_t*>(xt + c * B + b0));
       });
-    __syncthreads();  // every warp is done with buf before the next iteration's copies overwrite it
-  }
-#pragma unroll
-  for (int i = 0; i < RPW; ++i)
-    walk.rest(i, K, col, values, lane, [&](int64_t, int c, acc_t v) {
-      if (active) add(i, v, global(c));
-    });
   if (!active) return;
 #pragma unroll
   for (int i = 0; i < RPW; ++i) {
@@ -322,9 +338,8 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
   __shared__ vec_t tile[2][KC][NVEC];
   const int lane = threadIdx.x, tid = threadIdx.y * kWarp + lane;
   const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kTiledWarps + threadIdx.y) * RPW;
-  ChunkWalk<index_t, acc_t, RPW, false> walk(rowptr, col, static_cast<const scalar_t*>(nullptr), r0, rows, nnz,
-                                             lane);
   const scalar_t* const no_values = nullptr;
+  ChunkWalk<index_t, acc_t, RPW, false> walk(rowptr, col, no_values, r0, rows, nnz, lane);
   bool on[NV];
   acc_t ar[RPW][NV][V];
 #pragma unroll
@@ -355,28 +370,10 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
     s = warp_sum(s);
     if (lane == 0) out[j] = static_cast<scalar_t>(s);
   };
-  const auto global = [&](int c) { return reinterpret_cast<const vec_t*>(b + c * B); };
-
-  const int64_t chunks = (K + KC - 1) / KC;
-  load_chunk<scalar_t, V, KC, NVEC>(tile[0], b, 0, 0, K, B, tid);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int buf = static_cast<int>(chunk & 1);
-    if (chunk + 1 < chunks) load_chunk<scalar_t, V, KC, NVEC>(tile[buf ^ 1], b, chunk + 1, 0, K, B, tid);
-    chunk_ready(chunk + 1 < chunks);
-    const int64_t c0 = chunk * KC, c1 = c0 + KC < K ? c0 + KC : K;
-#pragma unroll
-    for (int i = 0; i < RPW; ++i)
-      walk.chunk(i, c1, col, no_values, lane, [&](int64_t j, int c, acc_t) {
-        if (c >= c0)  // two branches, not one pointer: shared-memory loads stay shared-memory loads
-          put(j, dot(i, tile[buf][c - c0]));
-        else  // an unsorted row: this column's chunk has gone
-          put(j, dot(i, global(c)));
-      });
-    __syncthreads();  // every warp is done with buf before the next iteration's copies overwrite it
-  }
-#pragma unroll
-  for (int i = 0; i < RPW; ++i)
-    walk.rest(i, K, col, no_values, lane, [&](int64_t j, int c, acc_t) { put(j, dot(i, global(c))); });
+  walk.all(
+      tile, b, 0, K, B, col, no_values, lane, tid,
+      [&](int i, int64_t j, int, acc_t, const vec_t(&row)[NVEC]) { put(j, dot(i, row)); },
+      [&](int i, int64_t j, int c, acc_t) { put(j, dot(i, reinterpret_cast<const vec_t*>(b + c * B))); });
 }
 
 // Rows per warp of the tiled kernels (spmm_tiled_kernel, sddmm_tiled_kernel) for this call, or 0 for the
