@@ -417,6 +417,35 @@ def test_spmm_grad_over_csr_in_one_or_two_sweeps(threads, cols, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cols, batch", [(4096, 512), (4100, 300)])
+def test_large_batch_major_input_gradients(threads, cols, batch):
+    """An input gradient in the layers' batch-major layout larger than the threads' L2 caches together (4.9-8 MB
+    here, against 2 MB on the 2-core machines) is written by streaming stores where a 16-row block is a whole
+    aligned line (at 4100 columns, one batch entry's in four): over W^T (the batch split between threads or
+    the columns), over W's CSR (the accumulators' sum) and by spmm_t alone. Each equals the row-major output's bits
+    (written through the caches, the same sums) and the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values, s, _, _ = _problem(64, cols, 1, 0.02, torch.float32, "cpu", batch)
+        gen = torch.Generator().manual_seed(threads)
+        x, g = torch.randn(batch, cols, generator=gen), torch.randn(batch, 64, generator=gen)
+        want = reference.spmm_grad(s.rowptr, s.col, values, g.t(), x.t())
+        for transposed in (s.transposed(), None):
+            got = pysparse.ops.spmm_grad(s.rowptr, s.col, values, g.t(), x.t(), transposed=transposed)
+            assert got[1].stride() == (1, cols)  # batch-major, as the layers' x.grad
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+            rows_major = pysparse.ops.spmm_grad(s.rowptr, s.col, values, g.t().contiguous(), x.t().contiguous(),
+                                                transposed=transposed)
+            assert rows_major[1].stride() == (batch, 1)
+            assert torch.equal(got[1], rows_major[1])
+            alone = pysparse.ops.spmm_t(s.rowptr, s.col, values, g.t(), cols, transposed=transposed)
+            torch.testing.assert_close(alone, want[1], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_single_column_backward(threads, dtype):

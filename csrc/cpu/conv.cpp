@@ -30,9 +30,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#if __has_include(<unistd.h>)
-#include <unistd.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -47,12 +44,14 @@
 #include <vector>
 
 #include "../common.h"
+#include "caches.h"
 #include "rows.h"
 #include "vec.h"
 
 namespace pysparse {
 namespace {
 
+using cpu::beyond_caches;
 using cpu::kLanes;
 using cpu::load_lanes;
 using cpu::store_lanes;
@@ -274,29 +273,10 @@ inline void store_rows(scalar_t* dst, int64_t width, const int64_t* rows, const 
 
 // Whether a channels-last output (or input gradient) y of `elements` elements, C channels a pixel, is written by
 // streaming stores (vec.h's stream_lanes; its 16-channel blocks then 64-byte aligned: float32, y aligned, C a
-// multiple of 16): where it is larger than the threads' L2 caches together, so that the next layer would not find
-// it there anyway. Written through the caches, each line of such an output is first read from memory, then
-// written back when evicted, and it pushes the layer's input out of L3. A 1 x 1 layer's forward, 24 -> 144
-// channels of 56 x 56 at 90%, batch 8 (14.5 MB out): 1.03-1.25 -> 0.64-0.70 ms; 16 -> 96 on 112 x 112 (38.5 MB):
-// 3.7-5.3 -> 1.9-2.0 ms. Whole channels-last models, which then read those outputs from memory: forward 0.87-0.96
-// of the time, training step 0.92-1.01 (benchmarks/RESULTS.md, thirty-ninth session).
-inline int64_t stream_bytes() {
-  static const int64_t l2 = [] {
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (b > 0) return static_cast<int64_t>(b);
-#endif
-    return int64_t{1} << 20;
-  }();
-  return l2 * at::get_num_threads();
-}
-
-// Whether a tensor of `elements` elements is larger than the threads' L2 caches together.
-template <typename scalar_t>
-inline bool beyond_caches(int64_t elements) {
-  return elements * static_cast<int64_t>(sizeof(scalar_t)) > stream_bytes();
-}
-
+// multiple of 16): where it is larger than the threads' L2 caches together (caches.h). A 1 x 1 layer's forward,
+// 24 -> 144 channels of 56 x 56 at 90%, batch 8 (14.5 MB out): 1.03-1.25 -> 0.64-0.70 ms; 16 -> 96 on 112 x 112
+// (38.5 MB): 3.7-5.3 -> 1.9-2.0 ms. Whole channels-last models, which then read those outputs from memory:
+// forward 0.87-0.96 of the time, training step 0.92-1.01 (benchmarks/RESULTS.md, thirty-ninth session).
 template <typename scalar_t>
 inline bool stream_output(const scalar_t* y, int64_t C, int64_t elements) {
   return std::is_same_v<scalar_t, float> && C % kLanes == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0 &&
