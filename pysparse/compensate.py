@@ -17,8 +17,6 @@ inputs' outputs, not the pruned ones', also corrects what earlier layers lost.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -36,9 +34,7 @@ CHUNK_BYTES = 64 << 20  # bytes of unfolded float64 calibration columns built at
 
 def check_damp(damp) -> float:
     """The ridge weight of compensate / prune(compensate=True): a positive finite number, else ValueError."""
-    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
-        raise ValueError(f"damp must be a positive finite number, got {damp!r}")
-    return float(damp)
+    return ops._check_positive(damp, "damp")
 
 
 class _Stop(Exception):

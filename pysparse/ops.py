@@ -76,8 +76,8 @@ def _check_int(x, name: str, lo: int = 0, *, none_ok: bool = False):
 
 
 def _check_positive(x, name: str) -> float:
-    """A positive finite int or float (learning rates); ValueError naming ``name`` otherwise."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf:
+    """A positive finite real number (learning rates, compensate's damp); ValueError naming ``name`` otherwise."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0 < x < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {x!r}")
     return float(x)
 
