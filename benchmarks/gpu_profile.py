@@ -6,7 +6,7 @@ kernel-bound one, and which kernel to work on.
 
     python benchmarks/gpu_profile.py --batch 16 256 --sparsity 0.9 0.99       # CUDA when visible
     python benchmarks/gpu_profile.py --device cpu --features 1024 --batch 16  # the CPU ops instead
-    python benchmarks/gpu_profile.py --batch 256 --sparsity 0.8 0.9 0.95 --tiling off rows4 rows8   # CUDA spmm kernels
+    python benchmarks/gpu_profile.py --batch 256 --sparsity 0.8 0.9 0.95 --tiling off rows2 rows4 rows8   # CUDA kernels
 """
 import argparse
 import statistics

@@ -17,7 +17,7 @@ def rnd(*shape, dtype=torch.float32):
 
 
 def tiled_cases():
-    """The column-tiled kernels (pysparse.ops.set_cuda_spmm_tiling), both row counts a warp, float32 and bfloat16:
+    """The column-tiled kernels (pysparse.ops.set_cuda_spmm_tiling), every row count a warp, float32 and bfloat16:
     rows in any column order with negative and out-of-range indices (skipped), K past a chunk edge, a partial batch
     tile (spmm), one and two vectors a lane (sddmm)."""
     cols = 70
@@ -28,7 +28,7 @@ def tiled_cases():
     col[5::23] = cols + 3
     ok = (col >= 0) & (col < cols)
     rows_of = torch.repeat_interleave(torch.arange(37), lengths)
-    for mode in ("rows4", "rows8"):
+    for mode in ("rows2", "rows4", "rows8"):
         for dtype, batch in ((torch.float32, 132), (torch.bfloat16, 136)):
             values = torch.randn(len(col), generator=gen).to(dtype).float()  # what the kernel reads, in float32
             xt = torch.randn(cols, batch, generator=gen).to(dtype).float()

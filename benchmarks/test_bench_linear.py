@@ -82,9 +82,9 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
 @pytest.mark.parametrize("device", DEVICES[1:])  # CUDA only: the setting chooses between CUDA kernels
 @pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95])
 @pytest.mark.parametrize("step", [False, True], ids=["fwd", "fwdbwd"])
-@pytest.mark.parametrize("impl", ["off", "rows4", "rows8", "dense"])
+@pytest.mark.parametrize("impl", ["off", "rows2", "rows4", "rows8", "dense"])
 def test_linear_tiling(benchmark, device, sparsity, step, impl):
-    """Batch 256: the warp-per-row kernel ("off"), the column-tiled one at 4 and 8 rows a warp, and cuBLAS."""
+    """Batch 256: the warp-per-row kernel ("off"), the column-tiled one at 2, 4 and 8 rows a warp, and cuBLAS."""
     dense, sparse = _layers(device, sparsity)
     previous = pysparse.ops.set_cuda_spmm_tiling("off" if impl == "dense" else impl)
     try:

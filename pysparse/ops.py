@@ -586,18 +586,18 @@ def cpu_cache_bytes() -> int:
 
 
 # The CUDA sparse matmuls' column-tiled kernels (csrc/cuda/spmm.cu: spmm_tiled_kernel, sddmm_tiled_kernel): each
-# block copies chunks of the dense operand into shared memory once for 32 or 64 rows of W instead of reading a
-# vector of it from L2 per stored value. Off by default until an H200 has run their tests and measured them.
-CUDA_SPMM_TILING = {"off": 0, "auto": 1, "rows4": 2, "rows8": 3}
+# block copies chunks of the dense operand into shared memory once for 16, 32 or 64 rows of W instead of reading
+# a vector of it from L2 per stored value. Off by default until an H200 has run their tests and measured them.
+CUDA_SPMM_TILING = {"off": 0, "auto": 1, "rows4": 2, "rows8": 3, "rows2": 4}
 
 
 def set_cuda_spmm_tiling(mode: str) -> str:
     """Choose the CUDA kernels of spmm, spmm_t (which runs spmm's on W^T), sddmm and spmm_grad: ``"off"`` (the
     default) the warp-per-row kernels always, ``"auto"`` the column-tiled kernels for batches of 64 or more (128 in
-    float16 / bfloat16) where at least one weight in 32 is stored, ``"rows4"`` / ``"rows8"`` the tiled kernels
-    wherever they apply (float32 / float16 / bfloat16, 16-byte-aligned rows; sddmm's up to 64 vectors of 16 bytes
-    a row, 256 float32 columns), with 4 or 8 rows a warp. Process-wide; returns the previous mode. The CPU kernels
-    are not affected."""
+    float16 / bfloat16) where at least one weight in 32 is stored, ``"rows2"`` / ``"rows4"`` / ``"rows8"`` the
+    tiled kernels wherever they apply (float32 / float16 / bfloat16, 16-byte-aligned rows; sddmm's up to 64 vectors
+    of 16 bytes a row, 256 float32 columns), with 2, 4 or 8 rows a warp (fewer: more blocks to hide latency,
+    each saving less of L2's reads). Process-wide; returns the previous mode. The CPU kernels are not affected."""
     if not isinstance(mode, str) or mode not in CUDA_SPMM_TILING:
         raise ValueError(f"set_cuda_spmm_tiling: mode must be one of {sorted(CUDA_SPMM_TILING)}, got {mode!r}")
     previous = int(torch.ops.pysparse.set_cuda_spmm_tiling.default(CUDA_SPMM_TILING[mode]))

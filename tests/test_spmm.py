@@ -872,7 +872,7 @@ def test_row_indices_and_bad_rowptr():
 
 
 # ------------------------------------------------------------------------ the CUDA forward's column-tiled kernel
-TILED = ["rows4", "rows8"]
+TILED = ["rows2", "rows4", "rows8"]
 CUDA = DEVICES[1:]  # the CUDA case alone, with its marks (skipped without a usable device)
 
 
@@ -889,13 +889,14 @@ def test_set_cuda_spmm_tiling(tiling):
     values, s, xt, bias = _problem(30, 40, 64, 0.3, torch.float32, "cpu", 4)
     before = pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias)
     assert tiling("rows4") == "off" and tiling("auto") == "rows4" and tiling("rows8") == "auto"
+    assert tiling("rows2") == "rows8"
     assert torch.equal(pysparse.ops.spmm(s.rowptr, s.col, values, xt, bias=bias), before)
     for bad in ("on", 1, ["auto"]):
         with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be one of"):
             tiling(bad)
-    with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be 0, 1, 2 or 3, got 7"):
+    with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be 0, 1, 2, 3 or 4, got 7"):
         torch.ops.pysparse.set_cuda_spmm_tiling.default(7)
-    assert tiling("off") == "rows8"
+    assert tiling("off") == "rows2"
 
 
 def _tiled_and_warp(tiling, mode, op, *args, **kwargs):

@@ -381,13 +381,17 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
 // at most 64 vectors); V: elements per 16-byte vector. cuda_spmm_tiling() (csrc/ops.cpp,
 // pysparse.ops.set_cuda_spmm_tiling): 0 (the default) never; 1 where they should pay: batches of 16 vectors and
 // more (half a warp's lanes or more at work: 64 float32 columns, 128 float16 / bfloat16) and at least one stored
-// value in 32 (each chunk's copy then serves R x density >= 1 reads per element at R = 32); 2 / 3 wherever
-// eligible, with 4 / 8 rows per warp (tests, and the benchmarks that compare them).
+// value in 32 (each chunk's copy then serves R x density >= 1 reads per element at R = 32); 2 / 3 / 4 wherever
+// eligible, with 4 / 8 / 2 rows per warp (tests, and the benchmarks that compare them). Fewer rows a warp, more
+// warps to hide latency, each block's chunk copies serving fewer rows: ptxas (sm_90) gives float32 spmm 64 / 98 /
+// 164-168 registers at 2 / 4 / 8 rows, so four / two / one 256-thread blocks an SM, and 4096 rows at batch 256
+// make 512 / 256 / 128 blocks for the H200's 132 SMs.
 inline int tiled_rows_per_warp(int64_t rows, int64_t K, int64_t B, int64_t nnz, int V, bool eligible) {
   const int mode = cuda_spmm_tiling();
   if (mode == 0 || !eligible || rows == 0 || K >= INT_MAX) return 0;
   if (mode == 2) return 4;
   if (mode == 3) return 8;
+  if (mode == 4) return 2;
   return B >= kWarp / 2 * V && nnz * 32 >= rows * K ? 4 : 0;
 }
 
@@ -402,6 +406,9 @@ void launch_spmm_tiled(const int32_t* rowptr, const index_t* col, const scalar_t
   const dim3 block(kWarp, kTiledWarps);
   if (rpw == 8)
     spmm_tiled_kernel<index_t, scalar_t, V, 8>
+        <<<grid, block, 0, cuda::stream()>>>(rowptr, col, values, xt, bias, yt, rows, K, B, nnz);
+  else if (rpw == 2)
+    spmm_tiled_kernel<index_t, scalar_t, V, 2>
         <<<grid, block, 0, cuda::stream()>>>(rowptr, col, values, xt, bias, yt, rows, K, B, nnz);
   else
     spmm_tiled_kernel<index_t, scalar_t, V, 4>
@@ -623,10 +630,18 @@ void launch_sddmm_tiled(const int32_t* rowptr, const index_t* col, const scalar_
   using two = std::integral_constant<int, 2>;
   using four = std::integral_constant<int, 4>;
   using eight = std::integral_constant<int, 8>;
+  const auto rows_per_warp = [&](auto nv) {
+    if (rpw == 8)
+      go(nv, eight{});
+    else if (rpw == 2)
+      go(nv, two{});
+    else
+      go(nv, four{});
+  };
   if (B <= kWarp * V)
-    rpw == 8 ? go(one{}, eight{}) : go(one{}, four{});
+    rows_per_warp(one{});
   else
-    rpw == 8 ? go(two{}, eight{}) : go(two{}, four{});
+    rows_per_warp(two{});
 }
 
 at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a, const at::Tensor& b) {
