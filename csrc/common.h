@@ -21,7 +21,7 @@
 namespace pysparse {
 
 // The CUDA sparse matmuls' column-tiled kernels (csrc/cuda/spmm.cu, tiled_rows_per_warp): 0 off (the default), 1
-// where they should pay, 2 / 3 wherever they apply, 4 / 8 rows per warp. Defined in csrc/ops.cpp (op
+// where they should pay, 2 / 4 / 8 wherever they apply, with that many rows per warp. Defined in csrc/ops.cpp (op
 // set_cuda_spmm_tiling).
 int cuda_spmm_tiling();
 

@@ -112,10 +112,11 @@ TORCH_LIBRARY(pysparse, m) {
         [](int64_t bytes) { return pysparse::cpu::set_cpu_cache_limit(bytes); });
   m.def("cpu_cache_bytes() -> int", [] { return pysparse::cpu::cpu_cache_bytes(); });
   // Which kernels the CUDA spmm, spmm_t (spmm's on W^T), sddmm and spmm_grad use: 0 the warp-per-row ones always
-  // (the default), 1 the column-tiled ones where they should pay, 2 / 3 / 4 the tiled ones wherever they apply,
-  // with 4 / 8 / 2 rows per warp. Returns the previous setting. Process-wide; no tensors.
+  // (the default), 1 the column-tiled ones where they should pay, 2 / 4 / 8 the tiled ones wherever they apply,
+  // with that many rows per warp. Returns the previous setting. Process-wide; no tensors.
   m.def("set_cuda_spmm_tiling(int mode) -> int", [](int64_t mode) -> int64_t {
-    TORCH_CHECK_VALUE(mode >= 0 && mode <= 4, "set_cuda_spmm_tiling: mode must be 0, 1, 2, 3 or 4, got ", mode);
+    TORCH_CHECK_VALUE(mode == 0 || mode == 1 || mode == 2 || mode == 4 || mode == 8,
+                      "set_cuda_spmm_tiling: mode must be 0, 1, 2, 4 or 8, got ", mode);
     return pysparse::g_cuda_spmm_tiling.exchange(static_cast<int>(mode));
   });
 }

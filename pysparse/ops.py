@@ -588,7 +588,7 @@ def cpu_cache_bytes() -> int:
 # The CUDA sparse matmuls' column-tiled kernels (csrc/cuda/spmm.cu: spmm_tiled_kernel, sddmm_tiled_kernel): each
 # block copies chunks of the dense operand into shared memory once for 16, 32 or 64 rows of W instead of reading
 # a vector of it from L2 per stored value. Off by default until an H200 has run their tests and measured them.
-CUDA_SPMM_TILING = {"off": 0, "auto": 1, "rows4": 2, "rows8": 3, "rows2": 4}
+CUDA_SPMM_TILING = {"off": 0, "auto": 1, "rows2": 2, "rows4": 4, "rows8": 8}  # "rowsN": N rows of W a warp
 
 
 def set_cuda_spmm_tiling(mode: str) -> str:

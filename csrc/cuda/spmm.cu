@@ -381,18 +381,27 @@ __global__ void __launch_bounds__(kWarp * kTiledWarps)
 // at most 64 vectors); V: elements per 16-byte vector. cuda_spmm_tiling() (csrc/ops.cpp,
 // pysparse.ops.set_cuda_spmm_tiling): 0 (the default) never; 1 where they should pay: batches of 16 vectors and
 // more (half a warp's lanes or more at work: 64 float32 columns, 128 float16 / bfloat16) and at least one stored
-// value in 32 (each chunk's copy then serves R x density >= 1 reads per element at R = 32); 2 / 3 / 4 wherever
-// eligible, with 4 / 8 / 2 rows per warp (tests, and the benchmarks that compare them). Fewer rows a warp, more
+// value in 32 (each chunk's copy then serves R x density >= 1 reads per element at R = 32); 2 / 4 / 8 wherever
+// eligible, with that many rows per warp (tests, and the benchmarks that compare them). Fewer rows a warp, more
 // warps to hide latency, each block's chunk copies serving fewer rows: ptxas (sm_90) gives float32 spmm 64 / 98 /
 // 164-168 registers at 2 / 4 / 8 rows, so four / two / one 256-thread blocks an SM, and 4096 rows at batch 256
 // make 512 / 256 / 128 blocks for the H200's 132 SMs.
 inline int tiled_rows_per_warp(int64_t rows, int64_t K, int64_t B, int64_t nnz, int V, bool eligible) {
   const int mode = cuda_spmm_tiling();
   if (mode == 0 || !eligible || rows == 0 || K >= INT_MAX) return 0;
-  if (mode == 2) return 4;
-  if (mode == 3) return 8;
-  if (mode == 4) return 2;
+  if (mode > 1) return mode;
   return B >= kWarp / 2 * V && nnz * 32 >= rows * K ? 4 : 0;
+}
+
+// f(std::integral_constant<int, rpw>{}) for the tiled kernels' rows per warp (2, 4 or 8: tiled_rows_per_warp).
+template <typename F>
+void with_rows_per_warp(int rpw, F&& f) {
+  if (rpw == 2)
+    f(std::integral_constant<int, 2>{});
+  else if (rpw == 8)
+    f(std::integral_constant<int, 8>{});
+  else
+    f(std::integral_constant<int, 4>{});
 }
 
 template <typename index_t, typename scalar_t>
@@ -404,15 +413,10 @@ void launch_spmm_tiled(const int32_t* rowptr, const index_t* col, const scalar_t
   const int64_t per_block = static_cast<int64_t>(kTiledWarps) * rpw;
   const dim3 grid(static_cast<unsigned int>((rows + per_block - 1) / per_block), static_cast<unsigned int>(tiles));
   const dim3 block(kWarp, kTiledWarps);
-  if (rpw == 8)
-    spmm_tiled_kernel<index_t, scalar_t, V, 8>
+  with_rows_per_warp(rpw, [&](auto r) {
+    spmm_tiled_kernel<index_t, scalar_t, V, decltype(r)::value>
         <<<grid, block, 0, cuda::stream()>>>(rowptr, col, values, xt, bias, yt, rows, K, B, nnz);
-  else if (rpw == 2)
-    spmm_tiled_kernel<index_t, scalar_t, V, 2>
-        <<<grid, block, 0, cuda::stream()>>>(rowptr, col, values, xt, bias, yt, rows, K, B, nnz);
-  else
-    spmm_tiled_kernel<index_t, scalar_t, V, 4>
-        <<<grid, block, 0, cuda::stream()>>>(rowptr, col, values, xt, bias, yt, rows, K, B, nnz);
+  });
 }
 
 void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& x,
@@ -438,9 +442,8 @@ void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tens
             bp, yp, rows, K, B, nnz, LP);
       };
       const bool vec = vectorizable<scalar_t>(B, {xp, yp});
-      const int rpw =
-          tiled_rows_per_warp(rows, K, B, nnz, vec_width<scalar_t>(), vec && !std::is_same_v<scalar_t, double>);
       if constexpr (!std::is_same_v<scalar_t, double>) {
+        const int rpw = tiled_rows_per_warp(rows, K, B, nnz, vec_width<scalar_t>(), vec);
         if (rpw > 0) {
           launch_spmm_tiled<index_t, scalar_t>(rowptr.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(),
                                                values.const_data_ptr<scalar_t>(), xp, bp, yp, rows, K, B, nnz, rpw);
@@ -622,26 +625,16 @@ void launch_sddmm_tiled(const int32_t* rowptr, const index_t* col, const scalar_
   const int64_t per_block = static_cast<int64_t>(kTiledWarps) * rpw;
   const dim3 grid(static_cast<unsigned int>((rows + per_block - 1) / per_block));
   const dim3 block(kWarp, kTiledWarps);
-  const auto go = [&](auto nv, auto r) {
-    sddmm_tiled_kernel<index_t, scalar_t, V, decltype(nv)::value, decltype(r)::value>
-        <<<grid, block, 0, cuda::stream()>>>(rowptr, col, a, b, out, rows, K, B, nnz);
-  };
-  using one = std::integral_constant<int, 1>;
-  using two = std::integral_constant<int, 2>;
-  using four = std::integral_constant<int, 4>;
-  using eight = std::integral_constant<int, 8>;
-  const auto rows_per_warp = [&](auto nv) {
-    if (rpw == 8)
-      go(nv, eight{});
-    else if (rpw == 2)
-      go(nv, two{});
-    else
-      go(nv, four{});
+  const auto go = [&](auto nv) {  // vectors a lane: one, or two past 32 vectors
+    with_rows_per_warp(rpw, [&](auto r) {
+      sddmm_tiled_kernel<index_t, scalar_t, V, decltype(nv)::value, decltype(r)::value>
+          <<<grid, block, 0, cuda::stream()>>>(rowptr, col, a, b, out, rows, K, B, nnz);
+    });
   };
   if (B <= kWarp * V)
-    rows_per_warp(one{});
+    go(std::integral_constant<int, 1>{});
   else
-    rows_per_warp(two{});
+    go(std::integral_constant<int, 2>{});
 }
 
 at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a, const at::Tensor& b) {
