@@ -108,11 +108,8 @@ def main(argv=None) -> None:
                 label = f" (tiling {mode})" if len(args.tiling) > 1 else ""
                 cases.append((f"SparseLinear {s:g}{label}", layer, mode))
         for name, layer, mode in cases:
-            previous = pysparse.ops.set_cuda_spmm_tiling(mode or "off")
-            try:
+            with pysparse.ops.cuda_spmm_tiling(mode or "off"):
                 wall, busy, rows = profile_step(layer, x, g, args.steps, args.top)
-            finally:
-                pysparse.ops.set_cuda_spmm_tiling(previous)
             print(f"\nbatch {batch}, {name}: step {wall:.3f} ms wall, {busy:.3f} ms of "
                   f"{'kernels' if device.type == 'cuda' else 'ops'}")
             for key, calls, us in rows:

@@ -35,11 +35,10 @@ def tiled_cases():
             want = torch.zeros(37, cols).index_put_((rows_of[ok], col[ok]), values[ok]) @ xt
             a = torch.randn(37, batch, generator=gen).to(dtype).float()
             want_dots = torch.where(ok, (a[rows_of] * xt[col.clamp(0, cols - 1)]).sum(1), torch.zeros(()))
-            previous = pysparse.ops.set_cuda_spmm_tiling(mode)
             args = rowptr.to(dev), col.to(dev, torch.int16)
-            got = pysparse.ops.spmm(*args, values.to(dev, dtype), xt.to(dev, dtype))
-            dots = pysparse.ops.sddmm(*args, a.to(dev, dtype), xt.to(dev, dtype))
-            pysparse.ops.set_cuda_spmm_tiling(previous)
+            with pysparse.ops.cuda_spmm_tiling(mode):
+                got = pysparse.ops.spmm(*args, values.to(dev, dtype), xt.to(dev, dtype))
+                dots = pysparse.ops.sddmm(*args, a.to(dev, dtype), xt.to(dev, dtype))
             # bfloat16: the output's rounding
             tol = dict(rtol=1e-5, atol=2e-3) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(got.float().cpu(), want, **tol)

@@ -86,13 +86,10 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
 def test_linear_tiling(benchmark, device, sparsity, step, impl):
     """Batch 256: the warp-per-row kernel ("off"), the column-tiled one at 2, 4 and 8 rows a warp, and cuBLAS."""
     dense, sparse = _layers(device, sparsity)
-    previous = pysparse.ops.set_cuda_spmm_tiling("off" if impl == "dense" else impl)
-    try:
+    with pysparse.ops.cuda_spmm_tiling("off" if impl == "dense" else impl):
         timer = _time_step if step else _time_forward
         timer(benchmark, device, dense, sparse, 256, "dense" if impl == "dense" else "pysparse",
               f"linear-tiling-{'fwdbwd' if step else 'fwd'}-{N}-b256-s{sparsity}-{device}")
-    finally:
-        pysparse.ops.set_cuda_spmm_tiling(previous)
 
 
 # ------------------------------------------------------------------------- torchvision models' linear layers

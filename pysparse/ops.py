@@ -21,8 +21,8 @@ from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
            "spmm_t", "sddmm", "spmm_grad", "release_scratch", "empty_cpu_cache", "set_cpu_cache_limit",
-           "cpu_cache_bytes", "set_cuda_spmm_tiling", "CUDA_SPMM_TILING", "sparse_conv2d", "sparse_conv2d_grad_input",
-           "sparse_conv2d_grad_values", "csr_to_dense", "csr_gather"]
+           "cpu_cache_bytes", "set_cuda_spmm_tiling", "cuda_spmm_tiling", "CUDA_SPMM_TILING", "sparse_conv2d",
+           "sparse_conv2d_grad_input", "sparse_conv2d_grad_values", "csr_to_dense", "csr_gather"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -602,6 +602,17 @@ def set_cuda_spmm_tiling(mode: str) -> str:
         raise ValueError(f"set_cuda_spmm_tiling: mode must be one of {sorted(CUDA_SPMM_TILING)}, got {mode!r}")
     previous = int(torch.ops.pysparse.set_cuda_spmm_tiling.default(CUDA_SPMM_TILING[mode]))
     return next(name for name, code in CUDA_SPMM_TILING.items() if code == previous)
+
+
+@contextlib.contextmanager
+def cuda_spmm_tiling(mode: str):
+    """``with pysparse.ops.cuda_spmm_tiling("rows4"): ...``: `set_cuda_spmm_tiling` for the block, the mode before
+    it put back when the block ends, also by an exception. Yields that previous mode. Process-wide, as the setter."""
+    previous = set_cuda_spmm_tiling(mode)
+    try:
+        yield previous
+    finally:
+        set_cuda_spmm_tiling(previous)
 
 
 def _cpu_cache_limit_from_env() -> None:

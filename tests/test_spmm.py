@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import pysparse
 from pysparse import csr, reference
@@ -878,10 +878,9 @@ CUDA = DEVICES[1:]  # the CUDA case alone, with its marks (skipped without a usa
 
 @pytest.fixture
 def tiling():
-    """pysparse.ops.set_cuda_spmm_tiling, the kernel choice put back after the test."""
-    previous = pysparse.ops.set_cuda_spmm_tiling("off")
-    yield pysparse.ops.set_cuda_spmm_tiling
-    pysparse.ops.set_cuda_spmm_tiling(previous)
+    """pysparse.ops.set_cuda_spmm_tiling, from "off", the kernel choice put back after the test."""
+    with pysparse.ops.cuda_spmm_tiling("off"):
+        yield pysparse.ops.set_cuda_spmm_tiling
 
 
 def test_set_cuda_spmm_tiling(tiling):
@@ -900,23 +899,42 @@ def test_set_cuda_spmm_tiling(tiling):
     assert tiling("off") == "rows2"
 
 
-def _tiled_and_warp(tiling, mode, op, *args, **kwargs):
+def test_cuda_spmm_tiling_context(tiling):
+    """The context manager sets the mode for its block, yields the one before, and puts that back on leaving,
+    also when the block raises or nests; an unknown mode is refused before anything changes."""
+    with pysparse.ops.cuda_spmm_tiling("rows8") as before:
+        assert before == "off"
+        with pysparse.ops.cuda_spmm_tiling("auto") as inner:
+            assert inner == "rows8"
+        assert tiling("rows8") == "rows8"
+    assert tiling("off") == "off"
+    with pytest.raises(RuntimeError, match="inside"):
+        with pysparse.ops.cuda_spmm_tiling("rows2"):
+            assert tiling("rows2") == "rows2"
+            raise RuntimeError("inside")
+    assert tiling("off") == "off"
+    with pytest.raises(ValueError, match="set_cuda_spmm_tiling: mode must be one of"):
+        with pysparse.ops.cuda_spmm_tiling("rows3"):
+            pass
+    assert tiling("off") == "off"
+
+
+def _tiled_and_warp(mode, op, *args, **kwargs):
     """op's result (pysparse.ops.spmm or sddmm) with the tiled kernel (mode) and with the warp-per-row kernel."""
-    tiling(mode)
-    got = op(*args, **kwargs)
-    tiling("off")
-    return got, op(*args, **kwargs)
+    with pysparse.ops.cuda_spmm_tiling(mode):
+        got = op(*args, **kwargs)
+    with pysparse.ops.cuda_spmm_tiling("off"):
+        return got, op(*args, **kwargs)
 
 
 @pytest.mark.parametrize("device", CUDA)
 @pytest.mark.parametrize("mode", TILED)
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None)
 @given(rows=st.sampled_from([1, 7, 37, 100]), cols=st.sampled_from([1, 31, 33, 100, 40000]),
        batch=st.sampled_from([8, 16, 128, 136, 256, 264]), density=st.sampled_from([0.0, 0.03, 0.3, 1.0]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), use_bias=st.booleans(),
        empty_rows=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_tiled_spmm_matches_reference(device, tiling, mode, rows, cols, batch, density, dtype, use_bias, empty_rows,
-                                      seed):
+def test_tiled_spmm_matches_reference(device, mode, rows, cols, batch, density, dtype, use_bias, empty_rows, seed):
     """spmm and sddmm: every chunk edge (K below, at and past a chunk of 16 or 32 rows; int16 and int32 indices),
     partial batch tiles, batches of one or two vectors a lane (sddmm; float32 batch 264 is past them, the warp
     kernel's), rows past the last block's end, rows of 0 to 40000 stored values (windows of 32 refilled), empty
@@ -925,11 +943,11 @@ def test_tiled_spmm_matches_reference(device, tiling, mode, rows, cols, batch, d
         density = 0.03
     values, s, xt, bias = _problem(rows, cols, batch, density, dtype, device, seed, empty_rows=empty_rows)
     bias = bias if use_bias else None
-    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.spmm, s.rowptr, s.col, values, xt, bias=bias)
+    got, warp = _tiled_and_warp(mode, pysparse.ops.spmm, s.rowptr, s.col, values, xt, bias=bias)
     torch.testing.assert_close(got, reference.spmm(s.rowptr, s.col, values, xt, bias=bias), **TOL[dtype])
     torch.testing.assert_close(got, warp, **TOL[dtype])
     a = torch.randn(rows, batch, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
-    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.sddmm, s.rowptr, s.col, a, xt)
+    got, warp = _tiled_and_warp(mode, pysparse.ops.sddmm, s.rowptr, s.col, a, xt)
     torch.testing.assert_close(got, reference.sddmm(s.rowptr, s.col, a, xt), **TOL[dtype])
     torch.testing.assert_close(got, warp, **TOL[dtype])
 
@@ -937,7 +955,7 @@ def test_tiled_spmm_matches_reference(device, tiling, mode, rows, cols, batch, d
 @pytest.mark.parametrize("device", CUDA)
 @pytest.mark.parametrize("mode", TILED)
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
-def test_tiled_spmm_any_order_and_bad_indices(device, tiling, mode, index_dtype):
+def test_tiled_spmm_any_order_and_bad_indices(device, mode, index_dtype):
     """Rows in any column order, and negative or out-of-range column indices anywhere in a row (CUDA checks
     nothing on the host: such entries are skipped): the tiled kernels give the warp kernels' results, which are
     the product over the in-range entries (spmm) and 0 at the out-of-range ones (sddmm)."""
@@ -957,13 +975,13 @@ def test_tiled_spmm_any_order_and_bad_indices(device, tiling, mode, index_dtype)
     r = torch.repeat_interleave(torch.arange(rows), lengths)
     want = torch.zeros(rows, cols).index_put_((r[ok], col[ok].long()), values[ok], accumulate=True) @ xt
     rowptr, col_d, values, xt_d = (t.to(device) for t in (rowptr, col.to(index_dtype), values, xt))
-    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.spmm, rowptr, col_d, values, xt_d)
+    got, warp = _tiled_and_warp(mode, pysparse.ops.spmm, rowptr, col_d, values, xt_d)
     torch.cuda.synchronize()  # an illegal address raises here
     torch.testing.assert_close(warp.cpu(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, warp, rtol=1e-5, atol=1e-4)
     a = torch.randn(rows, batch, generator=gen)
     want = torch.where(ok, (a[r] * xt[col.clamp(0, cols - 1)]).sum(1), torch.zeros(()))
-    got, warp = _tiled_and_warp(tiling, mode, pysparse.ops.sddmm, rowptr, col_d, a.to(device), xt_d)
+    got, warp = _tiled_and_warp(mode, pysparse.ops.sddmm, rowptr, col_d, a.to(device), xt_d)
     torch.cuda.synchronize()
     torch.testing.assert_close(warp.cpu(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, warp, rtol=1e-5, atol=1e-4)
