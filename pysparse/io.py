@@ -272,5 +272,10 @@ def load(path: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     state = OrderedDict(tensors)
     # the modules' versions as saved (files before format 3: the model's own, as if saved by this code)
     state._metadata = OrderedDict(versions.items()) if versions is not None else model.state_dict()._metadata
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # the keys, shapes or sparse structures load_state_dict refused, all of them listed
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        raise ValueError(f"{path} does not fit the model: {exc}") from None
     return model

@@ -532,6 +532,45 @@ def test_load_refuses_edited_metadata(tmp_path):
         pysparse.load(broken, _Tied())
 
 
+def test_load_refuses_files_that_do_not_fit(tmp_path):
+    """A file whose checksum matches (written by other code, or edited and re-summed) but whose tensors do not fit
+    the model: a ValueError naming the file and every problem, as for the other bad files (load_state_dict's own
+    error was a RuntimeError). Sparse structures are checked as they load (rowptr, column indices, their order)."""
+    from pysparse import io
+
+    model, masks = _pruned(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)), 0.5)
+    pysparse.sparsify(model, {"0.weight": masks["0.weight"]}, min_sparsity=0.0)  # layer 2 stays nn.Linear
+    good = tmp_path / "good.safetensors"
+    pysparse.save(model, good)
+    tensors, meta = io.read_safetensors(good, "x")
+
+    def write(edit):
+        t = {k: v.clone() for k, v in tensors.items()}
+        edit(t)
+        path = tmp_path / "edited.safetensors"
+        io.write_safetensors(t, path, {**meta, "sha256": io._digest(t, io._extra(meta))})
+        return path
+
+    fresh = lambda: nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))  # noqa: E731
+    col, rowptr = tensors["0.col"], tensors["0.rowptr"]
+    cases = [
+        (lambda t: t["0.col"].__setitem__(0, 8), "invalid sparse structure: a column index is outside"),
+        (lambda t: t["0.col"].__setitem__(0, -1), "invalid sparse structure: a column index is outside"),
+        (lambda t: t["0.rowptr"].__setitem__(-1, int(rowptr[-1]) + 5), "not a valid row pointer"),
+        (lambda t: t.__setitem__("0.values", t["0.values"][:-1].clone()), "values for"),
+        (lambda t: t.__setitem__("0.col", col.flip(0).clone()), "canonical order"),
+        (lambda t: t.__setitem__("2.weight", torch.zeros(3, 6)), "size mismatch for 2.weight"),
+        (lambda t: t.pop("2.bias"), 'Missing key\\(s\\) in state_dict: "2.bias"'),
+        (lambda t: t.__setitem__("3.weight", torch.zeros(1)), "Unexpected key"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(ValueError, match=f"edited.safetensors does not fit the model: (.|\\n)*{match}"):
+            pysparse.load(write(edit), fresh())
+    loaded = pysparse.load(good, fresh())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: pysparse.sparsify("model"), TypeError, "model must be an nn.Module"),
     (lambda: pysparse.sparsify(nn.Sequential(nn.ReLU())), ValueError, "no nn.Linear, nn.Conv2d or nn.MultiheadAttention"),
