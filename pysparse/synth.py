@@ -63,6 +63,9 @@ class SyntheticSet:
             raise ValueError(f"labels must be in [0, {self.num_classes})")
         if not bool(torch.isfinite(self.images).all()):
             raise ValueError("images contain NaN or infinity")
+        low, high = float(self.images.min()), float(self.images.max())
+        if low < 0 or high > 1:  # what synthesize makes, the GAN trainer and evaluate take: images in [0, 1]
+            raise ValueError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -53,6 +53,10 @@ def test_synthetic_set_save_load_and_bad_files(tmp_path):
         SyntheticSet(torch.rand(2, 1, 8, 8), torch.tensor([0, 5]), 4)
     with pytest.raises(ValueError, match="NaN"):
         SyntheticSet(torch.full((1, 1, 8, 8), float("nan")), torch.tensor([0]), 2)
+    for bad in (-0.01, 1.5):
+        with pytest.raises(ValueError, match=r"images must lie in \[0, 1\], got values in"):
+            SyntheticSet(torch.full((1, 1, 8, 8), bad), torch.tensor([0]), 2)
+    SyntheticSet(torch.tensor([0.0, 1.0]).repeat(32).view(1, 1, 8, 8), torch.tensor([0]), 2)  # the ends are in
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
