@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include "cpu/out_cache.h"
 
@@ -131,6 +132,16 @@ inline void check_apply_mask_args(const at::Tensor& mask, at::TensorList tensors
     TORCH_CHECK_TYPE(es == 1 || es == 2 || es == 4 || es == 8, "apply_mask_: tensors[", i,
                      "] has unsupported dtype ", t.scalar_type());
     TORCH_CHECK_TYPE(!t.is_complex(), "apply_mask_: tensors[", i, "] is complex, which is not supported");
+    // Several elements at one address (an expanded view) would each be masked by a different mask element; two
+    // tensors (or one and the mask) partly over the same memory, zeroed by different threads, race. One tensor
+    // given twice, or as its own mask, is the same pass twice and stays allowed.
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "apply_mask_: tensors[", i,
+                      "] has elements that share memory (an expanded view?): clone() it first");
+    TORCH_CHECK_VALUE(at::get_overlap_status(mask, t) != at::MemOverlapStatus::Partial, "apply_mask_: tensors[", i,
+                      "] partly overlaps the mask's memory");
+    for (size_t k = 0; k < i; ++k)
+      TORCH_CHECK_VALUE(at::get_overlap_status(tensors[k], t) != at::MemOverlapStatus::Partial, "apply_mask_: tensors[",
+                        k, "] and tensors[", i, "] partly share memory");
   }
 }
 

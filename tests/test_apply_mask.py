@@ -74,6 +74,31 @@ def test_offset_views_and_ragged_lengths(device):
                 assert torch.equal(got, want), (n, off, got.dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlapping_memory(device):
+    """Elements sharing one address would each be masked by a different mask element (an expanded view), and two
+    tensors (or a tensor and the mask) partly over one storage would be zeroed by different threads: refused,
+    naming the tensors, before anything is written (torch's in-place ops refuse the first too). One tensor given
+    twice, a tensor as its own mask, and disjoint views of one storage go through."""
+    mask = torch.tensor([True, False] * 4, device=device)
+    with pytest.raises(ValueError, match=r"tensors\[0\] has elements that share memory"):
+        pysparse.apply_mask_(mask, torch.ones(1, device=device).expand(8))
+    flat = torch.arange(1.0, 13.0, device=device)
+    with pytest.raises(ValueError, match=r"tensors\[0\] and tensors\[1\] partly share memory"):
+        pysparse.apply_mask_(mask, flat[:8], flat[4:])
+    assert torch.equal(flat, torch.arange(1.0, 13.0, device=device))  # nothing written
+    bits = torch.ones(12, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match=r"tensors\[0\] partly overlaps the mask's memory"):
+        pysparse.apply_mask_(bits[:8], bits[2:10])
+    t = torch.arange(1.0, 9.0, device=device)
+    assert pysparse.apply_mask_(mask, t, t) == 4 and torch.equal(t, torch.arange(1.0, 9.0, device=device) * mask)
+    m = mask.clone()
+    assert pysparse.apply_mask_(m, m) == 4 and torch.equal(m, mask)
+    flat = torch.arange(1.0, 17.0, device=device)
+    assert pysparse.apply_mask_(mask, flat[:8], flat[8:]) == 4
+    assert torch.equal(flat, torch.arange(1.0, 17.0, device=device) * mask.repeat(2))
+
+
 def test_none_entries_skipped_and_no_tensors():
     mask = torch.tensor([True, False, True])
     t = torch.ones(3)
