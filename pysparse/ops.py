@@ -432,6 +432,8 @@ def apply_mask_(mask: torch.Tensor, *tensors: Optional[torch.Tensor]) -> int:
 
     Pass a weight with its grad and optimizer state (e.g. Adam's exp_avg, exp_avg_sq); ``None`` entries
     (a grad not yet computed) are skipped. Pruned entries become exactly 0 even where they held NaN or inf.
+    A tensor whose elements share memory (an expanded view), or two that partly overlap each other or the mask,
+    raise ValueError (the same tensor twice is fine).
     Returns an int; under ``torch.compile`` the count stays a 0-dim int64 tensor so that the graph does not
     break (``torch.ops.pysparse.apply_mask_`` always returns that tensor, and never syncs a CUDA stream).
     """
