@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from .ops import _check_int
+
 
 def mlp(in_features: int = 64, hidden: tuple[int, ...] = (300, 100), num_classes: int = 10) -> nn.Sequential:
+    _check_int(in_features, "in_features", 1)
+    _check_int(num_classes, "num_classes", 2)
+    if not isinstance(hidden, (tuple, list)):
+        raise TypeError(f"hidden must be a tuple of layer widths, got {type(hidden).__name__}")
+    for i, h in enumerate(hidden):
+        _check_int(h, f"hidden[{i}]", 1)
     layers: list[nn.Module] = [nn.Flatten()]
     widths = (in_features,) + tuple(hidden)
     for a, b in zip(widths, widths[1:]):
@@ -15,6 +23,9 @@ def mlp(in_features: int = 64, hidden: tuple[int, ...] = (300, 100), num_classes
 
 def cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 8) -> nn.Sequential:
     """Two 3x3 convolutions (32, 64 channels), a 2x2 max-pool, then 128 hidden units."""
+    _check_int(in_channels, "in_channels", 1)
+    _check_int(num_classes, "num_classes", 2)
+    _check_int(image_size, "image_size", 2)
     if image_size % 2:
         raise ValueError(f"image_size must be even, got {image_size}")
     side = image_size // 2
@@ -32,6 +43,11 @@ def convnet(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, wi
     """The ConvNet of the dataset-condensation literature (DC, DM): ``depth`` blocks of 3x3 conv (``width``
     channels) -> instance norm (GroupNorm with one channel per group, affine) -> ReLU -> 2x2 average pool, then
     a linear classifier. ``depth`` defaults to the number of halvings that keep the side >= 2 (at most 3)."""
+    _check_int(in_channels, "in_channels", 1)
+    _check_int(num_classes, "num_classes", 2)
+    _check_int(image_size, "image_size", 2)
+    _check_int(width, "width", 1)
+    _check_int(depth, "depth", 1, none_ok=True)
     if depth is None:
         depth, side = 0, image_size
         while side // 2 >= 2 and depth < 3:

@@ -293,6 +293,10 @@ def test_frechet_distance_matches_the_scipy_formula():
         metrics.frechet_distance(a, torch.where(b > 2, float("nan"), b))
 
 
+def _G8():
+    return Generator(8, 1, num_classes=10, width=8, latent_dim=8)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda x, y: metrics.train_classifier(x, y + 10, num_classes=10, epochs=1),
      r"y must be in \[0, 10\) \(num_classes = 10\), got labels in \[10, 19\]"),  # was cross_entropy's IndexError
@@ -304,11 +308,29 @@ def test_frechet_distance_matches_the_scipy_formula():
     (lambda x, y: pysparse.synth.random_subset((x, y), 0, 10, 0), "ipc .* must be an int >= 1, got 0"),
     (lambda x, y: metrics.class_accuracy(None, Generator(8, 1, num_classes=10, width=8, latent_dim=8), per_class=0),
      "per_class must be an int >= 1, got 0"),
+    # evaluate's real splits: checked, named, against each other and the generator, before any training (the
+    # mismatches reached a convolution's RuntimeError after the classifier had trained)
+    (lambda x, y: metrics.evaluate(_G8(), (torch.rand(40, 3, 8, 8), y), (x, y), num_classes=10),
+     r"train images are \(3, 8, 8\) but test images are \(1, 8, 8\)"),
+    (lambda x, y: metrics.evaluate(_G8(), (x, y), (torch.rand(40, 1, 16, 16), y), num_classes=10),
+     r"test images are \(1, 16, 16\)"),
+    (lambda x, y: metrics.evaluate(_G8(), (x.repeat(1, 3, 1, 1), y), (x.repeat(1, 3, 1, 1), y), num_classes=10),
+     r"the generator makes \(1, 8, 8\) images but the real ones are \(3, 8, 8\)"),
+    (lambda x, y: metrics.evaluate(_G8(), (x, y), (x, y + 10), num_classes=10), r"test: y must be in \[0, 10\)"),
+    (lambda x, y: metrics.evaluate(_G8(), (x, y), (x[:, 0], y), num_classes=10),
+     r"test: images must be \[N, C, H, W\]"),
+    (lambda x, y: metrics.evaluate(_G8(), (x * float("nan"), y), (x, y), num_classes=10), "train: x holds NaN"),
 ])
 def test_metric_inputs_are_checked(call, match):
     x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 10
     with pytest.raises(ValueError, match=match):
         call(x, y)
+
+
+def test_evaluate_wants_image_label_pairs():
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 10
+    with pytest.raises(TypeError, match="train must be a pair"):
+        metrics.evaluate(_G8(), x, (x, y), num_classes=10)
 
 
 class _RealImages(torch.nn.Module):

@@ -118,6 +118,28 @@ def test_accuracy(net: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> fl
     return accuracy(net, zip(test[0].split(1024), test[1].split(1024)))
 
 
+def _check_sets(generator: nn.Module, train, test, num_classes: int) -> None:
+    """evaluate's real splits: (images [N, C, H, W], labels in [0, num_classes)) pairs of one image shape, the
+    generator's (a pysparse Generator's channels and image_size); ValueError / TypeError naming the split."""
+    shapes = {}
+    for name, pair in (("train", train), ("test", test)):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"{name} must be a pair (images, labels) of tensors, got {type(pair).__name__}")
+        try:
+            check_labeled(*pair, num_classes)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+        if pair[0].dim() != 4:
+            raise ValueError(f"{name}: images must be [N, C, H, W], got shape {tuple(pair[0].shape)}")
+        shapes[name] = tuple(pair[0].shape[1:])
+    if shapes["train"] != shapes["test"]:
+        raise ValueError(f"train images are {shapes['train']} but test images are {shapes['test']}")
+    channels, side = getattr(generator, "channels", None), getattr(generator, "image_size", None)
+    if isinstance(channels, int) and isinstance(side, int) and shapes["train"] != (channels, side, side):
+        raise ValueError(f"the generator makes {(channels, side, side)} images but the real ones are "
+                         f"{shapes['train']}")
+
+
 def evaluate(generator: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
              *, num_classes: int, extractor: Optional[ClassifierFeatures] = None, seed: int = 0,
              with_cas: bool = True, epochs: int = 30) -> dict:
@@ -125,6 +147,7 @@ def evaluate(generator: nn.Module, train: tuple[torch.Tensor, torch.Tensor], tes
     per real training label vs the real test split), its floor FID(real train, real test) (the same sample
     sizes: what a generator of fresh real images would score), the classifier's own test accuracy, and for a
     conditional G the per-class label accuracy and CAS."""
+    _check_sets(generator, train, test, num_classes)
     if extractor is None:
         extractor = ClassifierFeatures(train_classifier(*train, num_classes=num_classes, epochs=epochs, seed=seed))
     clf_acc = test_accuracy(extractor.classifier, test)
