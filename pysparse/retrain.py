@@ -194,6 +194,9 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target
                       ) -> torch.Tensor:
     """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T) on logits
     softened by temperature T, plus (1 - alpha) * loss_fn(logits, targets) on the labels."""
+    if teacher_logits.shape != logits.shape:  # F.kl_div would broadcast or fail on a size deep in its graph
+        raise ValueError(f"the teacher's logits have shape {tuple(teacher_logits.shape)} but the model's "
+                         f"{tuple(logits.shape)}: the teacher must score the same classes")
     t = float(temperature)
     kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean",
                   log_target=True)

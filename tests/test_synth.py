@@ -253,6 +253,11 @@ def test_distillation_loss_and_data_free_retrain():
     with pytest.raises(ValueError, match="alpha"):
         pysparse.retrain(student, result.masks, "connectivity", loader, epochs=1, lr=0.01, teacher=teacher,
                          alpha=2.0)
+    with pytest.raises(ValueError, match=r"the teacher's logits have shape \(6, 4\) but the model's \(6, 5\)"):
+        distillation_loss(s, t[:, :4], y)  # was kl_div's size error, or a broadcast over [6, 1] logits
+    with pytest.raises(ValueError, match="the teacher must score the same classes"):
+        pysparse.retrain(student, result.masks, "connectivity", loader, epochs=1, lr=0.01,
+                         teacher=models.mlp(num_classes=5))
 
 
 TINY = ["--ipc", "2", "--gan-steps", "6", "--match-iterations", "4", "--retrain-steps", "4", "--eval-seeds", "1",
