@@ -286,9 +286,8 @@ def _match_seeded(generator, ipc, k, real, iterations, pixels, lr, pixel_lr, pix
 
     x, y = real
     shape = tuple(x.shape[1:])
-    if shape != (generator.channels, generator.image_size, generator.image_size):
-        raise ValueError(f"the real images are {shape} but the generator draws "
-                         f"{(generator.channels, generator.image_size, generator.image_size)}")
+    if shape != generator.image_shape:
+        raise ValueError(f"the real images are {shape} but the generator draws {generator.image_shape}")
     by_class = [x[y == c] for c in range(k)]
     if any(len(b) == 0 for b in by_class):
         raise ValueError("every class needs at least one real image to match")

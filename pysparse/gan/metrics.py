@@ -120,7 +120,7 @@ def test_accuracy(net: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> fl
 
 def _check_sets(generator: nn.Module, train, test, num_classes: int) -> None:
     """evaluate's real splits: (images [N, C, H, W], labels in [0, num_classes)) pairs of one image shape, the
-    generator's (a pysparse Generator's channels and image_size); ValueError / TypeError naming the split."""
+    generator's (a pysparse Generator's image_shape); ValueError / TypeError naming the split."""
     shapes = {}
     for name, pair in (("train", train), ("test", test)):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
@@ -134,10 +134,9 @@ def _check_sets(generator: nn.Module, train, test, num_classes: int) -> None:
         shapes[name] = tuple(pair[0].shape[1:])
     if shapes["train"] != shapes["test"]:
         raise ValueError(f"train images are {shapes['train']} but test images are {shapes['test']}")
-    channels, side = getattr(generator, "channels", None), getattr(generator, "image_size", None)
-    if isinstance(channels, int) and isinstance(side, int) and shapes["train"] != (channels, side, side):
-        raise ValueError(f"the generator makes {(channels, side, side)} images but the real ones are "
-                         f"{shapes['train']}")
+    drawn = getattr(generator, "image_shape", None)  # a pysparse Generator's (other modules may not say)
+    if drawn is not None and shapes["train"] != drawn:
+        raise ValueError(f"the generator makes {drawn} images but the real ones are {shapes['train']}")
 
 
 def evaluate(generator: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],

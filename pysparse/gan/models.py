@@ -81,7 +81,19 @@ def _layer_types(sparse: bool, sparsity: float):
     return (functools.partial(SparseLinear, sparsity=sparsity), functools.partial(SparseConv2d, sparsity=sparsity))
 
 
-class Generator(nn.Module):
+class _ImageModel(nn.Module):
+    """Generator and Discriminator: models of images [channels, image_size, image_size]."""
+
+    channels: int
+    image_size: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, image_size, image_size): the images this model draws or scores."""
+        return (self.channels, self.image_size, self.image_size)
+
+
+class Generator(_ImageModel):
     """DCGAN-style generator of [channels, image_size, image_size] images in [-1, 1] from N(0, 1) codes.
 
     ``num_classes`` makes it class-conditional (a label embedding of ``latent_dim`` values concatenated to z).
@@ -139,7 +151,7 @@ class Generator(nn.Module):
         return (x + 1) / 2
 
 
-class Discriminator(nn.Module):
+class Discriminator(_ImageModel):
     """DCGAN-style discriminator giving one logit per image; ``num_classes`` adds the projection term.
     Spectral normalisation on every layer unless ``spectral_norm=False``; ``sparse=False`` builds it from
     dense layers (torch's spectral_norm)."""
@@ -172,7 +184,7 @@ class Discriminator(nn.Module):
                 _sn(self.embed)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        shape = (self.channels, self.image_size, self.image_size)
+        shape = self.image_shape
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
             raise ValueError(f"images must be [batch, {', '.join(map(str, shape))}], got "
                              f"{tuple(getattr(x, 'shape', ()))}")

@@ -119,8 +119,8 @@ class GANTrainer:
         if not isinstance(generator, Generator) or not isinstance(discriminator, Discriminator):
             raise TypeError("generator and discriminator must be pysparse.gan.Generator / Discriminator, got "
                             f"{type(generator).__name__} / {type(discriminator).__name__}")
-        shape = (generator.channels, generator.image_size, generator.image_size)
-        if (discriminator.channels, discriminator.image_size, discriminator.image_size) != shape:
+        shape = generator.image_shape
+        if discriminator.image_shape != shape:
             raise ValueError("the generator and the discriminator are built for different image shapes")
         if (generator.num_classes is None) != (discriminator.num_classes is None) or \
                 generator.num_classes != discriminator.num_classes:
