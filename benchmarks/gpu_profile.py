@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import pysparse
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the pysparse of this checkout, also where it is not installed (a lent GPU machine: built and carried, then run
+# from the repository's root without PYTHONPATH), and benchmarks/_util
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import pysparse  # noqa: E402
 from _util import check_sizes  # noqa: E402
 
 
