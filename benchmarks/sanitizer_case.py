@@ -18,9 +18,10 @@ def rnd(*shape, dtype=torch.float32):
 
 def tiled_cases():
     """The column-tiled kernels (pysparse.ops.set_cuda_spmm_tiling), every row count a warp, float32 and bfloat16:
-    rows in any column order with negative and out-of-range indices (skipped), K past a chunk edge, a partial batch
-    tile (spmm), one and two vectors a lane (sddmm)."""
-    cols = 70
+    rows in any column order with negative and out-of-range indices (skipped), K past a chunk edge and past the ring
+    of chunk buffers (300 rows of xt: 10 chunks of 32, 19 of 16, against at most 6 buffers, so that racecheck sees
+    each buffer refilled), a partial batch tile (spmm), one and two vectors a lane (sddmm)."""
+    cols = 300
     lengths = torch.randint(0, cols, (37,), generator=gen)
     rowptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
     col = torch.cat([torch.randperm(cols, generator=gen)[:n] for n in lengths.tolist()])
