@@ -6,7 +6,6 @@ kernel-bound one, and which kernel to work on.
 
     python benchmarks/gpu_profile.py --batch 16 256 --sparsity 0.9 0.99       # CUDA when visible
     python benchmarks/gpu_profile.py --device cpu --features 1024 --batch 16  # the CPU ops instead
-    python benchmarks/gpu_profile.py --batch 256 --sparsity 0.8 0.9 0.95 --tiling off rows2 rows4 rows8   # CUDA kernels
 """
 import argparse
 import statistics
@@ -80,9 +79,6 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed and profiled steps per case")
     p.add_argument("--top", type=int, default=8, help="kernels (ops on CPU) listed per case")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiling", nargs="+", default=["off"], choices=sorted(pysparse.ops.CUDA_SPMM_TILING),
-                   help="CUDA spmm kernel choices to profile the sparse layers under "
-                        "(pysparse.ops.set_cuda_spmm_tiling; the default: off)")
     args = p.parse_args(argv)
     try:
         for s in args.sparsity:
@@ -101,16 +97,13 @@ def main(argv=None) -> None:
         x = torch.randn(batch, n, device=device, requires_grad=True)
         g = torch.randn(batch, n, device=device)
         dense = nn.Linear(n, n).to(device)
-        cases = [("nn.Linear", dense, None)]
+        cases = [("nn.Linear", dense)]
         for s in args.sparsity:
             layer = pysparse.SparseLinear(n, n, sparsity=s).to(device)
             layer.dense_below = 0.0  # its sparse kernels, whatever the crossover
-            for mode in args.tiling:
-                label = f" (tiling {mode})" if len(args.tiling) > 1 else ""
-                cases.append((f"SparseLinear {s:g}{label}", layer, mode))
-        for name, layer, mode in cases:
-            with pysparse.ops.cuda_spmm_tiling(mode or "off"):
-                wall, busy, rows = profile_step(layer, x, g, args.steps, args.top)
+            cases.append((f"SparseLinear {s:g}", layer))
+        for name, layer in cases:
+            wall, busy, rows = profile_step(layer, x, g, args.steps, args.top)
             print(f"\nbatch {batch}, {name}: step {wall:.3f} ms wall, {busy:.3f} ms of "
                   f"{'kernels' if device.type == 'cuda' else 'ops'}")
             for key, calls, us in rows:

@@ -1,8 +1,6 @@
 """One small case of every CUDA kernel and code path, checked against the reference; run under
-compute-sanitizer by benchmarks/gpu_check.sh (small, because memcheck slows kernels a hundredfold). With
---tiled, only the kernels that use shared memory (the column-tiled ones), for racecheck."""
-import sys
-
+compute-sanitizer by benchmarks/gpu_check.sh, memcheck and racecheck (small, because the sanitizer slows kernels a
+hundredfold)."""
 import torch
 
 import pysparse
@@ -15,40 +13,6 @@ gen = torch.Generator().manual_seed(0)
 def rnd(*shape, dtype=torch.float32):
     return torch.randn(*shape, generator=gen).to(dev, dtype)
 
-
-def tiled_cases():
-    """The column-tiled kernels (pysparse.ops.set_cuda_spmm_tiling), every row count a warp, float32 and bfloat16:
-    rows in any column order with negative and out-of-range indices (skipped), K past a chunk edge and past the ring
-    of chunk buffers (300 rows of xt: 10 chunks of 32, 19 of 16, against at most 6 buffers, so that racecheck sees
-    each buffer refilled), a partial batch tile (spmm), one and two vectors a lane (sddmm)."""
-    cols = 300
-    lengths = torch.randint(0, cols, (37,), generator=gen)
-    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
-    col = torch.cat([torch.randperm(cols, generator=gen)[:n] for n in lengths.tolist()])
-    col[::17] = -1
-    col[5::23] = cols + 3
-    ok = (col >= 0) & (col < cols)
-    rows_of = torch.repeat_interleave(torch.arange(37), lengths)
-    for mode in ("rows2", "rows4", "rows8"):
-        for dtype, batch in ((torch.float32, 132), (torch.bfloat16, 136)):
-            values = torch.randn(len(col), generator=gen).to(dtype).float()  # what the kernel reads, in float32
-            xt = torch.randn(cols, batch, generator=gen).to(dtype).float()
-            want = torch.zeros(37, cols).index_put_((rows_of[ok], col[ok]), values[ok]) @ xt
-            a = torch.randn(37, batch, generator=gen).to(dtype).float()
-            want_dots = torch.where(ok, (a[rows_of] * xt[col.clamp(0, cols - 1)]).sum(1), torch.zeros(()))
-            args = rowptr.to(dev), col.to(dev, torch.int16)
-            with pysparse.ops.cuda_spmm_tiling(mode):
-                got = pysparse.ops.spmm(*args, values.to(dev, dtype), xt.to(dev, dtype))
-                dots = pysparse.ops.sddmm(*args, a.to(dev, dtype), xt.to(dev, dtype))
-            # bfloat16: the output's rounding
-            tol = dict(rtol=1e-5, atol=2e-3) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-            torch.testing.assert_close(got.float().cpu(), want, **tol)
-            torch.testing.assert_close(dots.float().cpu(), want_dots, **tol)
-
-
-if "--tiled" in sys.argv[1:]:  # compute-sanitizer racecheck: the kernels with shared memory only
-    tiled_cases()
-    sys.exit(0)
 
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     w, g, h = rnd(37, 41, dtype=dtype), rnd(37, 41, dtype=dtype), rnd(37, 41, dtype=dtype)
@@ -111,7 +75,6 @@ for rows, cols, batch, dtype in ((37, 53, 3, torch.float32), (37, 53, 45, torch.
                          reference.spmm_grad(s.rowptr, s.col, values, yt, xt)):
         torch.testing.assert_close(got, want, **tol)
 
-tiled_cases()
 
 linear = torch.nn.Linear(40, 24).to(dev)
 sparse_linear = pysparse.SparseLinear.from_dense(linear, torch.rand(24, 40, device=dev) < 0.3)

@@ -78,20 +78,6 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
                f"linear-fwdbwd-{N}-b{batch}-s{sparsity}-{device}")
 
 
-# ------------------------------------------- the CUDA spmm's kernel choices (pysparse.ops.set_cuda_spmm_tiling)
-@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA only: the setting chooses between CUDA kernels
-@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95])
-@pytest.mark.parametrize("step", [False, True], ids=["fwd", "fwdbwd"])
-@pytest.mark.parametrize("impl", ["off", "rows2", "rows4", "rows8", "dense"])
-def test_linear_tiling(benchmark, device, sparsity, step, impl):
-    """Batch 256: the warp-per-row kernel ("off"), the column-tiled one at 2, 4 and 8 rows a warp, and cuBLAS."""
-    dense, sparse = _layers(device, sparsity)
-    with pysparse.ops.cuda_spmm_tiling("off" if impl == "dense" else impl):
-        timer = _time_step if step else _time_forward
-        timer(benchmark, device, dense, sparse, 256, "dense" if impl == "dense" else "pysparse",
-              f"linear-tiling-{'fwdbwd' if step else 'fwd'}-{N}-b256-s{sparsity}-{device}")
-
-
 # ------------------------------------------------------------------------- torchvision models' linear layers
 MODEL_LINEARS = {k: v for k, v in torchvision_linears().items() if v != (N, N)}  # 4096 x 4096: above
 MODEL_SPARSITY = 0.9

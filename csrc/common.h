@@ -21,11 +21,6 @@
 
 namespace pysparse {
 
-// The CUDA sparse matmuls' column-tiled kernels (csrc/cuda/spmm.cu, tiled_rows_per_warp): 0 off (the default), 1
-// where they should pay, 2 / 4 / 8 wherever they apply, with that many rows per warp. Defined in csrc/ops.cpp (op
-// set_cuda_spmm_tiling).
-int cuda_spmm_tiling();
-
 // ---------------------------------------------------------------------------------------------------------
 // Float keys: an order-preserving map from float to uint32 (a < b  <=>  key(a) < key(b)), with -0.0 and +0.0
 // mapped to the same key so that they tie, as they do under float comparison. NaN has no place in the order;

@@ -4,8 +4,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <atomic>
-
 #include "cpu/out_cache.h"
 #include "cpu/scratch.h"
 
@@ -17,13 +15,6 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
-
-namespace pysparse {
-namespace {
-std::atomic<int> g_cuda_spmm_tiling{0};
-}  // namespace
-int cuda_spmm_tiling() { return g_cuda_spmm_tiling.load(std::memory_order_relaxed); }
-}  // namespace pysparse
 
 TORCH_LIBRARY(pysparse, m) {
   // Fused saliency scores (float32, weight's shape): magnitude |w|, gradient |g|, taylor |g*w|,
@@ -111,12 +102,4 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("set_cpu_cache_limit(int bytes) -> int",
         [](int64_t bytes) { return pysparse::cpu::set_cpu_cache_limit(bytes); });
   m.def("cpu_cache_bytes() -> int", [] { return pysparse::cpu::cpu_cache_bytes(); });
-  // Which kernels the CUDA spmm, spmm_t (spmm's on W^T), sddmm and spmm_grad use: 0 the warp-per-row ones always
-  // (the default), 1 the column-tiled ones where they should pay, 2 / 4 / 8 the tiled ones wherever they apply,
-  // with that many rows per warp. Returns the previous setting. Process-wide; no tensors.
-  m.def("set_cuda_spmm_tiling(int mode) -> int", [](int64_t mode) -> int64_t {
-    TORCH_CHECK_VALUE(mode == 0 || mode == 1 || mode == 2 || mode == 4 || mode == 8,
-                      "set_cuda_spmm_tiling: mode must be 0, 1, 2, 4 or 8, got ", mode);
-    return pysparse::g_cuda_spmm_tiling.exchange(static_cast<int>(mode));
-  });
 }

@@ -21,8 +21,8 @@ from ._extension import cuda_built, has_kernel
 
 __all__ = ["SALIENCY_METHODS", "saliency", "sparsity_masks", "threshold_masks", "nm_masks", "apply_mask_", "spmm",
            "spmm_t", "sddmm", "spmm_grad", "release_scratch", "empty_cpu_cache", "set_cpu_cache_limit",
-           "cpu_cache_bytes", "set_cuda_spmm_tiling", "cuda_spmm_tiling", "CUDA_SPMM_TILING", "sparse_conv2d",
-           "sparse_conv2d_grad_input", "sparse_conv2d_grad_values", "csr_to_dense", "csr_gather"]
+           "cpu_cache_bytes", "sparse_conv2d", "sparse_conv2d_grad_input", "sparse_conv2d_grad_values", "csr_to_dense",
+           "csr_gather"]
 
 SALIENCY_METHODS = ("magnitude", "gradient", "taylor", "hessian")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -585,36 +585,6 @@ def set_cpu_cache_limit(nbytes: int) -> int:
 def cpu_cache_bytes() -> int:
     """The bytes the CPU output cache holds now (freed outputs' blocks waiting for the next call)."""
     return int(torch.ops.pysparse.cpu_cache_bytes.default())
-
-
-# The CUDA sparse matmuls' column-tiled kernels (csrc/cuda/spmm.cu: spmm_tiled_kernel, sddmm_tiled_kernel): each
-# block copies chunks of the dense operand into shared memory once for 16, 32 or 64 rows of W instead of reading
-# a vector of it from L2 per stored value. Off by default until an H200 has run their tests and measured them.
-CUDA_SPMM_TILING = {"off": 0, "auto": 1, "rows2": 2, "rows4": 4, "rows8": 8}  # "rowsN": N rows of W a warp
-
-
-def set_cuda_spmm_tiling(mode: str) -> str:
-    """Choose the CUDA kernels of spmm, spmm_t (which runs spmm's on W^T), sddmm and spmm_grad: ``"off"`` (the
-    default) the warp-per-row kernels always, ``"auto"`` the column-tiled kernels for batches of 64 or more (128 in
-    float16 / bfloat16) where at least one weight in 32 is stored, ``"rows2"`` / ``"rows4"`` / ``"rows8"`` the
-    tiled kernels wherever they apply (float32 / float16 / bfloat16, 16-byte-aligned rows; sddmm's up to 64 vectors
-    of 16 bytes a row, 256 float32 columns), with 2, 4 or 8 rows a warp (fewer: more blocks to hide latency,
-    each saving less of L2's reads). Process-wide; returns the previous mode. The CPU kernels are not affected."""
-    if not isinstance(mode, str) or mode not in CUDA_SPMM_TILING:
-        raise ValueError(f"set_cuda_spmm_tiling: mode must be one of {sorted(CUDA_SPMM_TILING)}, got {mode!r}")
-    previous = int(torch.ops.pysparse.set_cuda_spmm_tiling.default(CUDA_SPMM_TILING[mode]))
-    return next(name for name, code in CUDA_SPMM_TILING.items() if code == previous)
-
-
-@contextlib.contextmanager
-def cuda_spmm_tiling(mode: str):
-    """``with pysparse.ops.cuda_spmm_tiling("rows4"): ...``: `set_cuda_spmm_tiling` for the block, the mode before
-    it put back when the block ends, also by an exception. Yields that previous mode. Process-wide, as the setter."""
-    previous = set_cuda_spmm_tiling(mode)
-    try:
-        yield previous
-    finally:
-        set_cuda_spmm_tiling(previous)
 
 
 def _cpu_cache_limit_from_env() -> None:

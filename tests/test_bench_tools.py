@@ -85,12 +85,6 @@ def test_gpu_profile_splits_the_step_by_kernel(capsys):
     module.main(["--device", "cpu", "--features", "64", "--batch", "4", "--sparsity", "0.5", "--steps", "2"])
     out = capsys.readouterr().out
     assert "batch 4, nn.Linear: step" in out and "batch 4, SparseLinear 0.5: step" in out and "pysparse::spmm" in out
-    # several CUDA kernel choices: one case each, labelled, and the setting put back (the CPU ops do not change)
-    module.main(["--device", "cpu", "--features", "64", "--batch", "4", "--sparsity", "0.5", "--steps", "2",
-                 "--tiling", "off", "rows4"])
-    out = capsys.readouterr().out
-    assert "SparseLinear 0.5 (tiling off): step" in out and "SparseLinear 0.5 (tiling rows4): step" in out
-    assert pysparse.ops.set_cuda_spmm_tiling("off") == "off"
     with pytest.raises(SystemExit):
         module.main(["--device", "cpu", "--sparsity", "1.0"])
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
