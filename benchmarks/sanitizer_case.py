@@ -75,7 +75,6 @@ for rows, cols, batch, dtype in ((37, 53, 3, torch.float32), (37, 53, 45, torch.
                          reference.spmm_grad(s.rowptr, s.col, values, yt, xt)):
         torch.testing.assert_close(got, want, **tol)
 
-
 linear = torch.nn.Linear(40, 24).to(dev)
 sparse_linear = pysparse.SparseLinear.from_dense(linear, torch.rand(24, 40, device=dev) < 0.3)
 x = rnd(6, 40).requires_grad_()

@@ -870,3 +870,35 @@ def test_row_indices_and_bad_rowptr():
     with pytest.raises(ValueError, match="rowptr must be a non-empty 1-D int32"):
         csr.row_indices(s.rowptr.float(), values.numel())
 
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA alone: the CPU kernels refuse bad indices (tests above)
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+def test_cuda_kernels_skip_bad_indices(device, index_dtype):
+    """Rows in any column order, and negative or out-of-range column indices anywhere in a row, window edges among
+    them (CUDA checks nothing on the host, so as not to sync: such entries are skipped, never read): spmm is the
+    product over the in-range entries, sddmm 0 at the out-of-range ones."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols, batch = 70, 300, 256
+    lengths = torch.randint(0, 120, (rows,), generator=gen)
+    lengths[:4] = torch.tensor([0, 31, 32, 33])
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    col = torch.cat([torch.randperm(cols, generator=gen)[:n] for n in lengths.tolist()])  # unsorted rows
+    for j in torch.randint(0, len(col), (40,), generator=gen).tolist():
+        col[j] = [-1, cols, cols + 7, 32767, -32768][j % 5]
+    col[int(rowptr[2]) + 31] = cols
+    col[int(rowptr[3]) + 32] = -1
+    values = torch.randn(len(col), generator=gen)
+    xt = torch.randn(cols, batch, generator=gen)
+    ok = (col >= 0) & (col < cols)
+    r = torch.repeat_interleave(torch.arange(rows), lengths)
+    want = torch.zeros(rows, cols).index_put_((r[ok], col[ok].long()), values[ok], accumulate=True) @ xt
+    rowptr, col_d, xt_d = rowptr.to(device), col.to(device, index_dtype), xt.to(device)
+    got = pysparse.ops.spmm(rowptr, col_d, values.to(device), xt_d)
+    torch.cuda.synchronize()  # an illegal address raises here
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+    a = torch.randn(rows, batch, generator=gen)
+    want = torch.where(ok, (a[r] * xt[col.clamp(0, cols - 1)]).sum(1), torch.zeros(()))
+    got = pysparse.ops.sddmm(rowptr, col_d, a.to(device), xt_d)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
