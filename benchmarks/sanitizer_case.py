@@ -45,8 +45,8 @@ tensors = [rnd(1002)[1:], rnd(1003, dtype=torch.float64)[2:], rnd(1001), rnd(100
 expected = [t.clone() for t in tensors]
 assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected)
 assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
-# sparse matmul family: both spmm kernels (batch <= 8 and tiled), spmm_t, sddmm, spmm_grad, int16 and int32 indices;
-# csr_to_dense / csr_gather
+# sparse matmul family: spmm, spmm_t, sddmm, spmm_grad (one kernel over W^T; at batch 600 in float32 sddmm's and
+# spmm_t's), int16 and int32 indices; csr_to_dense / csr_gather
 from pysparse import csr  # noqa: E402
 
 # (batches 260 and 600: sddmm's lanes keeping four vectors of a's row, and re-reading it)

@@ -78,6 +78,31 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
                f"linear-fwdbwd-{N}-b{batch}-s{sparsity}-{device}")
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [16, 256])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
+@pytest.mark.parametrize("impl", ["pysparse", "two_ops", "dense"])
+def test_linear_backward(benchmark, device, batch, sparsity, impl):
+    """The layer's backward alone, its ops called on [features, batch] operands: spmm_grad (both gradients in one
+    call; on CUDA one kernel that gathers each row of gyt once for both) against sddmm then spmm_t (each gathering
+    its own rows), and the dense backward, two matmuls (the weight's gradient and the input's)."""
+    dense, sparse = _layers(device, sparsity)
+    s, values = sparse.structure, sparse.values.detach()
+    gen = torch.Generator(device).manual_seed(1)
+    xt = torch.randn(N, batch, device=device, generator=gen)
+    gyt = torch.randn(N, batch, device=device, generator=gen)
+    if impl == "pysparse":
+        fn = lambda: pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=s.transposed())  # noqa
+    elif impl == "two_ops":
+        fn = lambda: (pysparse.ops.sddmm(s.rowptr, s.col, gyt, xt),  # noqa: E731
+                      pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, N, transposed=s.transposed()))
+    else:
+        w = dense.weight.detach()
+        fn = lambda: (gyt @ xt.t(), w.t() @ gyt)  # noqa: E731
+    benchmark.group = f"linear-bwd-{N}-b{batch}-s{sparsity}-{device}"
+    run(benchmark, fn, device, rounds=5 if batch == 256 else 20)
+
 # ------------------------------------------------------------------------- torchvision models' linear layers
 MODEL_LINEARS = {k: v for k, v in torchvision_linears().items() if v != (N, N)}  # 4096 x 4096: above
 MODEL_SPARSITY = 0.9

@@ -902,3 +902,79 @@ def test_cuda_kernels_skip_bad_indices(device, index_dtype):
     got = pysparse.ops.sddmm(rowptr, col_d, a.to(device), xt_d)
     torch.cuda.synchronize()
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA alone: its spmm_grad is one kernel over W^T
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("batch, layout", [(1, "contiguous"), (5, "contiguous"), (16, "contiguous"),
+                                           (33, "sliced"), (64, "contiguous"), (128, "transposed"),
+                                           (256, "contiguous"), (260, "contiguous"), (512, "contiguous"),
+                                           (600, "contiguous"), (100, "offset"), (200, "offset")])
+@pytest.mark.parametrize("index_dtype", [None, torch.int32])
+def test_cuda_spmm_grad_is_sddmm_and_spmm_t(device, dtype, batch, layout, index_dtype):
+    """CUDA's spmm_grad gathers each gyt row once for both gradients (a warp per column of W), where the batch fits
+    a lane's registers (up to 4 vectors a lane: 512 float32 columns, 256 float64, 1024 float16; unaligned or
+    sliced batches one element a vector, up to 128), else calls sddmm and spmm_t. Either way the same products in
+    the same order as sddmm's and spmm_t's kernels: the same bits, with empty rows and columns of W, both index
+    types and every lane layout (batch 5, and "offset" operands one element off their 16-byte alignment: one
+    element a vector; 260: a lane's last vector out of the batch)."""
+
+    def laid_out(t):
+        if layout != "offset":
+            return _strided(t, layout)
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    values, s, xt, _ = _problem(70, 90, batch, 0.3, dtype, device, batch, empty_rows=True)
+    t_rowptr, t_col, t_perm = s.transposed()
+    col = s.col
+    if index_dtype is not None:
+        t_col, col = t_col.to(index_dtype), col.to(index_dtype)
+    xt[7] = 0  # a column of W whose gathered rows meet zeros
+    gen = torch.Generator().manual_seed(batch + 1)
+    gyt = laid_out(torch.randn(70, batch, generator=gen).to(device, dtype))
+    x = laid_out(xt)
+    dvalues, dxt, dbias = pysparse.ops.spmm_grad(s.rowptr, col, values, gyt, x, transposed=(t_rowptr, t_col, t_perm),
+                                                 bias=True)
+    assert torch.equal(dvalues, pysparse.ops.sddmm(s.rowptr, col, gyt, x))
+    assert torch.equal(dxt, pysparse.ops.spmm_t(s.rowptr, col, values, gyt, 90, transposed=(t_rowptr, t_col, t_perm)))
+    assert dxt.is_contiguous()
+    torch.testing.assert_close(dbias, gyt.sum(1), **TOL[dtype])
+    want_values, want_x = reference.spmm_grad(s.rowptr, s.col, values, gyt, x)
+    torch.testing.assert_close(dvalues, want_values, **TOL[dtype])
+    torch.testing.assert_close(dxt, want_x, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA alone: the CPU kernels refuse a tampered structure
+@pytest.mark.parametrize("batch", [16, 256, 600])
+def test_cuda_spmm_grad_skips_bad_transposed_entries(device, batch):
+    """W^T's row indices (t_col) outside [0, rows) and t_perm entries outside [0, nnz) are skipped, never read or
+    written (CUDA checks nothing on the host, so as not to sync): the input gradient sums the positions with an
+    in-range row index, a bad t_perm entry giving its value 0; the values gradient is the dot product at the
+    positions both entries name, 0 elsewhere. Both the one-kernel route (16, 256) and the two kernels (600)."""
+    rows, cols = 60, 80
+    values, s, xt, _ = _problem(rows, cols, batch, 0.3, torch.float32, "cpu", 5)
+    t_rowptr, t_col, t_perm = (t.clone() for t in s.transposed())
+    gen = torch.Generator().manual_seed(batch)
+    bad_rows = torch.randperm(len(t_col), generator=gen)[:30]
+    t_col[bad_rows] = torch.tensor([-1, rows, rows + 9, 32767, -32768], dtype=t_col.dtype).repeat(6)
+    bad_perm = torch.randperm(len(t_perm), generator=gen)[:20]
+    t_perm[bad_perm] = torch.tensor([-1, len(values), 2**31 - 1, -(2**31)], dtype=torch.int32).repeat(5)
+    gyt = torch.randn(rows, batch, generator=gen)
+    c = torch.repeat_interleave(torch.arange(cols), t_rowptr.diff().long())  # W's column of each W^T position
+    ok_row = (t_col >= 0) & (t_col < rows)
+    ok_perm = (t_perm >= 0) & (t_perm < len(values))
+    i = t_col.long().clamp(0, rows - 1)
+    v = torch.where(ok_perm, values[t_perm.long().clamp(0, len(values) - 1)], torch.zeros(()))
+    want_x = torch.zeros(cols, batch).index_add_(0, c[ok_row], v[ok_row, None] * gyt[i[ok_row]])
+    both = ok_row & ok_perm
+    want_values = torch.zeros(len(values))
+    want_values[t_perm[both].long()] = (gyt[i[both]] * xt[c[both]]).sum(1)
+    got = pysparse.ops.spmm_grad(*(t.to(device) for t in (s.rowptr, s.col, values, gyt, xt)),
+                                 transposed=tuple(t.to(device) for t in (t_rowptr, t_col, t_perm)))
+    torch.cuda.synchronize()  # an illegal address raises here
+    if batch <= 512:  # the one kernel: what is described above
+        torch.testing.assert_close(got[0].cpu(), want_values, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1].cpu(), want_x, rtol=1e-5, atol=1e-4)

@@ -1,6 +1,6 @@
 // Sparse matmul, CUDA twin of csrc/cpu/spmm.cpp: spmm (CSR x dense), spmm_t (W^T x dense through W's
-// transposed structure) and sddmm (the values gradient). Same layout as the CPU: activations transposed,
-// [features, batch], batch contiguous.
+// transposed structure), sddmm (the values gradient) and spmm_grad (both gradients, one kernel over W^T). Same
+// layout as the CPU: activations transposed, [features, batch], batch contiguous.
 //
 // A warp owns one row (spmm_kernel below: lanes split the batch into vectors and, for small batches, the row's
 // stored values), and reads of an xt row are coalesced vector loads where alignment allows. Accumulation is
@@ -69,6 +69,14 @@ bool vectorizable(int64_t n, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// The lanes that share one stored position in these kernels: the power of two covering a batch of `vectors`
+// V-wide vectors, at most a warp.
+inline int lanes_per_position(int64_t vectors) {
+  int LP = 1;
+  while (LP < kWarp && LP < vectors) LP *= 2;
+  return LP;
+}
+
 // A warp owns one row and a tile of batch columns. Its 32 lanes form G = 32 / LP groups of LP lanes: lane l of
 // a group owns V consecutive batch columns (one vector load of xt per stored value), and the groups split the
 // row's stored values (group g takes every G-th), then their partial sums are added across the warp with xor
@@ -129,8 +137,7 @@ void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tens
       const auto go = [&](auto width) {
         constexpr int V = decltype(width)::value;
         const int64_t vectors = (B + V - 1) / V;
-        int LP = 1;
-        while (LP < kWarp && LP < vectors) LP *= 2;
+        const int LP = lanes_per_position(vectors);
         const int64_t tiles = (vectors + LP - 1) / LP;
         TORCH_CHECK_VALUE(tiles <= 65535, "spmm: batch ", B, " is larger than the CUDA kernel supports");
         const dim3 grid(row_blocks, static_cast<unsigned int>(tiles));
@@ -286,8 +293,7 @@ void launch_sddmm(const int32_t* rowptr, const index_t* col, const scalar_t* a, 
                   int64_t rows, int64_t K, int64_t B, int64_t nnz) {
   constexpr int U = 4;
   const int64_t vectors = (B + V - 1) / V;
-  int LP = 1;
-  while (LP < kWarp && LP < vectors) LP *= 2;
+  const int LP = lanes_per_position(vectors);
   const int64_t per_lane = (vectors + LP - 1) / LP;
   const dim3 block(kWarp, kWarpsPerBlock);
   const unsigned int grid = static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
@@ -336,10 +342,146 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at:
   return out;
 }
 
-// The backward of spmm in one call. On the GPU the two kernels stay separate launches: each is bound by its own
-// gathers, and the fusion the CPU kernel does (one read of gyt's row for both products) would need every
-// block to hold both a dxt tile and the dot products; the op exists so that the autograd formula is one call.
-// The bias gradient is ATen's row sum here (the CPU kernel's comes from its pack of gyt, which CUDA does not do).
+// Blocks of 4 warps an SM that spmm_grad_t_kernel asks registers for: 8 (at most 64 registers a thread) where a
+// lane's xt vectors and dxt sums take at most 16 registers, so that ptxas spills nothing (sm_90: float32 at
+// batch 256 59 registers, against 80 unbounded, which left room for 6 blocks of the 8 a wave of 4096 columns
+// needs on the H200's 132 SMs); no bound where they take more (it would spill).
+template <typename scalar_t, int V, int NT>
+constexpr int grad_t_min_blocks() {
+  return NT * V * sizeof(at::opmath_type<scalar_t>) <= 32 ? 8 : 1;
+}
+
+// The backward of spmm in one kernel, over W^T's structure: a warp owns column c of W (row c of W^T) and keeps
+// xt's row c in registers; for each stored (i, c) it gathers gyt's row i once and uses it twice, for the input
+// gradient (dxt[c] += W[i, c] gyt[i], spmm_t's product) and for the values gradient (dvalues[t_perm[p]] =
+// dot(gyt[i], xt[c]), sddmm's). So one gather of a dense row per stored value instead of two (sddmm over W's
+// rows, then spmm_t over W^T): the H200's batch-256 step at 90% spent 179 + 14 + 223 us in those kernels, each
+// bound by L2's bandwidth for its gathers (benchmarks/RESULTS.md, "second lease").
+// Lanes as in sddmm_kernel: LP lanes share a position, lane li owning the NT vectors li, li + LP, ... of V batch
+// columns (those spmm_kernel's tiles give it), and the G = 32 / LP groups take every G-th position, U at a time;
+// the dot products are summed over a group's lanes as sddmm_kernel sums them, and the groups' dxt partials as
+// spmm_kernel sums them. The same products added in the same order: the same bits as sddmm and spmm_t.
+// Safety as elsewhere: a row index (t_col) outside [0, rows) is skipped, and a t_perm entry outside [0, nnz)
+// makes the position's value 0 and its product unwritten (dvalues starts at zero). The values are read through
+// t_perm, which the store needs anyway, loaded beside t_col so that the read waits no longer than the gathers
+// (spmm_t gathers them into W^T's order first, a 14 us kernel at 90%: its kernel has no t_perm to read).
+template <typename index_t, typename scalar_t, int V, int NT, int U>
+__global__ void __launch_bounds__(kWarp * kWarpsPerBlock, (grad_t_min_blocks<scalar_t, V, NT>()))
+    spmm_grad_t_kernel(const int32_t* __restrict__ t_rowptr, const index_t* __restrict__ t_col,
+                       const int32_t* __restrict__ t_perm, const scalar_t* __restrict__ values,
+                       const scalar_t* __restrict__ gyt, const scalar_t* __restrict__ xt, scalar_t* __restrict__ dvalues,
+                       scalar_t* __restrict__ dxt, int64_t n_cols, int64_t rows, int64_t B, int64_t nnz, int LP) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = Vec<scalar_t, V>;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
+  if (c >= n_cols) return;  // whole warp leaves together
+  const int lane = threadIdx.x, G = kWarp / LP, g = lane / LP, li = lane % LP;
+  int64_t p0, p1;
+  cuda::row_bounds(t_rowptr, c, nnz, p0, p1);
+  const scalar_t* xr = xt + c * B;
+  acc_t xv[NT][V], acc[NT][V];
+  bool on[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int64_t c0 = (static_cast<int64_t>(t) * LP + li) * V;
+    on[t] = c0 < B;  // B % V == 0 when V > 1: a vector is all in or all out
+    vec_t v{};
+    if (on[t]) v = *reinterpret_cast<const vec_t*>(xr + c0);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      xv[t][k] = static_cast<acc_t>(v.v[k]);
+      acc[t][k] = 0;
+    }
+  }
+  for (int64_t pb = p0; pb < p1; pb += static_cast<int64_t>(G) * U) {  // the same trip count on every lane
+    int32_t i[U], q[U];  // W's row and the stored value's position (int32 structures), -1 where skipped
+    acc_t v[U], s[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t p = pb + g + static_cast<int64_t>(u) * G;
+      i[u] = p < p1 ? static_cast<int32_t>(t_col[p]) : -1;
+      if (i[u] >= rows) i[u] = -1;
+      q[u] = p < p1 ? t_perm[p] : -1;
+      if (q[u] >= nnz) q[u] = -1;
+      s[u] = 0;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = (i[u] >= 0 && q[u] >= 0) ? static_cast<acc_t>(values[q[u]]) : acc_t(0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (i[u] < 0) continue;
+      const scalar_t* gr = gyt + static_cast<int64_t>(i[u]) * B;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if (!on[t]) continue;
+        const vec_t gv = *reinterpret_cast<const vec_t*>(gr + (static_cast<int64_t>(t) * LP + li) * V);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const acc_t gk = static_cast<acc_t>(gv.v[k]);
+          acc[t][k] += v[u] * gk;
+          s[u] += gk * xv[t][k];
+        }
+      }
+    }
+    for (int offset = LP / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], offset);
+    }
+    if (li == 0) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (i[u] >= 0 && q[u] >= 0) dvalues[q[u]] = static_cast<scalar_t>(s[u]);
+    }
+  }
+  for (int offset = kWarp / 2; offset >= LP; offset /= 2) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], offset);
+    }
+  }
+  if (g != 0) return;
+  scalar_t* dr = dxt + c * B;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (!on[t]) continue;
+    vec_t out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = static_cast<scalar_t>(acc[t][k]);
+    *reinterpret_cast<vec_t*>(dr + (static_cast<int64_t>(t) * LP + li) * V) = out;
+  }
+}
+
+// Launches spmm_grad_t_kernel where a lane's share of the batch fits its registers (at most 4 vectors: batch 512
+// in float32, 256 in float64, 1024 in float16 / bfloat16, once xt and gyt allow vector loads); returns false,
+// launching nothing, where it does not.
+template <typename index_t, typename scalar_t, int V>
+bool launch_spmm_grad_t(const int32_t* t_rowptr, const index_t* t_col, const int32_t* t_perm, const scalar_t* values,
+                        const scalar_t* gyt, const scalar_t* xt, scalar_t* dvalues, scalar_t* dxt, int64_t n_cols,
+                        int64_t rows, int64_t B, int64_t nnz) {
+  constexpr int U = 4;
+  const int64_t vectors = (B + V - 1) / V;
+  const int LP = lanes_per_position(vectors);
+  const int64_t per_lane = (vectors + LP - 1) / LP;
+  if (per_lane > 4) return false;
+  const dim3 block(kWarp, kWarpsPerBlock);
+  const unsigned int grid = static_cast<unsigned int>((n_cols + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const auto go = [&](auto nt) {
+    spmm_grad_t_kernel<index_t, scalar_t, V, decltype(nt)::value, U><<<grid, block, 0, cuda::stream()>>>(
+        t_rowptr, t_col, t_perm, values, gyt, xt, dvalues, dxt, n_cols, rows, B, nnz, LP);
+  };
+  if (per_lane == 1)
+    go(std::integral_constant<int, 1>{});
+  else if (per_lane == 2)
+    go(std::integral_constant<int, 2>{});
+  else
+    go(std::integral_constant<int, 4>{});
+  return true;
+}
+
+// The backward of spmm in one call: spmm_grad_t_kernel where the batch fits it, else sddmm's and spmm_t's kernels
+// one after the other. The bias gradient is ATen's row sum here (the CPU kernel's comes from its pack of gyt,
+// which CUDA does not do).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
     const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values, const at::Tensor& gyt,
     const at::Tensor& xt, const std::optional<at::Tensor>& t_rowptr, const std::optional<at::Tensor>& t_col,
@@ -347,14 +489,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
   check_csr(rowptr, col, values, "spmm_grad");
   check_dense_cuda(gyt, values, "spmm_grad", "gyt");
   check_dense_cuda(xt, values, "spmm_grad", "xt");
-  TORCH_CHECK_VALUE(gyt.size(0) == rowptr.numel() - 1 && gyt.size(1) == xt.size(1), "spmm_grad: gyt must be [",
-                    rowptr.numel() - 1, ", ", xt.size(1), "] (W's rows by xt's columns), got ", gyt.sizes());
-  const at::Tensor g = gyt.contiguous();  // once for both kernels (each would make its own copy of a view)
+  TORCH_CHECK_VALUE(values.is_cuda(), "spmm_grad: tensors must be on a CUDA device for the CUDA kernel");
+  const int64_t rows = rowptr.numel() - 1, K = xt.size(0), B = xt.size(1), nnz = values.numel();
+  TORCH_CHECK_VALUE(gyt.size(0) == rows && gyt.size(1) == B, "spmm_grad: gyt must be [", rows, ", ", B,
+                    "] (W's rows by xt's columns), got ", gyt.sizes());
+  TORCH_CHECK_VALUE(has_transposed(t_rowptr, t_col, t_perm),
+                    "spmm_grad: the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
+  check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_grad");
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor g = gyt.contiguous();
   const at::Tensor x = xt.contiguous();  // a no-op for the layers, which pass xt batch-contiguous on CUDA
-  // dxt in spmm_t's layout, contiguous [K, B] (the fake kernel declares it so on CUDA): SparseLinear hands on
-  // its transposed view, which a preceding SparseLinear's backward reads as a contiguous gyt, without a copy.
-  at::Tensor dxt = spmm_t_cuda(rowptr, col, values, g, x.size(0), t_rowptr, t_col, t_perm);
-  return {sddmm_cuda(rowptr, col, g, x), dxt, bias_grad ? g.sum(1) : at::empty({0}, values.options())};
+  at::Tensor bias = bias_grad ? g.sum(1) : at::empty({0}, values.options());
+  // dxt in spmm_t's layout, contiguous [K, B] (the fake kernel declares it so on CUDA): SparseLinear hands on its
+  // transposed view, which a preceding SparseLinear's backward reads as a contiguous gyt, without a copy.
+  at::Tensor dvalues = at::zeros({nnz}, values.options());
+  at::Tensor dxt = at::empty({K, B}, x.options());
+  if (K == 0 || B == 0) return {dvalues, dxt, bias};
+  if (nnz == 0 || rows == 0) return {dvalues, dxt.zero_(), bias};
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_grad_cuda", [&] {
+    PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cuda", [&] {
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* dxp = dxt.mutable_data_ptr<scalar_t>();
+      const auto go = [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        return launch_spmm_grad_t<index_t, scalar_t, V>(
+            t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(), t_perm->const_data_ptr<int32_t>(),
+            values.const_data_ptr<scalar_t>(), gp, xp, dvalues.mutable_data_ptr<scalar_t>(), dxp, K, rows, B, nnz);
+      };
+      fused = vectorizable<scalar_t>(B, {gp, xp, dxp}) ? go(std::integral_constant<int, vec_width<scalar_t>()>{})
+                                                       : go(std::integral_constant<int, 1>{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (fused) return {dvalues, dxt, bias};
+  return {sddmm_cuda(rowptr, col, g, x), spmm_t_cuda(rowptr, col, values, g, K, t_rowptr, t_col, t_perm), bias};
 }
 
 }  // namespace
