@@ -932,7 +932,7 @@ def test_cuda_spmm_grad_is_sddmm_and_spmm_t(device, dtype, batch, layout, index_
     col = s.col
     if index_dtype is not None:
         t_col, col = t_col.to(index_dtype), col.to(index_dtype)
-    xt[7] = 0  # a column of W whose gathered rows meet zeros
+    xt[7] = 0  # column 7 of W meets a zero row of xt: its values gradients are zeros
     gen = torch.Generator().manual_seed(batch + 1)
     gyt = laid_out(torch.randn(70, batch, generator=gen).to(device, dtype))
     x = laid_out(xt)
