@@ -547,9 +547,9 @@ def spmm_grad(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, gyt
     less), and sums the bias gradient as it packs ``gyt`` (what spmm's autograd calls). On CUDA one kernel over
     W's transposed structure does the same, a warp per column of W gathering each of its rows of ``gyt`` once for
     both, where the batch fits a lane's registers (up to 512 columns in float32, 256 in float64, 1024 in float16 /
-    bfloat16; 128 where a batch row or an operand is not 16-byte aligned), else sddmm's and spmm_t's kernels in turn: the same
-    bits either way. ``transposed`` is W's transposed structure: CUDA needs it; the CPU sweeps through it for
-    batches above 32, else W's CSR."""
+    bfloat16; 128 where a batch row or an operand is not 16-byte aligned), else sddmm's and spmm_t's kernels in
+    turn: the same bits either way. ``transposed`` is W's transposed structure: CUDA needs it; the CPU sweeps
+    through it for batches above 32, else W's CSR."""
     t_rowptr, t_col, t_perm = transposed if transposed is not None else (None, None, None)
     _check_spmm_grad(rowptr, col, values, gyt, xt, t_rowptr, t_col, t_perm)
     _check_kernel("spmm_grad", values.device, "values")
