@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Verifies pysparse's CUDA side on a machine with an NVIDIA GPU, in one go: builds the CUDA kernels for the
 # visible GPU, runs the CUDA tests, one small case of every kernel under compute-sanitizer memcheck and racecheck,
-# and the GPU benchmarks, then prints a summary. Installs nothing: uses
-# $PYTHON (default .venv/bin/python if present, else python3) with the torch, pytest, pytest-benchmark and
-# hypothesis it already has.
+# and the GPU benchmarks, then prints a summary. Installs nothing: uses $PYTHON (default .venv/bin/python if
+# present, else python3) with the torch, pytest, pytest-benchmark and hypothesis it already has.
 #
 # Environment:
 #   OUT            where the logs, gpu.json and gpu_summary.md go (default benchmarks/out)

@@ -78,7 +78,6 @@ def test_linear_forward_backward(benchmark, device, batch, sparsity, impl):
                f"linear-fwdbwd-{N}-b{batch}-s{sparsity}-{device}")
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [16, 256])
 @pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
@@ -102,6 +101,7 @@ def test_linear_backward(benchmark, device, batch, sparsity, impl):
         fn = lambda: (gyt @ xt.t(), w.t() @ gyt)  # noqa: E731
     benchmark.group = f"linear-bwd-{N}-b{batch}-s{sparsity}-{device}"
     run(benchmark, fn, device, rounds=5 if batch == 256 else 20)
+
 
 # ------------------------------------------------------------------------- torchvision models' linear layers
 MODEL_LINEARS = {k: v for k, v in torchvision_linears().items() if v != (N, N)}  # 4096 x 4096: above

@@ -69,12 +69,32 @@ bool vectorizable(int64_t n, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// The lanes that share one stored position in these kernels: the power of two covering a batch of `vectors`
-// V-wide vectors, at most a warp.
-inline int lanes_per_position(int64_t vectors) {
+// How these kernels lay a batch of B columns, in V-wide vectors, over a warp: LP lanes share one stored position
+// (the power of two covering the batch's vectors, at most a warp), and each owns per_lane of the vectors
+// (spmm_kernel: that many batch tiles of LP vectors instead, one a lane).
+struct LaneLayout {
+  int LP;
+  int64_t per_lane;
+};
+inline LaneLayout lane_layout(int64_t B, int V) {
+  const int64_t vectors = (B + V - 1) / V;
   int LP = 1;
   while (LP < kWarp && LP < vectors) LP *= 2;
-  return LP;
+  return {LP, (vectors + LP - 1) / LP};
+}
+
+// The most vectors of the batch a lane keeps in registers (sddmm_kernel's row of a; spmm_grad_t_kernel's row of
+// xt and its dxt sums), and f(std::integral_constant<int, NT>{}) with NT the per_lane vectors (1 to
+// kLaneVectors) rounded up to 1, 2 or 4, the kernels' instantiations.
+constexpr int kLaneVectors = 4;
+template <typename F>
+void with_lane_vectors(int64_t per_lane, F&& f) {
+  if (per_lane == 1)
+    f(std::integral_constant<int, 1>{});
+  else if (per_lane == 2)
+    f(std::integral_constant<int, 2>{});
+  else
+    f(std::integral_constant<int, 4>{});
 }
 
 // A warp owns one row and a tile of batch columns. Its 32 lanes form G = 32 / LP groups of LP lanes: lane l of
@@ -136,9 +156,9 @@ void launch_spmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tens
       scalar_t* yp = yt.mutable_data_ptr<scalar_t>();
       const auto go = [&](auto width) {
         constexpr int V = decltype(width)::value;
-        const int64_t vectors = (B + V - 1) / V;
-        const int LP = lanes_per_position(vectors);
-        const int64_t tiles = (vectors + LP - 1) / LP;
+        const LaneLayout lanes = lane_layout(B, V);
+        const int LP = lanes.LP;
+        const int64_t tiles = lanes.per_lane;
         TORCH_CHECK_VALUE(tiles <= 65535, "spmm: batch ", B, " is larger than the CUDA kernel supports");
         const dim3 grid(row_blocks, static_cast<unsigned int>(tiles));
         spmm_kernel<index_t, scalar_t, V><<<grid, block, 0, cuda::stream()>>>(
@@ -292,23 +312,19 @@ template <typename index_t, typename scalar_t, int V>
 void launch_sddmm(const int32_t* rowptr, const index_t* col, const scalar_t* a, const scalar_t* b, scalar_t* out,
                   int64_t rows, int64_t K, int64_t B, int64_t nnz) {
   constexpr int U = 4;
-  const int64_t vectors = (B + V - 1) / V;
-  const int LP = lanes_per_position(vectors);
-  const int64_t per_lane = (vectors + LP - 1) / LP;
+  const LaneLayout lanes = lane_layout(B, V);
+  const int LP = lanes.LP;
+  const int64_t per_lane = lanes.per_lane;
   const dim3 block(kWarp, kWarpsPerBlock);
   const unsigned int grid = static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const auto go = [&](auto nt) {
     sddmm_kernel<index_t, scalar_t, V, decltype(nt)::value, U><<<grid, block, 0, cuda::stream()>>>(
         rowptr, col, a, b, out, rows, K, B, nnz, LP);
   };
-  if (per_lane == 1)
-    go(std::integral_constant<int, 1>{});
-  else if (per_lane == 2)
-    go(std::integral_constant<int, 2>{});
-  else if (per_lane <= 4)
-    go(std::integral_constant<int, 4>{});
+  if (per_lane > kLaneVectors)
+    go(std::integral_constant<int, 0>{});  // a's row re-read from memory
   else
-    go(std::integral_constant<int, 0>{});
+    with_lane_vectors(per_lane, go);
 }
 
 at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a, const at::Tensor& b) {
@@ -460,22 +476,16 @@ bool launch_spmm_grad_t(const int32_t* t_rowptr, const index_t* t_col, const int
                         const scalar_t* gyt, const scalar_t* xt, scalar_t* dvalues, scalar_t* dxt, int64_t n_cols,
                         int64_t rows, int64_t B, int64_t nnz) {
   constexpr int U = 4;
-  const int64_t vectors = (B + V - 1) / V;
-  const int LP = lanes_per_position(vectors);
-  const int64_t per_lane = (vectors + LP - 1) / LP;
-  if (per_lane > 4) return false;
+  const LaneLayout lanes = lane_layout(B, V);
+  const int LP = lanes.LP;
+  const int64_t per_lane = lanes.per_lane;
+  if (per_lane > kLaneVectors) return false;
   const dim3 block(kWarp, kWarpsPerBlock);
   const unsigned int grid = static_cast<unsigned int>((n_cols + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const auto go = [&](auto nt) {
+  with_lane_vectors(per_lane, [&](auto nt) {
     spmm_grad_t_kernel<index_t, scalar_t, V, decltype(nt)::value, U><<<grid, block, 0, cuda::stream()>>>(
         t_rowptr, t_col, t_perm, values, gyt, xt, dvalues, dxt, n_cols, rows, B, nnz, LP);
-  };
-  if (per_lane == 1)
-    go(std::integral_constant<int, 1>{});
-  else if (per_lane == 2)
-    go(std::integral_constant<int, 2>{});
-  else
-    go(std::integral_constant<int, 4>{});
+  });
   return true;
 }
 
