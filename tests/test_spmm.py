@@ -979,3 +979,15 @@ def test_cuda_spmm_grad_skips_bad_transposed_entries(device, batch):
     if batch <= 512:  # the one kernel: what is described above
         torch.testing.assert_close(got[0].cpu(), want_values, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got[1].cpu(), want_x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA alone: the CPU kernels do without W's transposed structure
+def test_cuda_backward_ops_need_the_transposed_structure(device):
+    """spmm_t and spmm_grad on CUDA run over W^T's structure: called without it, a ValueError that names the op
+    and what it needs, not a crash."""
+    values, s, xt, _ = _problem(12, 20, 8, 0.3, torch.float32, device, 2)
+    gyt = torch.randn(12, 8, device=device)
+    with pytest.raises(ValueError, match=r"spmm_grad: the CUDA kernel needs W's transposed structure"):
+        pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
+    with pytest.raises(ValueError, match=r"spmm_t: the CUDA kernel needs W's transposed structure"):
+        pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, 20)
