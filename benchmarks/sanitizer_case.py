@@ -46,7 +46,8 @@ expected = [t.clone() for t in tensors]
 assert pysparse.apply_mask_(mask, *tensors) == reference.apply_mask_(mask, *expected)
 assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
 # sparse matmul family: spmm, spmm_t, sddmm, spmm_grad (one kernel over W^T; at batch 600 in float32 sddmm's and
-# spmm_t's), int16 and int32 indices; csr_to_dense / csr_gather
+# spmm_t's; its xt a transposed view, which the kernels' tiled transpose copies: 2-, 4- and 8-byte elements),
+# int16 and int32 indices; csr_to_dense / csr_gather
 from pysparse import csr  # noqa: E402
 
 # (batches 260 and 600: sddmm's lanes keeping four vectors of a's row, and re-reading it)

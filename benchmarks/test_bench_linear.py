@@ -103,6 +103,28 @@ def test_linear_backward(benchmark, device, batch, sparsity, impl):
     run(benchmark, fn, device, rounds=5 if batch == 256 else 20)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("impl", ["pysparse", "aten_copy", "no_copy"])
+def test_linear_input_layout(benchmark, device, sparsity, impl):
+    """spmm on a batch-major input, batch 256, as the layers call it: x.t(), the [features, batch] view, which the
+    CUDA op copies batch-contiguous by its own tiled transpose (the CPU kernels pack it through its strides);
+    against ATen's copy of the view first (x.t().contiguous(), what the layers did on CUDA before), and the op on
+    an input already batch-contiguous (no copy at all: the floor)."""
+    _, sparse = _layers(device, sparsity)
+    s, values = sparse.structure, sparse.values.detach()
+    x = torch.randn(256, N, device=device, generator=torch.Generator(device).manual_seed(2))
+    xt = x.t().contiguous()
+    if impl == "pysparse":
+        fn = lambda: pysparse.ops.spmm(s.rowptr, s.col, values, x.t())  # noqa: E731
+    elif impl == "aten_copy":
+        fn = lambda: pysparse.ops.spmm(s.rowptr, s.col, values, x.t().contiguous())  # noqa: E731
+    else:
+        fn = lambda: pysparse.ops.spmm(s.rowptr, s.col, values, xt)  # noqa: E731
+    benchmark.group = f"linear-input-layout-{N}-b256-s{sparsity}-{device}"
+    run(benchmark, fn, device, rounds=5)
+
+
 # ------------------------------------------------------------------------- torchvision models' linear layers
 MODEL_LINEARS = {k: v for k, v in torchvision_linears().items() if v != (N, N)}  # 4096 x 4096: above
 MODEL_SPARSITY = 0.9

@@ -99,13 +99,11 @@ struct BelowAutogradUnlessRecording {
 at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 OptTensor as_optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// The kernels' view of a batch-major x [B, K]: xt [K, B], the transposed view on the CPU (the kernels pack the
-// batch through its strides), batch-contiguous on CUDA (the kernels' layout; made once for the forward and the
-// backward). As pysparse/ops.py's _kernel_input.
-at::Tensor kernel_input(const at::Tensor& x) {
-  at::Tensor xt = x.t();
-  return xt.is_cuda() ? xt.contiguous() : xt;
-}
+// The kernels' view of a batch-major x [B, K]: xt [K, B], the transposed view, on every device. The CPU kernels
+// pack the batch through its strides; the CUDA ones copy it batch-contiguous by a tiled transpose (csrc/cuda/spmm.cu,
+// batch_contiguous), none where x is itself a preceding SparseLinear's output (the view of a contiguous [K, B]).
+// The node saves the view, not a copy (as nn.Linear saves x). As pysparse/ops.py's _kernel_input.
+at::Tensor kernel_input(const at::Tensor& x) { return x.t(); }
 
 // What both nodes keep for their backward: W's structure and values, the kernels' input, W^T's structure
 // (undefined where absent), and whether a bias was given. Both nodes take (rowptr, col, values, input, bias, ...)

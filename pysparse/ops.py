@@ -704,8 +704,8 @@ def _csr_gather_fake(rowptr, col, dense):
 def _empty_input_grad(xt: torch.Tensor) -> torch.Tensor:
     """spmm_grad's layout for the gradient of xt [K, B]. CPU (csrc/common.h, empty_input_grad): xt's own when it
     is batch-major (the [K, B] view of a [B, K] batch), so that autograd hands the [B, K] gradient on without a
-    transposing copy; else contiguous. CUDA: contiguous, spmm_t's own layout (csrc/cuda/spmm.cu, spmm_grad_cuda;
-    the layers give it batch-contiguous inputs there, see _kernel_input)."""
+    transposing copy; else contiguous. CUDA: contiguous, spmm_t's own layout (csrc/cuda/spmm.cu, spmm_grad_cuda:
+    it is what a preceding SparseLinear's backward reads as its gyt without a copy)."""
     if xt.device.type != "cuda" and xt.stride(0) == 1 and xt.stride(1) != 1:
         return xt.new_empty((xt.shape[1], xt.shape[0])).t()
     return xt.new_empty(xt.shape)
@@ -1165,12 +1165,11 @@ def _below_autograd():
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
-    """A batch-major x [B, K] as the kernels' xt [K, B]. On the CPU the transposed view (the kernels pack the
-    batch through its strides). On CUDA batch-contiguous, the kernels' layout: a copy unless x already is the
-    transposed view of such a tensor (a preceding SparseLinear's output, or a ReLU of it), made once here for the
-    forward and the backward's sddmm, where each op would otherwise make its own."""
-    xt = x.t()
-    return xt.contiguous() if xt.is_cuda else xt
+    """A batch-major x [B, K] as the kernels' xt [K, B]: the transposed view, on every device (csrc/autograd.cpp's
+    kernel_input). The CPU kernels pack the batch through its strides; the CUDA ones copy it batch-contiguous by a
+    tiled transpose, none where x already is the transposed view of such a tensor (a preceding SparseLinear's
+    output, or a ReLU of it)."""
+    return x.t()
 
 
 # What the layers call, with the op's arguments in schema order: layer_linear (SparseLinear, batch-major x; also

@@ -142,18 +142,24 @@ def test_chained_layers_and_noncontiguous_input(device):
 
 def _copies_in_step(model, x, g):
     """The aten::copy_ calls (every contiguous(), clone() and copy_() ends in one) of one forward + backward, each
-    named by its outermost caller."""
+    named by its outermost caller, and on CUDA the launches of the kernels' own transposing copy (csrc/cuda/spmm.cu,
+    transpose_kernel)."""
     from torch.profiler import ProfilerActivity, profile
     model(x).mul(g).sum().backward()  # warm: the layers build their transposed structures in the first step
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = x.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         model(x).mul(g).sum().backward()
-    callers = []
+        if cuda:
+            torch.cuda.synchronize()
+    callers, transposes = [], 0
     for e in prof.events():
-        if e.name == "aten::copy_":
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            transposes += "transpose_kernel" in e.name
+        elif e.name == "aten::copy_":
             while e.cpu_parent is not None:
                 e = e.cpu_parent
             callers.append(e.name)
-    return callers
+    return callers, transposes
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -183,19 +189,20 @@ def test_inplace_activation_after_the_layer_trains(device, act):
 def test_chained_training_step_copies_no_activation(device):
     # The kernels' layout is [features, batch]; a SparseLinear hands on transposed views of it (outputs and input
     # gradients), so that a chain reads them in place. The CPU kernels pack through any strides: no copy. CUDA's
-    # read batch-contiguous rows: the batch-major input is transposed once (for the forward and the backward's
-    # sddmm) and the loss's batch-major gradient once (for spmm_t and sddmm); nothing between the layers.
+    # read batch-contiguous rows, and copy the batch-major ends of the chain by their own tiled transpose, no
+    # aten::copy_: the input in the first layer's forward and again in its backward (the node keeps x's view, as
+    # nn.Linear keeps x), the loss's batch-major gradient in the last layer's backward; nothing between the layers.
     torch.manual_seed(2)
     model = nn.Sequential(SparseLinear(48, 40, sparsity=0.8), nn.ReLU(), SparseLinear(40, 24, sparsity=0.8),
                           nn.ReLU(), SparseLinear(24, 8, sparsity=0.8)).to(device)
     x = torch.randn(16, 48, device=device)
     g = torch.randn(16, 8, device=device)
-    want = 0 if device == "cpu" else 2
+    want = (0, 0 if device == "cpu" else 3)
     copies = _copies_in_step(model, x, g)
-    assert len(copies) == want, copies
+    assert (len(copies[0]), copies[1]) == want, copies
     xg = x.clone().requires_grad_()  # the input's gradient too: the first layer's spmm_grad, no more copies
     copies = _copies_in_step(model, xg, g)
-    assert len(copies) == want, copies
+    assert (len(copies[0]), copies[1]) == want, copies
     ref = [nn.Linear(m.in_features, m.out_features).to(device) for m in model[::2]]
     for r, m in zip(ref, model[::2]):
         r.weight.data.copy_(m.weight)
@@ -206,6 +213,22 @@ def test_chained_training_step_copies_no_activation(device):
     xg.grad = None
     (model(xg) * g).sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_changed_in_place_after_the_forward_is_refused(device):
+    """The layer keeps its input for the values gradient as nn.Linear does (a view of x, no copy, on every device):
+    changing x in place between the forward and the backward is autograd's error for both, never a gradient of
+    the wrong x."""
+    torch.manual_seed(5)
+    sparse = SparseLinear(12, 7, sparsity=0.6).to(device)
+    sparse.dense_below = 0.0  # the kernels' path
+    for layer in (sparse, nn.Linear(12, 7).to(device)):
+        x = torch.randn(4, 12, device=device)
+        y = layer(x)
+        x.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 
 
 def test_functional_call_swaps_the_values():

@@ -991,3 +991,45 @@ def test_cuda_backward_ops_need_the_transposed_structure(device):
         pysparse.ops.spmm_grad(s.rowptr, s.col, values, gyt, xt)
     with pytest.raises(ValueError, match=r"spmm_t: the CUDA kernel needs W's transposed structure"):
         pysparse.ops.spmm_t(s.rowptr, s.col, values, gyt, 20)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA alone: the CPU kernels pack any strides themselves
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 31, 33, 256, 300])
+@pytest.mark.parametrize("source", ["transposed", "wide", "offset"])
+def test_cuda_kernels_copy_transposed_views_exactly(device, dtype, batch, source):
+    """The CUDA kernels take their dense operands batch-contiguous, [features, batch]; given the transposed view of
+    a row-major [batch, features] tensor (what the layers pass: their input x.t(), their output gradient) they copy
+    it by a tiled transpose (csrc/cuda/spmm.cu, batch_contiguous), whose tiles' edges fall inside these shapes
+    (features 45 and 70, batches that are not multiples of 32). A copy moves bits: every op gives exactly what it
+    gives on the contiguous operands, whether the view's source is its own tensor ("transposed"), the first
+    columns of a wider one ("wide": a leading dimension past the features) or starts one element into its storage
+    ("offset")."""
+
+    def view(t):  # t [features, batch] -> the same values as the [features, batch] view of a [batch, features] one
+        if source == "transposed":
+            return t.t().contiguous().t()
+        if source == "wide":
+            wide = torch.zeros(t.shape[1], t.shape[0] + 5, dtype=t.dtype, device=t.device)
+            wide[:, :t.shape[0]] = t.t()
+            return wide[:, :t.shape[0]].t()
+        flat = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+        flat[1:].view(t.shape[1], t.shape[0]).copy_(t.t())
+        return flat[1:].view(t.shape[1], t.shape[0]).t()
+
+    values, s, xt, bias = _problem(45, 70, batch, 0.3, dtype, device, batch, empty_rows=True)
+    transposed = s.transposed()
+    gen = torch.Generator().manual_seed(batch)
+    gyt = torch.randn(45, batch, generator=gen).to(device, dtype)
+    xv, gv = view(xt), view(gyt)
+    assert xv.stride(0) == 1 and (batch == 1 or not xv.is_contiguous()) and torch.equal(xv, xt)
+    ops = pysparse.ops
+    assert torch.equal(ops.spmm(s.rowptr, s.col, values, xv, bias=bias),
+                       ops.spmm(s.rowptr, s.col, values, xt, bias=bias))
+    assert torch.equal(ops.spmm_t(s.rowptr, s.col, values, gv, 70, transposed=transposed),
+                       ops.spmm_t(s.rowptr, s.col, values, gyt, 70, transposed=transposed))
+    assert torch.equal(ops.sddmm(s.rowptr, s.col, gv, xv), ops.sddmm(s.rowptr, s.col, gyt, xt))
+    for got, want in zip(ops.spmm_grad(s.rowptr, s.col, values, gv, xv, transposed=transposed, bias=True),
+                         ops.spmm_grad(s.rowptr, s.col, values, gyt, xt, transposed=transposed, bias=True)):
+        assert torch.equal(got, want)
+    assert torch.equal(xv, xt) and torch.equal(gv, gyt)  # the operands themselves untouched

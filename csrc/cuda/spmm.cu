@@ -1,6 +1,8 @@
 // Sparse matmul, CUDA twin of csrc/cpu/spmm.cpp: spmm (CSR x dense), spmm_t (W^T x dense through W's
 // transposed structure), sddmm (the values gradient) and spmm_grad (both gradients, one kernel over W^T). Same
-// layout as the CPU: activations transposed, [features, batch], batch contiguous.
+// layout as the CPU: activations transposed, [features, batch], batch contiguous; an operand given as the
+// transposed view of a batch-major tensor (the layers' input and output gradient) is copied so by a tiled
+// transpose (batch_contiguous).
 //
 // A warp owns one row (spmm_kernel below: lanes split the batch into vectors and, for small batches, the row's
 // stored values), and reads of an xt row are coalesced vector loads where alignment allows. Accumulation is
@@ -47,6 +49,59 @@ __global__ void permute_values_kernel(const scalar_t* __restrict__ values, const
     const int64_t p = perm[j];
     out[j] = (p >= 0 && p < nnz) ? values[p] : scalar_t(0);
   }
+}
+
+// out [R, C] row-major = src^T, src the row-major [C, R] matrix with leading dimension ld (an element a T of the
+// dtype's size: the copy moves bits). 32 x 32 tiles through shared memory, so that the reads run along src's rows
+// and the writes along out's, both coalesced; one block a tile (a grid-stride loop past the grid), block (32, 8),
+// each thread 4 elements of a tile.
+constexpr int kTile = 32, kTileRows = 8;
+template <typename T>
+__global__ void transpose_kernel(const T* __restrict__ src, T* __restrict__ out, int64_t R, int64_t C, int64_t ld,
+                                 int64_t tiles_r, int64_t tiles) {
+  __shared__ T tile[kTile][kTile + 1];  // + 1: a tile's column reads fall in different banks
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t r0 = (t % tiles_r) * kTile, c0 = (t / tiles_r) * kTile;
+    for (int i = threadIdx.y; i < kTile; i += kTileRows) {
+      const int64_t c = c0 + i, r = r0 + threadIdx.x;
+      if (c < C && r < R) tile[i][threadIdx.x] = src[c * ld + r];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < kTile; i += kTileRows) {
+      const int64_t r = r0 + i, c = c0 + threadIdx.x;
+      if (r < R && c < C) out[r * C + c] = tile[threadIdx.x][i];
+    }
+    __syncthreads();  // the tile is rewritten by the block's next one
+  }
+}
+
+// A dense operand [R, C] of these kernels (activations transposed: [features, batch]) as a contiguous tensor: t
+// itself where it is; where t is the transposed view of a row-major matrix (stride(0) == 1: a batch-major [B, K]
+// activation, as the layers pass it, seen as [K, B]), transpose_kernel's copy; else ATen's. ATen's copy reads
+// such a view element by element down its columns: the H200's batch-256 step (4096 x 256 float32, 4 MB a copy)
+// spent 27 us in ATen's copies (benchmarks/RESULTS.md, "second lease"), where reading and writing 8 MB takes
+// ~3 us.
+at::Tensor batch_contiguous(const at::Tensor& t) {
+  if (t.is_contiguous() || t.dim() != 2 || t.stride(0) != 1 || t.numel() == 0) return t.contiguous();
+  const int64_t R = t.size(0), C = t.size(1), ld = t.stride(1);
+  at::Tensor out = at::empty({R, C}, t.options());
+  const int64_t tiles_r = (R + kTile - 1) / kTile, tiles = tiles_r * ((C + kTile - 1) / kTile);
+  const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(tiles, cuda::sm_count() * 64));
+  const dim3 block(kTile, kTileRows);
+  const auto go = [&](auto bits) {
+    using T = decltype(bits);
+    transpose_kernel<T><<<grid, block, 0, cuda::stream()>>>(static_cast<const T*>(t.const_data_ptr()),
+                                                            static_cast<T*>(out.mutable_data_ptr()), R, C, ld,
+                                                            tiles_r, tiles);
+  };
+  switch (t.element_size()) {
+    case 2: go(uint16_t{}); break;
+    case 4: go(uint32_t{}); break;
+    case 8: go(uint64_t{}); break;
+    default: return t.contiguous();
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 // V consecutive elements loaded (and stored) as one vector: V * sizeof(T) bytes, at most 16 per load.
@@ -197,7 +252,7 @@ at::Tensor spmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at::
     TORCH_CHECK_VALUE(bias->device() == values.device(), "spmm: bias is on another device than values");
     bs = bias->contiguous();
   }
-  const at::Tensor x = xt.contiguous();
+  const at::Tensor x = batch_contiguous(xt);
   at::Tensor yt = at::empty({rows, x.size(1)}, x.options());
   if (rows == 0 || x.size(1) == 0) return yt;
   launch_spmm(rowptr, col, values, x, bs, yt);
@@ -216,7 +271,7 @@ at::Tensor spmm_t_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at
   TORCH_CHECK_VALUE(yt.size(0) == rowptr.numel() - 1, "spmm_t: yt has ", yt.size(0), " rows but W has ",
                     rowptr.numel() - 1);
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor y = yt.contiguous();
+  const at::Tensor y = batch_contiguous(yt);
   at::Tensor out = at::empty({n_cols, y.size(1)}, y.options());
   if (n_cols == 0 || y.size(1) == 0) return out;
   const int64_t nnz = values.numel();
@@ -338,7 +393,7 @@ at::Tensor sddmm_cuda(const at::Tensor& rowptr, const at::Tensor& col, const at:
   TORCH_CHECK_VALUE(a.size(0) == rows, "sddmm: a has ", a.size(0), " rows but the structure has ", rows);
   TORCH_CHECK_VALUE(b.size(1) == B, "sddmm: a and b must have the same number of columns");
   const c10::cuda::CUDAGuard guard(a.device());
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const at::Tensor ac = batch_contiguous(a), bc = batch_contiguous(b);
   at::Tensor out = at::zeros({nnz}, a.options());  // positions outside every row's range stay 0
   if (nnz == 0 || rows == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sddmm_cuda", [&] {
@@ -507,8 +562,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
                     "spmm_grad: the CUDA kernel needs W's transposed structure (t_rowptr, t_col, t_perm)");
   check_transposed(values, *t_rowptr, *t_col, *t_perm, K, "spmm_grad");
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor g = gyt.contiguous();
-  const at::Tensor x = xt.contiguous();  // a no-op for the layers, which pass xt batch-contiguous on CUDA
+  const at::Tensor g = batch_contiguous(gyt);  // a no-op where a following SparseLinear's backward made gyt
+  const at::Tensor x = batch_contiguous(xt);
   at::Tensor bias = bias_grad ? g.sum(1) : at::empty({0}, values.options());
   // dxt in spmm_t's layout, contiguous [K, B] (the fake kernel declares it so on CUDA): SparseLinear hands on its
   // transposed view, which a preceding SparseLinear's backward reads as a contiguous gyt, without a copy.
