@@ -271,8 +271,8 @@ inline at::Tensor empty_output_4d(at::IntArrayRef sizes, const at::TensorOptions
 
 // A [K, B] tensor for the gradient of the input xt [K, B]: in xt's layout when xt is batch-major (stride 1 along
 // K: the transposed view of a [B, K] batch, what the layers pass), so that autograd hands the [B, K] gradient
-// on without a transposing copy; else contiguous. The CPU kernels' rule (CUDA's spmm_grad returns spmm_t's
-// contiguous result); the fake kernel in pysparse/ops.py follows both.
+// on without a transposing copy; else contiguous. The rule of spmm_grad on every device (CUDA's kernels write
+// it contiguous, then transpose it into xt's layout) and of the fake kernel in pysparse/ops.py.
 inline at::Tensor empty_input_grad(const at::Tensor& xt) {
   if (xt.stride(0) == 1 && xt.stride(1) != 1) return empty_output({xt.size(1), xt.size(0)}, xt.options()).t();
   return empty_output({xt.size(0), xt.size(1)}, xt.options());

@@ -702,11 +702,10 @@ def _csr_gather_fake(rowptr, col, dense):
 
 
 def _empty_input_grad(xt: torch.Tensor) -> torch.Tensor:
-    """spmm_grad's layout for the gradient of xt [K, B]. CPU (csrc/common.h, empty_input_grad): xt's own when it
-    is batch-major (the [K, B] view of a [B, K] batch), so that autograd hands the [B, K] gradient on without a
-    transposing copy; else contiguous. CUDA: contiguous, spmm_t's own layout (csrc/cuda/spmm.cu, spmm_grad_cuda:
-    it is what a preceding SparseLinear's backward reads as its gyt without a copy)."""
-    if xt.device.type != "cuda" and xt.stride(0) == 1 and xt.stride(1) != 1:
+    """spmm_grad's layout for the gradient of xt [K, B], on every device (csrc/common.h, empty_input_grad): xt's own
+    when it is batch-major (the [K, B] view of a [B, K] batch), so that autograd hands the [B, K] gradient on
+    without a transposing copy; else contiguous (what a preceding SparseLinear's backward reads without a copy)."""
+    if xt.stride(0) == 1 and xt.stride(1) != 1:
         return xt.new_empty((xt.shape[1], xt.shape[0])).t()
     return xt.new_empty(xt.shape)
 

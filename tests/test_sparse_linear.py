@@ -191,18 +191,19 @@ def test_chained_training_step_copies_no_activation(device):
     # gradients), so that a chain reads them in place. The CPU kernels pack through any strides: no copy. CUDA's
     # read batch-contiguous rows, and copy the batch-major ends of the chain by their own tiled transpose, no
     # aten::copy_: the input in the first layer's forward and again in its backward (the node keeps x's view, as
-    # nn.Linear keeps x), the loss's batch-major gradient in the last layer's backward; nothing between the layers.
+    # nn.Linear keeps x), the loss's batch-major gradient in the last layer's backward, and the input's gradient
+    # back into x's layout where x wants one; nothing between the layers.
     torch.manual_seed(2)
     model = nn.Sequential(SparseLinear(48, 40, sparsity=0.8), nn.ReLU(), SparseLinear(40, 24, sparsity=0.8),
                           nn.ReLU(), SparseLinear(24, 8, sparsity=0.8)).to(device)
     x = torch.randn(16, 48, device=device)
     g = torch.randn(16, 8, device=device)
-    want = (0, 0 if device == "cpu" else 3)
     copies = _copies_in_step(model, x, g)
-    assert (len(copies[0]), copies[1]) == want, copies
-    xg = x.clone().requires_grad_()  # the input's gradient too: the first layer's spmm_grad, no more copies
+    assert (len(copies[0]), copies[1]) == (0, 0 if device == "cpu" else 3), copies
+    xg = x.clone().requires_grad_()  # the input's gradient too: the first layer's spmm_grad, in x's layout
     copies = _copies_in_step(model, xg, g)
-    assert (len(copies[0]), copies[1]) == want, copies
+    assert (len(copies[0]), copies[1]) == (0, 0 if device == "cpu" else 4), copies
+    assert xg.grad.is_contiguous()  # batch-major as xg: autograd's AccumulateGrad keeps it as it is
     ref = [nn.Linear(m.in_features, m.out_features).to(device) for m in model[::2]]
     for r, m in zip(ref, model[::2]):
         r.weight.data.copy_(m.weight)

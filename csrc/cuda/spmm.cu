@@ -75,16 +75,13 @@ __global__ void transpose_kernel(const T* __restrict__ src, T* __restrict__ out,
   }
 }
 
-// A dense operand [R, C] of these kernels (activations transposed: [features, batch]) as a contiguous tensor: t
-// itself where it is; where t is the transposed view of a row-major matrix (stride(0) == 1: a batch-major [B, K]
-// activation, as the layers pass it, seen as [K, B]), transpose_kernel's copy; else ATen's. ATen's copy reads
-// such a view element by element down its columns: the H200's batch-256 step (4096 x 256 float32, 4 MB a copy)
-// spent 27 us in ATen's copies (benchmarks/RESULTS.md, "second lease"), where reading and writing 8 MB takes
-// ~3 us.
-at::Tensor batch_contiguous(const at::Tensor& t) {
-  if (t.is_contiguous() || t.dim() != 2 || t.stride(0) != 1 || t.numel() == 0) return t.contiguous();
+// out [R, C], contiguous, = t [R, C] with t.stride(0) == 1 (the transposed view of a row-major [C, R] matrix,
+// leading dimension t.stride(1)), by transpose_kernel.
+void copy_transposed(const at::Tensor& t, at::Tensor& out) {
   const int64_t R = t.size(0), C = t.size(1), ld = t.stride(1);
-  at::Tensor out = at::empty({R, C}, t.options());
+  TORCH_CHECK(t.stride(0) == 1 && out.is_contiguous() && out.sizes() == t.sizes() && out.dtype() == t.dtype(),
+              "copy_transposed: needs t with stride 1 along dim 0 and a contiguous out of its size and dtype");
+  if (t.numel() == 0) return;
   const int64_t tiles_r = (R + kTile - 1) / kTile, tiles = tiles_r * ((C + kTile - 1) / kTile);
   const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(tiles, cuda::sm_count() * 64));
   const dim3 block(kTile, kTileRows);
@@ -98,9 +95,21 @@ at::Tensor batch_contiguous(const at::Tensor& t) {
     case 2: go(uint16_t{}); break;
     case 4: go(uint32_t{}); break;
     case 8: go(uint64_t{}); break;
-    default: return t.contiguous();
+    default: out.copy_(t); return;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A dense operand [R, C] of these kernels (activations transposed: [features, batch]) as a contiguous tensor: t
+// itself where it is; where t is the transposed view of a row-major matrix (stride(0) == 1: a batch-major [B, K]
+// activation, as the layers pass it, seen as [K, B]), transpose_kernel's copy; else ATen's. ATen's copy reads
+// such a view element by element down its columns: the H200's batch-256 step (4096 x 256 float32, 4 MB a copy)
+// spent 27 us in ATen's copies (benchmarks/RESULTS.md, "second lease"), where reading and writing 8 MB takes
+// ~3 us.
+at::Tensor batch_contiguous(const at::Tensor& t) {
+  if (t.is_contiguous() || t.dim() != 2 || t.stride(0) != 1) return t.contiguous();
+  at::Tensor out = at::empty(t.sizes(), t.options());
+  copy_transposed(t, out);
   return out;
 }
 
@@ -565,12 +574,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
   const at::Tensor g = batch_contiguous(gyt);  // a no-op where a following SparseLinear's backward made gyt
   const at::Tensor x = batch_contiguous(xt);
   at::Tensor bias = bias_grad ? g.sum(1) : at::empty({0}, values.options());
-  // dxt in spmm_t's layout, contiguous [K, B] (the fake kernel declares it so on CUDA): SparseLinear hands on its
-  // transposed view, which a preceding SparseLinear's backward reads as a contiguous gyt, without a copy.
   at::Tensor dvalues = at::zeros({nnz}, values.options());
+  if (K == 0 || B == 0) return {dvalues, empty_input_grad(xt), bias};
+  if (nnz == 0 || rows == 0) return {dvalues, empty_input_grad(xt).zero_(), bias};
   at::Tensor dxt = at::empty({K, B}, x.options());
-  if (K == 0 || B == 0) return {dvalues, dxt, bias};
-  if (nnz == 0 || rows == 0) return {dvalues, dxt.zero_(), bias};
   bool fused = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_grad_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cuda", [&] {
@@ -588,8 +595,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (fused) return {dvalues, dxt, bias};
-  return {sddmm_cuda(rowptr, col, g, x), spmm_t_cuda(rowptr, col, values, g, K, t_rowptr, t_col, t_perm), bias};
+  if (!fused) {
+    dvalues = sddmm_cuda(rowptr, col, g, x);
+    dxt = spmm_t_cuda(rowptr, col, values, g, K, t_rowptr, t_col, t_perm);
+  }
+  // The kernels write dxt contiguous, [K, B]: where xt is (a preceding SparseLinear's output), SparseLinear hands
+  // on dxt's transposed view, which that layer's backward reads as its contiguous gyt, without a copy. Where xt is
+  // batch-major (the transposed view of a [B, K] batch: a network's input, a Flatten's or a dense layer's output),
+  // dxt is transposed once more into xt's layout, the CPU kernels' rule (csrc/common.h, empty_input_grad), so that
+  // autograd hands x's [B, K] gradient on as it is: a leaf's gradient or a Flatten's reshape would otherwise be
+  // ATen's copy of the transposed view (a column at a time).
+  if (xt.stride(0) == 1 && xt.stride(1) != 1) {
+    at::Tensor batch_major = at::empty({B, K}, dxt.options());
+    copy_transposed(dxt.t(), batch_major);
+    dxt = batch_major.t();
+  }
+  return {dvalues, dxt, bias};
 }
 
 }  // namespace
