@@ -161,6 +161,24 @@ void with_lane_vectors(int64_t per_lane, F&& f) {
     f(std::integral_constant<int, 4>{});
 }
 
+// A lane's NT vectors of a row of the batch in registers (sddmm_kernel's row of a, spmm_grad_t_kernel's row of
+// xt): vectors li, li + LP, ... of V columns, as acc_t, with on[t] whether vector t lies in the batch (B % V == 0
+// when V > 1: a vector is all in or all out; one outside reads as zeros). N >= NT, the arrays' extent.
+template <int NT, typename scalar_t, typename acc_t, int N, int V>
+__device__ __forceinline__ void load_lane_vectors(const scalar_t* row, int64_t B, int LP, int li, acc_t (&vals)[N][V],
+                                                  bool (&on)[N]) {
+  using vec_t = Vec<scalar_t, V>;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int64_t c0 = (static_cast<int64_t>(t) * LP + li) * V;
+    on[t] = c0 < B;
+    vec_t v{};
+    if (on[t]) v = *reinterpret_cast<const vec_t*>(row + c0);
+#pragma unroll
+    for (int k = 0; k < V; ++k) vals[t][k] = static_cast<acc_t>(v.v[k]);
+  }
+}
+
 // A warp owns one row and a tile of batch columns. Its 32 lanes form G = 32 / LP groups of LP lanes: lane l of
 // a group owns V consecutive batch columns (one vector load of xt per stored value), and the groups split the
 // row's stored values (group g takes every G-th), then their partial sums are added across the warp with xor
@@ -316,18 +334,9 @@ __global__ void sddmm_kernel(const int32_t* __restrict__ rowptr, const index_t* 
   int64_t j0, j1;
   cuda::row_bounds(rowptr, r, nnz, j0, j1);
   const scalar_t* ar = a + r * B;
-  // this lane's batch columns: vectors li, li + LP, ... (B % V == 0 when V > 1: a vector is all in or all out)
-  acc_t av[NT > 0 ? NT : 1][V];
+  acc_t av[NT > 0 ? NT : 1][V];  // this lane's batch columns of a's row (none kept with NT = 0)
   bool on[NT > 0 ? NT : 1];
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    const int64_t c0 = (static_cast<int64_t>(t) * LP + li) * V;
-    on[t] = c0 < B;
-    vec_t v{};
-    if (on[t]) v = *reinterpret_cast<const vec_t*>(ar + c0);
-#pragma unroll
-    for (int k = 0; k < V; ++k) av[t][k] = static_cast<acc_t>(v.v[k]);
-  }
+  load_lane_vectors<NT>(ar, B, LP, li, av, on);
   for (int64_t jb = j0; jb < j1; jb += static_cast<int64_t>(G) * U) {  // the same trip count on every lane
     int64_t c[U];
     acc_t s[U];
@@ -459,20 +468,9 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock, (grad_t_min_blocks<sca
   int64_t p0, p1;
   cuda::row_bounds(t_rowptr, c, nnz, p0, p1);
   const scalar_t* xr = xt + c * B;
-  acc_t xv[NT][V], acc[NT][V];
+  acc_t xv[NT][V], acc[NT][V] = {};  // this lane's batch columns of xt's row; its dxt sums
   bool on[NT];
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    const int64_t c0 = (static_cast<int64_t>(t) * LP + li) * V;
-    on[t] = c0 < B;  // B % V == 0 when V > 1: a vector is all in or all out
-    vec_t v{};
-    if (on[t]) v = *reinterpret_cast<const vec_t*>(xr + c0);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      xv[t][k] = static_cast<acc_t>(v.v[k]);
-      acc[t][k] = 0;
-    }
-  }
+  load_lane_vectors<NT>(xr, B, LP, li, xv, on);
   for (int64_t pb = p0; pb < p1; pb += static_cast<int64_t>(G) * U) {  // the same trip count on every lane
     int32_t i[U], q[U];  // W's row and the stored value's position (int32 structures), -1 where skipped
     acc_t v[U], s[U];
