@@ -530,25 +530,23 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock, (grad_t_min_blocks<sca
   }
 }
 
-// Launches spmm_grad_t_kernel where a lane's share of the batch fits its registers (at most 4 vectors: batch 512
-// in float32, 256 in float64, 1024 in float16 / bfloat16, once xt and gyt allow vector loads); returns false,
-// launching nothing, where it does not.
+// Whether spmm_grad_t_kernel takes a batch of B at vector width V: a lane's share of the batch in its registers
+// (at most 4 vectors: batch 512 in float32, 256 in float64, 1024 in float16 / bfloat16 at full width).
+inline bool grad_t_fits(int64_t B, int V) { return lane_layout(B, V).per_lane <= kLaneVectors; }
+
 template <typename index_t, typename scalar_t, int V>
-bool launch_spmm_grad_t(const int32_t* t_rowptr, const index_t* t_col, const int32_t* t_perm, const scalar_t* values,
+void launch_spmm_grad_t(const int32_t* t_rowptr, const index_t* t_col, const int32_t* t_perm, const scalar_t* values,
                         const scalar_t* gyt, const scalar_t* xt, scalar_t* dvalues, scalar_t* dxt, int64_t n_cols,
                         int64_t rows, int64_t B, int64_t nnz) {
   constexpr int U = 4;
   const LaneLayout lanes = lane_layout(B, V);
-  const int LP = lanes.LP;
-  const int64_t per_lane = lanes.per_lane;
-  if (per_lane > kLaneVectors) return false;
+  TORCH_CHECK(lanes.per_lane <= kLaneVectors, "spmm_grad: batch ", B, " does not fit the one-kernel backward");
   const dim3 block(kWarp, kWarpsPerBlock);
   const unsigned int grid = static_cast<unsigned int>((n_cols + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  with_lane_vectors(per_lane, [&](auto nt) {
+  with_lane_vectors(lanes.per_lane, [&](auto nt) {
     spmm_grad_t_kernel<index_t, scalar_t, V, decltype(nt)::value, U><<<grid, block, 0, cuda::stream()>>>(
-        t_rowptr, t_col, t_perm, values, gyt, xt, dvalues, dxt, n_cols, rows, B, nnz, LP);
+        t_rowptr, t_col, t_perm, values, gyt, xt, dvalues, dxt, n_cols, rows, B, nnz, lanes.LP);
   });
-  return true;
 }
 
 // The backward of spmm in one call: spmm_grad_t_kernel where the batch fits it, else sddmm's and spmm_t's kernels
@@ -572,28 +570,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
   const at::Tensor g = batch_contiguous(gyt);  // a no-op where a following SparseLinear's backward made gyt
   const at::Tensor x = batch_contiguous(xt);
   at::Tensor bias = bias_grad ? g.sum(1) : at::empty({0}, values.options());
-  at::Tensor dvalues = at::zeros({nnz}, values.options());
-  if (K == 0 || B == 0) return {dvalues, empty_input_grad(xt), bias};
-  if (nnz == 0 || rows == 0) return {dvalues, empty_input_grad(xt).zero_(), bias};
-  at::Tensor dxt = at::empty({K, B}, x.options());
-  bool fused = false;
+  if (K == 0 || B == 0) return {at::zeros({nnz}, values.options()), empty_input_grad(xt), bias};
+  if (nnz == 0 || rows == 0) return {at::zeros({nnz}, values.options()), empty_input_grad(xt).zero_(), bias};
+  at::Tensor dvalues, dxt;  // allocated where the one kernel takes the batch, else by sddmm_cuda and spmm_t_cuda
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "spmm_grad_cuda", [&] {
     PYSPARSE_DISPATCH_INDEX(*t_col, "spmm_grad_cuda", [&] {
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      // dxt is a new allocation (the caching allocator's blocks are aligned far past a vector): g's and x's
+      // pointers and B choose the width.
+      const bool vec = vectorizable<scalar_t>(B, {gp, xp});
+      if (!grad_t_fits(B, vec ? vec_width<scalar_t>() : 1)) return;
+      dvalues = at::zeros({nnz}, values.options());  // positions a t_perm entry out of range skips stay 0
+      dxt = at::empty({K, B}, x.options());
       scalar_t* dxp = dxt.mutable_data_ptr<scalar_t>();
       const auto go = [&](auto width) {
         constexpr int V = decltype(width)::value;
-        return launch_spmm_grad_t<index_t, scalar_t, V>(
+        launch_spmm_grad_t<index_t, scalar_t, V>(
             t_rowptr->const_data_ptr<int32_t>(), t_col->const_data_ptr<index_t>(), t_perm->const_data_ptr<int32_t>(),
             values.const_data_ptr<scalar_t>(), gp, xp, dvalues.mutable_data_ptr<scalar_t>(), dxp, K, rows, B, nnz);
       };
-      fused = vectorizable<scalar_t>(B, {gp, xp, dxp}) ? go(std::integral_constant<int, vec_width<scalar_t>()>{})
-                                                       : go(std::integral_constant<int, 1>{});
+      if (vec) {
+        TORCH_CHECK(vectorizable<scalar_t>(B, {dxp}), "spmm_grad: the input gradient's allocation is misaligned");
+        go(std::integral_constant<int, vec_width<scalar_t>()>{});
+      } else {
+        go(std::integral_constant<int, 1>{});
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (!fused) {
+  if (!dvalues.defined()) {  // the batch is past a lane's registers: the two kernels, one after the other
     dvalues = sddmm_cuda(rowptr, col, g, x);
     dxt = spmm_t_cuda(rowptr, col, values, g, K, t_rowptr, t_col, t_perm);
   }
