@@ -273,8 +273,9 @@ inline at::Tensor empty_output_4d(at::IntArrayRef sizes, const at::TensorOptions
 // K: the transposed view of a [B, K] batch, what the layers pass), so that autograd hands the [B, K] gradient
 // on without a transposing copy; else contiguous. The rule of spmm_grad on every device (CUDA's kernels write
 // it contiguous, then transpose it into xt's layout) and of the fake kernel in pysparse/ops.py.
+inline bool batch_major(const at::Tensor& xt) { return xt.stride(0) == 1 && xt.stride(1) != 1; }
 inline at::Tensor empty_input_grad(const at::Tensor& xt) {
-  if (xt.stride(0) == 1 && xt.stride(1) != 1) return empty_output({xt.size(1), xt.size(0)}, xt.options()).t();
+  if (batch_major(xt)) return empty_output({xt.size(1), xt.size(0)}, xt.options()).t();
   return empty_output({xt.size(0), xt.size(1)}, xt.options());
 }
 

@@ -915,10 +915,9 @@ def test_cuda_spmm_grad_is_sddmm_and_spmm_t(device, dtype, batch, layout, index_
     """CUDA's spmm_grad gathers each gyt row once for both gradients (a warp per column of W), where the batch fits
     a lane's registers (up to 4 vectors a lane: 512 float32 columns, 256 float64, 1024 float16; a batch that is not
     a multiple of 16 bytes, or operands off that alignment, one element a vector, up to 128), else calls sddmm and
-    spmm_t. Either way the same products in
-    the same order as sddmm's and spmm_t's kernels: the same bits, with empty rows and columns of W, both index
-    types and every lane layout (batch 5, and "offset" operands one element off their 16-byte alignment: one
-    element a vector; 260: a lane's last vector out of the batch)."""
+    spmm_t. Either way the same products in the same order as sddmm's and spmm_t's kernels: the same bits, with
+    empty rows and columns of W, both index types and every lane layout (batch 5, and "offset" operands one element
+    off their 16-byte alignment: one element a vector; 260: a lane's last vector out of the batch)."""
 
     def laid_out(t):
         if layout != "offset":

@@ -584,7 +584,7 @@ at::Tensor pack8(const at::Tensor& t, int64_t slot, float* rowsum = nullptr) {
   at::Tensor packed = cpu::scratch(slot, n * kNarrow);
   const scalar_t* src = t.const_data_ptr<scalar_t>();
   float* dst = packed.mutable_data_ptr<float>();
-  const bool batch_major = s0 == 1 && s1 != 1;
+  const bool t_batch_major = batch_major(t);
   auto fill = [&](int64_t i0, int64_t m) {  // element by element: other layouts, dtypes and the last rows
     for (int64_t i = i0; i < i0 + m; ++i)
       for (int64_t b = 0; b < kNarrow; ++b)
@@ -592,7 +592,7 @@ at::Tensor pack8(const at::Tensor& t, int64_t slot, float* rowsum = nullptr) {
   };
   auto transposed_block = [&](int64_t i0) {  // a full block of 8 rows of a batch-major float32 t, if it is one
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (batch_major && i0 + kNarrow <= n) {
+      if (t_batch_major && i0 + kNarrow <= n) {
         __m256 r[8];
 #pragma GCC unroll 8
         for (int b = 0; b < 8; ++b) r[b] = b < B ? _mm256_loadu_ps(src + b * s1 + i0) : _mm256_setzero_ps();
@@ -613,7 +613,7 @@ at::Tensor pack8(const at::Tensor& t, int64_t slot, float* rowsum = nullptr) {
         const float* l = dst + i * kNarrow;
         float sum = 0.f;
         for (int64_t b = 0; b < kNarrow; ++b) sum += l[b];
-        rowsum[i] = batch_major ? ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) : sum;
+        rowsum[i] = t_batch_major ? ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) : sum;
       }
     }
   });

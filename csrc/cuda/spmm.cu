@@ -539,8 +539,8 @@ void launch_spmm_grad_t(const int32_t* t_rowptr, const index_t* t_col, const int
                         const scalar_t* gyt, const scalar_t* xt, scalar_t* dvalues, scalar_t* dxt, int64_t n_cols,
                         int64_t rows, int64_t B, int64_t nnz) {
   constexpr int U = 4;
+  TORCH_CHECK(grad_t_fits(B, V), "spmm_grad: batch ", B, " does not fit the one-kernel backward");
   const LaneLayout lanes = lane_layout(B, V);
-  TORCH_CHECK(lanes.per_lane <= kLaneVectors, "spmm_grad: batch ", B, " does not fit the one-kernel backward");
   const dim3 block(kWarp, kWarpsPerBlock);
   const unsigned int grid = static_cast<unsigned int>((n_cols + kWarpsPerBlock - 1) / kWarpsPerBlock);
   with_lane_vectors(lanes.per_lane, [&](auto nt) {
@@ -609,10 +609,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spmm_grad_cuda(
   // dxt is transposed once more into xt's layout, the CPU kernels' rule (csrc/common.h, empty_input_grad), so that
   // autograd hands x's [B, K] gradient on as it is: a leaf's gradient or a Flatten's reshape would otherwise be
   // ATen's copy of the transposed view (a column at a time).
-  if (xt.stride(0) == 1 && xt.stride(1) != 1) {
-    at::Tensor batch_major = at::empty({B, K}, dxt.options());
-    copy_transposed(dxt.t(), batch_major);
-    dxt = batch_major.t();
+  if (batch_major(xt)) {
+    at::Tensor x_layout = at::empty({B, K}, dxt.options());
+    copy_transposed(dxt.t(), x_layout);
+    dxt = x_layout.t();
   }
   return {dvalues, dxt, bias};
 }
