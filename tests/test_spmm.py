@@ -599,7 +599,7 @@ def test_opcheck_and_compile(device):
                           (s.rowptr, s.col, values, torch.randn(12, 8, device=device), 20, *s.transposed()))
     batch_major = torch.randn(8, 20, device=device).t()  # the layers' view of a [B, K] batch
     for bias_grad in (False, True):
-        for x in (xt, batch_major):  # the input gradient's layout depends on xt's and the device (fake = real)
+        for x in (xt, batch_major):  # the input gradient's layout follows xt's on every device (fake = real)
             torch.library.opcheck(torch.ops.pysparse.spmm_grad.default,
                                   (s.rowptr, s.col, values, torch.randn(12, 8, device=device), x, *s.transposed(),
                                    bias_grad))
